@@ -1,0 +1,87 @@
+"""The `criu-shim` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from shim.errors import ShimError
+
+DESCRIPTION = """\
+criu-shim: checkpoint/restore for Kubernetes nodes on containerd 1.6/1.7.
+
+It sits between the kubelet and containerd as a CRI proxy: every CRI call it
+does not handle itself is relayed to containerd unchanged.
+"""
+
+
+def _unix_path(value: str) -> Path:
+    if not value.startswith("unix://") or len(value) <= len("unix://"):
+        raise argparse.ArgumentTypeError(f"expected unix:///absolute/path, got {value!r}")
+    path = Path(value.removeprefix("unix://"))
+    if not path.is_absolute():
+        raise argparse.ArgumentTypeError(f"socket path must be absolute: {value!r}")
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="criu-shim", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the CRI proxy in front of containerd",
+                           description="Serve CRI v1 on --listen and relay it to --runtime-endpoint "
+                           "(containerd's CRI socket). SIGTERM drains in-flight calls, then exits 0.")
+    serve.add_argument("--listen", type=_unix_path, required=True, metavar="unix://PATH",
+                       help="socket the kubelet connects to (created 0660, owner root)")
+    serve.add_argument("--runtime-endpoint", type=_unix_path, required=True, metavar="unix://PATH",
+                       help="containerd's socket, e.g. unix:///run/containerd/containerd.sock")
+    serve.add_argument("--config", type=Path, metavar="FILE", help="criu-shim TOML config (see README)")
+    serve.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                       help="how long SIGTERM waits for in-flight calls (default 10)")
+
+    node = sub.add_parser("node", help="a local containerd node for development, tests and the demo")
+    node_sub = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
+    node_up = node_sub.add_parser("up", help="start containerd, a CNI bridge and the proxy, all under DIR",
+                                  description="Prints CONTAINERD_ENDPOINT=... and CRI_ENDPOINT=... once both answer.")
+    node_up.add_argument("--dir", type=Path, required=True, help="the node's directory (created if missing)")
+    node_up.add_argument("--containerd", default="1.7", choices=["1.7", "1.6", "2.x"],
+                         help="containerd release to run (default 1.7)")
+    node_up.add_argument("--proxy-config", type=Path, metavar="FILE", help="config file for the node's proxy")
+    node_down = node_sub.add_parser("down", help="stop the node in DIR and remove its processes, mounts, "
+                                    "network namespaces and CNI state")
+    node_down.add_argument("--dir", type=Path, required=True)
+    node_down.add_argument("--purge", action="store_true", help="also delete DIR (images, logs)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except ShimError as exc:
+        print(f"criu-shim: {exc.message}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        from shim.proxy.main import serve
+
+        return serve(args.listen, args.runtime_endpoint, args.config, args.grace)
+    if args.command == "node":
+        from shim.node import local
+
+        if args.node_command == "up":
+            print(local.up(args.dir, args.containerd, args.proxy_config).lines(), flush=True)
+        else:
+            for line in local.down(args.dir, purge=args.purge):
+                print(line)
+        return 0
+    raise AssertionError(args.command)

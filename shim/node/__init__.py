@@ -1,0 +1,1 @@
+"""A local containerd node for development, tests, the demo and benchmarks."""

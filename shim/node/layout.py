@@ -1,0 +1,81 @@
+"""Names and paths of one local node, all derived from its directory (pure).
+
+Sockets live under /run/criu-shim/<tag>/ rather than in DIR because a unix
+socket path may not exceed 107 bytes and test directories are long. The tag
+also names the CNI bridge and network, so two nodes never share anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+RUN_ROOT = Path("/run/criu-shim")
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    dir: Path
+
+    @property
+    def tag(self) -> str:
+        return hashlib.sha256(str(self.dir.resolve()).encode()).hexdigest()[:8]
+
+    @property
+    def run_dir(self) -> Path:
+        return RUN_ROOT / self.tag
+
+    @property
+    def containerd_socket(self) -> Path:
+        return self.run_dir / "containerd.sock"
+
+    @property
+    def cri_socket(self) -> Path:
+        return self.run_dir / "cri.sock"
+
+    @property
+    def root(self) -> Path:
+        return self.dir / "root"
+
+    @property
+    def state(self) -> Path:
+        return self.run_dir / "state"
+
+    @property
+    def config_file(self) -> Path:
+        return self.dir / "containerd.toml"
+
+    @property
+    def proxy_config_file(self) -> Path:
+        return self.dir / "criu-shim.toml"
+
+    @property
+    def cni_conf_dir(self) -> Path:
+        return self.dir / "cni" / "net.d"
+
+    @property
+    def cni_ipam_dir(self) -> Path:
+        return self.dir / "cni" / "ipam"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.dir / "logs"
+
+    @property
+    def pid_dir(self) -> Path:
+        return self.dir / "pids"
+
+    @property
+    def bridge(self) -> str:
+        return f"cs{self.tag}"  # at most 15 bytes, the kernel's limit for link names
+
+    @property
+    def network_name(self) -> str:
+        return f"criu-shim-{self.tag}"
+
+    @property
+    def subnet(self) -> str:
+        # 10.234.0.0/16 split into /24s by tag: distinct nodes rarely collide, and
+        # `node up` refuses a subnet already routed on the host.
+        return f"10.234.{int(self.tag, 16) % 250 + 1}.0/24"

@@ -1,0 +1,167 @@
+"""`criu-shim node up|down`: a whole containerd node in one directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from shim.errors import FailedPrecondition, Unavailable
+from shim.node import cleanup, procs, render
+from shim.node.layout import NodeLayout
+from shim.node.tools import REPO_ROOT, Tools, tools_for
+
+log = logging.getLogger(__name__)
+
+IMAGES_INDEX = REPO_ROOT / "build" / "images" / "images.json"
+START_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    containerd: str
+    cri: str
+
+    def lines(self) -> str:
+        return f"CONTAINERD_ENDPOINT={self.containerd}\nCRI_ENDPOINT={self.cri}"
+
+
+def endpoints(layout: NodeLayout) -> Endpoints:
+    return Endpoints(f"unix://{layout.containerd_socket}", f"unix://{layout.cri_socket}")
+
+
+def up(directory: Path, version: str = "1.7", proxy_config: Path | None = None) -> Endpoints:
+    """Start containerd, CNI and the proxy for `directory`; idempotent."""
+    layout = NodeLayout(directory.resolve())
+    if not cleanup.is_root():
+        raise FailedPrecondition("a local node needs root (containerd, CNI and CRIU do)")
+    tools = tools_for(version)
+    recorded = _recorded_version(layout)
+    if _running(layout):
+        if recorded != version:
+            raise FailedPrecondition(f"node in {layout.dir} already runs containerd {recorded}; `node down` it first")
+        return endpoints(layout)
+    _prepare(layout, version, tools)
+    try:
+        _start_containerd(layout, tools)
+        _import_images(layout, tools)
+        _start_proxy(layout, proxy_config)
+    except BaseException:
+        down(directory)
+        raise
+    return endpoints(layout)
+
+
+def _prepare(layout: NodeLayout, version: str, tools: Tools) -> None:
+    if (dev := cleanup.subnet_in_use(layout.subnet, layout.bridge)) is not None:
+        raise FailedPrecondition(f"subnet {layout.subnet} for {layout.dir} is already routed via {dev}")
+    for path in (layout.dir, layout.run_dir, layout.cni_conf_dir, layout.log_dir, layout.pid_dir):
+        path.mkdir(parents=True, exist_ok=True)
+    os.chmod(layout.run_dir, 0o700)
+    layout.config_file.write_text(render.containerd_config(
+        layout, version, tools.runc, tools.cni_bin_dir, restrict_oom=not cleanup.has_cap_sys_resource()))
+    (layout.cni_conf_dir / "10-criu-shim.conflist").write_text(render.cni_conflist(layout))
+    (layout.dir / "node.json").write_text(json.dumps({"containerd": version}) + "\n")
+
+
+def _recorded_version(layout: NodeLayout) -> str | None:
+    try:
+        return str(json.loads((layout.dir / "node.json").read_text())["containerd"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _running(layout: NodeLayout) -> bool:
+    pids = [procs.read_pid(layout.pid_dir / n) for n in ("containerd.pid", "proxy.pid")]
+    return all(p is not None and procs.alive(p) for p in pids)
+
+
+def _start_containerd(layout: NodeLayout, tools: Tools) -> None:
+    env = dict(os.environ, PATH=f"{tools.containerd_bin_dir}:{tools.runc.parent}:{tools.criu.parent}:"
+               + os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
+    pid = procs.spawn([str(tools.containerd), "--config", str(layout.config_file)],
+                      layout.log_dir / "containerd.log", layout.pid_dir / "containerd.pid", env)
+    _wait_cri(layout.containerd_socket, pid, layout.log_dir / "containerd.log")
+
+
+def _start_proxy(layout: NodeLayout, proxy_config: Path | None) -> None:
+    argv = [sys.executable, "-m", "shim", "serve", "--listen", f"unix://{layout.cri_socket}",
+            "--runtime-endpoint", f"unix://{layout.containerd_socket}"]
+    if proxy_config is not None:
+        argv += ["--config", str(proxy_config)]
+    pid = procs.spawn(argv, layout.log_dir / "criu-shim.log", layout.pid_dir / "proxy.pid")
+    _wait_cri(layout.cri_socket, pid, layout.log_dir / "criu-shim.log")
+
+
+def _wait_cri(socket: Path, pid: int, log_file: Path) -> None:
+    from shim.node.cri import CriClient
+
+    ok = procs.wait_until(lambda: socket.exists() or not procs.alive(pid), START_TIMEOUT)
+    if ok and procs.alive(pid):
+        with CriClient(socket) as client:
+            try:
+                client.wait_ready(START_TIMEOUT)
+                return
+            except Exception:
+                pass
+    tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:]) if log_file.exists() else ""
+    raise Unavailable(f"{socket} did not answer within {START_TIMEOUT:.0f}s; last lines of {log_file}:\n{tail}")
+
+
+def _import_images(layout: NodeLayout, tools: Tools) -> None:
+    if not IMAGES_INDEX.exists():
+        raise FailedPrecondition(f"{IMAGES_INDEX} is missing: run `make images` first")
+    for image in json.loads(IMAGES_INDEX.read_text()):
+        tar = Path(image["tar"])
+        tar = tar if tar.is_absolute() else REPO_ROOT / tar
+        subprocess.run([str(tools.ctr), "--address", str(layout.containerd_socket), "-n", "k8s.io",
+                        "images", "import", str(tar)], check=True, capture_output=True)
+
+
+def down(directory: Path, purge: bool = False) -> list[str]:
+    """Stop everything `up` started and remove what it left; returns what was cleaned."""
+    layout = NodeLayout(directory.resolve())
+    report: list[str] = []
+    netns = _remove_pods(layout, report)
+    for name in ("proxy.pid", "containerd.pid"):
+        pid = procs.read_pid(layout.pid_dir / name)
+        if pid is not None and procs.alive(pid):
+            procs.stop(pid)
+            report.append(f"stopped {name.removesuffix('.pid')} ({pid})")
+        (layout.pid_dir / name).unlink(missing_ok=True)
+    for pid in procs.processes_mentioning(str(layout.containerd_socket)):
+        procs.stop(pid, timeout=5)
+        report.append(f"stopped leftover shim {pid}")
+    report += [f"unmounted {m}" for m in cleanup.unmount_all(layout.dir, layout.run_dir)]
+    report += [f"removed netns {p}" for p in netns if cleanup.remove_netns(p)]
+    if cleanup.delete_link(layout.bridge):
+        report.append(f"deleted bridge {layout.bridge}")
+    if count := cleanup.remove_cni_cache(layout.network_name):
+        report.append(f"removed {count} CNI cache entries")
+    cleanup.remove_tree(layout.cni_ipam_dir)
+    cleanup.remove_tree(layout.run_dir)
+    if purge:
+        cleanup.remove_tree(layout.dir)
+    return report
+
+
+def _remove_pods(layout: NodeLayout, report: list[str]) -> list[Path]:
+    """Remove every pod through CRI, so CNI and containerd undo their own work."""
+    pid = procs.read_pid(layout.pid_dir / "containerd.pid")
+    if pid is None or not procs.alive(pid) or not layout.containerd_socket.exists():
+        return []
+    from shim.node.cri import CriClient
+
+    try:
+        with CriClient(layout.containerd_socket) as client:
+            netns = client.sandbox_netns_paths()
+            if count := client.remove_all_pods():
+                report.append(f"removed {count} pods")
+            return netns
+    except Exception as exc:  # a broken node must still come down
+        log.warning("could not remove pods through CRI: %s", exc)
+        return []
