@@ -126,6 +126,14 @@ class FrameBuffer:
         self._keep(view[pos:])
         return out
 
+    def allow(self, max_frame_size: int) -> None:
+        """Accept frames up to `max_frame_size` (a SETTINGS_MAX_FRAME_SIZE the receiver sent).
+
+        Only ever raises the limit: a peer may lower its setting, but frames sent
+        before the other end saw that are still legal.
+        """
+        self._max = max(self._max, min(max_frame_size, MAX_FRAME_SIZE_LIMIT))
+
     def _keep(self, rest: memoryview) -> None:
         self._buf += rest
         self._need = HEADER_LEN

@@ -66,6 +66,9 @@ from shim.proxy.frames import (
 
 # A diverted request larger than this is refused: our methods take small messages.
 MAX_DIVERTED_BODY = 16 << 20
+# How many finished diverted or refused stream ids are remembered, so that late
+# client frames on them (WINDOW_UPDATE, RST_STREAM, DATA) are kept from containerd.
+_OWNED_MEMORY = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +109,9 @@ class Splice:
         self._raw_mode = False
         self._preface = bytearray()
         self._preface_done = False
-        self._from_client = FrameBuffer()
-        self._from_upstream = FrameBuffer()
+        # Each side may send frames up to what the other advertised (RFC 9113 6.5.2).
+        self._from_client = FrameBuffer(DEFAULT_MAX_FRAME_SIZE)
+        self._from_upstream = FrameBuffer(DEFAULT_MAX_FRAME_SIZE)
         self._decoder = hpack.Decoder()
         self._decoder.max_header_list_size = 1 << 20
         self._table_adds = 0
@@ -119,11 +123,17 @@ class Splice:
         self._events: deque[Event] = deque()
         self._open: set[int] = set()
         self._diverted: dict[int, _Diverted] = {}
+        # Streams containerd must never hear about from the client again: diverted
+        # (answered or not) and refused ones. Superset of `_diverted`'s keys.
+        self._owned: set[int] = set()
         self._reset_upstream: set[int] = set()
         self._max_stream = 0
         self._draining = False
+        # The client's settings as far as injected frames may rely on them: a
+        # client SETTINGS takes effect once containerd's ACK has gone back to it.
         self._client_max_frame = DEFAULT_MAX_FRAME_SIZE
         self._client_stream_window = DEFAULT_WINDOW
+        self._unacked_settings: deque[list[tuple[int, int]]] = deque()
         self._client_window = DEFAULT_WINDOW  # the client's connection receive window
         self._debt = 0
         self._pending: deque[tuple[list[bytes], int]] = deque()
@@ -168,9 +178,9 @@ class Splice:
         if len(body) > self._client_stream_window:
             self._trailers_only(stream_id, Code.RESOURCE_EXHAUSTED, "response exceeds the client's stream window")
             return
-        frames = [self._headers_frame(stream_id, grpcwire.RESPONSE_HEADERS, end_stream=False)]
+        frames = self._header_frames(stream_id, grpcwire.RESPONSE_HEADERS, end_stream=False)
         frames += split_data(stream_id, body, self._client_max_frame, end_stream=False)
-        frames.append(self._headers_frame(stream_id, grpcwire.status_trailers(Code.OK, ""), end_stream=True))
+        frames += self._header_frames(stream_id, grpcwire.status_trailers(Code.OK, ""), end_stream=True)
         self._inject(frames, len(body))
 
     def fail(self, stream_id: int, error: ShimError) -> None:
@@ -197,7 +207,7 @@ class Splice:
     @property
     def busy(self) -> bool:
         """Whether any call, forwarded or diverted, is still in flight."""
-        return bool(self._open or self._diverted)
+        return bool(self._open or self._diverted or self._pending)
 
     # -- client -> upstream ---------------------------------------------------
 
@@ -246,6 +256,7 @@ class Splice:
         if self._draining and stream_id > self._max_stream:
             self._inject([rst_stream(stream_id, ErrorCode.REFUSED_STREAM)], 0)
             self._keep_upstream_hpack(frames, table_changed)
+            self._own(stream_id)
             return
         self._max_stream = max(self._max_stream, stream_id)
         if not self._intercepts(method):
@@ -253,6 +264,7 @@ class Splice:
             self._to_upstream.extend(f.raw for f in frames)
             return
         self._diverted[stream_id] = _Diverted(method, headers)
+        self._own(stream_id)
         self._keep_upstream_hpack(frames, table_changed)
         if frames[0].has(Flag.END_STREAM):
             self._complete(stream_id)
@@ -272,6 +284,12 @@ class Splice:
         self._to_upstream.append(rst_stream(stream_id, ErrorCode.CANCEL))
         self._reset_upstream.add(stream_id)
 
+    def _own(self, stream_id: int) -> None:
+        self._owned.add(stream_id)
+        if len(self._owned) > _OWNED_MEMORY:  # forget the oldest finished ones
+            newest = sorted(self._owned)[-_OWNED_MEMORY // 2 :]
+            self._owned = set(newest) | self._diverted.keys()
+
     def _decode(self, frames: list[Frame]) -> list[tuple[str, str]]:
         block = b"".join(header_block_fragment(f) for f in frames)
         try:
@@ -282,7 +300,10 @@ class Splice:
     def _client_data(self, frame: Frame) -> None:
         call = self._diverted.get(frame.stream_id)
         if call is None:
-            self._to_upstream.append(frame.raw)
+            if frame.stream_id not in self._owned:
+                self._to_upstream.append(frame.raw)
+            elif frame.payload:  # a refused (or finished) stream: still give the window back
+                self._inject([window_update(0, len(frame.payload))], 0)
             return
         if frame.payload:  # containerd never sees these bytes: return the window ourselves
             updates = [window_update(0, len(frame.payload))]
@@ -315,23 +336,27 @@ class Splice:
         if self._diverted.pop(frame.stream_id, None) is not None:
             self._events.append(CallCancelled(frame.stream_id))
             return
+        if frame.stream_id in self._owned:
+            return
         self._open.discard(frame.stream_id)
         self._to_upstream.append(frame.raw)
 
     def _client_window_update(self, frame: Frame) -> None:
         increment = parse_window_update(frame)
         if frame.stream_id != 0:
-            if frame.stream_id not in self._diverted:
+            if frame.stream_id not in self._owned:
                 self._to_upstream.append(frame.raw)
             return
         self._client_window += increment
+        # Inject first: an answer this update made room for is paid for by it at
+        # once, so containerd is never told it may send the bytes the proxy used.
+        self._flush_pending()
         paid = min(increment, self._debt)
         self._debt -= paid
         if paid == 0:
             self._to_upstream.append(frame.raw)
         elif increment > paid:
             self._to_upstream.append(window_update(0, increment - paid))
-        self._flush_pending()
 
     def _client_settings(self, frame: Frame) -> None:
         if frame.has(Flag.ACK):
@@ -340,14 +365,13 @@ class Splice:
         pairs = [(k, v) for k, v in parse_settings(frame.payload) if k != Setting.HEADER_TABLE_SIZE]
         for key, value in pairs:
             if key == Setting.MAX_FRAME_SIZE:
-                self._client_max_frame = value
-            elif key == Setting.INITIAL_WINDOW_SIZE:
-                self._client_stream_window = value
+                self._from_upstream.allow(value)
+        self._unacked_settings.append(pairs)
         pairs.append((Setting.HEADER_TABLE_SIZE, 0))
         self._to_upstream.append(build_settings(pairs))
 
     def _client_priority(self, frame: Frame) -> None:
-        if frame.stream_id not in self._diverted:
+        if frame.stream_id not in self._owned:
             self._to_upstream.append(frame.raw)
 
     # -- upstream -> client ---------------------------------------------------
@@ -366,8 +390,11 @@ class Splice:
                 self._open.discard(frame.stream_id)
         elif frame.type == FrameType.RST_STREAM:
             self._open.discard(frame.stream_id)
-        elif frame.type == FrameType.SETTINGS and not frame.has(Flag.ACK):
-            self._note_upstream_settings(frame)
+        elif frame.type == FrameType.SETTINGS:
+            if frame.has(Flag.ACK):
+                self._client_settings_acked()
+            else:
+                self._note_upstream_settings(frame)
         self._to_client.append(frame.raw)
 
     def _drop_upstream(self, frame: Frame) -> None:
@@ -380,23 +407,43 @@ class Splice:
         if ends:
             self._reset_upstream.discard(frame.stream_id)
 
+    def _client_settings_acked(self) -> None:
+        """Containerd acknowledged the client's oldest SETTINGS: injected frames may now use them."""
+        if not self._unacked_settings:
+            return
+        for key, value in self._unacked_settings.popleft():
+            if key == Setting.MAX_FRAME_SIZE:
+                self._client_max_frame = value
+            elif key == Setting.INITIAL_WINDOW_SIZE:
+                self._client_stream_window = value
+
     def _note_upstream_settings(self, frame: Frame) -> None:
         for key, value in parse_settings(frame.payload):
             if key == Setting.HEADER_TABLE_SIZE:
                 self._decoder.max_allowed_table_size = value
+            elif key == Setting.MAX_FRAME_SIZE:
+                self._from_client.allow(value)
 
     # -- injection ------------------------------------------------------------
 
-    def _headers_frame(self, stream_id: int, headers: list[tuple[str, str]], end_stream: bool) -> bytes:
-        flags = Flag.END_HEADERS | (Flag.END_STREAM if end_stream else 0)
+    def _header_frames(self, stream_id: int, headers: list[tuple[str, str]], end_stream: bool) -> list[bytes]:
+        """HEADERS, plus CONTINUATIONs if the block exceeds the client's frame size
+        (a long grpc-message, such as a tool's output, must not fail the answer)."""
         block = grpcwire.encode_headers(headers)
-        if len(block) > self._client_max_frame:
-            raise FramingError("injected header block exceeds the client's frame size")
-        return build(FrameType.HEADERS, flags, stream_id, block)
+        size = self._client_max_frame
+        pieces = [block[i : i + size] for i in range(0, len(block), size)] or [b""]
+        last = len(pieces) - 1
+        first_flags = (Flag.END_STREAM if end_stream else 0) | (Flag.END_HEADERS if last == 0 else 0)
+        frames = [build(FrameType.HEADERS, first_flags, stream_id, pieces[0])]
+        frames += [
+            build(FrameType.CONTINUATION, Flag.END_HEADERS if i == last else 0, stream_id, piece)
+            for i, piece in enumerate(pieces[1:], start=1)
+        ]
+        return frames
 
     def _trailers_only(self, stream_id: int, code: Code, message: str) -> None:
         headers = grpcwire.RESPONSE_HEADERS + grpcwire.status_trailers(code, message)
-        self._inject([self._headers_frame(stream_id, headers, end_stream=True)], 0)
+        self._inject(self._header_frames(stream_id, headers, end_stream=True), 0)
 
     def _inject(self, frames: list[bytes], data_len: int) -> None:
         self._pending.append((frames, data_len))
