@@ -24,3 +24,25 @@ venv:
 protos: venv
 	scripts/fetch-protos.sh
 	scripts/gen-protos.sh
+
+.PHONY: images demo test bench typecheck
+
+## images: the locally built OCI images (pause, busybox, test programs) in build/images
+images:
+	python3 scripts/build-images.py
+
+## demo: a local node, the proxy, a pod through it (see README)
+demo: setup images
+	.venv/bin/python scripts/demo.py
+
+## typecheck: mypy --strict over shim/
+typecheck: venv
+	.venv/bin/mypy
+
+## test: the whole suite; node tests need root (CI is root)
+test: setup images typecheck
+	.venv/bin/python -m pytest
+
+## bench: latency and checkpoint/restore figures, ours against the references, in one run
+bench: setup images
+	.venv/bin/python bench/run.py

@@ -1,0 +1,35 @@
+"""`make bench`: start a local node, run every benchmark against it, take it down."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def criu_shim(*args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "shim", *args], check=True, capture_output=True, text=True).stdout
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dir", type=Path, default=Path("/var/tmp/criu-shim-bench"))
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
+    args = parser.parse_args()
+    out = criu_shim("node", "up", "--dir", str(args.dir))
+    endpoints = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    try:
+        rounds = ["--rounds", "200", "--runs", "3"] if args.quick else []
+        print("== CRI pass-through latency (containerd 1.7 direct vs through criu-shim)", flush=True)
+        subprocess.run([sys.executable, str(HERE / "proxy_latency.py"), "--containerd",
+                        endpoints["CONTAINERD_ENDPOINT"], "--proxy", endpoints["CRI_ENDPOINT"], *rounds], check=True)
+    finally:
+        criu_shim("node", "down", "--dir", str(args.dir), "--purge")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""What a node test may leave behind: processes, mounts, netns, links, nft rules."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class HostState:
+    processes: frozenset[str]
+    mounts: frozenset[str]
+    netns: frozenset[str]
+    links: frozenset[str]
+    nft: str
+
+
+def _run(*argv: str) -> str:
+    return subprocess.run(argv, capture_output=True, text=True).stdout
+
+
+def _processes() -> frozenset[str]:
+    names = ("containerd", "containerd-shim-runc-v2", "criu", "runc")
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            comm = (entry / "comm").read_text().strip()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if comm in names or "shim serve" in cmdline:
+            found.add(f"{entry.name} {cmdline.strip()}")
+    return frozenset(found)
+
+
+def snapshot() -> HostState:
+    mounts = frozenset(line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines())
+    return HostState(
+        processes=_processes(),
+        mounts=mounts,
+        netns=frozenset(_run("ip", "netns", "list").split("\n")) - {""},
+        links=frozenset(line.split(":")[1].strip() for line in _run("ip", "-o", "link").splitlines()),
+        nft=_run("nft", "list", "ruleset"),
+    )
+
+
+def assert_nothing_left(before: HostState, after: HostState, directory: Path) -> None:
+    left = {
+        "processes": sorted(after.processes - before.processes),
+        "mounts": sorted(after.mounts - before.mounts),
+        "netns": sorted(after.netns - before.netns),
+        "links": sorted(after.links - before.links),
+    }
+    left = {k: v for k, v in left.items() if v}
+    assert not left, f"left behind by the node in {directory}: {left}"
+    assert after.nft == before.nft, "nftables ruleset changed"
