@@ -28,7 +28,8 @@ class CriClient:
         self.close()
 
     def version(self) -> api_pb2.VersionResponse:
-        return self.runtime.Version(api_pb2.VersionRequest(), timeout=2)
+        reply: api_pb2.VersionResponse = self.runtime.Version(api_pb2.VersionRequest(), timeout=2)
+        return reply
 
     def wait_ready(self, timeout: float) -> api_pb2.VersionResponse:
         deadline = time.monotonic() + timeout

@@ -24,7 +24,7 @@ def serve(listen: Path, upstream: Path, config: Path | None, grace: float) -> in
         import uvloop
     except ImportError:  # the relay works on the stock loop, only slower
         return asyncio.run(_serve(server))
-    return uvloop.run(_serve(server))
+    return int(uvloop.run(_serve(server)))
 
 
 async def _serve(server: ProxyServer) -> int:
