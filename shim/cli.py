@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
                                     "network namespaces and CNI state")
     node_down.add_argument("--dir", type=Path, required=True)
     node_down.add_argument("--purge", action="store_true", help="also delete DIR (images, logs)")
+
+    check = sub.add_parser(
+        "check", help="preflight: can this node checkpoint and restore containers?",
+        description="Probe CRIU (version, `criu check`, features), runc, containerd, the kernel, cgroups, "
+        "LSMs and privileges, print what works and what does not as a table, and exit 1 (saying why) "
+        "when checkpointing cannot work here. Tools default to scripts/paths.env, then $PATH.")
+    check.add_argument("--criu", metavar="PATH", help="CRIU binary to check (default: paths.env CRIU_BIN, then PATH)")
+    check.add_argument("--runc", metavar="PATH", help="runc binary to check (default: paths.env RUNC_BIN, then PATH)")
+    check.add_argument("--containerd-bin", metavar="PATH",
+                       help="the node's containerd binary or its bin directory (default: paths.env CONTAINERD_1_7)")
+    check.add_argument("--json", action="store_true", help="print machine-readable findings and facts instead")
     return parser
 
 
@@ -84,4 +95,8 @@ def _run(args: argparse.Namespace) -> int:
             for line in local.down(args.dir, purge=args.purge):
                 print(line)
         return 0
+    if args.command == "check":
+        from shim import preflight
+
+        return preflight.run(args.criu, args.runc, args.containerd_bin, as_json=args.json)
     raise AssertionError(args.command)

@@ -1,0 +1,536 @@
+"""`criu-shim check`: what this node can and cannot do for checkpoint/restore.
+
+Probing (subprocesses, /proc, /sys) is kept apart from judging: the probes only
+record what they saw, `assess()` is pure and turns those facts into findings, so
+every rule is unit-tested on fabricated facts and the probes stay dumb. Probes
+never raise for a missing or broken tool: "not found" is a fact like any other.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from shim.node.tools import load_paths
+
+Version = tuple[int, ...]
+
+CRIU_FEATURES = ("network_lock_nftables", "tcp_half_closed", "timens", "external_net_ns",
+                 "mem_dirty_track", "uffd", "uffd-noncoop")
+# runc and containerd's checkpoint code refuse anything older.
+CRIU_FLOOR: Version = (3, 16)
+# Kernels >= 6.16 refuse SO_PASSCRED on INET sockets; CRIU before 4.2 then fails to
+# dump any process owning one ("Can't get 1:16 opt").
+KERNEL_INET_BREAK: Version = (6, 16)
+CRIU_INET_FIX: Version = (4, 2)
+# containerd releases whose CRI returns Unimplemented for CheckpointContainer.
+CONTAINERD_TARGETS = ((1, 6), (1, 7))
+CAP_SYS_ADMIN = 21
+CAP_SYS_RESOURCE = 24
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROBE_TIMEOUT = 30.0
+# The kubelet e2e test matches this phrase: keep it verbatim.
+CRIU_MISSING = "CRIU binary not found or too old"
+
+
+class Status(enum.Enum):
+    OK = "ok"
+    INFO = "info"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Finding:
+    area: str
+    status: Status
+    detail: str
+
+
+# ---------------------------------------------------------------- facts
+
+
+@dataclass(frozen=True)
+class ToolProbe:
+    """One executable: where we looked, what we found, what `--version` said."""
+
+    name: str
+    looked_at: str  # human description of the search, for "not found" messages
+    path: str | None
+    version_output: str = ""
+    error: str = ""  # why it could not be run, when found but unusable
+
+
+@dataclass(frozen=True)
+class FeatureProbe:
+    name: str
+    supported: bool
+    detail: str  # CRIU's last output line, e.g. "Dirty tracking is OFF"
+
+
+@dataclass(frozen=True)
+class CriuProbe:
+    tool: ToolProbe
+    check_ok: bool | None  # None: `criu check` was not run (no binary)
+    check_last_line: str = ""
+    features: tuple[FeatureProbe, ...] = ()
+
+
+@dataclass(frozen=True)
+class LsmProbe:
+    active: tuple[str, ...] | None  # None: could not be read
+    unknown_reason: str = ""
+    selinux_enforcing: bool | None = None  # None: selinuxfs absent
+
+
+@dataclass(frozen=True)
+class PrivilegeProbe:
+    euid: int
+    cap_eff: int | None  # None: /proc/self/status unreadable
+
+
+@dataclass(frozen=True)
+class Facts:
+    kernel: str
+    criu: CriuProbe
+    runc: ToolProbe
+    containerd: ToolProbe
+    checkpointctl: ToolProbe
+    cgroup: str  # "v1", "hybrid", "v2" or "unknown"
+    lsm: LsmProbe
+    privileges: PrivilegeProbe
+    criu_on_path: str | None  # what a runc that ignores --criu would execute
+
+
+# ---------------------------------------------------------------- version parsing
+
+
+def _version_in(pattern: str, text: str) -> Version | None:
+    match = re.search(pattern, text, re.MULTILINE)
+    if match is None:
+        return None
+    return tuple(int(part) for part in match.groups() if part is not None)
+
+
+_NUMBERS = r"v?(\d+)\.(\d+)(?:\.(\d+))?"
+
+
+def parse_criu_version(text: str) -> Version | None:
+    """`criu --version`: "Version: 4.2.1" (a "GitID: ..." line may follow)."""
+    return _version_in(r"^\s*Version:\s*" + _NUMBERS, text)
+
+
+def parse_kernel_release(release: str) -> Version | None:
+    """`uname -r`: "6.18.44-fc-v669", "6.1.0-31-amd64"."""
+    return _version_in(r"^" + _NUMBERS, release.strip())
+
+
+def parse_runc_version(text: str) -> Version | None:
+    """`runc --version`: "runc version 1.1.15+ds1"."""
+    return _version_in(r"^runc version\s+" + _NUMBERS, text)
+
+
+def parse_containerd_version(text: str) -> Version | None:
+    """`containerd --version`: "containerd github.com/containerd/containerd[/v2] v1.7.24 <commit>"
+    (distributions drop the "v": "1.7.24~ds1")."""
+    return _version_in(r"^containerd\s+\S+\s+" + _NUMBERS, text)
+
+
+def show(version: Version) -> str:
+    return ".".join(str(part) for part in version)
+
+
+# ---------------------------------------------------------------- probing
+
+
+def _paths_env() -> dict[str, str]:
+    # A node without the dev setup has no paths.env: fall back to $PATH silently.
+    try:
+        return load_paths()
+    except OSError:
+        return {}
+
+
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def find_tool(name: str, explicit: str | None, configured: str | None, configured_key: str) -> ToolProbe:
+    """An explicit flag is taken literally (no fallback: the user asked for that one);
+    otherwise the paths.env entry if it exists, otherwise `name` on $PATH."""
+    if explicit is not None:
+        path = Path(explicit) if "/" in explicit else Path(shutil.which(explicit) or explicit)
+        return ToolProbe(name, f"{explicit} (given on the command line)", str(path) if _executable(path) else None)
+    if configured and _executable(Path(configured)):
+        return ToolProbe(name, f"{configured} (paths.env {configured_key})", configured)
+    found = shutil.which(name)
+    where = f"{configured} (paths.env {configured_key}) or " if configured else ""
+    return ToolProbe(name, f"{where}`{name}` on PATH", found)
+
+
+def _run(argv: list[str]) -> tuple[int | None, str]:
+    """(exit code, stdout+stderr); exit code None when the program could not run at all."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, errors="replace",
+                              timeout=PROBE_TIMEOUT, stdin=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired:
+        return None, f"{argv[0]} did not answer within {PROBE_TIMEOUT:.0f}s"
+    except OSError as exc:
+        return None, f"cannot run {argv[0]}: {exc.strerror or exc}"
+    return done.returncode, done.stdout + done.stderr
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def with_version(tool: ToolProbe, *flag: str) -> ToolProbe:
+    if tool.path is None:
+        return tool
+    code, output = _run([tool.path, *flag])
+    if code is None:
+        return ToolProbe(tool.name, tool.looked_at, tool.path, "", output)
+    return ToolProbe(tool.name, tool.looked_at, tool.path, output.strip())
+
+
+def probe_criu(explicit: str | None) -> CriuProbe:
+    paths = _paths_env()
+    tool = with_version(find_tool("criu", explicit, paths.get("CRIU_BIN"), "CRIU_BIN"), "--version")
+    if tool.path is None or tool.error:
+        return CriuProbe(tool, None)
+    code, output = _run([tool.path, "check"])
+    features = tuple(_probe_feature(tool.path, name) for name in CRIU_FEATURES)
+    return CriuProbe(tool, code == 0, last_line(output), features)
+
+
+def _probe_feature(criu: str, name: str) -> FeatureProbe:
+    code, output = _run([criu, "check", "--feature", name])
+    # CRIU prefixes its messages with "Warn  (criu/cr-check.c:824): ": keep only the words.
+    detail = re.sub(r"^\w+\s+\([^)]*\):\s*", "", last_line(output))
+    return FeatureProbe(name, code == 0, detail)
+
+
+def probe_containerd(explicit: str | None) -> ToolProbe:
+    # paths.env and users alike may name the bin directory rather than the binary.
+    if explicit is not None and Path(explicit).is_dir():
+        explicit = str(Path(explicit) / "containerd")
+    configured = _paths_env().get("CONTAINERD_1_7")
+    if configured:
+        configured = str(Path(configured) / "containerd")
+    return with_version(find_tool("containerd", explicit, configured, "CONTAINERD_1_7"), "--version")
+
+
+def _mount_types(mountinfo: str) -> dict[str, str]:
+    """Mount point -> filesystem type, from /proc/self/mountinfo lines."""
+    types = {}
+    for line in mountinfo.splitlines():
+        before, sep, after = line.partition(" - ")
+        fields = before.split()
+        if sep and len(fields) > 4 and after.split():
+            types[fields[4]] = after.split()[0]
+    return types
+
+
+def probe_cgroup(mountinfo: str, root: Path = CGROUP_ROOT) -> str:
+    """v2 when /sys/fs/cgroup itself is cgroup2; hybrid when v1 controllers sit beside a
+    cgroup2 "unified" mount; v1 when there are only v1 controllers. mountinfo says what is
+    mounted (the statfs magic, without ctypes); the files are the fallback when it is unreadable."""
+    types = _mount_types(mountinfo)
+    if types.get(str(root)) == "cgroup2" or (root / "cgroup.controllers").exists():
+        return "v2"
+    v1 = any(kind == "cgroup" and mount.startswith(f"{root}/") for mount, kind in types.items())
+    v1 = v1 or (root / "memory" / "memory.limit_in_bytes").exists()
+    unified = types.get(f"{root}/unified") == "cgroup2" or (root / "unified" / "cgroup.controllers").exists()
+    if v1:
+        return "hybrid" if unified else "v1"
+    return "unknown"
+
+
+def probe_lsm(security: Path = Path("/sys/kernel/security"), selinuxfs: Path = Path("/sys/fs/selinux")) -> LsmProbe:
+    enforce = selinuxfs / "enforce"
+    try:
+        selinux = enforce.read_text().strip() == "1" if enforce.exists() else None
+    except OSError:
+        selinux = None
+    lsm = security / "lsm"
+    if not lsm.exists():
+        # Mounting securityfs would answer, but a preflight must not change the node.
+        return LsmProbe(None, "securityfs not mounted", selinux)
+    try:
+        names = tuple(name for name in lsm.read_text().strip().split(",") if name)
+    except OSError as exc:
+        return LsmProbe(None, f"cannot read {lsm}: {exc.strerror}", selinux)
+    return LsmProbe(names, "", selinux)
+
+
+def parse_cap_eff(status: str) -> int | None:
+    match = re.search(r"^CapEff:\s*([0-9a-fA-F]+)\s*$", status, re.MULTILINE)
+    return int(match.group(1), 16) if match else None
+
+
+def probe_privileges() -> PrivilegeProbe:
+    try:
+        cap_eff = parse_cap_eff(Path("/proc/self/status").read_text())
+    except OSError:
+        cap_eff = None
+    return PrivilegeProbe(os.geteuid(), cap_eff)
+
+
+def probe_kernel() -> str:
+    return os.uname().release
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def probe(criu: str | None = None, runc: str | None = None, containerd_bin: str | None = None) -> Facts:
+    paths = _paths_env()
+    return Facts(
+        kernel=probe_kernel(),
+        criu=probe_criu(criu),
+        runc=with_version(find_tool("runc", runc, paths.get("RUNC_BIN"), "RUNC_BIN"), "--version"),
+        containerd=probe_containerd(containerd_bin),
+        checkpointctl=find_tool("checkpointctl", None, paths.get("CHECKPOINTCTL_BIN"), "CHECKPOINTCTL_BIN"),
+        cgroup=probe_cgroup(_read("/proc/self/mountinfo")),
+        lsm=probe_lsm(),
+        privileges=probe_privileges(),
+        criu_on_path=shutil.which("criu"),
+    )
+
+
+# ---------------------------------------------------------------- assessment (pure)
+
+
+def assess(facts: Facts) -> list[Finding]:
+    return [*assess_privileges(facts.privileges), *assess_kernel(facts.kernel),
+            *assess_criu(facts.criu, facts.kernel), *assess_features(facts.criu),
+            *assess_runc(facts.runc, facts.criu, facts.criu_on_path), *assess_containerd(facts.containerd),
+            *assess_cgroup(facts.cgroup), *assess_lsm(facts.lsm), *assess_checkpointctl(facts.checkpointctl)]
+
+
+def _has_cap(cap_eff: int, cap: int) -> bool:
+    return bool(cap_eff >> cap & 1)
+
+
+def assess_privileges(privileges: PrivilegeProbe) -> list[Finding]:
+    findings = [_assess_root(privileges)]
+    if privileges.cap_eff is None:
+        findings.append(Finding("capabilities", Status.WARN,
+                                "cannot read CapEff from /proc/self/status: capabilities unknown"))
+    elif not _has_cap(privileges.cap_eff, CAP_SYS_RESOURCE):
+        findings.append(Finding(
+            "capabilities", Status.WARN,
+            "CAP_SYS_RESOURCE is not in the effective set: containerd needs restrict_oom_score_adj = true "
+            "in its CRI config, or every pod fails with runc's \"can't get final child's PID from pipe: EOF\""))
+    else:
+        findings.append(Finding("capabilities", Status.OK, "CAP_SYS_RESOURCE present"))
+    return findings
+
+
+def _assess_root(privileges: PrivilegeProbe) -> Finding:
+    if privileges.euid != 0:
+        return Finding("privileges", Status.FAIL,
+                       f"not running as root (euid {privileges.euid}): CRIU needs root to dump and restore containers")
+    if privileges.cap_eff is not None and not _has_cap(privileges.cap_eff, CAP_SYS_ADMIN):
+        return Finding("privileges", Status.FAIL, "root, but CAP_SYS_ADMIN is not in the effective set: CRIU needs it")
+    return Finding("privileges", Status.OK, "root")
+
+
+def assess_kernel(release: str) -> list[Finding]:
+    if parse_kernel_release(release) is None:
+        return [Finding("kernel", Status.WARN, f"cannot parse kernel release {release!r}: "
+                        "the CRIU/kernel compatibility rules below assume the worst")]
+    return [Finding("kernel", Status.INFO, release)]
+
+
+def assess_criu(criu: CriuProbe, kernel: str) -> list[Finding]:
+    tool = criu.tool
+    if tool.path is None:
+        return [Finding("criu", Status.FAIL, f"{CRIU_MISSING}: not found at {tool.looked_at}")]
+    if tool.error:
+        return [Finding("criu", Status.FAIL, f"{CRIU_MISSING}: {tool.path} is unusable ({tool.error})")]
+    findings = [_assess_criu_version(tool, kernel)]
+    if criu.check_ok is False:
+        findings.append(Finding("criu check", Status.FAIL,
+                                f"`{tool.path} check` failed: {criu.check_last_line}"))
+    elif criu.check_ok:
+        findings.append(Finding("criu check", Status.OK, criu.check_last_line))
+    return findings
+
+
+def _assess_criu_version(tool: ToolProbe, kernel: str) -> Finding:
+    version = parse_criu_version(tool.version_output)
+    if version is None:
+        seen = last_line(tool.version_output)[:80]
+        return Finding("criu", Status.FAIL, f"{CRIU_MISSING}: cannot read a version from `{tool.path} --version` "
+                       f"(it said {seen!r}); need CRIU >= {show(CRIU_FLOOR)}")
+    if version < CRIU_FLOOR:
+        return Finding("criu", Status.FAIL, f"{CRIU_MISSING}: CRIU {show(version)} at {tool.path}; runc and "
+                       f"containerd need CRIU >= {show(CRIU_FLOOR)}")
+    kernel_version = parse_kernel_release(kernel)
+    # An unparsable kernel counts as new: wrongly failing beats a dump that breaks later.
+    new_kernel = kernel_version is None or kernel_version >= KERNEL_INET_BREAK
+    if version < CRIU_INET_FIX and new_kernel:
+        return Finding("criu", Status.FAIL,
+                       f"{CRIU_MISSING}: CRIU {show(version)} at {tool.path}. CRIU older than "
+                       f"{show(CRIU_INET_FIX)} cannot dump INET sockets (TCP/UDP) on kernel >= "
+                       f"{show(KERNEL_INET_BREAK)} (this kernel: {kernel}): any container with a network "
+                       f"socket fails with \"Can't get 1:16 opt\". Install CRIU >= {show(CRIU_INET_FIX)}")
+    return Finding("criu", Status.OK, f"CRIU {show(version)} at {tool.path}")
+
+
+# What a missing CRIU feature costs, in plain words.
+FEATURE_CONSEQUENCES = {
+    "network_lock_nftables": "CRIU cannot lock the network with nftables; it needs iptables "
+                             "(`--network-lock iptables`, the default) installed instead",
+    "tcp_half_closed": "containers holding half-closed TCP connections cannot be checkpointed",
+    "timens": "containers in a time namespace cannot be checkpointed",
+    "external_net_ns": "network devices whose peer is in another network namespace (veth) cannot be dumped",
+    "mem_dirty_track": "pre-dump/iterative migration unavailable (CONFIG_MEM_SOFT_DIRTY off); "
+                       "plain checkpoint and restore still work",
+    "uffd": "lazy restore (--lazy-pages, post-copy migration) unavailable",
+    "uffd-noncoop": "lazy restore of multi-process containers unavailable",
+}
+
+
+def assess_features(criu: CriuProbe) -> list[Finding]:
+    findings = []
+    for feature in criu.features:
+        if feature.supported:
+            findings.append(Finding(f"criu {feature.name}", Status.OK, "supported"))
+        else:
+            consequence = FEATURE_CONSEQUENCES.get(feature.name, "feature unavailable")
+            findings.append(Finding(f"criu {feature.name}", Status.WARN, f"{consequence} [{feature.detail}]"))
+    return findings
+
+
+def assess_runc(runc: ToolProbe, criu: CriuProbe, criu_on_path: str | None) -> list[Finding]:
+    if runc.path is None:
+        return [Finding("runc", Status.FAIL, f"runc not found at {runc.looked_at}: containerd's shim drives "
+                        "CRIU through runc, so nothing can be checkpointed")]
+    if runc.error:
+        return [Finding("runc", Status.FAIL, f"{runc.path} is unusable ({runc.error})")]
+    version = parse_runc_version(runc.version_output)
+    if version is None:
+        return [Finding("runc", Status.WARN, f"cannot read a version from `{runc.path} --version` "
+                        f"(it said {last_line(runc.version_output)[:80]!r})")]
+    findings = [Finding("runc", Status.OK, f"runc {show(version)} at {runc.path}")]
+    # runc 1.3 ignores --criu and runs `criu` from PATH: the CRIU checked above may not be the one used.
+    if version >= (1, 3) and criu.tool.path is not None and criu_on_path != criu.tool.path:
+        findings.append(Finding("runc", Status.WARN, f"runc {show(version)} ignores --criu and runs `criu` from "
+                                f"PATH (here: {criu_on_path or 'none'}); put {Path(criu.tool.path).parent} "
+                                "first on the PATH of containerd and its shims"))
+    return findings
+
+
+def assess_containerd(containerd: ToolProbe) -> list[Finding]:
+    if containerd.path is None:
+        return [Finding("containerd", Status.WARN, f"containerd not found at {containerd.looked_at} "
+                        "(use --containerd-bin): cannot tell which release the node runs")]
+    if containerd.error:
+        return [Finding("containerd", Status.WARN, f"{containerd.path} is unusable ({containerd.error})")]
+    version = parse_containerd_version(containerd.version_output)
+    if version is None:
+        return [Finding("containerd", Status.WARN, f"cannot read a version from `{containerd.path} --version` "
+                        f"(it said {last_line(containerd.version_output)[:80]!r})")]
+    if version[:2] in CONTAINERD_TARGETS:
+        return [Finding("containerd", Status.OK, f"containerd {show(version)}: its CRI has no CheckpointContainer; "
+                        "criu-shim provides it")]
+    if version >= (2, 0):
+        return [Finding("containerd", Status.INFO, f"containerd {show(version)} implements CRI checkpoint "
+                        "natively; criu-shim targets 1.6/1.7")]
+    return [Finding("containerd", Status.WARN, f"containerd {show(version)} is untested: criu-shim targets 1.6/1.7")]
+
+
+def assess_cgroup(mode: str) -> list[Finding]:
+    if mode == "v2":
+        return [Finding("cgroup", Status.OK, "cgroup v2")]
+    if mode in ("v1", "hybrid"):
+        shape = "hybrid: controllers on v1, v2 mounted at /sys/fs/cgroup/unified" if mode == "hybrid" else "legacy"
+        # Checkpointing works on v1; the risk is the kubelet's future, not CRIU.
+        return [Finding("cgroup", Status.INFO, f"cgroup v1 ({shape}): checkpoint/restore works; note that "
+                        "Kubernetes deprecates cgroup v1 (kubelet failCgroupV1)")]
+    return [Finding("cgroup", Status.WARN, "cannot tell the cgroup mode from /proc/self/mountinfo or /sys/fs/cgroup")]
+
+
+def assess_lsm(lsm: LsmProbe) -> list[Finding]:
+    if lsm.active is None:
+        findings = [Finding("lsm", Status.INFO, f"unknown ({lsm.unknown_reason})")]
+    else:
+        findings = [Finding("lsm", Status.INFO, ", ".join(lsm.active) or "none")]
+    if lsm.selinux_enforcing:
+        findings.append(Finding("selinux", Status.OK, "enforcing: the container's SELinux process and mount labels "
+                                "are passed to CRIU on restore"))
+    elif lsm.selinux_enforcing is False:
+        findings.append(Finding("selinux", Status.INFO, "permissive: labels are still passed on restore, "
+                                "denials are only logged"))
+    elif lsm.active is not None and "selinux" in lsm.active:
+        findings.append(Finding("selinux", Status.WARN, "listed as active but /sys/fs/selinux is not mounted"))
+    else:
+        findings.append(Finding("selinux", Status.INFO, "not active: no SELinux labels to restore"))
+    return findings
+
+
+def assess_checkpointctl(tool: ToolProbe) -> list[Finding]:
+    if tool.path is None:
+        return [Finding("checkpointctl", Status.WARN, f"not found at {tool.looked_at}: checkpoint archives "
+                        "cannot be inspected independently (optional)")]
+    return [Finding("checkpointctl", Status.OK, tool.path)]
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def available(findings: list[Finding]) -> bool:
+    return not any(finding.status is Status.FAIL for finding in findings)
+
+
+def summary(findings: list[Finding]) -> str:
+    reasons = [finding.detail for finding in findings if finding.status is Status.FAIL]
+    if not reasons:
+        return "checkpoint/restore: available"
+    return "checkpoint/restore: NOT available: " + "; ".join(reasons)
+
+
+def render_table(findings: list[Finding]) -> str:
+    header = ("AREA", "STATUS", "DETAIL")
+    rows = [header, *((f.area, f.status.value.upper(), f.detail) for f in findings)]
+    area_width = max(len(row[0]) for row in rows)
+    status_width = max(len(row[1]) for row in rows)
+    return "\n".join(f"{area:<{area_width}} | {status:<{status_width}} | {detail}" for area, status, detail in rows)
+
+
+def render_json(facts: Facts, findings: list[Finding]) -> str:
+    document = {
+        "available": available(findings),
+        "summary": summary(findings),
+        "findings": [{"area": f.area, "status": f.status.value, "detail": f.detail} for f in findings],
+        "facts": asdict(facts),
+    }
+    return json.dumps(document, indent=2)
+
+
+def run(criu: str | None = None, runc: str | None = None, containerd_bin: str | None = None,
+        as_json: bool = False) -> int:
+    """The `criu-shim check` command: 0 when checkpoint/restore can work here, 1 otherwise."""
+    facts = probe(criu, runc, containerd_bin)
+    findings = assess(facts)
+    if as_json:
+        print(render_json(facts, findings))
+    else:
+        print(render_table(findings))
+        print(summary(findings))
+    sys.stdout.flush()
+    return 0 if available(findings) else 1
