@@ -46,6 +46,9 @@ def up(directory: Path, version: str = "1.7", proxy_config: Path | None = None) 
             raise FailedPrecondition(f"node in {layout.dir} already runs containerd {recorded}; `node down` it first")
         return endpoints(layout)
     _prepare(layout, version, tools)
+    if proxy_config is None:
+        proxy_config = layout.proxy_config_file
+        proxy_config.write_text(render.proxy_config(layout, tools.criu))
     try:
         _start_containerd(layout, tools)
         _import_images(layout, tools)
@@ -88,11 +91,9 @@ def _start_containerd(layout: NodeLayout, tools: Tools) -> None:
     _wait_cri(layout.containerd_socket, pid, layout.log_dir / "containerd.log")
 
 
-def _start_proxy(layout: NodeLayout, proxy_config: Path | None) -> None:
+def _start_proxy(layout: NodeLayout, proxy_config: Path) -> None:
     argv = [sys.executable, "-m", "shim", "serve", "--listen", f"unix://{layout.cri_socket}",
-            "--runtime-endpoint", f"unix://{layout.containerd_socket}"]
-    if proxy_config is not None:
-        argv += ["--config", str(proxy_config)]
+            "--runtime-endpoint", f"unix://{layout.containerd_socket}", "--config", str(proxy_config)]
     pid = procs.spawn(argv, layout.log_dir / "criu-shim.log", layout.pid_dir / "proxy.pid")
     _wait_cri(layout.cri_socket, pid, layout.log_dir / "criu-shim.log")
 

@@ -134,3 +134,11 @@ def cni_conflist(layout: NodeLayout) -> str:
         ],
     }
     return json.dumps(conf, indent=2) + "\n"
+
+
+def proxy_config(layout: NodeLayout, criu: Path) -> str:
+    """The local node's criu-shim config: its CRIU, and an audit log inside the node dir."""
+    return f"""[checkpoint]
+criu = "{criu}"
+audit_log = "{layout.log_dir / 'audit.log'}"
+"""

@@ -7,30 +7,40 @@ import logging
 import signal
 from pathlib import Path
 
+from shim.checkpoint.engine import Checkpointer
+from shim.config import Config
+from shim.config import load as load_config
+from shim.containerd import Containerd
+from shim.cri import checkpoint_container
 from shim.proxy.dispatch import Dispatcher, Handler
 from shim.proxy.server import ProxyServer
 
 log = logging.getLogger(__name__)
 
 
-def handlers(config: Path | None) -> dict[str, Handler]:
+def handlers(config: Config, containerd: Containerd) -> dict[str, Handler]:
     """The CRI methods the proxy answers itself; everything else is relayed."""
-    return {}
+    return {checkpoint_container.METHOD: checkpoint_container.handler(Checkpointer(containerd, config))}
 
 
-def serve(listen: Path, upstream: Path, config: Path | None, grace: float) -> int:
-    server = ProxyServer(listen, upstream, Dispatcher(handlers(config)), grace=grace)
+def serve(listen: Path, upstream: Path, config_file: Path | None, grace: float) -> int:
+    config = load_config(config_file)
     try:
         import uvloop
     except ImportError:  # the relay works on the stock loop, only slower
-        return asyncio.run(_serve(server))
-    return int(uvloop.run(_serve(server)))
+        return asyncio.run(_serve(listen, upstream, config, grace))
+    return int(uvloop.run(_serve(listen, upstream, config, grace)))
 
 
-async def _serve(server: ProxyServer) -> int:
+async def _serve(listen: Path, upstream: Path, config: Config, grace: float) -> int:
+    containerd = Containerd(upstream)  # a grpc.aio channel: made inside the running loop
+    server = ProxyServer(listen, upstream, Dispatcher(handlers(config, containerd)), grace=grace)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)
-    await server.serve()
+    try:
+        await server.serve()
+    finally:
+        await containerd.close()
     log.info("stopped")
     return 0

@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 from pathlib import Path
+from typing import cast
 
 from shim.errors import ShimError
 from shim.proxy.dispatch import Dispatcher, Peer
@@ -109,10 +110,10 @@ class _ClientSide(asyncio.Protocol):
     # -- lifecycle ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
         self.peer = _peer_of(transport)
-        transport.pause_reading()  # until upstream is connected
+        self.transport.pause_reading()  # until upstream is connected
         self.server._connections.add(self)
         self.tasks.create_task(self._connect())
 
@@ -220,7 +221,7 @@ class _ClientSide(asyncio.Protocol):
             self.transport.resume_reading()
 
 
-def _peer_of(transport: asyncio.Transport) -> Peer:
+def _peer_of(transport: asyncio.BaseTransport) -> Peer:
     sock = transport.get_extra_info("socket")
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

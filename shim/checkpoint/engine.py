@@ -1,0 +1,188 @@
+"""CheckpointContainer on containerd 1.6/1.7: the domain operation.
+
+Order matters. Everything that can be refused is checked before the container
+is touched. Then the container is frozen (containerd task pause, the cgroup
+freezer) so that the memory image and the rootfs diff describe one instant;
+CRIU dumps it through containerd's runc shim straight into our staging dir
+(leave-running); the rootfs diff is taken; the container is thawed; and only
+then, with the container running again, is the archive written. Every step
+that acquires something registers its undo on an AsyncExitStack, so a failure
+or a deadline at any point leaves the container running and thawed and no
+file behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
+from shim.api.cri.v1 import api_pb2 as cri
+from shim.checkpoint import audit, criu, location, options
+from shim.checkpoint.archive import Member, directory_members, write_archive
+from shim.checkpoint.metadata import config_dump, spec_dump, status_dump
+from shim.checkpoint.rootfs import deleted_files_json, write_rootfs_diff
+from shim.config import Config
+from shim.containerd import Containerd
+from shim.errors import FailedPrecondition, ShimError
+from shim.proxy.dispatch import Peer
+
+log = logging.getLogger(__name__)
+THAW_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Request:
+    container_id: str
+    location: str
+    peer: Peer
+
+
+@dataclass(frozen=True)
+class Target:
+    """What we learned about the container before touching it."""
+
+    status: cri.ContainerStatus
+    pod: str
+    namespace: str
+    options: options.CheckpointOptions
+
+
+@dataclass
+class Outcome:
+    size: int = 0
+    frozen_s: float = 0.0
+
+
+class Checkpointer:
+    def __init__(self, containerd: Containerd, config: Config) -> None:
+        self._containerd = containerd
+        self._config = config
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def checkpoint(self, request: Request) -> None:
+        started, outcome, target = time.monotonic(), Outcome(), None
+        try:
+            target = await self._inspect(request)
+            path = location.validate(request.location)
+            criu.require(self._config.criu, request.container_id)
+            async with self._lock(request.container_id):
+                await self._checkpoint(request.container_id, path, target, outcome)
+        except ShimError as exc:
+            self._audit(request, target, outcome, started, f"error: {exc.code.name}: {exc.message}")
+            raise
+        except BaseException as exc:
+            self._audit(request, target, outcome, started, f"error: {type(exc).__name__}")
+            raise
+        self._audit(request, target, outcome, started, "ok")
+
+    async def _inspect(self, request: Request) -> Target:
+        status, info = await self._containerd.container_status(request.container_id)
+        if status.state != cri.CONTAINER_RUNNING:
+            raise FailedPrecondition(f"container {request.container_id!r} is in "
+                                     f"{cri.ContainerState.Name(status.state)} state. only RUNNING containers "
+                                     "can be checkpointed")
+        sandbox = await self._containerd.sandbox_status(str(info.get("sandboxID", "")))
+        opts = options.resolve(self._config.checkpoint, sandbox.annotations, status.metadata.name)
+        return Target(status, sandbox.metadata.name, sandbox.metadata.namespace, opts)
+
+    def _lock(self, container_id: str) -> asyncio.Lock:
+        # A second checkpoint of the same container waits for the first (bounded
+        # by its own deadline); two dumps of one process tree would corrupt both.
+        return self._locks.setdefault(container_id, asyncio.Lock())
+
+    async def _checkpoint(self, container_id: str, path: Path, target: Target, outcome: Outcome) -> None:
+        record = await self._containerd.container_record(container_id)
+        upperdir = await self._containerd.upperdir(record)
+        with location.staging_dir(path, container_id) as staging:
+            async with AsyncExitStack() as frozen:
+                await self._freeze(container_id, frozen, outcome)
+                await self._dump(container_id, staging, target.options)
+                diff = await asyncio.to_thread(_rootfs_diff, upperdir, staging)
+            checkpointed = datetime.now(timezone.utc)
+            members = _members(staging, record.spec.value, target, record.runtime.name, checkpointed, diff)
+            outcome.size = await asyncio.to_thread(write_archive, path, members)
+
+    async def _freeze(self, container_id: str, stack: AsyncExitStack, outcome: Outcome) -> None:
+        await self._containerd.pause(container_id)
+        frozen_at = time.monotonic()
+
+        async def thaw() -> None:
+            outcome.frozen_s = time.monotonic() - frozen_at
+            # Shielded: a cancelled call (deadline, client gone) must still thaw.
+            await asyncio.shield(asyncio.wait_for(self._containerd.resume(container_id), THAW_TIMEOUT))
+
+        stack.push_async_callback(thaw)
+
+    async def _dump(self, container_id: str, staging: Path, opts: options.CheckpointOptions) -> None:
+        request = runc_options.CheckpointOptions(
+            exit=False, open_tcp=opts.tcp_established, file_locks=opts.file_locks,
+            external_unix_sockets=opts.ext_unix_sockets,
+            image_path=str(staging / "checkpoint"), work_path=str(staging / "work"))
+        try:
+            await self._containerd.checkpoint_task(container_id, request, timeout=None)
+        except ShimError as exc:
+            raise _explain_dump_failure(exc, staging / "work" / "dump.log") from None
+
+    def _audit(self, request: Request, target: Target | None, outcome: Outcome, started: float,
+               result: str) -> None:
+        audit.append(self._config.audit_log, audit.AuditRecord(
+            action="checkpoint", caller_uid=request.peer.uid, caller_pid=request.peer.pid,
+            pod=target.pod if target else "", namespace=target.namespace if target else "",
+            container=target.status.metadata.name if target else "", container_id=request.container_id,
+            location=request.location, size=outcome.size, duration_s=round(time.monotonic() - started, 4),
+            frozen_s=round(outcome.frozen_s, 4), result=result))
+
+
+def _rootfs_diff(upperdir: Path | None, staging: Path) -> list[str] | None:
+    if upperdir is None:
+        return None
+    return write_rootfs_diff(upperdir, staging / "rootfs-diff.tar").deleted
+
+
+def _members(staging: Path, spec: bytes, target: Target, runtime: str, checkpointed: datetime,
+             deleted: list[str] | None) -> list[Member]:
+    status = target.status
+    created = datetime.fromtimestamp(status.created_at / 1e9, timezone.utc)
+    members = [
+        Member("spec.dump", data=spec_dump(spec)),
+        Member("config.dump", data=config_dump(status.id, status.metadata.name, status.image.image,
+                                               status.image_ref, runtime, created, checkpointed)),
+        Member("status.dump", data=status_dump(status)),
+        *directory_members("checkpoint", staging / "checkpoint"),
+    ]
+    for name, source in (("dump.log", staging / "work" / "dump.log"),
+                         ("stats-dump", staging / "checkpoint" / "stats-dump"),
+                         ("rootfs-diff.tar", staging / "rootfs-diff.tar")):
+        if source.is_file():
+            members.append(Member(name, source=source))
+    if deleted:
+        members.append(Member("deleted.files", data=deleted_files_json(deleted)))
+    log_path = Path(status.log_path)
+    if status.log_path and log_path.is_file() and not log_path.is_symlink():
+        members.append(Member("container.log", source=log_path))
+    return members
+
+
+def _explain_dump_failure(error: ShimError, dump_log: Path) -> ShimError:
+    """CRIU's raw error, plus the annotation that fixes it when we know one."""
+    try:
+        text = dump_log.read_text(errors="replace")
+    except OSError:
+        text = ""
+    hints = {
+        "Connected TCP socket": options.annotation("tcp-established"),
+        "unix socket": options.annotation("ext-unix-sockets"),
+        "file lock": options.annotation("file-locks"),
+    }
+    for needle, key in hints.items():
+        if needle.lower() in text.lower():
+            errors = [line for line in text.splitlines() if "Error" in line][-3:]
+            return type(error)(f"{error.message}; CRIU: {' | '.join(errors)}. To checkpoint this container set "
+                               f'the pod annotation {key}: "true" (or the node default in the criu-shim config)')
+    return error

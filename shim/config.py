@@ -1,0 +1,68 @@
+"""The proxy's configuration file (TOML); `load()` is the only I/O.
+
+    [checkpoint]
+    tcp_established = false     # node-wide defaults; pod annotations override
+    file_locks = false
+    ext_unix_sockets = false
+    criu = "/usr/sbin/criu"     # the CRIU runc will run (for the version check)
+    audit_log = "/var/log/criu-shim/audit.log"
+"""
+
+from __future__ import annotations
+
+import shutil
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shim.errors import InvalidArgument
+
+DEFAULT_AUDIT_LOG = Path("/var/log/criu-shim/audit.log")
+
+
+@dataclass(frozen=True)
+class CheckpointDefaults:
+    tcp_established: bool = False
+    file_locks: bool = False
+    ext_unix_sockets: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    checkpoint: CheckpointDefaults = field(default_factory=CheckpointDefaults)
+    criu: Path | None = None
+    audit_log: Path = DEFAULT_AUDIT_LOG
+
+
+def load(path: Path | None) -> Config:
+    if path is None:
+        return Config(criu=_which_criu())
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidArgument(f"config {path}: {exc}") from None
+    return parse(raw, str(path))
+
+
+def parse(raw: dict[str, Any], origin: str = "config") -> Config:
+    section = raw.get("checkpoint", {})
+    if not isinstance(section, dict):
+        raise InvalidArgument(f"{origin}: [checkpoint] must be a table")
+    unknown = set(section) - {"tcp_established", "file_locks", "ext_unix_sockets", "criu", "audit_log"}
+    if unknown:
+        raise InvalidArgument(f"{origin}: unknown keys in [checkpoint]: {', '.join(sorted(unknown))}")
+    flags = {k: section.get(k, False) for k in ("tcp_established", "file_locks", "ext_unix_sockets")}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{origin}: checkpoint.{key} must be true or false")
+    criu = section.get("criu")
+    audit = section.get("audit_log", str(DEFAULT_AUDIT_LOG))
+    if (criu is not None and not isinstance(criu, str)) or not isinstance(audit, str):
+        raise InvalidArgument(f"{origin}: checkpoint.criu and checkpoint.audit_log must be paths")
+    return Config(CheckpointDefaults(**flags), Path(criu) if criu else _which_criu(), Path(audit))
+
+
+def _which_criu() -> Path | None:
+    found = shutil.which("criu")
+    return Path(found) if found else None

@@ -1,0 +1,103 @@
+"""An async facade over the containerd APIs the proxy itself uses.
+
+containerd serves CRI and its native API on one socket. The proxy reads CRI
+status (what the kubelet sees) and drives the native task API (pause, resume,
+checkpoint), always in the CRI namespace `k8s.io`. gRPC errors are translated
+into domain errors here, at this one seam.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+
+from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
+from shim.api.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
+from shim.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
+from shim.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
+from shim.api.cri.v1 import api_pb2 as cri
+from shim.api.cri.v1 import api_pb2_grpc as cri_grpc
+from shim.errors import (Code, FailedPrecondition, InvalidArgument, NotFound, ShimError, Unavailable,
+                         Unknown)
+
+NAMESPACE = "k8s.io"
+_ERRORS: dict[grpc.StatusCode, Callable[[str], ShimError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+}
+T = TypeVar("T")
+
+
+class Containerd:
+    def __init__(self, socket: Path) -> None:
+        self._channel = grpc.aio.insecure_channel(f"unix://{socket}")
+        self._meta = (("containerd-namespace", NAMESPACE),)
+        self._cri = cri_grpc.RuntimeServiceStub(self._channel)
+        self._tasks = tasks_pb2_grpc.TasksStub(self._channel)
+        self._containers = containers_pb2_grpc.ContainersStub(self._channel)
+        self._snapshots = snapshots_pb2_grpc.SnapshotsStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def container_status(self, container_id: str) -> tuple[cri.ContainerStatus, dict[str, Any]]:
+        """CRI status and the verbose info (pid, sandbox id, runtime spec)."""
+        reply = await _call(self._cri.ContainerStatus(
+            cri.ContainerStatusRequest(container_id=container_id, verbose=True)))
+        return reply.status, json.loads(reply.info.get("info", "{}") or "{}")
+
+    async def sandbox_status(self, sandbox_id: str) -> cri.PodSandboxStatus:
+        reply = await _call(self._cri.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)))
+        status: cri.PodSandboxStatus = reply.status
+        return status
+
+    async def container_record(self, container_id: str) -> containers_pb2.Container:
+        reply = await _call(self._containers.Get(containers_pb2.GetContainerRequest(id=container_id),
+                                                 metadata=self._meta))
+        record: containers_pb2.Container = reply.container
+        return record
+
+    async def upperdir(self, record: containers_pb2.Container) -> Path | None:
+        """The overlayfs upper directory holding the container's rootfs changes."""
+        reply = await _call(self._snapshots.Mounts(
+            snapshots_pb2.MountsRequest(snapshotter=record.snapshotter, key=record.snapshot_key),
+            metadata=self._meta))
+        for mount in reply.mounts:
+            for option in mount.options:
+                if option.startswith("upperdir="):
+                    return Path(option.removeprefix("upperdir="))
+        return None
+
+    async def pause(self, container_id: str) -> None:
+        await _call(self._tasks.Pause(tasks_pb2.PauseTaskRequest(container_id=container_id), metadata=self._meta))
+
+    async def resume(self, container_id: str) -> None:
+        await _call(self._tasks.Resume(tasks_pb2.ResumeTaskRequest(container_id=container_id), metadata=self._meta))
+
+    async def checkpoint_task(self, container_id: str, options: runc_options.CheckpointOptions,
+                              timeout: float | None) -> None:
+        """runc checkpoint through containerd's runc shim, images written to `options.image_path`.
+
+        With an image path containerd skips its content-store copy entirely
+        (tasks service `Checkpoint`): this is the CRIU floor plus one RPC.
+        """
+        packed = any_pb2.Any()
+        packed.Pack(options)
+        await _call(self._tasks.Checkpoint(tasks_pb2.CheckpointTaskRequest(container_id=container_id,
+                                                                          options=packed),
+                                           metadata=self._meta, timeout=timeout))
+
+
+async def _call(pending: Awaitable[T]) -> T:
+    try:
+        return await pending
+    except grpc.aio.AioRpcError as exc:
+        details = exc.details() or exc.code().name
+        raise _ERRORS.get(exc.code(), Unknown)(details) from None

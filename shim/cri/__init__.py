@@ -1,0 +1,1 @@
+"""CRI methods the proxy answers itself: one module per verb, each a thin adapter."""
