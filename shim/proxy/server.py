@@ -113,7 +113,9 @@ class _ClientSide(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
         self.peer = _peer_of(transport)
-        self.transport.pause_reading()  # until upstream is connected
+        # Until upstream is connected. uvloop may still deliver a first read, so
+        # _flush also holds data for upstream until there is an upstream.
+        self.transport.pause_reading()
         self.server._connections.add(self)
         self.tasks.create_task(self._connect())
 
@@ -133,6 +135,7 @@ class _ClientSide(asyncio.Protocol):
         self.upstream = transport
         assert self.transport is not None
         self.transport.resume_reading()
+        self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
@@ -178,9 +181,9 @@ class _ClientSide(asyncio.Protocol):
     def _flush(self) -> None:
         if self.closed:
             return
-        up = self.splice.data_for_upstream()
-        if up and self.upstream is not None:
-            self.upstream.writelines(up)
+        if self.upstream is not None:  # until connected, the splice keeps what it has for upstream
+            if up := self.splice.data_for_upstream():
+                self.upstream.writelines(up)
         down = self.splice.data_for_client()
         if down and self.transport is not None:
             self.transport.writelines(down)

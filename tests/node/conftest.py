@@ -48,4 +48,4 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         yield node_up(directory)
     finally:
         node_down(directory)
-    leaks.assert_nothing_left(before, leaks.snapshot(), directory)
+    leaks.assert_nothing_left(before, leaks.settled_snapshot(before), directory)

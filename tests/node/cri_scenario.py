@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -47,6 +48,7 @@ class Scenario:
         return result
 
     def sandbox_config(self) -> cri.PodSandboxConfig:
+        Path(f"{self.log_dir}/{self.label}").mkdir(parents=True, exist_ok=True)  # the kubelet's job
         meta = cri.PodSandboxMetadata(name=f"pt-{self.label}", namespace="passthrough", uid=f"uid-{self.label}")
         return cri.PodSandboxConfig(metadata=meta, hostname="pt", log_directory=f"{self.log_dir}/{self.label}",
                                     labels={"app": "pt"}, annotations={"note": "passthrough"})

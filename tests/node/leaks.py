@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def _processes() -> frozenset[str]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if comm in names or "shim serve" in cmdline:
+        if (comm in names or "shim serve" in cmdline) and cmdline.strip():
             found.add(f"{entry.name} {cmdline.strip()}")
     return frozenset(found)
 
@@ -43,6 +44,16 @@ def snapshot() -> HostState:
         links=frozenset(line.split(":")[1].strip() for line in _run("ip", "-o", "link").splitlines()),
         nft=_run("nft", "list", "ruleset"),
     )
+
+
+def settled_snapshot(before: HostState, timeout: float = 10.0) -> HostState:
+    """The host state once exiting processes are gone (poll, do not sleep blindly)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = snapshot()
+        if not (after.processes - before.processes) or time.monotonic() > deadline:
+            return after
+        time.sleep(0.1)
 
 
 def assert_nothing_left(before: HostState, after: HostState, directory: Path) -> None:
