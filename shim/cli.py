@@ -79,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ShimError as exc:
         print(f"criu-shim: {exc.message}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a path we were given or need is unusable: say which, no traceback
+        print(f"criu-shim: {exc}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -37,6 +37,8 @@ def endpoints(layout: NodeLayout) -> Endpoints:
 def up(directory: Path, version: str = "1.7", proxy_config: Path | None = None) -> Endpoints:
     """Start containerd, CNI and the proxy for `directory`; idempotent."""
     layout = NodeLayout(directory.resolve())
+    if layout.dir.exists() and not layout.dir.is_dir():
+        raise FailedPrecondition(f"{layout.dir} exists and is not a directory")
     if not cleanup.is_root():
         raise FailedPrecondition("a local node needs root (containerd, CNI and CRIU do)")
     tools = tools_for(version)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
+import grpc
 import pytest
 
+from shim.api.cri.v1 import api_pb2 as cri
+from shim.api.cri.v1 import api_pb2_grpc
+
 from tests.node.conftest import Node
-from tests.node.cri_scenario import Scenario, new_label, normalise
+from tests.node.cri_scenario import BUSYBOX, Scenario, new_label, normalise
 
 pytestmark = pytest.mark.node
 
@@ -29,3 +36,55 @@ def test_scenario_identical_direct_and_through_proxy(node: Node) -> None:
     assert "ok" in by_method["ExecSync"]
     assert by_method["garbage"]["code"] != "OK"
     assert by_method["unknown"]["code"] == "UNIMPLEMENTED"
+
+
+def _first_event(endpoint: str, create: Callable[[], str]) -> tuple[str, str]:
+    """Open GetContainerEvents, cause an event, return (event type, container id)."""
+    channel = grpc.insecure_channel(endpoint)
+    stub = api_pb2_grpc.RuntimeServiceStub(channel)
+    stream = stub.GetContainerEvents(cri.GetEventsRequest(), timeout=30)
+    ready = threading.Event()
+    events: list[tuple[str, str]] = []
+
+    def read() -> None:
+        ready.set()
+        for event in stream:
+            events.append((cri.ContainerEventType.Name(event.container_event_type), event.container_id))
+            return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    ready.wait()
+    created = ""
+    for _ in range(50):  # the stream may not be registered yet: create until an event arrives
+        created = create()
+        reader.join(timeout=0.5)
+        if events:
+            break
+    stream.cancel()
+    reader.join()
+    channel.close()
+    assert events, "no container event arrived"
+    return events[0][0], created
+
+
+def test_get_container_events_streams_through_proxy(node: Node) -> None:
+    direct = api_pb2_grpc.RuntimeServiceStub(grpc.insecure_channel(node.containerd))
+    meta = cri.PodSandboxMetadata(name="events", namespace="passthrough", uid="events")
+    (node.dir / "events").mkdir(exist_ok=True)
+    config = cri.PodSandboxConfig(metadata=meta, log_directory=str(node.dir / "events"))
+    pod = direct.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    counter = iter(range(1000))
+
+    def create() -> str:
+        c = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=f"e{next(counter)}"),
+                                image=cri.ImageSpec(image=BUSYBOX), command=["true"])
+        return str(direct.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod, config=c, sandbox_config=config)).container_id)
+
+    try:
+        kind, _ = _first_event(node.cri, create)
+        assert kind == "CONTAINER_CREATED_EVENT"
+    finally:
+        direct.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
+        direct.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
