@@ -88,8 +88,9 @@ class Containerd:
         With an image path containerd skips its content-store copy entirely
         (tasks service `Checkpoint`): this is the CRIU floor plus one RPC.
         """
-        packed = any_pb2.Any()
-        packed.Pack(options)
+        # containerd 1.6/1.7 resolve Any by the bare message name (gogo typeurl
+        # registry), not by the "type.googleapis.com/" form Any.Pack writes.
+        packed = any_pb2.Any(type_url=options.DESCRIPTOR.full_name, value=options.SerializeToString())
         await _call(self._tasks.Checkpoint(tasks_pb2.CheckpointTaskRequest(container_id=container_id,
                                                                           options=packed),
                                            metadata=self._meta, timeout=timeout))

@@ -14,6 +14,7 @@ file behind.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from contextlib import AsyncExitStack
@@ -29,7 +30,7 @@ from shim.checkpoint.metadata import config_dump, spec_dump, status_dump
 from shim.checkpoint.rootfs import deleted_files_json, write_rootfs_diff
 from shim.config import Config
 from shim.containerd import Containerd
-from shim.errors import FailedPrecondition, ShimError
+from shim.errors import FailedPrecondition, Internal, ResourceExhausted, ShimError
 from shim.proxy.dispatch import Peer
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class Checkpointer:
     async def _inspect(self, request: Request) -> Target:
         status, info = await self._containerd.container_status(request.container_id)
         if status.state != cri.CONTAINER_RUNNING:
-            raise FailedPrecondition(f"container {request.container_id!r} is in "
+            raise FailedPrecondition(f'container "{request.container_id}" is in '  # containerd's %q
                                      f"{cri.ContainerState.Name(status.state)} state. only RUNNING containers "
                                      "can be checkpointed")
         sandbox = await self._containerd.sandbox_status(str(info.get("sandboxID", "")))
@@ -103,10 +104,16 @@ class Checkpointer:
             async with AsyncExitStack() as frozen:
                 await self._freeze(container_id, frozen, outcome)
                 await self._dump(container_id, staging, target.options)
-                diff = await asyncio.to_thread(_rootfs_diff, upperdir, staging)
+                try:
+                    diff = await asyncio.to_thread(_rootfs_diff, upperdir, staging)
+                except OSError as exc:
+                    raise _storage_error(path, exc) from None
             checkpointed = datetime.now(timezone.utc)
             members = _members(staging, record.spec.value, target, record.runtime.name, checkpointed, diff)
-            outcome.size = await asyncio.to_thread(write_archive, path, members)
+            try:
+                outcome.size = await asyncio.to_thread(write_archive, path, members)
+            except OSError as exc:
+                raise _storage_error(path, exc) from None
 
     async def _freeze(self, container_id: str, stack: AsyncExitStack, outcome: Outcome) -> None:
         await self._containerd.pause(container_id)
@@ -157,7 +164,7 @@ def _members(staging: Path, spec: bytes, target: Target, runtime: str, checkpoin
         *directory_members("checkpoint", staging / "checkpoint"),
     ]
     for name, source in (("dump.log", staging / "work" / "dump.log"),
-                         ("stats-dump", staging / "checkpoint" / "stats-dump"),
+                         ("stats-dump", staging / "work" / "stats-dump"),  # CRIU writes it to its work dir
                          ("rootfs-diff.tar", staging / "rootfs-diff.tar")):
         if source.is_file():
             members.append(Member(name, source=source))
@@ -167,6 +174,12 @@ def _members(staging: Path, spec: bytes, target: Target, runtime: str, checkpoin
     if status.log_path and log_path.is_file() and not log_path.is_symlink():
         members.append(Member("container.log", source=log_path))
     return members
+
+
+def _storage_error(path: Path, exc: OSError) -> ShimError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"no space left writing checkpoint {path}: {exc.strerror}")
+    return Internal(f"writing checkpoint {path} failed: {exc.strerror or exc}")
 
 
 def _explain_dump_failure(error: ShimError, dump_log: Path) -> ShimError:
