@@ -7,7 +7,8 @@ directory header (checkpointctl looks for one). It is uncompressed because
 containerd's restore feeds the file straight to its untar.
 
 It holds process memory, so it is created 0600 in the destination directory,
-renamed into place only once complete and fsynced, and removed on any failure.
+renamed into place only once complete (and fsynced when asked to be durable),
+and removed on any failure.
 File data is copied in the kernel (copy_file_range, else sendfile): memory
 images are gigabytes and a Python read/write loop would halve the throughput.
 """
@@ -110,22 +111,24 @@ def file_kind(mode: int) -> str:
     return f"file of type {stat.S_IFMT(mode):#o}"
 
 
-def write_archive(location: Path, members: Iterable[Member]) -> int:
+def write_archive(location: Path, members: Iterable[Member], durable: bool = True) -> int:
     """Write `members` as an uncompressed tar at `location`, atomically; return its size.
 
     On any exception, KeyboardInterrupt included, nothing is left behind and the
     exception propagates unchanged. An existing file at `location` is replaced.
+    `durable` fsyncs the data before the rename (costly for gigabytes of memory
+    images: a full write-back); the rename is atomic either way.
     """
     if location.name in ("", ".", ".."):
         raise ValueError(f"{location}: not a file path")
     dir_fd = os.open(location.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return _write_atomically(dir_fd, location.name, members)
+        return _write_atomically(dir_fd, location.name, members, durable)
     finally:
         os.close(dir_fd)
 
 
-def _write_atomically(dir_fd: int, final: str, members: Iterable[Member]) -> int:
+def _write_atomically(dir_fd: int, final: str, members: Iterable[Member], durable: bool) -> int:
     temp = f".{final}.criu-shim-{secrets.token_hex(8)}.tmp"
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
     fd = os.open(temp, flags, FILE_MODE, dir_fd=dir_fd)
@@ -133,7 +136,8 @@ def _write_atomically(dir_fd: int, final: str, members: Iterable[Member]) -> int
         try:
             os.fchmod(fd, FILE_MODE)  # the umask may have taken bits away
             size = _write_members(TarWriter(fd), members)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(temp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -141,7 +145,8 @@ def _write_atomically(dir_fd: int, final: str, members: Iterable[Member]) -> int
         _discard(dir_fd, temp)
         raise
     try:
-        os.fsync(dir_fd)
+        if durable:
+            os.fsync(dir_fd)
     except BaseException:
         # The caller will report failure, so an archive we cannot vouch for must go.
         _discard(dir_fd, final)
@@ -156,6 +161,12 @@ def _discard(dir_fd: int, name: str) -> None:
 
 
 def _write_members(writer: TarWriter, members: Iterable[Member]) -> int:
+    add_members(writer, members)
+    return writer.finish()
+
+
+def add_members(writer: TarWriter, members: Iterable[Member]) -> None:
+    """Append `members` (names unique) to `writer`, without the end-of-archive marker."""
     now = int(time.time())
     seen: set[str] = set()
     for member in members:
@@ -163,7 +174,6 @@ def _write_members(writer: TarWriter, members: Iterable[Member]) -> int:
             raise ValueError(f"duplicate archive member {member.name!r}")
         seen.add(member.name)
         _add_member(writer, member, now)
-    return writer.finish()
 
 
 def _add_member(writer: TarWriter, member: Member, now: int) -> None:
@@ -240,6 +250,14 @@ class TarWriter:
         self._pending += bytes(-(self._written + len(self._pending)) % _RECORD)
         self._flush()
         return self._written
+
+    @property
+    def written(self) -> int:
+        """Bytes written so far, not counting what is still buffered."""
+        return self._written
+
+    def flush(self) -> None:
+        self._flush()
 
     def _flush(self) -> None:
         view = memoryview(self._pending)

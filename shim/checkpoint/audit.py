@@ -25,6 +25,8 @@ class AuditRecord:
     size: int
     duration_s: float
     frozen_s: float
+    dump_s: float
+    archive_s: float
     result: str
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.checkpoint import audit, criu, location, options
-from shim.checkpoint.archive import Member, directory_members, write_archive
+from shim.checkpoint.adopt import write_archive_in_place
+from shim.checkpoint.archive import Member, directory_members
 from shim.checkpoint.metadata import config_dump, spec_dump, status_dump
 from shim.checkpoint.rootfs import deleted_files_json, write_rootfs_diff
 from shim.config import Config
@@ -58,6 +59,8 @@ class Target:
 class Outcome:
     size: int = 0
     frozen_s: float = 0.0
+    dump_s: float = 0.0
+    archive_s: float = 0.0
 
 
 class Checkpointer:
@@ -103,17 +106,22 @@ class Checkpointer:
         with location.staging_dir(path, container_id) as staging:
             async with AsyncExitStack() as frozen:
                 await self._freeze(container_id, frozen, outcome)
+                dump_started = time.monotonic()
                 await self._dump(container_id, staging, target.options)
+                outcome.dump_s = time.monotonic() - dump_started
                 try:
                     diff = await asyncio.to_thread(_rootfs_diff, upperdir, staging)
                 except OSError as exc:
                     raise _storage_error(path, exc) from None
             checkpointed = datetime.now(timezone.utc)
             members = _members(staging, record.spec.value, target, record.runtime.name, checkpointed, diff)
+            archive_started = time.monotonic()
             try:
-                outcome.size = await asyncio.to_thread(write_archive, path, members)
+                outcome.size = await asyncio.to_thread(write_archive_in_place, path, members,
+                                                        self._config.checkpoint.fsync)
             except OSError as exc:
                 raise _storage_error(path, exc) from None
+            outcome.archive_s = time.monotonic() - archive_started
 
     async def _freeze(self, container_id: str, stack: AsyncExitStack, outcome: Outcome) -> None:
         await self._containerd.pause(container_id)
@@ -143,7 +151,8 @@ class Checkpointer:
             pod=target.pod if target else "", namespace=target.namespace if target else "",
             container=target.status.metadata.name if target else "", container_id=request.container_id,
             location=request.location, size=outcome.size, duration_s=round(time.monotonic() - started, 4),
-            frozen_s=round(outcome.frozen_s, 4), result=result))
+            frozen_s=round(outcome.frozen_s, 4), dump_s=round(outcome.dump_s, 4),
+            archive_s=round(outcome.archive_s, 4), result=result))
 
 
 def _rootfs_diff(upperdir: Path | None, staging: Path) -> list[str] | None:

@@ -29,7 +29,7 @@ class CheckpointOptions:
 
     @classmethod
     def from_defaults(cls, defaults: CheckpointDefaults) -> CheckpointOptions:
-        return cls(**{f.name: getattr(defaults, f.name) for f in fields(cls)})
+        return cls(**{f.name: getattr(defaults, f.name) for f in fields(cls)})  # fsync is not per pod
 
 
 def annotation(option: str, container: str | None = None) -> str:

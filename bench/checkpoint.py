@@ -1,0 +1,173 @@
+"""Checkpoint time: our CRI CheckpointContainer against the CRIU floor and containerd 2.x, one run.
+
+For each memory size, one counter container per path, all alive at once, and
+the paths measured round-robin so machine noise hits them alike:
+
+  ours     CRI CheckpointContainer through criu-shim on containerd 1.7 (archive written)
+  floor    containerd 1.7 task Checkpoint with an image path: `runc checkpoint
+           --leave-running` of the same kind of container, no archive (the CRIU floor)
+  native   containerd 2.x's own CRI CheckpointContainer (archive written)
+
+Also reported: the container's frozen time in our path (pause -> thaw) against
+CRIU's own frozen time for its dump (from the floor's stats-dump), and archive sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
+from shim.api.cri.v1 import api_pb2 as cri
+from shim.api.cri.v1 import api_pb2_grpc
+from shim.containerd import Containerd
+
+TESTPROGS = "localhost/criu-shim/testprogs:1"
+
+
+def criu_shim(*args: str) -> dict[str, str]:
+    out = subprocess.run([sys.executable, "-m", "shim", *args], check=True, capture_output=True, text=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+class Counter:
+    """A pod with one counter container holding `mem_mb` MiB."""
+
+    def __init__(self, endpoint: str, log_dir: Path, mem_mb: int, name: str) -> None:
+        self.channel = grpc.insecure_channel(endpoint)
+        self.stub = api_pb2_grpc.RuntimeServiceStub(self.channel)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=name, namespace="bench", uid=name),
+                                           log_directory=str(log_dir))
+        self.pod = self.stub.RunPodSandbox(cri.RunPodSandboxRequest(config=self.config)).pod_sandbox_id
+        ctr = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="counter"), image=cri.ImageSpec(image=TESTPROGS),
+                                  command=["/usr/local/bin/counter"], log_path="counter.log",
+                                  envs=[cri.KeyValue(key="MEM_MB", value=str(mem_mb))])
+        self.id = self.stub.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=self.pod, config=ctr, sandbox_config=self.config)).container_id
+        self.stub.StartContainer(cri.StartContainerRequest(container_id=self.id))
+        self.log = log_dir / "counter.log"
+        deadline = time.monotonic() + 120
+        while "count=" not in (self.log.read_text() if self.log.exists() else ""):  # memory is touched
+            assert time.monotonic() < deadline, "counter did not start"
+            time.sleep(0.05)
+
+    def cri_checkpoint(self, location: Path) -> None:
+        self.stub.CheckpointContainer(cri.CheckpointContainerRequest(container_id=self.id, location=str(location)),
+                                      timeout=600)
+
+    def remove(self) -> None:
+        self.stub.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=self.pod))
+        self.stub.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=self.pod))
+        self.channel.close()
+
+
+def floor_checkpoint(socket: Path, container_id: str, image_dir: Path) -> None:
+    async def run() -> None:
+        containerd = Containerd(socket)
+        try:
+            await containerd.checkpoint_task(container_id, runc_options.CheckpointOptions(
+                exit=False, image_path=str(image_dir / "checkpoint"), work_path=str(image_dir / "work")), None)
+        finally:
+            await containerd.close()
+    asyncio.run(run())
+
+
+def criu_frozen_s(work_dir: Path) -> float:
+    import pycriu.images
+
+    with open(work_dir / "stats-dump", "rb") as f:
+        entry = pycriu.images.load(f)["entries"][0]["dump"]
+    return float(entry["frozen_time"]) / 1e6
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def one_size(mem_mb: int, ours: dict[str, str], native: dict[str, str], work: Path, reps: int,
+             audit: Path) -> dict[str, object]:
+    ctrs = {
+        "ours": Counter(ours["CRI_ENDPOINT"], work / "logs" / f"o{mem_mb}", mem_mb, f"ours-{mem_mb}"),
+        "floor": Counter(ours["CONTAINERD_ENDPOINT"], work / "logs" / f"f{mem_mb}", mem_mb, f"floor-{mem_mb}"),
+        "native": Counter(native["CONTAINERD_ENDPOINT"], work / "logs" / f"n{mem_mb}", mem_mb, f"native-{mem_mb}"),
+    }
+    times: dict[str, list[float]] = {k: [] for k in ctrs}
+    frozen_ours: list[float] = []
+    frozen_criu: list[float] = []
+    sizes: dict[str, int] = {}
+    socket = Path(ours["CONTAINERD_ENDPOINT"].removeprefix("unix://"))
+    try:
+        for rep in range(reps):
+            for path, ctr in ctrs.items():
+                out = work / f"{path}-{mem_mb}-{rep}"
+                if path == "floor":
+                    out.mkdir()
+                    times[path].append(timed(lambda: floor_checkpoint(socket, ctr.id, out)))
+                    frozen_criu.append(criu_frozen_s(out / "work"))
+                    sizes[path] = sum(f.stat().st_size for f in (out / "checkpoint").iterdir())
+                else:
+                    archive = out.with_suffix(".tar")
+                    times[path].append(timed(lambda: ctr.cri_checkpoint(archive)))
+                    sizes[path] = archive.stat().st_size
+                    if path == "ours":
+                        frozen_ours.append(json.loads(audit.read_text().splitlines()[-1])["frozen_s"])
+                shutil.rmtree(out, ignore_errors=True)
+                out.with_suffix(".tar").unlink(missing_ok=True)
+    finally:
+        for ctr in ctrs.values():
+            ctr.remove()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"mem_mb": mem_mb, **med, "frozen_ours": statistics.median(frozen_ours),
+            "frozen_criu": statistics.median(frozen_criu), "sizes": sizes}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="64,512,1024", help="MiB per container, comma-separated")
+    parser.add_argument("--reps", type=int, default=3, help="checkpoints per path and size (median shown)")
+    parser.add_argument("--dir", type=Path, default=Path("/var/tmp/criu-shim-bench-cp"))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="criu-shim-bench-", dir="/var/tmp"))
+    ours = criu_shim("node", "up", "--dir", str(args.dir / "ours"))
+    try:
+        native = criu_shim("node", "up", "--dir", str(args.dir / "native"), "--containerd", "2.x")
+        audit = args.dir.resolve() / "ours" / "logs" / "audit.log"
+        rows = [one_size(int(s), ours, native, work, args.reps, audit) for s in args.sizes.split(",")]
+    finally:
+        for node in ("ours", "native"):
+            subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(args.dir / node), "--purge"],
+                           capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    report(rows, args.reps)
+    return 0
+
+
+def report(rows: list[dict[str, object]], reps: int) -> None:
+    print(f"{'memory':>7} {'ours':>8} {'floor':>8} {'2.x':>8} {'ours/floor':>10} {'2.x/floor':>9} "
+          f"{'2.x/ours':>8} {'frozen ours':>11} {'CRIU frozen':>11} {'archive ours':>12} {'archive 2.x':>11}")
+    for r in rows:
+        o, f, n = float(r["ours"]), float(r["floor"]), float(r["native"])  # type: ignore[arg-type]
+        sizes: dict[str, int] = r["sizes"]  # type: ignore[assignment]
+        print(f"{r['mem_mb']:>5}Mi {o:>7.3f}s {f:>7.3f}s {n:>7.3f}s {o / f:>9.2f}x {n / f:>8.2f}x {n / o:>7.2f}x "
+              f"{float(r['frozen_ours']):>10.3f}s {float(r['frozen_criu']):>10.3f}s "  # type: ignore[arg-type]
+              f"{sizes['ours'] / 2**20:>10.1f}Mi {sizes['native'] / 2**20:>9.1f}Mi")
+    print(f"(median of {reps} checkpoints per path and size, paths interleaved; goal: ours <= 1.25x floor at 1 GiB, "
+          "frozen ours <= CRIU's own dump)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The TOML configuration: defaults, strict validation, and errors that name the file and key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from shim import config
+from shim.config import DEFAULT_AUDIT_LOG, CheckpointDefaults, Config, load, parse
+from shim.errors import InvalidArgument
+
+WHICH_CRIU = Path("/opt/test/bin/criu")
+
+
+@pytest.fixture(autouse=True)
+def criu_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the $PATH lookup deterministic, whatever the host has installed."""
+    monkeypatch.setattr(config.shutil, "which", lambda name: str(WHICH_CRIU) if name == "criu" else None)
+
+
+def refused(raw: dict[str, object], origin: str = "/etc/criu-shim.toml") -> str:
+    with pytest.raises(InvalidArgument) as caught:
+        parse(raw, origin)
+    assert caught.value.message.startswith(f"{origin}: ")
+    return caught.value.message
+
+
+def test_no_file_gives_defaults_and_criu_from_path() -> None:
+    assert load(None) == Config(CheckpointDefaults(False, False, False), WHICH_CRIU, DEFAULT_AUDIT_LOG)
+
+
+def test_no_criu_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config.shutil, "which", lambda name: None)
+    assert load(None).criu is None
+    assert parse({}).criu is None
+
+
+def test_empty_document_gives_defaults() -> None:
+    assert parse({}) == Config(CheckpointDefaults(), WHICH_CRIU, DEFAULT_AUDIT_LOG)
+    assert parse({"checkpoint": {}}) == parse({})
+
+
+def test_every_key() -> None:
+    parsed = parse({"checkpoint": {"tcp_established": True, "file_locks": True, "ext_unix_sockets": False,
+                                   "criu": "/usr/local/sbin/criu", "audit_log": "/var/log/cs/a.log"}})
+    assert parsed == Config(CheckpointDefaults(tcp_established=True, file_locks=True, ext_unix_sockets=False),
+                            Path("/usr/local/sbin/criu"), Path("/var/log/cs/a.log"))
+
+
+@pytest.mark.parametrize("key", ["tcp_established", "file_locks", "ext_unix_sockets"])
+@pytest.mark.parametrize("value", ["true", 1, 0, None, [True]])
+def test_booleans_must_be_booleans(key: str, value: object) -> None:
+    assert f"checkpoint.{key} must be true or false" in refused({"checkpoint": {key: value}})
+
+
+def test_unknown_keys_are_refused_by_name() -> None:
+    message = refused({"checkpoint": {"tcp_established": True, "tcp-established": True, "zzz": 1}})
+    assert "unknown keys in [checkpoint]: tcp-established, zzz" in message
+
+
+def test_unknown_tables_are_refused_by_name() -> None:
+    # A misspelt table must not silently leave the defaults in force.
+    message = refused({"checkpiont": {"tcp_established": True}, "restore": {}})
+    assert "unknown keys: checkpiont, restore" in message
+
+
+def test_checkpoint_must_be_a_table() -> None:
+    assert "[checkpoint] must be a table" in refused({"checkpoint": True})
+    assert "[checkpoint] must be a table" in refused({"checkpoint": [1, 2]})
+
+
+@pytest.mark.parametrize("section", [{"criu": 5}, {"criu": ["/usr/sbin/criu"]}, {"audit_log": 1},
+                                     {"audit_log": {"path": "/x"}}])
+def test_paths_must_be_strings(section: dict[str, object]) -> None:
+    assert "checkpoint.criu and checkpoint.audit_log must be paths" in refused({"checkpoint": section})
+
+
+def test_load_reads_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "criu-shim.toml"
+    path.write_text('[checkpoint]\ntcp_established = true\ncriu = "/usr/sbin/criu"\n'
+                    f'audit_log = "{tmp_path}/audit.log"\n')
+    assert load(path) == Config(CheckpointDefaults(tcp_established=True), Path("/usr/sbin/criu"),
+                                tmp_path / "audit.log")
+
+
+def test_load_prefixes_validation_errors_with_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "criu-shim.toml"
+    path.write_text("[checkpoint]\nfile_locks = \"yes\"\n")
+    with pytest.raises(InvalidArgument, match=f"^{path}: checkpoint.file_locks must be true or false$"):
+        load(path)
+
+
+@pytest.mark.parametrize("content", [
+    b"[checkpoint\ntcp_established = true\n",    # unterminated table header
+    b"tcp_established = \n",                     # no value
+    b"[checkpoint]\na = 1\na = 2\n",             # duplicate key
+    b"\xff\xfe\x00\x01binary garbage",            # not UTF-8 at all
+])
+def test_garbage_file_is_invalid_argument_naming_the_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "criu-shim.toml"
+    path.write_bytes(content)
+    with pytest.raises(InvalidArgument) as caught:
+        load(path)
+    assert caught.value.message.startswith(f"config {path}: ")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(InvalidArgument, match=f"^config {path}: .*No such file"):
+        load(path)
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match=f"^config {tmp_path}: "):
+        load(tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a mode-000 file anyway; "
+                    "test_missing_file and test_directory_instead_of_file cover the OSError path")
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "criu-shim.toml"
+    path.write_text("[checkpoint]\n")
+    path.chmod(0)
+    with pytest.raises(InvalidArgument, match=f"^config {path}: .*Permission denied"):
+        load(path)
