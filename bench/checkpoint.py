@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -113,6 +114,9 @@ def one_size(mem_mb: int, ours: dict[str, str], native: dict[str, str], work: Pa
     try:
         for rep in range(reps):
             for path, ctr in ctrs.items():
+                # Start each measurement with nothing dirty in the page cache, so no path
+                # pays for the write-back of the one before it.
+                os.sync()
                 out = work / f"{path}-{mem_mb}-{rep}"
                 if path == "floor":
                     out.mkdir()

@@ -28,6 +28,10 @@ def main() -> int:
                         endpoints["CONTAINERD_ENDPOINT"], "--proxy", endpoints["CRI_ENDPOINT"], *rounds], check=True)
     finally:
         criu_shim("node", "down", "--dir", str(args.dir), "--purge")
+    print("\n== CheckpointContainer: criu-shim on containerd 1.7 vs the CRIU floor vs containerd 2.x native",
+          flush=True)
+    sizes = ["--sizes", "64,512", "--reps", "1"] if args.quick else []
+    subprocess.run([sys.executable, str(HERE / "checkpoint.py"), *sizes], check=True)
     return 0
 
 

@@ -16,6 +16,7 @@ import grpc
 
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.api.cri.v1 import api_pb2_grpc
+from shim.node.tools import load_paths
 
 TESTPROGS = "localhost/criu-shim/testprogs:1"
 
@@ -56,6 +57,23 @@ def show(runtime: api_pb2_grpc.RuntimeServiceStub, pod: str, ctr: str) -> None:
     print("log tail  " + " | ".join(Path(status.log_path).read_text().splitlines()[-3:]))
 
 
+def checkpoint(runtime: api_pb2_grpc.RuntimeServiceStub, ctr: str, directory: Path) -> None:
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    archive = directory / f"checkpoint-demo_default-counter-{time.strftime('%Y-%m-%dT%H:%M:%S')}.tar"
+    step("CheckpointContainer through the proxy (what the kubelet's checkpoint API calls)")
+    started = time.monotonic()
+    runtime.CheckpointContainer(cri.CheckpointContainerRequest(container_id=ctr, location=str(archive)),
+                                timeout=120)
+    print(f"archive   {archive} ({archive.stat().st_size / 2**20:.1f} MiB, mode "
+          f"{archive.stat().st_mode & 0o777:o}) in {time.monotonic() - started:.2f}s")
+    print(subprocess.run([load_paths()["CHECKPOINTCTL_BIN"], "show", str(archive)], capture_output=True,
+                         text=True).stdout.strip())
+    before = int(runtime.ExecSync(cri.ExecSyncRequest(container_id=ctr, cmd=["cat", "/tmp/count"])).stdout)
+    time.sleep(0.5)
+    after = int(runtime.ExecSync(cri.ExecSyncRequest(container_id=ctr, cmd=["cat", "/tmp/count"])).stdout)
+    print(f"the container kept running: count {before} -> {after}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp/criu-shim-demo"))
@@ -71,6 +89,7 @@ def main() -> int:
         step(f"through the proxy: {version.runtime_name} {version.runtime_version} (CRI {version.runtime_api_version})")
         pod, ctr = run_pod(runtime, args.dir / "pod-logs")
         show(runtime, pod, ctr)
+        checkpoint(runtime, ctr, args.dir / "checkpoints")
         channel.close()
     finally:
         step("taking the node down (criu-shim node down)")
