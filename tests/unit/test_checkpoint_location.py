@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from shim.checkpoint import location
 from shim.checkpoint.location import staging_dir, validate
 from shim.errors import InvalidArgument
 
@@ -89,7 +88,7 @@ def test_non_writable_directory_reported_by_access(tmp_path: Path, monkeypatch: 
         asked.append((Path(path), mode))
         return False
 
-    monkeypatch.setattr(location.os, "access", access)
+    monkeypatch.setattr(os, "access", access)  # as seen by shim.checkpoint.location
     assert f"directory {tmp_path} is not writable" in refused(str(tmp_path / "cp.tar"))
     assert asked == [(tmp_path, os.W_OK | os.X_OK)]
 

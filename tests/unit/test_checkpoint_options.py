@@ -102,3 +102,9 @@ def test_bad_pod_wide_value_is_refused_even_when_container_key_overrides_it() ->
 def test_from_defaults_copies_every_field() -> None:
     assert CheckpointOptions.from_defaults(ALL_ON) == CheckpointOptions(True, True, True)
     assert CheckpointOptions.from_defaults(OFF) == CheckpointOptions(False, False, False)
+
+
+def test_fsync_is_a_node_setting_not_a_pod_option() -> None:
+    # Durability is the node operator's call: no annotation reaches it, and no value is validated.
+    resolved = resolve(CheckpointDefaults(fsync=True), {"checkpoint.criu-shim.io/fsync": "maybe"}, "web")
+    assert resolved == CheckpointOptions()

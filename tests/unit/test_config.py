@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from shim import config
 from shim.config import DEFAULT_AUDIT_LOG, CheckpointDefaults, Config, load, parse
 from shim.errors import InvalidArgument
 
@@ -17,7 +17,7 @@ WHICH_CRIU = Path("/opt/test/bin/criu")
 @pytest.fixture(autouse=True)
 def criu_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the $PATH lookup deterministic, whatever the host has installed."""
-    monkeypatch.setattr(config.shutil, "which", lambda name: str(WHICH_CRIU) if name == "criu" else None)
+    monkeypatch.setattr(shutil, "which", lambda name: str(WHICH_CRIU) if name == "criu" else None)
 
 
 def refused(raw: dict[str, object], origin: str = "/etc/criu-shim.toml") -> str:
@@ -28,11 +28,11 @@ def refused(raw: dict[str, object], origin: str = "/etc/criu-shim.toml") -> str:
 
 
 def test_no_file_gives_defaults_and_criu_from_path() -> None:
-    assert load(None) == Config(CheckpointDefaults(False, False, False), WHICH_CRIU, DEFAULT_AUDIT_LOG)
+    assert load(None) == Config(CheckpointDefaults(False, False, False, False), WHICH_CRIU, DEFAULT_AUDIT_LOG)
 
 
 def test_no_criu_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     assert load(None).criu is None
     assert parse({}).criu is None
 
@@ -44,12 +44,14 @@ def test_empty_document_gives_defaults() -> None:
 
 def test_every_key() -> None:
     parsed = parse({"checkpoint": {"tcp_established": True, "file_locks": True, "ext_unix_sockets": False,
-                                   "criu": "/usr/local/sbin/criu", "audit_log": "/var/log/cs/a.log"}})
-    assert parsed == Config(CheckpointDefaults(tcp_established=True, file_locks=True, ext_unix_sockets=False),
+                                   "fsync": True, "criu": "/usr/local/sbin/criu",
+                                   "audit_log": "/var/log/cs/a.log"}})
+    assert parsed == Config(CheckpointDefaults(tcp_established=True, file_locks=True, ext_unix_sockets=False,
+                                               fsync=True),
                             Path("/usr/local/sbin/criu"), Path("/var/log/cs/a.log"))
 
 
-@pytest.mark.parametrize("key", ["tcp_established", "file_locks", "ext_unix_sockets"])
+@pytest.mark.parametrize("key", ["tcp_established", "file_locks", "ext_unix_sockets", "fsync"])
 @pytest.mark.parametrize("value", ["true", 1, 0, None, [True]])
 def test_booleans_must_be_booleans(key: str, value: object) -> None:
     assert f"checkpoint.{key} must be true or false" in refused({"checkpoint": {key: value}})

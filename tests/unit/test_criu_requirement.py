@@ -23,7 +23,7 @@ def fake_criu(directory: Path, output: str, name: str = "criu") -> Path:
 def kernel(monkeypatch: pytest.MonkeyPatch, release: str) -> None:
     real = os.uname()
     fake = os.uname_result((real.sysname, real.nodename, release, real.version, real.machine))
-    monkeypatch.setattr(criu.os, "uname", lambda: fake)
+    monkeypatch.setattr(os, "uname", lambda: fake)  # as seen by shim.checkpoint.criu
 
 
 @pytest.mark.parametrize(("release", "need"), [
