@@ -68,6 +68,10 @@ def parse(raw: dict[str, Any], origin: str = "config") -> Config:
     audit = section.get("audit_log", str(DEFAULT_AUDIT_LOG))
     if (criu is not None and not isinstance(criu, str)) or not isinstance(audit, str):
         raise InvalidArgument(f"{origin}: checkpoint.criu and checkpoint.audit_log must be paths")
+    for key, value in (("criu", criu), ("audit_log", audit)):
+        # A daemon's working directory is nobody's choice: relative paths are a trap.
+        if value and not Path(value).is_absolute():
+            raise InvalidArgument(f"{origin}: checkpoint.{key} must be an absolute path, got {value!r}")
     return Config(CheckpointDefaults(**flags), Path(criu) if criu else _which_criu(), Path(audit))
 
 

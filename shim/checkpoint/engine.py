@@ -17,6 +17,7 @@ import asyncio
 import errno
 import logging
 import time
+import weakref
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -67,14 +68,16 @@ class Checkpointer:
     def __init__(self, containerd: Containerd, config: Config) -> None:
         self._containerd = containerd
         self._config = config
-        self._locks: dict[str, asyncio.Lock] = {}
+        # Weak: a lock lives only while a checkpoint of that container holds or awaits it.
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def checkpoint(self, request: Request) -> None:
         started, outcome, target = time.monotonic(), Outcome(), None
         try:
             target = await self._inspect(request)
             path = location.validate(request.location)
-            criu.require(self._config.criu, request.container_id)
+            # Runs `criu --version` on a change of the binary: off the event loop.
+            await asyncio.to_thread(criu.require, self._config.criu, request.container_id)
             async with self._lock(request.container_id):
                 await self._checkpoint(request.container_id, path, target, outcome)
         except ShimError as exc:
@@ -98,7 +101,10 @@ class Checkpointer:
     def _lock(self, container_id: str) -> asyncio.Lock:
         # A second checkpoint of the same container waits for the first (bounded
         # by its own deadline); two dumps of one process tree would corrupt both.
-        return self._locks.setdefault(container_id, asyncio.Lock())
+        lock = self._locks.get(container_id)
+        if lock is None:
+            lock = self._locks[container_id] = asyncio.Lock()
+        return lock
 
     async def _checkpoint(self, container_id: str, path: Path, target: Target, outcome: Outcome) -> None:
         record = await self._containerd.container_record(container_id)
@@ -127,12 +133,19 @@ class Checkpointer:
         await self._containerd.pause(container_id)
         frozen_at = time.monotonic()
 
-        async def thaw() -> None:
+        async def thaw(exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
             outcome.frozen_s = time.monotonic() - frozen_at
-            # Shielded: a cancelled call (deadline, client gone) must still thaw.
-            await asyncio.shield(asyncio.wait_for(self._containerd.resume(container_id), THAW_TIMEOUT))
+            try:
+                # Shielded: a cancelled call (deadline, client gone) must still thaw.
+                await asyncio.shield(asyncio.wait_for(self._containerd.resume(container_id), THAW_TIMEOUT))
+            except BaseException:
+                if exc is None:
+                    raise
+                # The failure that brought us here is the one to report.
+                log.exception("could not thaw container %s after: %s", container_id, exc)
+            return False
 
-        stack.push_async_callback(thaw)
+        stack.push_async_exit(thaw)
 
     async def _dump(self, container_id: str, staging: Path, opts: options.CheckpointOptions) -> None:
         request = runc_options.CheckpointOptions(
