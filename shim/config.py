@@ -7,6 +7,11 @@
     fsync = false               # fsync archives before answering (durable, slower)
     criu = "/usr/sbin/criu"     # the CRIU runc will run (for the version check)
     audit_log = "/var/log/criu-shim/audit.log"
+
+    [restore]
+    enabled = false             # restore at CreateContainer is opt-in per node
+    allowed_dirs = ["/var/lib/kubelet/checkpoints"]   # archives are taken only from here
+    work_dir = "/var/lib/criu-shim/restore"           # where archives are unpacked (private)
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from typing import Any
 from shim.errors import InvalidArgument
 
 DEFAULT_AUDIT_LOG = Path("/var/log/criu-shim/audit.log")
+DEFAULT_RESTORE_DIR = Path("/var/lib/criu-shim/restore")
+DEFAULT_ALLOWED_DIRS = (Path("/var/lib/kubelet/checkpoints"),)
 
 
 @dataclass(frozen=True)
@@ -33,10 +40,18 @@ class CheckpointDefaults:
 
 
 @dataclass(frozen=True)
+class RestoreSettings:
+    enabled: bool = False
+    allowed_dirs: tuple[Path, ...] = DEFAULT_ALLOWED_DIRS
+    work_dir: Path = DEFAULT_RESTORE_DIR
+
+
+@dataclass(frozen=True)
 class Config:
     checkpoint: CheckpointDefaults = field(default_factory=CheckpointDefaults)
     criu: Path | None = None
     audit_log: Path = DEFAULT_AUDIT_LOG
+    restore: RestoreSettings = field(default_factory=RestoreSettings)
 
 
 def load(path: Path | None) -> Config:
@@ -51,7 +66,7 @@ def load(path: Path | None) -> Config:
 
 def parse(raw: dict[str, Any], origin: str = "config") -> Config:
     # A misspelt table ("[checkpiont]") would otherwise silently leave the defaults in force.
-    unknown_tables = set(raw) - {"checkpoint"}
+    unknown_tables = set(raw) - {"checkpoint", "restore"}
     if unknown_tables:
         raise InvalidArgument(f"{origin}: unknown keys: {', '.join(sorted(unknown_tables))}")
     section = raw.get("checkpoint", {})
@@ -72,7 +87,26 @@ def parse(raw: dict[str, Any], origin: str = "config") -> Config:
         # A daemon's working directory is nobody's choice: relative paths are a trap.
         if value and not Path(value).is_absolute():
             raise InvalidArgument(f"{origin}: checkpoint.{key} must be an absolute path, got {value!r}")
-    return Config(CheckpointDefaults(**flags), Path(criu) if criu else _which_criu(), Path(audit))
+    return Config(CheckpointDefaults(**flags), Path(criu) if criu else _which_criu(), Path(audit),
+                  _restore(raw.get("restore", {}), origin))
+
+
+def _restore(section: Any, origin: str) -> RestoreSettings:
+    if not isinstance(section, dict):
+        raise InvalidArgument(f"{origin}: [restore] must be a table")
+    unknown = set(section) - {"enabled", "allowed_dirs", "work_dir"}
+    if unknown:
+        raise InvalidArgument(f"{origin}: unknown keys in [restore]: {', '.join(sorted(unknown))}")
+    enabled = section.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise InvalidArgument(f"{origin}: restore.enabled must be true or false")
+    dirs = section.get("allowed_dirs", [str(d) for d in DEFAULT_ALLOWED_DIRS])
+    work = section.get("work_dir", str(DEFAULT_RESTORE_DIR))
+    if not isinstance(dirs, list) or not all(isinstance(d, str) and Path(d).is_absolute() for d in dirs):
+        raise InvalidArgument(f"{origin}: restore.allowed_dirs must be a list of absolute paths")
+    if not isinstance(work, str) or not Path(work).is_absolute():
+        raise InvalidArgument(f"{origin}: restore.work_dir must be an absolute path")
+    return RestoreSettings(enabled, tuple(Path(d) for d in dirs), Path(work))
 
 
 def _which_criu() -> Path | None:

@@ -23,7 +23,7 @@ from shim.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.api.cri.v1 import api_pb2_grpc as cri_grpc
 from shim.errors import (Code, FailedPrecondition, InvalidArgument, NotFound, ShimError, Unavailable,
-                         Unknown)
+                         Unknown, Upstream)
 
 NAMESPACE = "k8s.io"
 _ERRORS: dict[grpc.StatusCode, Callable[[str], ShimError]] = {
@@ -40,6 +40,7 @@ class Containerd:
         self._channel = grpc.aio.insecure_channel(f"unix://{socket}")
         self._meta = (("containerd-namespace", NAMESPACE),)
         self._cri = cri_grpc.RuntimeServiceStub(self._channel)
+        self._cri_images = cri_grpc.ImageServiceStub(self._channel)
         self._tasks = tasks_pb2_grpc.TasksStub(self._channel)
         self._containers = containers_pb2_grpc.ContainersStub(self._channel)
         self._snapshots = snapshots_pb2_grpc.SnapshotsStub(self._channel)
@@ -81,6 +82,21 @@ class Containerd:
     async def resume(self, container_id: str) -> None:
         await _call(self._tasks.Resume(tasks_pb2.ResumeTaskRequest(container_id=container_id), metadata=self._meta))
 
+    async def forward(self, method: str, request: bytes, metadata: tuple[tuple[str, str], ...],
+                      timeout: float | None) -> bytes:
+        """Send a CRI call to containerd as it came; its errors come back unchanged (`Upstream`)."""
+        call = self._channel.unary_unary(method)
+        try:
+            reply: bytes = await call(request, metadata=_forwardable(metadata), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise Upstream(Code(exc.code().value[0]), exc.details() or "") from None
+        return reply
+
+    async def image_status(self, image: str) -> cri.Image | None:
+        reply = await _call(self._cri_images.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=image))))
+        found: cri.Image | None = reply.image if reply.HasField("image") else None
+        return found
+
     async def checkpoint_task(self, container_id: str, options: runc_options.CheckpointOptions,
                               timeout: float | None) -> None:
         """runc checkpoint through containerd's runc shim, images written to `options.image_path`.
@@ -94,6 +110,12 @@ class Containerd:
         await _call(self._tasks.Checkpoint(tasks_pb2.CheckpointTaskRequest(container_id=container_id,
                                                                           options=packed),
                                            metadata=self._meta, timeout=timeout))
+
+
+def _forwardable(metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """The caller's own metadata; transport headers are gRPC's to set."""
+    return tuple((k, v) for k, v in metadata
+                 if not k.startswith(("grpc-", ":")) and k not in ("te", "content-type", "user-agent"))
 
 
 async def _call(pending: Awaitable[T]) -> T:

@@ -87,3 +87,11 @@ class Unknown(ShimError):
 
 class Internal(ShimError):
     code = Code.INTERNAL
+
+
+class Upstream(ShimError):
+    """containerd's own error, relayed with its code and message unchanged."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code

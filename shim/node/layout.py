@@ -59,6 +59,16 @@ class NodeLayout:
         return self.dir / "cni" / "ipam"
 
     @property
+    def checkpoints_dir(self) -> Path:
+        """Where the node's proxy accepts archives to restore from (restore.allowed_dirs)."""
+        return self.dir / "checkpoints"
+
+    @property
+    def bin_dir(self) -> Path:
+        """Put first on containerd's PATH: holds containerd-shim-criu-v2."""
+        return self.dir / "bin"
+
+    @property
     def log_dir(self) -> Path:
         return self.dir / "logs"
 

@@ -18,6 +18,7 @@ from shim.node.tools import REPO_ROOT, Tools, tools_for
 log = logging.getLogger(__name__)
 
 IMAGES_INDEX = REPO_ROOT / "build" / "images" / "images.json"
+SHIM_LAUNCHER = REPO_ROOT / "node-config" / "containerd-shim-criu-v2"
 START_TIMEOUT = 60.0
 
 
@@ -64,8 +65,12 @@ def up(directory: Path, version: str = "1.7", proxy_config: Path | None = None) 
 def _prepare(layout: NodeLayout, version: str, tools: Tools) -> None:
     if (dev := cleanup.subnet_in_use(layout.subnet, layout.bridge)) is not None:
         raise FailedPrecondition(f"subnet {layout.subnet} for {layout.dir} is already routed via {dev}")
-    for path in (layout.dir, layout.run_dir, layout.cni_conf_dir, layout.log_dir, layout.pid_dir):
+    for path in (layout.dir, layout.run_dir, layout.cni_conf_dir, layout.log_dir, layout.pid_dir, layout.bin_dir):
         path.mkdir(parents=True, exist_ok=True)
+    layout.checkpoints_dir.mkdir(mode=0o700, exist_ok=True)
+    launcher = layout.bin_dir / "containerd-shim-criu-v2"
+    launcher.write_text(render.shim_launcher(SHIM_LAUNCHER.read_text(), sys.executable))
+    launcher.chmod(0o755)
     os.chmod(layout.run_dir, 0o700)
     layout.config_file.write_text(render.containerd_config(
         layout, version, tools.runc, tools.cni_bin_dir, restrict_oom=not cleanup.has_cap_sys_resource()))
@@ -86,7 +91,7 @@ def _running(layout: NodeLayout) -> bool:
 
 
 def _start_containerd(layout: NodeLayout, tools: Tools) -> None:
-    env = dict(os.environ, PATH=f"{tools.containerd_bin_dir}:{tools.runc.parent}:{tools.criu.parent}:"
+    env = dict(os.environ, PATH=f"{layout.bin_dir}:{tools.containerd_bin_dir}:{tools.runc.parent}:{tools.criu.parent}:"
                + os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
     pid = procs.spawn([str(tools.containerd), "--config", str(layout.config_file)],
                       layout.log_dir / "containerd.log", layout.pid_dir / "containerd.pid", env)

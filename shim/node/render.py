@@ -8,6 +8,8 @@ from pathlib import Path
 from shim.node.layout import NodeLayout
 
 PAUSE_IMAGE = "localhost/criu-shim/pause:1"
+# Request annotations containerd must copy into a restored container's OCI spec.
+RESTORE_ANNOTATIONS = ("restore.criu-shim.io/*", "org.criu.config")
 
 # Snapshotters and plugins a local node never uses; disabling them keeps
 # containerd's start fast and its log quiet.
@@ -53,7 +55,19 @@ def _v2(layout: NodeLayout, runc: Path, cni_bin_dir: Path, restrict_oom: bool) -
 
 [{cri}.containerd]
   snapshotter = "overlayfs"
-  default_runtime_name = "runc"
+  # Every pod can receive a restored container, so criu-shim's handler is the default.
+  default_runtime_name = "criu"
+
+[{cri}.containerd.runtimes.criu]
+  # The runc runtime type, so runc options (BinaryName, SystemdCgroup...) reach the
+  # stock shim unchanged; runtime_path puts our launcher in front of it.
+  runtime_type = "io.containerd.runc.v2"
+  runtime_path = "{layout.bin_dir / 'containerd-shim-criu-v2'}"
+  container_annotations = {json.dumps(list(RESTORE_ANNOTATIONS))}
+
+[{cri}.containerd.runtimes.criu.options]
+  BinaryName = "{runc}"
+  SystemdCgroup = false
 
 [{cri}.containerd.runtimes.runc]
   runtime_type = "io.containerd.runc.v2"
@@ -137,8 +151,18 @@ def cni_conflist(layout: NodeLayout) -> str:
 
 
 def proxy_config(layout: NodeLayout, criu: Path) -> str:
-    """The local node's criu-shim config: its CRIU, and an audit log inside the node dir."""
+    """The local node's criu-shim config: its CRIU, its audit log, restores from DIR/checkpoints."""
     return f"""[checkpoint]
 criu = "{criu}"
 audit_log = "{layout.log_dir / 'audit.log'}"
+
+[restore]
+enabled = true
+allowed_dirs = ["{layout.checkpoints_dir}"]
+work_dir = "{layout.dir / 'restore'}"
 """
+
+
+def shim_launcher(template: str, python: str) -> str:
+    """node-config/containerd-shim-criu-v2 with this node's Python baked in."""
+    return template.replace("@PYTHON@", python)

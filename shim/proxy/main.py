@@ -11,16 +11,20 @@ from shim.checkpoint.engine import Checkpointer
 from shim.config import Config
 from shim.config import load as load_config
 from shim.containerd import Containerd
-from shim.cri import checkpoint_container
+from shim.cri import checkpoint_container, create_container
 from shim.proxy.dispatch import Dispatcher, Handler
 from shim.proxy.server import ProxyServer
+from shim.restore.engine import Restorer
 
 log = logging.getLogger(__name__)
 
 
 def handlers(config: Config, containerd: Containerd) -> dict[str, Handler]:
     """The CRI methods the proxy answers itself; everything else is relayed."""
-    return {checkpoint_container.METHOD: checkpoint_container.handler(Checkpointer(containerd, config))}
+    return {
+        checkpoint_container.METHOD: checkpoint_container.handler(Checkpointer(containerd, config)),
+        create_container.METHOD: create_container.handler(containerd, Restorer(containerd, config)),
+    }
 
 
 def serve(listen: Path, upstream: Path, config_file: Path | None, grace: float) -> int:

@@ -121,12 +121,14 @@ class Scenario:
                                   image=cri.ImageSpec(image="localhost/none:0"))
         self.call(r, "CreateContainer", cri.CreateContainerRequest(pod_sandbox_id=pod, config=bad,
                                                                     sandbox_config=config))
-        raw = self.channel.unary_unary(_RUNTIME + "ContainerStatus")
-        try:
-            raw(b"\xff\xff\xff\xff", timeout=10)
-            self.results.append({"method": "garbage", "ok": "accepted"})
-        except grpc.RpcError as exc:
-            self.results.append({"method": "garbage", "code": exc.code().name, "details": exc.details()})
+        for method in ("ContainerStatus", "CreateContainer", "CheckpointContainer"):
+            raw = self.channel.unary_unary(_RUNTIME + method)
+            try:
+                raw(b"\xff\xff\xff\xff", timeout=10)
+                self.results.append({"method": "garbage", "ok": "accepted"})
+            except grpc.RpcError as exc:
+                self.results.append({"method": f"garbage {method}", "code": exc.code().name,
+                                     "details": exc.details()})
         unknown = self.channel.unary_unary(_RUNTIME + "NoSuchMethod")
         try:
             unknown(b"", timeout=10)

@@ -27,6 +27,8 @@ def test_scenario_identical_direct_and_through_proxy(node: Node) -> None:
     direct, proxied = runs["direct"], runs["proxy"]
     assert [r["method"] for r in direct] == [r["method"] for r in proxied]
     for a, b in zip(direct, proxied):
+        if a["method"] == "garbage CheckpointContainer":
+            continue  # answered by criu-shim itself on 1.7 (containerd says Unimplemented)
         assert a == b, f"{a['method']} differs"
     by_method: dict[str, dict[str, object]] = {}
     for result in direct:
@@ -34,7 +36,8 @@ def test_scenario_identical_direct_and_through_proxy(node: Node) -> None:
     # The scenario must have exercised real behaviour, not a wall of errors.
     assert by_method["StartContainer"].get("ok") == {}
     assert "ok" in by_method["ExecSync"]
-    assert by_method["garbage"]["code"] != "OK"
+    assert by_method["garbage ContainerStatus"]["code"] != "OK"
+    assert by_method["garbage CreateContainer"]["code"] != "OK"
     assert by_method["unknown"]["code"] == "UNIMPLEMENTED"
 
 

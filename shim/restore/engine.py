@@ -1,0 +1,176 @@
+"""Restore at CreateContainer: a checkpoint archive becomes a container of the new pod.
+
+The proxy unpacks the archive (hostile input: `shim.restore.archive`) into a
+private directory, resolves the original image, and sends containerd an
+ordinary CreateContainerRequest built from the checkpoint and the new request:
+the new pod's mounts, devices, resources, security context and log path win;
+command, environment and working directory come from the checkpoint. The
+container is marked (annotation `restore.criu-shim.io/dir`) so that our runtime
+shim restores it with CRIU at StartContainer instead of starting it afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from shim.api.cri.v1 import api_pb2 as cri
+from shim.checkpoint import audit, options
+from shim.config import Config
+from shim.containerd import Containerd
+from shim.errors import NotFound, PermissionDenied, ShimError
+from shim.proxy.dispatch import Peer
+from shim.runtime.bundle import RESTORE_DIR
+
+log = logging.getLogger(__name__)
+METHOD = "/runtime.v1.RuntimeService/CreateContainer"
+CRIU_CONFIG_ANNOTATION = "org.criu.config"
+
+
+class Restorer:
+    def __init__(self, containerd: Containerd, config: Config) -> None:
+        self._containerd = containerd
+        self._config = config
+
+    def is_restore(self, request: cri.CreateContainerRequest) -> bool:
+        """A restore when the image names an existing file (a checkpoint archive)."""
+        image = request.config.image.image
+        return image.startswith("/") and os.path.lexists(image)
+
+    async def create(self, request: cri.CreateContainerRequest, peer: Peer,
+                     metadata: tuple[tuple[str, str], ...], timeout: float | None) -> cri.CreateContainerResponse:
+        started, result, container_id = time.monotonic(), "ok", ""
+        try:
+            archive = self._admit(Path(request.config.image.image))
+            container_id = await self._create(request, archive, metadata, timeout)
+        except ShimError as exc:
+            result = f"error: {exc.code.name}: {exc.message}"
+            raise
+        except BaseException as exc:
+            result = f"error: {type(exc).__name__}"
+            raise
+        finally:
+            self._audit(request, peer, container_id, started, result)
+        return cri.CreateContainerResponse(container_id=container_id)
+
+    def _admit(self, image: Path) -> Path:
+        """The archive's real path, if restores are on and it lies in an allowed directory."""
+        settings = self._config.restore
+        if not settings.enabled:
+            raise PermissionDenied(f"restore from checkpoint {image} refused: restores are disabled on this node "
+                                   "(set [restore] enabled = true in the criu-shim config)")
+        real = image.resolve()
+        allowed = [d.resolve() for d in settings.allowed_dirs]
+        if not any(real.is_relative_to(d) for d in allowed) or not real.is_file():
+            raise PermissionDenied(f"restore from checkpoint {image} refused: it is not a file under an allowed "
+                                   f"directory (restore.allowed_dirs = {[str(d) for d in settings.allowed_dirs]})")
+        return real
+
+    async def _create(self, request: cri.CreateContainerRequest, archive_path: Path,
+                      metadata: tuple[tuple[str, str], ...], timeout: float | None) -> str:
+        from shim.restore.archive import open_checkpoint
+
+        work = self._config.restore.work_dir / uuid.uuid4().hex
+        work.mkdir(mode=0o700, parents=True)
+        try:
+            archive = await asyncio.to_thread(open_checkpoint, archive_path, work)
+            image = await self._resolve_image(archive.config)
+            _check_hostile_spec(archive.spec, request)
+            new = _restore_request(request, archive, image, work, archive_path)
+            _write_criu_config(work, self._config, request)
+            await asyncio.to_thread(_copy_log, archive.log, request)
+            reply = await self._containerd.forward(METHOD, new.SerializeToString(), metadata, timeout)
+            return str(cri.CreateContainerResponse.FromString(reply).container_id)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    async def _resolve_image(self, config: dict[str, Any]) -> str:
+        """The original image by digest or ID first, then by name; never re-tagged."""
+        candidates = [config.get(k) for k in ("rootfsImageRef", "rootfsImageName", "rootfsImage")]
+        for ref in [c for c in candidates if isinstance(c, str) and c]:
+            image = await self._containerd.image_status(ref)
+            if image is not None:
+                return str(image.id)
+        raise NotFound(f"the checkpoint's original image ({', '.join(str(c) for c in candidates if c)}) "
+                       "is not on this node; pull it first")
+
+    def _audit(self, request: cri.CreateContainerRequest, peer: Peer, container_id: str, started: float,
+               result: str) -> None:
+        sandbox = request.sandbox_config.metadata
+        audit.append(self._config.audit_log, audit.AuditRecord(
+            action="restore", caller_uid=peer.uid, caller_pid=peer.pid, pod=sandbox.name,
+            namespace=sandbox.namespace, container=request.config.metadata.name, container_id=container_id,
+            location=request.config.image.image, size=0, duration_s=round(time.monotonic() - started, 4),
+            frozen_s=0.0, dump_s=0.0, archive_s=0.0, result=result))
+
+
+def _check_hostile_spec(spec: dict[str, Any], request: cri.CreateContainerRequest) -> None:
+    from shim.restore.checkpoint_spec import check_declared_mounts, check_devices
+
+    check_devices(spec)
+    check_declared_mounts(spec, {m.container_path for m in request.config.mounts})
+
+
+def _restore_request(request: cri.CreateContainerRequest, archive: Any, image: str, work: Path,
+                     archive_path: Path) -> cri.CreateContainerRequest:
+    new = cri.CreateContainerRequest()
+    new.CopyFrom(request)
+    config = new.config
+    process = archive.spec.get("process", {})
+    config.image.image = image
+    del config.command[:]
+    del config.args[:]
+    config.command.extend(str(a) for a in process.get("args", []))
+    del config.envs[:]
+    for entry in process.get("env", []):
+        key, _, value = str(entry).partition("=")
+        config.envs.add(key=key, value=value)
+    config.working_dir = str(process.get("cwd", config.working_dir))
+    config.annotations[RESTORE_DIR] = str(work)
+    config.annotations[CRIU_CONFIG_ANNOTATION] = str(work.parent / f"{work.name}.criu.conf")
+    config.annotations["restored"] = "true"
+    config.annotations["checkpointedAt"] = str(archive.config.get("checkpointedTime", ""))
+    config.annotations["checkpointImage"] = str(archive_path)
+    return new
+
+
+def _write_criu_config(work: Path, config: Config, request: cri.CreateContainerRequest) -> None:
+    """CRIU options for the restore (runc passes none itself): from the new pod's annotations."""
+    opts = options.resolve(config.checkpoint, request.sandbox_config.annotations, request.config.metadata.name)
+    lines = [name for name, on in (("tcp-established", opts.tcp_established), ("file-locks", opts.file_locks),
+                                   ("ext-unix-sk", opts.ext_unix_sockets)) if on]
+    # Beside the work dir, not in it: it must outlive the unpacked images, since
+    # runc reads it again when the restored container is checkpointed.
+    path = work.parent / f"{work.name}.criu.conf"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("".join(f"{line}\n" for line in lines))
+
+
+def _copy_log(log_file: Path | None, request: cri.CreateContainerRequest) -> None:
+    """The checkpointed container's log first; the restored one appends to it."""
+    directory, name = request.sandbox_config.log_directory, request.config.log_path
+    if log_file is None or not directory or not name:
+        return
+    target = Path(directory) / name
+    src = os.open(log_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        try:
+            size = os.fstat(src).st_size
+            while size > 0:
+                copied = os.copy_file_range(src, dst, size)
+                if copied == 0:
+                    break
+                size -= copied
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)

@@ -1,0 +1,5 @@
+import sys
+
+from shim.runtime.main import main
+
+raise SystemExit(main(sys.argv[1:]))

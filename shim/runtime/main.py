@@ -1,0 +1,72 @@
+"""Entry point of containerd-shim-criu-v2 for restores (the launcher script sends only those here).
+
+`start`: start the stock runc shim exactly as containerd would have, then a
+relay in front of it for this task, and print the relay's address; containerd
+then talks to the task through us. `relay` is our own internal action: the
+relay daemon itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from shim.runtime.bundle import restore_plan
+from shim.runtime.flags import ShimArgs, parse
+
+RUNC_SHIM = "containerd-shim-runc-v2"
+SOCKET_DIR = Path("/run/criu-shim/shims")
+log = logging.getLogger(__name__)
+
+
+def main(argv: Sequence[str]) -> int:
+    if argv and argv[0] == "relay":
+        from shim.runtime.relay_daemon import run
+
+        return run(Path(argv[1]), Path(argv[2]), Path(argv[3]))
+    args = parse(argv)
+    if args.action != "start" or restore_plan(Path.cwd()) is None:
+        os.execvp(RUNC_SHIM, [RUNC_SHIM, *argv])  # not ours to handle: the stock shim does it
+    return start(args)
+
+
+def start(args: ShimArgs) -> int:
+    bundle = Path.cwd()
+    started = subprocess.run([RUNC_SHIM, *args.argv], capture_output=True, text=True)
+    if started.returncode != 0:
+        sys.stderr.write(started.stderr)
+        return started.returncode
+    upstream = started.stdout.strip().removeprefix("unix://")
+    listen = relay_socket(args)
+    listen.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    listen.unlink(missing_ok=True)
+    with open(bundle / "criu-shim-relay.log", "ab") as out:
+        subprocess.Popen([sys.executable, "-m", "shim.runtime", "relay", str(listen), upstream, str(bundle)],
+                         stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                         cwd=bundle)
+    if not _wait_for(listen, 10.0):
+        sys.stderr.write(f"criu-shim relay did not listen on {listen}; see {bundle}/criu-shim-relay.log\n")
+        return 1
+    print(f"unix://{listen}", end="", flush=True)
+    return 0
+
+
+def relay_socket(args: ShimArgs) -> Path:
+    # Unique per containerd (address), namespace and task, like the runc shim's own.
+    digest = hashlib.sha256(f"{args.address}|{args.namespace}|{args.id}".encode()).hexdigest()[:32]
+    return SOCKET_DIR / f"{digest}.sock"
+
+
+def _wait_for(path: Path, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

@@ -1,0 +1,80 @@
+"""The relay daemon for one restored task: rewrite Create, prepare the rootfs before Start.
+
+Everything else containerd says to the task passes through to the runc shim
+unchanged; once containerd closes its connection (the task is gone) the relay
+exits and removes the unpacked checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from shim.api.containerd.runtime.task.v2 import shim_pb2
+from shim.errors import FailedPrecondition
+from shim.runtime.bundle import RestorePlan, restore_plan
+
+TASK_SERVICE = "containerd.task.v2.Task"
+log = logging.getLogger(__name__)
+
+
+class RestoreRewriter:
+    def __init__(self, plan: RestorePlan, bundle: Path) -> None:
+        self.plan = plan
+        self.bundle = bundle
+
+    async def __call__(self, service: str, method: str, payload: bytes) -> bytes:
+        if service != TASK_SERVICE:
+            return payload
+        if method == "Create":
+            return self._create(payload)
+        if method == "Start":
+            await self._before_start(payload)
+        return payload
+
+    def _create(self, payload: bytes) -> bytes:
+        request = shim_pb2.CreateTaskRequest.FromString(payload)
+        if not self.plan.images.joinpath("inventory.img").is_file():
+            raise FailedPrecondition(f"checkpoint images for {request.id} are missing in {self.plan.images}")
+        # The runc shim restores instead of creating when Create names a checkpoint.
+        request.checkpoint = str(self.plan.images)
+        return bytes(request.SerializeToString())
+
+    async def _before_start(self, payload: bytes) -> None:
+        request = shim_pb2.StartRequest.FromString(payload)
+        if request.exec_id:
+            return
+        await asyncio.to_thread(self._prepare_rootfs)
+
+    def _prepare_rootfs(self) -> None:
+        """The files the container changed, on the new rootfs, before its processes come back."""
+        from shim.restore.archive import apply_deleted_files, apply_rootfs_diff
+
+        rootfs = self.bundle / "rootfs"
+        if self.plan.rootfs_diff.is_file():
+            apply_rootfs_diff(self.plan.rootfs_diff, rootfs)
+        if self.plan.deleted_files.is_file():
+            apply_deleted_files(json.loads(self.plan.deleted_files.read_text()), rootfs)
+
+
+def run(listen: Path, upstream: Path, bundle: Path) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    plan = restore_plan(bundle)
+    if plan is None:
+        log.error("bundle %s is not marked for restore", bundle)
+        return 1
+    try:
+        asyncio.run(_serve(listen, upstream, RestoreRewriter(plan, bundle)))
+    finally:
+        shutil.rmtree(plan.dir, ignore_errors=True)
+        listen.unlink(missing_ok=True)
+    return 0
+
+
+async def _serve(listen: Path, upstream: Path, rewriter: RestoreRewriter) -> None:
+    from shim.ttrpc.relay import serve_relay
+
+    await serve_relay(listen, upstream, rewriter, exit_when_idle=True)
