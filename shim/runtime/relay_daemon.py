@@ -8,7 +8,6 @@ exits and removes the unpacked checkpoint.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -51,13 +50,13 @@ class RestoreRewriter:
 
     def _prepare_rootfs(self) -> None:
         """The files the container changed, on the new rootfs, before its processes come back."""
-        from shim.restore.archive import apply_deleted_files, apply_rootfs_diff
+        from shim.restore.archive import apply_deleted_files, apply_rootfs_diff, parse_deleted_files
 
         rootfs = self.bundle / "rootfs"
         if self.plan.rootfs_diff.is_file():
             apply_rootfs_diff(self.plan.rootfs_diff, rootfs)
         if self.plan.deleted_files.is_file():
-            apply_deleted_files(json.loads(self.plan.deleted_files.read_text()), rootfs)
+            apply_deleted_files(parse_deleted_files(self.plan.deleted_files.read_bytes()), rootfs)
 
 
 def run(listen: Path, upstream: Path, bundle: Path) -> int:
@@ -77,4 +76,6 @@ def run(listen: Path, upstream: Path, bundle: Path) -> int:
 async def _serve(listen: Path, upstream: Path, rewriter: RestoreRewriter) -> None:
     from shim.ttrpc.relay import serve_relay
 
-    await serve_relay(listen, upstream, rewriter, exit_when_idle=True)
+    # Only these two are decoded; every other frame is relayed as it came.
+    await serve_relay(listen, upstream, rewriter, exit_when_idle=True,
+                      methods={(TASK_SERVICE, "Create"), (TASK_SERVICE, "Start")})

@@ -1,0 +1,102 @@
+"""Restore through the CRI: a checkpoint archive as the image of CreateContainer, into a new pod."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shim.api.cri.v1 import api_pb2 as cri
+from tests.node.conftest import Node
+from tests.node.pods import Cri, Pod, wait_for
+
+pytestmark = pytest.mark.node
+
+COUNTER = ["/usr/local/bin/counter"]
+
+
+@pytest.fixture
+def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
+    c = Cri(node.cri, tmp_path / "pod-logs")
+    yield c
+    c.close()
+
+
+def _restore(client: Cri, pod: Pod, archive: Path, name: str = "restored") -> str:
+    config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=str(archive)),
+                                 log_path=f"{name}.log")
+    ctr = str(client.runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config), timeout=120).container_id)
+    client.runtime.StartContainer(cri.StartContainerRequest(container_id=ctr), timeout=120)
+    return ctr
+
+
+def _checkpoint_counter(client: Cri, node: Node, at_least: int) -> tuple[Path, int]:
+    archive = node.dir / "checkpoints" / f"counter-{at_least}.tar"
+    with client.pod() as pod_a:
+        ctr = client.container(pod_a, COUNTER, {"INTERVAL_MS": "50"})
+        wait_for(lambda: client.count(ctr) >= at_least)
+        client.checkpoint(ctr, str(archive))
+        counted = client.count(ctr)
+    return archive, counted
+
+
+def test_counter_resumes_its_count_in_a_new_pod(client: Cri, node: Node) -> None:
+    archive, counted_before = _checkpoint_counter(client, node, 20)
+    with client.pod() as pod_b:
+        ctr = _restore(client, pod_b, archive)
+        assert client.state(ctr) == "CONTAINER_RUNNING"
+        first = client.count(ctr)
+        # A fresh start would need a second to count to 20; a restore starts there.
+        assert first >= 20, "the count restarted instead of resuming"
+        pod_ip = client.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_b.id)).status.network.ip
+        assert f"inet {pod_ip}/" in client.exec(ctr, "ip", "-4", "addr", "show", "eth0")  # pod B's network
+        cgroups = client.exec(ctr, "cat", "/proc/self/cgroup")
+        assert all(ctr in line for line in cgroups.splitlines() if ":memory:" in line)  # its own cgroup
+        wait_for(lambda: client.count(ctr) > first)  # and it keeps counting
+        status = client.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr)).status
+        assert status.annotations["restored"] == "true"
+        assert status.annotations["checkpointImage"] == str(archive)
+        assert status.annotations["checkpointedAt"]
+        log = client.log(ctr)
+        assert "count=1" in log  # the checkpointed container's log came first
+        wait_for(lambda: f"count={first + 1}" in client.log(ctr))  # new output appends
+        assert client.exec(ctr, "echo", "hi").strip() == "hi"
+        client.runtime.StopContainer(cri.StopContainerRequest(container_id=ctr, timeout=10))
+        stopped = client.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr)).status
+        assert cri.ContainerState.Name(stopped.state) == "CONTAINER_EXITED"
+        assert stopped.exit_code == 0
+
+
+def test_restore_is_refused_outside_allowed_dirs(client: Cri, node: Node, tmp_path: Path) -> None:
+    archive, _ = _checkpoint_counter(client, node, 1)
+    outside = tmp_path / "elsewhere.tar"
+    shutil.copy(archive, outside)
+    before = _work_dirs(node)
+    with client.pod() as pod:
+        with pytest.raises(grpc.RpcError) as caught:
+            _restore(client, pod, outside)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "restore.allowed_dirs" in (caught.value.details() or "")
+        listed = client.runtime.ListContainers(cri.ListContainersRequest(
+            filter=cri.ContainerFilter(pod_sandbox_id=pod.id))).containers
+        assert not listed  # no containerd container was made
+    assert _work_dirs(node) == before
+
+
+def _work_dirs(node: Node) -> set[str]:
+    work = node.dir / "restore"
+    return {p.name for p in work.iterdir()} if work.exists() else set()
+
+
+def test_audit_records_restores(client: Cri, node: Node) -> None:
+    archive, _ = _checkpoint_counter(client, node, 1)
+    with client.pod() as pod:
+        ctr = _restore(client, pod, archive)
+    records = [json.loads(line) for line in (node.dir / "logs" / "audit.log").read_text().splitlines()]
+    restores = [r for r in records if r["action"] == "restore" and r["container_id"] == ctr]
+    assert restores and restores[-1]["result"] == "ok"
