@@ -57,7 +57,7 @@ def show(runtime: api_pb2_grpc.RuntimeServiceStub, pod: str, ctr: str) -> None:
     print("log tail  " + " | ".join(Path(status.log_path).read_text().splitlines()[-3:]))
 
 
-def checkpoint(runtime: api_pb2_grpc.RuntimeServiceStub, ctr: str, directory: Path) -> None:
+def checkpoint(runtime: api_pb2_grpc.RuntimeServiceStub, ctr: str, directory: Path) -> Path:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     archive = directory / f"checkpoint-demo_default-counter-{time.strftime('%Y-%m-%dT%H:%M:%S')}.tar"
     step("CheckpointContainer through the proxy (what the kubelet's checkpoint API calls)")
@@ -72,6 +72,27 @@ def checkpoint(runtime: api_pb2_grpc.RuntimeServiceStub, ctr: str, directory: Pa
     time.sleep(0.5)
     after = int(runtime.ExecSync(cri.ExecSyncRequest(container_id=ctr, cmd=["cat", "/tmp/count"])).stdout)
     print(f"the container kept running: count {before} -> {after}")
+    return archive
+
+
+def restore(runtime: api_pb2_grpc.RuntimeServiceStub, archive: Path, logs: Path) -> None:
+    step("restore into a NEW pod: CreateContainer with the archive as its image, then StartContainer")
+    config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="demo-restored", namespace="default", uid="demo-uid-2"),
+        log_directory=str(logs), hostname="demo-restored")
+    pod = runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    container = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="counter"),
+                                    image=cri.ImageSpec(image=str(archive)), log_path="counter-restored.log")
+    started = time.monotonic()
+    ctr = runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod, config=container, sandbox_config=config)).container_id
+    runtime.StartContainer(cri.StartContainerRequest(container_id=ctr))
+    print(f"restored  in {time.monotonic() - started:.2f}s (CreateContainer + StartContainer)")
+    show(runtime, pod, ctr)
+    status = runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr)).status
+    marks = {k: status.annotations[k] for k in ("restored", "checkpointedAt") if k in status.annotations}
+    print(f"status    {marks}")
+    print("the count went on from where the checkpoint left it, in the new pod's network")
 
 
 def main() -> int:
@@ -89,7 +110,8 @@ def main() -> int:
         step(f"through the proxy: {version.runtime_name} {version.runtime_version} (CRI {version.runtime_api_version})")
         pod, ctr = run_pod(runtime, args.dir / "pod-logs")
         show(runtime, pod, ctr)
-        checkpoint(runtime, ctr, args.dir / "checkpoints")
+        archive = checkpoint(runtime, ctr, args.dir / "checkpoints")
+        restore(runtime, archive, args.dir / "pod-logs")
         channel.close()
     finally:
         step("taking the node down (criu-shim node down)")
