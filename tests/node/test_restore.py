@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,3 +102,42 @@ def test_audit_records_restores(client: Cri, node: Node) -> None:
     records = [json.loads(line) for line in (node.dir / "logs" / "audit.log").read_text().splitlines()]
     restores = [r for r in records if r["action"] == "restore" and r["container_id"] == ctr]
     assert restores and restores[-1]["result"] == "ok"
+
+
+def _hostile_archive(node: Node, good: Path, name: str, extra: tarfile.TarInfo, data: bytes = b"") -> Path:
+    """Our own good archive with one hostile member appended."""
+    hostile = node.dir / "checkpoints" / name
+    shutil.copy(good, hostile)
+    with tarfile.open(hostile, "a") as tar:
+        tar.addfile(extra, io.BytesIO(data) if data else None)
+    return hostile
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "device", "truncated"])
+def test_hostile_archive_is_refused_and_leaves_nothing(client: Cri, node: Node, tmp_path: Path, kind: str) -> None:
+    good, _ = _checkpoint_counter(client, node, 1)
+    sentinel = tmp_path / "sentinel"
+    sentinel.write_text("untouched")
+    if kind == "truncated":
+        archive = node.dir / "checkpoints" / "truncated.tar"
+        archive.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    else:
+        member = tarfile.TarInfo({"dotdot": f"../../../../../../{sentinel}", "absolute": str(sentinel),
+                                  "symlink": "checkpoint/evil", "device": "checkpoint/dev"}[kind])
+        if kind == "symlink":
+            member.type, member.linkname = tarfile.SYMTYPE, str(sentinel)
+        elif kind == "device":
+            member.type, member.devmajor, member.devminor = tarfile.CHRTYPE, 1, 3
+        else:
+            member.size = 4
+        archive = _hostile_archive(node, good, f"{kind}.tar", member, b"evil" if member.size else b"")
+    before = _work_dirs(node)
+    with client.pod() as pod:
+        with pytest.raises(grpc.RpcError) as caught:
+            _restore(client, pod, archive)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        listed = client.runtime.ListContainers(cri.ListContainersRequest(
+            filter=cri.ContainerFilter(pod_sandbox_id=pod.id))).containers
+        assert not listed
+    assert _work_dirs(node) == before
+    assert sentinel.read_text() == "untouched"
