@@ -111,7 +111,7 @@ class Connection:
             if isinstance(frame, Oversized):
                 self._oversized(frame)
             elif self.role is Role.SERVER and frame.stream_id % 2 == 0:  # whatever the type
-                self._reject(frame.stream_id, Code.INVALID_ARGUMENT, "StreamID must be odd for client initiated streams")
+                self._refuse(frame.stream_id, Code.INVALID_ARGUMENT, "StreamID must be odd for client initiated streams")
             else:
                 _HANDLERS.get((self.role, frame.type), Connection._ignore)(self, frame)
 
@@ -188,15 +188,23 @@ class Connection:
             self._streams[stream_id] = following
 
     def _reject(self, stream_id: int, code: Code, message: str) -> None:
-        """Fail a stream in the engine: a server answers it, both ends forget it."""
-        self._streams.pop(stream_id, None)
+        """Fail a frame on `stream_id` in the engine, ending that stream if it is open."""
+        self._refuse(stream_id, code, message, ended=self._streams.pop(stream_id, None) is not None)
+
+    def _refuse(self, stream_id: int, code: Code, message: str, *, ended: bool = False) -> None:
+        """A server answers a refused frame on its stream id; open streams are left alone
+        (a re-used id is refused without touching the stream that holds it)."""
         if self.role is Role.SERVER:
             body = encode_response(b"", Status(code, message))
             self._outbound.append(encode_frame(stream_id, MessageType.RESPONSE, 0, body))
-        self._events.append(StreamRejected(stream_id, code, message))
+        self._events.append(StreamRejected(stream_id, code, message, ended))
 
     def _oversized(self, frame: Oversized) -> None:
-        if self.role is Role.SERVER or frame.stream_id in self._streams:
+        if self.role is Role.CLIENT and frame.stream_id not in self._streams:
+            return
+        if frame.type == MessageType.REQUEST:
+            self._refuse(frame.stream_id, Code.RESOURCE_EXHAUSTED, frame.message)
+        else:
             self._reject(frame.stream_id, Code.RESOURCE_EXHAUSTED, frame.message)
 
     def _ignore(self, frame: Frame) -> None:
@@ -206,13 +214,13 @@ class Connection:
 
     def _server_request(self, frame: Frame) -> None:
         if frame.stream_id <= self._last_request_id:
-            self._reject(frame.stream_id, Code.INVALID_ARGUMENT, "StreamID cannot be re-used and must increment")
+            self._refuse(frame.stream_id, Code.INVALID_ARGUMENT, "StreamID cannot be re-used and must increment")
             return
         self._last_request_id = frame.stream_id
         try:
             request = decode_request(frame.data)
         except ShimError as exc:
-            self._reject(frame.stream_id, exc.code, exc.message)
+            self._refuse(frame.stream_id, exc.code, exc.message)
             return
         self._streams[frame.stream_id] = _State.OPEN if frame.has(Flag.REMOTE_OPEN) else _State.REMOTE_CLOSED
         self._events.append(RequestReceived(frame.stream_id, request.service, request.method, request.payload,

@@ -47,15 +47,18 @@ class DataReceived:
 
 @dataclass(frozen=True, slots=True)
 class StreamRejected:
-    """A stream failed in the engine itself, never reaching the user as a request or response.
+    """The engine itself refused a frame on `stream_id` (the peer broke a rule, or a size limit).
 
     Server side the engine has already queued the error Response (`data_to_send`);
-    client side it is the call's outcome (an oversized response, RESOURCE_EXHAUSTED).
+    client side it is the call's outcome (an oversized or undecodable response).
+    `ended`: a stream the user had open under this id is over, stop working on it.
+    Otherwise nothing of the user's was touched (say, a Request re-using a live id).
     """
 
     stream_id: int
     code: Code
     message: str
+    ended: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -151,6 +151,13 @@ def test_golden_rejections_match_the_runc_shim_byte_for_byte() -> None:
     ]
 
 
+def test_reused_id_is_refused_without_touching_the_live_stream() -> None:
+    conn, got = server_fed(CREATE_FRAME, CREATE_FRAME)
+    assert got[1] == StreamRejected(1, Code.INVALID_ARGUMENT, "StreamID cannot be re-used and must increment", ended=False)
+    conn.data_to_send()
+    assert conn.send_response(1, b"created")  # the first stream 1 is still ours to answer
+
+
 # -- the frame buffer ---------------------------------------------------------------
 
 
@@ -288,7 +295,7 @@ def test_data_on_an_unknown_or_closed_stream_is_rejected() -> None:
 def test_close_data_carrying_bytes_is_rejected_and_ends_the_stream() -> None:
     open_request = Connection(Role.CLIENT).send_request(TASK, "Upload", flags=Flag.REMOTE_OPEN)
     conn, got = server_fed(open_request, encode_frame(1, MessageType.DATA, Flag.REMOTE_CLOSED, b"x"))
-    assert got[1] == StreamRejected(1, Code.INVALID_ARGUMENT, "data close message cannot include data")
+    assert got[1] == StreamRejected(1, Code.INVALID_ARGUMENT, "data close message cannot include data", ended=True)
     assert conn.open_streams == frozenset()
 
 
@@ -324,7 +331,7 @@ def test_client_oversized_response_fails_that_call() -> None:
     client.send_request(TASK, "Stats")
     client.receive_data(bytes.fromhex("00400001" "00000001" "02" "00") + bytes(MAX_DATA_LENGTH + 1))
     assert events(client) == [StreamRejected(1, Code.RESOURCE_EXHAUSTED,
-                                             "message length 4194305 exceed maximum message size of 4194304")]
+                                             "message length 4194305 exceed maximum message size of 4194304", ended=True)]
     assert client.data_to_send() == b""  # a client never answers
 
 
