@@ -64,8 +64,8 @@ def test_unknown_keys_are_refused_by_name() -> None:
 
 def test_unknown_tables_are_refused_by_name() -> None:
     # A misspelt table must not silently leave the defaults in force.
-    message = refused({"checkpiont": {"tcp_established": True}, "restore": {}})
-    assert "unknown keys: checkpiont, restore" in message
+    message = refused({"checkpiont": {"tcp_established": True}, "restor": {}})
+    assert "unknown keys: checkpiont, restor" in message
 
 
 def test_checkpoint_must_be_a_table() -> None:

@@ -1,0 +1,1 @@
+"""Restoring a container from a checkpoint at CRI CreateContainer."""
