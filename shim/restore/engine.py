@@ -79,13 +79,18 @@ class Restorer:
         work = self._config.restore.work_dir / uuid.uuid4().hex
         work.mkdir(mode=0o700, parents=True)
         try:
+            unpack_started = time.monotonic()
             archive = await asyncio.to_thread(open_checkpoint, archive_path, work)
+            unpacked = time.monotonic() - unpack_started
             image = await self._resolve_image(archive.config)
             _check_hostile_spec(archive.spec, request)
             new = _restore_request(request, archive, image, work, archive_path)
             _write_criu_config(work, self._config, request)
             await asyncio.to_thread(_copy_log, archive.log, request)
+            create_started = time.monotonic()
             reply = await self._containerd.forward(METHOD, new.SerializeToString(), metadata, timeout)
+            log.info("restore of %s: unpacked in %.3fs, containerd created it in %.3fs", archive_path,
+                     unpacked, time.monotonic() - create_started)
             return str(cri.CreateContainerResponse.FromString(reply).container_id)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)

@@ -29,7 +29,7 @@ def main(argv: Sequence[str]) -> int:
     if argv and argv[0] == "relay":
         from shim.runtime.relay_daemon import run
 
-        return run(Path(argv[1]), Path(argv[2]), Path(argv[3]))
+        return run(Path(argv[1]), Path(argv[2]))
     args = parse(argv)
     if args.action != "start" or restore_plan(Path.cwd()) is None:
         os.execvp(RUNC_SHIM, [RUNC_SHIM, *argv])  # not ours to handle: the stock shim does it
@@ -38,18 +38,22 @@ def main(argv: Sequence[str]) -> int:
 
 def start(args: ShimArgs) -> int:
     bundle = Path.cwd()
-    started = subprocess.run([RUNC_SHIM, *args.argv], capture_output=True, text=True)
-    if started.returncode != 0:
-        sys.stderr.write(started.stderr)
-        return started.returncode
-    upstream = started.stdout.strip().removeprefix("unix://")
     listen = relay_socket(args)
     listen.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     listen.unlink(missing_ok=True)
+    # The relay starts first and learns the runc shim's address on stdin: its
+    # interpreter start-up overlaps the runc shim's.
     with open(bundle / "criu-shim-relay.log", "ab") as out:
-        subprocess.Popen([sys.executable, "-m", "shim.runtime", "relay", str(listen), upstream, str(bundle)],
-                         stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-                         cwd=bundle)
+        relay = subprocess.Popen([sys.executable, "-m", "shim.runtime", "relay", str(listen), str(bundle)],
+                                 stdin=subprocess.PIPE, stdout=out, stderr=out, start_new_session=True, cwd=bundle)
+    assert relay.stdin is not None
+    started = subprocess.run([RUNC_SHIM, *args.argv], capture_output=True, text=True)
+    if started.returncode != 0:
+        relay.kill()
+        sys.stderr.write(started.stderr)
+        return started.returncode
+    relay.stdin.write(started.stdout.strip().removeprefix("unix://").encode() + b"\n")
+    relay.stdin.close()
     if not _wait_for(listen, 10.0):
         sys.stderr.write(f"criu-shim relay did not listen on {listen}; see {bundle}/criu-shim-relay.log\n")
         return 1

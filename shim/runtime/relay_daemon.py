@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 from shim.api.containerd.runtime.task.v2 import shim_pb2
@@ -59,8 +60,10 @@ class RestoreRewriter:
             apply_deleted_files(parse_deleted_files(self.plan.deleted_files.read_bytes()), rootfs)
 
 
-def run(listen: Path, upstream: Path, bundle: Path) -> int:
+def run(listen: Path, bundle: Path) -> int:
+    """Serve until containerd is done with the task; the runc shim's address comes on stdin."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    upstream = Path(sys.stdin.readline().strip())
     plan = restore_plan(bundle)
     if plan is None:
         log.error("bundle %s is not marked for restore", bundle)
