@@ -106,9 +106,48 @@ setup_host_packages() {
     return
   fi
   ((APT_UPDATED)) || apt_update
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --no-upgrade \
-    "${missing[@]}" >/dev/null
+  without_service_starts env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends --no-upgrade "${missing[@]}" >/dev/null
   log host-packages "installed: ${missing[*]}"
+}
+
+# without_service_starts CMD...: run CMD with a policy-rc.d that denies every start, so no
+# package's maintainer script starts a daemon (docker-registry's postinst starts one on :5000
+# through invoke-rc.d / deb-systemd-invoke, and fails the install if that start fails).
+# An existing policy-rc.d is left as it is.
+without_service_starts() (
+  local policy=/usr/sbin/policy-rc.d
+  if [[ ! -e $policy ]]; then
+    trap 'rm -f "$policy"' EXIT
+    printf '#!/bin/sh\n# temporary, from criu-shim scripts/setup-host.sh\nexit 101\n' >"$policy"
+    chmod 0755 "$policy"
+  fi
+  "$@"
+)
+
+# ---------------------------------------------------------------- docker-registry
+# The package's own service (on :5000) must be neither running nor enabled: criu-shim runs
+# private instances on loopback ports (shim/node/registry.py). Works with and without systemd
+# as PID 1 (`systemctl` may be installed on a host that was not booted with it).
+setup_registry() {
+  [[ -x $REGISTRY_BIN ]] || die "$REGISTRY_BIN missing (host package docker-registry)"
+  local notes=() unit=docker-registry.service
+  if [[ -d /run/systemd/system ]]; then
+    if systemctl --quiet is-active "$unit" 2>/dev/null; then
+      systemctl stop "$unit"; notes+=("stopped $unit")
+    fi
+  elif [[ -x /etc/init.d/docker-registry ]] && /etc/init.d/docker-registry status >/dev/null 2>&1; then
+    /etc/init.d/docker-registry stop >/dev/null; notes+=("stopped the init.d service")
+  fi
+  # systemctl edits the unit links itself when systemd is not running
+  if command -v systemctl >/dev/null && systemctl --quiet is-enabled "$unit" 2>/dev/null; then
+    systemctl --quiet disable "$unit" 2>/dev/null; notes+=("disabled $unit")
+  fi
+  if compgen -G '/etc/rc[2-5].d/S*docker-registry' >/dev/null; then
+    update-rc.d docker-registry disable >/dev/null 2>&1; notes+=("disabled the init.d links")
+  fi
+  local v; v=$("$REGISTRY_BIN" --version 2>&1 | awk '{print $NF; exit}')
+  log docker-registry "ok $v ($REGISTRY_BIN; host service off${notes:+: ${notes[*]}})"
 }
 
 # ---------------------------------------------------------------- .deb fetching
@@ -364,6 +403,7 @@ mkdir -p "$PREFIX/bin" "$STAMPS"
 
 setup_apt_sources
 setup_host_packages
+setup_registry
 prefetch_debs
 setup_sysroot
 setup_criu
