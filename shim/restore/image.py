@@ -1,0 +1,432 @@
+"""Checkpoint OCI images: recognise one at CreateContainer and export its layer.
+
+A checkpoint can travel as an OCI image instead of a tar file (anchors 1.8):
+`FROM scratch`, a single layer holding the archive's contents at its root
+(`checkpoint/`, `config.dump`, `spec.dump`...), and annotations that say what
+it is. Three families of annotations exist, and each engine recognises only
+its own; we recognise all three by their marker keys:
+
+| family              | marker key(s)                                                  | written by           |
+|---------------------|----------------------------------------------------------------|----------------------|
+| org.criu            | org.criu.checkpoint.container.name                             | checkpointctl build  |
+| io.kubernetes.cri-o | io.kubernetes.cri-o.annotations.checkpoint.name                | buildah (K8s blog)   |
+| io.podman           | io.podman.annotations.checkpoint.name / ...checkpoint.runtime.name | podman --create-image |
+
+The image is looked up through containerd's native API in the CRI namespace:
+Images.Get by name (as given, then in its normalised docker form), else, for
+an image ID (`sha256:...`, what the kubelet sends), Images.List and the image
+whose target digest or config digest matches. Its target blob (an index or a
+manifest) is read from the content store; an index is followed to the host
+platform's manifest (linux/amd64 on our machines), or its only one.
+Annotations are gathered from the index, the descriptors pointing at the
+manifest (the image record's target, the index entry) and the manifest, the
+later winning. Every blob read is checked against its digest and size; index
+and manifest JSON is capped at 4 MiB, like registries do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import grpc
+import grpc.aio
+
+from shim.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
+from shim.api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
+from shim.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ShimError,
+    Unavailable,
+    Unknown,
+)
+
+log = logging.getLogger(__name__)
+
+Family = Literal["org.criu", "io.kubernetes.cri-o", "io.podman"]
+# In this order: an image marked by more than one family is reported as the first.
+MARKERS: tuple[tuple[Family, tuple[str, ...]], ...] = (
+    ("org.criu", ("org.criu.checkpoint.container.name",)),
+    ("io.kubernetes.cri-o", ("io.kubernetes.cri-o.annotations.checkpoint.name",)),
+    ("io.podman", ("io.podman.annotations.checkpoint.name", "io.podman.annotations.checkpoint.runtime.name")),
+)
+
+NAMESPACE = "k8s.io"
+_META = (("containerd-namespace", NAMESPACE),)
+MAX_MANIFEST_SIZE = 4 << 20
+
+INDEX_TYPES = frozenset({"application/vnd.oci.image.index.v1+json",
+                         "application/vnd.docker.distribution.manifest.list.v2+json"})
+MANIFEST_TYPES = frozenset({"application/vnd.oci.image.manifest.v1+json",
+                            "application/vnd.docker.distribution.manifest.v2+json"})
+# What the archive reader takes: plain tar, gzip, zstd (it goes by the magic bytes).
+LAYER_TYPES = frozenset({
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+})
+_DIGEST = re.compile(r"(sha256):([a-f0-9]{64})|(sha512):([a-f0-9]{128})")
+_ID = re.compile(r"(?:sha256:)?[a-f0-9]{64}")
+_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm",
+         "armv6l": "arm", "i686": "386", "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x",
+         "riscv64": "riscv64"}
+_ERRORS = {grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+           grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.UNAVAILABLE: Unavailable}
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    digest: str
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointImage:
+    name: str  # containerd's image record name
+    family: Family
+    annotations: Mapping[str, str]
+    layer: Layer  # the one layer: the archive's contents at its root
+    manifest_digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str]
+
+
+def host_arch() -> str:
+    machine = platform.machine()
+    return _ARCH.get(machine, machine)
+
+
+def family_of(annotations: Mapping[str, str]) -> Family | None:
+    for family, keys in MARKERS:
+        if any(key in annotations for key in keys):
+            return family
+    return None
+
+
+async def checkpoint_image(channel: grpc.aio.Channel, image: str, *,
+                           arch: str | None = None) -> CheckpointImage | None:
+    """The checkpoint image `image` names (name or ID), or None: not one, or not on this node.
+
+    Raises InvalidArgument when the image's index or manifest is malformed or
+    does not match its digest, or when a checkpoint image is not one we can
+    restore from (not exactly one layer, unknown layer type).
+    """
+    images = images_pb2_grpc.ImagesStub(channel)
+    content = content_pb2_grpc.ContentStub(channel)
+    arch = arch or host_arch()
+    record = await _find_image(images, content, image, arch)
+    if record is None:
+        return None
+    target = _descriptor_from_pb(record.target, f"image {record.name}: target")
+    try:
+        resolved = await _resolve_manifest(content, target, arch, record.name)
+    except NotFound as exc:
+        # A record whose blobs are gone (or were never fetched) is no image we can
+        # read; containerd decides what to do with the create, as without us.
+        log.warning("image %s: content missing, not treated as a checkpoint image: %s", record.name, exc.message)
+        return None
+    if resolved is None:
+        return None
+    manifest_desc, manifest, annotations = resolved
+    family = family_of(annotations)
+    if family is None:
+        return None
+    return CheckpointImage(name=record.name, family=family, annotations=MappingProxyType(dict(annotations)),
+                           layer=_single_layer(manifest, record.name), manifest_digest=manifest_desc.digest)
+
+
+async def export_layer(channel: grpc.aio.Channel, layer: Layer, dest: Path) -> Path:
+    """Stream the layer blob into the new file `dest` (0600, must not exist), checking digest and size.
+
+    The blob is written as stored (gzip and zstd included): the archive reader
+    detects the compression. On any failure `dest` is removed.
+    """
+    algorithm, expected = _split_digest(layer.digest, "layer")
+    if layer.size < 0:
+        raise InvalidArgument(f"layer {layer.digest}: negative size {layer.size}")
+    content = content_pb2_grpc.ContentStub(channel)
+    try:
+        fd = os.open(dest, _NEW_FILE, 0o600)
+    except FileExistsError:
+        raise AlreadyExists(f"cannot export checkpoint layer to {dest}: it exists") from None
+    try:
+        hasher = hashlib.new(algorithm)
+        written = 0
+        call = content.Read(content_pb2.ReadContentRequest(digest=layer.digest), metadata=_META)
+        try:
+            async for reply in call:
+                if reply.offset != written:
+                    raise InvalidArgument(f"layer {layer.digest}: content store sent offset {reply.offset}, "
+                                          f"expected {written}")
+                written += len(reply.data)
+                if written > layer.size:
+                    raise InvalidArgument(f"layer {layer.digest}: blob is larger than its descriptor's "
+                                          f"size {layer.size}")
+                await asyncio.to_thread(_write_and_hash, fd, hasher, reply.data)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc) from None
+        finally:
+            call.cancel()
+        if written != layer.size:
+            raise InvalidArgument(f"layer {layer.digest}: blob has {written} bytes, its descriptor says {layer.size}")
+        if hasher.hexdigest() != expected:
+            raise InvalidArgument(f"layer {layer.digest}: content does not match its digest "
+                                  f"({algorithm}:{hasher.hexdigest()})")
+    except BaseException:
+        os.close(fd)
+        dest.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return dest
+
+
+# -- finding the image ----------------------------------------------------------------
+
+
+async def _find_image(images: Any, content: Any, ref: str, arch: str) -> images_pb2.Image | None:
+    for name in dict.fromkeys([ref, normalize(ref)]):
+        found = await _get_image(images, name)
+        if found is not None:
+            return found
+    if not _ID.fullmatch(ref):
+        return None
+    digest = ref if ref.startswith("sha256:") else f"sha256:{ref}"
+    try:
+        listed: list[images_pb2.Image] = list(
+            (await images.List(images_pb2.ListImagesRequest(), metadata=_META)).images)
+    except grpc.aio.AioRpcError as exc:
+        raise _translate(exc) from None
+    for record in listed:
+        if record.target.digest == digest:
+            return record
+    for record in listed:  # an image ID is its config's digest
+        if await _config_digest(content, record, arch) == digest:
+            return record
+    return None
+
+
+async def _get_image(images: Any, name: str) -> images_pb2.Image | None:
+    try:
+        reply = await images.Get(images_pb2.GetImageRequest(name=name), metadata=_META)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise _translate(exc) from None
+    found: images_pb2.Image = reply.image
+    return found
+
+
+async def _config_digest(content: Any, record: images_pb2.Image, arch: str) -> str | None:
+    """The config digest of a listed image, or None when it cannot be read (not the one we look for)."""
+    try:
+        target = _descriptor_from_pb(record.target, f"image {record.name}: target")
+        resolved = await _resolve_manifest(content, target, arch, record.name)
+    except ShimError as exc:
+        log.debug("image %s: skipped while looking up an ID: %s", record.name, exc.message)
+        return None
+    if resolved is None:
+        return None
+    config = resolved[1].get("config")
+    digest = config.get("digest") if isinstance(config, dict) else None
+    return digest if isinstance(digest, str) else None
+
+
+def normalize(ref: str) -> str:
+    """A reference in containerd's fully qualified docker form: busybox -> docker.io/library/busybox:latest."""
+    if _ID.fullmatch(ref) or not ref:
+        return ref
+    name, at, digest = ref.partition("@")
+    first, slash, rest = name.partition("/")
+    if not slash or ("." not in first and ":" not in first and first != "localhost"):
+        domain, path = "docker.io", name
+    else:
+        domain, path = first, rest
+    if domain == "docker.io" and "/" not in path:
+        path = f"library/{path}"
+    if not at and ":" not in path.rpartition("/")[2]:
+        path = f"{path}:latest"
+    return f"{domain}/{path}{at}{digest}"
+
+
+# -- index and manifest -----------------------------------------------------------------
+
+
+async def _resolve_manifest(content: Any, target: _Descriptor, arch: str, image: str,
+                            ) -> tuple[_Descriptor, dict[str, Any], dict[str, str]] | None:
+    """(manifest descriptor, manifest, annotations gathered on the way), or None for a non-OCI target."""
+    annotations: dict[str, str] = {}
+    descriptor = target
+    for _ in range(3):  # an index may point at an index; deeper nesting is not used in practice
+        if descriptor.media_type in MANIFEST_TYPES:
+            manifest = await _read_json(content, descriptor, f"image {image}: manifest {descriptor.digest}")
+            if not isinstance(manifest.get("layers"), list):
+                raise InvalidArgument(f"image {image}: manifest {descriptor.digest} has no layers list")
+            annotations |= descriptor.annotations
+            annotations |= _annotations(manifest, f"image {image}: manifest {descriptor.digest}")
+            return descriptor, manifest, annotations
+        if descriptor.media_type not in INDEX_TYPES:
+            log.debug("image %s: target media type %r is neither index nor manifest", image, descriptor.media_type)
+            return None
+        what = f"image {image}: index {descriptor.digest}"
+        index = await _read_json(content, descriptor, what)
+        annotations |= descriptor.annotations
+        annotations |= _annotations(index, what)
+        chosen = _pick_manifest(index, arch, what)
+        if chosen is None:
+            if family_of(annotations) is not None:
+                raise InvalidArgument(f"{what}: checkpoint image without a manifest for linux/{arch}")
+            return None
+        descriptor = chosen
+    raise InvalidArgument(f"image {image}: indexes nested too deeply")
+
+
+def _pick_manifest(index: dict[str, Any], arch: str, what: str) -> _Descriptor | None:
+    entries = index.get("manifests")
+    if not isinstance(entries, list):
+        raise InvalidArgument(f"{what}: no manifests list")
+    candidates: list[tuple[_Descriptor, Any]] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise InvalidArgument(f"{what}: manifests[{i}] is not an object")
+        descriptor = _descriptor_from_json(entry, f"{what}: manifests[{i}]")
+        if descriptor.media_type not in MANIFEST_TYPES | INDEX_TYPES:
+            continue
+        if descriptor.annotations.get("vnd.docker.reference.type") == "attestation-manifest":
+            continue  # buildkit's provenance/SBOM entries (platform unknown/unknown)
+        candidates.append((descriptor, entry.get("platform")))
+    for descriptor, plat in candidates:
+        if isinstance(plat, dict) and plat.get("os") == "linux" and plat.get("architecture") == arch:
+            return descriptor
+    if len(candidates) == 1:  # the only manifest, when it names no other platform
+        descriptor, plat = candidates[0]
+        if not isinstance(plat, dict) or (plat.get("os") in (None, "", "linux") and not plat.get("architecture")):
+            return descriptor
+    return None
+
+
+def _single_layer(manifest: dict[str, Any], image: str) -> Layer:
+    layers = manifest["layers"]
+    if len(layers) != 1:
+        raise InvalidArgument(f"checkpoint image {image} has {len(layers)} layers; a checkpoint image has exactly "
+                              "one, holding the checkpoint archive's contents")
+    if not isinstance(layers[0], dict):
+        raise InvalidArgument(f"checkpoint image {image}: its layer descriptor is not an object")
+    layer = _descriptor_from_json(layers[0], f"checkpoint image {image}: layer")
+    if layer.media_type not in LAYER_TYPES:
+        raise InvalidArgument(f"checkpoint image {image}: layer media type {layer.media_type!r} is not a tar "
+                              "layer (plain, gzip or zstd)")
+    return Layer(layer.digest, layer.media_type, layer.size)
+
+
+def _descriptor_from_pb(pb: Any, what: str) -> _Descriptor:
+    descriptor = _Descriptor(str(pb.media_type), str(pb.digest), int(pb.size), dict(pb.annotations))
+    _split_digest(descriptor.digest, what)
+    return descriptor
+
+
+def _descriptor_from_json(entry: dict[str, Any], what: str) -> _Descriptor:
+    media_type, digest, size = entry.get("mediaType"), entry.get("digest"), entry.get("size")
+    if not isinstance(media_type, str) or not isinstance(digest, str) \
+            or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidArgument(f"{what}: not a descriptor (mediaType, digest, size)")
+    _split_digest(digest, what)
+    return _Descriptor(media_type, digest, size, _annotations(entry, what))
+
+
+def _annotations(document: dict[str, Any], what: str) -> dict[str, str]:
+    value = document.get("annotations", {})
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise InvalidArgument(f"{what}: annotations are not a map of strings")
+    return dict(value)
+
+
+def _split_digest(digest: str, what: str) -> tuple[str, str]:
+    match = _DIGEST.fullmatch(digest)
+    if match is None:
+        raise InvalidArgument(f"{what}: {digest!r} is not a sha256 or sha512 digest")
+    algorithm, hexdigest = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+    return algorithm, hexdigest
+
+
+# -- reading blobs --------------------------------------------------------------------------
+
+
+async def _read_json(content: Any, descriptor: _Descriptor, what: str) -> dict[str, Any]:
+    data = await _read_blob(content, descriptor, what)
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{what}: not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidArgument(f"{what}: not a JSON object")
+    declared = document.get("mediaType")
+    if declared is not None and declared != descriptor.media_type:
+        raise InvalidArgument(f"{what}: declares media type {declared!r}, its descriptor says "
+                              f"{descriptor.media_type!r}")
+    return document
+
+
+async def _read_blob(content: Any, descriptor: _Descriptor, what: str) -> bytes:
+    """A small blob, whole, checked against its descriptor's size and digest."""
+    if descriptor.size > MAX_MANIFEST_SIZE:
+        raise InvalidArgument(f"{what}: {descriptor.size} bytes, more than the {MAX_MANIFEST_SIZE} allowed")
+    algorithm, expected = _split_digest(descriptor.digest, what)
+    chunks: list[bytes] = []
+    received = 0
+    call = content.Read(content_pb2.ReadContentRequest(digest=descriptor.digest), metadata=_META)
+    try:
+        async for reply in call:
+            received += len(reply.data)
+            if received > descriptor.size:
+                raise InvalidArgument(f"{what}: blob is larger than its descriptor's size {descriptor.size}")
+            chunks.append(reply.data)
+    except grpc.aio.AioRpcError as exc:
+        raise _translate(exc) from None
+    finally:
+        call.cancel()
+    data = b"".join(chunks)
+    if len(data) != descriptor.size or hashlib.new(algorithm, data).hexdigest() != expected:
+        raise InvalidArgument(f"{what}: content does not match its descriptor (size {len(data)}, "
+                              f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()})")
+    return data
+
+
+def _write_and_hash(fd: int, hasher: Any, data: bytes) -> None:
+    hasher.update(data)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _translate(exc: grpc.aio.AioRpcError) -> ShimError:
+    details = exc.details() or exc.code().name
+    error: ShimError = _ERRORS.get(exc.code(), Unknown)(details)
+    return error
