@@ -45,6 +45,11 @@ class Containerd:
         self._containers = containers_pb2_grpc.ContainersStub(self._channel)
         self._snapshots = snapshots_pb2_grpc.SnapshotsStub(self._channel)
 
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """For modules that speak other containerd services over the same connection."""
+        return self._channel
+
     async def close(self) -> None:
         await self._channel.close()
 
@@ -53,6 +58,14 @@ class Containerd:
         reply = await _call(self._cri.ContainerStatus(
             cri.ContainerStatusRequest(container_id=container_id, verbose=True)))
         return reply.status, json.loads(reply.info.get("info", "{}") or "{}")
+
+    async def sandbox_process_label(self, sandbox_id: str) -> str | None:
+        """The pod's SELinux process label, from its runtime spec (verbose status)."""
+        reply = await _call(self._cri.PodSandboxStatus(
+            cri.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id, verbose=True)))
+        info = json.loads(reply.info.get("info", "{}") or "{}")
+        label = info.get("runtimeSpec", {}).get("process", {}).get("selinuxLabel")
+        return str(label) if label else None
 
     async def sandbox_status(self, sandbox_id: str) -> cri.PodSandboxStatus:
         reply = await _call(self._cri.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)))

@@ -23,9 +23,10 @@ def handler(containerd: Containerd, restorer: Restorer) -> Handler:
             request = cri.CreateContainerRequest.FromString(call.request)
         except DecodeError:
             request = None
-        if request is None or not restorer.is_restore(request):
+        source = await restorer.source(request) if request is not None else None
+        if source is None:
             return await containerd.forward(METHOD, call.request, call.metadata, call.timeout)
-        reply = await restorer.create(request, call.peer, call.metadata, call.timeout)
+        reply = await restorer.create(request, source, call.peer, call.metadata, call.timeout)
         return bytes(reply.SerializeToString())
 
     return create_container

@@ -26,6 +26,8 @@ from shim.config import Config
 from shim.containerd import Containerd
 from shim.errors import NotFound, PermissionDenied, ShimError
 from shim.proxy.dispatch import Peer
+from shim.restore.image import CheckpointImage, checkpoint_image, export_layer
+from shim.restore.selinux import restore_lsm_options, selinux_enforcing
 from shim.runtime.bundle import RESTORE_DIR
 
 log = logging.getLogger(__name__)
@@ -38,16 +40,21 @@ class Restorer:
         self._containerd = containerd
         self._config = config
 
-    def is_restore(self, request: cri.CreateContainerRequest) -> bool:
-        """A restore when the image names an existing file (a checkpoint archive)."""
+    async def source(self, request: cri.CreateContainerRequest) -> Path | CheckpointImage | None:
+        """What to restore from: an archive (the image names a file) or a checkpoint image; else None."""
         image = request.config.image.image
-        return image.startswith("/") and os.path.lexists(image)
+        if image.startswith("/") and os.path.lexists(image):
+            return Path(image)
+        if not image:
+            return None
+        return await checkpoint_image(self._containerd.channel, image)
 
-    async def create(self, request: cri.CreateContainerRequest, peer: Peer,
+    async def create(self, request: cri.CreateContainerRequest, source: Path | CheckpointImage, peer: Peer,
                      metadata: tuple[tuple[str, str], ...], timeout: float | None) -> cri.CreateContainerResponse:
         started, result, container_id = time.monotonic(), "ok", ""
         try:
-            archive = self._admit(Path(request.config.image.image))
+            self._require_enabled(request.config.image.image)
+            archive = self._admit(source) if isinstance(source, Path) else source
             container_id = await self._create(request, archive, metadata, timeout)
         except ShimError as exc:
             result = f"error: {exc.code.name}: {exc.message}"
@@ -59,12 +66,14 @@ class Restorer:
             self._audit(request, peer, container_id, started, result)
         return cri.CreateContainerResponse(container_id=container_id)
 
-    def _admit(self, image: Path) -> Path:
-        """The archive's real path, if restores are on and it lies in an allowed directory."""
-        settings = self._config.restore
-        if not settings.enabled:
+    def _require_enabled(self, image: str) -> None:
+        if not self._config.restore.enabled:
             raise PermissionDenied(f"restore from checkpoint {image} refused: restores are disabled on this node "
                                    "(set [restore] enabled = true in the criu-shim config)")
+
+    def _admit(self, image: Path) -> Path:
+        """The archive's real path, if it lies in an allowed directory."""
+        settings = self._config.restore
         real = image.resolve()
         allowed = [d.resolve() for d in settings.allowed_dirs]
         if not any(real.is_relative_to(d) for d in allowed) or not real.is_file():
@@ -72,20 +81,26 @@ class Restorer:
                                    f"directory (restore.allowed_dirs = {[str(d) for d in settings.allowed_dirs]})")
         return real
 
-    async def _create(self, request: cri.CreateContainerRequest, archive_path: Path,
+    async def _create(self, request: cri.CreateContainerRequest, source: Path | CheckpointImage,
                       metadata: tuple[tuple[str, str], ...], timeout: float | None) -> str:
         from shim.restore.archive import open_checkpoint
 
         work = self._config.restore.work_dir / uuid.uuid4().hex
         work.mkdir(mode=0o700, parents=True)
+        layer = work.parent / f"{work.name}.layer"
         try:
             unpack_started = time.monotonic()
+            if isinstance(source, CheckpointImage):
+                archive_path = await export_layer(self._containerd.channel, source.layer, layer)
+            else:
+                archive_path = source
             archive = await asyncio.to_thread(open_checkpoint, archive_path, work)
             unpacked = time.monotonic() - unpack_started
             image = await self._resolve_image(archive.config)
             _check_hostile_spec(archive.spec, request)
-            new = _restore_request(request, archive, image, work, archive_path)
-            _write_criu_config(work, self._config, request)
+            label = await self._sandbox_label(request.pod_sandbox_id)
+            new = _restore_request(request, archive, image, work, _source_name(source))
+            _write_criu_config(work, self._config, request, label)
             await asyncio.to_thread(_copy_log, archive.log, request)
             create_started = time.monotonic()
             reply = await self._containerd.forward(METHOD, new.SerializeToString(), metadata, timeout)
@@ -95,6 +110,14 @@ class Restorer:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+        finally:
+            layer.unlink(missing_ok=True)
+
+    async def _sandbox_label(self, sandbox_id: str) -> str | None:
+        """The new pod's SELinux process label, needed only where SELinux enforces."""
+        if not selinux_enforcing():
+            return None
+        return await self._containerd.sandbox_process_label(sandbox_id)
 
     async def _resolve_image(self, config: dict[str, Any]) -> str:
         """The original image by digest or ID first, then by name; never re-tagged."""
@@ -123,8 +146,12 @@ def _check_hostile_spec(spec: dict[str, Any], request: cri.CreateContainerReques
     check_declared_mounts(spec, {m.container_path for m in request.config.mounts})
 
 
+def _source_name(source: Path | CheckpointImage) -> str:
+    return str(source) if isinstance(source, Path) else source.name
+
+
 def _restore_request(request: cri.CreateContainerRequest, archive: Any, image: str, work: Path,
-                     archive_path: Path) -> cri.CreateContainerRequest:
+                     source_name: str) -> cri.CreateContainerRequest:
     new = cri.CreateContainerRequest()
     new.CopyFrom(request)
     config = new.config
@@ -142,15 +169,19 @@ def _restore_request(request: cri.CreateContainerRequest, archive: Any, image: s
     config.annotations[CRIU_CONFIG_ANNOTATION] = str(work.parent / f"{work.name}.criu.conf")
     config.annotations["restored"] = "true"
     config.annotations["checkpointedAt"] = str(archive.config.get("checkpointedTime", ""))
-    config.annotations["checkpointImage"] = str(archive_path)
+    config.annotations["checkpointImage"] = source_name
     return new
 
 
-def _write_criu_config(work: Path, config: Config, request: cri.CreateContainerRequest) -> None:
-    """CRIU options for the restore (runc passes none itself): from the new pod's annotations."""
+def _write_criu_config(work: Path, config: Config, request: cri.CreateContainerRequest,
+                       sandbox_label: str | None) -> None:
+    """CRIU options for the restore (runc passes none itself): the new pod's annotations and labels."""
     opts = options.resolve(config.checkpoint, request.sandbox_config.annotations, request.config.metadata.name)
     lines = [name for name, on in (("tcp-established", opts.tcp_established), ("file-locks", opts.file_locks),
                                    ("ext-unix-sk", opts.ext_unix_sockets)) if on]
+    linux = request.config.linux
+    context = linux.security_context if linux.HasField("security_context") else None
+    lines += restore_lsm_options(selinux_enforcing(), context, sandbox_label)
     # Beside the work dir, not in it: it must outlive the unpacked images, since
     # runc reads it again when the restored container is checkpointed.
     path = work.parent / f"{work.name}.criu.conf"
