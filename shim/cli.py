@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                        help="how long SIGTERM waits for in-flight calls (default 10)")
 
+    image = sub.add_parser("checkpoint-image", help="turn a checkpoint archive into an OCI image (like "
+                           "`checkpointctl build`)",
+                           description="Writes an OCI layout tar holding ARCHIVE as a checkpoint image named REF, "
+                           "with the org.criu.checkpoint.* and CRI-O checkpoint annotations. Import it with "
+                           "`ctr -n k8s.io images import OUT` or push it to a registry; a pod whose image is REF "
+                           "is then restored by criu-shim.")
+    image.add_argument("archive", type=Path, help="checkpoint archive (uncompressed tar)")
+    image.add_argument("--name", required=True, metavar="REF", help="image reference, e.g. registry/app:ckpt")
+    image.add_argument("--out", type=Path, required=True, help="OCI layout tar to write")
+
     node = sub.add_parser("node", help="a local containerd node for development, tests and the demo")
     node_sub = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
     node_up = node_sub.add_parser("up", help="start containerd, a CNI bridge and the proxy, all under DIR",
@@ -89,6 +99,11 @@ def _run(args: argparse.Namespace) -> int:
         from shim.proxy.main import serve
 
         return serve(args.listen, args.runtime_endpoint, args.config, args.grace)
+    if args.command == "checkpoint-image":
+        from shim.restore.build_image import build
+
+        print(build(args.archive, args.name, args.out))
+        return 0
     if args.command == "node":
         from shim.node import local
 

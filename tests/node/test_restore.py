@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ import grpc
 import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
+from shim.node.tools import load_paths
 from tests.node.conftest import Node
 from tests.node.pods import Cri, Pod, wait_for
 
@@ -29,7 +32,8 @@ def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
 
 
 def _restore(client: Cri, pod: Pod, archive: Path, name: str = "restored") -> str:
-    config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=str(archive)),
+    image = str(archive) if archive.is_absolute() else archive.as_posix()
+    config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=image),
                                  log_path=f"{name}.log")
     ctr = str(client.runtime.CreateContainer(cri.CreateContainerRequest(
         pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config), timeout=120).container_id)
@@ -141,3 +145,26 @@ def test_hostile_archive_is_refused_and_leaves_nothing(client: Cri, node: Node, 
         assert not listed
     assert _work_dirs(node) == before
     assert sentinel.read_text() == "untouched"
+
+
+def test_restore_from_a_checkpoint_oci_image(client: Cri, node: Node, tmp_path: Path) -> None:
+    archive, _ = _checkpoint_counter(client, node, 20)
+    layout = tmp_path / "image.tar"
+    ref = "localhost/criu-shim/counter-checkpoint:1"
+    build = subprocess.run([sys.executable, "-m", "shim", "checkpoint-image", str(archive), "--name", ref,
+                            "--out", str(layout)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    ctr_bin = Path(load_paths()["CONTAINERD_1_7"]) / "ctr"
+    socket = node.containerd.removeprefix("unix://")
+    subprocess.run([str(ctr_bin), "--address", socket, "-n", "k8s.io", "images", "import", str(layout)],
+                   check=True, capture_output=True)
+    archive.unlink()  # the image alone must be enough
+    try:
+        with client.pod() as pod:
+            ctr = _restore(client, pod, Path(ref))
+            assert client.count(ctr) >= 20
+            status = client.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr)).status
+            assert status.annotations["checkpointImage"].endswith("counter-checkpoint:1")
+    finally:
+        subprocess.run([str(ctr_bin), "--address", socket, "-n", "k8s.io", "images", "rm", ref],
+                       capture_output=True)

@@ -1,0 +1,106 @@
+"""`criu-shim checkpoint-image`: a checkpoint archive as an OCI image (like `checkpointctl build`).
+
+The image has one layer holding the archive's entries at its root (the archive
+tar *is* that layer, uncompressed, so nothing is repacked) and the annotations
+of both families that engines look for: `org.criu.checkpoint.*` (containerd,
+checkpointctl) and `io.kubernetes.cri-o.annotations.checkpoint.*` (CRI-O). The
+output is an OCI layout tar that `ctr images import` or any registry client
+takes; the original image is not embedded (restore pulls it by reference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import platform
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from shim.errors import InvalidArgument
+from shim.restore.archive import REQUIRED
+
+LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _file_digest(path: Path) -> tuple[str, int]:
+    sha, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+            size += len(chunk)
+    return "sha256:" + sha.hexdigest(), size
+
+
+def _read_member(archive: Path, name: str) -> dict[str, Any]:
+    with tarfile.open(archive, "r:") as tar:
+        names = set(tar.getnames())
+        missing = [r for r in REQUIRED if r not in names]
+        if missing:
+            raise InvalidArgument(f"{archive} has no {', '.join(missing)}: not a checkpoint archive")
+        member = tar.extractfile(name)
+        assert member is not None
+        data: dict[str, Any] = json.loads(member.read())
+        return data
+
+
+def checkpoint_annotations(archive: Path) -> dict[str, str]:
+    config = _read_member(archive, "config.dump")
+    spec = _read_member(archive, "spec.dump")
+    spec_notes = spec.get("annotations", {})
+    name = str(config.get("name") or spec_notes.get("io.kubernetes.cri.container-name", "container"))
+    image = str(config.get("rootfsImageName") or config.get("rootfsImage") or "")
+    return {
+        "org.criu.checkpoint.container.name": name,
+        "org.criu.checkpoint.engine.name": "criu-shim",
+        "org.criu.checkpoint.rootfsImageName": image,
+        "org.criu.checkpoint.rootfsImageRef": str(config.get("rootfsImageRef", "")),
+        "org.criu.checkpoint.pod.name": str(spec_notes.get("io.kubernetes.cri.sandbox-name", "")),
+        "org.criu.checkpoint.pod.namespace": str(spec_notes.get("io.kubernetes.cri.sandbox-namespace", "")),
+        "io.kubernetes.cri-o.annotations.checkpoint.name": name,
+        "io.kubernetes.cri-o.annotations.checkpoint.rootfsImageName": image,
+    }
+
+
+def build(archive: Path, ref: str, out: Path) -> str:
+    """Write the OCI layout tar for `archive` named `ref` to `out`; return the manifest digest."""
+    notes = checkpoint_annotations(archive)
+    layer_digest, layer_size = _file_digest(archive)  # an uncompressed tar: already a valid layer
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    config = json.dumps({"architecture": arch, "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}, sort_keys=True).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": _digest(config),
+                   "size": len(config)},
+        "layers": [{"mediaType": LAYER_TYPE, "digest": layer_digest, "size": layer_size}],
+        "annotations": notes,
+    }, sort_keys=True).encode()
+    index = json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": _digest(manifest),
+        "size": len(manifest), "annotations": {**notes, "io.containerd.image.name": ref,
+                                               "org.opencontainers.image.ref.name": ref.rsplit(":", 1)[-1]}}]})
+    _write_layout(out, {"oci-layout": b'{"imageLayoutVersion": "1.0.0"}', "index.json": index.encode()},
+                  [config, manifest], archive, layer_digest)
+    return _digest(manifest)
+
+
+def _write_layout(out: Path, files: dict[str, bytes], blobs: list[bytes], layer: Path, layer_digest: str) -> None:
+    with tarfile.open(out, "w") as tar:
+        for name, data in files.items():
+            _add(tar, name, data)
+        for blob in blobs:
+            _add(tar, "blobs/sha256/" + _digest(blob).removeprefix("sha256:"), blob)
+        tar.add(layer, arcname="blobs/sha256/" + layer_digest.removeprefix("sha256:"))
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o600
+    tar.addfile(info, io.BytesIO(data))
