@@ -11,6 +11,7 @@
     [restore]
     enabled = false             # restore at CreateContainer is opt-in per node
     allowed_dirs = ["/var/lib/kubelet/checkpoints"]   # archives are taken only from here
+    allowed_registries = []     # checkpoint images are taken only from these registries
     work_dir = "/var/lib/criu-shim/restore"           # where archives are unpacked (private)
 """
 
@@ -43,6 +44,7 @@ class CheckpointDefaults:
 class RestoreSettings:
     enabled: bool = False
     allowed_dirs: tuple[Path, ...] = DEFAULT_ALLOWED_DIRS
+    allowed_registries: tuple[str, ...] = ()
     work_dir: Path = DEFAULT_RESTORE_DIR
 
 
@@ -94,7 +96,7 @@ def parse(raw: dict[str, Any], origin: str = "config") -> Config:
 def _restore(section: Any, origin: str) -> RestoreSettings:
     if not isinstance(section, dict):
         raise InvalidArgument(f"{origin}: [restore] must be a table")
-    unknown = set(section) - {"enabled", "allowed_dirs", "work_dir"}
+    unknown = set(section) - {"enabled", "allowed_dirs", "allowed_registries", "work_dir"}
     if unknown:
         raise InvalidArgument(f"{origin}: unknown keys in [restore]: {', '.join(sorted(unknown))}")
     enabled = section.get("enabled", False)
@@ -106,7 +108,10 @@ def _restore(section: Any, origin: str) -> RestoreSettings:
         raise InvalidArgument(f"{origin}: restore.allowed_dirs must be a list of absolute paths")
     if not isinstance(work, str) or not Path(work).is_absolute():
         raise InvalidArgument(f"{origin}: restore.work_dir must be an absolute path")
-    return RestoreSettings(enabled, tuple(Path(d) for d in dirs), Path(work))
+    registries = section.get("allowed_registries", [])
+    if not isinstance(registries, list) or not all(isinstance(r, str) and r and "/" not in r for r in registries):
+        raise InvalidArgument(f"{origin}: restore.allowed_registries must be a list of registry hosts")
+    return RestoreSettings(enabled, tuple(Path(d) for d in dirs), tuple(registries), Path(work))
 
 
 def _which_criu() -> Path | None:

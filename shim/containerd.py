@@ -110,6 +110,9 @@ class Containerd:
         found: cri.Image | None = reply.image if reply.HasField("image") else None
         return found
 
+    async def pull_image(self, image: str) -> None:
+        await _call(self._cri_images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image))))
+
     async def checkpoint_task(self, container_id: str, options: runc_options.CheckpointOptions,
                               timeout: float | None) -> None:
         """runc checkpoint through containerd's runc shim, images written to `options.image_path`.

@@ -159,6 +159,7 @@ audit_log = "{layout.log_dir / 'audit.log'}"
 [restore]
 enabled = true
 allowed_dirs = ["{layout.checkpoints_dir}"]
+allowed_registries = ["localhost"]
 work_dir = "{layout.dir / 'restore'}"
 """
 

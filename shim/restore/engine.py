@@ -54,7 +54,7 @@ class Restorer:
         started, result, container_id = time.monotonic(), "ok", ""
         try:
             self._require_enabled(request.config.image.image)
-            archive = self._admit(source) if isinstance(source, Path) else source
+            archive = self._admit(source) if isinstance(source, Path) else self._admit_image(source)
             container_id = await self._create(request, archive, metadata, timeout)
         except ShimError as exc:
             result = f"error: {exc.code.name}: {exc.message}"
@@ -70,6 +70,14 @@ class Restorer:
         if not self._config.restore.enabled:
             raise PermissionDenied(f"restore from checkpoint {image} refused: restores are disabled on this node "
                                    "(set [restore] enabled = true in the criu-shim config)")
+
+    def _admit_image(self, image: CheckpointImage) -> CheckpointImage:
+        """A checkpoint image is restored only from an allow-listed registry."""
+        allowed = self._config.restore.allowed_registries
+        if registry_of(image.name) not in allowed:
+            raise PermissionDenied(f"restore from checkpoint image {image.name} refused: registry "
+                                   f"{registry_of(image.name)!r} is not in restore.allowed_registries {list(allowed)}")
+        return image
 
     def _admit(self, image: Path) -> Path:
         """The archive's real path, if it lies in an allowed directory."""
@@ -122,12 +130,20 @@ class Restorer:
     async def _resolve_image(self, config: dict[str, Any]) -> str:
         """The original image by digest or ID first, then by name; never re-tagged."""
         candidates = [config.get(k) for k in ("rootfsImageRef", "rootfsImageName", "rootfsImage")]
-        for ref in [c for c in candidates if isinstance(c, str) and c]:
+        refs = [c for c in candidates if isinstance(c, str) and c]
+        for ref in refs:
             image = await self._containerd.image_status(ref)
             if image is not None:
                 return str(image.id)
-        raise NotFound(f"the checkpoint's original image ({', '.join(str(c) for c in candidates if c)}) "
-                       "is not on this node; pull it first")
+        pullable = next((r for r in refs if not r.startswith("sha256:")), None)
+        if pullable is not None:
+            # Missing here (another node checkpointed it): pull by digest, else by name.
+            await self._containerd.pull_image(pullable)
+            image = await self._containerd.image_status(pullable)
+            if image is not None:
+                return str(image.id)
+        raise NotFound(f"the checkpoint's original image ({', '.join(refs)}) is not on this node "
+                       "and could not be pulled")
 
     def _audit(self, request: cri.CreateContainerRequest, peer: Peer, container_id: str, started: float,
                result: str) -> None:
@@ -137,6 +153,14 @@ class Restorer:
             namespace=sandbox.namespace, container=request.config.metadata.name, container_id=container_id,
             location=request.config.image.image, size=0, duration_s=round(time.monotonic() - started, 4),
             frozen_s=0.0, dump_s=0.0, archive_s=0.0, result=result))
+
+
+def registry_of(ref: str) -> str:
+    """The registry host of an image reference, as docker names it (docker.io when implicit)."""
+    first, sep, _ = ref.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return "docker.io"
 
 
 def _check_hostile_spec(spec: dict[str, Any], request: cri.CreateContainerRequest) -> None:

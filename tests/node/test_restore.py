@@ -147,10 +147,12 @@ def test_hostile_archive_is_refused_and_leaves_nothing(client: Cri, node: Node, 
     assert sentinel.read_text() == "untouched"
 
 
-def test_restore_from_a_checkpoint_oci_image(client: Cri, node: Node, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ref, allowed", [("localhost/criu-shim/counter-checkpoint:1", True),
+                                          ("example.com/criu-shim/counter-checkpoint:1", False)])
+def test_restore_from_a_checkpoint_oci_image(client: Cri, node: Node, tmp_path: Path, ref: str,
+                                             allowed: bool) -> None:
     archive, _ = _checkpoint_counter(client, node, 20)
     layout = tmp_path / "image.tar"
-    ref = "localhost/criu-shim/counter-checkpoint:1"
     build = subprocess.run([sys.executable, "-m", "shim", "checkpoint-image", str(archive), "--name", ref,
                             "--out", str(layout)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
@@ -161,6 +163,12 @@ def test_restore_from_a_checkpoint_oci_image(client: Cri, node: Node, tmp_path: 
     archive.unlink()  # the image alone must be enough
     try:
         with client.pod() as pod:
+            if not allowed:
+                with pytest.raises(grpc.RpcError) as caught:
+                    _restore(client, pod, Path(ref))
+                assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert "restore.allowed_registries" in (caught.value.details() or "")
+                return
             ctr = _restore(client, pod, Path(ref))
             assert client.count(ctr) >= 20
             status = client.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr)).status

@@ -1,0 +1,31 @@
+"""node-config/ is what a real node installs: it must parse and agree with the code."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from shim.node.render import RESTORE_ANNOTATIONS
+
+NODE_CONFIG = Path(__file__).resolve().parents[2] / "node-config"
+
+
+def test_containerd_fragment_registers_the_criu_handler_as_default() -> None:
+    config = tomllib.loads((NODE_CONFIG / "containerd-cri.toml").read_text())
+    cri = config["plugins"]["io.containerd.grpc.v1.cri"]
+    assert cri["restrict_oom_score_adj"] is True
+    assert cri["containerd"]["default_runtime_name"] == "criu"
+    criu = cri["containerd"]["runtimes"]["criu"]
+    assert criu["runtime_type"] == "io.containerd.runc.v2"  # runc options reach the stock shim
+    assert criu["runtime_path"].endswith("containerd-shim-criu-v2")
+    assert tuple(criu["container_annotations"]) == RESTORE_ANNOTATIONS
+
+
+def test_launcher_only_diverts_restores_and_kubelet_points_at_the_proxy() -> None:
+    launcher = (NODE_CONFIG / "containerd-shim-criu-v2").read_text()
+    assert '"restore.criu-shim.io/dir"' in launcher and "exec containerd-shim-runc-v2" in launcher
+    assert (NODE_CONFIG / "containerd-shim-criu-v2").stat().st_mode & 0o111
+    flags = (NODE_CONFIG / "kubelet-flags.env").read_text()
+    assert "--container-runtime-endpoint=unix:///run/criu-shim/cri.sock" in flags
+    unit = (NODE_CONFIG / "criu-shim.service").read_text()
+    assert "criu-shim serve" in unit and "Before=kubelet.service" in unit
