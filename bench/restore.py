@@ -9,6 +9,12 @@ through criu-shim on containerd 1.7; then, repeatedly and interleaved:
            the floor: what the engine around it costs is the difference
   cold     CreateContainer + StartContainer of the same program from its image,
            until it is ready (its memory allocated and touched: first count)
+  2.x      containerd 2.x's native restore of its own checkpoint of the same program
+           (CreateContainer with the archive + StartContainer), images from a loopback
+           registry as on a real node (2.x resolves the base image by repo digest)
+
+Also: what the criu handler costs a container that is NOT restored (create+start
+with handler "criu" against handler "runc").
 """
 
 from __future__ import annotations
@@ -35,17 +41,24 @@ def criu_shim(*args: str) -> dict[str, str]:
 
 
 class Node:
-    def __init__(self, directory: Path, endpoint: str) -> None:
+    def __init__(self, directory: Path, endpoint: str, image: str = TESTPROGS) -> None:
         self.dir = directory
-        self.stub = api_pb2_grpc.RuntimeServiceStub(grpc.insecure_channel(endpoint))
+        self.image = image
+        channel = grpc.insecure_channel(endpoint)
+        self.stub = api_pb2_grpc.RuntimeServiceStub(channel)
+        self.images = api_pb2_grpc.ImageServiceStub(channel)
 
-    def pod(self) -> tuple[str, cri.PodSandboxConfig]:
+    def pull(self, image: str) -> None:
+        self.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)), timeout=300)
+
+    def pod(self, handler: str = "") -> tuple[str, cri.PodSandboxConfig]:
         name = f"b-{uuid.uuid4().hex[:8]}"
         logs = self.dir / "bench-logs" / name
         logs.mkdir(parents=True)
         config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=name, namespace="bench", uid=name),
                                       log_directory=str(logs))
-        return self.stub.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id, config
+        request = cri.RunPodSandboxRequest(config=config, runtime_handler=handler)
+        return self.stub.RunPodSandbox(request).pod_sandbox_id, config
 
     def remove(self, pod: str) -> None:
         self.stub.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
@@ -80,11 +93,11 @@ def criu_restore_s(node_dir: Path, container_id: str) -> float:
     return float(entry["restore_time"]) / 1e6
 
 
-def one_size(node: Node, mem_mb: int, reps: int) -> dict[str, float]:
+def checkpointed(node: Node, mem_mb: int, archive: Path) -> None:
+    """Run the counter with `mem_mb` MiB in a pod of `node`, checkpoint it to `archive`, remove the pod."""
     pod, config = node.pod()
-    archive = node.dir / "checkpoints" / f"bench-{mem_mb}.tar"
     try:
-        node.run(pod, config, TESTPROGS, {"MEM_MB": str(mem_mb)})
+        node.run(pod, config, node.image, {"MEM_MB": str(mem_mb)})
         wait_counting(Path(config.log_directory) / "counter.log")
         ctr = node.stub.ListContainers(cri.ListContainersRequest(
             filter=cri.ContainerFilter(pod_sandbox_id=pod))).containers[0].id
@@ -92,47 +105,94 @@ def one_size(node: Node, mem_mb: int, reps: int) -> dict[str, float]:
                                       timeout=600)
     finally:
         node.remove(pod)
-    times: dict[str, list[float]] = {"ours": [], "criu": [], "cold": []}
+
+
+def timed_restore(node: Node, archive: Path, criu_stats: bool = False) -> tuple[float, float]:
+    """Seconds to restore `archive` into a new pod, and CRIU's own share when asked."""
+    pod, config = node.pod()
+    start = time.perf_counter()
+    restored = node.run(pod, config, str(archive), {})
+    elapsed = time.perf_counter() - start
+    criu = criu_restore_s(node.dir, restored) if criu_stats else 0.0  # before the task dir goes
+    node.remove(pod)
+    return elapsed, criu
+
+
+def one_size(node: Node, native: Node, mem_mb: int, reps: int) -> dict[str, float]:
+    archive = node.dir / "checkpoints" / f"bench-{mem_mb}.tar"
+    native_archive = native.dir / f"bench-{mem_mb}.tar"
+    checkpointed(node, mem_mb, archive)
+    checkpointed(native, mem_mb, native_archive)
+    times: dict[str, list[float]] = {"ours": [], "criu": [], "cold": [], "native": []}
     for _ in range(reps):
+        times["native"].append(timed_restore(native, native_archive)[0])
+        elapsed, criu = timed_restore(node, archive, criu_stats=True)
+        times["ours"].append(elapsed)
+        times["criu"].append(criu)
         pod, config = node.pod()
         start = time.perf_counter()
-        restored = node.run(pod, config, str(archive), {})
-        times["ours"].append(time.perf_counter() - start)
-        times["criu"].append(criu_restore_s(node.dir, restored))
-        node.remove(pod)
-        pod, config = node.pod()
-        start = time.perf_counter()
-        node.run(pod, config, TESTPROGS, {"MEM_MB": str(mem_mb)})
+        node.run(pod, config, node.image, {"MEM_MB": str(mem_mb)})
         wait_counting(Path(config.log_directory) / "counter.log")
         times["cold"].append(time.perf_counter() - start)
         node.remove(pod)
     archive.unlink()
+    native_archive.unlink()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def handler_cost(node: Node, reps: int) -> dict[str, float]:
+    """Create+start of a plain container under handler "criu" (launcher) and "runc" (stock)."""
+    times: dict[str, list[float]] = {"criu": [], "runc": []}
+    for _ in range(reps):
+        for handler in times:
+            pod, config = node.pod(handler)
+            start = time.perf_counter()
+            node.run(pod, config, node.image, {})
+            times[handler].append(time.perf_counter() - start)
+            node.remove(pod)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> int:
+    from shim.node import registry
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="64,512,1024")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp/criu-shim-bench-restore"))
     args = parser.parse_args()
-    endpoints = criu_shim("node", "up", "--dir", str(args.dir))
+    ours_dir, native_dir = args.dir / "ours", args.dir / "native"
     try:
-        node = Node(args.dir.resolve(), endpoints["CRI_ENDPOINT"])
-        rows = [(int(s), one_size(node, int(s), args.reps)) for s in args.sizes.split(",")]
+        ours = criu_shim("node", "up", "--dir", str(ours_dir))
+        native = criu_shim("node", "up", "--dir", str(native_dir), "--containerd", "2.x")
+        reg = registry.start_registry(args.dir / "registry")
+        image = {p.name: p for p in registry.push_images(reg)}["testprogs"].ref
+        node = Node(ours_dir.resolve(), ours["CRI_ENDPOINT"], image)
+        other = Node(native_dir.resolve(), native["CONTAINERD_ENDPOINT"], image)  # 2.x itself, no proxy
+        for n in (node, other):
+            n.pull(image)
+        rows = [(int(s), one_size(node, other, int(s), args.reps)) for s in args.sizes.split(",")]
+        handlers = handler_cost(node, max(args.reps, 5))
     finally:
-        subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(args.dir), "--purge"],
-                       capture_output=True)
-    print(f"{'memory':>7} {'ours':>8} {'CRIU':>8} {'cold start':>10} {'ours/CRIU':>9} {'cold/ours':>9} "
-          f"{'2.x (issue)':>11} {'2.x/ours':>8}")
-    native = {64: 0.31, 512: 0.93, 1024: 1.85}  # containerd 2.x native restore on these machines (issue 4)
-    for mem_mb, t in rows:
-        ref = native.get(mem_mb)
-        print(f"{mem_mb:>5}Mi {t['ours']:>7.3f}s {t['criu']:>7.3f}s {t['cold']:>9.3f}s {t['ours'] / t['criu']:>8.1f}x "
-              f"{t['cold'] / t['ours']:>8.2f}x " + (f"{ref:>10.2f}s {ref / t['ours']:>7.2f}x" if ref else ""))
-    print(f"(median of {args.reps}; ours = CreateContainer+StartContainer until the process runs; cold = until the "
-          "fresh program has allocated its memory; 2.x column: the issue's figures, not measured in this run)")
+        registry.stop_registry(args.dir / "registry")
+        for d in (ours_dir, native_dir):
+            subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(d), "--purge"],
+                           capture_output=True)
+    report(rows, handlers, args.reps)
     return 0
+
+
+def report(rows: list[tuple[int, dict[str, float]]], handlers: dict[str, float], reps: int) -> None:
+    print(f"{'memory':>7} {'ours':>8} {'2.x':>8} {'CRIU':>8} {'cold start':>10} {'2.x/ours':>8} "
+          f"{'ours/CRIU':>9} {'cold/ours':>9}")
+    for mem_mb, t in rows:
+        print(f"{mem_mb:>5}Mi {t['ours']:>7.3f}s {t['native']:>7.3f}s {t['criu']:>7.3f}s {t['cold']:>9.3f}s "
+              f"{t['native'] / t['ours']:>7.2f}x {t['ours'] / t['criu']:>8.1f}x {t['cold'] / t['ours']:>8.2f}x")
+    print(f"(median of {reps}; ours and 2.x = CreateContainer+StartContainer until the process runs; CRIU = "
+          "its own restore time of our images; cold = until the fresh program has allocated its memory)")
+    added = (handlers["criu"] - handlers["runc"]) * 1e3
+    print(f"a container that is not restored: create+start {handlers['runc'] * 1e3:.1f} ms with handler runc, "
+          f"{handlers['criu'] * 1e3:.1f} ms with handler criu ({added:+.1f} ms)")
 
 
 if __name__ == "__main__":
