@@ -22,7 +22,13 @@ log = logging.getLogger(__name__)
 
 
 class RestoreRewriter:
-    def __init__(self, plan: RestorePlan, bundle: Path) -> None:
+    """Create names the checkpoint; Start of the init process first gets the rootfs ready.
+
+    `bundle` may be unknown when the relay starts (the proxy hosts it before the
+    task exists): Create tells it.
+    """
+
+    def __init__(self, plan: RestorePlan, bundle: Path | None = None) -> None:
         self.plan = plan
         self.bundle = bundle
 
@@ -41,6 +47,7 @@ class RestoreRewriter:
             raise FailedPrecondition(f"checkpoint images for {request.id} are missing in {self.plan.images}")
         # The runc shim restores instead of creating when Create names a checkpoint.
         request.checkpoint = str(self.plan.images)
+        self.bundle = Path(request.bundle)
         return bytes(request.SerializeToString())
 
     async def _before_start(self, payload: bytes) -> None:
@@ -53,6 +60,8 @@ class RestoreRewriter:
         """The files the container changed, on the new rootfs, before its processes come back."""
         from shim.restore.archive import apply_deleted_files, apply_rootfs_diff, parse_deleted_files
 
+        if self.bundle is None:
+            raise FailedPrecondition("Start arrived before Create: no bundle to restore into")
         rootfs = self.bundle / "rootfs"
         if self.plan.rootfs_diff.is_file():
             apply_rootfs_diff(self.plan.rootfs_diff, rootfs)

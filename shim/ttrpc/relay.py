@@ -35,16 +35,22 @@ _READ_SIZE = 256 << 10
 log = logging.getLogger(__name__)
 
 
-async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Path, rewrite: Rewrite,
+Upstream = Path | Callable[[], Path]
+
+
+async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream, rewrite: Rewrite,
                 methods: Collection[tuple[str, str]] | None = None) -> None:
     """Relay one accepted connection to a new connection to `upstream`, until either side closes.
 
+    `upstream` may be a callable, asked at each connection (the address may not
+    be known when the relay starts listening).
     `methods`: the (service, method) pairs whose Requests go through `rewrite`;
     None sends every Request through it.
     """
     try:
         try:
-            up_reader, up_writer = await asyncio.open_unix_connection(str(upstream))
+            target = upstream() if callable(upstream) else upstream
+            up_reader, up_writer = await asyncio.open_unix_connection(str(target))
         except OSError as exc:
             # The client sees the connection close, as it would if upstream were not listening.
             log.warning("upstream ttrpc server at %s is unavailable: %s", upstream, exc)
@@ -142,7 +148,7 @@ class RelayServer:
     Only peers with our effective uid are served (ttrpc's UnixSocketRequireSameUser).
     """
 
-    def __init__(self, listen: Path | socket.socket, upstream: Path, rewrite: Rewrite, *,
+    def __init__(self, listen: Path | socket.socket, upstream: Upstream, rewrite: Rewrite, *,
                  methods: Collection[tuple[str, str]] | None = None, exit_when_idle: bool = False) -> None:
         self.listen = listen
         self.upstream = upstream
@@ -207,7 +213,7 @@ class RelayServer:
             self._stop.set()
 
 
-async def serve_relay(listen: Path | socket.socket, upstream: Path, rewrite: Rewrite, *,
+async def serve_relay(listen: Path | socket.socket, upstream: Upstream, rewrite: Rewrite, *,
                       methods: Collection[tuple[str, str]] | None = None, exit_when_idle: bool = False) -> None:
     """Run a `RelayServer` until it stops (see there)."""
     await RelayServer(listen, upstream, rewrite, methods=methods, exit_when_idle=exit_when_idle).serve()
