@@ -15,16 +15,15 @@ from shim.cri import checkpoint_container, create_container
 from shim.proxy.dispatch import Dispatcher, Handler
 from shim.proxy.server import ProxyServer
 from shim.restore.engine import Restorer
-from shim.restore.relays import RelayHost
 
 log = logging.getLogger(__name__)
 
 
-def handlers(config: Config, containerd: Containerd, relays: RelayHost) -> dict[str, Handler]:
+def handlers(config: Config, containerd: Containerd) -> dict[str, Handler]:
     """The CRI methods the proxy answers itself; everything else is relayed."""
     return {
         checkpoint_container.METHOD: checkpoint_container.handler(Checkpointer(containerd, config)),
-        create_container.METHOD: create_container.handler(containerd, Restorer(containerd, config, relays)),
+        create_container.METHOD: create_container.handler(containerd, Restorer(containerd, config)),
     }
 
 
@@ -39,16 +38,12 @@ def serve(listen: Path, upstream: Path, config_file: Path | None, grace: float) 
 
 async def _serve(listen: Path, upstream: Path, config: Config, grace: float) -> int:
     containerd = Containerd(upstream)  # a grpc.aio channel: made inside the running loop
-    relays = RelayHost()
-    server = ProxyServer(listen, upstream, Dispatcher(handlers(config, containerd, relays)), grace=grace)
+    server = ProxyServer(listen, upstream, Dispatcher(handlers(config, containerd)), grace=grace)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)
     try:
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(relays.run())
-            await server.serve()
-            relays.stop()
+        await server.serve()
     finally:
         await containerd.close()
     log.info("stopped")

@@ -27,7 +27,7 @@ from shim.containerd import Containerd
 from shim.errors import NotFound, PermissionDenied, ShimError
 from shim.proxy.dispatch import Peer
 from shim.restore.image import CheckpointImage, checkpoint_image, export_layer
-from shim.restore.relays import RelayHost
+from shim.restore.relays import spawn_relay
 from shim.restore.selinux import restore_lsm_options, selinux_enforcing
 from shim.runtime.bundle import RESTORE_DIR
 
@@ -37,10 +37,9 @@ CRIU_CONFIG_ANNOTATION = "org.criu.config"
 
 
 class Restorer:
-    def __init__(self, containerd: Containerd, config: Config, relays: RelayHost | None = None) -> None:
+    def __init__(self, containerd: Containerd, config: Config) -> None:
         self._containerd = containerd
         self._config = config
-        self._relays = relays
 
     async def source(self, request: cri.CreateContainerRequest) -> Path | CheckpointImage | None:
         """What to restore from: an archive (the image names a file) or a checkpoint image; else None."""
@@ -117,9 +116,8 @@ class Restorer:
             log.info("restore of %s: unpacked in %.3fs, containerd created it in %.3fs", archive_path,
                      unpacked, time.monotonic() - create_started)
             container_id = str(cri.CreateContainerResponse.FromString(reply).container_id)
-            if self._relays is not None:
-                # From here the relay owns `work` (it removes it when the task is gone).
-                await self._relays.start(container_id, work)
+            # From here the relay owns `work` (it removes it when the task is gone).
+            await spawn_relay(container_id, work)
             return container_id
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)

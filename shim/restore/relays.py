@@ -1,81 +1,44 @@
-"""Relays for restored tasks, hosted by the proxy: no interpreter start per restore.
+"""The relay for a restored task, started by the proxy at CreateContainer.
 
-At CreateContainer the proxy knows a restore is coming, so it starts the ttrpc
-relay for that container then, inside its own process, listening at
-/run/criu-shim/shims/<container id>.sock. At StartContainer the launcher
-script (`containerd-shim-criu-v2`, plain sh) starts the stock runc shim, writes
-its address to <id>.upstream and hands containerd our socket instead. When the
-proxy is not serving a restore's socket (it restarted in between), the launcher
-falls back to a relay process of its own (`shim.runtime.main`).
+A restore needs a ttrpc relay in front of the stock runc shim (see
+`shim.runtime`). Starting it at StartContainer would put an interpreter
+start-up on the restore's critical path, so the proxy starts it as soon as it
+knows a restore is coming: right after CreateContainer, listening at
+/run/criu-shim/shims/<container id>.sock. The launcher script then starts the
+runc shim, writes its address to <id>.upstream and gives containerd our socket.
+
+The relay is its own process, not a task of the proxy: containerd treats a
+lost shim connection as a dead shim and kills the container, so a restored
+container must not depend on the proxy staying up (restarts, upgrades). It
+exits when containerd closes the task's connection, or when the container is
+never started, and removes the unpacked checkpoint then.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from shim.runtime.bundle import RestorePlan
-from shim.runtime.relay_daemon import TASK_SERVICE, RestoreRewriter
-from shim.ttrpc.relay import RelayServer
+from shim.errors import Unavailable
 
 SHIM_DIR = Path("/run/criu-shim/shims")
-# A restored container whose StartContainer never comes is given up after this.
-START_WAIT = 15 * 60.0
-log = logging.getLogger(__name__)
+READY_TIMEOUT = 10.0
 
 
-class RelayHost:
-    """Owns the relay of every pending or running restore; `run()` is their TaskGroup."""
-
-    def __init__(self, directory: Path = SHIM_DIR) -> None:
-        self.directory = directory
-        self._tasks: asyncio.TaskGroup | None = None
-        self._ready = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._servers: set[RelayServer] = set()
-
-    async def run(self) -> None:
-        async with asyncio.TaskGroup() as tasks:
-            self._tasks = tasks
-            self._ready.set()
-            await self._stop.wait()
-            for server in list(self._servers):
-                server.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    async def start(self, container_id: str, work: Path) -> None:
-        """Listen for containerd on behalf of `container_id`; cleans `work` when done."""
-        await self._ready.wait()
-        assert self._tasks is not None
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        listen = self.directory / f"{container_id}.sock"
-        upstream_file = self.directory / f"{container_id}.upstream"
-        server = RelayServer(listen, lambda: Path(upstream_file.read_text().strip()),
-                             RestoreRewriter(RestorePlan(work)), exit_when_idle=True,
-                             methods={(TASK_SERVICE, "Create"), (TASK_SERVICE, "Start")})
-        self._servers.add(server)
-        self._tasks.create_task(self._serve(server, upstream_file, work))
-        await server.wait_ready()
-
-    async def _serve(self, server: RelayServer, upstream_file: Path, work: Path) -> None:
-        async def give_up_unless_started() -> None:
-            await asyncio.sleep(START_WAIT)
-            if not upstream_file.exists():
-                log.warning("restored container never started; dropping its relay %s", server.listen)
-                server.stop()
-
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                watchdog = tasks.create_task(give_up_unless_started())
-                try:
-                    await server.serve()
-                finally:
-                    watchdog.cancel()
-        finally:
-            self._servers.discard(server)
-            upstream_file.unlink(missing_ok=True)
-            shutil.rmtree(work, ignore_errors=True)
+async def spawn_relay(container_id: str, work: Path, directory: Path = SHIM_DIR) -> Path:
+    """Start the relay process for `container_id` and wait until it listens; return its socket."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    listen = directory / f"{container_id}.sock"
+    upstream_file = directory / f"{container_id}.upstream"
+    with open(work.parent / f"{work.name}.relay.log", "ab") as out:
+        subprocess.Popen([sys.executable, "-m", "shim.runtime", "relay-for", str(listen), str(upstream_file),
+                          str(work)], stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not listen.exists():
+        if time.monotonic() > deadline:
+            raise Unavailable(f"the restore relay for {container_id} did not start; see {work}.relay.log")
+        await asyncio.sleep(0.005)
+    return listen

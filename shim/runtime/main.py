@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str]) -> int:
+    if argv and argv[0] == "relay-for":
+        from shim.runtime.relay_daemon import run_hosted
+
+        return run_hosted(Path(argv[1]), Path(argv[2]), Path(argv[3]))
     if argv and argv[0] == "relay":
         from shim.runtime.relay_daemon import run
 

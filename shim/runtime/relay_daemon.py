@@ -18,6 +18,8 @@ from shim.errors import FailedPrecondition
 from shim.runtime.bundle import RestorePlan, restore_plan
 
 TASK_SERVICE = "containerd.task.v2.Task"
+# A restored container whose StartContainer never comes is given up after this.
+START_WAIT = 15 * 60.0
 log = logging.getLogger(__name__)
 
 
@@ -83,6 +85,38 @@ def run(listen: Path, bundle: Path) -> int:
         shutil.rmtree(plan.dir, ignore_errors=True)
         listen.unlink(missing_ok=True)
     return 0
+
+
+def run_hosted(listen: Path, upstream_file: Path, work: Path) -> int:
+    """The relay the proxy starts at CreateContainer; the launcher writes the upstream address later."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(_serve_hosted(listen, upstream_file, RestoreRewriter(RestorePlan(work))))
+    finally:
+        upstream_file.unlink(missing_ok=True)
+        listen.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+async def _serve_hosted(listen: Path, upstream_file: Path, rewriter: RestoreRewriter) -> None:
+    from shim.ttrpc.relay import RelayServer
+
+    server = RelayServer(listen, lambda: Path(upstream_file.read_text().strip()), rewriter, exit_when_idle=True,
+                         methods={(TASK_SERVICE, "Create"), (TASK_SERVICE, "Start")})
+
+    async def give_up_unless_started() -> None:
+        await asyncio.sleep(START_WAIT)
+        if not upstream_file.exists():
+            log.warning("the restored container was never started; giving up its relay %s", listen)
+            server.stop()
+
+    async with asyncio.TaskGroup() as tasks:
+        watchdog = tasks.create_task(give_up_unless_started())
+        try:
+            await server.serve()
+        finally:
+            watchdog.cancel()
 
 
 async def _serve(listen: Path, upstream: Path, rewriter: RestoreRewriter) -> None:

@@ -176,3 +176,33 @@ def test_restore_from_a_checkpoint_oci_image(client: Cri, node: Node, tmp_path: 
     finally:
         subprocess.run([str(ctr_bin), "--address", socket, "-n", "k8s.io", "images", "rm", ref],
                        capture_output=True)
+
+
+def test_restore_survives_proxy_restarts(client: Cri, node: Node) -> None:
+    """The restore relay is not the proxy's: restarts before Start and after it change nothing
+    (containerd would kill a task whose shim connection dropped)."""
+    from shim.node import local, procs
+    from shim.node.layout import NodeLayout
+
+    archive, _ = _checkpoint_counter(client, node, 20)
+    layout = NodeLayout(node.dir.resolve())
+    with client.pod() as pod:
+        config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="r"), image=cri.ImageSpec(image=str(archive)),
+                                     log_path="r.log")
+        ctr = client.runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config), timeout=120).container_id
+        pid = procs.read_pid(layout.pid_dir / "proxy.pid")
+        assert pid is not None
+        procs.stop(pid)
+        local._start_proxy(layout, layout.proxy_config_file)
+        fresh = Cri(node.cri, client.log_root)
+        fresh.runtime.StartContainer(cri.StartContainerRequest(container_id=ctr), timeout=120)
+        assert fresh.count(ctr) >= 20
+        pid = procs.read_pid(layout.pid_dir / "proxy.pid")
+        assert pid is not None
+        procs.stop(pid)
+        local._start_proxy(layout, layout.proxy_config_file)
+        seen = fresh.count(ctr)
+        wait_for(lambda: fresh.count(ctr) > seen)
+        assert fresh.state(ctr) == "CONTAINER_RUNNING"
+        fresh.close()
