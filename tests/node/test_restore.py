@@ -206,3 +206,68 @@ def test_restore_survives_proxy_restarts(client: Cri, node: Node) -> None:
         wait_for(lambda: fresh.count(ctr) > seen)
         assert fresh.state(ctr) == "CONTAINER_RUNNING"
         fresh.close()
+
+
+def test_restored_container_uses_the_new_pods_volume_paths(client: Cri, node: Node, tmp_path: Path) -> None:
+    """A bind mount is re-pointed at the new request's host path, never the old pod's (containerd#12108)."""
+    old, new = tmp_path / "pods" / "old-uid" / "volumes" / "data", tmp_path / "pods" / "new-uid" / "volumes" / "data"
+    old.mkdir(parents=True)
+    new.mkdir(parents=True)
+    (old / "who").write_text("old pod\n")
+    (new / "who").write_text("new pod\n")
+    archive = node.dir / "checkpoints" / "volume.tar"
+    with client.pod() as pod:
+        config = cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name="vol"), image=cri.ImageSpec(image="localhost/criu-shim/testprogs:1"),
+            command=["/usr/local/bin/counter"], log_path="vol.log",
+            mounts=[cri.Mount(container_path="/data", host_path=str(old))])
+        ctr = client.runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config)).container_id
+        client.runtime.StartContainer(cri.StartContainerRequest(container_id=ctr))
+        wait_for(lambda: client.count(ctr) >= 1)
+        client.checkpoint(ctr, str(archive))
+    with client.pod() as pod:
+        config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="vol"), image=cri.ImageSpec(image=str(archive)),
+                                     log_path="vol.log", mounts=[cri.Mount(container_path="/data", host_path=str(new))])
+        ctr = client.runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config), timeout=120).container_id
+        client.runtime.StartContainer(cri.StartContainerRequest(container_id=ctr), timeout=120)
+        assert client.exec(ctr, "cat", "/data/who") == "new pod\n"
+        client.exec(ctr, "sh", "-c", "echo restored > /data/mark")
+    assert (new / "mark").read_text() == "restored\n" and not (old / "mark").exists()
+
+
+def test_undeclared_bind_mount_is_refused(client: Cri, node: Node, tmp_path: Path) -> None:
+    """A checkpoint that had a host bind mount the new request does not declare is refused (CRI-O's rule)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    archive = node.dir / "checkpoints" / "undeclared.tar"
+    with client.pod() as pod:
+        config = cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name="vol"), image=cri.ImageSpec(image="localhost/criu-shim/testprogs:1"),
+            command=["/usr/local/bin/counter"], log_path="vol.log",
+            mounts=[cri.Mount(container_path="/data", host_path=str(data))])
+        ctr = client.runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config)).container_id
+        client.runtime.StartContainer(cri.StartContainerRequest(container_id=ctr))
+        wait_for(lambda: client.count(ctr) >= 1)
+        client.checkpoint(ctr, str(archive))
+    before = _work_dirs(node)
+    with client.pod() as pod:
+        with pytest.raises(grpc.RpcError) as caught:
+            _restore(client, pod, archive)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "expects following bind mounts defined (/data)" in (caught.value.details() or "")
+    assert _work_dirs(node) == before
+
+
+def test_a_restored_container_can_be_checkpointed_and_restored_again(client: Cri, node: Node) -> None:
+    archive, _ = _checkpoint_counter(client, node, 20)
+    again = node.dir / "checkpoints" / "again.tar"
+    with client.pod() as pod:
+        ctr = _restore(client, pod, archive)
+        wait_for(lambda: client.count(ctr) >= 25)
+        client.checkpoint(ctr, str(again))
+    with client.pod() as pod:
+        ctr = _restore(client, pod, again)
+        assert client.count(ctr) >= 25
