@@ -110,6 +110,9 @@ class Containerd:
         found: cri.Image | None = reply.image if reply.HasField("image") else None
         return found
 
+    async def stop_container(self, container_id: str) -> None:
+        await _call(self._cri.StopContainer(cri.StopContainerRequest(container_id=container_id, timeout=0)))
+
     async def pull_image(self, image: str) -> None:
         await _call(self._cri_images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image))))
 

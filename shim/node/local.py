@@ -68,8 +68,15 @@ def _prepare(layout: NodeLayout, version: str, tools: Tools) -> None:
     for path in (layout.dir, layout.run_dir, layout.cni_conf_dir, layout.log_dir, layout.pid_dir, layout.bin_dir):
         path.mkdir(parents=True, exist_ok=True)
     layout.checkpoints_dir.mkdir(mode=0o700, exist_ok=True)
-    launcher = layout.bin_dir / "containerd-shim-criu-v2"
-    launcher.write_text(render.shim_launcher(SHIM_LAUNCHER.read_text(), sys.executable))
+    text = render.shim_launcher(SHIM_LAUNCHER.read_text(), sys.executable,
+                                tools.containerd_bin_dir / "containerd-shim-runc-v2")
+    # containerd 1.6 ignores runtime_path: there the launcher takes the stock shim's
+    # name, first on containerd's PATH, and execs the real one by its full path.
+    name = "containerd-shim-runc-v2" if version == "1.6" else "containerd-shim-criu-v2"
+    for stale in layout.bin_dir.glob("containerd-shim-*"):
+        stale.unlink()
+    launcher = layout.bin_dir / name
+    launcher.write_text(text)
     launcher.chmod(0o755)
     os.chmod(layout.run_dir, 0o700)
     layout.config_file.write_text(render.containerd_config(

@@ -23,7 +23,7 @@ def containerd_config(layout: NodeLayout, version: str, runc: Path, cni_bin_dir:
     """The containerd config file for `version` ("1.6", "1.7" or "2.x")."""
     if version == "2.x":
         return _v3(layout, runc, cni_bin_dir, restrict_oom)
-    return _v2(layout, runc, cni_bin_dir, restrict_oom)
+    return _v2(layout, runc, cni_bin_dir, restrict_oom, runtime_path=version != "1.6")
 
 
 def _common(layout: NodeLayout, version: int) -> str:
@@ -43,8 +43,10 @@ disabled_plugins = {json.dumps(_DISABLED)}
 """
 
 
-def _v2(layout: NodeLayout, runc: Path, cni_bin_dir: Path, restrict_oom: bool) -> str:
+def _v2(layout: NodeLayout, runc: Path, cni_bin_dir: Path, restrict_oom: bool, runtime_path: bool) -> str:
     cri = 'plugins."io.containerd.grpc.v1.cri"'
+    # 1.6 ignores runtime_path; its launcher is installed under the stock shim's name instead.
+    path_line = f'  runtime_path = "{layout.bin_dir / "containerd-shim-criu-v2"}"\n' if runtime_path else ""
     return _common(layout, 2) + f"""
 [{cri}]
   sandbox_image = "{PAUSE_IMAGE}"
@@ -62,8 +64,7 @@ def _v2(layout: NodeLayout, runc: Path, cni_bin_dir: Path, restrict_oom: bool) -
   # The runc runtime type, so runc options (BinaryName, SystemdCgroup...) reach the
   # stock shim unchanged; runtime_path puts our launcher in front of it.
   runtime_type = "io.containerd.runc.v2"
-  runtime_path = "{layout.bin_dir / 'containerd-shim-criu-v2'}"
-  container_annotations = {json.dumps(list(RESTORE_ANNOTATIONS))}
+{path_line}  container_annotations = {json.dumps(list(RESTORE_ANNOTATIONS))}
 
 [{cri}.containerd.runtimes.criu.options]
   BinaryName = "{runc}"
@@ -164,6 +165,6 @@ work_dir = "{layout.dir / 'restore'}"
 """
 
 
-def shim_launcher(template: str, python: str) -> str:
-    """node-config/containerd-shim-criu-v2 with this node's Python baked in."""
-    return template.replace("@PYTHON@", python)
+def shim_launcher(template: str, python: str, runc_shim: Path | str = "containerd-shim-runc-v2") -> str:
+    """node-config/containerd-shim-criu-v2 with this node's Python and stock shim baked in."""
+    return template.replace("@PYTHON@", python).replace("@RUNC_SHIM@", str(runc_shim))

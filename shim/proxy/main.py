@@ -11,7 +11,7 @@ from shim.checkpoint.engine import Checkpointer
 from shim.config import Config
 from shim.config import load as load_config
 from shim.containerd import Containerd
-from shim.cri import checkpoint_container, create_container
+from shim.cri import checkpoint_container, create_container, start_container
 from shim.proxy.dispatch import Dispatcher, Handler
 from shim.proxy.server import ProxyServer
 from shim.restore.engine import Restorer
@@ -21,9 +21,11 @@ log = logging.getLogger(__name__)
 
 def handlers(config: Config, containerd: Containerd) -> dict[str, Handler]:
     """The CRI methods the proxy answers itself; everything else is relayed."""
+    restorer = Restorer(containerd, config)
     return {
         checkpoint_container.METHOD: checkpoint_container.handler(Checkpointer(containerd, config)),
-        create_container.METHOD: create_container.handler(containerd, Restorer(containerd, config)),
+        create_container.METHOD: create_container.handler(containerd, restorer),
+        start_container.METHOD: start_container.handler(containerd, restorer),
     }
 
 

@@ -24,10 +24,10 @@ from shim.api.cri.v1 import api_pb2 as cri
 from shim.checkpoint import audit, options
 from shim.config import Config
 from shim.containerd import Containerd
-from shim.errors import NotFound, PermissionDenied, ShimError
+from shim.errors import FailedPrecondition, NotFound, PermissionDenied, ShimError
 from shim.proxy.dispatch import Peer
 from shim.restore.image import CheckpointImage, checkpoint_image, export_layer
-from shim.restore.relays import spawn_relay
+from shim.restore.relays import SHIM_DIR, spawn_relay
 from shim.restore.selinux import restore_lsm_options, selinux_enforcing
 from shim.runtime.bundle import RESTORE_DIR
 
@@ -40,6 +40,22 @@ class Restorer:
     def __init__(self, containerd: Containerd, config: Config) -> None:
         self._containerd = containerd
         self._config = config
+        self._pending: set[str] = set()  # created for restore, not yet started
+
+    async def after_start(self, container_id: str) -> None:
+        """Refuse a restore that containerd started fresh (its runtime handler is not ours)."""
+        if container_id not in self._pending:
+            return
+        self._pending.discard(container_id)
+        mark = SHIM_DIR / f"{container_id}.upstream"
+        if mark.exists():
+            mark.unlink(missing_ok=True)
+            return
+        await self._containerd.stop_container(container_id)
+        raise FailedPrecondition(
+            f"container {container_id} was started afresh instead of restored: containerd did not run it "
+            "through criu-shim's runtime handler (make \"criu\" the default handler, see "
+            "node-config/containerd-cri.toml)")
 
     async def source(self, request: cri.CreateContainerRequest) -> Path | CheckpointImage | None:
         """What to restore from: an archive (the image names a file) or a checkpoint image; else None."""
@@ -118,6 +134,7 @@ class Restorer:
             container_id = str(cri.CreateContainerResponse.FromString(reply).container_id)
             # From here the relay owns `work` (it removes it when the task is gone).
             await spawn_relay(container_id, work)
+            self._pending.add(container_id)
             return container_id
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)

@@ -20,7 +20,8 @@ from pathlib import Path
 from shim.runtime.bundle import restore_plan
 from shim.runtime.flags import ShimArgs, parse
 
-RUNC_SHIM = "containerd-shim-runc-v2"
+# The launcher exports the stock shim's path (it may be installed under that very name).
+RUNC_SHIM = os.environ.get("CRIU_SHIM_RUNC_SHIM", "containerd-shim-runc-v2")
 SOCKET_DIR = Path("/run/criu-shim/shims")
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,11 @@ def start(args: ShimArgs) -> int:
         relay.kill()
         sys.stderr.write(started.stderr)
         return started.returncode
-    relay.stdin.write(started.stdout.strip().removeprefix("unix://").encode() + b"\n")
+    upstream = started.stdout.strip().removeprefix("unix://")
+    relay.stdin.write(upstream.encode() + b"\n")
     relay.stdin.close()
+    # The mark the proxy's StartContainer looks for: this restore went through the shim.
+    (SOCKET_DIR / f"{args.id}.upstream").write_text(upstream + "\n")
     if not _wait_for(listen, 10.0):
         sys.stderr.write(f"criu-shim relay did not listen on {listen}; see {bundle}/criu-shim-relay.log\n")
         return 1

@@ -93,7 +93,8 @@ def run_hosted(listen: Path, upstream_file: Path, work: Path) -> int:
     try:
         asyncio.run(_serve_hosted(listen, upstream_file, RestoreRewriter(RestorePlan(work))))
     finally:
-        upstream_file.unlink(missing_ok=True)
+        # The .upstream file stays: it tells the proxy's StartContainer that the restore
+        # really went through the shim (the proxy removes it).
         listen.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
     return 0

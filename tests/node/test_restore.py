@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -271,3 +272,24 @@ def test_a_restored_container_can_be_checkpointed_and_restored_again(client: Cri
     with client.pod() as pod:
         ctr = _restore(client, pod, again)
         assert client.count(ctr) >= 25
+
+
+def test_restore_into_a_pod_not_run_by_the_criu_handler_is_refused_not_started_afresh(
+        client: Cri, node: Node) -> None:
+    archive, _ = _checkpoint_counter(client, node, 1)
+    name = f"runc-{uuid.uuid4().hex[:6]}"
+    (client.log_root / name).mkdir(parents=True, exist_ok=True)
+    config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=name, namespace="tests", uid=name),
+                                  log_directory=str(client.log_root / name))
+    pod_id = client.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config, runtime_handler="runc")).pod_sandbox_id
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            _restore(client, Pod(pod_id, config), archive)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "started afresh instead of restored" in (caught.value.details() or "")
+        listed = client.runtime.ListContainers(cri.ListContainersRequest(filter=cri.ContainerFilter(
+            pod_sandbox_id=pod_id, state=cri.ContainerStateValue(state=cri.CONTAINER_RUNNING)))).containers
+        assert not listed  # stopped, not left running as a fresh copy
+    finally:
+        client.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+        client.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
