@@ -23,7 +23,7 @@ def test_containerd_fragment_registers_the_criu_handler_as_default() -> None:
 
 def test_launcher_only_diverts_restores_and_kubelet_points_at_the_proxy() -> None:
     launcher = (NODE_CONFIG / "containerd-shim-criu-v2").read_text()
-    assert '"restore.criu-shim.io/dir"' in launcher and "exec containerd-shim-runc-v2" in launcher
+    assert "\"restore.criu-shim.io/dir\"" in launcher and "exec \"$CRIU_SHIM_RUNC_SHIM\" \"$@\"" in launcher
     assert (NODE_CONFIG / "containerd-shim-criu-v2").stat().st_mode & 0o111
     flags = (NODE_CONFIG / "kubelet-flags.env").read_text()
     assert "--container-runtime-endpoint=unix:///run/criu-shim/cri.sock" in flags
