@@ -151,6 +151,10 @@ def down(directory: Path, purge: bool = False) -> list[str]:
     for pid in procs.processes_mentioning(str(layout.containerd_socket)):
         procs.stop(pid, timeout=5)
         report.append(f"stopped leftover shim {pid}")
+    relays = set(procs.processes_mentioning("shim.runtime relay-for"))
+    for pid in relays & set(procs.processes_mentioning(str(layout.dir))):  # this node's restore relays only
+        procs.stop(pid, timeout=5)
+        report.append(f"stopped leftover restore relay {pid}")
     report += [f"unmounted {m}" for m in cleanup.unmount_all(layout.dir, layout.run_dir)]
     report += [f"removed netns {p}" for p in netns if cleanup.remove_netns(p)]
     if cleanup.delete_link(layout.bridge):

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import shutil
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -40,17 +41,19 @@ class Restorer:
     def __init__(self, containerd: Containerd, config: Config) -> None:
         self._containerd = containerd
         self._config = config
-        self._pending: set[str] = set()  # created for restore, not yet started
+        # Created for restore, not yet started: their relay processes.
+        self._pending: dict[str, subprocess.Popen[bytes]] = {}
 
     async def after_start(self, container_id: str) -> None:
         """Refuse a restore that containerd started fresh (its runtime handler is not ours)."""
-        if container_id not in self._pending:
+        relay = self._pending.pop(container_id, None)
+        if relay is None:
             return
-        self._pending.discard(container_id)
         mark = SHIM_DIR / f"{container_id}.upstream"
         if mark.exists():
             mark.unlink(missing_ok=True)
             return
+        relay.terminate()  # never used: it would wait for containerd in vain
         await self._containerd.stop_container(container_id)
         raise FailedPrecondition(
             f"container {container_id} was started afresh instead of restored: containerd did not run it "
@@ -133,8 +136,7 @@ class Restorer:
                      unpacked, time.monotonic() - create_started)
             container_id = str(cri.CreateContainerResponse.FromString(reply).container_id)
             # From here the relay owns `work` (it removes it when the task is gone).
-            await spawn_relay(container_id, work)
-            self._pending.add(container_id)
+            self._pending[container_id] = await spawn_relay(container_id, work)
             return container_id
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)

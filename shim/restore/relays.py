@@ -28,17 +28,19 @@ SHIM_DIR = Path("/run/criu-shim/shims")
 READY_TIMEOUT = 10.0
 
 
-async def spawn_relay(container_id: str, work: Path, directory: Path = SHIM_DIR) -> Path:
-    """Start the relay process for `container_id` and wait until it listens; return its socket."""
+async def spawn_relay(container_id: str, work: Path, directory: Path = SHIM_DIR) -> subprocess.Popen[bytes]:
+    """Start the relay process for `container_id` and wait until it listens."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     listen = directory / f"{container_id}.sock"
     upstream_file = directory / f"{container_id}.upstream"
     with open(work.parent / f"{work.name}.relay.log", "ab") as out:
-        subprocess.Popen([sys.executable, "-m", "shim.runtime", "relay-for", str(listen), str(upstream_file),
-                          str(work)], stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        relay = subprocess.Popen([sys.executable, "-m", "shim.runtime", "relay-for", str(listen),
+                                  str(upstream_file), str(work)],
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     deadline = time.monotonic() + READY_TIMEOUT
     while not listen.exists():
         if time.monotonic() > deadline:
+            relay.kill()
             raise Unavailable(f"the restore relay for {container_id} did not start; see {work}.relay.log")
         await asyncio.sleep(0.005)
-    return listen
+    return relay

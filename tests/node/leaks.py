@@ -30,7 +30,7 @@ def _processes() -> frozenset[str]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if (comm in names or "shim serve" in cmdline) and cmdline.strip():
+        if (comm in names or "shim serve" in cmdline or "shim.runtime" in cmdline) and cmdline.strip():
             found.add(f"{entry.name} {cmdline.strip()}")
     return frozenset(found)
 
