@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -93,8 +94,9 @@ def run_hosted(listen: Path, upstream_file: Path, work: Path) -> int:
     try:
         asyncio.run(_serve_hosted(listen, upstream_file, RestoreRewriter(RestorePlan(work))))
     finally:
-        # The .upstream file stays: it tells the proxy's StartContainer that the restore
-        # really went through the shim (the proxy removes it).
+        # The proxy's StartContainer has long read the .upstream mark by now (the task is
+        # gone only after RemoveContainer); whoever comes last removes it.
+        upstream_file.unlink(missing_ok=True)
         listen.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -105,6 +107,9 @@ async def _serve_hosted(listen: Path, upstream_file: Path, rewriter: RestoreRewr
 
     server = RelayServer(listen, lambda: Path(upstream_file.read_text().strip()), rewriter, exit_when_idle=True,
                          methods={(TASK_SERVICE, "Create"), (TASK_SERVICE, "Start")})
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stopped on purpose: clean up, do not just die
+        loop.add_signal_handler(sig, server.stop)
 
     async def give_up_unless_started() -> None:
         await asyncio.sleep(START_WAIT)

@@ -14,6 +14,8 @@ class HostState:
     mounts: frozenset[str]
     netns: frozenset[str]
     links: frozenset[str]
+    relay_files: frozenset[str]
+    loops: str
     nft: str
 
 
@@ -42,6 +44,8 @@ def snapshot() -> HostState:
         mounts=mounts,
         netns=frozenset(_run("ip", "netns", "list").split("\n")) - {""},
         links=frozenset(line.split(":")[1].strip() for line in _run("ip", "-o", "link").splitlines()),
+        relay_files=frozenset(str(p) for p in Path("/run/criu-shim/shims").glob("*")),
+        loops=_run("losetup", "--list", "--noheadings"),
         nft=_run("nft", "list", "ruleset"),
     )
 
@@ -62,7 +66,9 @@ def assert_nothing_left(before: HostState, after: HostState, directory: Path) ->
         "mounts": sorted(after.mounts - before.mounts),
         "netns": sorted(after.netns - before.netns),
         "links": sorted(after.links - before.links),
+        "restore relay files": sorted(after.relay_files - before.relay_files),
     }
     left = {k: v for k, v in left.items() if v}
     assert not left, f"left behind by the node in {directory}: {left}"
     assert after.nft == before.nft, "nftables ruleset changed"
+    assert after.loops == before.loops, "loop devices changed"
