@@ -17,13 +17,24 @@ import grpc
 from google.protobuf import any_pb2
 
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
-from shim.api.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
+from shim.api.containerd.services.containers.v1 import (
+    containers_pb2,
+    containers_pb2_grpc,
+)
 from shim.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
 from shim.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.api.cri.v1 import api_pb2_grpc as cri_grpc
-from shim.errors import (Code, FailedPrecondition, InvalidArgument, NotFound, ShimError, Unavailable,
-                         Unknown, Upstream)
+from shim.errors import (
+    Code,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ShimError,
+    Unavailable,
+    Unknown,
+    Upstream,
+)
 
 NAMESPACE = "k8s.io"
 _ERRORS: dict[grpc.StatusCode, Callable[[str], ShimError]] = {

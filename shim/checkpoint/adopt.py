@@ -27,7 +27,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from shim.checkpoint.archive import FILE_MODE, Member, TarWriter, add_members, root_entry, write_archive
+from shim.checkpoint.archive import (
+    FILE_MODE,
+    Member,
+    TarWriter,
+    add_members,
+    root_entry,
+    write_archive,
+)
 
 FALLOC_FL_INSERT_RANGE = 0x20
 # Below this the copy is cheap and the ordinary writer is simpler.

@@ -16,7 +16,6 @@ images are gigabytes and a Python read/write loop would halve the throughput.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import secrets
 import stat
@@ -26,16 +25,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from shim.fileio import kernel_copy
+
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
 # Headers and small in-memory members are batched into one write up to this size.
 _FLUSH_AT = 1 << 20
-# copy_file_range and sendfile move at most ~2 GiB per call anyway (MAX_RW_COUNT).
-_COPY_CHUNK = 1 << 30
-# copy_file_range errors meaning "not between these two files": fall back to sendfile.
-_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP})
 
 
 class SourceChangedError(RuntimeError):
@@ -279,19 +276,5 @@ def _padding(size: int) -> bytes:
 
 def copy_fd(src: int, dst: int, count: int) -> None:
     """Copy `count` bytes between the fds' current offsets, in the kernel."""
-    use_sendfile = False
-    while count > 0:
-        chunk = min(count, _COPY_CHUNK)
-        try:
-            if use_sendfile:
-                done = os.sendfile(dst, src, None, chunk)
-            else:
-                done = os.copy_file_range(src, dst, chunk)
-        except OSError as exc:
-            if use_sendfile or exc.errno not in _NO_COPY_RANGE:
-                raise
-            use_sendfile = True
-            continue
-        if done == 0:
-            raise SourceChangedError(f"file shrank while being copied ({count} bytes short)")
-        count -= done
+    if short := kernel_copy(src, dst, count):
+        raise SourceChangedError(f"file shrank while being copied ({short} bytes short)")

@@ -12,8 +12,16 @@ from functools import cache
 from pathlib import Path
 
 from shim.errors import Unknown
-from shim.preflight import (CRIU_FLOOR, CRIU_INET_FIX, CRIU_MISSING, KERNEL_INET_BREAK, Version,
-                            parse_criu_version, parse_kernel_release, show)
+from shim.preflight import (
+    CRIU_FLOOR,
+    CRIU_INET_FIX,
+    CRIU_MISSING,
+    KERNEL_INET_BREAK,
+    Version,
+    parse_criu_version,
+    parse_kernel_release,
+    show,
+)
 
 
 def required_version(kernel_release: str) -> Version:

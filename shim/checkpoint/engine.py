@@ -20,7 +20,7 @@ import time
 import weakref
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timezone
 from pathlib import Path
 
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
@@ -119,7 +119,7 @@ class Checkpointer:
                     diff = await asyncio.to_thread(_rootfs_diff, upperdir, staging)
                 except OSError as exc:
                     raise _storage_error(path, exc) from None
-            checkpointed = datetime.now(timezone.utc)
+            checkpointed = datetime.now(UTC)
             members = _members(staging, record.spec.value, target, record.runtime.name, checkpointed, diff)
             archive_started = time.monotonic()
             try:
@@ -177,7 +177,7 @@ def _rootfs_diff(upperdir: Path | None, staging: Path) -> list[str] | None:
 def _members(staging: Path, spec: bytes, target: Target, runtime: str, checkpointed: datetime,
              deleted: list[str] | None) -> list[Member]:
     status = target.status
-    created = datetime.fromtimestamp(status.created_at / 1e9, timezone.utc)
+    created = datetime.fromtimestamp(status.created_at / 1e9, UTC)
     members = [
         Member("spec.dump", data=spec_dump(spec)),
         Member("config.dump", data=config_dump(status.id, status.metadata.name, status.image.image,

@@ -41,6 +41,7 @@ from types import ModuleType, TracebackType
 from typing import IO, Any, Self
 
 from shim.errors import InvalidArgument, NotFound, ResourceExhausted
+from shim.fileio import kernel_copy
 from shim.restore.checkpoint_spec import Engine, detect_engine
 
 DEFAULT_MAX_SIZE = 64 << 30
@@ -55,9 +56,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_COPY_CHUNK = 1 << 30  # the kernel moves at most ~2 GiB per call anyway
 _READ_CHUNK = 1 << 20
-_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP})
 # pax and GNU long-name headers are read whole into memory by tarfile.
 _MAX_EXTENDED_HEADER = 1 << 20
 _EXTENDED_TYPES = frozenset({tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
@@ -315,23 +314,8 @@ def _zstandard(label: str) -> ModuleType:
 
 def _copy_range(src: int, dst: int, offset: int, count: int, name: str) -> None:
     """Copy `count` bytes from `src` at `offset` (its file position untouched), in the kernel."""
-    use_sendfile = False
-    while count > 0:
-        chunk = min(count, _COPY_CHUNK)
-        try:
-            if use_sendfile:
-                done = os.sendfile(dst, src, offset, chunk)
-            else:
-                done = os.copy_file_range(src, dst, chunk, offset)
-        except OSError as exc:
-            if use_sendfile or exc.errno not in _NO_COPY_RANGE:
-                raise
-            use_sendfile = True
-            continue
-        if done == 0:
-            raise _CorruptTar(f"member {name!r} ends {count} bytes early")
-        offset += done
-        count -= done
+    if short := kernel_copy(src, dst, count, offset):
+        raise _CorruptTar(f"member {name!r} ends {short} bytes early")
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -61,7 +61,11 @@ class RestoreRewriter:
 
     def _prepare_rootfs(self) -> None:
         """The files the container changed, on the new rootfs, before its processes come back."""
-        from shim.restore.archive import apply_deleted_files, apply_rootfs_diff, parse_deleted_files
+        from shim.restore.archive import (
+            apply_deleted_files,
+            apply_rootfs_diff,
+            parse_deleted_files,
+        )
 
         if self.bundle is None:
             raise FailedPrecondition("Start arrived before Create: no bundle to restore into")

@@ -17,7 +17,13 @@ from shim.ttrpc.events import (
     StreamRejected,
 )
 from shim.ttrpc.frame import MAX_DATA_LENGTH, Flag, MessageType
-from shim.ttrpc.messages import Request, decode_request, decode_response, encode_request, encode_response
+from shim.ttrpc.messages import (
+    Request,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+)
 from shim.ttrpc.relay import RelayServer, Rewrite, relay, serve_relay
 from shim.ttrpc.splice import RewriteRequested, Splice
 from shim.ttrpc.status import OK, Code, Status

@@ -36,8 +36,21 @@ from shim.ttrpc.events import (
     ResponseReceived,
     StreamRejected,
 )
-from shim.ttrpc.frame import Flag, Frame, FrameBuffer, MessageType, Oversized, encode_frame
-from shim.ttrpc.messages import Request, decode_request, decode_response, encode_request, encode_response
+from shim.ttrpc.frame import (
+    Flag,
+    Frame,
+    FrameBuffer,
+    MessageType,
+    Oversized,
+    encode_frame,
+)
+from shim.ttrpc.messages import (
+    Request,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+)
 from shim.ttrpc.status import OK, Status
 
 MAX_STREAM_ID = 2**32 - 1

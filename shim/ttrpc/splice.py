@@ -26,8 +26,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shim.errors import Code, ShimError
-from shim.ttrpc.frame import Flag, Frame, FrameBuffer, MessageType, Oversized, encode_frame
-from shim.ttrpc.messages import Request, decode_request, encode_response, replace_payload
+from shim.ttrpc.frame import (
+    Flag,
+    Frame,
+    FrameBuffer,
+    MessageType,
+    Oversized,
+    encode_frame,
+)
+from shim.ttrpc.messages import (
+    Request,
+    decode_request,
+    encode_response,
+    replace_payload,
+)
 from shim.ttrpc.status import Status
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from shim import fileio
 from shim.api.cri.v1 import api_pb2
 from shim.checkpoint import archive
 from shim.checkpoint.archive import (
@@ -386,13 +387,13 @@ def test_large_member_streams_through_the_kernel(
     calls: list[int] = []
     real = os.copy_file_range
 
-    def spy(src: int, dst: int, count: int) -> int:
-        done = real(src, dst, min(count, 1024 * 1024))
+    def spy(src: int, dst: int, count: int, offset_src: int | None = None) -> int:
+        done = real(src, dst, min(count, 1024 * 1024), offset_src)
         calls.append(done)
         return done
 
     monkeypatch.setattr(os, "copy_file_range", spy)
-    monkeypatch.setattr(archive, "_COPY_CHUNK", 1024 * 1024)
+    monkeypatch.setattr(fileio, "_CHUNK", 1024 * 1024)
     location = out_dir / "out.tar"
     write_archive(location, [Member("big", source=source)])
     assert sum(calls) == source.stat().st_size and len(calls) == 4
