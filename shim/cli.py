@@ -14,7 +14,17 @@ DESCRIPTION = """\
 criu-shim: checkpoint/restore for Kubernetes nodes on containerd 1.6/1.7.
 
 It sits between the kubelet and containerd as a CRI proxy: every CRI call it
-does not handle itself is relayed to containerd unchanged.
+does not handle itself is relayed to containerd unchanged. It answers
+CheckpointContainer itself, and restores a container at CreateContainer when
+the image is a checkpoint archive or checkpoint image (opt-in, see README).
+
+examples:
+  criu-shim serve --listen unix:///run/criu-shim/cri.sock \
+                  --runtime-endpoint unix:///run/containerd/containerd.sock \
+                  --config /etc/criu-shim/config.toml
+  criu-shim check                      # can this node checkpoint and restore?
+  criu-shim node up --dir /tmp/node1   # a local containerd 1.7 node with the proxy
+  criu-shim checkpoint-image ckpt.tar --name registry.example/app:ckpt --out app-ckpt.tar
 """
 
 

@@ -38,6 +38,13 @@ def _file_digest(path: Path) -> tuple[str, int]:
 
 
 def _read_member(archive: Path, name: str) -> dict[str, Any]:
+    try:
+        return _read_json_member(archive, name)
+    except (tarfile.TarError, ValueError, EOFError) as exc:
+        raise InvalidArgument(f"{archive} is not a readable checkpoint archive: {exc}") from None
+
+
+def _read_json_member(archive: Path, name: str) -> dict[str, Any]:
     with tarfile.open(archive, "r:") as tar:
         names = set(tar.getnames())
         missing = [r for r in REQUIRED if r not in names]
