@@ -98,6 +98,17 @@ def build(archive: Path, ref: str, out: Path) -> str:
 
 
 def _write_layout(out: Path, files: dict[str, bytes], blobs: list[bytes], layer: Path, layer_digest: str) -> None:
+    """Written beside `out` and renamed: a failure leaves no half image behind."""
+    temp = out.with_name(f".{out.name}.criu-shim.tmp")
+    try:
+        _write_tar(temp, files, blobs, layer, layer_digest)
+        temp.rename(out)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _write_tar(out: Path, files: dict[str, bytes], blobs: list[bytes], layer: Path, layer_digest: str) -> None:
     with tarfile.open(out, "w") as tar:
         for name, data in files.items():
             _add(tar, name, data)
