@@ -58,6 +58,7 @@ class Target:
 
 @dataclass
 class Outcome:
+    stopped: bool = False  # a stop-after dump succeeded: CRIU ended the container, nothing to thaw
     size: int = 0
     frozen_s: float = 0.0
     dump_s: float = 0.0
@@ -115,6 +116,7 @@ class Checkpointer:
                 dump_started = time.monotonic()
                 await self._dump(container_id, staging, target.options)
                 outcome.dump_s = time.monotonic() - dump_started
+                outcome.stopped = target.options.stop_after
                 try:
                     diff = await asyncio.to_thread(_rootfs_diff, upperdir, staging)
                 except OSError as exc:
@@ -135,6 +137,8 @@ class Checkpointer:
 
         async def thaw(exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
             outcome.frozen_s = time.monotonic() - frozen_at
+            if outcome.stopped:
+                return False
             try:
                 # Shielded: a cancelled call (deadline, client gone) must still thaw.
                 await asyncio.shield(asyncio.wait_for(self._containerd.resume(container_id), THAW_TIMEOUT))
@@ -149,7 +153,8 @@ class Checkpointer:
 
     async def _dump(self, container_id: str, staging: Path, opts: options.CheckpointOptions) -> None:
         request = runc_options.CheckpointOptions(
-            exit=False, open_tcp=opts.tcp_established, file_locks=opts.file_locks,
+            # exit: runc lets CRIU end the container after a successful dump (stop-after).
+            exit=opts.stop_after, open_tcp=opts.tcp_established, file_locks=opts.file_locks,
             external_unix_sockets=opts.ext_unix_sockets,
             image_path=str(staging / "checkpoint"), work_path=str(staging / "work"))
         try:

@@ -4,6 +4,11 @@ The kubelet's checkpoint API passes no options, so users opt in per pod:
 
     checkpoint.criu-shim.io/tcp-established: "true"           # every container of the pod
     <container>.checkpoint.criu-shim.io/tcp-established: "true" # one container
+    checkpoint.criu-shim.io/stop-after: "true"  # stop the container right after a good dump
+
+`stop-after` is for migrations: the source must not go on using (or resetting)
+connections the restored copy resumes. It has no node default: the kubelet's
+semantics are leave-running.
 
 Pod annotations reach the runtime as sandbox annotations, so no kubelet
 change is needed. A per-container key wins over the pod-wide one.
@@ -18,7 +23,8 @@ from shim.config import CheckpointDefaults
 from shim.errors import InvalidArgument
 
 PREFIX = "checkpoint.criu-shim.io/"
-_KEYS = {"tcp-established": "tcp_established", "file-locks": "file_locks", "ext-unix-sockets": "ext_unix_sockets"}
+_KEYS = {"tcp-established": "tcp_established", "file-locks": "file_locks", "ext-unix-sockets": "ext_unix_sockets",
+         "stop-after": "stop_after"}
 
 
 @dataclass(frozen=True)
@@ -26,10 +32,12 @@ class CheckpointOptions:
     tcp_established: bool = False
     file_locks: bool = False
     ext_unix_sockets: bool = False
+    stop_after: bool = False
 
     @classmethod
     def from_defaults(cls, defaults: CheckpointDefaults) -> CheckpointOptions:
-        return cls(**{f.name: getattr(defaults, f.name) for f in fields(cls)})  # fsync is not per pod
+        # fsync is node-only; stop_after is pod-only (the kubelet's semantics are leave-running)
+        return cls(**{f.name: bool(getattr(defaults, f.name, False)) for f in fields(cls)})
 
 
 def annotation(option: str, container: str | None = None) -> str:

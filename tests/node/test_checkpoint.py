@@ -215,3 +215,17 @@ def test_too_old_criu_is_reported_as_the_e2e_test_expects(node: Node, tmp_path: 
         proxy.terminate()
         assert proxy.wait(timeout=20) == 0
     assert not (tmp_path / "x.tar").exists()
+
+
+def test_stop_after_ends_the_container_once_the_dump_succeeded(cri: Cri, tmp_path: Path) -> None:
+    from shim.api.cri.v1 import api_pb2
+
+    with cri.pod({"checkpoint.criu-shim.io/stop-after": "true"}) as pod:
+        ctr = cri.container(pod, COUNTER, {"MEM_MB": "16"})
+        wait_for(lambda: cri.count(ctr) >= 2)
+        archive = tmp_path / "stopped.tar"
+        cri.checkpoint(ctr, str(archive))
+        wait_for(lambda: cri.state(ctr) == "CONTAINER_EXITED")
+        status = cri.runtime.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=ctr)).status
+        assert status.exit_code != 0 or status.reason  # ended by CRIU, not by its own exit
+        assert "main" in _checkpointctl(archive)
