@@ -70,6 +70,18 @@ class Containerd:
             cri.ContainerStatusRequest(container_id=container_id, verbose=True)))
         return reply.status, json.loads(reply.info.get("info", "{}") or "{}")
 
+    async def live_pod_ips(self) -> dict[str, str]:
+        """IP -> "namespace/name" of every ready pod (an address must not be taken from one)."""
+        ready = cri.PodSandboxFilter(state=cri.PodSandboxStateValue(state=cri.SANDBOX_READY))
+        pods = await _call(self._cri.ListPodSandbox(cri.ListPodSandboxRequest(filter=ready)))
+        owners: dict[str, str] = {}
+        for pod in pods.items:
+            status = await self.sandbox_status(pod.id)
+            for ip in (status.network.ip, *(i.ip for i in status.network.additional_ips)):
+                if ip:
+                    owners[ip] = f"{pod.metadata.namespace}/{pod.metadata.name}"
+        return owners
+
     async def sandbox_process_label(self, sandbox_id: str) -> str | None:
         """The pod's SELinux process label, from its runtime spec (verbose status)."""
         reply = await _call(self._cri.PodSandboxStatus(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import time
 import weakref
@@ -37,6 +38,7 @@ from shim.proxy.dispatch import Peer
 
 log = logging.getLogger(__name__)
 THAW_TIMEOUT = 30.0
+NETWORK_MEMBER = "criu-shim.network.json"
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Target:
     pod: str
     namespace: str
     options: options.CheckpointOptions
+    pod_ips: tuple[str, ...] = ()
 
 
 @dataclass
@@ -97,7 +100,8 @@ class Checkpointer:
                                      "can be checkpointed")
         sandbox = await self._containerd.sandbox_status(str(info.get("sandboxID", "")))
         opts = options.resolve(self._config.checkpoint, sandbox.annotations, status.metadata.name)
-        return Target(status, sandbox.metadata.name, sandbox.metadata.namespace, opts)
+        ips = (sandbox.network.ip, *(i.ip for i in sandbox.network.additional_ips))
+        return Target(status, sandbox.metadata.name, sandbox.metadata.namespace, opts, tuple(i for i in ips if i))
 
     def _lock(self, container_id: str) -> asyncio.Lock:
         # A second checkpoint of the same container waits for the first (bounded
@@ -188,6 +192,10 @@ def _members(staging: Path, spec: bytes, target: Target, runtime: str, checkpoin
         Member("config.dump", data=config_dump(status.id, status.metadata.name, status.image.image,
                                                status.image_ref, runtime, created, checkpointed)),
         Member("status.dump", data=status_dump(status)),
+        # Ours: what a restore needs that no standard member records (the pod's addresses,
+        # which established TCP sockets are bound to).
+        Member(NETWORK_MEMBER, data=json.dumps({"pod_ips": list(target.pod_ips),
+                                               "tcp_established": target.options.tcp_established}).encode()),
         *directory_members("checkpoint", staging / "checkpoint"),
     ]
     for name, source in (("dump.log", staging / "work" / "dump.log"),

@@ -28,6 +28,7 @@ from shim.containerd import Containerd
 from shim.errors import FailedPrecondition, NotFound, PermissionDenied, ShimError
 from shim.proxy.dispatch import Peer
 from shim.restore.image import CheckpointImage, checkpoint_image, export_layer
+from shim.restore.network import addresses_to_keep, write_plan
 from shim.restore.relays import SHIM_DIR, spawn_relay
 from shim.restore.selinux import restore_lsm_options, selinux_enforcing
 from shim.runtime.bundle import RESTORE_DIR
@@ -126,6 +127,7 @@ class Restorer:
             unpacked = time.monotonic() - unpack_started
             image = await self._resolve_image(archive.config)
             _check_hostile_spec(archive.spec, request)
+            await self._plan_network(request, work)
             label = await self._sandbox_label(request.pod_sandbox_id)
             new = _restore_request(request, archive, image, work, _source_name(source))
             _write_criu_config(work, self._config, request, label)
@@ -143,6 +145,15 @@ class Restorer:
             raise
         finally:
             layer.unlink(missing_ok=True)
+
+    async def _plan_network(self, request: cri.CreateContainerRequest, work: Path) -> None:
+        """Keep the old pod IP when established TCP connections are restored (see restore.network)."""
+        opts = options.resolve(self._config.checkpoint, request.sandbox_config.annotations,
+                               request.config.metadata.name)
+        if not opts.tcp_established:
+            return
+        ips = addresses_to_keep(work, True, await self._containerd.live_pod_ips())
+        write_plan(work, ips)
 
     async def _sandbox_label(self, sandbox_id: str) -> str | None:
         """The new pod's SELinux process label, needed only where SELinux enforces."""

@@ -69,6 +69,13 @@ class RestoreRewriter:
 
         if self.bundle is None:
             raise FailedPrecondition("Start arrived before Create: no bundle to restore into")
+        from shim.restore.network import add_planned_addresses, netns_of
+
+        netns = netns_of(self.bundle)
+        if netns is not None:
+            added = add_planned_addresses(self.plan.dir, netns)
+            if added:
+                log.info("kept the checkpointed pod's addresses %s in %s", added, netns)
         rootfs = self.bundle / "rootfs"
         if self.plan.rootfs_diff.is_file():
             apply_rootfs_diff(self.plan.rootfs_diff, rootfs)

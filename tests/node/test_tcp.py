@@ -1,0 +1,94 @@
+"""TCP connections survive checkpoint and restore into a new pod with another IP."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shim.api.cri.v1 import api_pb2 as cri
+from tests.node.conftest import Node
+from tests.node.pods import Cri, Pod, wait_for
+from tests.node.test_restore import _restore
+
+pytestmark = pytest.mark.node
+
+MIGRATE = {"checkpoint.criu-shim.io/tcp-established": "true", "checkpoint.criu-shim.io/stop-after": "true"}
+
+
+@pytest.fixture
+def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
+    c = Cri(node.cri, tmp_path / "pod-logs")
+    yield c
+    c.close()
+
+
+def _seqs(log: str) -> list[int]:
+    return [int(m) for m in re.findall(r"seq=(\d+)", log)]
+
+
+
+@pytest.mark.parametrize("run", range(10))  # the issue asks for ten in a row
+def test_established_connection_carries_on_after_restore_into_a_new_pod(client: Cri, node: Node, run: int) -> None:
+    archive = node.dir / "checkpoints" / "server.tar"
+    with contextlib.ExitStack() as stack:
+        server_pod = stack.enter_context(contextlib.ExitStack())
+        pod_a = server_pod.enter_context(client.pod(MIGRATE))
+        ip_a = _ip(client, pod_a)
+        # Listening (TCP and UDP) bound to the pod IP itself, not the wildcard: the hard case.
+        server = client.container(pod_a, ["/usr/local/bin/tcpserver"],
+                                  {"PORT": "7000", "BIND_ADDR": ip_a, "MEM_MB": "16"}, name="server")
+        pod_c = stack.enter_context(client.pod())
+        peer = client.container(pod_c, ["/usr/local/bin/tcpclient"],
+                                {"HOST": ip_a, "PORT": "7000", "INTERVAL_MS": "100"}, name="client")
+        wait_for(lambda: len(_seqs(client.log(peer))) >= 5)
+        client.checkpoint(server, str(archive))
+        wait_for(lambda: client.state(server) == "CONTAINER_EXITED")  # stop-after
+        before = _seqs(client.log(peer))[-1]
+        server_pod.close()  # pod A gone: its IP is free again
+        with client.pod(MIGRATE) as pod_b:
+            assert _ip(client, pod_b) != ip_a  # a new pod: a new IP
+            restored = _restore(client, pod_b, archive, name="server")
+            assert f"inet {ip_a}/32" in client.exec(restored, "ip", "-4", "addr", "show", "eth0")
+            wait_for(lambda: _seqs(client.log(peer))[-1] >= before + 5, timeout=60)
+            log = client.log(peer)
+            assert log.count("connected ") == 1 and "error" not in log and "reconnect" not in log
+            assert client.state(peer) == "CONTAINER_RUNNING"  # the client never saw a reset
+            replies = re.findall(r"reply=conn=(\d+) total=(\d+)", log)
+            counts = [int(c) for c, _ in replies]
+            assert counts == sorted(counts) and counts[-1] > before  # the server's per-connection state went on
+            assert client.state(restored) == "CONTAINER_RUNNING"
+            total = int(re.findall(r"total=(\d+)", _udp_ping(ip_a, 7000))[-1])
+            assert total > int(replies[-1][1])  # the UDP socket came back, sharing the server's state
+            assert _network_lock_rules(client, pod_b) == ""  # CRIU unlocked the pod's network
+
+
+def _network_lock_rules(client: Cri, pod: Pod) -> str:
+    """CRIU's network-lock leftovers (nftables table or iptables chain) in the pod's netns."""
+    status = client.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod.id, verbose=True))
+    spec = json.loads(status.info["info"])["runtimeSpec"]
+    path = next(n["path"] for n in spec["linux"]["namespaces"] if n["type"] == "network")
+    found = []
+    for argv in (["nft", "list", "ruleset"], ["iptables-save"], ["ip6tables-save"]):
+        out = subprocess.run(["nsenter", f"--net={path}", *argv], capture_output=True, text=True).stdout
+        found += [line for line in out.splitlines() if "CRIU" in line.upper()]
+    return "\n".join(found)
+
+
+def _udp_ping(ip: str, port: int) -> str:
+    """One datagram from the host to a pod this test made (over the node's own bridge)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(b"ping\n", (ip, port))
+        return sock.recv(512).decode()
+
+
+def _ip(client: Cri, pod: Pod) -> str:
+    status = client.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod.id)).status
+    return str(status.network.ip)
