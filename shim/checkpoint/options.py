@@ -5,6 +5,7 @@ The kubelet's checkpoint API passes no options, so users opt in per pod:
     checkpoint.criu-shim.io/tcp-established: "true"           # every container of the pod
     <container>.checkpoint.criu-shim.io/tcp-established: "true" # one container
     checkpoint.criu-shim.io/stop-after: "true"  # stop the container right after a good dump
+    checkpoint.criu-shim.io/tcp-close: "true"   # restore: fallback when the old pod IP is taken
 
 `stop-after` is for migrations: the source must not go on using (or resetting)
 connections the restored copy resumes. It has no node default: the kubelet's
@@ -24,7 +25,7 @@ from shim.errors import InvalidArgument
 
 PREFIX = "checkpoint.criu-shim.io/"
 _KEYS = {"tcp-established": "tcp_established", "file-locks": "file_locks", "ext-unix-sockets": "ext_unix_sockets",
-         "stop-after": "stop_after"}
+         "stop-after": "stop_after", "tcp-close": "tcp_close"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class CheckpointOptions:
     file_locks: bool = False
     ext_unix_sockets: bool = False
     stop_after: bool = False
+    tcp_close: bool = False  # restore only: if the old pod IP is still taken, close connections instead
 
     @classmethod
     def from_defaults(cls, defaults: CheckpointDefaults) -> CheckpointOptions:

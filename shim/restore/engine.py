@@ -28,7 +28,7 @@ from shim.containerd import Containerd
 from shim.errors import FailedPrecondition, NotFound, PermissionDenied, ShimError
 from shim.proxy.dispatch import Peer
 from shim.restore.image import CheckpointImage, checkpoint_image, export_layer
-from shim.restore.network import addresses_to_keep, write_plan
+from shim.restore.network import addresses_to_keep, recorded_ips, taken, write_plan
 from shim.restore.relays import SHIM_DIR, spawn_relay
 from shim.restore.selinux import restore_lsm_options, selinux_enforcing
 from shim.runtime.bundle import RESTORE_DIR
@@ -127,10 +127,10 @@ class Restorer:
             unpacked = time.monotonic() - unpack_started
             image = await self._resolve_image(archive.config)
             _check_hostile_spec(archive.spec, request)
-            await self._plan_network(request, work)
+            tcp = await self._plan_network(request, work)
             label = await self._sandbox_label(request.pod_sandbox_id)
             new = _restore_request(request, archive, image, work, _source_name(source))
-            _write_criu_config(work, self._config, request, label)
+            _write_criu_config(work, self._config, request, label, tcp)
             await asyncio.to_thread(_copy_log, archive.log, request)
             create_started = time.monotonic()
             reply = await self._containerd.forward(METHOD, new.SerializeToString(), metadata, timeout)
@@ -146,14 +146,17 @@ class Restorer:
         finally:
             layer.unlink(missing_ok=True)
 
-    async def _plan_network(self, request: cri.CreateContainerRequest, work: Path) -> None:
-        """Keep the old pod IP when established TCP connections are restored (see restore.network)."""
+    async def _plan_network(self, request: cri.CreateContainerRequest, work: Path) -> str | None:
+        """How TCP comes back: "established" (old pod IP kept, see restore.network), "close", or None."""
         opts = options.resolve(self._config.checkpoint, request.sandbox_config.annotations,
                                request.config.metadata.name)
-        if not opts.tcp_established:
-            return
-        ips = addresses_to_keep(work, True, await self._containerd.live_pod_ips())
-        write_plan(work, ips)
+        if not opts.tcp_established and not opts.tcp_close:
+            return None
+        live = await self._containerd.live_pod_ips()
+        if opts.tcp_close and (not opts.tcp_established or taken(recorded_ips(work), live)):
+            return "close"  # the fallback the user asked for: connections closed, address left alone
+        write_plan(work, addresses_to_keep(work, True, live))
+        return "established"
 
     async def _sandbox_label(self, sandbox_id: str) -> str | None:
         """The new pod's SELinux process label, needed only where SELinux enforces."""
@@ -232,11 +235,11 @@ def _restore_request(request: cri.CreateContainerRequest, archive: Any, image: s
 
 
 def _write_criu_config(work: Path, config: Config, request: cri.CreateContainerRequest,
-                       sandbox_label: str | None) -> None:
+                       sandbox_label: str | None, tcp: str | None) -> None:
     """CRIU options for the restore (runc passes none itself): the new pod's annotations and labels."""
     opts = options.resolve(config.checkpoint, request.sandbox_config.annotations, request.config.metadata.name)
-    lines = [name for name, on in (("tcp-established", opts.tcp_established), ("file-locks", opts.file_locks),
-                                   ("ext-unix-sk", opts.ext_unix_sockets)) if on]
+    lines = [name for name, on in (("tcp-established", tcp == "established"), ("tcp-close", tcp == "close"),
+                                   ("file-locks", opts.file_locks), ("ext-unix-sk", opts.ext_unix_sockets)) if on]
     linux = request.config.linux
     context = linux.security_context if linux.HasField("security_context") else None
     lines += restore_lsm_options(selinux_enforcing(), context, sandbox_label)

@@ -22,22 +22,35 @@ PLAN_FILE = "network.json"
 INTERFACE = "eth0"
 
 
-def addresses_to_keep(archive_dir: Path, tcp_established: bool, live_ips: dict[str, str]) -> list[str]:
-    """The checkpointed pod's IPs to add to the new pod (empty when no socket needs them)."""
+def recorded_ips(archive_dir: Path) -> list[str]:
+    """The checkpointed pod's IPs, as the checkpoint recorded them (none in other engines' archives)."""
     member = archive_dir / ARCHIVE_MEMBER
-    if not tcp_established or not member.is_file():
+    if not member.is_file():
         return []
     try:
         recorded = json.loads(member.read_text())
-        ips = [str(ip) for ip in recorded.get("pod_ips", [])]
+        return [str(ip) for ip in recorded.get("pod_ips", [])]
     except (ValueError, AttributeError, TypeError) as exc:
         raise InvalidArgument(f"{member.name} in the checkpoint is malformed: {exc}") from None
+
+
+def taken(ips: list[str], live_ips: dict[str, str]) -> dict[str, str]:
+    """Which of `ips` a live pod holds (ip -> pod)."""
+    return {ip: live_ips[ip] for ip in ips if ip in live_ips}
+
+
+def addresses_to_keep(archive_dir: Path, tcp_established: bool, live_ips: dict[str, str]) -> list[str]:
+    """The checkpointed pod's IPs to add to the new pod (empty when no socket needs them)."""
+    if not tcp_established:
+        return []
+    ips = recorded_ips(archive_dir)
     for ip in ips:
         if ip in live_ips:
             raise FailedPrecondition(
                 f"the checkpoint's pod IP {ip} still belongs to live pod {live_ips[ip]}: its TCP connections "
                 "cannot be restored without taking the address; remove that pod first (or checkpoint with "
-                "checkpoint.criu-shim.io/stop-after and delete it)")
+                "checkpoint.criu-shim.io/stop-after and delete it), or restore with "
+                'checkpoint.criu-shim.io/tcp-close: "true" to close the connections instead')
     return ips
 
 

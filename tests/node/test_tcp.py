@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
@@ -92,3 +93,52 @@ def _udp_ping(ip: str, port: int) -> str:
 def _ip(client: Cri, pod: Pod) -> str:
     status = client.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod.id)).status
     return str(status.network.ip)
+
+
+def _serving_with_a_client(client: Cri, stack: contextlib.ExitStack, annotations: dict[str, str],
+                           archive: Path) -> tuple[Pod, str, str]:
+    """A server pod (wildcard bind) with a client connected from another pod; checkpointed, left running."""
+    pod_a = stack.enter_context(client.pod(annotations))
+    ip_a = _ip(client, pod_a)
+    server = client.container(pod_a, ["/usr/local/bin/tcpserver"], {"PORT": "7000"}, name="server")
+    pod_c = stack.enter_context(client.pod())
+    peer = client.container(pod_c, ["/usr/local/bin/tcpclient"], {"HOST": ip_a, "PORT": "7000",
+                                                                  "INTERVAL_MS": "100"}, name="client")
+    wait_for(lambda: len(_seqs(client.log(peer))) >= 3)
+    client.checkpoint(server, str(archive))
+    return pod_a, ip_a, peer
+
+
+def test_old_ip_held_by_a_live_pod_is_never_taken(client: Cri, node: Node) -> None:
+    archive = node.dir / "checkpoints" / "live-ip.tar"
+    established = {"checkpoint.criu-shim.io/tcp-established": "true"}
+    with contextlib.ExitStack() as stack:
+        pod_a, ip_a, _ = _serving_with_a_client(client, stack, established, archive)  # leave-running: A keeps ip_a
+        with client.pod(established) as pod_b:
+            with pytest.raises(grpc.RpcError) as caught:
+                _restore(client, pod_b, archive, name="server")
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert f"pod IP {ip_a} still belongs to live pod tests/" in (caught.value.details() or "")
+            assert 'checkpoint.criu-shim.io/tcp-close: "true"' in (caught.value.details() or "")
+
+
+def test_tcp_close_fallback_restores_beside_the_live_pod(client: Cri, node: Node) -> None:
+    archive = node.dir / "checkpoints" / "tcp-close.tar"
+    with contextlib.ExitStack() as stack:
+        _, ip_a, peer = _serving_with_a_client(client, stack, {"checkpoint.criu-shim.io/tcp-established": "true"},
+                                               archive)
+        fallback = {"checkpoint.criu-shim.io/tcp-established": "true", "checkpoint.criu-shim.io/tcp-close": "true"}
+        with client.pod(fallback) as pod_b:
+            restored = _restore(client, pod_b, archive, name="server")
+            assert ip_a not in client.exec(restored, "ip", "-4", "addr", "show", "eth0")  # nothing stolen
+            reply = _tcp_line(_ip(client, pod_b), 7000)
+            # A fresh server would answer total=1; the restored one counts on from the >= 3 lines it had.
+            assert int(re.findall(r"total=(\d+)", reply)[-1]) > 3
+        assert client.state(peer) == "CONTAINER_RUNNING"  # the original connection, to pod A, is untouched
+
+
+def _tcp_line(ip: str, port: int) -> str:
+    """One request to a pod this test made, from the host, over the node's own bridge."""
+    with socket.create_connection((ip, port), timeout=5) as sock:
+        sock.sendall(b"hello\n")
+        return sock.recv(512).decode()
