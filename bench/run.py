@@ -35,6 +35,10 @@ def main() -> int:
     print("\n== Restore: criu-shim on containerd 1.7 vs containerd 2.x native vs CRIU's own restore vs cold start",
           flush=True)
     subprocess.run([sys.executable, str(HERE / "restore.py"), *sizes], check=True)
+    print("\n== Live migration of a TCP server into a new pod (old IP kept): the client's gap and its split",
+          flush=True)
+    gap = ["--sizes", "64", "--reps", "1"] if args.quick else []
+    subprocess.run([sys.executable, str(HERE / "tcp_gap.py"), *gap], check=True)
     return 0
 
 
