@@ -23,10 +23,11 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
 from shim.api.cri.v1 import api_pb2 as cri
-from shim.checkpoint import audit, criu, location, options
+from shim.checkpoint import audit, criu, location, netlock, options
 from shim.checkpoint.adopt import write_archive_in_place
 from shim.checkpoint.archive import Member, directory_members
 from shim.checkpoint.metadata import config_dump, spec_dump, status_dump
@@ -57,6 +58,7 @@ class Target:
     namespace: str
     options: options.CheckpointOptions
     pod_ips: tuple[str, ...] = ()
+    netns: Path | None = None  # the pod's network namespace
 
 
 @dataclass
@@ -101,7 +103,8 @@ class Checkpointer:
         sandbox = await self._containerd.sandbox_status(str(info.get("sandboxID", "")))
         opts = options.resolve(self._config.checkpoint, sandbox.annotations, status.metadata.name)
         ips = (sandbox.network.ip, *(i.ip for i in sandbox.network.additional_ips))
-        return Target(status, sandbox.metadata.name, sandbox.metadata.namespace, opts, tuple(i for i in ips if i))
+        return Target(status, sandbox.metadata.name, sandbox.metadata.namespace, opts, tuple(i for i in ips if i),
+                      _network_namespace(info))
 
     def _lock(self, container_id: str) -> asyncio.Lock:
         # A second checkpoint of the same container waits for the first (bounded
@@ -117,6 +120,8 @@ class Checkpointer:
         with location.staging_dir(path, container_id) as staging:
             async with AsyncExitStack() as frozen:
                 await self._freeze(container_id, frozen, outcome)
+                if target.options.tcp_established and target.netns is not None:
+                    await self._lock_network(target.netns, staging / "checkpoint", frozen, outcome)
                 dump_started = time.monotonic()
                 await self._dump(container_id, staging, target.options)
                 outcome.dump_s = time.monotonic() - dump_started
@@ -155,6 +160,31 @@ class Checkpointer:
 
         stack.push_async_exit(thaw)
 
+    async def _lock_network(self, netns: Path, images: Path, stack: AsyncExitStack, outcome: Outcome) -> None:
+        """Lock the pod's TCP around the dump; released on every path (see netlock)."""
+        await netlock.run_nft(netns, netlock.lock_script())
+
+        async def release(exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+            try:
+                await asyncio.shield(self._release_network(netns, images, outcome.stopped))
+            except BaseException:
+                if exc is None:
+                    raise
+                log.exception("could not release the network lock in %s after: %s", netns, exc)
+            return False
+
+        stack.push_async_exit(release)
+
+    async def _release_network(self, netns: Path, images: Path, stopped: bool) -> None:
+        if stopped:  # the source is gone: its peers must see silence, not resets
+            try:
+                connections = await asyncio.to_thread(netlock.dumped_connections, images)
+                await netlock.run_nft(netns, netlock.narrow_script(connections))
+                return
+            except Exception:  # never leave the whole pod locked
+                log.exception("could not narrow the network lock in %s; removing it", netns)
+        await netlock.run_nft(netns, netlock.unlock_script(), missing_ok=True)
+
     async def _dump(self, container_id: str, staging: Path, opts: options.CheckpointOptions) -> None:
         request = runc_options.CheckpointOptions(
             # exit: runc lets CRIU end the container after a successful dump (stop-after).
@@ -175,6 +205,12 @@ class Checkpointer:
             location=request.location, size=outcome.size, duration_s=round(time.monotonic() - started, 4),
             frozen_s=round(outcome.frozen_s, 4), dump_s=round(outcome.dump_s, 4),
             archive_s=round(outcome.archive_s, 4), result=result))
+
+
+def _network_namespace(info: dict[str, Any]) -> Path | None:
+    namespaces = info.get("runtimeSpec", {}).get("linux", {}).get("namespaces", [])
+    paths = [n.get("path") for n in namespaces if n.get("type") == "network" and n.get("path")]
+    return Path(paths[0]) if paths else None
 
 
 def _rootfs_diff(upperdir: Path | None, staging: Path) -> list[str] | None:

@@ -142,3 +142,59 @@ def _tcp_line(ip: str, port: int) -> str:
     with socket.create_connection((ip, port), timeout=5) as sock:
         sock.sendall(b"hello\n")
         return sock.recv(512).decode()
+
+
+def _netns(client: Cri, pod: Pod) -> str:
+    status = client.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod.id, verbose=True))
+    spec = json.loads(status.info["info"])["runtimeSpec"]
+    return str(next(n["path"] for n in spec["linux"]["namespaces"] if n["type"] == "network"))
+
+
+def _lock_table(client: Cri, pod: Pod) -> str:
+    out = subprocess.run(["nsenter", f"--net={_netns(client, pod)}", "nft", "list", "table", "inet",
+                          "criu_shim_lock"], capture_output=True, text=True)
+    return out.stdout if out.returncode == 0 else ""
+
+
+@pytest.mark.parametrize("how", ["success", "disk-full", "deadline"])
+def test_network_lock_is_released_on_every_path(client: Cri, node: Node, tmp_path: Path, how: str) -> None:
+    with contextlib.ExitStack() as stack:
+        pod_a = stack.enter_context(client.pod({"checkpoint.criu-shim.io/tcp-established": "true"}))
+        server = client.container(pod_a, ["/usr/local/bin/tcpserver"], {"PORT": "7000", "MEM_MB": "64"},
+                                  name="server")
+        pod_c = stack.enter_context(client.pod())
+        peer = client.container(pod_c, ["/usr/local/bin/tcpclient"],
+                                {"HOST": _ip(client, pod_a), "PORT": "7000", "INTERVAL_MS": "50"}, name="client")
+        wait_for(lambda: len(_seqs(client.log(peer))) >= 3)
+        location = tmp_path / "out.tar"
+        if how == "disk-full":
+            small = tmp_path / "small"
+            small.mkdir()
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+            stack.callback(subprocess.run, ["umount", str(small)], check=True)
+            location = small / "out.tar"
+        try:
+            client.checkpoint(server, str(location), timeout=0.2 if how == "deadline" else 120)
+            assert how == "success"
+        except grpc.RpcError:
+            assert how != "success"
+        wait_for(lambda: _lock_table(client, pod_a) == "", timeout=60)
+        seen = _seqs(client.log(peer))[-1]
+        wait_for(lambda: _seqs(client.log(peer))[-1] > seen + 2)  # the source serves on: unlocked and thawed
+
+
+def test_stop_after_keeps_only_the_dumped_connections_locked(client: Cri, node: Node, tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        pod_a = stack.enter_context(client.pod(MIGRATE))
+        ip_a = _ip(client, pod_a)
+        server = client.container(pod_a, ["/usr/local/bin/tcpserver"], {"PORT": "7000"}, name="server")
+        pod_c = stack.enter_context(client.pod())
+        peer = client.container(pod_c, ["/usr/local/bin/tcpclient"], {"HOST": ip_a, "PORT": "7000",
+                                                                      "INTERVAL_MS": "50"}, name="client")
+        wait_for(lambda: len(_seqs(client.log(peer))) >= 3)
+        client.checkpoint(server, str(tmp_path / "out.tar"))
+        table = _lock_table(client, pod_a)
+        client_port = re.findall(r"local=[\d.]+:(\d+)", client.log(peer))[0]
+        assert f"tcp sport {client_port} tcp dport 7000 drop" in table  # the dumped connection, nothing else
+        assert 'iifname != "lo"' not in table
+        assert client.state(peer) == "CONTAINER_RUNNING"  # no reset reached the client

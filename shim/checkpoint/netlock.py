@@ -1,0 +1,106 @@
+"""The network lock around a dump of established TCP connections.
+
+CRIU locks the network only of namespaces it dumps itself. A pod's network
+namespace is external to the container, so CRIU leaves the lock to its
+caller, and runc does nothing: a segment arriving between the dump of a
+socket's queues and the end of the dump is acknowledged by the old socket and
+lost to the restored one; and once a stop-after dump has ended the process,
+a retransmission finds no socket and the kernel answers with a reset, killing
+the very connection the restored copy is about to resume. So criu-shim locks
+the pod's network itself, with one nftables table in the pod's namespace:
+
+- during the dump, every TCP segment on the pod's interfaces is dropped
+  (loopback is left alone; the peers just retransmit);
+- afterwards the table is removed, on every path (success, failure,
+  deadline, CRIU killed), except after a successful stop-after dump: then it
+  is narrowed to the dumped connections (read from CRIU's images), so their
+  peers see silence instead of a reset until the restored copy takes over;
+  it goes away with the pod's namespace.
+
+nft runs under `nsenter --net` in a child process: the daemon never switches
+its own namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from shim.errors import Internal
+
+TABLE = "criu_shim_lock"
+_TCP = 6
+_ESTABLISHED = 1
+
+
+@dataclass(frozen=True)
+class Connection:
+    family: int
+    local: str
+    local_port: int
+    remote: str
+    remote_port: int
+
+
+def lock_script() -> str:
+    return "\n".join([
+        f"add table inet {TABLE}",
+        f"flush table inet {TABLE}",  # a table left by a crashed attempt starts empty again
+        f"add chain inet {TABLE} input {{ type filter hook input priority -300 ; policy accept ; }}",
+        f"add chain inet {TABLE} output {{ type filter hook output priority -300 ; policy accept ; }}",
+        f'add rule inet {TABLE} input iifname != "lo" meta l4proto tcp drop',
+        f'add rule inet {TABLE} output oifname != "lo" meta l4proto tcp drop',
+    ]) + "\n"
+
+
+def narrow_script(connections: list[Connection]) -> str:
+    """Keep dropping only the dumped connections' segments."""
+    lines = [f"flush chain inet {TABLE} input", f"flush chain inet {TABLE} output"]
+    for c in connections:
+        ip = "ip" if c.family == socket.AF_INET else "ip6"
+        lines.append(f"add rule inet {TABLE} input {ip} saddr {c.remote} {ip} daddr {c.local} "
+                     f"tcp sport {c.remote_port} tcp dport {c.local_port} drop")
+        lines.append(f"add rule inet {TABLE} output {ip} saddr {c.local} {ip} daddr {c.remote} "
+                     f"tcp sport {c.local_port} tcp dport {c.remote_port} drop")
+    return "\n".join(lines) + "\n"
+
+
+def unlock_script() -> str:
+    return f"delete table inet {TABLE}\n"
+
+
+async def run_nft(netns: Path, script: str, missing_ok: bool = False) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "nsenter", f"--net={netns}", "nft", "-f", "-", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate(script.encode())
+    if proc.returncode != 0 and not (missing_ok and b"No such file or directory" in err):
+        raise Internal(f"nft in {netns} failed: {err.decode(errors='replace').strip()}")
+
+
+def _address(family: int, words: list[int]) -> str:
+    packed = b"".join(struct.pack("<I", w) for w in words)
+    return socket.inet_ntop(family, packed)
+
+
+def dumped_connections(images: Path) -> list[Connection]:
+    """Established TCP connections in CRIU's images (files.img)."""
+    import pycriu.images
+
+    files = images / "files.img"
+    if not files.is_file():
+        return []
+    entries = pycriu.images.load(io.BytesIO(files.read_bytes()))["entries"]
+    found = []
+    for entry in entries:
+        isk = entry.get("isk")
+        if not isk or isk.get("proto") != _TCP or isk.get("state") != _ESTABLISHED:
+            continue
+        family = int(isk["family"])
+        found.append(Connection(family, _address(family, isk["src_addr"]), int(isk["src_port"]),
+                                _address(family, isk["dst_addr"]), int(isk["dst_port"])))
+    return found
