@@ -110,7 +110,11 @@ async def _connect_and_check(client: Client, shim: RuncShim) -> None:
 
 
 async def _shutdown(client: Client, shim: RuncShim) -> None:
-    assert await client.call(TASK, "Shutdown", shim_pb2.ShutdownRequest(id=shim.id).SerializeToString()) == b""
+    try:
+        assert await client.call(TASK, "Shutdown", shim_pb2.ShutdownRequest(id=shim.id).SerializeToString()) == b""
+    except TTRPCError as exc:
+        # The shim may exit before its answer is out; containerd ignores that too (ErrClosed).
+        assert exc.status.code == Code.UNAVAILABLE and "closed" in exc.status.message
     async with asyncio.timeout(TIMEOUT):
         await client.wait_closed()  # the shim exits, closing the connection
 
