@@ -12,10 +12,11 @@ shim restores it with CRIU at StartContainer instead of starting it afresh.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
-import subprocess
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -42,8 +43,8 @@ class Restorer:
     def __init__(self, containerd: Containerd, config: Config) -> None:
         self._containerd = containerd
         self._config = config
-        # Created for restore, not yet started: their relay processes.
-        self._pending: dict[str, subprocess.Popen[bytes]] = {}
+        # Created for restore, not yet started: their relay processes' pids.
+        self._pending: dict[str, int] = {}
 
     async def after_start(self, container_id: str) -> None:
         """Refuse a restore that containerd started fresh (its runtime handler is not ours)."""
@@ -54,7 +55,8 @@ class Restorer:
         if mark.exists():
             mark.unlink(missing_ok=True)
             return
-        relay.terminate()  # never used: it would wait for containerd in vain
+        with contextlib.suppress(OSError):
+            os.kill(relay, signal.SIGTERM)  # never used: it would wait for containerd in vain
         await self._containerd.stop_container(container_id)
         raise FailedPrecondition(
             f"container {container_id} was started afresh instead of restored: containerd did not run it "

@@ -17,6 +17,8 @@ never started, and removes the unpacked checkpoint then.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,19 +30,29 @@ SHIM_DIR = Path("/run/criu-shim/shims")
 READY_TIMEOUT = 10.0
 
 
-async def spawn_relay(container_id: str, work: Path, directory: Path = SHIM_DIR) -> subprocess.Popen[bytes]:
-    """Start the relay process for `container_id` and wait until it listens."""
+async def spawn_relay(container_id: str, work: Path, directory: Path = SHIM_DIR) -> int:
+    """Start the relay process for `container_id`, wait until it listens; return its pid."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     listen = directory / f"{container_id}.sock"
     upstream_file = directory / f"{container_id}.upstream"
     with open(work.parent / f"{work.name}.relay.log", "ab") as out:
-        relay = subprocess.Popen([sys.executable, "-m", "shim.runtime", "relay-for", str(listen),
-                                  str(upstream_file), str(work)],
-                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        launcher = subprocess.Popen([sys.executable, "-m", "shim.runtime", "relay-for", str(listen),
+                                     str(upstream_file), str(work)],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+    await asyncio.to_thread(launcher.wait)  # it forks the relay and exits at once
+    pid_file = listen.with_suffix(".pid")
     deadline = time.monotonic() + READY_TIMEOUT
-    while not listen.exists():
+    while not (listen.exists() and pid_file.exists()):
         if time.monotonic() > deadline:
-            relay.kill()
+            stop_relay(pid_file)
             raise Unavailable(f"the restore relay for {container_id} did not start; see {work}.relay.log")
         await asyncio.sleep(0.005)
-    return relay
+    return int(pid_file.read_text())
+
+
+def stop_relay(pid_file: Path) -> None:
+    """Ask a relay to stop (it cleans up after itself); nothing if it is gone."""
+    try:
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    except (OSError, ValueError):
+        pass

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 def main(argv: Sequence[str]) -> int:
     if argv and argv[0] == "relay-for":
+        # Detach from the proxy that started us (it reaps our parent at once): the relay must
+        # outlive proxy restarts, and must not linger as the proxy's zombie when it ends.
+        if os.fork() > 0:
+            os._exit(0)
         from shim.runtime.relay_daemon import run_hosted
 
         return run_hosted(Path(argv[1]), Path(argv[2]), Path(argv[3]))

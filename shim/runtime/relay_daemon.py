@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -102,9 +103,12 @@ def run(listen: Path, bundle: Path) -> int:
 def run_hosted(listen: Path, upstream_file: Path, work: Path) -> int:
     """The relay the proxy starts at CreateContainer; the launcher writes the upstream address later."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pid_file = listen.with_suffix(".pid")
+    pid_file.write_text(f"{os.getpid()}\n")
     try:
         asyncio.run(_serve_hosted(listen, upstream_file, RestoreRewriter(RestorePlan(work))))
     finally:
+        pid_file.unlink(missing_ok=True)
         # The proxy's StartContainer has long read the .upstream mark by now (the task is
         # gone only after RemoveContainer); whoever comes last removes it.
         upstream_file.unlink(missing_ok=True)
