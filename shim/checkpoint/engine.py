@@ -21,12 +21,13 @@ import time
 import weakref
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from datetime import UTC, datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
 from shim.api.cri.v1 import api_pb2 as cri
+from shim.arch import go_arch
 from shim.checkpoint import audit, criu, location, netlock, options
 from shim.checkpoint.adopt import write_archive_in_place
 from shim.checkpoint.archive import Member, directory_members
@@ -39,7 +40,8 @@ from shim.proxy.dispatch import Peer
 
 log = logging.getLogger(__name__)
 THAW_TIMEOUT = 30.0
-NETWORK_MEMBER = "criu-shim.network.json"
+# Ours: what a restore needs that no standard member records.
+FACTS_MEMBER = "criu-shim.json"
 
 
 @dataclass(frozen=True)
@@ -228,10 +230,10 @@ def _members(staging: Path, spec: bytes, target: Target, runtime: str, checkpoin
         Member("config.dump", data=config_dump(status.id, status.metadata.name, status.image.image,
                                                status.image_ref, runtime, created, checkpointed)),
         Member("status.dump", data=status_dump(status)),
-        # Ours: what a restore needs that no standard member records (the pod's addresses,
-        # which established TCP sockets are bound to).
-        Member(NETWORK_MEMBER, data=json.dumps({"pod_ips": list(target.pod_ips),
-                                               "tcp_established": target.options.tcp_established}).encode()),
+        # The pod's addresses (established TCP sockets are bound to them) and the machine
+        # the memory image is for (a restore elsewhere must refuse it clearly).
+        Member(FACTS_MEMBER, data=json.dumps({"pod_ips": list(target.pod_ips), "architecture": go_arch(),
+                                             "tcp_established": target.options.tcp_established}).encode()),
         *directory_members("checkpoint", staging / "checkpoint"),
     ]
     for name, source in (("dump.log", staging / "work" / "dump.log"),

@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import platform
 import tarfile
 from pathlib import Path
 from typing import Any
 
+from shim.arch import go_arch
 from shim.errors import InvalidArgument
 from shim.restore.archive import REQUIRED
 
@@ -78,7 +78,7 @@ def build(archive: Path, ref: str, out: Path) -> str:
     """Write the OCI layout tar for `archive` named `ref` to `out`; return the manifest digest."""
     notes = checkpoint_annotations(archive)
     layer_digest, layer_size = _file_digest(archive)  # an uncompressed tar: already a valid layer
-    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    arch = go_arch()
     config = json.dumps({"architecture": arch, "os": "linux", "config": {},
                          "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}, sort_keys=True).encode()
     manifest = json.dumps({

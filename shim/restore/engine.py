@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -23,13 +24,26 @@ from pathlib import Path
 from typing import Any
 
 from shim.api.cri.v1 import api_pb2 as cri
+from shim.arch import go_arch
 from shim.checkpoint import audit, options
 from shim.config import Config
 from shim.containerd import Containerd
-from shim.errors import FailedPrecondition, NotFound, PermissionDenied, ShimError
+from shim.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ShimError,
+)
 from shim.proxy.dispatch import Peer
 from shim.restore.image import CheckpointImage, checkpoint_image, export_layer
-from shim.restore.network import addresses_to_keep, recorded_ips, taken, write_plan
+from shim.restore.network import (
+    ARCHIVE_MEMBER,
+    addresses_to_keep,
+    recorded_ips,
+    taken,
+    write_plan,
+)
 from shim.restore.relays import SHIM_DIR, spawn_relay
 from shim.restore.selinux import restore_lsm_options, selinux_enforcing
 from shim.runtime.bundle import RESTORE_DIR
@@ -126,6 +140,7 @@ class Restorer:
             else:
                 archive_path = source
             archive = await asyncio.to_thread(open_checkpoint, archive_path, work)
+            _check_architecture(work)
             unpacked = time.monotonic() - unpack_started
             image = await self._resolve_image(archive.config)
             _check_hostile_spec(archive.spec, request)
@@ -192,6 +207,20 @@ class Restorer:
             namespace=sandbox.namespace, container=request.config.metadata.name, container_id=container_id,
             location=request.config.image.image, size=0, duration_s=round(time.monotonic() - started, 4),
             frozen_s=0.0, dump_s=0.0, archive_s=0.0, result=result))
+
+
+def _check_architecture(work: Path) -> None:
+    """A memory image only restores on the machine type it was dumped on."""
+    facts = work / ARCHIVE_MEMBER
+    if not facts.is_file():
+        return  # other engines record no architecture
+    try:
+        arch = json.loads(facts.read_text()).get("architecture")
+    except (ValueError, AttributeError) as exc:
+        raise InvalidArgument(f"{ARCHIVE_MEMBER} in the checkpoint is malformed: {exc}") from None
+    here = go_arch()
+    if arch and arch != here:
+        raise InvalidArgument(f"the checkpoint was made on {arch}; this node is {here}: it cannot be restored here")
 
 
 def registry_of(ref: str) -> str:

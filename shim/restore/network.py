@@ -17,7 +17,7 @@ from pathlib import Path
 
 from shim.errors import FailedPrecondition, InvalidArgument
 
-ARCHIVE_MEMBER = "criu-shim.network.json"
+ARCHIVE_MEMBER = "criu-shim.json"  # written by shim.checkpoint.engine
 PLAN_FILE = "network.json"
 INTERFACE = "eth0"
 

@@ -293,3 +293,24 @@ def test_restore_into_a_pod_not_run_by_the_criu_handler_is_refused_not_started_a
     finally:
         client.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
         client.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+
+
+def test_checkpoint_from_another_architecture_is_refused(client: Cri, node: Node) -> None:
+    good, _ = _checkpoint_counter(client, node, 1)
+    foreign = node.dir / "checkpoints" / "foreign.tar"
+    with tarfile.open(good) as src, tarfile.open(foreign, "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read() if member.isfile() else None  # type: ignore[union-attr]
+            if member.name == "criu-shim.json":
+                facts = json.loads(data or b"{}")
+                facts["architecture"] = "s390x"
+                data = json.dumps(facts).encode()
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    before = _work_dirs(node)
+    with client.pod() as pod:
+        with pytest.raises(grpc.RpcError) as caught:
+            _restore(client, pod, foreign)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the checkpoint was made on s390x" in (caught.value.details() or "")
+    assert _work_dirs(node) == before
