@@ -44,7 +44,7 @@ from shim.restore.network import (
     taken,
     write_plan,
 )
-from shim.restore.relays import SHIM_DIR, spawn_relay
+from shim.restore.relays import Relay, start_relay, stop_relay, wait_ready
 from shim.restore.selinux import restore_lsm_options, selinux_enforcing
 from shim.runtime.bundle import RESTORE_DIR
 
@@ -57,20 +57,20 @@ class Restorer:
     def __init__(self, containerd: Containerd, config: Config) -> None:
         self._containerd = containerd
         self._config = config
-        # Created for restore, not yet started: their relay processes' pids.
-        self._pending: dict[str, int] = {}
+        # Created for restore, not yet started: their relays and the relays' pids.
+        self._pending: dict[str, tuple[Relay, int]] = {}
 
     async def after_start(self, container_id: str) -> None:
         """Refuse a restore that containerd started fresh (its runtime handler is not ours)."""
-        relay = self._pending.pop(container_id, None)
-        if relay is None:
+        pending = self._pending.pop(container_id, None)
+        if pending is None:
             return
-        mark = SHIM_DIR / f"{container_id}.upstream"
-        if mark.exists():
-            mark.unlink(missing_ok=True)
+        relay, pid = pending
+        if relay.upstream_file.exists():  # the launcher handed the task to our relay
+            relay.upstream_file.unlink(missing_ok=True)
             return
         with contextlib.suppress(OSError):
-            os.kill(relay, signal.SIGTERM)  # never used: it would wait for containerd in vain
+            os.kill(pid, signal.SIGTERM)  # never used: it would wait for containerd in vain
         await self._containerd.stop_container(container_id)
         raise FailedPrecondition(
             f"container {container_id} was started afresh instead of restored: containerd did not run it "
@@ -133,6 +133,7 @@ class Restorer:
         work = self._config.restore.work_dir / uuid.uuid4().hex
         work.mkdir(mode=0o700, parents=True)
         layer = work.parent / f"{work.name}.layer"
+        relay = start_relay(work)  # its start-up overlaps the unpacking
         try:
             unpack_started = time.monotonic()
             if isinstance(source, CheckpointImage):
@@ -155,9 +156,10 @@ class Restorer:
                      unpacked, time.monotonic() - create_started)
             container_id = str(cri.CreateContainerResponse.FromString(reply).container_id)
             # From here the relay owns `work` (it removes it when the task is gone).
-            self._pending[container_id] = await spawn_relay(container_id, work)
+            self._pending[container_id] = (relay, await wait_ready(relay))
             return container_id
         except BaseException:
+            await _abandon(relay)
             shutil.rmtree(work, ignore_errors=True)
             raise
         finally:
@@ -207,6 +209,13 @@ class Restorer:
             namespace=sandbox.namespace, container=request.config.metadata.name, container_id=container_id,
             location=request.config.image.image, size=0, duration_s=round(time.monotonic() - started, 4),
             frozen_s=0.0, dump_s=0.0, archive_s=0.0, result=result))
+
+
+async def _abandon(relay: Relay) -> None:
+    """Stop the relay of a restore that failed before containerd got it."""
+    with contextlib.suppress(ShimError):
+        await wait_ready(relay)
+    stop_relay(relay)
 
 
 def _check_architecture(work: Path) -> None:

@@ -1,11 +1,13 @@
-"""The relay for a restored task, started by the proxy at CreateContainer.
+"""The relay for a restored task, started by the proxy as soon as a restore begins.
 
 A restore needs a ttrpc relay in front of the stock runc shim (see
 `shim.runtime`). Starting it at StartContainer would put an interpreter
-start-up on the restore's critical path, so the proxy starts it as soon as it
-knows a restore is coming: right after CreateContainer, listening at
-/run/criu-shim/shims/<container id>.sock. The launcher script then starts the
-runc shim, writes its address to <id>.upstream and gives containerd our socket.
+start-up on the restore's critical path, so the proxy starts it at the
+beginning of CreateContainer, where its start-up overlaps the unpacking. It
+listens at /run/criu-shim/shims/<key>.sock, the key being the name of the
+restore's work dir (which the container's spec names, so the launcher script
+finds it). At StartContainer the launcher starts the runc shim, writes its
+address to <key>.upstream and gives containerd our socket.
 
 The relay is its own process, not a task of the proxy: containerd treats a
 lost shim connection as a dead shim and kills the container, so a restored
@@ -22,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from shim.errors import Unavailable
@@ -30,29 +33,59 @@ SHIM_DIR = Path("/run/criu-shim/shims")
 READY_TIMEOUT = 10.0
 
 
-async def spawn_relay(container_id: str, work: Path, directory: Path = SHIM_DIR) -> int:
-    """Start the relay process for `container_id`, wait until it listens; return its pid."""
+@dataclass(frozen=True)
+class Relay:
+    """Where the relay of one restore (work dir `work`) lives."""
+
+    work: Path
+    directory: Path = SHIM_DIR
+    launcher: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.directory / f"{self.work.name}.sock"
+
+    @property
+    def upstream_file(self) -> Path:
+        return self.directory / f"{self.work.name}.upstream"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.directory / f"{self.work.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.directory / f"{self.work.name}.log"
+
+
+def start_relay(work: Path, directory: Path = SHIM_DIR) -> Relay:
+    """Launch the relay for the restore unpacked into `work` (returns at once; see wait_ready)."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    listen = directory / f"{container_id}.sock"
-    upstream_file = directory / f"{container_id}.upstream"
-    with open(work.parent / f"{work.name}.relay.log", "ab") as out:
-        launcher = subprocess.Popen([sys.executable, "-m", "shim.runtime", "relay-for", str(listen),
-                                     str(upstream_file), str(work)],
+    where = Relay(work, directory)
+    with open(where.log_file, "ab") as out:
+        launcher = subprocess.Popen([sys.executable, "-m", "shim.runtime", "relay-for", str(where.socket),
+                                     str(where.upstream_file), str(work)],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-    await asyncio.to_thread(launcher.wait)  # it forks the relay and exits at once
-    pid_file = listen.with_suffix(".pid")
+    return Relay(work, directory, launcher)
+
+
+async def wait_ready(relay: Relay) -> int:
+    """Wait until the relay listens; return its pid."""
+    if relay.launcher is not None:
+        # `relay-for` forks the relay and exits at once: reaped here, so no zombie later.
+        await asyncio.to_thread(relay.launcher.wait)
     deadline = time.monotonic() + READY_TIMEOUT
-    while not (listen.exists() and pid_file.exists()):
+    while not (relay.socket.exists() and relay.pid_file.exists()):
         if time.monotonic() > deadline:
-            stop_relay(pid_file)
-            raise Unavailable(f"the restore relay for {container_id} did not start; see {work}.relay.log")
+            stop_relay(relay)
+            raise Unavailable(f"the restore relay for {relay.work} did not start; see {relay.log_file}")
         await asyncio.sleep(0.005)
-    return int(pid_file.read_text())
+    return int(relay.pid_file.read_text())
 
 
-def stop_relay(pid_file: Path) -> None:
+def stop_relay(relay: Relay) -> None:
     """Ask a relay to stop (it cleans up after itself); nothing if it is gone."""
     try:
-        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        os.kill(int(relay.pid_file.read_text()), signal.SIGTERM)
     except (OSError, ValueError):
         pass

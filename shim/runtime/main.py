@@ -65,7 +65,9 @@ def start(args: ShimArgs) -> int:
     relay.stdin.write(upstream.encode() + b"\n")
     relay.stdin.close()
     # The mark the proxy's StartContainer looks for: this restore went through the shim.
-    (SOCKET_DIR / f"{args.id}.upstream").write_text(upstream + "\n")
+    plan = restore_plan(bundle)
+    if plan is not None:
+        (SOCKET_DIR / f"{plan.dir.name}.upstream").write_text(upstream + "\n")
     if not _wait_for(listen, 10.0):
         sys.stderr.write(f"criu-shim relay did not listen on {listen}; see {bundle}/criu-shim-relay.log\n")
         return 1

@@ -109,6 +109,7 @@ def run_hosted(listen: Path, upstream_file: Path, work: Path) -> int:
         asyncio.run(_serve_hosted(listen, upstream_file, RestoreRewriter(RestorePlan(work))))
     finally:
         pid_file.unlink(missing_ok=True)
+        listen.with_suffix(".log").unlink(missing_ok=True)  # a clean end: nothing to read
         # The proxy's StartContainer has long read the .upstream mark by now (the task is
         # gone only after RemoveContainer); whoever comes last removes it.
         upstream_file.unlink(missing_ok=True)
