@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,10 @@ def _restore(client: Cri, pod: Pod, archive: Path, name: str = "restored") -> st
     return ctr
 
 
+def _pid(verbose_status: object) -> int:
+    return int(json.loads(verbose_status.info["info"])["pid"])  # type: ignore[attr-defined]
+
+
 def _checkpoint_counter(client: Cri, node: Node, at_least: int) -> tuple[Path, int]:
     archive = node.dir / "checkpoints" / f"counter-{at_least}.tar"
     with client.pod() as pod_a:
@@ -64,6 +69,11 @@ def test_counter_resumes_its_count_in_a_new_pod(client: Cri, node: Node) -> None
         assert f"inet {pod_ip}/" in client.exec(ctr, "ip", "-4", "addr", "show", "eth0")  # pod B's network
         cgroups = client.exec(ctr, "cat", "/proc/self/cgroup")
         assert all(ctr in line for line in cgroups.splitlines() if ":memory:" in line)  # its own cgroup
+        restored_pid = _pid(client.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr, verbose=True)))
+        sandbox_pid = _pid(client.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_b.id,
+                                                                                      verbose=True)))
+        for kind in ("net", "ipc", "uts"):  # pod B's namespaces, the ones its pause process holds
+            assert os.readlink(f"/proc/{restored_pid}/ns/{kind}") == os.readlink(f"/proc/{sandbox_pid}/ns/{kind}")
         wait_for(lambda: client.count(ctr) > first)  # and it keeps counting
         status = client.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr)).status
         assert status.annotations["restored"] == "true"
