@@ -283,6 +283,8 @@ class Splice:
         self._to_upstream.extend(f.raw for f in frames)
         self._to_upstream.append(rst_stream(stream_id, ErrorCode.CANCEL))
         self._reset_upstream.add(stream_id)
+        if len(self._reset_upstream) > _OWNED_MEMORY:  # containerd answers a reset at once, if at all
+            self._reset_upstream = set(sorted(self._reset_upstream)[-_OWNED_MEMORY // 2 :])
 
     def _own(self, stream_id: int) -> None:
         self._owned.add(stream_id)
