@@ -47,10 +47,12 @@ class Cri:
             self.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=60)
 
     def container(self, pod: Pod, command: list[str], env: Mapping[str, str] | None = None,
-                  name: str = "main", start: bool = True) -> str:
+                  name: str = "main", start: bool = True, mounts: Mapping[str, Path] | None = None) -> str:
+        """A testprogs container; `mounts` maps container paths to host paths (bind mounts)."""
         config = cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=TESTPROGS), command=command,
-            envs=[cri.KeyValue(key=k, value=v) for k, v in (env or {}).items()], log_path=f"{name}.log")
+            envs=[cri.KeyValue(key=k, value=v) for k, v in (env or {}).items()], log_path=f"{name}.log",
+            mounts=[cri.Mount(container_path=c, host_path=str(h)) for c, h in (mounts or {}).items()])
         ctr = str(self.runtime.CreateContainer(cri.CreateContainerRequest(
             pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config), timeout=60).container_id)
         if start:

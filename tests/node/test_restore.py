@@ -219,6 +219,16 @@ def test_restore_survives_proxy_restarts(client: Cri, node: Node) -> None:
         fresh.close()
 
 
+def _checkpoint_with_volume(client: Cri, node: Node, host_dir: Path, name: str) -> Path:
+    """A counter with `host_dir` bind-mounted at /data, checkpointed into the node's checkpoints."""
+    archive = node.dir / "checkpoints" / name
+    with client.pod() as pod:
+        ctr = client.container(pod, COUNTER, name="vol", mounts={"/data": host_dir})
+        wait_for(lambda: client.count(ctr) >= 1)
+        client.checkpoint(ctr, str(archive))
+    return archive
+
+
 def test_restored_container_uses_the_new_pods_volume_paths(client: Cri, node: Node, tmp_path: Path) -> None:
     """A bind mount is re-pointed at the new request's host path, never the old pod's (containerd#12108)."""
     old, new = tmp_path / "pods" / "old-uid" / "volumes" / "data", tmp_path / "pods" / "new-uid" / "volumes" / "data"
@@ -226,17 +236,7 @@ def test_restored_container_uses_the_new_pods_volume_paths(client: Cri, node: No
     new.mkdir(parents=True)
     (old / "who").write_text("old pod\n")
     (new / "who").write_text("new pod\n")
-    archive = node.dir / "checkpoints" / "volume.tar"
-    with client.pod() as pod:
-        config = cri.ContainerConfig(
-            metadata=cri.ContainerMetadata(name="vol"), image=cri.ImageSpec(image="localhost/criu-shim/testprogs:1"),
-            command=["/usr/local/bin/counter"], log_path="vol.log",
-            mounts=[cri.Mount(container_path="/data", host_path=str(old))])
-        ctr = client.runtime.CreateContainer(cri.CreateContainerRequest(
-            pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config)).container_id
-        client.runtime.StartContainer(cri.StartContainerRequest(container_id=ctr))
-        wait_for(lambda: client.count(ctr) >= 1)
-        client.checkpoint(ctr, str(archive))
+    archive = _checkpoint_with_volume(client, node, old, "volume.tar")
     with client.pod() as pod:
         config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="vol"), image=cri.ImageSpec(image=str(archive)),
                                      log_path="vol.log", mounts=[cri.Mount(container_path="/data", host_path=str(new))])
@@ -252,17 +252,7 @@ def test_undeclared_bind_mount_is_refused(client: Cri, node: Node, tmp_path: Pat
     """A checkpoint that had a host bind mount the new request does not declare is refused (CRI-O's rule)."""
     data = tmp_path / "data"
     data.mkdir()
-    archive = node.dir / "checkpoints" / "undeclared.tar"
-    with client.pod() as pod:
-        config = cri.ContainerConfig(
-            metadata=cri.ContainerMetadata(name="vol"), image=cri.ImageSpec(image="localhost/criu-shim/testprogs:1"),
-            command=["/usr/local/bin/counter"], log_path="vol.log",
-            mounts=[cri.Mount(container_path="/data", host_path=str(data))])
-        ctr = client.runtime.CreateContainer(cri.CreateContainerRequest(
-            pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config)).container_id
-        client.runtime.StartContainer(cri.StartContainerRequest(container_id=ctr))
-        wait_for(lambda: client.count(ctr) >= 1)
-        client.checkpoint(ctr, str(archive))
+    archive = _checkpoint_with_volume(client, node, data, "undeclared.tar")
     before = _work_dirs(node)
     with client.pod() as pod:
         with pytest.raises(grpc.RpcError) as caught:
