@@ -13,6 +13,7 @@
     allowed_dirs = ["/var/lib/kubelet/checkpoints"]   # archives are taken only from here
     allowed_registries = []     # checkpoint images are taken only from these registries
     work_dir = "/var/lib/criu-shim/restore"           # where archives are unpacked (private)
+    lazy_pages = true           # memory filled in after the process runs (userfaultfd), when CRIU can
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class RestoreSettings:
     allowed_dirs: tuple[Path, ...] = DEFAULT_ALLOWED_DIRS
     allowed_registries: tuple[str, ...] = ()
     work_dir: Path = DEFAULT_RESTORE_DIR
+    # Lazy restore (shim.restore.lazy): the process runs before its memory is all
+    # in place; CRIU's page daemon fills it in. Used where CRIU supports uffd.
+    lazy_pages: bool = True
 
 
 @dataclass(frozen=True)
@@ -96,12 +100,13 @@ def parse(raw: dict[str, Any], origin: str = "config") -> Config:
 def _restore(section: Any, origin: str) -> RestoreSettings:
     if not isinstance(section, dict):
         raise InvalidArgument(f"{origin}: [restore] must be a table")
-    unknown = set(section) - {"enabled", "allowed_dirs", "allowed_registries", "work_dir"}
+    unknown = set(section) - {"enabled", "allowed_dirs", "allowed_registries", "work_dir", "lazy_pages"}
     if unknown:
         raise InvalidArgument(f"{origin}: unknown keys in [restore]: {', '.join(sorted(unknown))}")
-    enabled = section.get("enabled", False)
-    if not isinstance(enabled, bool):
-        raise InvalidArgument(f"{origin}: restore.enabled must be true or false")
+    enabled, lazy = section.get("enabled", False), section.get("lazy_pages", True)
+    for key, value in (("enabled", enabled), ("lazy_pages", lazy)):
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{origin}: restore.{key} must be true or false")
     dirs = section.get("allowed_dirs", [str(d) for d in DEFAULT_ALLOWED_DIRS])
     work = section.get("work_dir", str(DEFAULT_RESTORE_DIR))
     if not isinstance(dirs, list) or not all(isinstance(d, str) and Path(d).is_absolute() for d in dirs):
@@ -111,7 +116,7 @@ def _restore(section: Any, origin: str) -> RestoreSettings:
     registries = section.get("allowed_registries", [])
     if not isinstance(registries, list) or not all(isinstance(r, str) and r and "/" not in r for r in registries):
         raise InvalidArgument(f"{origin}: restore.allowed_registries must be a list of registry hosts")
-    return RestoreSettings(enabled, tuple(Path(d) for d in dirs), tuple(registries), Path(work))
+    return RestoreSettings(enabled, tuple(Path(d) for d in dirs), tuple(registries), Path(work), lazy)
 
 
 def _which_criu() -> Path | None:

@@ -24,6 +24,7 @@ read through a decompressor, and so through Python.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import gzip
 import importlib
@@ -42,6 +43,7 @@ from typing import IO, Any, Self
 
 from shim.errors import InvalidArgument, NotFound, ResourceExhausted
 from shim.fileio import kernel_copy
+from shim.restore.lazy import Deferred
 from shim.restore.checkpoint_spec import Engine, detect_engine
 
 DEFAULT_MAX_SIZE = 64 << 30
@@ -80,15 +82,20 @@ class CheckpointArchive:
     deleted_files: list[str]
     log: Path | None
     engine: Engine
+    # Members left in the archive (created sparse here): see shim.restore.lazy.
+    deferred: tuple[Deferred, ...] = ()
 
 
 def open_checkpoint(path: Path, dest: Path, *, max_size: int = DEFAULT_MAX_SIZE,
-                    max_members: int = DEFAULT_MAX_MEMBERS) -> CheckpointArchive:
+                    max_members: int = DEFAULT_MAX_MEMBERS,
+                    defer: Callable[[str, int], bool] | None = None) -> CheckpointArchive:
     """Unpack the archive at `path` into the empty private directory `dest` and read it.
 
     Raises InvalidArgument for anything hostile, malformed or over the limits
     (`max_size` bytes of member data, `max_members` entries); `dest` is left
-    empty on any failure.
+    empty on any failure. Files for which `defer(name, size)` holds are, in an
+    uncompressed archive, created sparse at their size and listed in
+    `deferred` instead of being copied.
     """
     label = f"checkpoint archive {path}"
     dest_fd = os.open(dest, _DIR_FLAGS)
@@ -96,9 +103,10 @@ def open_checkpoint(path: Path, dest: Path, *, max_size: int = DEFAULT_MAX_SIZE,
         if os.listdir(dest_fd):
             raise ValueError(f"{dest}: the directory to unpack a checkpoint into must be empty")
         try:
+            unpacker = _Unpacker(label, dest_fd, _Budget(label, max_size, max_members), defer)
             with _TarInput(path, label) as tar:
-                _Unpacker(label, dest_fd, _Budget(label, max_size, max_members)).run(tar)
-            return _load(label, dest, dest_fd)
+                unpacker.run(tar)
+            return dataclasses.replace(_load(label, dest, dest_fd), deferred=tuple(unpacker.deferred))
         except BaseException:
             _empty(dest_fd)
             raise
@@ -276,6 +284,10 @@ class _TarInput:
                 return
             yield member
 
+    @property
+    def compressed(self) -> bool:
+        return self._compressed
+
     def copy(self, member: tarfile.TarInfo, dst: int) -> None:
         """Write the member's data at `dst`'s current offset."""
         with self._translated():
@@ -373,10 +385,13 @@ def _kind(member: tarfile.TarInfo) -> str:
 
 
 class _Unpacker:
-    def __init__(self, label: str, dest_fd: int, budget: _Budget) -> None:
+    def __init__(self, label: str, dest_fd: int, budget: _Budget,
+                 defer: Callable[[str, int], bool] | None = None) -> None:
         self._label = label
         self._dest_fd = dest_fd
         self._budget = budget
+        self._defer = defer
+        self.deferred: list[Deferred] = []
 
     def run(self, tar: _TarInput) -> None:
         for member in tar.members():
@@ -398,7 +413,7 @@ class _Unpacker:
             if kind == "directory":
                 self._mkdir(member.name, parent_fd, parts[-1])
             else:
-                self._file(member, parent_fd, parts[-1], tar)
+                self._file(member, parent_fd, parts, tar)
         finally:
             _close_unless(parent_fd, self._dest_fd)
 
@@ -426,13 +441,18 @@ class _Unpacker:
             raise InvalidArgument(f"{self._label}: member {name!r} needs {part!r} to be a directory, "
                                   "and an earlier member made it a file") from None
 
-    def _file(self, member: tarfile.TarInfo, parent_fd: int, leaf: str, tar: _TarInput) -> None:
+    def _file(self, member: tarfile.TarInfo, parent_fd: int, parts: tuple[str, ...], tar: _TarInput) -> None:
         try:
-            fd = os.open(leaf, _NEW_FILE, 0o600, dir_fd=parent_fd)
+            fd = os.open(parts[-1], _NEW_FILE, 0o600, dir_fd=parent_fd)
         except FileExistsError:
             raise InvalidArgument(f"{self._label}: member {member.name!r} appears twice") from None
+        name = "/".join(parts)
         try:
-            tar.copy(member, fd)
+            if self._defer is not None and not tar.compressed and self._defer(name, member.size):
+                os.ftruncate(fd, member.size)  # sparse: no data written, no space taken
+                self.deferred.append(Deferred(name, member.offset_data, member.size))
+            else:
+                tar.copy(member, fd)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted(f"no space left unpacking {self._label}: {exc.strerror}") from None

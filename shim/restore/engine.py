@@ -36,6 +36,7 @@ from shim.errors import (
     ShimError,
 )
 from shim.proxy.dispatch import Peer
+from shim.restore import lazy
 from shim.restore.image import CheckpointImage, checkpoint_image, export_layer
 from shim.restore.network import (
     ARCHIVE_MEMBER,
@@ -59,6 +60,7 @@ class Restorer:
         self._config = config
         # Created for restore, not yet started: their relays and the relays' pids.
         self._pending: dict[str, tuple[Relay, int]] = {}
+        self._uffd: bool | None = None  # whether CRIU can restore lazily here (probed once)
 
     async def after_start(self, container_id: str) -> None:
         """Refuse a restore that containerd started fresh (its runtime handler is not ours)."""
@@ -128,8 +130,6 @@ class Restorer:
 
     async def _create(self, request: cri.CreateContainerRequest, source: Path | CheckpointImage,
                       metadata: tuple[tuple[str, str], ...], timeout: float | None) -> str:
-        from shim.restore.archive import open_checkpoint
-
         work = self._config.restore.work_dir / uuid.uuid4().hex
         work.mkdir(mode=0o700, parents=True)
         layer = work.parent / f"{work.name}.layer"
@@ -140,7 +140,7 @@ class Restorer:
                 archive_path = await export_layer(self._containerd.channel, source.layer, layer)
             else:
                 archive_path = source
-            archive = await asyncio.to_thread(open_checkpoint, archive_path, work)
+            archive = await self._unpack(archive_path, work)
             _check_architecture(work)
             unpacked = time.monotonic() - unpack_started
             image = await self._resolve_image(archive.config)
@@ -148,7 +148,7 @@ class Restorer:
             tcp = await self._plan_network(request, work)
             label = await self._sandbox_label(request.pod_sandbox_id)
             new = _restore_request(request, archive, image, work, _source_name(source))
-            _write_criu_config(work, self._config, request, label, tcp)
+            _write_criu_config(work, self._config, request, label, tcp, bool(archive.deferred))
             await asyncio.to_thread(_copy_log, archive.log, request)
             create_started = time.monotonic()
             reply = await self._containerd.forward(METHOD, new.SerializeToString(), metadata, timeout)
@@ -160,10 +160,36 @@ class Restorer:
             return container_id
         except BaseException:
             await _abandon(relay)
+            lazy.release(work)
             shutil.rmtree(work, ignore_errors=True)
             raise
         finally:
-            layer.unlink(missing_ok=True)
+            layer.unlink(missing_ok=True)  # a lazy restore's loop device keeps the data it needs
+
+    async def _unpack(self, archive_path: Path, work: Path) -> Any:
+        """Unpack the archive; under a lazy restore its large page images stay in it (shim.restore.lazy)."""
+        from shim.restore.archive import open_checkpoint
+
+        defer = lazy.deferrable if await self._lazy_possible() else None
+        archive = await asyncio.to_thread(open_checkpoint, archive_path, work, defer=defer)
+        if archive.deferred:
+            assert self._config.criu is not None  # _lazy_possible() checked it
+            await asyncio.to_thread(lazy.prepare, archive_path, work, archive.deferred, self._config.criu)
+        return archive
+
+    async def _lazy_possible(self) -> bool:
+        """Lazy restore is on in the config and CRIU can do it here (userfaultfd, fork events)."""
+        criu = self._config.criu
+        if not self._config.restore.lazy_pages or criu is None:
+            return False
+        if self._uffd is None:
+            from shim.preflight import _probe_feature
+
+            probe = await asyncio.to_thread(_probe_feature, str(criu), "uffd-noncoop")
+            self._uffd = probe.supported
+            if not probe.supported:
+                log.warning("restores are not lazy: CRIU at %s lacks userfaultfd support (%s)", criu, probe.detail)
+        return self._uffd
 
     async def _plan_network(self, request: cri.CreateContainerRequest, work: Path) -> str | None:
         """How TCP comes back: "established" (old pod IP kept, see restore.network), "close", or None."""
@@ -275,11 +301,12 @@ def _restore_request(request: cri.CreateContainerRequest, archive: Any, image: s
 
 
 def _write_criu_config(work: Path, config: Config, request: cri.CreateContainerRequest,
-                       sandbox_label: str | None, tcp: str | None) -> None:
+                       sandbox_label: str | None, tcp: str | None, lazy_pages: bool = False) -> None:
     """CRIU options for the restore (runc passes none itself): the new pod's annotations and labels."""
     opts = options.resolve(config.checkpoint, request.sandbox_config.annotations, request.config.metadata.name)
     lines = [name for name, on in (("tcp-established", tcp == "established"), ("tcp-close", tcp == "close"),
-                                   ("file-locks", opts.file_locks), ("ext-unix-sk", opts.ext_unix_sockets)) if on]
+                                   ("file-locks", opts.file_locks), ("ext-unix-sk", opts.ext_unix_sockets),
+                                   (lazy.CRIU_OPTION, lazy_pages)) if on]
     linux = request.config.linux
     context = linux.security_context if linux.HasField("security_context") else None
     lines += restore_lsm_options(selinux_enforcing(), context, sandbox_label)

@@ -18,10 +18,13 @@ from pathlib import Path
 from shim.api.containerd.runtime.task.v2 import shim_pb2
 from shim.errors import FailedPrecondition
 from shim.runtime.bundle import RestorePlan, restore_plan
+from shim.runtime.lazy_daemon import LazyPages
 
 TASK_SERVICE = "containerd.task.v2.Task"
 # A restored container whose StartContainer never comes is given up after this.
 START_WAIT = 15 * 60.0
+# The requests the relay decodes; every other frame is relayed as it came.
+METHODS = frozenset({(TASK_SERVICE, "Create"), (TASK_SERVICE, "Start"), (TASK_SERVICE, "Checkpoint")})
 log = logging.getLogger(__name__)
 
 
@@ -29,12 +32,15 @@ class RestoreRewriter:
     """Create names the checkpoint; Start of the init process first gets the rootfs ready.
 
     `bundle` may be unknown when the relay starts (the proxy hosts it before the
-    task exists): Create tells it.
+    task exists): Create tells it. A lazy restore's page daemon starts at Create
+    (overlapping containerd's own work), must listen before Start goes on, and
+    must be done before a Checkpoint of the task goes on.
     """
 
     def __init__(self, plan: RestorePlan, bundle: Path | None = None) -> None:
         self.plan = plan
         self.bundle = bundle
+        self.lazy: LazyPages | None = None
 
     async def __call__(self, service: str, method: str, payload: bytes) -> bytes:
         if service != TASK_SERVICE:
@@ -43,7 +49,14 @@ class RestoreRewriter:
             return self._create(payload)
         if method == "Start":
             await self._before_start(payload)
+        if method == "Checkpoint" and self.lazy is not None:
+            await self.lazy.settled()
         return payload
+
+    def close(self) -> None:
+        """Stop what the restore started (idempotent): the page daemon and its devices."""
+        if self.lazy is not None:
+            self.lazy.close()
 
     def _create(self, payload: bytes) -> bytes:
         request = shim_pb2.CreateTaskRequest.FromString(payload)
@@ -52,6 +65,10 @@ class RestoreRewriter:
         # The runc shim restores instead of creating when Create names a checkpoint.
         request.checkpoint = str(self.plan.images)
         self.bundle = Path(request.bundle)
+        self.lazy = LazyPages.planned(self.plan.dir)
+        if self.lazy is not None:
+            # runc's work dir for the restore: CRIU looks for the daemon's socket there.
+            self.lazy.start(self.bundle / "work")
         return bytes(request.SerializeToString())
 
     async def _before_start(self, payload: bytes) -> None:
@@ -59,6 +76,8 @@ class RestoreRewriter:
         if request.exec_id:
             return
         await asyncio.to_thread(self._prepare_rootfs)
+        if self.lazy is not None:
+            await self.lazy.listening()
 
     def _prepare_rootfs(self) -> None:
         """The files the container changed, on the new rootfs, before its processes come back."""
@@ -92,9 +111,11 @@ def run(listen: Path, bundle: Path) -> int:
     if plan is None:
         log.error("bundle %s is not marked for restore", bundle)
         return 1
+    rewriter = RestoreRewriter(plan, bundle)
     try:
-        asyncio.run(_serve(listen, upstream, RestoreRewriter(plan, bundle)))
+        asyncio.run(_serve(listen, upstream, rewriter))
     finally:
+        rewriter.close()
         shutil.rmtree(plan.dir, ignore_errors=True)
         listen.unlink(missing_ok=True)
     return 0
@@ -105,9 +126,11 @@ def run_hosted(listen: Path, upstream_file: Path, work: Path) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pid_file = listen.with_suffix(".pid")
     pid_file.write_text(f"{os.getpid()}\n")
+    rewriter = RestoreRewriter(RestorePlan(work))
     try:
-        asyncio.run(_serve_hosted(listen, upstream_file, RestoreRewriter(RestorePlan(work))))
+        asyncio.run(_serve_hosted(listen, upstream_file, rewriter))
     finally:
+        rewriter.close()
         pid_file.unlink(missing_ok=True)
         listen.with_suffix(".log").unlink(missing_ok=True)  # a clean end: nothing to read
         # The proxy's StartContainer has long read the .upstream mark by now (the task is
@@ -122,7 +145,7 @@ async def _serve_hosted(listen: Path, upstream_file: Path, rewriter: RestoreRewr
     from shim.ttrpc.relay import RelayServer
 
     server = RelayServer(listen, lambda: Path(upstream_file.read_text().strip()), rewriter, exit_when_idle=True,
-                         methods={(TASK_SERVICE, "Create"), (TASK_SERVICE, "Start")})
+                         methods=METHODS)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # stopped on purpose: clean up, do not just die
         loop.add_signal_handler(sig, server.stop)
@@ -144,6 +167,4 @@ async def _serve_hosted(listen: Path, upstream_file: Path, rewriter: RestoreRewr
 async def _serve(listen: Path, upstream: Path, rewriter: RestoreRewriter) -> None:
     from shim.ttrpc.relay import serve_relay
 
-    # Only these two are decoded; every other frame is relayed as it came.
-    await serve_relay(listen, upstream, rewriter, exit_when_idle=True,
-                      methods={(TASK_SERVICE, "Create"), (TASK_SERVICE, "Start")})
+    await serve_relay(listen, upstream, rewriter, exit_when_idle=True, methods=METHODS)

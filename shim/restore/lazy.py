@@ -1,0 +1,120 @@
+"""Lazy restore, proxy side: copy out of the archive only the pages CRIU reads itself.
+
+What really has to be copied for a restore? A restore that reads the memory
+image into the new process before it runs pays twice per page: once out of
+the archive into a file, once from the file into memory. A lazy restore
+(CRIU's userfaultfd post-copy) needs neither up front: the restoring CRIU
+reads only the few runs without PE_LAZY, and the process runs while
+`criu lazy-pages` fills in the rest, on demand first, then in the background.
+
+So at CreateContainer a large `pages-N.img` of an uncompressed archive is not
+unpacked. Its file is created sparse, the eager runs (a handful of pages,
+`shim.restore.pagemap`) are copied into it at their offsets, and a read-only
+loop device over the member's bytes in the archive gives the page daemon the
+whole image in place. The relay (`shim.runtime.lazy_daemon`) runs the daemon
+and releases the devices; `lazy-pages.json` in the work dir tells it what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from shim.errors import InvalidArgument
+from shim.fileio import kernel_copy
+from shim.restore import loopdev, pagemap
+
+PLAN_FILE = "lazy-pages.json"
+CRIU_OPTION = "lazy-pages"
+# Smaller images are copied whole: a loop device costs more than copying a few MiB.
+DEFER_MIN_SIZE = 4 << 20
+_PAGES = re.compile(r"checkpoint/pages-([0-9]{1,9})\.img")
+_PAGEMAP = re.compile(r"pagemap-[0-9]{1,9}\.img")
+_MAX_PAGEMAP = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """An archive member left in the archive: its name in the work dir, and where its data is."""
+
+    name: str
+    offset: int
+    size: int
+
+
+def deferrable(name: str, size: int) -> bool:
+    """Whether a member of an uncompressed archive stays in the archive under a lazy restore."""
+    return size >= DEFER_MIN_SIZE and _PAGES.fullmatch(name.lstrip("./")) is not None
+
+
+def tag_prefix(work_root: Path) -> str:
+    """The loop-device tag prefix of one restore work root (one node)."""
+    return hashlib.sha256(str(work_root).encode()).hexdigest()[:8] + "/"
+
+
+def tag(work: Path) -> str:
+    return tag_prefix(work.parent) + work.name
+
+
+def prepare(archive: Path, work: Path, deferred: tuple[Deferred, ...], criu: Path) -> None:
+    """Copy the eager runs of each deferred image, attach its loop device, write the relay's plan.
+
+    `work` is the unpacked checkpoint; on failure every device attached here is released.
+    """
+    maps = _pagemaps(work / "checkpoint")
+    pages: list[dict[str, str]] = []
+    try:
+        for member in deferred:
+            _fill_eager(archive, work, member, maps)
+            device = loopdev.attach_read_only(archive, member.offset, member.size, tag(work))
+            pages.append({"image": Path(member.name).name, "device": device})
+        plan = {"criu": str(criu), "pages": pages}
+        (work / PLAN_FILE).write_text(json.dumps(plan))
+    except BaseException:
+        release(work)
+        raise
+
+
+def release(work: Path) -> list[str]:
+    """Release the loop devices of the restore unpacked into `work`."""
+    return loopdev.release_tagged(tag(work))
+
+
+def _pagemaps(images: Path) -> dict[int, pagemap.Pagemap]:
+    maps: dict[int, pagemap.Pagemap] = {}
+    for entry in os.scandir(images):
+        if not _PAGEMAP.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        if entry.stat(follow_symlinks=False).st_size > _MAX_PAGEMAP:
+            raise InvalidArgument(f"checkpoint image {entry.name} is over {_MAX_PAGEMAP} bytes")
+        parsed = pagemap.parse(Path(entry.path).read_bytes(), f"checkpoint image {entry.name}")
+        if parsed.pages_id in maps:
+            raise InvalidArgument(f"checkpoint images: two pagemaps name pages-{parsed.pages_id}.img")
+        maps[parsed.pages_id] = parsed
+    return maps
+
+
+def _fill_eager(archive: Path, work: Path, member: Deferred, maps: dict[int, pagemap.Pagemap]) -> None:
+    match = _PAGES.fullmatch(member.name.lstrip("./"))
+    assert match is not None  # deferrable() let only these through
+    found = maps.get(int(match.group(1)))
+    if found is None or found.data_size != member.size:
+        described = "no pagemap" if found is None else f"a pagemap of {found.data_size} bytes"
+        raise InvalidArgument(f"checkpoint image {member.name} ({member.size} bytes) has {described}: "
+                              "the memory image is inconsistent")
+    src = os.open(archive, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        dst = os.open(work / member.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for offset, length in pagemap.eager_ranges(found):
+                os.lseek(dst, offset, os.SEEK_SET)
+                if short := kernel_copy(src, dst, length, member.offset + offset):
+                    raise InvalidArgument(f"checkpoint image {member.name} ends {short} bytes early")
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)

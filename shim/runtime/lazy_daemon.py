@@ -1,0 +1,137 @@
+"""Lazy restore, relay side: the page daemon that fills in a restored task's memory.
+
+The proxy left `lazy-pages.json` in the unpacked checkpoint (shim.restore.lazy)
+and `lazy-pages` in the task's CRIU config. At task Create the relay starts
+`criu lazy-pages` on a view of the images in which each large `pages-N.img`
+is the loop device over the archive; at Start it waits until the daemon
+listens (CRIU's restore connects to it, in the runc work dir). From then on
+the daemon owns the memory: it answers the process's page faults and copies
+the rest in the background, then exits.
+
+Until it has exited the memory is not all there, so a checkpoint of the task
+waits for it (`settled`). When it exits, a watcher thread releases the loop
+devices and takes the `lazy-pages` line out of the CRIU config (runc passes
+the same file to a later dump, where it would ask for a lazy dump).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from shim.errors import FailedPrecondition
+from shim.restore import loopdev
+
+PLAN_FILE = "lazy-pages.json"
+CRIU_OPTION = "lazy-pages"
+SOCKET = "lazy-pages.socket"
+LOG = "lazy-pages.log"
+LISTEN_TIMEOUT = 10.0
+log = logging.getLogger(__name__)
+
+
+class LazyPages:
+    """One restore's page daemon, from start to release."""
+
+    def __init__(self, restore_dir: Path, criu: Path, pages: dict[str, str]) -> None:
+        self._dir = restore_dir
+        self._criu = criu
+        self._pages = pages  # image name -> loop device
+        self._daemon: subprocess.Popen[bytes] | None = None
+        self._watcher: threading.Thread | None = None
+        self._work: Path | None = None
+        self._started = 0.0
+
+    @classmethod
+    def planned(cls, restore_dir: Path) -> LazyPages | None:
+        """The daemon the proxy planned for this restore, or None for an eager restore."""
+        try:
+            plan = json.loads((restore_dir / PLAN_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        pages = {str(p["image"]): str(p["device"]) for p in plan["pages"]}
+        return cls(restore_dir, Path(plan["criu"]), pages)
+
+    @property
+    def criu_config(self) -> Path:
+        """The task's CRIU config file: beside the restore dir (see shim.restore.engine)."""
+        return self._dir.parent / f"{self._dir.name}.criu.conf"
+
+    def start(self, task_work: Path) -> None:
+        """Start the daemon for a task whose runc work dir is `task_work` (CRIU looks for the socket there)."""
+        view = self._image_view()
+        self._work = task_work
+        self._started = time.monotonic()
+        self._daemon = subprocess.Popen(
+            [str(self._criu), "lazy-pages", "--images-dir", str(view), "--work-dir", str(task_work),
+             "--log-file", str(task_work / LOG), "-v2"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._watcher = threading.Thread(target=self._watch, name="lazy-pages-watcher", daemon=True)
+        self._watcher.start()
+
+    async def listening(self) -> None:
+        """Return once CRIU can connect to the daemon; FailedPrecondition if it died or hangs."""
+        assert self._daemon is not None and self._work is not None, "start() first"
+        deadline = time.monotonic() + LISTEN_TIMEOUT
+        while not (self._work / SOCKET).exists():
+            if self._daemon.poll() is not None or time.monotonic() > deadline:
+                raise FailedPrecondition(f"the lazy-pages daemon for this restore did not start; see "
+                                         f"{self._work / LOG}")
+            await asyncio.sleep(0.002)
+        log.info("lazy-pages daemon listening after %.3fs", time.monotonic() - self._started)
+
+    async def settled(self) -> None:
+        """Wait until every page is in place: the daemon has exited and the watcher tidied up."""
+        if self._watcher is not None:
+            await asyncio.to_thread(self._watcher.join)
+
+    def close(self) -> None:
+        """Stop the daemon if it still runs and release the devices (idempotent)."""
+        if self._daemon is not None and self._daemon.poll() is None:
+            self._daemon.kill()
+        if self._watcher is not None:
+            self._watcher.join()
+        self._release_devices()
+
+    def _watch(self) -> None:
+        assert self._daemon is not None
+        code = self._daemon.wait()
+        log.info("lazy-pages daemon exited (%d) %.3fs after start", code, time.monotonic() - self._started)
+        self._strip_config()
+        self._release_devices()
+
+    def _release_devices(self) -> None:
+        for device in self._pages.values():
+            with contextlib.suppress(OSError):
+                loopdev.detach(device)
+
+    def _image_view(self) -> Path:
+        """The images as the daemon sees them: hard links, and the loop devices for the large pages."""
+        images, view = self._dir / "checkpoint", self._dir / "lazy-images"
+        view.mkdir(mode=0o700, exist_ok=True)
+        for entry in os.scandir(images):
+            target = view / entry.name
+            if entry.name in self._pages:
+                target.symlink_to(self._pages[entry.name])
+            elif entry.is_file(follow_symlinks=False):
+                os.link(entry.path, target, follow_symlinks=False)
+        return view
+
+    def _strip_config(self) -> None:
+        path = self.criu_config
+        try:
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            return
+        kept = [line for line in lines if line.strip() != CRIU_OPTION]
+        if kept != lines:
+            temp = path.with_name(path.name + ".tmp")
+            temp.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(temp, path)
