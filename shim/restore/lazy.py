@@ -33,7 +33,8 @@ CRIU_OPTION = "lazy-pages"
 # Smaller images are copied whole: a loop device costs more than copying a few MiB.
 DEFER_MIN_SIZE = 4 << 20
 _PAGES = re.compile(r"checkpoint/pages-([0-9]{1,9})\.img")
-_PAGEMAP = re.compile(r"pagemap-[0-9]{1,9}\.img")
+# A task's pagemap, and a shared memory segment's (its pages in their own pages-N.img, all eager).
+_PAGEMAP = re.compile(r"pagemap-(?:shmem-)?[0-9]{1,20}\.img")
 _MAX_PAGEMAP = 64 << 20
 
 
@@ -48,7 +49,7 @@ class Deferred:
 
 def deferrable(name: str, size: int) -> bool:
     """Whether a member of an uncompressed archive stays in the archive under a lazy restore."""
-    return size >= DEFER_MIN_SIZE and _PAGES.fullmatch(name.lstrip("./")) is not None
+    return size >= DEFER_MIN_SIZE and _PAGES.fullmatch(name.removeprefix("./")) is not None
 
 
 def tag_prefix(work_root: Path) -> str:
@@ -99,7 +100,7 @@ def _pagemaps(images: Path) -> dict[int, pagemap.Pagemap]:
 
 
 def _fill_eager(archive: Path, work: Path, member: Deferred, maps: dict[int, pagemap.Pagemap]) -> None:
-    match = _PAGES.fullmatch(member.name.lstrip("./"))
+    match = _PAGES.fullmatch(member.name.removeprefix("./"))
     assert match is not None  # deferrable() let only these through
     found = maps.get(int(match.group(1)))
     if found is None or found.data_size != member.size:

@@ -109,7 +109,9 @@ def _message(kind: type, raw: bytes, label: str) -> Any:
 
 
 def _run(entry: Any, label: str) -> Run:
-    nr_pages, flags = int(entry.nr_pages), int(entry.flags)
+    # Images of older CRIU count pages in compat_nr_pages only; CRIU reads them so (init_compat_pagemap_entry).
+    nr_pages = int(entry.nr_pages if entry.HasField("nr_pages") else entry.compat_nr_pages)
+    flags = int(entry.flags)
     in_parent = bool(entry.in_parent) or bool(flags & PE_PARENT)
     if nr_pages <= 0:
         raise InvalidArgument(f"{label}: an entry with {nr_pages} pages")

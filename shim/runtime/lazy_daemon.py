@@ -133,5 +133,7 @@ class LazyPages:
         kept = [line for line in lines if line.strip() != CRIU_OPTION]
         if kept != lines:
             temp = path.with_name(path.name + ".tmp")
-            temp.write_text("".join(f"{line}\n" for line in kept))
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write("".join(f"{line}\n" for line in kept))
             os.replace(temp, path)

@@ -24,7 +24,7 @@ TASK_SERVICE = "containerd.task.v2.Task"
 # A restored container whose StartContainer never comes is given up after this.
 START_WAIT = 15 * 60.0
 # The requests the relay decodes; every other frame is relayed as it came.
-METHODS = frozenset({(TASK_SERVICE, "Create"), (TASK_SERVICE, "Start"), (TASK_SERVICE, "Checkpoint")})
+METHODS = frozenset({(TASK_SERVICE, m) for m in ("Create", "Start", "Pause", "Checkpoint")})
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +34,7 @@ class RestoreRewriter:
     `bundle` may be unknown when the relay starts (the proxy hosts it before the
     task exists): Create tells it. A lazy restore's page daemon starts at Create
     (overlapping containerd's own work), must listen before Start goes on, and
-    must be done before a Checkpoint of the task goes on.
+    must be done before a Pause or Checkpoint of the task goes on.
     """
 
     def __init__(self, plan: RestorePlan, bundle: Path | None = None) -> None:
@@ -49,7 +49,9 @@ class RestoreRewriter:
             return self._create(payload)
         if method == "Start":
             await self._before_start(payload)
-        if method == "Checkpoint" and self.lazy is not None:
+        if method in ("Pause", "Checkpoint") and self.lazy is not None:
+            # A dump must not meet memory still being filled in (CRIU would hang on it), and
+            # a freeze before a dump should not last the whole fill: both wait for the daemon.
             await self.lazy.settled()
         return payload
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from shim.config import parse
+from shim.config import load, parse
 from shim.errors import InvalidArgument
 from shim.restore.engine import registry_of
 
@@ -30,8 +32,30 @@ def test_restore_is_off_by_default_and_lists_are_parsed() -> None:
     assert [str(d) for d in config.allowed_dirs] == ["/srv/ckpt"]
 
 
+
+def test_lazy_pages_is_on_by_default_and_can_be_turned_off() -> None:
+    assert parse({}).restore.lazy_pages is True
+    assert parse({"restore": {"enabled": True}}).restore.lazy_pages is True
+    assert parse({"restore": {"lazy_pages": True}}).restore.lazy_pages is True
+    off = parse({"restore": {"enabled": True, "lazy_pages": False}}).restore
+    assert off.lazy_pages is False and off.enabled
+
+
+def test_lazy_pages_from_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "criu-shim.toml"
+    path.write_text("[restore]\nenabled = true\nlazy_pages = false\n")
+    assert load(path).restore.lazy_pages is False
+    path.write_text('[restore]\nlazy_pages = "no"\n')
+    with pytest.raises(InvalidArgument, match=f"^{path}: restore.lazy_pages must be true or false$"):
+        load(path)
+
+
 @pytest.mark.parametrize("section, text", [
     ({"enabled": "yes"}, "restore.enabled must be true or false"),
+    ({"lazy_pages": "false"}, "restore.lazy_pages must be true or false"),
+    ({"lazy_pages": 0}, "restore.lazy_pages must be true or false"),
+    ({"lazy_pages": None}, "restore.lazy_pages must be true or false"),
+    ({"enabled": True, "lazy_pages": [False]}, "restore.lazy_pages must be true or false"),
     ({"allowed_registries": ["quay.io/org"]}, "restore.allowed_registries must be a list of registry hosts"),
     ({"allowed_registries": "quay.io"}, "restore.allowed_registries must be a list of registry hosts"),
     ({"allowed_dirs": ["relative"]}, "restore.allowed_dirs must be a list of absolute paths"),

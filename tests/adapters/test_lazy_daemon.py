@@ -1,0 +1,265 @@
+"""The relay's page daemon against a fake `criu lazy-pages`: start, listening, settling, stopping.
+
+The fake is a shell script given the daemon's command line. It records its
+arguments and pid in the work dir, then does what the `mode` file beside it
+says: create the socket and exit, create the socket and wait for a `release`
+file, exit without a socket, or hang without one. The devices in the plans
+are paths that do not exist, so releasing them (loopdev.detach) does nothing.
+Each test body is a coroutine run by `asyncio.run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import time
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from shim.errors import FailedPrecondition
+from shim.runtime import lazy_daemon
+from shim.runtime.lazy_daemon import LazyPages
+
+T = TypeVar("T")
+
+FAKE_CRIU = """#!/bin/sh
+work=""
+for arg in "$@"; do
+    [ "$prev" = "--work-dir" ] && work="$arg"
+    prev="$arg"
+done
+printf '%s\\n' "$@" > "$work/argv"
+echo $$ > "$work/pid"
+mode=$(cat "$(dirname "$0")/mode")
+case "$mode" in
+    listen-exit) : > "$work/lazy-pages.socket"; exit 0 ;;
+    listen-wait) : > "$work/lazy-pages.socket"
+                 while [ ! -e "$work/release" ]; do sleep 0.01; done
+                 exit 0 ;;
+    die) echo "fake: cannot start" > "$work/lazy-pages.log"; exit 3 ;;
+    hang) while :; do sleep 0.01; done ;;
+esac
+exit 99
+"""
+CONFIG = "tcp-established\nlazy-pages\nfile-locks\nlazy-pages-extra\n"
+
+
+def run(awaitable: Awaitable[T]) -> T:
+    return asyncio.run(asyncio.wait_for(awaitable, 10))
+
+
+@dataclass
+class Restore:
+    dir: Path  # the unpacked checkpoint
+    task_work: Path  # runc's work dir for the restore
+    criu: Path
+    devices: dict[str, str]
+
+    @property
+    def config(self) -> Path:
+        return self.dir.parent / f"{self.dir.name}.criu.conf"
+
+    def mode(self, mode: str) -> None:
+        (self.criu.parent / "mode").write_text(mode)
+
+    def plan(self) -> LazyPages:
+        plan = {"criu": str(self.criu), "pages": [{"image": k, "device": v} for k, v in self.devices.items()]}
+        (self.dir / lazy_daemon.PLAN_FILE).write_text(json.dumps(plan))
+        planned = LazyPages.planned(self.dir)
+        assert planned is not None
+        return planned
+
+
+@pytest.fixture
+def restore(tmp_path: Path) -> Restore:
+    work = tmp_path / "restore" / ("0f" * 16)
+    images = work / "checkpoint"
+    images.mkdir(parents=True)
+    (images / "inventory.img").write_bytes(b"inventory")
+    (images / "pagemap-1.img").write_bytes(b"pagemap")
+    (images / "pages-1.img").write_bytes(b"")  # sparse in real life; the device stands for it
+    (images / "pages-2.img").write_bytes(b"small, copied")
+    task_work = tmp_path / "bundle" / "work"
+    task_work.mkdir(parents=True)
+    criu = tmp_path / "bin" / "criu"
+    criu.parent.mkdir()
+    criu.write_text(FAKE_CRIU)
+    criu.chmod(0o755)
+    devices = {"pages-1.img": str(tmp_path / "dev" / "loop-absent-0")}
+    made = Restore(work, task_work, criu, devices)
+    made.config.write_text(CONFIG)
+    return made
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[LazyPages]]:
+    """Every LazyPages a test starts is closed afterwards, whatever happened (no fake left running)."""
+    started: list[LazyPages] = []
+    yield started
+    for lazy in started:
+        lazy.close()
+
+
+def start(restore: Restore, daemons: list[LazyPages], mode: str) -> LazyPages:
+    restore.mode(mode)
+    lazy = restore.plan()
+    daemons.append(lazy)
+    lazy.start(restore.task_work)
+    return lazy
+
+
+def wait_for_file(path: Path, timeout: float = 5.0) -> str:
+    """The file's content once the fake has written it (polled)."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().endswith("\n")):
+        assert time.monotonic() < deadline, f"{path} never written"
+        time.sleep(0.005)
+    return path.read_text()
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+# --- the plan ---------------------------------------------------------------------------
+
+
+def test_no_plan_is_an_eager_restore(restore: Restore) -> None:
+    assert LazyPages.planned(restore.dir) is None
+
+
+def test_plan_names_criu_and_config(restore: Restore) -> None:
+    lazy = restore.plan()
+    assert lazy.criu_config == restore.dir.parent / f"{restore.dir.name}.criu.conf"
+    assert lazy.criu_config.read_text() == CONFIG
+
+
+def test_image_view_links_files_and_points_page_images_at_devices(restore: Restore) -> None:
+    images = restore.dir / "checkpoint"
+    (images / "subdir").mkdir()
+    (images / "stray-link").symlink_to("/etc/passwd")
+    restore.devices["pages-2.img"] = "/nonexistent/loop-absent-1"
+    view = restore.plan()._image_view()
+
+    assert view == restore.dir / "lazy-images"
+    assert stat.S_IMODE(view.stat().st_mode) == 0o700
+    assert sorted(p.name for p in view.iterdir()) == ["inventory.img", "pagemap-1.img", "pages-1.img", "pages-2.img"]
+    for name in ("inventory.img", "pagemap-1.img"):
+        assert not (view / name).is_symlink()
+        assert (view / name).stat().st_ino == (images / name).stat().st_ino  # a hard link, not a copy
+    assert os.readlink(view / "pages-1.img") == restore.devices["pages-1.img"]
+    assert os.readlink(view / "pages-2.img") == "/nonexistent/loop-absent-1"
+
+
+# --- start and listening -------------------------------------------------------------------
+
+
+def test_listening_once_the_socket_is_there(restore: Restore, daemons: list[LazyPages]) -> None:
+    lazy = start(restore, daemons, "listen-wait")
+    run(lazy.listening())
+    assert (restore.task_work / lazy_daemon.SOCKET).exists()
+    argv = (restore.task_work / "argv").read_text().splitlines()
+    assert argv == ["lazy-pages", "--images-dir", str(restore.dir / "lazy-images"),
+                    "--work-dir", str(restore.task_work), "--log-file", str(restore.task_work / lazy_daemon.LOG),
+                    "-v2"]
+
+
+def test_daemon_that_dies_without_listening(restore: Restore, daemons: list[LazyPages]) -> None:
+    lazy = start(restore, daemons, "die")
+    with pytest.raises(FailedPrecondition) as caught:
+        run(lazy.listening())
+    assert "the lazy-pages daemon for this restore did not start" in caught.value.message
+    assert str(restore.task_work / "lazy-pages.log") in caught.value.message
+    assert not (restore.task_work / lazy_daemon.SOCKET).exists()
+
+
+def test_daemon_that_hangs_without_listening(restore: Restore, daemons: list[LazyPages],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lazy_daemon, "LISTEN_TIMEOUT", 0.3)
+    lazy = start(restore, daemons, "hang")
+    with pytest.raises(FailedPrecondition, match="lazy-pages.log"):
+        run(lazy.listening())
+    pid = int(wait_for_file(restore.task_work / "pid"))
+    assert alive(pid)  # listening() only reports; close() stops it
+    lazy.close()
+    assert not alive(pid)
+
+
+# --- settled and close -----------------------------------------------------------------------
+
+
+def test_settled_waits_for_the_daemon_then_strips_only_the_lazy_pages_line(restore: Restore,
+                                                                          daemons: list[LazyPages]) -> None:
+    lazy = start(restore, daemons, "listen-wait")
+
+    async def body() -> None:
+        await lazy.listening()
+        # The daemon is waiting for "release": it has not exited, so the config is as it was.
+        assert restore.config.read_text() == CONFIG
+        (restore.task_work / "release").touch()
+        await lazy.settled()
+
+    run(body())
+    assert restore.config.read_text() == "tcp-established\nfile-locks\nlazy-pages-extra\n"
+    assert not restore.config.with_name(restore.config.name + ".tmp").exists()
+    run(lazy.settled())  # again: returns at once
+
+
+def test_settled_keeps_a_config_without_the_option(restore: Restore, daemons: list[LazyPages]) -> None:
+    restore.config.write_text("tcp-established\n")
+    before = restore.config.stat()
+    lazy = start(restore, daemons, "listen-exit")
+    run(lazy.settled())
+    after = restore.config.stat()
+    assert restore.config.read_text() == "tcp-established\n"
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
+
+
+def test_settled_without_a_config(restore: Restore, daemons: list[LazyPages]) -> None:
+    restore.config.unlink()
+    lazy = start(restore, daemons, "listen-exit")
+    run(lazy.settled())
+    assert not restore.config.exists()
+
+
+def test_settled_before_start_returns() -> None:
+    run(LazyPages(Path("/nonexistent/restore"), Path("/nonexistent/criu"), {}).settled())
+
+
+def test_close_kills_a_running_daemon_and_is_idempotent(restore: Restore, daemons: list[LazyPages]) -> None:
+    lazy = start(restore, daemons, "listen-wait")
+    run(lazy.listening())
+    pid = int((restore.task_work / "pid").read_text())
+    assert alive(pid)
+    lazy.close()
+    assert not alive(pid)
+    assert lazy._daemon is not None and lazy._daemon.returncode == -9
+    # The watcher saw it exit: the option is gone from the config, as after a normal end.
+    assert restore.config.read_text() == "tcp-established\nfile-locks\nlazy-pages-extra\n"
+    lazy.close()
+    run(lazy.settled())
+
+
+def test_close_after_the_daemon_exited(restore: Restore, daemons: list[LazyPages]) -> None:
+    lazy = start(restore, daemons, "listen-exit")
+    run(lazy.settled())
+    assert lazy._daemon is not None and lazy._daemon.returncode == 0
+    lazy.close()
+    lazy.close()
+    assert lazy._daemon.returncode == 0
+
+
+def test_close_without_start() -> None:
+    lazy = LazyPages(Path("/nonexistent/restore"), Path("/nonexistent/criu"), {"pages-1.img": "/nonexistent/loop"})
+    lazy.close()
+    lazy.close()
