@@ -4,9 +4,14 @@ For each memory size a counter holding that much memory is checkpointed once
 through criu-shim on containerd 1.7; then, repeatedly and interleaved:
 
   ours     CreateContainer (image = the archive) + StartContainer into a new pod,
-           until StartContainer returns (the process runs again, memory and all)
-  criu     CRIU's own restore time for those same images (its stats-restore),
-           the floor: what the engine around it costs is the difference
+           until StartContainer returns: the process runs again; under the default
+           lazy restore its memory is still being filled in (userfaultfd)
+  resident the same restore until all its memory is in place (the page daemon is
+           done: it takes "lazy-pages" out of the task's CRIU config)
+  eager    our restore with lazy pages off (pod annotation
+           restore.criu-shim.io/lazy-pages=false): memory in place before it runs
+  criu     CRIU's own restore time of those images in the eager restore (its
+           stats-restore): the floor for a restore with all memory in place
   cold     CreateContainer + StartContainer of the same program from its image,
            until it is ready (its memory allocated and touched: first count)
   2.x      containerd 2.x's native restore of its own checkpoint of the same program
@@ -51,12 +56,12 @@ class Node:
     def pull(self, image: str) -> None:
         self.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)), timeout=300)
 
-    def pod(self, handler: str = "") -> tuple[str, cri.PodSandboxConfig]:
+    def pod(self, handler: str = "", annotations: dict[str, str] | None = None) -> tuple[str, cri.PodSandboxConfig]:
         name = f"b-{uuid.uuid4().hex[:8]}"
         logs = self.dir / "bench-logs" / name
         logs.mkdir(parents=True)
         config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=name, namespace="bench", uid=name),
-                                      log_directory=str(logs))
+                                      log_directory=str(logs), annotations=annotations or {})
         request = cri.RunPodSandboxRequest(config=config, runtime_handler=handler)
         return self.stub.RunPodSandbox(request).pod_sandbox_id, config
 
@@ -107,15 +112,29 @@ def checkpointed(node: Node, mem_mb: int, archive: Path) -> None:
         node.remove(pod)
 
 
-def timed_restore(node: Node, archive: Path, criu_stats: bool = False) -> tuple[float, float]:
-    """Seconds to restore `archive` into a new pod, and CRIU's own share when asked."""
-    pod, config = node.pod()
+def timed_restore(node: Node, archive: Path, lazy: bool = True) -> tuple[float, float, float]:
+    """Seconds to restore `archive` into a new pod; until its memory is all in place; CRIU's own share."""
+    pod, config = node.pod(annotations={} if lazy else {"restore.criu-shim.io/lazy-pages": "false"})
     start = time.perf_counter()
     restored = node.run(pod, config, str(archive), {})
     elapsed = time.perf_counter() - start
-    criu = criu_restore_s(node.dir, restored) if criu_stats else 0.0  # before the task dir goes
+    resident = wait_resident(node, restored, start) if lazy else elapsed
+    criu = criu_restore_s(node.dir, restored)  # before the task dir goes
     node.remove(pod)
-    return elapsed, criu
+    return elapsed, resident, criu
+
+
+def wait_resident(node: Node, container_id: str, start: float, timeout: float = 120) -> float:
+    """Seconds from `start` until the lazy restore's page daemon is done (the config loses "lazy-pages")."""
+    status = node.stub.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id)).status
+    work = Path(status.annotations["restore.criu-shim.io/dir"])
+    config = work.parent / f"{work.name}.criu.conf"
+    deadline = time.monotonic() + timeout
+    while "lazy-pages" in config.read_text():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{container_id}: lazy restore not done after {timeout}s")
+        time.sleep(0.002)
+    return time.perf_counter() - start
 
 
 def one_size(node: Node, native: Node, mem_mb: int, reps: int) -> dict[str, float]:
@@ -123,11 +142,14 @@ def one_size(node: Node, native: Node, mem_mb: int, reps: int) -> dict[str, floa
     native_archive = native.dir / f"bench-{mem_mb}.tar"
     checkpointed(node, mem_mb, archive)
     checkpointed(native, mem_mb, native_archive)
-    times: dict[str, list[float]] = {"ours": [], "criu": [], "cold": [], "native": []}
+    times: dict[str, list[float]] = {k: [] for k in ("ours", "resident", "eager", "criu", "cold", "native")}
     for _ in range(reps):
-        times["native"].append(timed_restore(native, native_archive)[0])
-        elapsed, criu = timed_restore(node, archive, criu_stats=True)
+        times["native"].append(timed_restore(native, native_archive, lazy=False)[0])
+        elapsed, resident, _ = timed_restore(node, archive)
         times["ours"].append(elapsed)
+        times["resident"].append(resident)
+        eager, _, criu = timed_restore(node, archive, lazy=False)
+        times["eager"].append(eager)
         times["criu"].append(criu)
         pod, config = node.pod()
         start = time.perf_counter()
@@ -183,13 +205,15 @@ def main() -> int:
 
 
 def report(rows: list[tuple[int, dict[str, float]]], handlers: dict[str, float], reps: int) -> None:
-    print(f"{'memory':>7} {'ours':>8} {'2.x':>8} {'CRIU':>8} {'cold start':>10} {'2.x/ours':>8} "
-          f"{'ours/CRIU':>9} {'cold/ours':>9}")
+    print(f"{'memory':>7} {'ours':>8} {'resident':>8} {'eager':>8} {'2.x':>8} {'CRIU':>8} {'cold':>8} "
+          f"{'ours/2.x':>8} {'resident/2.x':>12} {'eager/2.x':>9} {'eager/CRIU':>10}")
     for mem_mb, t in rows:
-        print(f"{mem_mb:>5}Mi {t['ours']:>7.3f}s {t['native']:>7.3f}s {t['criu']:>7.3f}s {t['cold']:>9.3f}s "
-              f"{t['native'] / t['ours']:>7.2f}x {t['ours'] / t['criu']:>8.1f}x {t['cold'] / t['ours']:>8.2f}x")
-    print(f"(median of {reps}; ours and 2.x = CreateContainer+StartContainer until the process runs; CRIU = "
-          "its own restore time of our images; cold = until the fresh program has allocated its memory)")
+        print(f"{mem_mb:>5}Mi {t['ours']:>7.3f}s {t['resident']:>7.3f}s {t['eager']:>7.3f}s {t['native']:>7.3f}s "
+              f"{t['criu']:>7.3f}s {t['cold']:>7.3f}s {t['ours'] / t['native']:>7.2f}x "
+              f"{t['resident'] / t['native']:>11.2f}x {t['eager'] / t['native']:>8.2f}x {t['eager'] / t['criu']:>9.2f}x")
+    print(f"(median of {reps}, interleaved; ours/eager/2.x = CreateContainer+StartContainer until the process "
+          "runs; resident = ours until all its memory is in place; CRIU = its own restore time in the eager "
+          "restore; cold = a fresh start until the program has allocated and touched its memory)")
     added = (handlers["criu"] - handlers["runc"]) * 1e3
     print(f"a container that is not restored: create+start {handlers['runc'] * 1e3:.1f} ms with handler runc, "
           f"{handlers['criu'] * 1e3:.1f} ms with handler criu ({added:+.1f} ms)")

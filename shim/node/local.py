@@ -151,7 +151,8 @@ def down(directory: Path, purge: bool = False) -> list[str]:
     for pid in procs.processes_mentioning(str(layout.containerd_socket)):
         procs.stop(pid, timeout=5)
         report.append(f"stopped leftover shim {pid}")
-    relays = set(procs.processes_mentioning("shim.runtime relay-for"))
+    relays = set(procs.processes_mentioning("shim.runtime relay-for")) | set(
+        procs.processes_mentioning("shim.runtime relay-spare"))
     for pid in relays & set(procs.processes_mentioning(str(layout.dir))):  # this node's restore relays only
         procs.stop(pid, timeout=5)
         report.append(f"stopped leftover restore relay {pid}")

@@ -19,9 +19,8 @@ from shim.restore.engine import Restorer
 log = logging.getLogger(__name__)
 
 
-def handlers(config: Config, containerd: Containerd) -> dict[str, Handler]:
+def handlers(config: Config, containerd: Containerd, restorer: Restorer) -> dict[str, Handler]:
     """The CRI methods the proxy answers itself; everything else is relayed."""
-    restorer = Restorer(containerd, config)
     return {
         checkpoint_container.METHOD: checkpoint_container.handler(Checkpointer(containerd, config)),
         create_container.METHOD: create_container.handler(containerd, restorer),
@@ -40,13 +39,16 @@ def serve(listen: Path, upstream: Path, config_file: Path | None, grace: float) 
 
 async def _serve(listen: Path, upstream: Path, config: Config, grace: float) -> int:
     containerd = Containerd(upstream)  # a grpc.aio channel: made inside the running loop
-    server = ProxyServer(listen, upstream, Dispatcher(handlers(config, containerd)), grace=grace)
+    restorer = Restorer(containerd, config)
+    server = ProxyServer(listen, upstream, Dispatcher(handlers(config, containerd, restorer)), grace=grace)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)
     try:
+        await restorer.open()
         await server.serve()
     finally:
+        await restorer.close()
         await containerd.close()
     log.info("stopped")
     return 0

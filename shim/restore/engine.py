@@ -45,13 +45,15 @@ from shim.restore.network import (
     taken,
     write_plan,
 )
-from shim.restore.relays import Relay, start_relay, stop_relay, wait_ready
+from shim.restore.relays import Relay, SparePool, stop_relay, wait_ready
 from shim.restore.selinux import restore_lsm_options, selinux_enforcing
 from shim.runtime.bundle import RESTORE_DIR
 
 log = logging.getLogger(__name__)
 METHOD = "/runtime.v1.RuntimeService/CreateContainer"
 CRIU_CONFIG_ANNOTATION = "org.criu.config"
+# Pod or container annotation: "false" restores this container's memory before it runs.
+LAZY_ANNOTATION = "restore.criu-shim.io/lazy-pages"
 
 
 class Restorer:
@@ -61,6 +63,16 @@ class Restorer:
         # Created for restore, not yet started: their relays and the relays' pids.
         self._pending: dict[str, tuple[Relay, int]] = {}
         self._uffd: bool | None = None  # whether CRIU can restore lazily here (probed once)
+        self._relays = SparePool(config.restore.work_dir)
+
+    async def open(self) -> None:
+        """Get ready before the first restore: a spare relay, the CRIU feature probe."""
+        if self._config.restore.enabled:
+            await asyncio.to_thread(self._relays.refill)
+            await self._lazy_possible()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._relays.close)
 
     async def after_start(self, container_id: str) -> None:
         """Refuse a restore that containerd started fresh (its runtime handler is not ours)."""
@@ -133,14 +145,17 @@ class Restorer:
         work = self._config.restore.work_dir / uuid.uuid4().hex
         work.mkdir(mode=0o700, parents=True)
         layer = work.parent / f"{work.name}.layer"
-        relay = start_relay(work)  # its start-up overlaps the unpacking
+        # A spare relay is handed the restore once it is unpacked (it starts the page daemon
+        # at once); without one, a new relay starts now, its start-up overlapping the unpacking.
+        relay = self._relays.start_unless_spare(work)
+        refill: asyncio.Task[None] | None = None
         try:
             unpack_started = time.monotonic()
             if isinstance(source, CheckpointImage):
                 archive_path = await export_layer(self._containerd.channel, source.layer, layer)
             else:
                 archive_path = source
-            archive = await self._unpack(archive_path, work)
+            archive = await self._unpack(archive_path, work, _lazy_wanted(request))
             _check_architecture(work)
             unpacked = time.monotonic() - unpack_started
             image = await self._resolve_image(archive.config)
@@ -150,6 +165,9 @@ class Restorer:
             new = _restore_request(request, archive, image, work, _source_name(source))
             _write_criu_config(work, self._config, request, label, tcp, bool(archive.deferred))
             await asyncio.to_thread(_copy_log, archive.log, request)
+            relay = relay or self._relays.take(work)
+            # The next restore's spare starts alongside containerd's work (awaited below, whatever happens).
+            refill = asyncio.create_task(asyncio.to_thread(self._relays.refill))
             create_started = time.monotonic()
             reply = await self._containerd.forward(METHOD, new.SerializeToString(), metadata, timeout)
             log.info("restore of %s: unpacked in %.3fs, containerd created it in %.3fs", archive_path,
@@ -159,18 +177,21 @@ class Restorer:
             self._pending[container_id] = (relay, await wait_ready(relay))
             return container_id
         except BaseException:
-            await _abandon(relay)
+            if relay is not None:
+                await _abandon(relay)
             lazy.release(work)
             shutil.rmtree(work, ignore_errors=True)
             raise
         finally:
             layer.unlink(missing_ok=True)  # a lazy restore's loop device keeps the data it needs
+            if refill is not None:
+                await refill
 
-    async def _unpack(self, archive_path: Path, work: Path) -> Any:
+    async def _unpack(self, archive_path: Path, work: Path, lazy_wanted: bool) -> Any:
         """Unpack the archive; under a lazy restore its large page images stay in it (shim.restore.lazy)."""
         from shim.restore.archive import open_checkpoint
 
-        defer = lazy.deferrable if await self._lazy_possible() else None
+        defer = lazy.deferrable if lazy_wanted and await self._lazy_possible() else None
         archive = await asyncio.to_thread(open_checkpoint, archive_path, work, defer=defer)
         if archive.deferred:
             assert self._config.criu is not None  # _lazy_possible() checked it
@@ -256,6 +277,15 @@ def _check_architecture(work: Path) -> None:
     here = go_arch()
     if arch and arch != here:
         raise InvalidArgument(f"the checkpoint was made on {arch}; this node is {here}: it cannot be restored here")
+
+
+def _lazy_wanted(request: cri.CreateContainerRequest) -> bool:
+    """The container's, else the pod's, `restore.criu-shim.io/lazy-pages` ("true" when absent)."""
+    value = str(request.config.annotations.get(
+        LAZY_ANNOTATION, request.sandbox_config.annotations.get(LAZY_ANNOTATION, "true")))
+    if value not in ("true", "false"):
+        raise InvalidArgument(f"annotation {LAZY_ANNOTATION} must be \"true\" or \"false\", got {value!r}")
+    return value == "true"
 
 
 def registry_of(ref: str) -> str:

@@ -14,15 +14,23 @@ lost shim connection as a dead shim and kills the container, so a restored
 container must not depend on the proxy staying up (restarts, upgrades). It
 exits when containerd closes the task's connection, or when the container is
 never started, and removes the unpacked checkpoint then.
+
+Even overlapped, an interpreter start-up (~0.1 s) outlasts the unpacking of a
+lazy restore, so `SparePool` keeps one relay started ahead of need, its imports
+done, waiting on a pipe for the work dir of the next restore. A spare whose
+proxy goes away sees the pipe close and exits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +39,7 @@ from shim.errors import Unavailable
 
 SHIM_DIR = Path("/run/criu-shim/shims")
 READY_TIMEOUT = 10.0
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,66 @@ def start_relay(work: Path, directory: Path = SHIM_DIR) -> Relay:
                                      str(where.upstream_file), str(work)],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     return Relay(work, directory, launcher)
+
+
+class SparePool:
+    """One relay kept started ahead of need for the restores under `work_root`."""
+
+    def __init__(self, work_root: Path, directory: Path = SHIM_DIR) -> None:
+        self._work_root = work_root
+        self._directory = directory
+        self._spare: subprocess.Popen[bytes] | None = None
+        self._refilling = threading.Lock()  # refills run in worker threads, maybe two at once
+
+    def start_unless_spare(self, work: Path) -> Relay | None:
+        """None if a spare waits (`take` it later); else a new relay for `work`, starting now."""
+        return None if self._spare is not None else start_relay(work, self._directory)
+
+    def take(self, work: Path) -> Relay:
+        """The relay for the restore unpacked into `work`: the spare if there is one, else a new one."""
+        spare, self._spare = self._spare, None
+        if spare is not None and _assign(spare, work):
+            return Relay(work, self._directory, spare)
+        return start_relay(work, self._directory)
+
+    def refill(self) -> None:
+        """Start the next spare (blocking: a fork and exec; call it off the event loop)."""
+        with self._refilling:
+            if self._spare is None:
+                self._spare = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes] | None:
+        self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            with open(self._directory / "spare.log", "ab") as out:
+                return subprocess.Popen(
+                    [sys.executable, "-m", "shim.runtime", "relay-spare", str(self._directory), str(self._work_root)],
+                    stdin=subprocess.PIPE, stdout=out, stderr=out, start_new_session=True)
+        except OSError as exc:  # restores still work, one interpreter start-up slower
+            log.warning("could not start a spare restore relay: %s", exc)
+            return None
+
+    def close(self) -> None:
+        """Let the spare go (it exits when its pipe closes); reap its launcher."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            assert spare.stdin is not None
+            with contextlib.suppress(OSError):
+                spare.stdin.close()
+            spare.wait()
+
+
+def _assign(spare: subprocess.Popen[bytes], work: Path) -> bool:
+    assert spare.stdin is not None
+    try:
+        spare.stdin.write(f"{work}\n".encode())
+        spare.stdin.close()
+        return True
+    except OSError:  # BrokenPipeError: the spare died; a fresh relay takes its place
+        with contextlib.suppress(OSError):
+            spare.stdin.close()
+        spare.wait()
+        return False
 
 
 async def wait_ready(relay: Relay) -> int:

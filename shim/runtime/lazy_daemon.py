@@ -1,10 +1,12 @@
 """Lazy restore, relay side: the page daemon that fills in a restored task's memory.
 
 The proxy left `lazy-pages.json` in the unpacked checkpoint (shim.restore.lazy)
-and `lazy-pages` in the task's CRIU config. At task Create the relay starts
-`criu lazy-pages` on a view of the images in which each large `pages-N.img`
-is the loop device over the archive; at Start it waits until the daemon
-listens (CRIU's restore connects to it, in the runc work dir). From then on
+and `lazy-pages` in the task's CRIU config. As soon as the relay has its
+restore it starts `criu lazy-pages` (in a work dir of its own, on a view of the
+images in which each large `pages-N.img` is the loop device over the archive),
+so the daemon's start-up overlaps containerd's work. CRIU's restore looks for
+the daemon's socket in runc's work dir, known at task Create: the relay links
+it there (`expose`), and at Start waits until the daemon listens. From then on
 the daemon owns the memory: it answers the process's page faults and copies
 the rest in the background, then exits.
 
@@ -46,7 +48,6 @@ class LazyPages:
         self._pages = pages  # image name -> loop device
         self._daemon: subprocess.Popen[bytes] | None = None
         self._watcher: threading.Thread | None = None
-        self._work: Path | None = None
         self._started = 0.0
 
     @classmethod
@@ -64,26 +65,39 @@ class LazyPages:
         """The task's CRIU config file: beside the restore dir (see shim.restore.engine)."""
         return self._dir.parent / f"{self._dir.name}.criu.conf"
 
-    def start(self, task_work: Path) -> None:
-        """Start the daemon for a task whose runc work dir is `task_work` (CRIU looks for the socket there)."""
+    @property
+    def work(self) -> Path:
+        """The daemon's own work dir: its socket and log."""
+        return self._dir / "lazy-work"
+
+    def start(self) -> None:
+        """Start the daemon (idempotent)."""
+        if self._daemon is not None:
+            return
         view = self._image_view()
-        self._work = task_work
+        self.work.mkdir(mode=0o700, exist_ok=True)
         self._started = time.monotonic()
         self._daemon = subprocess.Popen(
-            [str(self._criu), "lazy-pages", "--images-dir", str(view), "--work-dir", str(task_work),
-             "--log-file", str(task_work / LOG), "-v2"],
+            [str(self._criu), "lazy-pages", "--images-dir", str(view), "--work-dir", str(self.work),
+             "--log-file", str(self.work / LOG), "-v2"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._watcher = threading.Thread(target=self._watch, name="lazy-pages-watcher", daemon=True)
         self._watcher.start()
 
+    def expose(self, task_work: Path) -> None:
+        """Link the daemon's socket into runc's work dir `task_work`, where CRIU's restore connects."""
+        link = task_work / SOCKET
+        link.unlink(missing_ok=True)
+        link.symlink_to(self.work / SOCKET)
+
     async def listening(self) -> None:
         """Return once CRIU can connect to the daemon; FailedPrecondition if it died or hangs."""
-        assert self._daemon is not None and self._work is not None, "start() first"
+        assert self._daemon is not None, "start() first"
         deadline = time.monotonic() + LISTEN_TIMEOUT
-        while not (self._work / SOCKET).exists():
+        while not (self.work / SOCKET).exists():
             if self._daemon.poll() is not None or time.monotonic() > deadline:
                 raise FailedPrecondition(f"the lazy-pages daemon for this restore did not start; see "
-                                         f"{self._work / LOG}")
+                                         f"{self.work / LOG}")
             await asyncio.sleep(0.002)
         log.info("lazy-pages daemon listening after %.3fs", time.monotonic() - self._started)
 

@@ -35,6 +35,12 @@ def main(argv: Sequence[str]) -> int:
         from shim.runtime.relay_daemon import run_hosted
 
         return run_hosted(Path(argv[1]), Path(argv[2]), Path(argv[3]))
+    if argv and argv[0] == "relay-spare":
+        if os.fork() > 0:  # detached like relay-for
+            os._exit(0)
+        from shim.runtime.relay_daemon import run_spare
+
+        return run_spare(Path(argv[1]), Path(argv[2]))
     if argv and argv[0] == "relay":
         from shim.runtime.relay_daemon import run
 

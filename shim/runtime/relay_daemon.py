@@ -40,7 +40,10 @@ class RestoreRewriter:
     def __init__(self, plan: RestorePlan, bundle: Path | None = None) -> None:
         self.plan = plan
         self.bundle = bundle
-        self.lazy: LazyPages | None = None
+        # Planned already when a spare relay is handed an unpacked restore: start at once.
+        self.lazy = LazyPages.planned(plan.dir)
+        if self.lazy is not None:
+            self.lazy.start()
 
     async def __call__(self, service: str, method: str, payload: bytes) -> bytes:
         if service != TASK_SERVICE:
@@ -67,10 +70,11 @@ class RestoreRewriter:
         # The runc shim restores instead of creating when Create names a checkpoint.
         request.checkpoint = str(self.plan.images)
         self.bundle = Path(request.bundle)
-        self.lazy = LazyPages.planned(self.plan.dir)
+        if self.lazy is None:  # a relay started before the unpacking
+            self.lazy = LazyPages.planned(self.plan.dir)
         if self.lazy is not None:
-            # runc's work dir for the restore: CRIU looks for the daemon's socket there.
-            self.lazy.start(self.bundle / "work")
+            self.lazy.start()
+            self.lazy.expose(self.bundle / "work")  # runc's work dir for the restore
         return bytes(request.SerializeToString())
 
     async def _before_start(self, payload: bytes) -> None:
@@ -141,6 +145,34 @@ def run_hosted(listen: Path, upstream_file: Path, work: Path) -> int:
         listen.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def run_spare(directory: Path, work_root: Path) -> int:
+    """A relay started ahead of need: it imports everything, then waits on stdin for its restore.
+
+    The proxy writes the restore's work dir (inside `work_root`) as one line; the
+    relay then serves it as `relay-for` would, listening at <directory>/<key>.sock.
+    End of input without a line (the proxy stopped, or needs no more relays)
+    ends it quietly.
+    """
+    # Imported now, not on a restore's critical path: the point of a spare.
+    import shim.restore.archive  # noqa: F401
+    import shim.restore.network  # noqa: F401
+    import shim.ttrpc.relay  # noqa: F401
+
+    line = sys.stdin.readline().strip()
+    if not line:
+        return 0
+    work = Path(line)
+    if work.parent != work_root or not work.is_dir():
+        print(f"criu-shim relay: {work} is not a restore directory under {work_root}", file=sys.stderr)
+        return 1
+    log_file = directory / f"{work.name}.log"
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    for stream in (1, 2):
+        os.dup2(fd, stream)
+    os.close(fd)
+    return run_hosted(directory / f"{work.name}.sock", directory / f"{work.name}.upstream", work)
 
 
 async def _serve_hosted(listen: Path, upstream_file: Path, rewriter: RestoreRewriter) -> None:

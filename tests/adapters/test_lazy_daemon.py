@@ -62,6 +62,11 @@ class Restore:
     devices: dict[str, str]
 
     @property
+    def daemon_work(self) -> Path:
+        """The daemon's own work dir (socket, log; the fake's argv and pid)."""
+        return self.dir / "lazy-work"
+
+    @property
     def config(self) -> Path:
         return self.dir.parent / f"{self.dir.name}.criu.conf"
 
@@ -110,7 +115,8 @@ def start(restore: Restore, daemons: list[LazyPages], mode: str) -> LazyPages:
     restore.mode(mode)
     lazy = restore.plan()
     daemons.append(lazy)
-    lazy.start(restore.task_work)
+    lazy.start()
+    lazy.expose(restore.task_work)
     return lazy
 
 
@@ -167,10 +173,12 @@ def test_image_view_links_files_and_points_page_images_at_devices(restore: Resto
 def test_listening_once_the_socket_is_there(restore: Restore, daemons: list[LazyPages]) -> None:
     lazy = start(restore, daemons, "listen-wait")
     run(lazy.listening())
-    assert (restore.task_work / lazy_daemon.SOCKET).exists()
-    argv = (restore.task_work / "argv").read_text().splitlines()
+    assert (restore.daemon_work / lazy_daemon.SOCKET).exists()
+    # CRIU's restore looks in runc's work dir: the socket is linked there.
+    assert (restore.task_work / lazy_daemon.SOCKET).readlink() == restore.daemon_work / lazy_daemon.SOCKET
+    argv = (restore.daemon_work / "argv").read_text().splitlines()
     assert argv == ["lazy-pages", "--images-dir", str(restore.dir / "lazy-images"),
-                    "--work-dir", str(restore.task_work), "--log-file", str(restore.task_work / lazy_daemon.LOG),
+                    "--work-dir", str(restore.daemon_work), "--log-file", str(restore.daemon_work / lazy_daemon.LOG),
                     "-v2"]
 
 
@@ -179,8 +187,8 @@ def test_daemon_that_dies_without_listening(restore: Restore, daemons: list[Lazy
     with pytest.raises(FailedPrecondition) as caught:
         run(lazy.listening())
     assert "the lazy-pages daemon for this restore did not start" in caught.value.message
-    assert str(restore.task_work / "lazy-pages.log") in caught.value.message
-    assert not (restore.task_work / lazy_daemon.SOCKET).exists()
+    assert str(restore.daemon_work / "lazy-pages.log") in caught.value.message
+    assert not (restore.daemon_work / lazy_daemon.SOCKET).exists()
 
 
 def test_daemon_that_hangs_without_listening(restore: Restore, daemons: list[LazyPages],
@@ -189,7 +197,7 @@ def test_daemon_that_hangs_without_listening(restore: Restore, daemons: list[Laz
     lazy = start(restore, daemons, "hang")
     with pytest.raises(FailedPrecondition, match="lazy-pages.log"):
         run(lazy.listening())
-    pid = int(wait_for_file(restore.task_work / "pid"))
+    pid = int(wait_for_file(restore.daemon_work / "pid"))
     assert alive(pid)  # listening() only reports; close() stops it
     lazy.close()
     assert not alive(pid)
@@ -206,7 +214,7 @@ def test_settled_waits_for_the_daemon_then_strips_only_the_lazy_pages_line(resto
         await lazy.listening()
         # The daemon is waiting for "release": it has not exited, so the config is as it was.
         assert restore.config.read_text() == CONFIG
-        (restore.task_work / "release").touch()
+        (restore.daemon_work / "release").touch()
         await lazy.settled()
 
     run(body())
@@ -239,7 +247,7 @@ def test_settled_before_start_returns() -> None:
 def test_close_kills_a_running_daemon_and_is_idempotent(restore: Restore, daemons: list[LazyPages]) -> None:
     lazy = start(restore, daemons, "listen-wait")
     run(lazy.listening())
-    pid = int((restore.task_work / "pid").read_text())
+    pid = int((restore.daemon_work / "pid").read_text())
     assert alive(pid)
     lazy.close()
     assert not alive(pid)
