@@ -280,12 +280,16 @@ def _check_architecture(work: Path) -> None:
 
 
 def _lazy_wanted(request: cri.CreateContainerRequest) -> bool:
-    """The container's, else the pod's, `restore.criu-shim.io/lazy-pages` ("true" when absent)."""
-    value = str(request.config.annotations.get(
-        LAZY_ANNOTATION, request.sandbox_config.annotations.get(LAZY_ANNOTATION, "true")))
-    if value not in ("true", "false"):
-        raise InvalidArgument(f"annotation {LAZY_ANNOTATION} must be \"true\" or \"false\", got {value!r}")
-    return value == "true"
+    """The container's, else the pod's, `restore.criu-shim.io/lazy-pages` ("true" when absent); both checked."""
+    wanted = True
+    for annotations in (request.sandbox_config.annotations, request.config.annotations):
+        value = annotations.get(LAZY_ANNOTATION)
+        if value is None:
+            continue
+        if value not in ("true", "false"):
+            raise InvalidArgument(f"annotation {LAZY_ANNOTATION} must be \"true\" or \"false\", got {value!r}")
+        wanted = value == "true"
+    return wanted
 
 
 def registry_of(ref: str) -> str:

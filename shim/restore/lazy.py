@@ -74,7 +74,10 @@ def prepare(archive: Path, work: Path, deferred: tuple[Deferred, ...], criu: Pat
             device = loopdev.attach_read_only(archive, member.offset, member.size, tag(work))
             pages.append({"image": Path(member.name).name, "device": device})
         plan = {"criu": str(criu), "pages": pages}
-        (work / PLAN_FILE).write_text(json.dumps(plan))
+        # Atomic: a relay may read it at any time.
+        temp = work / f"{PLAN_FILE}.tmp"
+        temp.write_text(json.dumps(plan))
+        os.replace(temp, work / PLAN_FILE)
     except BaseException:
         release(work)
         raise

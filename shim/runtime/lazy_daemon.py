@@ -55,10 +55,12 @@ class LazyPages:
         """The daemon the proxy planned for this restore, or None for an eager restore."""
         try:
             plan = json.loads((restore_dir / PLAN_FILE).read_text())
+            pages = {str(p["image"]): str(p["device"]) for p in plan["pages"]}
+            return cls(restore_dir, Path(plan["criu"]), pages)
         except FileNotFoundError:
             return None
-        pages = {str(p["image"]): str(p["device"]) for p in plan["pages"]}
-        return cls(restore_dir, Path(plan["criu"]), pages)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FailedPrecondition(f"the lazy restore plan {restore_dir / PLAN_FILE} is unreadable: {exc}") from None
 
     @property
     def criu_config(self) -> Path:
@@ -77,10 +79,13 @@ class LazyPages:
         view = self._image_view()
         self.work.mkdir(mode=0o700, exist_ok=True)
         self._started = time.monotonic()
-        self._daemon = subprocess.Popen(
-            [str(self._criu), "lazy-pages", "--images-dir", str(view), "--work-dir", str(self.work),
-             "--log-file", str(self.work / LOG), "-v2"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            self._daemon = subprocess.Popen(
+                [str(self._criu), "lazy-pages", "--images-dir", str(view), "--work-dir", str(self.work),
+                 "--log-file", str(self.work / LOG), "-v2"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot start CRIU's lazy-pages daemon {self._criu}: {exc}") from None
         self._watcher = threading.Thread(target=self._watch, name="lazy-pages-watcher", daemon=True)
         self._watcher.start()
 
@@ -132,6 +137,8 @@ class LazyPages:
         view.mkdir(mode=0o700, exist_ok=True)
         for entry in os.scandir(images):
             target = view / entry.name
+            if os.path.lexists(target):  # a second attempt after a failed start
+                continue
             if entry.name in self._pages:
                 target.symlink_to(self._pages[entry.name])
             elif entry.is_file(follow_symlinks=False):

@@ -40,10 +40,14 @@ class RestoreRewriter:
     def __init__(self, plan: RestorePlan, bundle: Path | None = None) -> None:
         self.plan = plan
         self.bundle = bundle
+        self.lazy: LazyPages | None = None
         # Planned already when a spare relay is handed an unpacked restore: start at once.
-        self.lazy = LazyPages.planned(plan.dir)
-        if self.lazy is not None:
-            self.lazy.start()
+        try:
+            self.lazy = LazyPages.planned(plan.dir)
+            if self.lazy is not None:
+                self.lazy.start()
+        except FailedPrecondition as exc:  # tried again at Create, whose caller sees the error
+            log.warning("%s", exc.message)
 
     async def __call__(self, service: str, method: str, payload: bytes) -> bytes:
         if service != TASK_SERVICE:

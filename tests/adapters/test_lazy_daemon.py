@@ -137,6 +137,20 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def fakes(restore: Restore) -> list[int]:
+    """Live fake daemons of this test (their command line names the fake's path)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(restore.criu).encode() in cmdline and alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
+
+
 # --- the plan ---------------------------------------------------------------------------
 
 
@@ -180,6 +194,25 @@ def test_listening_once_the_socket_is_there(restore: Restore, daemons: list[Lazy
     assert argv == ["lazy-pages", "--images-dir", str(restore.dir / "lazy-images"),
                     "--work-dir", str(restore.daemon_work), "--log-file", str(restore.daemon_work / lazy_daemon.LOG),
                     "-v2"]
+
+
+def test_a_second_start_does_not_start_a_second_daemon(restore: Restore, daemons: list[LazyPages]) -> None:
+    # The relay starts the daemon as soon as it has its restore, and again (to no effect) at Create.
+    lazy = start(restore, daemons, "listen-wait")
+    run(lazy.listening())
+    daemon, watcher = lazy._daemon, lazy._watcher
+    pid = int(wait_for_file(restore.daemon_work / "pid"))
+    lazy.start()
+    lazy.expose(restore.task_work)
+    assert lazy._daemon is daemon and lazy._watcher is watcher
+    # Popen returns once its child has exec'd: a second fake would be running by now.
+    assert fakes(restore) == [pid]
+    assert (restore.task_work / lazy_daemon.SOCKET).readlink() == restore.daemon_work / lazy_daemon.SOCKET
+    run(lazy.listening())
+    (restore.daemon_work / "release").touch()
+    run(lazy.settled())
+    assert daemon is not None and daemon.returncode == 0
+    assert fakes(restore) == []
 
 
 def test_daemon_that_dies_without_listening(restore: Restore, daemons: list[LazyPages]) -> None:
