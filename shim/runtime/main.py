@@ -38,6 +38,8 @@ def main(argv: Sequence[str]) -> int:
     if argv and argv[0] == "relay-spare":
         if os.fork() > 0:  # detached like relay-for
             os._exit(0)
+        # Its start-up must not compete with a restore for the CPU: idle priority until assigned.
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         from shim.runtime.relay_daemon import run_spare
 
         return run_spare(Path(argv[1]), Path(argv[2]))

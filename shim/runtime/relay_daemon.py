@@ -167,6 +167,7 @@ def run_spare(directory: Path, work_root: Path) -> int:
     line = sys.stdin.readline().strip()
     if not line:
         return 0
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # on a restore's critical path now
     work = Path(line)
     if work.parent != work_root or not work.is_dir():
         print(f"criu-shim relay: {work} is not a restore directory under {work_root}", file=sys.stderr)
