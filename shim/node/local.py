@@ -14,6 +14,7 @@ from shim.errors import FailedPrecondition, Unavailable
 from shim.node import cleanup, procs, render
 from shim.node.layout import NodeLayout
 from shim.node.tools import REPO_ROOT, Tools, tools_for
+from shim.restore import lazy, relays
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +152,16 @@ def down(directory: Path, purge: bool = False) -> list[str]:
     for pid in procs.processes_mentioning(str(layout.containerd_socket)):
         procs.stop(pid, timeout=5)
         report.append(f"stopped leftover shim {pid}")
-    relays = set(procs.processes_mentioning("shim.runtime relay-for")) | set(
+    relay_pids = set(procs.processes_mentioning("shim.runtime relay-for")) | set(
         procs.processes_mentioning("shim.runtime relay-spare"))
-    for pid in relays & set(procs.processes_mentioning(str(layout.dir))):  # this node's restore relays only
+    for pid in relay_pids & set(procs.processes_mentioning(str(layout.dir))):  # this node's restore relays only
         procs.stop(pid, timeout=5)
         report.append(f"stopped leftover restore relay {pid}")
+    for pid in set(procs.processes_mentioning("lazy-pages")) & set(procs.processes_mentioning(str(layout.dir))):
+        procs.stop(pid, timeout=5)  # a lazy restore's page daemon whose relay is gone
+        report.append(f"stopped leftover lazy-pages daemon {pid}")
+    report += [f"released loop device {d}" for d in lazy.release_all(layout.dir / "restore")]
+    report += [f"removed {f}" for f in relays.remove_files(_restore_keys(layout.dir / "restore"))]
     report += [f"unmounted {m}" for m in cleanup.unmount_all(layout.dir, layout.run_dir)]
     report += [f"removed netns {p}" for p in netns if cleanup.remove_netns(p)]
     if cleanup.delete_link(layout.bridge):
@@ -167,6 +173,13 @@ def down(directory: Path, purge: bool = False) -> list[str]:
     if purge:
         cleanup.remove_tree(layout.dir)
     return report
+
+
+def _restore_keys(work_root: Path) -> set[str]:
+    """The restores under the node's work root (their dirs, configs and layer files share the key)."""
+    if not work_root.is_dir():
+        return set()
+    return {entry.name.split(".", 1)[0] for entry in work_root.iterdir()}
 
 
 def _remove_pods(layout: NodeLayout, report: list[str]) -> list[Path]:

@@ -88,6 +88,11 @@ def release(work: Path) -> list[str]:
     return loopdev.release_tagged(tag(work))
 
 
+def release_all(work_root: Path) -> list[str]:
+    """Release the loop devices of every restore under `work_root` (a node going down)."""
+    return loopdev.release_tagged(tag_prefix(work_root))
+
+
 def _pagemaps(images: Path) -> dict[int, pagemap.Pagemap]:
     maps: dict[int, pagemap.Pagemap] = {}
     for entry in os.scandir(images):

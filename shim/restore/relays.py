@@ -152,6 +152,18 @@ async def wait_ready(relay: Relay) -> int:
     return int(relay.pid_file.read_text())
 
 
+def remove_files(keys: set[str], directory: Path = SHIM_DIR) -> list[str]:
+    """Remove what relays that died without cleaning up left for the restores `keys`; the files removed."""
+    removed = []
+    for key in sorted(keys):
+        for suffix in (".sock", ".pid", ".log", ".upstream", ".upstream.tmp"):
+            path = directory / f"{key}{suffix}"
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(str(path))
+    return removed
+
+
 def stop_relay(relay: Relay) -> None:
     """Ask a relay to stop (it cleans up after itself); nothing if it is gone."""
     try:

@@ -7,6 +7,8 @@ lazy path stops it.
 
 from __future__ import annotations
 
+import os
+import signal
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +17,12 @@ import grpc
 import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
+from shim.node import procs
 from shim.restore import lazy, loopdev
+from shim.restore.relays import SHIM_DIR
 from shim.runtime.bundle import RESTORE_DIR
-from tests.node.conftest import Node
-from tests.node.pods import Cri, wait_for
+from tests.node.conftest import Node, node_down, node_up
+from tests.node.pods import Cri, Pod, wait_for
 from tests.node.test_restore import _restore, _work_dirs
 
 pytestmark = pytest.mark.node
@@ -117,3 +121,26 @@ def test_memory_image_inconsistent_with_its_pagemap_is_refused(client: Cri, node
     assert _work_dirs(node) == before
     tags = [loopdev.tag_of(f"/dev/{d.name}") for d in Path("/sys/block").glob("loop*")]
     assert not [t for t in tags if t is not None and t.startswith(lazy.tag_prefix(node.dir / "restore"))]
+
+
+def test_node_down_releases_what_a_dead_relay_left(node: Node, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A relay killed mid-restore leaves its page daemon and loop device behind: `node down` takes both."""
+    directory = tmp_path_factory.mktemp("lazy-node")
+    other = node_up(directory)
+    client = Cri(other.cri, directory / "pod-logs")
+    try:
+        archive = _checkpoint(client, other, "orphan", mem_mb=256)
+        pod_config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name="orphan", namespace="tests",
+                                                                          uid="orphan"))
+        pod_id = client.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
+        # The pod is left to `node down`, which removes every pod.
+        work = _restore_dir(client, _restore(client, Pod(pod_id, pod_config), archive))
+        relay = int((SHIM_DIR / f"{work.name}.pid").read_text())
+        os.kill(relay, signal.SIGKILL)  # no clean-up of its own; containerd's task stays
+        assert _our_loop_devices(work), "the restore's loop device should still be attached"
+    finally:
+        client.close()
+        report = node_down(directory)
+    assert _our_loop_devices(work) == []
+    assert "released loop device" in report
+    assert not [pid for pid in procs.processes_mentioning(str(directory))]
