@@ -71,6 +71,7 @@ def prepare(archive: Path, work: Path, deferred: tuple[Deferred, ...], criu: Pat
     try:
         for member in deferred:
             _fill_eager(archive, work, member, maps)
+            _read_ahead(archive, member)
             device = loopdev.attach_read_only(archive, member.offset, member.size, tag(work))
             pages.append({"image": Path(member.name).name, "device": device})
         plan = {"criu": str(criu), "pages": pages}
@@ -91,6 +92,19 @@ def release(work: Path) -> list[str]:
 def release_all(work_root: Path) -> list[str]:
     """Release the loop devices of every restore under `work_root` (a node going down)."""
     return loopdev.release_tagged(tag_prefix(work_root))
+
+
+def _read_ahead(archive: Path, member: Deferred) -> None:
+    """Start reading the memory image into the page cache now (the kernel does it in the background).
+
+    By the time the page daemon asks, most of it is in memory; without this a
+    cold archive is read on demand, fault by fault.
+    """
+    fd = os.open(archive, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.posix_fadvise(fd, member.offset, member.size, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
 
 
 def _pagemaps(images: Path) -> dict[int, pagemap.Pagemap]:
