@@ -23,7 +23,7 @@ from shim.restore.relays import SHIM_DIR
 from shim.runtime.bundle import RESTORE_DIR
 from tests.node.conftest import Node, node_down, node_up
 from tests.node.pods import Cri, Pod, wait_for
-from tests.node.test_restore import _restore, _work_dirs
+from tests.node.test_restore import _restore, assert_restore_refused
 
 pytestmark = pytest.mark.node
 
@@ -108,17 +108,7 @@ def test_memory_image_inconsistent_with_its_pagemap_is_refused(client: Cri, node
             if member.name == "checkpoint/pages-1.img":
                 member.size -= 4096  # one page short of what the pagemap lists
             dst.addfile(member, data)
-    before = _work_dirs(node)
-    with client.pod() as pod:
-        with pytest.raises(grpc.RpcError) as caught:
-            _restore(client, pod, broken)
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "pages-1.img" in (caught.value.details() or "")
-        assert "inconsistent" in (caught.value.details() or "")
-        listed = client.runtime.ListContainers(cri.ListContainersRequest(
-            filter=cri.ContainerFilter(pod_sandbox_id=pod.id))).containers
-        assert not listed
-    assert _work_dirs(node) == before
+    assert_restore_refused(client, node, broken, grpc.StatusCode.INVALID_ARGUMENT, "pages-1.img", "inconsistent")
     tags = [loopdev.tag_of(f"/dev/{d.name}") for d in Path("/sys/block").glob("loop*")]
     assert not [t for t in tags if t is not None and t.startswith(lazy.tag_prefix(node.dir / "restore"))]
 

@@ -93,12 +93,21 @@ def test_restore_is_refused_outside_allowed_dirs(client: Cri, node: Node, tmp_pa
     archive, _ = _checkpoint_counter(client, node, 1)
     outside = tmp_path / "elsewhere.tar"
     shutil.copy(archive, outside)
+    assert_restore_refused(client, node, outside, grpc.StatusCode.PERMISSION_DENIED, "restore.allowed_dirs")
+
+
+def assert_restore_refused(client: Cri, node: Node, archive: Path, code: grpc.StatusCode,
+                           *fragments: str) -> None:
+    """Restoring `archive` into a new pod fails with `code` and messages containing `fragments`,
+    and leaves nothing behind: no containerd container, no unpacked work dir."""
     before = _work_dirs(node)
     with client.pod() as pod:
         with pytest.raises(grpc.RpcError) as caught:
-            _restore(client, pod, outside)
-        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "restore.allowed_dirs" in (caught.value.details() or "")
+            _restore(client, pod, archive)
+        details = caught.value.details() or ""
+        assert caught.value.code() == code, details
+        for fragment in fragments:
+            assert fragment in details
         listed = client.runtime.ListContainers(cri.ListContainersRequest(
             filter=cri.ContainerFilter(pod_sandbox_id=pod.id))).containers
         assert not listed  # no containerd container was made
@@ -146,15 +155,7 @@ def test_hostile_archive_is_refused_and_leaves_nothing(client: Cri, node: Node, 
         else:
             member.size = 4
         archive = _hostile_archive(node, good, f"{kind}.tar", member, b"evil" if member.size else b"")
-    before = _work_dirs(node)
-    with client.pod() as pod:
-        with pytest.raises(grpc.RpcError) as caught:
-            _restore(client, pod, archive)
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
-        listed = client.runtime.ListContainers(cri.ListContainersRequest(
-            filter=cri.ContainerFilter(pod_sandbox_id=pod.id))).containers
-        assert not listed
-    assert _work_dirs(node) == before
+    assert_restore_refused(client, node, archive, grpc.StatusCode.INVALID_ARGUMENT)
     assert sentinel.read_text() == "untouched"
 
 
@@ -253,13 +254,8 @@ def test_undeclared_bind_mount_is_refused(client: Cri, node: Node, tmp_path: Pat
     data = tmp_path / "data"
     data.mkdir()
     archive = _checkpoint_with_volume(client, node, data, "undeclared.tar")
-    before = _work_dirs(node)
-    with client.pod() as pod:
-        with pytest.raises(grpc.RpcError) as caught:
-            _restore(client, pod, archive)
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "expects following bind mounts defined (/data)" in (caught.value.details() or "")
-    assert _work_dirs(node) == before
+    assert_restore_refused(client, node, archive, grpc.StatusCode.INVALID_ARGUMENT,
+                           "expects following bind mounts defined (/data)")
 
 
 def test_a_restored_container_can_be_checkpointed_and_restored_again(client: Cri, node: Node) -> None:
@@ -307,10 +303,4 @@ def test_checkpoint_from_another_architecture_is_refused(client: Cri, node: Node
                 data = json.dumps(facts).encode()
                 member.size = len(data)
             dst.addfile(member, io.BytesIO(data) if data is not None else None)
-    before = _work_dirs(node)
-    with client.pod() as pod:
-        with pytest.raises(grpc.RpcError) as caught:
-            _restore(client, pod, foreign)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "the checkpoint was made on s390x" in (caught.value.details() or "")
-    assert _work_dirs(node) == before
+    assert_restore_refused(client, node, foreign, grpc.StatusCode.INVALID_ARGUMENT, "the checkpoint was made on s390x")
