@@ -18,6 +18,7 @@ import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.node.tools import load_paths
+from shim.runtime.bundle import RESTORE_DIR
 from tests.node.conftest import Node
 from tests.node.pods import Cri, Pod, wait_for
 
@@ -47,18 +48,21 @@ def _pid(verbose_status: object) -> int:
     return int(json.loads(verbose_status.info["info"])["pid"])  # type: ignore[attr-defined]
 
 
-def _checkpoint_counter(client: Cri, node: Node, at_least: int) -> tuple[Path, int]:
-    archive = node.dir / "checkpoints" / f"counter-{at_least}.tar"
+def _checkpoint_counter(client: Cri, node: Node, at_least: int, mem_mb: int = 0) -> tuple[Path, int]:
+    archive = node.dir / "checkpoints" / f"counter-{at_least}-{mem_mb}.tar"
     with client.pod() as pod_a:
-        ctr = client.container(pod_a, COUNTER, {"INTERVAL_MS": "50"})
+        ctr = client.container(pod_a, COUNTER, {"INTERVAL_MS": "50", "MEM_MB": str(mem_mb)})
         wait_for(lambda: client.count(ctr) >= at_least)
         client.checkpoint(ctr, str(archive))
         counted = client.count(ctr)
     return archive, counted
 
 
-def test_counter_resumes_its_count_in_a_new_pod(client: Cri, node: Node) -> None:
-    archive, counted_before = _checkpoint_counter(client, node, 20)
+# 0 MiB: the memory image is small and restored before the process runs; 48 MiB: a lazy restore
+# (shim.restore.lazy), the process runs while its memory is filled in.
+@pytest.mark.parametrize("mem_mb", [0, 48])
+def test_counter_resumes_its_count_in_a_new_pod(client: Cri, node: Node, mem_mb: int) -> None:
+    archive, _ = _checkpoint_counter(client, node, 20, mem_mb)
     with client.pod() as pod_b:
         ctr = _restore(client, pod_b, archive)
         assert client.state(ctr) == "CONTAINER_RUNNING"
@@ -77,6 +81,8 @@ def test_counter_resumes_its_count_in_a_new_pod(client: Cri, node: Node) -> None
         wait_for(lambda: client.count(ctr) > first)  # and it keeps counting
         status = client.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr)).status
         assert status.annotations["restored"] == "true"
+        lazy_plan = Path(status.annotations[RESTORE_DIR]) / "lazy-pages.json"
+        assert lazy_plan.exists() == (mem_mb > 0), "the 48 MiB image is restored lazily, the tiny one eagerly"
         assert status.annotations["checkpointImage"] == str(archive)
         assert status.annotations["checkpointedAt"]
         log = client.log(ctr)
