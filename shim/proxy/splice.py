@@ -27,6 +27,14 @@ pieces of HTTP/2 state are shared by the two ends and must survive a diversion:
 * Stream ids. Skipped ids are legal: opening a higher id implicitly closes
   lower idle ones (RFC 9113 section 5.1.1).
 
+The client's PINGs are answered by the proxy, not forwarded: while a diverted
+call runs, containerd sees no open stream on the connection, and grpc-go
+servers take pings without streams as abuse (GOAWAY ENHANCE_YOUR_CALM
+"too_many_pings", closing the connection under the diverted call). Pings
+measure the path to the proxy then, which is the one that matters; the
+proxy's own link to containerd is a local socket it watches itself.
+Containerd's pings still reach the client, and the client's ACKs containerd.
+
 A client that does not open with the HTTP/2 preface is relayed raw.
 """
 
@@ -237,6 +245,12 @@ class Splice:
 
     def _forward_up(self, frame: Frame) -> None:
         self._to_upstream.append(frame.raw)
+
+    def _client_ping(self, frame: Frame) -> None:
+        if frame.has(Flag.ACK) or frame.stream_id != 0 or len(frame.payload) != 8:
+            self._forward_up(frame)  # an ACK of containerd's ping; a malformed one is containerd's to refuse
+            return
+        self._inject([build(FrameType.PING, Flag.ACK, 0, bytes(frame.payload))], 0)
 
     def _client_headers(self, frame: Frame) -> None:
         if frame.has(Flag.END_HEADERS):
@@ -486,4 +500,5 @@ _CLIENT_HANDLERS: dict[int, Callable[[Splice, Frame], None]] = {
     FrameType.WINDOW_UPDATE: Splice._client_window_update,
     FrameType.SETTINGS: Splice._client_settings,
     FrameType.PRIORITY: Splice._client_priority,
+    FrameType.PING: Splice._client_ping,
 }

@@ -199,7 +199,8 @@ def test_preface_and_forwarded_call_are_byte_identical() -> None:
     assert up.startswith(PREFACE)
 
     request = h.call(1, RELAYED, b"\x0a\x02hi")
-    extras = window_update(0, 1 << 20) + ping() + build_settings([], flags=Flag.ACK) + window_update(1, 5000)
+    # (a PING ACK passes; the client's own PINGs the proxy answers: see the ping tests below)
+    extras = window_update(0, 1 << 20) + ping(ack=True) + build_settings([], flags=Flag.ACK) + window_update(1, 5000)
     h.send(extras)
     assert join(h.splice.data_for_upstream()) == request + extras
 
@@ -768,3 +769,46 @@ def test_max_diverted_body_is_enforced_via_module_constant(monkeypatch: pytest.M
     assert h.events() == []
     ((_, block),) = h.client.decode(h.client_frames())
     assert ("grpc-status", str(int(Code.RESOURCE_EXHAUSTED))) in block
+
+
+# -- pings ----------------------------------------------------------------------
+
+
+def test_client_ping_is_answered_by_the_proxy_not_forwarded() -> None:
+    """containerd must not see pings on a connection whose only call the proxy serves (too_many_pings)."""
+    h = Harness()
+    divert(h, 1)
+    h.upstream_frames()
+    h.send(ping(b"12345678"))
+    (answer,) = h.client_frames()
+    assert answer.type == FrameType.PING and answer.has(Flag.ACK) and bytes(answer.payload) == b"12345678"
+    assert h.upstream_frames() == []
+
+
+def test_upstream_ping_reaches_the_client_and_its_ack_reaches_upstream() -> None:
+    h = Harness()
+    h.reply(ping(b"abcdefgh"))
+    (seen,) = h.client_frames()
+    assert seen.type == FrameType.PING and not seen.has(Flag.ACK)
+    h.send(ping(b"abcdefgh", ack=True))
+    (forwarded,) = h.upstream_frames()
+    assert forwarded.type == FrameType.PING and forwarded.has(Flag.ACK) and bytes(forwarded.payload) == b"abcdefgh"
+
+
+def test_malformed_client_ping_is_left_to_upstream() -> None:
+    h = Harness()
+    h.send(build(FrameType.PING, 0, 0, b"short"))
+    assert kinds(h.upstream_frames()) == [(FrameType.PING, 0)]
+    assert h.client_frames() == []
+
+
+def test_ping_answer_waits_for_an_upstream_header_block_to_end() -> None:
+    h = Harness()
+    h.call(1, RELAYED)
+    block = h.up_enc.encode(grpcwire.RESPONSE_HEADERS)
+    h.reply(headers(1, block[:2], end_headers=False))
+    h.client_frames()
+    h.send(ping(b"87654321"))
+    assert h.splice.data_for_client() == []
+    h.reply(continuation(1, block[2:]))
+    assert kinds(h.client_frames()) == [(FrameType.CONTINUATION, 1), (FrameType.PING, 0)]
