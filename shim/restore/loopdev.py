@@ -21,6 +21,10 @@ LOOP_CTL_GET_FREE = 0x4C82
 LOOP_CONFIGURE = 0x4C0A
 LOOP_CLR_FD = 0x4C01
 LOOP_GET_STATUS64 = 0x4C05
+BLKRASET = 0x1262
+# Read-ahead of the device, in 512-byte sectors: 4 MiB. The default (128 KiB) turns the
+# page daemon's 1 MiB reads into a stream of small requests to the loop worker.
+READ_AHEAD_SECTORS = 8192
 LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 TAG_PREFIX = b"criu-shim:"
@@ -54,6 +58,7 @@ def _attach(backing: int, offset: int, size: int, tag: str) -> str:
             fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 fcntl.ioctl(fd, LOOP_CONFIGURE, config)
+                fcntl.ioctl(fd, BLKRASET, READ_AHEAD_SECTORS)
                 return device
             except OSError as exc:
                 if exc.errno != errno.EBUSY:
