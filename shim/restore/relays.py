@@ -107,10 +107,10 @@ class SparePool:
     def _spawn(self) -> subprocess.Popen[bytes] | None:
         self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            with open(self._directory / "spare.log", "ab") as out:
-                return subprocess.Popen(
-                    [sys.executable, "-m", "shim.runtime", "relay-spare", str(self._directory), str(self._work_root)],
-                    stdin=subprocess.PIPE, stdout=out, stderr=out, start_new_session=True)
+            # Until it has a restore (and its own log), what it says goes to the proxy's log.
+            return subprocess.Popen(
+                [sys.executable, "-m", "shim.runtime", "relay-spare", str(self._directory), str(self._work_root)],
+                stdin=subprocess.PIPE, start_new_session=True)
         except OSError as exc:  # restores still work, one interpreter start-up slower
             log.warning("could not start a spare restore relay: %s", exc)
             return None

@@ -40,6 +40,7 @@ class RestoreRewriter:
     def __init__(self, plan: RestorePlan, bundle: Path | None = None) -> None:
         self.plan = plan
         self.bundle = bundle
+        self.started = False  # the init process's Start went upstream
         self.lazy: LazyPages | None = None
         # Planned already when a spare relay is handed an unpacked restore: start at once.
         try:
@@ -88,6 +89,7 @@ class RestoreRewriter:
         await asyncio.to_thread(self._prepare_rootfs)
         if self.lazy is not None:
             await self.lazy.listening()
+        self.started = True
 
     def _prepare_rootfs(self) -> None:
         """The files the container changed, on the new rootfs, before its processes come back."""
@@ -131,18 +133,37 @@ def run(listen: Path, bundle: Path) -> int:
     return 0
 
 
+class _Trouble(logging.Handler):
+    """Notes whether anything at WARNING or above was logged: then the log is kept."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen = True
+
+
 def run_hosted(listen: Path, upstream_file: Path, work: Path) -> int:
     """The relay the proxy starts at CreateContainer; the launcher writes the upstream address later."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trouble = _Trouble()
+    logging.getLogger().addHandler(trouble)
     pid_file = listen.with_suffix(".pid")
     pid_file.write_text(f"{os.getpid()}\n")
     rewriter = RestoreRewriter(RestorePlan(work))
     try:
         asyncio.run(_serve_hosted(listen, upstream_file, rewriter))
+        if rewriter.bundle is not None and not rewriter.started:
+            log.warning("containerd closed its connections to the task before starting it")
+    except BaseException:
+        log.exception("the relay for %s failed", work)
+        raise
     finally:
         rewriter.close()
         pid_file.unlink(missing_ok=True)
-        listen.with_suffix(".log").unlink(missing_ok=True)  # a clean end: nothing to read
+        if not trouble.seen:
+            listen.with_suffix(".log").unlink(missing_ok=True)  # a clean end: nothing to read
         # The proxy's StartContainer has long read the .upstream mark by now (the task is
         # gone only after RemoveContainer); whoever comes last removes it.
         upstream_file.unlink(missing_ok=True)
@@ -180,11 +201,27 @@ def run_spare(directory: Path, work_root: Path) -> int:
     return run_hosted(directory / f"{work.name}.sock", directory / f"{work.name}.upstream", work)
 
 
+class _UpstreamAddress:
+    """The runc shim's address, read from the launcher's file at the first connection, then kept.
+
+    The file is the proxy's sign that the restore went through us, and it removes
+    it after StartContainer: connections containerd opens later must not need it.
+    """
+
+    def __init__(self, upstream_file: Path) -> None:
+        self._file = upstream_file
+        self._address: Path | None = None
+
+    def __call__(self) -> Path:
+        if self._address is None:
+            self._address = Path(self._file.read_text().strip())
+        return self._address
+
+
 async def _serve_hosted(listen: Path, upstream_file: Path, rewriter: RestoreRewriter) -> None:
     from shim.ttrpc.relay import RelayServer
 
-    server = RelayServer(listen, lambda: Path(upstream_file.read_text().strip()), rewriter, exit_when_idle=True,
-                         methods=METHODS)
+    server = RelayServer(listen, _UpstreamAddress(upstream_file), rewriter, exit_when_idle=True, methods=METHODS)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # stopped on purpose: clean up, do not just die
         loop.add_signal_handler(sig, server.stop)
