@@ -142,14 +142,17 @@ class RelayServer:
     """Listens on `listen` and relays each connection to its own connection to `upstream`.
 
     `serve()` returns after `stop()` (closing every relayed connection), or,
-    with `exit_when_idle`, once the last connection has closed.
+    with `exit_when_idle`, once no connection has been open for `idle_grace`
+    seconds (a client that closes one connection and opens the next at once
+    finds the relay still there).
     `listen` may be a path (a 0600 socket is made there and removed on return)
     or an already listening unix socket (such as one a shim manager passed on).
     Only peers with our effective uid are served (ttrpc's UnixSocketRequireSameUser).
     """
 
     def __init__(self, listen: Path | socket.socket, upstream: Upstream, rewrite: Rewrite, *,
-                 methods: Collection[tuple[str, str]] | None = None, exit_when_idle: bool = False) -> None:
+                 methods: Collection[tuple[str, str]] | None = None, exit_when_idle: bool = False,
+                 idle_grace: float = 0.5) -> None:
         self.listen = listen
         self.upstream = upstream
         self.rewrite = rewrite
@@ -158,6 +161,8 @@ class RelayServer:
         self._stop = asyncio.Event()
         self._ready = asyncio.Event()
         self._connections: set[asyncio.Task[None]] = set()
+        self._idle_grace = idle_grace
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -203,14 +208,17 @@ class RelayServer:
             log.warning("refusing a ttrpc connection from uid %s (not ours)", uid)
             writer.close()
             return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         task = tasks.create_task(relay(reader, writer, self.upstream, self.rewrite, self.methods))
         self._connections.add(task)
         task.add_done_callback(self._ended)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._connections.discard(task)
-        if self.exit_when_idle and not self._connections:
-            self._stop.set()
+        if self.exit_when_idle and not self._connections and self._idle_timer is None:
+            self._idle_timer = asyncio.get_running_loop().call_later(self._idle_grace, self._stop.set)
 
 
 async def serve_relay(listen: Path | socket.socket, upstream: Upstream, rewrite: Rewrite, *,

@@ -380,6 +380,20 @@ def test_exit_when_idle_returns_after_the_last_connection(env: Env) -> None:
     env.run(body, exit_when_idle=True)
 
 
+def test_exit_when_idle_waits_out_a_reconnect(env: Env) -> None:
+    """A client that closes its connection and opens the next at once still finds the relay."""
+    async def body(env: Env) -> None:
+        async with Client.connect(env.listen) as first:
+            await first.call(TASK, "State")
+        async with Client.connect(env.listen) as second:  # well inside the grace period
+            await second.call(TASK, "State")
+            assert env.serving is not None and not env.serving.done()
+        assert env.serving is not None
+        await asyncio.wait_for(asyncio.shield(env.serving), 5)  # and idle for good: it ends
+
+    env.run(body, exit_when_idle=True)
+
+
 def test_peer_of_another_uid_is_refused(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 12345)
 
