@@ -158,6 +158,10 @@ class Restorer:
             archive = await self._unpack(archive_path, work, _lazy_wanted(request))
             _check_architecture(work)
             unpacked = time.monotonic() - unpack_started
+            # Handed over now: a lazy restore's page daemon starts up while the rest is prepared.
+            relay = relay or self._relays.take(work)
+            # The next restore's spare starts alongside (awaited below, whatever happens).
+            refill = asyncio.create_task(asyncio.to_thread(self._relays.refill))
             image = await self._resolve_image(archive.config)
             _check_hostile_spec(archive.spec, request)
             tcp = await self._plan_network(request, work)
@@ -165,9 +169,6 @@ class Restorer:
             new = _restore_request(request, archive, image, work, _source_name(source))
             _write_criu_config(work, self._config, request, label, tcp, bool(archive.deferred))
             await asyncio.to_thread(_copy_log, archive.log, request)
-            relay = relay or self._relays.take(work)
-            # The next restore's spare starts alongside containerd's work (awaited below, whatever happens).
-            refill = asyncio.create_task(asyncio.to_thread(self._relays.refill))
             create_started = time.monotonic()
             reply = await self._containerd.forward(METHOD, new.SerializeToString(), metadata, timeout)
             log.info("restore of %s: unpacked in %.3fs, containerd created it in %.3fs", archive_path,
