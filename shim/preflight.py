@@ -400,8 +400,10 @@ FEATURE_CONSEQUENCES = {
     "external_net_ns": "network devices whose peer is in another network namespace (veth) cannot be dumped",
     "mem_dirty_track": "pre-dump/iterative migration unavailable (CONFIG_MEM_SOFT_DIRTY off); "
                        "plain checkpoint and restore still work",
-    "uffd": "lazy restore (--lazy-pages, post-copy migration) unavailable",
-    "uffd-noncoop": "lazy restore of multi-process containers unavailable",
+    "uffd": "lazy restore unavailable: restores put all memory in place before the process runs "
+            "(slower for large containers)",
+    "uffd-noncoop": "lazy restore unavailable (criu-shim needs it for multi-process containers): restores put "
+                    "all memory in place before the process runs",
 }
 
 
