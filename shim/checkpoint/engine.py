@@ -14,6 +14,7 @@ file behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -23,6 +24,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from collections.abc import Coroutine
 from typing import Any
 
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
@@ -40,6 +42,8 @@ from shim.proxy.dispatch import Peer
 
 log = logging.getLogger(__name__)
 THAW_TIMEOUT = 30.0
+# How long a cancelled checkpoint still waits for runc's dump to end before it thaws.
+DUMP_GRACE = 60.0
 # Ours: what a restore needs that no standard member records.
 FACTS_MEMBER = "criu-shim.json"
 
@@ -194,7 +198,7 @@ class Checkpointer:
             external_unix_sockets=opts.ext_unix_sockets,
             image_path=str(staging / "checkpoint"), work_path=str(staging / "work"))
         try:
-            await self._containerd.checkpoint_task(container_id, request, timeout=None)
+            await _outlive_cancellation(self._containerd.checkpoint_task(container_id, request, timeout=None))
         except ShimError as exc:
             raise _explain_dump_failure(exc, staging / "work" / "dump.log") from None
 
@@ -207,6 +211,31 @@ class Checkpointer:
             location=request.location, size=outcome.size, duration_s=round(time.monotonic() - started, 4),
             frozen_s=round(outcome.frozen_s, 4), dump_s=round(outcome.dump_s, 4),
             archive_s=round(outcome.archive_s, 4), result=result))
+
+
+async def _outlive_cancellation(call: Coroutine[Any, Any, None], grace: float = DUMP_GRACE) -> None:
+    """Run `call` to its end even if we are cancelled meanwhile (then re-raise the cancellation).
+
+    A cancelled CheckpointContainer (deadline, client gone) must not thaw the
+    container while runc is still dumping it: CRIU puts the freezer back the way
+    it found it, frozen, when it finishes, and the container would stay paused.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        await asyncio.shield(task)
+        return
+    except asyncio.CancelledError:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace
+        while not task.done() and loop.time() < until:
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), until - loop.time())
+        if not task.done():
+            log.warning("the dump outlived its cancellation by %.0fs; abandoning it", grace)
+            task.cancel()
+        elif not task.cancelled() and task.exception() is not None:
+            log.info("the cancelled dump ended with: %s", task.exception())
+        raise
 
 
 def _network_namespace(info: dict[str, Any]) -> Path | None:
