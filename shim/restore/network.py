@@ -65,8 +65,13 @@ def add_planned_addresses(work: Path, netns: Path) -> list[str]:
     if not plan.is_file():
         return []
     ips = [str(ip) for ip in json.loads(plan.read_text())["add"]]
-    from pyroute2 import IPRoute
+    from pyroute2 import IPRoute, config
 
+    # pyroute2 switches namespace in a forked child and ends it with SIGTERM. A child
+    # keeping our (asyncio) SIGTERM handler writes the signal into the wakeup fd it shares
+    # with us, and the relay would take it for its own SIGTERM and stop mid-restore.
+    # With this set, the child dies on SIGTERM the default way instead.
+    config.disable_mp_signal = True
     with IPRoute(netns=str(netns)) as ipr:
         index = ipr.link_lookup(ifname=INTERFACE)[0]
         present = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
