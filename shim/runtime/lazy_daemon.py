@@ -26,6 +26,7 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from shim.errors import FailedPrecondition
@@ -49,6 +50,10 @@ class LazyPages:
         self._daemon: subprocess.Popen[bytes] | None = None
         self._watcher: threading.Thread | None = None
         self._started = 0.0
+        self._closing = False
+        # Called (from the watcher thread) with the exit status when the daemon fails
+        # before it was asked to stop: memory it had not filled in yet would read as zeros.
+        self.on_failure: Callable[[int], None] | None = None
 
     @classmethod
     def planned(cls, restore_dir: Path) -> LazyPages | None:
@@ -113,6 +118,7 @@ class LazyPages:
 
     def close(self) -> None:
         """Stop the daemon if it still runs and release the devices (idempotent)."""
+        self._closing = True
         if self._daemon is not None and self._daemon.poll() is None:
             self._daemon.kill()
         if self._watcher is not None:
@@ -123,6 +129,9 @@ class LazyPages:
         assert self._daemon is not None
         code = self._daemon.wait()
         log.info("lazy-pages daemon exited (%d) %.3fs after start", code, time.monotonic() - self._started)
+        if code != 0 and not self._closing and self.on_failure is not None:
+            log.error("the lazy-pages daemon failed (exit status %d, see %s)", code, self.work / LOG)
+            self.on_failure(code)
         self._strip_config()
         self._release_devices()
 

@@ -8,6 +8,7 @@ exits and removes the unpacked checkpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -68,6 +69,21 @@ class RestoreRewriter:
         if self.lazy is not None:
             self.lazy.close()
 
+    def _stop_task(self, status: int) -> None:
+        """The page daemon died mid-fill: end the restored process rather than let it run on zeros."""
+        assert self.bundle is not None
+        try:
+            pid = int((self.bundle / "init.pid").read_text())
+            # The pid must still be this container's (the bundle is named after it), not a reused one.
+            if self.bundle.name not in Path(f"/proc/{pid}/cgroup").read_text():
+                return
+        except (OSError, ValueError):
+            return  # not restored (yet; Start fails on its own), or already gone
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        log.error("killed the restored process %d: its memory was not complete (page daemon status %d)",
+                  pid, status)
+
     def _create(self, payload: bytes) -> bytes:
         request = shim_pb2.CreateTaskRequest.FromString(payload)
         if not self.plan.images.joinpath("inventory.img").is_file():
@@ -80,6 +96,7 @@ class RestoreRewriter:
         if self.lazy is not None:
             self.lazy.start()
             self.lazy.expose(self.bundle / "work")  # runc's work dir for the restore
+            self.lazy.on_failure = self._stop_task
         return bytes(request.SerializeToString())
 
     async def _before_start(self, payload: bytes) -> None:

@@ -42,6 +42,9 @@ case "$mode" in
     listen-wait) : > "$work/lazy-pages.socket"
                  while [ ! -e "$work/release" ]; do sleep 0.01; done
                  exit 0 ;;
+    listen-fail) : > "$work/lazy-pages.socket"
+                 while [ ! -e "$work/release" ]; do sleep 0.01; done
+                 exit 5 ;;
     die) echo "fake: cannot start" > "$work/lazy-pages.log"; exit 3 ;;
     hang) while :; do sleep 0.01; done ;;
 esac
@@ -304,3 +307,31 @@ def test_close_without_start() -> None:
     lazy = LazyPages(Path("/nonexistent/restore"), Path("/nonexistent/criu"), {"pages-1.img": "/nonexistent/loop"})
     lazy.close()
     lazy.close()
+
+
+def test_a_daemon_failing_mid_fill_is_reported_once(restore: Restore, daemons: list[LazyPages]) -> None:
+    """Memory not yet filled in would read as zeros: the relay is told, to end the restored process."""
+    lazy = start(restore, daemons, "listen-fail")
+    failures: list[int] = []
+    lazy.on_failure = failures.append
+    run(lazy.listening())
+    (restore.daemon_work / "release").touch()
+    run(lazy.settled())
+    assert failures == [5]
+
+
+def test_a_daemon_stopped_on_purpose_is_no_failure(restore: Restore, daemons: list[LazyPages]) -> None:
+    lazy = start(restore, daemons, "listen-wait")
+    failures: list[int] = []
+    lazy.on_failure = failures.append
+    run(lazy.listening())
+    lazy.close()
+    assert failures == []
+
+
+def test_a_daemon_done_is_no_failure(restore: Restore, daemons: list[LazyPages]) -> None:
+    lazy = start(restore, daemons, "listen-exit")
+    failures: list[int] = []
+    lazy.on_failure = failures.append
+    run(lazy.settled())
+    assert failures == []
