@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -156,6 +157,8 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(args.dir / node), "--purge"],
                            capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            args.dir.rmdir()  # empty by now; left alone otherwise
     report(rows, args.reps)
     return 0
 

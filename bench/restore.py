@@ -26,6 +26,7 @@ with handler "criu" against handler "runc").
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -208,6 +209,7 @@ def main() -> int:
         for d in (ours_dir, native_dir):
             subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(d), "--purge"],
                            capture_output=True)
+        shutil.rmtree(args.dir, ignore_errors=True)  # the registry's blobs; the nodes are gone already
     report(rows, handlers, args.reps)
     return 0
 
