@@ -25,7 +25,7 @@ protos: venv
 	scripts/fetch-protos.sh
 	scripts/gen-protos.sh
 
-.PHONY: images demo test bench typecheck
+.PHONY: images demo test bench typecheck lint
 
 ## images: the locally built OCI images (pause, busybox, test programs) in build/images
 images:
@@ -39,8 +39,12 @@ demo: setup images
 typecheck: venv
 	.venv/bin/mypy
 
+## lint: ruff (rules in pyproject.toml) over the code, tests, benchmarks and scripts
+lint: venv
+	.venv/bin/ruff check shim tests bench scripts
+
 ## test: the whole suite; node tests need root (CI is root)
-test: setup images typecheck
+test: setup images typecheck lint
 	.venv/bin/python -m pytest
 
 ## bench: latency and checkpoint/restore figures, ours against the references, in one run

@@ -121,12 +121,12 @@ def one_size(mem_mb: int, ours: dict[str, str], native: dict[str, str], work: Pa
                 out = work / f"{path}-{mem_mb}-{rep}"
                 if path == "floor":
                     out.mkdir()
-                    times[path].append(timed(lambda: floor_checkpoint(socket, ctr.id, out)))
+                    times[path].append(timed(lambda out=out, ctr=ctr: floor_checkpoint(socket, ctr.id, out)))
                     frozen_criu.append(criu_frozen_s(out / "work"))
                     sizes[path] = sum(f.stat().st_size for f in (out / "checkpoint").iterdir())
                 else:
                     archive = out.with_suffix(".tar")
-                    times[path].append(timed(lambda: ctr.cri_checkpoint(archive)))
+                    times[path].append(timed(lambda archive=archive, ctr=ctr: ctr.cri_checkpoint(archive)))
                     sizes[path] = archive.stat().st_size
                     if path == "ours":
                         frozen_ours.append(json.loads(audit.read_text().splitlines()[-1])["frozen_s"])

@@ -107,7 +107,7 @@ def migrate(c: Cluster, mem_mb: int) -> dict[str, float]:
         before = replies(client_log)[-1]
         wait(lambda: replies(client_log)[-1][1] > before[1] + 1)
         seen = replies(client_log)
-        gap = max(b[0] - a[0] for a, b in zip(seen, seen[1:]))
+        gap = max(b[0] - a[0] for a, b in zip(seen, seen[1:], strict=False))
         c.remove(pod_b)
         archive.unlink()
         moved.unlink()

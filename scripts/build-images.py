@@ -166,7 +166,7 @@ def download_busybox_static(dst: Path) -> None:
         try:
             res = subprocess.run(cmd, cwd=tmp, check=False, capture_output=True, text=True)
         except FileNotFoundError:
-            raise BusyboxUnavailable("apt-get not found: pass --busybox PATH to a static busybox")
+            raise BusyboxUnavailable("apt-get not found: pass --busybox PATH to a static busybox") from None
         debs = list(Path(tmp).glob("busybox-static_*.deb"))
         if res.returncode != 0 or not debs:
             raise BusyboxUnavailable("apt-get download busybox-static failed (run 'apt-get update'"
@@ -351,7 +351,7 @@ def build(out_dir: Path, busybox_path: Path | None = None, force: bool = False) 
     bin_dir = out_dir / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     bins = compile_programs(bin_dir, force)
-    for name, path in bins.items():
+    for path in bins.values():
         if not elf_is_static(path.read_bytes()):
             raise BuildError(f"{path} is not statically linked")
     busybox = get_busybox(bin_dir, busybox_path)

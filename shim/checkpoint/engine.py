@@ -20,11 +20,11 @@ import json
 import logging
 import time
 import weakref
+from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from collections.abc import Coroutine
 from typing import Any
 
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options

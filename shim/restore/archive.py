@@ -43,8 +43,8 @@ from typing import IO, Any, Self
 
 from shim.errors import InvalidArgument, NotFound, ResourceExhausted
 from shim.fileio import kernel_copy
-from shim.restore.lazy import Deferred
 from shim.restore.checkpoint_spec import Engine, detect_engine
+from shim.restore.lazy import Deferred
 
 DEFAULT_MAX_SIZE = 64 << 30
 DEFAULT_MAX_MEMBERS = 1_000_000

@@ -283,8 +283,8 @@ def _check_architecture(work: Path) -> None:
 def _lazy_wanted(request: cri.CreateContainerRequest) -> bool:
     """The container's, else the pod's, `restore.criu-shim.io/lazy-pages` ("true" when absent); both checked."""
     wanted = True
-    for annotations in (request.sandbox_config.annotations, request.config.annotations):
-        value = annotations.get(LAZY_ANNOTATION)
+    for source in (request.sandbox_config.annotations, request.config.annotations):
+        value = source.get(LAZY_ANNOTATION)
         if value is None:
             continue
         if value not in ("true", "false"):

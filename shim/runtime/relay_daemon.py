@@ -198,8 +198,8 @@ def run_spare(directory: Path, work_root: Path) -> int:
     ends it quietly.
     """
     # Imported now, not on a restore's critical path: the point of a spare.
-    import shim.restore.archive  # noqa: F401
-    import shim.restore.network  # noqa: F401
+    import shim.restore.archive
+    import shim.restore.network
     import shim.ttrpc.relay  # noqa: F401
 
     line = sys.stdin.readline().strip()

@@ -10,7 +10,6 @@ import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.api.cri.v1 import api_pb2_grpc
-
 from tests.node.conftest import Node
 from tests.node.cri_scenario import BUSYBOX, Scenario, new_label, normalise
 
@@ -26,7 +25,7 @@ def test_scenario_identical_direct_and_through_proxy(node: Node) -> None:
         runs[name] = normalise(scenario.run(), (label,), scenario.ids)
     direct, proxied = runs["direct"], runs["proxy"]
     assert [r["method"] for r in direct] == [r["method"] for r in proxied]
-    for a, b in zip(direct, proxied):
+    for a, b in zip(direct, proxied, strict=True):
         if a["method"] == "garbage CheckpointContainer":
             continue  # answered by criu-shim itself on 1.7 (containerd says Unimplemented)
         assert a == b, f"{a['method']} differs"

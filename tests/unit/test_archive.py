@@ -18,7 +18,6 @@ import pytest
 
 from shim import fileio
 from shim.api.cri.v1 import api_pb2
-from shim.checkpoint import archive
 from shim.checkpoint.archive import (
     Member,
     SourceChangedError,

@@ -130,7 +130,7 @@ def test_archive_layout(built: tuple[Path, list[dict]], name: str) -> None:
     assert config["architecture"] == ARCH and config["os"] == "linux"
     assert config["rootfs"]["type"] == "layers"
     assert len(config["rootfs"]["diff_ids"]) == len(manifest["layers"]) == len(config["history"])
-    for ldesc, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"]):
+    for ldesc, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"], strict=True):
         assert ldesc["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
         layer = blob(files, ldesc["digest"])
         assert len(layer) == ldesc["size"]
