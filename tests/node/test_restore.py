@@ -226,6 +226,30 @@ def test_restore_survives_proxy_restarts(client: Cri, node: Node) -> None:
         fresh.close()
 
 
+def test_restored_container_survives_a_containerd_restart(client: Cri, node: Node) -> None:
+    """containerd reconnects to a restored task's shim (our relay in front of runc's) after a restart."""
+    from shim.node import local, procs
+    from shim.node.layout import NodeLayout
+    from shim.node.tools import tools_for
+
+    archive, _ = _checkpoint_counter(client, node, 5, mem_mb=48)
+    layout = NodeLayout(node.dir.resolve())
+    with client.pod() as pod:
+        ctr = _restore(client, pod, archive)
+        pid = procs.read_pid(layout.pid_dir / "containerd.pid")
+        assert pid is not None
+        procs.stop(pid)
+        local._start_containerd(layout, tools_for("1.7"))
+        seen = client.count(ctr)
+        wait_for(lambda: client.count(ctr) > seen)  # never stopped counting
+        wait_for(lambda: client.state(ctr) == "CONTAINER_RUNNING", timeout=30)
+        assert client.exec(ctr, "echo", "still here").strip() == "still here"
+        client.runtime.StopContainer(cri.StopContainerRequest(container_id=ctr, timeout=10))
+        stopped = client.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr)).status
+        assert cri.ContainerState.Name(stopped.state) == "CONTAINER_EXITED"
+        assert stopped.exit_code == 0
+
+
 def _checkpoint_with_volume(client: Cri, node: Node, host_dir: Path, name: str) -> Path:
     """A counter with `host_dir` bind-mounted at /data, checkpointed into the node's checkpoints."""
     archive = node.dir / "checkpoints" / name
