@@ -70,6 +70,11 @@ class Containerd:
             cri.ContainerStatusRequest(container_id=container_id, verbose=True)))
         return reply.status, json.loads(reply.info.get("info", "{}") or "{}")
 
+    async def container_annotation_values(self, key: str) -> set[str]:
+        """The values of annotation `key` over every container containerd knows (any state)."""
+        reply = await _call(self._cri.ListContainers(cri.ListContainersRequest()))
+        return {str(c.annotations[key]) for c in reply.containers if key in c.annotations}
+
     async def live_pod_ips(self) -> dict[str, str]:
         """IP -> "namespace/name" of every ready pod (an address must not be taken from one)."""
         ready = cri.PodSandboxFilter(state=cri.PodSandboxStateValue(state=cri.SANDBOX_READY))

@@ -63,13 +63,39 @@ class Restorer:
         # Created for restore, not yet started: their relays and the relays' pids.
         self._pending: dict[str, tuple[Relay, int]] = {}
         self._uffd: bool | None = None  # whether CRIU can restore lazily here (probed once)
+        self._creating: set[str] = set()  # work dir names of restores inside CreateContainer
         self._relays = SparePool(config.restore.work_dir)
 
     async def open(self) -> None:
-        """Get ready before the first restore: a spare relay, the CRIU feature probe."""
+        """Get ready before the first restore: a spare relay, the CRIU feature probe, old configs gone."""
         if self._config.restore.enabled:
             await asyncio.to_thread(self._relays.refill)
             await self._lazy_possible()
+            await self.collect_configs()
+
+    async def collect_configs(self) -> list[Path]:
+        """Remove the CRIU configs of restored containers that no longer exist; the files removed.
+
+        A restored container keeps its `<key>.criu.conf` for as long as it exists
+        (runc reads it again at a re-checkpoint), so it outlives the relay. At
+        start-up, and after each restore, the ones no container names go.
+        """
+        root = self._config.restore.work_dir
+        if not root.is_dir():
+            return []
+        try:
+            used = await self._containerd.container_annotation_values(CRIU_CONFIG_ANNOTATION)
+        except ShimError as exc:
+            log.warning("could not list containers to collect old CRIU configs: %s", exc.message)
+            return []
+        removed = []
+        for conf in root.glob("*.criu.conf"):
+            # A restore inside CreateContainer has its config before containerd has the container.
+            in_progress = conf.name.removesuffix(".criu.conf") in self._creating
+            if str(conf) not in used and not in_progress:
+                conf.unlink(missing_ok=True)
+                removed.append(conf)
+        return removed
 
     async def close(self) -> None:
         await asyncio.to_thread(self._relays.close)
@@ -82,6 +108,7 @@ class Restorer:
         relay, pid = pending
         if relay.upstream_file.exists():  # the launcher handed the task to our relay
             relay.upstream_file.unlink(missing_ok=True)
+            await self.collect_configs()
             return
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)  # never used: it would wait for containerd in vain
@@ -144,6 +171,7 @@ class Restorer:
                       metadata: tuple[tuple[str, str], ...], timeout: float | None) -> str:
         work = self._config.restore.work_dir / uuid.uuid4().hex
         work.mkdir(mode=0o700, parents=True)
+        self._creating.add(work.name)
         layer = work.parent / f"{work.name}.layer"
         # A spare relay is handed the restore once it is unpacked (it starts the page daemon
         # at once); without one, a new relay starts now, its start-up overlapping the unpacking.
@@ -182,8 +210,10 @@ class Restorer:
                 await _abandon(relay)
             lazy.release(work)
             shutil.rmtree(work, ignore_errors=True)
+            work.parent.joinpath(f"{work.name}.criu.conf").unlink(missing_ok=True)
             raise
         finally:
+            self._creating.discard(work.name)
             layer.unlink(missing_ok=True)  # a lazy restore's loop device keeps the data it needs
             if refill is not None:
                 await refill

@@ -250,6 +250,22 @@ def test_restored_container_survives_a_containerd_restart(client: Cri, node: Nod
         assert stopped.exit_code == 0
 
 
+def test_criu_configs_of_removed_restored_containers_are_collected(client: Cri, node: Node) -> None:
+    """A restored container keeps its CRIU config while it exists; once it is gone, so is the file."""
+    archive, _ = _checkpoint_counter(client, node, 1)
+    with client.pod() as pod:
+        first = _restore(client, pod, archive)
+        first_conf = Path(client.runtime.ContainerStatus(cri.ContainerStatusRequest(
+            container_id=first)).status.annotations["org.criu.config"])
+        assert first_conf.is_file()
+    with client.pod() as pod:  # the next restore's StartContainer collects what is no longer named
+        second = _restore(client, pod, archive)
+        second_conf = Path(client.runtime.ContainerStatus(cri.ContainerStatusRequest(
+            container_id=second)).status.annotations["org.criu.config"])
+        assert second_conf.is_file()
+        assert not first_conf.exists()
+
+
 def _checkpoint_with_volume(client: Cri, node: Node, host_dir: Path, name: str) -> Path:
     """A counter with `host_dir` bind-mounted at /data, checkpointed into the node's checkpoints."""
     archive = node.dir / "checkpoints" / name
