@@ -33,9 +33,10 @@ class RestoreRewriter:
     """Create names the checkpoint; Start of the init process first gets the rootfs ready.
 
     `bundle` may be unknown when the relay starts (the proxy hosts it before the
-    task exists): Create tells it. A lazy restore's page daemon starts at Create
-    (overlapping containerd's own work), must listen before Start goes on, and
-    must be done before a Pause or Checkpoint of the task goes on.
+    task exists): Create tells it. A lazy restore's page daemon starts as soon as
+    the relay has its restore (else at Create), overlapping containerd's own work;
+    it must listen before Start goes on, and be done before a Pause or Checkpoint
+    of the task goes on. If it fails in between, the restored process is ended.
     """
 
     def __init__(self, plan: RestorePlan, bundle: Path | None = None) -> None:
