@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -152,16 +152,9 @@ class Checkpointer:
 
         async def thaw(exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
             outcome.frozen_s = time.monotonic() - frozen_at
-            if outcome.stopped:
-                return False
-            try:
-                # Shielded: a cancelled call (deadline, client gone) must still thaw.
-                await asyncio.shield(asyncio.wait_for(self._containerd.resume(container_id), THAW_TIMEOUT))
-            except BaseException:
-                if exc is None:
-                    raise
-                # The failure that brought us here is the one to report.
-                log.exception("could not thaw container %s after: %s", container_id, exc)
+            if not outcome.stopped:
+                await _undo(asyncio.wait_for(self._containerd.resume(container_id), THAW_TIMEOUT), exc,
+                            f"thaw container {container_id}")
             return False
 
         stack.push_async_exit(thaw)
@@ -171,12 +164,8 @@ class Checkpointer:
         await netlock.run_nft(netns, netlock.lock_script())
 
         async def release(exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
-            try:
-                await asyncio.shield(self._release_network(netns, images, outcome.stopped))
-            except BaseException:
-                if exc is None:
-                    raise
-                log.exception("could not release the network lock in %s after: %s", netns, exc)
+            await _undo(self._release_network(netns, images, outcome.stopped), exc,
+                        f"release the network lock in {netns}")
             return False
 
         stack.push_async_exit(release)
@@ -211,6 +200,20 @@ class Checkpointer:
             location=request.location, size=outcome.size, duration_s=round(time.monotonic() - started, 4),
             frozen_s=round(outcome.frozen_s, 4), dump_s=round(outcome.dump_s, 4),
             archive_s=round(outcome.archive_s, 4), result=result))
+
+
+async def _undo(step: Awaitable[None], failure: BaseException | None, what: str) -> None:
+    """Run a clean-up step shielded: a cancelled call (deadline, client gone) must still undo its work.
+
+    If the step fails while another failure is already on its way out, that one is
+    reported and this one only logged.
+    """
+    try:
+        await asyncio.shield(step)
+    except BaseException:
+        if failure is None:
+            raise
+        log.exception("could not %s after: %s", what, failure)
 
 
 async def _outlive_cancellation(call: Coroutine[Any, Any, None], grace: float = DUMP_GRACE) -> None:
