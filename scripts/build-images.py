@@ -8,7 +8,7 @@ per image, importable with `ctr -n k8s.io images import <tar>`:
     pause.tar      localhost/criu-shim/pause:1      /pause
     busybox.tar    localhost/criu-shim/busybox:1    /bin/busybox + applet links
     testprogs.tar  localhost/criu-shim/testprogs:1  busybox layer + counter,
-                                                    tcpserver, tcpclient
+                                                    tcpserver, tcpclient, shmcounter
 
 Output (default build/images/): bin/ (compiled programs and busybox), the tar
 archives and images.json (a list of {name, ref, tar, file, digest}).
@@ -42,7 +42,8 @@ SCRIPT = Path(__file__).resolve()
 
 REPOSITORY = "localhost/criu-shim"
 TAG = "1"
-PROGRAMS = ("pause", "counter", "tcpserver", "tcpclient")
+PROGRAMS = ("pause", "counter", "tcpserver", "tcpclient", "shmcounter")
+TESTPROGS = PROGRAMS[1:]  # in the testprogs image, under /usr/local/bin
 CFLAGS = ("-static", "-O2", "-Wall", "-Wextra", "-s")
 MTIME = 0  # every file and directory in every archive gets this mtime
 CREATED = "1970-01-01T00:00:00Z"
@@ -275,7 +276,7 @@ def busybox_layer(busybox: Path) -> Layer:
 def testprogs_layer(bins: dict[str, Path]) -> Layer:
     entries = dirs("usr", "usr/local", "usr/local/bin")
     entries += [Entry(f"usr/local/bin/{p}", "file", 0o755, bins[p].read_bytes())
-                for p in ("counter", "tcpserver", "tcpclient")]
+                for p in TESTPROGS]
     return Layer.of(entries)
 
 
@@ -368,7 +369,7 @@ def build(out_dir: Path, busybox_path: Path | None = None, force: bool = False) 
          lambda: [("pause", layer("pause", lambda: pause_layer(bins)))], ["/pause"], None),
         ("busybox", [busybox],
          lambda: [("busybox", layer("busybox", lambda: busybox_layer(busybox)))], None, ["/bin/sh"]),
-        ("testprogs", [busybox, bins["counter"], bins["tcpserver"], bins["tcpclient"]],
+        ("testprogs", [busybox, *(bins[p] for p in TESTPROGS)],
          lambda: [("busybox", layer("busybox", lambda: busybox_layer(busybox))),
                   ("testprogs", layer("testprogs", lambda: testprogs_layer(bins)))],
          None, ["/usr/local/bin/counter"]),
