@@ -1,5 +1,7 @@
 """The proxy's configuration file (TOML); `load()` is the only I/O.
 
+    state_dir = "/var/lib/criu-shim"   # criu-shim's own state: journal of in-flight operations, kept logs
+
     [checkpoint]
     tcp_established = false     # node-wide defaults; pod annotations override
     file_locks = false
@@ -27,6 +29,7 @@ from typing import Any
 from shim.errors import InvalidArgument
 
 DEFAULT_AUDIT_LOG = Path("/var/log/criu-shim/audit.log")
+DEFAULT_STATE_DIR = Path("/var/lib/criu-shim")
 DEFAULT_RESTORE_DIR = Path("/var/lib/criu-shim/restore")
 DEFAULT_ALLOWED_DIRS = (Path("/var/lib/kubelet/checkpoints"),)
 
@@ -58,6 +61,8 @@ class Config:
     criu: Path | None = None
     audit_log: Path = DEFAULT_AUDIT_LOG
     restore: RestoreSettings = field(default_factory=RestoreSettings)
+    # Private (0700): the journal of in-flight operations and CRIU logs kept for the operator.
+    state_dir: Path = DEFAULT_STATE_DIR
 
 
 def load(path: Path | None) -> Config:
@@ -72,7 +77,7 @@ def load(path: Path | None) -> Config:
 
 def parse(raw: dict[str, Any], origin: str = "config") -> Config:
     # A misspelt table ("[checkpiont]") would otherwise silently leave the defaults in force.
-    unknown_tables = set(raw) - {"checkpoint", "restore"}
+    unknown_tables = set(raw) - {"checkpoint", "restore", "state_dir"}
     if unknown_tables:
         raise InvalidArgument(f"{origin}: unknown keys: {', '.join(sorted(unknown_tables))}")
     section = raw.get("checkpoint", {})
@@ -93,8 +98,11 @@ def parse(raw: dict[str, Any], origin: str = "config") -> Config:
         # A daemon's working directory is nobody's choice: relative paths are a trap.
         if value and not Path(value).is_absolute():
             raise InvalidArgument(f"{origin}: checkpoint.{key} must be an absolute path, got {value!r}")
+    state = raw.get("state_dir", str(DEFAULT_STATE_DIR))
+    if not isinstance(state, str) or not Path(state).is_absolute():
+        raise InvalidArgument(f"{origin}: state_dir must be an absolute path")
     return Config(CheckpointDefaults(**flags), Path(criu) if criu else _which_criu(), Path(audit),
-                  _restore(raw.get("restore", {}), origin))
+                  _restore(raw.get("restore", {}), origin), Path(state))
 
 
 def _restore(section: Any, origin: str) -> RestoreSettings:

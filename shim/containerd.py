@@ -23,6 +23,7 @@ from shim.api.containerd.services.containers.v1 import (
 )
 from shim.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
 from shim.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
+from shim.api.containerd.types.task import task_pb2
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.api.cri.v1 import api_pb2_grpc as cri_grpc
 from shim.errors import (
@@ -122,6 +123,24 @@ class Containerd:
 
     async def resume(self, container_id: str) -> None:
         await _call(self._tasks.Resume(tasks_pb2.ResumeTaskRequest(container_id=container_id), metadata=self._meta))
+
+    async def task_paused(self, container_id: str) -> bool | None:
+        """Whether the task is PAUSED (or PAUSING) in containerd's view; None when there is no task."""
+        try:
+            reply = await _call(self._tasks.Get(tasks_pb2.GetRequest(container_id=container_id),
+                                                metadata=self._meta))
+        except NotFound:
+            return None
+        return reply.process.status in (task_pb2.PAUSED, task_pb2.PAUSING)
+
+    async def cgroups_path(self, container_id: str) -> str | None:
+        """The task's `linux.cgroupsPath` from its OCI spec (None if the container is gone)."""
+        try:
+            record = await self.container_record(container_id)
+        except NotFound:
+            return None
+        path = json.loads(record.spec.value or b"{}").get("linux", {}).get("cgroupsPath")
+        return str(path) if path else None
 
     async def forward(self, method: str, request: bytes, metadata: tuple[tuple[str, str], ...],
                       timeout: float | None) -> bytes:

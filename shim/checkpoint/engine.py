@@ -30,7 +30,7 @@ from typing import Any
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.arch import go_arch
-from shim.checkpoint import audit, criu, location, netlock, options
+from shim.checkpoint import audit, criu, location, netlock, options, recovery
 from shim.checkpoint.adopt import write_archive_in_place
 from shim.checkpoint.archive import Member, directory_members
 from shim.checkpoint.metadata import config_dump, spec_dump, status_dump
@@ -38,6 +38,7 @@ from shim.checkpoint.rootfs import deleted_files_json, write_rootfs_diff
 from shim.config import Config
 from shim.containerd import Containerd
 from shim.errors import FailedPrecondition, Internal, ResourceExhausted, ShimError
+from shim.journal import Journal, Operation, Record
 from shim.proxy.dispatch import Peer
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,10 @@ class Outcome:
 
 
 class Checkpointer:
-    def __init__(self, containerd: Containerd, config: Config) -> None:
+    def __init__(self, containerd: Containerd, config: Config, journal: Journal | None = None) -> None:
         self._containerd = containerd
         self._config = config
+        self._journal = journal or Journal.in_state_dir(config.state_dir)
         # Weak: a lock lives only while a checkpoint of that container holds or awaits it.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
@@ -121,12 +123,25 @@ class Checkpointer:
         return lock
 
     async def _checkpoint(self, container_id: str, path: Path, target: Target, outcome: Outcome) -> None:
+        # Journalled before anything is acquired: a crash of ours from here on is undone at our next start.
+        journal = await asyncio.to_thread(self._journal.begin, Operation.CHECKPOINT,
+                                          **{recovery.CONTAINER: container_id, "location": str(path)})
+        try:
+            await self._checkpoint_journalled(container_id, path, target, outcome, journal)
+        finally:
+            journal.close()
+
+    async def _checkpoint_journalled(self, container_id: str, path: Path, target: Target, outcome: Outcome,
+                                     journal: Record) -> None:
         record = await self._containerd.container_record(container_id)
         upperdir = await self._containerd.upperdir(record)
-        with location.staging_dir(path, container_id) as staging:
+        with location.staging_dir(path, container_id, lambda p: journal.note(**{recovery.STAGING: str(p)})) \
+                as staging:
             async with AsyncExitStack() as frozen:
+                journal.note(**{recovery.PAUSED: True})
                 await self._freeze(container_id, frozen, outcome)
                 if target.options.tcp_established and target.netns is not None:
+                    journal.note(**{recovery.NETNS: str(target.netns)})
                     await self._lock_network(target.netns, staging / "checkpoint", frozen, outcome)
                 dump_started = time.monotonic()
                 await self._dump(container_id, staging, target.options)
@@ -153,8 +168,8 @@ class Checkpointer:
         async def thaw(exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
             outcome.frozen_s = time.monotonic() - frozen_at
             if not outcome.stopped:
-                await _undo(asyncio.wait_for(self._containerd.resume(container_id), THAW_TIMEOUT), exc,
-                            f"thaw container {container_id}")
+                await _undo(asyncio.wait_for(recovery.resume(self._containerd, container_id), THAW_TIMEOUT),
+                            exc, f"thaw container {container_id}")
             return False
 
         stack.push_async_exit(thaw)

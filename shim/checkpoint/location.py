@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from shim.errors import InvalidArgument
+
+STAGING_PREFIX = ".criu-shim-"
 
 
 def validate(location: str) -> Path:
@@ -31,9 +33,16 @@ def validate(location: str) -> Path:
 
 
 @contextmanager
-def staging_dir(location: Path, container_id: str) -> Iterator[Path]:
-    """A private work dir beside the archive (same filesystem, so images never cross disks)."""
-    path = location.parent / f".criu-shim-{container_id[:12]}-{secrets.token_hex(4)}"
+def staging_dir(location: Path, container_id: str,
+                before_create: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """A private work dir beside the archive (same filesystem, so images never cross disks).
+
+    `before_create` learns the path first (the journal: a crash must not leave
+    an unrecorded directory of memory images behind).
+    """
+    path = location.parent / f"{STAGING_PREFIX}{container_id[:12]}-{secrets.token_hex(4)}"
+    if before_create is not None:
+        before_create(path)
     path.mkdir(mode=0o700)
     try:
         yield path

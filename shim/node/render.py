@@ -153,7 +153,9 @@ def cni_conflist(layout: NodeLayout) -> str:
 
 def proxy_config(layout: NodeLayout, criu: Path) -> str:
     """The local node's criu-shim config: its CRIU, its audit log, restores from DIR/checkpoints."""
-    return f"""[checkpoint]
+    return f"""state_dir = "{layout.dir / 'state'}"
+
+[checkpoint]
 criu = "{criu}"
 audit_log = "{layout.log_dir / 'audit.log'}"
 

@@ -1,0 +1,117 @@
+"""Undo what an interrupted checkpoint left: a frozen container, a network lock, a staging directory.
+
+Two callers. The engine, when CRIU fails or dies under it: `ensure_running`
+walks the container back to RUNNING in containerd's view and the kernel's.
+The reconciler, for a checkpoint whose criu-shim died (journal record with a
+dead owner): `undo` does the same from the record's facts and removes the
+staging directory, which holds the process's memory (secrets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from shim import freezer
+from shim.checkpoint import netlock
+from shim.containerd import Containerd
+from shim.errors import ShimError
+
+log = logging.getLogger(__name__)
+
+# Journal facts of a checkpoint (shim.journal records); spelled here only.
+CONTAINER = "container_id"
+STAGING = "staging"
+PAUSED = "paused"
+NETNS = "netns"
+
+
+async def ensure_running(containerd: Containerd, container_id: str) -> str:
+    """Make the container RUNNING for containerd and thawed for the kernel; say what it took.
+
+    containerd's runc shim can only leave PAUSED through a Resume that runc
+    accepts, and runc accepts it only for a frozen cgroup. So a task the shim
+    holds PAUSED over a thawed cgroup (CRIU died after it had thawed the
+    cgroup to work under ptrace) is frozen again first, then resumed.
+    """
+    paused = await containerd.task_paused(container_id)
+    if paused is None:
+        return "the container has no task any more"
+    directory = await _freezer_dir(containerd, container_id)
+    kernel = await asyncio.to_thread(freezer.state, directory) if directory else None
+    if paused:
+        if kernel is freezer.State.THAWED:
+            assert directory is not None
+            await asyncio.to_thread(freezer.set_state, directory, freezer.State.FROZEN)
+        await containerd.resume(container_id)
+        return "resumed the paused container"
+    if directory is not None and kernel is not freezer.State.THAWED:
+        await asyncio.to_thread(freezer.set_state, directory, freezer.State.THAWED)
+        return "thawed the container's cgroup"
+    return "the container was running"
+
+
+async def resume(containerd: Containerd, container_id: str) -> None:
+    """Resume after a dump; if containerd's and the kernel's views parted, reconcile them."""
+    try:
+        await containerd.resume(container_id)
+    except ShimError as exc:
+        log.warning("resuming %s failed (%s); reconciling its task with the freezer", container_id, exc.message)
+        done = await ensure_running(containerd, container_id)
+        log.warning("container %s: %s", container_id, done)
+
+
+def busy(facts: dict[str, Any]) -> bool:
+    """A dump may outlive its criu-shim (runc goes on): wait until no process works in its staging dir."""
+    staging = facts.get(STAGING)
+    return bool(staging) and _process_mentions(str(staging))
+
+
+async def undo(containerd: Containerd, facts: dict[str, Any]) -> list[str]:
+    """Undo an interrupted checkpoint from its journal facts; return what was done."""
+    done: list[str] = []
+    container_id = str(facts.get(CONTAINER, ""))
+    if facts.get(PAUSED) and container_id:
+        try:
+            done.append(await ensure_running(containerd, container_id))
+        except (ShimError, freezer.FreezerError) as exc:
+            done.append(f"could not thaw: {getattr(exc, 'message', exc)}")
+    if facts.get(NETNS):
+        netns = Path(str(facts[NETNS]))
+        if netns.exists():
+            try:
+                await netlock.run_nft(netns, netlock.unlock_script(), missing_ok=True)
+                done.append(f"removed the network lock in {netns}")
+            except ShimError as exc:
+                done.append(f"could not remove the network lock in {netns}: {exc.message}")
+    staging = facts.get(STAGING)
+    if staging and Path(str(staging)).exists():
+        await asyncio.to_thread(shutil.rmtree, str(staging), True)
+        done.append(f"deleted staging directory {staging}")
+    return done
+
+
+async def _freezer_dir(containerd: Containerd, container_id: str) -> Path | None:
+    cgroups = await containerd.cgroups_path(container_id)
+    if not cgroups:
+        return None
+    directory = freezer.cgroup_dir(cgroups)
+    return directory if directory.is_dir() else None
+
+
+def _process_mentions(text: str) -> bool:
+    needle = text.encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                if needle in f.read():
+                    return True
+        except OSError:
+            continue
+    return False

@@ -1,0 +1,94 @@
+"""The reconciler: finish or undo what a crash of criu-shim left behind.
+
+It reads the journal (shim.journal) for operations whose owner process died
+and hands each to the undo of its kind (checkpoint: thaw and resume the
+container, remove the network lock, delete the staging directory; restore:
+see shim.restore.recovery). It runs once before the proxy serves and then
+periodically, so a crash is also repaired while a new proxy is already
+serving. An operation that is still being worked on by a process that
+outlived us (runc finishing a dump) is left for a later pass. Every recovery
+gets an audit line.
+
+Composition level: it knows both domains, and only the composition root
+imports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from shim.checkpoint import audit
+from shim.checkpoint import recovery as checkpoint_recovery
+from shim.config import Config
+from shim.containerd import Containerd
+from shim.journal import Journal, Operation, Record
+
+log = logging.getLogger(__name__)
+INTERVAL = 30.0
+
+
+@dataclass(frozen=True)
+class Undo:
+    busy: Callable[[dict[str, Any]], bool]
+    undo: Callable[[Containerd, dict[str, Any]], Awaitable[list[str]]]
+
+
+UNDO: dict[Operation, Undo] = {
+    Operation.CHECKPOINT: Undo(checkpoint_recovery.busy, checkpoint_recovery.undo),
+}
+
+
+class Reconciler:
+    def __init__(self, containerd: Containerd, config: Config, journal: Journal | None = None,
+                 undo: dict[Operation, Undo] | None = None) -> None:
+        self._containerd = containerd
+        self._config = config
+        self._journal = journal or Journal.in_state_dir(config.state_dir)
+        self._undo = undo if undo is not None else UNDO
+
+    async def run_once(self) -> int:
+        """One pass over the orphans; returns how many were undone."""
+        orphans = await asyncio.to_thread(self._journal.orphans)
+        undone = 0
+        for record in orphans:
+            try:
+                if await self._recover(record):
+                    undone += 1
+            except Exception:  # one bad record must not stop the others, nor the proxy
+                log.exception("could not recover %s", record.path)
+        return undone
+
+    async def run_forever(self, interval: float = INTERVAL) -> None:
+        while True:
+            await asyncio.sleep(interval)  # a period, not a synchronisation
+            await self.run_once()
+
+    async def _recover(self, record: Record) -> bool:
+        kind = self._undo.get(record.operation)
+        if kind is None:
+            log.error("no recovery for %s operations; leaving %s", record.operation.value, record.path)
+            return False
+        if await asyncio.to_thread(kind.busy, record.facts):
+            log.info("%s: still being worked on by a process that outlived its owner; later", record.path)
+            return False
+        done = await kind.undo(self._containerd, record.facts)
+        self._audit(record, done)
+        record.close()
+        log.warning("recovered an interrupted %s (owner pid %d): %s", record.operation.value,
+                    record.owner.pid, "; ".join(done) or "nothing was left")
+        return True
+
+    def _audit(self, record: Record, done: list[str]) -> None:
+        facts = record.facts
+        audit.append(self._config.audit_log, audit.AuditRecord(
+            action=f"recover-{record.operation.value}", caller_uid=0, caller_pid=record.owner.pid,
+            pod=str(facts.get("pod", "")), namespace=str(facts.get("namespace", "")),
+            container=str(facts.get("container", "")), container_id=str(facts.get("container_id", "")),
+            location=str(facts.get("location", "")), size=0,
+            duration_s=round(time.time() - record.started, 4), frozen_s=0.0, dump_s=0.0, archive_s=0.0,
+            result="interrupted: " + ("; ".join(done) or "nothing was left")))
