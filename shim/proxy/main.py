@@ -11,7 +11,7 @@ from shim.checkpoint.engine import Checkpointer
 from shim.config import Config
 from shim.config import load as load_config
 from shim.containerd import Containerd
-from shim.cri import checkpoint_container, create_container, start_container
+from shim.cri import checkpoint_container, create_container, runtime_config, start_container
 from shim.journal import Journal
 from shim.proxy.dispatch import Dispatcher, Handler
 from shim.proxy.server import ProxyServer
@@ -28,6 +28,7 @@ def handlers(config: Config, containerd: Containerd, restorer: Restorer,
         checkpoint_container.METHOD: checkpoint_container.handler(Checkpointer(containerd, config, journal)),
         create_container.METHOD: create_container.handler(containerd, restorer),
         start_container.METHOD: start_container.handler(containerd, restorer),
+        runtime_config.METHOD: runtime_config.handler(containerd),
     }
 
 
