@@ -30,7 +30,7 @@ from typing import Any
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.arch import go_arch
-from shim.checkpoint import audit, criu, location, netlock, options, recovery
+from shim.checkpoint import audit, criu, devshm, location, netlock, options, recovery
 from shim.checkpoint.adopt import write_archive_in_place
 from shim.checkpoint.archive import Member, directory_members
 from shim.checkpoint.metadata import config_dump, spec_dump, status_dump
@@ -149,6 +149,8 @@ class Checkpointer:
                 outcome.stopped = target.options.stop_after
                 try:
                     diff = await asyncio.to_thread(_rootfs_diff, upperdir, staging)
+                    # The pod's /dev/shm, while the container is still frozen (a sibling may not be).
+                    await asyncio.to_thread(devshm.save, record.spec.value, staging / devshm.MEMBER)
                 except OSError as exc:
                     raise _storage_error(path, exc) from None
             checkpointed = datetime.now(UTC)
@@ -285,7 +287,8 @@ def _members(staging: Path, spec: bytes, target: Target, runtime: str, checkpoin
     ]
     for name, source in (("dump.log", staging / "work" / "dump.log"),
                          ("stats-dump", staging / "work" / "stats-dump"),  # CRIU writes it to its work dir
-                         ("rootfs-diff.tar", staging / "rootfs-diff.tar")):
+                         ("rootfs-diff.tar", staging / "rootfs-diff.tar"),
+                         (devshm.MEMBER, staging / devshm.MEMBER)):
         if source.is_file():
             members.append(Member(name, source=source))
     if deleted:

@@ -116,6 +116,7 @@ class RestoreRewriter:
             apply_rootfs_diff,
             parse_deleted_files,
         )
+        from shim.restore.devshm import restore_devshm
 
         if self.bundle is None:
             raise FailedPrecondition("Start arrived before Create: no bundle to restore into")
@@ -131,6 +132,7 @@ class RestoreRewriter:
             apply_rootfs_diff(self.plan.rootfs_diff, rootfs)
         if self.plan.deleted_files.is_file():
             apply_deleted_files(parse_deleted_files(self.plan.deleted_files.read_bytes()), rootfs)
+        restore_devshm(self.plan.dir, self.bundle)  # before CRIU reopens the files its processes mapped
 
 
 def run(listen: Path, bundle: Path) -> int:
@@ -200,6 +202,7 @@ def run_spare(directory: Path, work_root: Path) -> int:
     """
     # Imported now, not on a restore's critical path: the point of a spare.
     import shim.restore.archive
+    import shim.restore.devshm
     import shim.restore.network
     import shim.ttrpc.relay  # noqa: F401
 
