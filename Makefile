@@ -25,6 +25,19 @@ protos: venv
 	scripts/fetch-protos.sh
 	scripts/gen-protos.sh
 
+.PHONY: peers crictl
+
+## peers: the real peers built from the Go module proxy, versions in scripts/peers.lock:
+## kubelet, kube-apiserver, kubectl, crictl, critest, containerd 2.3/2.4 (+ shim), etcd.
+## Cached under /var/cache/criu-shim/go, a stamp per lock entry: a second run builds nothing.
+## Heavy when cold (see README): not a prerequisite of `make demo`.
+peers:
+	nice -n 10 python3 scripts/build-peers.py
+
+## crictl: only crictl and critest (cri-tools), what `make test` needs
+crictl:
+	nice -n 10 python3 scripts/build-peers.py cri-tools
+
 .PHONY: images demo test bench typecheck lint
 
 ## images: the locally built OCI images (pause, busybox, test programs) in build/images
@@ -44,7 +57,7 @@ lint: venv
 	.venv/bin/ruff check shim tests bench scripts
 
 ## test: the whole suite; node tests need root (CI is root)
-test: setup images typecheck lint
+test: setup images crictl typecheck lint
 	.venv/bin/python -m pytest
 
 ## bench: latency and checkpoint/restore figures, ours against the references, in one run
