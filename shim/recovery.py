@@ -30,6 +30,18 @@ from shim.journal import Journal, Operation, Record
 
 log = logging.getLogger(__name__)
 INTERVAL = 30.0
+# While an orphan is still being worked on (runc finishing a dump its criu-shim did not
+# live to see), look again soon: the container it froze must not wait a whole interval.
+BUSY_INTERVAL = 0.5
+
+
+@dataclass
+class Pass:
+    """What one pass over the journal did."""
+
+    undone: int = 0
+    busy: int = 0  # left for later: a process that outlived the owner still works on it
+    failed: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,37 +63,41 @@ class Reconciler:
         self._journal = journal or Journal.in_state_dir(config.state_dir)
         self._undo = undo if undo is not None else UNDO
 
-    async def run_once(self) -> int:
-        """One pass over the orphans; returns how many were undone."""
+    async def run_once(self) -> Pass:
+        """One pass over the orphans."""
         orphans = await asyncio.to_thread(self._journal.orphans)
-        undone = 0
+        result = Pass()
         for record in orphans:
             try:
-                if await self._recover(record):
-                    undone += 1
+                await self._recover(record, result)
             except Exception:  # one bad record must not stop the others, nor the proxy
                 log.exception("could not recover %s", record.path)
-        return undone
+                result.failed += 1
+        return result
 
-    async def run_forever(self, interval: float = INTERVAL) -> None:
+    async def run_forever(self, interval: float = INTERVAL, busy_interval: float = BUSY_INTERVAL) -> None:
+        wait = busy_interval
         while True:
-            await asyncio.sleep(interval)  # a period, not a synchronisation
-            await self.run_once()
+            await asyncio.sleep(wait)  # a period, not a synchronisation
+            result = await self.run_once()
+            wait = busy_interval if result.busy else interval
 
-    async def _recover(self, record: Record) -> bool:
+    async def _recover(self, record: Record, result: Pass) -> None:
         kind = self._undo.get(record.operation)
         if kind is None:
             log.error("no recovery for %s operations; leaving %s", record.operation.value, record.path)
-            return False
+            result.failed += 1
+            return
         if await asyncio.to_thread(kind.busy, record.facts):
             log.info("%s: still being worked on by a process that outlived its owner; later", record.path)
-            return False
+            result.busy += 1
+            return
         done = await kind.undo(self._containerd, record.facts)
         self._audit(record, done)
         record.close()
         log.warning("recovered an interrupted %s (owner pid %d): %s", record.operation.value,
                     record.owner.pid, "; ".join(done) or "nothing was left")
-        return True
+        result.undone += 1
 
     def _audit(self, record: Record, done: list[str]) -> None:
         facts = record.facts

@@ -38,6 +38,7 @@ from shim.checkpoint.rootfs import deleted_files_json, write_rootfs_diff
 from shim.config import Config
 from shim.containerd import Containerd
 from shim.errors import FailedPrecondition, Internal, ResourceExhausted, ShimError
+from shim.faults import Point, reached
 from shim.journal import Journal, Operation, Record
 from shim.proxy.dispatch import Peer
 
@@ -143,10 +144,12 @@ class Checkpointer:
                 if target.options.tcp_established and target.netns is not None:
                     journal.note(**{recovery.NETNS: str(target.netns)})
                     await self._lock_network(target.netns, staging / "checkpoint", frozen, outcome)
+                reached(Point.CHECKPOINT_FROZEN)
                 dump_started = time.monotonic()
                 await self._dump(container_id, staging, target.options)
                 outcome.dump_s = time.monotonic() - dump_started
                 outcome.stopped = target.options.stop_after
+                reached(Point.CHECKPOINT_DUMPED)
                 try:
                     diff = await asyncio.to_thread(_rootfs_diff, upperdir, staging)
                     # The pod's /dev/shm, while the container is still frozen (a sibling may not be).
@@ -155,6 +158,7 @@ class Checkpointer:
                     raise _storage_error(path, exc) from None
             checkpointed = datetime.now(UTC)
             members = _members(staging, record.spec.value, target, record.runtime.name, checkpointed, diff)
+            reached(Point.CHECKPOINT_ARCHIVE)
             archive_started = time.monotonic()
             try:
                 outcome.size = await asyncio.to_thread(write_archive_in_place, path, members,

@@ -67,9 +67,10 @@ async def _serve(listen: Path, upstream: Path, config: Config, grace: float) -> 
 async def _recover_at_start(reconciler: Reconciler) -> None:
     """Before serving: a crash of ours must not leave a container frozen (containerd may still be down)."""
     try:
-        undone = await reconciler.run_once()
+        result = await reconciler.run_once()
     except Exception:  # containerd not up yet: the periodic pass will do it
         log.exception("recovery at start-up failed; retrying periodically")
         return
-    if undone:
-        log.warning("recovered %d interrupted operation(s) at start-up", undone)
+    if result.undone or result.busy or result.failed:
+        log.warning("start-up recovery: %d undone, %d still busy, %d failed (retried periodically)",
+                    result.undone, result.busy, result.failed)

@@ -1,0 +1,27 @@
+"""Named fault points: where the fault-injection tests kill criu-shim on purpose.
+
+`CRIU_SHIM_FAULT=<point>` in the environment of a criu-shim process makes it
+SIGKILL itself when it reaches that point, exactly as the OOM killer or a
+`systemctl kill` would, so recovery is tested at each phase of an operation
+without racing a timer. Unset (always, in production) a point costs one
+dictionary lookup. The points are listed here so the tests and the code agree.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import signal
+
+VARIABLE = "CRIU_SHIM_FAULT"
+
+
+class Point(enum.StrEnum):
+    CHECKPOINT_FROZEN = "checkpoint-frozen"  # the container is paused, the dump not yet asked for
+    CHECKPOINT_DUMPED = "checkpoint-dumped"  # CRIU is done, the container still frozen, no rootfs diff yet
+    CHECKPOINT_ARCHIVE = "checkpoint-archive"  # thawed; the memory image sits in the staging directory
+
+
+def reached(point: Point) -> None:
+    if os.environ.get(VARIABLE) == point.value:
+        os.kill(os.getpid(), signal.SIGKILL)

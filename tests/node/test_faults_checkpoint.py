@@ -1,0 +1,280 @@
+"""Fault injection on the checkpoint path: CRIU or criu-shim killed mid-way, then a restart.
+
+Each case checks the fault really hit (the container is frozen, or the staging
+directory with the memory image is on disk) before it checks the recovery:
+the container running and thawed for containerd and the kernel, manageable
+(exec, a new checkpoint), no staging directory, no journal record, no
+network lock, and an audit line saying what was undone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shim import faults
+from shim.checkpoint.location import STAGING_PREFIX
+from shim.node import procs
+from shim.node.tools import load_paths
+from tests.node.conftest import Node
+from tests.node.pods import Cri, wait_for
+
+pytestmark = pytest.mark.node
+
+COUNTER = ["/usr/local/bin/counter"]
+
+
+class PrivateProxy:
+    """A criu-shim of the test's own in front of the node's containerd, to kill and restart."""
+
+    def __init__(self, node: Node, directory: Path) -> None:
+        self.node = node
+        self.dir = directory
+        self.listen = directory / "proxy.sock"
+        self.state = directory / "state"
+        self.audit = directory / "audit.log"
+        self.config = directory / "proxy.toml"
+        self.config.write_text(f'state_dir = "{self.state}"\n[checkpoint]\ncriu = "{load_paths()["CRIU_BIN"]}"\n'
+                               f'audit_log = "{self.audit}"\n')
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, fault: faults.Point | None = None) -> None:
+        env = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+        if fault is not None:
+            env[faults.VARIABLE] = fault.value
+        self.listen.unlink(missing_ok=True)
+        self.process = subprocess.Popen([sys.executable, "-m", "shim", "serve", "--listen", f"unix://{self.listen}",
+                                         "--runtime-endpoint", self.node.containerd, "--config", str(self.config)],
+                                        env=env)
+        assert procs.wait_until(self.listen.exists, 20)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+
+    def journal(self) -> list[str]:
+        directory = self.state / "journal"
+        return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+
+    def audit_lines(self) -> list[dict[str, object]]:
+        if not self.audit.exists():
+            return []
+        return [json.loads(line) for line in self.audit.read_text().splitlines()]
+
+
+@pytest.fixture
+def proxy(node: Node, tmp_path: Path) -> Iterator[PrivateProxy]:
+    own = PrivateProxy(node, tmp_path)
+    yield own
+    own.stop()
+
+
+@pytest.fixture
+def direct(node: Node, tmp_path: Path) -> Iterator[Cri]:
+    """Pods are made straight on containerd: only the checkpoint goes through the proxy under test."""
+    client = Cri(node.containerd, tmp_path / "pod-logs")
+    yield client
+    client.close()
+
+
+def task_status(node: Node, ctr: str) -> str:
+    ctr_bin = Path(load_paths()["CONTAINERD_1_7"]) / "ctr"
+    out = subprocess.run([str(ctr_bin), "--address", node.containerd.removeprefix("unix://"), "-n", "k8s.io",
+                          "tasks", "ls"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == ctr:
+            return fields[-1]
+    return "NONE"
+
+
+def staging_dirs(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(STAGING_PREFIX))
+
+
+def checkpoint_in_background(proxy: PrivateProxy, ctr: str, location: Path) -> threading.Thread:
+    """The call dies with its proxy: its error is expected and not the point."""
+    def run() -> None:
+        client = Cri(f"unix://{proxy.listen}", proxy.dir / "client-logs")
+        try:
+            client.checkpoint(ctr, str(location), timeout=60)
+        except grpc.RpcError:
+            pass
+        finally:
+            client.close()
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def assert_recovered(node: Node, direct: Cri, proxy: PrivateProxy, ctr: str, out: Path) -> None:
+    wait_for(lambda: task_status(node, ctr) == "RUNNING", timeout=30)
+    seen = direct.count(ctr)
+    wait_for(lambda: direct.count(ctr) > seen, timeout=30)  # thawed: it counts again, and exec works
+    wait_for(lambda: staging_dirs(out) == [] and proxy.journal() == [], timeout=30)
+    recoveries = [a for a in proxy.audit_lines() if a["action"] == "recover-checkpoint"]
+    assert recoveries and str(recoveries[-1]["result"]).startswith("interrupted"), proxy.audit_lines()
+    assert recoveries[-1]["container_id"] == ctr
+    # Manageable: checkpointed again through the restarted proxy.
+    client = Cri(f"unix://{proxy.listen}", proxy.dir / "client-logs")
+    try:
+        client.checkpoint(ctr, str(out / "again.tar"))
+    finally:
+        client.close()
+    assert (out / "again.tar").stat().st_size > 0
+    assert direct.state(ctr) == "CONTAINER_RUNNING"
+
+
+@pytest.mark.parametrize("fault", [faults.Point.CHECKPOINT_FROZEN, faults.Point.CHECKPOINT_DUMPED])
+def test_proxy_killed_while_the_container_is_frozen(node: Node, direct: Cri, proxy: PrivateProxy, tmp_path: Path,
+                                                    fault: faults.Point) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    with direct.pod() as pod:
+        ctr = direct.container(pod, COUNTER, {"MEM_MB": "32"})
+        wait_for(lambda: direct.count(ctr) >= 1)
+        proxy.start(fault)
+        call = checkpoint_in_background(proxy, ctr, out / "x.tar")
+        assert proxy.process is not None
+        assert proxy.process.wait(timeout=60) == -signal.SIGKILL
+        call.join(timeout=60)
+        assert task_status(node, ctr) == "PAUSED"  # the fault hit: frozen, and nobody left to thaw it
+        assert proxy.journal(), "the interrupted checkpoint left no journal record"
+        proxy.start()
+        assert_recovered(node, direct, proxy, ctr, out)
+        assert not (out / "x.tar").exists()
+
+
+def test_proxy_killed_in_the_archive_phase_leaves_no_memory_image(node: Node, direct: Cri, proxy: PrivateProxy,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    with direct.pod() as pod:
+        ctr = direct.container(pod, COUNTER, {"MEM_MB": "32"})
+        wait_for(lambda: direct.count(ctr) >= 1)
+        proxy.start(faults.Point.CHECKPOINT_ARCHIVE)
+        call = checkpoint_in_background(proxy, ctr, out / "x.tar")
+        assert proxy.process is not None
+        assert proxy.process.wait(timeout=60) == -signal.SIGKILL
+        call.join(timeout=60)
+        staged = staging_dirs(out)
+        assert staged and any((out / staged[0] / "checkpoint").glob("pages-*.img"))  # the secrets are on disk
+        proxy.start()
+        assert_recovered(node, direct, proxy, ctr, out)
+        assert not (out / "x.tar").exists()
+
+
+def test_proxy_killed_mid_dump_thaws_once_the_dump_has_ended(node: Node, direct: Cri, proxy: PrivateProxy,
+                                                             tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    with direct.pod() as pod:
+        ctr = direct.container(pod, COUNTER, {"MEM_MB": "512"})
+        wait_for(lambda: direct.count(ctr) >= 1, timeout=60)
+        proxy.start()
+        call = checkpoint_in_background(proxy, ctr, out / "x.tar")
+        wait_for(lambda: _runc_dumping(out), timeout=30, interval=0.005)
+        assert proxy.process is not None
+        proxy.process.kill()
+        proxy.process.wait(timeout=20)
+        call.join(timeout=60)
+        proxy.start()  # runc may still be dumping: recovery waits for it, then thaws
+        assert_recovered(node, direct, proxy, ctr, out)
+
+
+def test_criu_killed_mid_dump_leaves_the_container_running_and_manageable(node: Node, direct: Cri,
+                                                                          proxy: PrivateProxy,
+                                                                          tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    with direct.pod() as pod:
+        ctr = direct.container(pod, COUNTER, {"MEM_MB": "512"})
+        wait_for(lambda: direct.count(ctr) >= 1, timeout=60)
+        proxy.start()
+        client = Cri(f"unix://{proxy.listen}", tmp_path / "client-logs")
+        errors: list[grpc.RpcError] = []
+
+        def run() -> None:
+            try:
+                client.checkpoint(ctr, str(out / "x.tar"), timeout=60)
+            except grpc.RpcError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        wait_for(lambda: _kill_criu_under(out), timeout=30, interval=0.005)
+        thread.join(timeout=90)
+        assert errors, "the checkpoint succeeded although CRIU was killed"
+        assert task_status(node, ctr) == "RUNNING"
+        seen = direct.count(ctr)  # exec works: not "cannot exec in a paused state"
+        wait_for(lambda: direct.count(ctr) > seen)
+        assert staging_dirs(out) == [] and not (out / "x.tar").exists() and proxy.journal() == []
+        client.checkpoint(ctr, str(out / "again.tar"))  # not "cannot pause a paused container"
+        client.close()
+        assert direct.state(ctr) == "CONTAINER_RUNNING"
+
+
+def _dumping_pids(out: Path) -> list[int]:
+    """runc checkpoint processes writing into a staging directory under `out`."""
+    needle = f"{out}/{STAGING_PREFIX}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if needle in Path(f"/proc/{entry.name}/cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _runc_dumping(out: Path) -> bool:
+    return bool(_dumping_pids(out)) and any(_criu_children(pid) for pid in _dumping_pids(out))
+
+
+def _criu_children(pid: int) -> list[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    found = []
+    for child in map(int, children):
+        try:
+            if Path(f"/proc/{child}/comm").read_text().strip() == "criu":
+                found.append(child)
+        except OSError:
+            continue
+    return found
+
+
+def _kill_criu_under(out: Path) -> bool:
+    for pid in _dumping_pids(out):
+        for criu in _criu_children(pid):
+            # Let CRIU get into the dump (it has seized the tasks and thawed the cgroup) before the kill.
+            if _criu_has_seized(criu):
+                os.kill(criu, signal.SIGKILL)
+                return True
+    return False
+
+
+def _criu_has_seized(criu: int) -> bool:
+    """CRIU traces the container's tasks once it has seized them."""
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                status = Path(f"/proc/{entry.name}/status").read_text()
+            except OSError:
+                continue
+            if f"TracerPid:\t{criu}\n" in status:
+                return True
+    return False
