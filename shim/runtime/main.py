@@ -79,8 +79,17 @@ def start(args: ShimArgs) -> int:
     if not _wait_for(listen, 10.0):
         sys.stderr.write(f"criu-shim relay did not listen on {listen}; see {bundle}/criu-shim-relay.log\n")
         return 1
+    _point_address_at(bundle, listen)
     print(f"unix://{listen}", end="", flush=True)
     return 0
+
+
+def _point_address_at(bundle: Path, listen: Path) -> None:
+    """containerd 1.6/1.7 find a shim again after a restart by the bundle's `address` (the runc
+    shim's): make it the relay's, so a restarted containerd comes back through the relay."""
+    temp = bundle / "address.criu-shim.tmp"
+    temp.write_text(f"unix://{listen}")
+    os.replace(temp, bundle / "address")
 
 
 def relay_socket(args: ShimArgs) -> Path:

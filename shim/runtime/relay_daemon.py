@@ -1,8 +1,13 @@
 """The relay daemon for one restored task: rewrite Create, prepare the rootfs before Start.
 
 Everything else containerd says to the task passes through to the runc shim
-unchanged; once containerd closes its connection (the task is gone) the relay
-exits and removes the unpacked checkpoint.
+unchanged. Like a shim, the relay outlives containerd: when containerd's
+connections close it stays as long as the runc shim behind it does (a
+restarted containerd reconnects to the address it was handed, kept in the
+bundle's `address` file by the launcher), so the page daemon of a lazy restore
+goes on filling memory through a containerd restart. Once the runc shim is gone
+(containerd deleted the task and shut it down) the relay exits and removes the
+unpacked checkpoint.
 """
 
 from __future__ import annotations
@@ -233,6 +238,11 @@ class _UpstreamAddress:
         self._file = upstream_file
         self._address: Path | None = None
 
+    @property
+    def known(self) -> bool:
+        """Whether containerd has connected (the address was read)."""
+        return self._address is not None
+
     def __call__(self) -> Path:
         if self._address is None:
             self._address = Path(self._file.read_text().strip())
@@ -240,16 +250,20 @@ class _UpstreamAddress:
 
 
 async def _serve_hosted(listen: Path, upstream_file: Path, rewriter: RestoreRewriter) -> None:
-    from shim.ttrpc.relay import RelayServer
+    from shim.ttrpc.relay import RelayServer, upstream_listening
 
-    server = RelayServer(listen, _UpstreamAddress(upstream_file), rewriter, exit_when_idle=True, methods=METHODS)
+    upstream = _UpstreamAddress(upstream_file)
+    server = RelayServer(listen, upstream, rewriter, exit_when_idle=True, methods=METHODS,
+                         still_needed=lambda: upstream_listening(upstream))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # stopped on purpose: clean up, do not just die
         loop.add_signal_handler(sig, server.stop)
 
     async def give_up_unless_started() -> None:
         await asyncio.sleep(START_WAIT)
-        if not upstream_file.exists():
+        # The upstream file is the launcher's and the proxy removes it after StartContainer:
+        # "never started" is a relay containerd never connected to.
+        if not upstream.known:
             log.warning("the restored container was never started; giving up its relay %s", listen)
             server.stop()
 
@@ -262,6 +276,7 @@ async def _serve_hosted(listen: Path, upstream_file: Path, rewriter: RestoreRewr
 
 
 async def _serve(listen: Path, upstream: Path, rewriter: RestoreRewriter) -> None:
-    from shim.ttrpc.relay import serve_relay
+    from shim.ttrpc.relay import serve_relay, upstream_listening
 
-    await serve_relay(listen, upstream, rewriter, exit_when_idle=True, methods=METHODS)
+    await serve_relay(listen, upstream, rewriter, exit_when_idle=True, methods=METHODS,
+                      still_needed=lambda: upstream_listening(upstream))

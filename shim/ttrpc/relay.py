@@ -32,6 +32,8 @@ Rewrite = Callable[[str, str, bytes], Awaitable[bytes]]
 
 INTERNAL_MESSAGE = "criu-shim: internal error (details are in the criu-shim log)"
 _READ_SIZE = 256 << 10
+# How often an idle relay asks whether it is still needed (only while no client is connected).
+IDLE_RECHECK = 1.0
 log = logging.getLogger(__name__)
 
 
@@ -144,7 +146,9 @@ class RelayServer:
     `serve()` returns after `stop()` (closing every relayed connection), or,
     with `exit_when_idle`, once no connection has been open for `idle_grace`
     seconds (a client that closes one connection and opens the next at once
-    finds the relay still there).
+    finds the relay still there) and `still_needed()` (if given) says False;
+    while it says True the relay stays, asking again every `IDLE_RECHECK`
+    seconds (a shim's client, containerd, may be restarting).
     `listen` may be a path (a 0600 socket is made there and removed on return)
     or an already listening unix socket (such as one a shim manager passed on).
     Only peers with our effective uid are served (ttrpc's UnixSocketRequireSameUser).
@@ -152,7 +156,7 @@ class RelayServer:
 
     def __init__(self, listen: Path | socket.socket, upstream: Upstream, rewrite: Rewrite, *,
                  methods: Collection[tuple[str, str]] | None = None, exit_when_idle: bool = False,
-                 idle_grace: float = 0.5) -> None:
+                 idle_grace: float = 0.5, still_needed: Callable[[], Awaitable[bool]] | None = None) -> None:
         self.listen = listen
         self.upstream = upstream
         self.rewrite = rewrite
@@ -162,7 +166,9 @@ class RelayServer:
         self._ready = asyncio.Event()
         self._connections: set[asyncio.Task[None]] = set()
         self._idle_grace = idle_grace
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._still_needed = still_needed
+        self._idle: asyncio.Task[None] | None = None
+        self._tasks: asyncio.TaskGroup | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -173,6 +179,7 @@ class RelayServer:
     async def serve(self) -> None:
         try:
             async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
                 server = await self._start(tasks)
                 self._ready.set()
                 log.info("relaying ttrpc from %s to %s", self.listen, self.upstream)
@@ -182,6 +189,8 @@ class RelayServer:
                     server.close()
                     for task in self._connections:
                         task.cancel()
+                    if self._idle is not None:
+                        self._idle.cancel()
         finally:
             if isinstance(self.listen, Path):
                 self.listen.unlink(missing_ok=True)
@@ -208,23 +217,44 @@ class RelayServer:
             log.warning("refusing a ttrpc connection from uid %s (not ours)", uid)
             writer.close()
             return
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         task = tasks.create_task(relay(reader, writer, self.upstream, self.rewrite, self.methods))
         self._connections.add(task)
         task.add_done_callback(self._ended)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._connections.discard(task)
-        if self.exit_when_idle and not self._connections and self._idle_timer is None:
-            self._idle_timer = asyncio.get_running_loop().call_later(self._idle_grace, self._stop.set)
+        if (self.exit_when_idle and not self._connections and self._idle is None and not self._stop.is_set()
+                and self._tasks is not None):
+            self._idle = self._tasks.create_task(self._while_idle())
+
+    async def _while_idle(self) -> None:
+        """Stop once idle for the grace period and no longer needed (cancelled by a new connection)."""
+        await asyncio.sleep(self._idle_grace)
+        while self._still_needed is not None and await self._still_needed():
+            await asyncio.sleep(IDLE_RECHECK)  # a poll period, not a synchronisation
+        self._stop.set()
 
 
 async def serve_relay(listen: Path | socket.socket, upstream: Upstream, rewrite: Rewrite, *,
-                      methods: Collection[tuple[str, str]] | None = None, exit_when_idle: bool = False) -> None:
+                      methods: Collection[tuple[str, str]] | None = None, exit_when_idle: bool = False,
+                      still_needed: Callable[[], Awaitable[bool]] | None = None) -> None:
     """Run a `RelayServer` until it stops (see there)."""
-    await RelayServer(listen, upstream, rewrite, methods=methods, exit_when_idle=exit_when_idle).serve()
+    await RelayServer(listen, upstream, rewrite, methods=methods, exit_when_idle=exit_when_idle,
+                      still_needed=still_needed).serve()
+
+
+async def upstream_listening(upstream: Upstream) -> bool:
+    """Whether the upstream ttrpc server still accepts connections (a shim exits when its task is gone)."""
+    try:
+        target = upstream() if callable(upstream) else upstream
+        _, writer = await asyncio.open_unix_connection(str(target))
+    except OSError:
+        return False
+    writer.close()
+    return True
 
 
 def _peer_uid(writer: asyncio.StreamWriter) -> int | None:

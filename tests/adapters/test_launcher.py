@@ -151,6 +151,8 @@ def test_restore_with_relay_runs_runc_shim_and_hands_out_the_relay(node: Node, s
     assert result.returncode == 0
     assert result.stdout == f"unix://{node.shims}/{KEY}.sock".encode()  # no trailing newline
     assert (node.shims / f"{KEY}.upstream").read_text() == "/run/containerd/s/abc\n"
+    # Where a restarted containerd 1.6/1.7 looks for the task's shim: the relay, not runc's.
+    assert (node.bundle / "address").read_text() == f"unix://{node.shims}/{KEY}.sock"
     assert node.recorded("runc.argv") == [*FLAGS, "start"]
     runc_pid = node.recorded("runc.pid")
     assert runc_pid is not None and int(runc_pid[0]) != pid  # a child, not an exec: we answer after it

@@ -30,7 +30,7 @@ from shim.ttrpc import (
     Status,
     TTRPCError,
 )
-from shim.ttrpc.relay import INTERNAL_MESSAGE
+from shim.ttrpc.relay import INTERNAL_MESSAGE, upstream_listening
 
 TASK = "containerd.task.v2.Task"
 CREATE = (TASK, "Create")
@@ -173,15 +173,18 @@ class Env:
         self.serving: asyncio.Task[None] | None = None
         self.raws: list[Raw] = []
 
-    def run(self, test: Callable[[Env], Awaitable[None]], *, upstream: bool = True, exit_when_idle: bool = False) -> None:
+    def run(self, test: Callable[[Env], Awaitable[None]], *, upstream: bool = True, exit_when_idle: bool = False,
+            still_needed: Callable[[], Awaitable[bool]] | None = None) -> None:
         REWRITES.clear()
-        asyncio.run(self._main(test, upstream, exit_when_idle))
+        asyncio.run(self._main(test, upstream, exit_when_idle, still_needed))
 
-    async def _main(self, test: Callable[[Env], Awaitable[None]], upstream: bool, exit_when_idle: bool) -> None:
+    async def _main(self, test: Callable[[Env], Awaitable[None]], upstream: bool, exit_when_idle: bool,
+                    still_needed: Callable[[], Awaitable[bool]] | None) -> None:
         self.upstream = Upstream(self.upstream_path)
         if upstream:
             await self.upstream.start()
-        self.relay = RelayServer(self.listen, self.upstream_path, rewrite, methods={CREATE}, exit_when_idle=exit_when_idle)
+        self.relay = RelayServer(self.listen, self.upstream_path, rewrite, methods={CREATE}, exit_when_idle=exit_when_idle,
+                                 still_needed=still_needed)
         self.serving = asyncio.create_task(self.relay.serve())
         try:
             async with asyncio.timeout(TEST_TIMEOUT):
@@ -392,6 +395,22 @@ def test_exit_when_idle_waits_out_a_reconnect(env: Env) -> None:
         await asyncio.wait_for(asyncio.shield(env.serving), 5)  # and idle for good: it ends
 
     env.run(body, exit_when_idle=True)
+
+
+def test_idle_relay_stays_while_its_upstream_listens(env: Env) -> None:
+    """Like a shim, the relay outlives its client (containerd restarting) while the server behind it lives."""
+    async def body(env: Env) -> None:
+        async with Client.connect(env.listen) as first:
+            await first.call(TASK, "State")
+        assert env.serving is not None and env.upstream is not None
+        done, _ = await asyncio.wait({asyncio.shield(env.serving)}, timeout=1.5)  # three graces
+        assert not done, "the relay left while its upstream still listened"
+        async with Client.connect(env.listen) as again:  # the client comes back through the relay
+            await again.call(TASK, "State")
+        await env.upstream.stop()  # the task is gone: the shim behind exits
+        await asyncio.wait_for(asyncio.shield(env.serving), 5)
+
+    env.run(body, exit_when_idle=True, still_needed=lambda: upstream_listening(env.upstream_path))
 
 
 def test_peer_of_another_uid_is_refused(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,10 +7,12 @@ lazy path stops it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -134,3 +136,87 @@ def test_node_down_releases_what_a_dead_relay_left(node: Node, tmp_path_factory:
     assert _our_loop_devices(work) == []
     assert "released loop device" in report
     assert not [pid for pid in procs.processes_mentioning(str(directory))]
+
+
+def test_containerd_restart_in_the_middle_of_the_lazy_fill_is_survived(client: Cri, node: Node) -> None:
+    """The relay and its page daemon outlive containerd like a shim; the restarted containerd finds them.
+
+    The page daemon is held (SIGSTOP) right after StartContainer, so the restart
+    deterministically lands while memory is still being filled in.
+    """
+    archive = _checkpoint(client, node, "fill-restart", mem_mb=1024)
+    again = node.dir / "checkpoints" / "fill-restart-again.tar"
+    try:
+        with client.pod() as pod:
+            ctr = _restore(client, pod, archive)
+            work = _restore_dir(client, ctr)
+            daemons = procs.processes_mentioning(str(work / "lazy-images"))
+            assert len(daemons) == 1, "the page daemon should still be filling in memory"
+            with _held(daemons[0]), _containerd_restarted(node) as restart:
+                assert "lazy-pages" in _criu_config(work).read_text(), "the fill ended before it could be held"
+                relay = int((SHIM_DIR / f"{work.name}.pid").read_text())
+                restart.stop()
+                # A relay that left with containerd would be gone well within this (its grace: 0.5 s).
+                assert not procs.wait_until(lambda: not procs.alive(relay), 2.0), "the relay exited with containerd"
+                restart.start()
+                assert procs.alive(daemons[0])
+                with ThreadPoolExecutor(1) as pool:
+                    # Through the relay again: the checkpoint waits for the fill, held until we let it go.
+                    dump = pool.submit(client.checkpoint, ctr, str(again))
+                    assert not procs.wait_until(dump.done, 1.0), "the checkpoint did not wait for the fill"
+                    os.kill(daemons[0], signal.SIGCONT)
+                    dump.result(timeout=120)
+            assert _pages_size(again) >= _pages_size(archive) - (1 << 20)  # every page was in place
+            wait_for(lambda: "lazy-pages" not in _criu_config(work).read_text(), timeout=60)
+            counted = client.count(ctr)
+            wait_for(lambda: client.count(ctr) >= counted + 3)  # every tick re-checks every page
+            assert client.state(ctr) == "CONTAINER_RUNNING"
+            assert client.exec(ctr, "echo", "still here").strip() == "still here"
+            client.runtime.StopContainer(cri.StopContainerRequest(container_id=ctr, timeout=10))
+            stopped = client.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr)).status
+            assert cri.ContainerState.Name(stopped.state) == "CONTAINER_EXITED"
+            assert stopped.exit_code == 0
+    finally:
+        again.unlink(missing_ok=True)
+        archive.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _held(pid: int) -> Iterator[None]:
+    """SIGSTOP a process for the block (SIGCONT on every path)."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+class _Restart:
+    def __init__(self, node: Node) -> None:
+        from shim.node.layout import NodeLayout
+
+        self.layout = NodeLayout(node.dir.resolve())
+
+    def stop(self) -> None:
+        pid = procs.read_pid(self.layout.pid_dir / "containerd.pid")
+        assert pid is not None
+        procs.stop(pid)
+
+    def start(self) -> None:
+        from shim.node import local
+        from shim.node.tools import tools_for
+
+        pid = procs.read_pid(self.layout.pid_dir / "containerd.pid")
+        if pid is None or not procs.alive(pid):
+            local._start_containerd(self.layout, tools_for("1.7"))
+
+
+@contextlib.contextmanager
+def _containerd_restarted(node: Node) -> Iterator[_Restart]:
+    """containerd stopped and started by the block; started again on every path (the node needs it)."""
+    restart = _Restart(node)
+    try:
+        yield restart
+    finally:
+        restart.start()
