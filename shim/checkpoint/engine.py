@@ -18,6 +18,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import time
 import weakref
 from collections.abc import Awaitable, Coroutine
@@ -138,11 +139,16 @@ class Checkpointer:
         upperdir = await self._containerd.upperdir(record)
         with location.staging_dir(path, container_id, lambda p: journal.note(**{recovery.STAGING: str(p)})) \
                 as staging:
+            locking = target.options.tcp_established and target.netns is not None
+            # Before the freeze, so as not to lengthen it: what the pod's nftables held before us and CRIU.
+            tables = sorted(await netlock.tables(target.netns)) if locking and target.netns else []
             async with AsyncExitStack() as frozen:
+                if locking and target.netns is not None:
+                    self._tidy_tables_at_exit(target.netns, set(tables), frozen)  # exits last: after the thaw
                 journal.note(**{recovery.PAUSED: True})
                 await self._freeze(container_id, frozen, outcome)
-                if target.options.tcp_established and target.netns is not None:
-                    journal.note(**{recovery.NETNS: str(target.netns)})
+                if locking and target.netns is not None:
+                    journal.note(**{recovery.NETNS: str(target.netns), recovery.NETNS_TABLES: tables})
                     await self._lock_network(target.netns, staging / "checkpoint", frozen, outcome)
                 reached(Point.CHECKPOINT_FROZEN)
                 dump_started = time.monotonic()
@@ -191,6 +197,15 @@ class Checkpointer:
 
         stack.push_async_exit(release)
 
+    def _tidy_tables_at_exit(self, netns: Path, before: set[str], stack: AsyncExitStack) -> None:
+        """The tables CRIU's own connection lock leaves in the pod, removed once the container runs again."""
+        async def tidy(exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+            if netns.exists():
+                await _undo(_drop_tables(netns, before), exc, f"remove empty tables in {netns}")
+            return False
+
+        stack.push_async_exit(tidy)
+
     async def _release_network(self, netns: Path, images: Path, stopped: bool) -> None:
         if stopped:  # the source is gone: its peers must see silence, not resets
             try:
@@ -210,6 +225,9 @@ class Checkpointer:
         try:
             await _outlive_cancellation(self._containerd.checkpoint_task(container_id, request, timeout=None))
         except ShimError as exc:
+            if await asyncio.to_thread(_out_of_space, staging / "work" / "dump.log", staging):
+                raise ResourceExhausted(f"no space left on the filesystem of {staging.parent} for the checkpoint "
+                                        f"images (CRIU: {exc.message})") from None
             raise _explain_dump_failure(exc, staging / "work" / "dump.log") from None
 
     def _audit(self, request: Request, target: Target | None, outcome: Outcome, started: float,
@@ -221,6 +239,12 @@ class Checkpointer:
             location=request.location, size=outcome.size, duration_s=round(time.monotonic() - started, 4),
             frozen_s=round(outcome.frozen_s, 4), dump_s=round(outcome.dump_s, 4),
             archive_s=round(outcome.archive_s, 4), result=result))
+
+
+async def _drop_tables(netns: Path, before: set[str]) -> None:
+    dropped = await netlock.drop_new_empty_tables(netns, before)
+    if dropped:
+        log.debug("removed the empty tables %s CRIU left in %s", dropped, netns)
 
 
 async def _undo(step: Awaitable[None], failure: BaseException | None, what: str) -> None:
@@ -307,6 +331,24 @@ def _storage_error(path: Path, exc: OSError) -> ShimError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return ResourceExhausted(f"no space left writing checkpoint {path}: {exc.strerror}")
     return Internal(f"writing checkpoint {path} failed: {exc.strerror or exc}")
+
+
+# Below this much free space a failed dump is taken for a full disk: CRIU's own log may
+# not have found room to say so (it is written on the same filesystem).
+FULL_DISK_MARGIN = 1 << 20
+
+
+def _out_of_space(dump_log: Path, staging: Path) -> bool:
+    try:
+        if "No space left on device" in dump_log.read_text(errors="replace"):
+            return True
+    except OSError:
+        pass
+    try:
+        vfs = os.statvfs(staging)
+    except OSError:
+        return False
+    return vfs.f_bavail * vfs.f_frsize < FULL_DISK_MARGIN
 
 
 def _explain_dump_failure(error: ShimError, dump_log: Path) -> ShimError:

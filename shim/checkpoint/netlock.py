@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import socket
 import struct
 from dataclasses import dataclass
@@ -80,6 +81,38 @@ async def run_nft(netns: Path, script: str, missing_ok: bool = False) -> None:
     _, err = await proc.communicate(script.encode())
     if proc.returncode != 0 and not (missing_ok and b"No such file or directory" in err):
         raise Internal(f"nft in {netns} failed: {err.decode(errors='replace').strip()}")
+
+
+async def tables(netns: Path) -> set[str]:
+    """The nftables tables in the namespace, as "family name"."""
+    out = await _nft_output(netns, "list", "tables")
+    return {line.removeprefix("table ").strip() for line in out.splitlines() if line.startswith("table ")}
+
+
+async def drop_new_empty_tables(netns: Path, before: set[str]) -> list[str]:
+    """Delete tables that appeared since `before` and hold no rule; return their names.
+
+    CRIU locks each dumped connection with iptables; through iptables-nft that
+    creates `ip filter` / `ip6 filter` tables in the pod, and CRIU's unlock
+    removes its rules but not the tables. Only what was not there before and is
+    empty now goes: nobody else's rules are touched.
+    """
+    dropped = []
+    for table in sorted(await tables(netns) - before - {f"inet {TABLE}"}):
+        listing = json.loads(await _nft_output(netns, "-j", "list", "table", *table.split(maxsplit=1)))
+        if not any("rule" in item for item in listing.get("nftables", [])):
+            await run_nft(netns, f"delete table {table}\n", missing_ok=True)
+            dropped.append(table)
+    return dropped
+
+
+async def _nft_output(netns: Path, *argv: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "nsenter", f"--net={netns}", "nft", *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise Internal(f"nft {' '.join(argv)} in {netns} failed: {err.decode(errors='replace').strip()}")
+    return out.decode()
 
 
 def _address(family: int, words: list[int]) -> str:

@@ -28,6 +28,7 @@ CONTAINER = "container_id"
 STAGING = "staging"
 PAUSED = "paused"
 NETNS = "netns"
+NETNS_TABLES = "netns_tables"  # the nftables tables the pod had before the checkpoint
 
 
 async def ensure_running(containerd: Containerd, container_id: str) -> str:
@@ -86,6 +87,9 @@ async def undo(containerd: Containerd, facts: dict[str, Any]) -> list[str]:
             try:
                 await netlock.run_nft(netns, netlock.unlock_script(), missing_ok=True)
                 done.append(f"removed the network lock in {netns}")
+                if NETNS_TABLES in facts:
+                    dropped = await netlock.drop_new_empty_tables(netns, set(facts[NETNS_TABLES]))
+                    done += [f"removed CRIU's empty table {t}" for t in dropped]
             except ShimError as exc:
                 done.append(f"could not remove the network lock in {netns}: {exc.message}")
     staging = facts.get(STAGING)

@@ -178,7 +178,8 @@ def test_disk_full_gives_an_error_and_leaves_nothing(cri: Cri, tmp_path: Path) -
             wait_for(lambda: cri.count(ctr) >= 1)
             with pytest.raises(grpc.RpcError) as caught:
                 cri.checkpoint(ctr, str(small / "x.tar"))
-            assert caught.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+            assert f"no space left on the filesystem of {small}" in (caught.value.details() or "")
             assert _leftovers(small) == []
             seen = cri.count(ctr)
             wait_for(lambda: cri.count(ctr) > seen)

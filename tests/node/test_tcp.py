@@ -156,6 +156,12 @@ def _lock_table(client: Cri, pod: Pod) -> str:
     return out.stdout if out.returncode == 0 else ""
 
 
+def _tables(client: Cri, pod: Pod) -> list[str]:
+    out = subprocess.run(["nsenter", f"--net={_netns(client, pod)}", "nft", "list", "tables"],
+                         capture_output=True, text=True, check=True)
+    return sorted(out.stdout.splitlines())
+
+
 @pytest.mark.parametrize("how", ["success", "disk-full", "deadline"])
 def test_network_lock_is_released_on_every_path(client: Cri, node: Node, tmp_path: Path, how: str) -> None:
     with contextlib.ExitStack() as stack:
@@ -166,6 +172,7 @@ def test_network_lock_is_released_on_every_path(client: Cri, node: Node, tmp_pat
         peer = client.container(pod_c, ["/usr/local/bin/tcpclient"],
                                 {"HOST": _ip(client, pod_a), "PORT": "7000", "INTERVAL_MS": "50"}, name="client")
         wait_for(lambda: len(_seqs(client.log(peer))) >= 3)
+        tables_before = _tables(client, pod_a)
         location = tmp_path / "out.tar"
         if how == "disk-full":
             small = tmp_path / "small"
@@ -179,6 +186,9 @@ def test_network_lock_is_released_on_every_path(client: Cri, node: Node, tmp_pat
         except grpc.RpcError:
             assert how != "success"
         wait_for(lambda: _lock_table(client, pod_a) == "", timeout=60)
+        # Neither ours nor CRIU's: no table of any kind is left in the pod (CRIU's iptables lock
+        # leaves empty `filter` tables behind through iptables-nft).
+        wait_for(lambda: _tables(client, pod_a) == tables_before, timeout=60)
         seen = _seqs(client.log(peer))[-1]
         wait_for(lambda: _seqs(client.log(peer))[-1] > seen + 2)  # the source serves on: unlocked and thawed
 
