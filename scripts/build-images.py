@@ -36,6 +36,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import app_images  # noqa: E402  (scripts/ is not a package)
+
 REPO = Path(__file__).resolve().parent.parent
 SRC_DIR = REPO / "images" / "src"
 SCRIPT = Path(__file__).resolve()
@@ -249,9 +252,9 @@ class Layer:
     blob: bytes  # gzip of tar
 
     @classmethod
-    def of(cls, entries: list[Entry]) -> "Layer":
+    def of(cls, entries: list[Entry], compresslevel: int = 9) -> "Layer":
         tar = make_tar(entries)
-        return cls(tar, gzip.compress(tar, compresslevel=9, mtime=0))
+        return cls(tar, gzip.compress(tar, compresslevel=compresslevel, mtime=0))
 
     @property
     def diff_id(self) -> str:
@@ -348,6 +351,27 @@ def read_digest(tar_path: Path) -> str | None:
         return None
 
 
+def app_layer(files: list[app_images.File]) -> Layer:
+    # Level 1: these layers are tens of MiB of libraries; level 9 would triple the build time.
+    return Layer.of([Entry(f.path, f.kind, f.mode, f.data, f.target) for f in files], compresslevel=1)
+
+
+def app_specs(out_dir: Path, busybox: Path, busybox_layer_of) -> list:
+    """PostgreSQL, nginx and Redis from Debian's packages (scripts/app_images.py), on busybox."""
+    staged: dict[str, app_images.AppImage] = {}
+
+    def app(name: str) -> app_images.AppImage:
+        if not staged:  # download and unpack only when an app image is (re)built
+            staged.update((a.name, a) for a in app_images.build(out_dir / "apps"))
+        return staged[name]
+
+    def layers(name: str):
+        return lambda: [("busybox", busybox_layer_of()), (f"{name} from Debian packages", app_layer(app(name).files))]
+
+    return [(name, [busybox, *app_images.inputs()], layers(name), None, app_images.CMDS[name])
+            for name in app_images.NAMES]
+
+
 def build(out_dir: Path, busybox_path: Path | None = None, force: bool = False) -> list[dict]:
     bin_dir = out_dir / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
@@ -374,6 +398,7 @@ def build(out_dir: Path, busybox_path: Path | None = None, force: bool = False) 
                   ("testprogs", layer("testprogs", lambda: testprogs_layer(bins)))],
          None, ["/usr/local/bin/counter"]),
     ]
+    specs += app_specs(out_dir, busybox, lambda: layer("busybox", lambda: busybox_layer(busybox)))
     results = []
     for name, inputs, layers, entrypoint, cmd in specs:
         ref = f"{REPOSITORY}/{name}:{TAG}"
