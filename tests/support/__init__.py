@@ -1,0 +1,1 @@
+"""Support shared by the test layers (fakes, builders, the ttrpc client only tests use)."""
