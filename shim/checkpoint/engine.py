@@ -41,7 +41,7 @@ from shim.containerd import Containerd
 from shim.errors import FailedPrecondition, Internal, ResourceExhausted, ShimError
 from shim.faults import Point, reached
 from shim.journal import Journal, Operation, Record
-from shim.proxy.dispatch import Peer
+from shim.peer import Peer
 
 log = logging.getLogger(__name__)
 THAW_TIMEOUT = 30.0

@@ -14,20 +14,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from shim.errors import DeadlineExceeded, Internal, ShimError
+from shim.peer import Peer
 from shim.proxy import grpcwire
 
 log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "criu-shim: internal error (details are in the criu-shim log)"
-
-
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """Credentials of the process on the other end of the CRI socket (SO_PEERCRED)."""
-
-    pid: int
-    uid: int
-    gid: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
-import struct
 from pathlib import Path
 from typing import cast
 
 from shim.errors import ShimError
-from shim.proxy.dispatch import Dispatcher, Peer
+from shim.peer import UNKNOWN, Peer, credentials
+from shim.proxy.dispatch import Dispatcher
 from shim.proxy.frames import FramingError
 from shim.proxy.splice import CallCancelled, CallReceived, Splice
 
@@ -99,7 +98,7 @@ class _ClientSide(asyncio.Protocol):
         self.splice = Splice(server.dispatcher.intercepts)
         self.transport: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
-        self.peer = Peer(0, -1, -1)
+        self.peer = UNKNOWN
         self.calls: dict[int, asyncio.Task[None]] = {}
         self.closed = False
 
@@ -225,10 +224,4 @@ class _ClientSide(asyncio.Protocol):
 
 
 def _peer_of(transport: asyncio.BaseTransport) -> Peer:
-    sock = transport.get_extra_info("socket")
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except (OSError, AttributeError):
-        return Peer(0, -1, -1)
-    pid, uid, gid = struct.unpack("3i", raw)
-    return Peer(pid, uid, gid)
+    return credentials(transport.get_extra_info("socket")) or UNKNOWN

@@ -35,7 +35,7 @@ from shim.errors import (
     PermissionDenied,
     ShimError,
 )
-from shim.proxy.dispatch import Peer
+from shim.peer import Peer
 from shim.restore import lazy
 from shim.restore.image import CheckpointImage, checkpoint_image, export_layer
 from shim.restore.network import (

@@ -20,11 +20,11 @@ import asyncio
 import logging
 import os
 import socket
-import struct
 from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 
 from shim.errors import Code, ShimError
+from shim.peer import credentials
 from shim.ttrpc.splice import RewriteRequested, Splice
 from shim.ttrpc.status import Status
 
@@ -258,10 +258,5 @@ async def upstream_listening(upstream: Upstream) -> bool:
 
 
 def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
-    sock = writer.get_extra_info("socket")
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except (OSError, AttributeError):
-        return None
-    uid: int = struct.unpack("3i", raw)[1]
-    return uid
+    peer = credentials(writer.get_extra_info("socket"))
+    return None if peer is None else peer.uid

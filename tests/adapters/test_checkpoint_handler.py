@@ -13,8 +13,9 @@ from shim.api.cri.v1 import api_pb2
 from shim.checkpoint.engine import Checkpointer, Request
 from shim.cri import checkpoint_container
 from shim.errors import Code, FailedPrecondition, Internal, InvalidArgument, ShimError
+from shim.peer import Peer
 from shim.proxy import dispatch
-from shim.proxy.dispatch import Call, Dispatcher, Peer
+from shim.proxy.dispatch import Call, Dispatcher
 
 T = TypeVar("T")
 PEER = Peer(pid=77, uid=0, gid=0)

@@ -44,7 +44,7 @@ from shim.errors import (
     ShimError,
     Unknown,
 )
-from shim.proxy.dispatch import Peer
+from shim.peer import Peer
 
 T = TypeVar("T")
 

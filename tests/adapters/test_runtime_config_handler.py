@@ -13,7 +13,8 @@ from shim.api.cri.v1 import api_pb2
 from shim.containerd import Containerd
 from shim.cri import runtime_config
 from shim.errors import Code, InvalidArgument, Unknown, Upstream
-from shim.proxy.dispatch import Call, Dispatcher, Peer
+from shim.peer import Peer
+from shim.proxy.dispatch import Call, Dispatcher
 
 T = TypeVar("T")
 PEER = Peer(pid=77, uid=0, gid=0)
