@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
-        from shim.proxy.main import serve
+        from shim.app import serve
 
         return serve(args.listen, args.runtime_endpoint, args.config, args.grace)
     if args.command == "checkpoint-image":

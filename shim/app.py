@@ -1,4 +1,8 @@
-"""`criu-shim serve`: wire configuration, handlers and signals to the proxy server."""
+"""`criu-shim serve`: wire configuration, handlers and signals to the proxy server.
+
+The proxy's composition root, at the top of the layers (README "Layout"): the one module that
+knows the CRI adapters, the checkpoint and restore engines, the reconciler and the transport.
+"""
 
 from __future__ import annotations
 
