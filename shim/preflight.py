@@ -13,31 +13,29 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from shim.criu import (
+    CRIU_FLOOR,
+    CRIU_INET_FIX,
+    CRIU_MISSING,
+    KERNEL_INET_BREAK,
+    FeatureProbe,
+    parse_criu_version,
+    probe_feature,
+)
+from shim.hosttools import NUMBERS, Version, last_line, parse_kernel_release, run_probe, show, version_in
 from shim.node.tools import load_paths
-
-Version = tuple[int, ...]
 
 CRIU_FEATURES = ("network_lock_nftables", "tcp_half_closed", "timens", "external_net_ns",
                  "mem_dirty_track", "uffd", "uffd-noncoop")
-# runc and containerd's checkpoint code refuse anything older.
-CRIU_FLOOR: Version = (3, 16)
-# Kernels >= 6.16 refuse SO_PASSCRED on INET sockets; CRIU before 4.2 then fails to
-# dump any process owning one ("Can't get 1:16 opt").
-KERNEL_INET_BREAK: Version = (6, 16)
-CRIU_INET_FIX: Version = (4, 2)
 # containerd releases whose CRI returns Unimplemented for CheckpointContainer.
 CONTAINERD_TARGETS = ((1, 6), (1, 7))
 CAP_SYS_ADMIN = 21
 CAP_SYS_RESOURCE = 24
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-PROBE_TIMEOUT = 30.0
-# The kubelet e2e test matches this phrase: keep it verbatim.
-CRIU_MISSING = "CRIU binary not found or too old"
 
 
 class Status(enum.Enum):
@@ -66,13 +64,6 @@ class ToolProbe:
     path: str | None
     version_output: str = ""
     error: str = ""  # why it could not be run, when found but unusable
-
-
-@dataclass(frozen=True)
-class FeatureProbe:
-    name: str
-    supported: bool
-    detail: str  # CRIU's last output line, e.g. "Dirty tracking is OFF"
 
 
 @dataclass(frozen=True)
@@ -112,39 +103,15 @@ class Facts:
 # ---------------------------------------------------------------- version parsing
 
 
-def _version_in(pattern: str, text: str) -> Version | None:
-    match = re.search(pattern, text, re.MULTILINE)
-    if match is None:
-        return None
-    return tuple(int(part) for part in match.groups() if part is not None)
-
-
-_NUMBERS = r"v?(\d+)\.(\d+)(?:\.(\d+))?"
-
-
-def parse_criu_version(text: str) -> Version | None:
-    """`criu --version`: "Version: 4.2.1" (a "GitID: ..." line may follow)."""
-    return _version_in(r"^\s*Version:\s*" + _NUMBERS, text)
-
-
-def parse_kernel_release(release: str) -> Version | None:
-    """`uname -r`: "6.18.44-fc-v669", "6.1.0-31-amd64"."""
-    return _version_in(r"^" + _NUMBERS, release.strip())
-
-
 def parse_runc_version(text: str) -> Version | None:
     """`runc --version`: "runc version 1.1.15+ds1"."""
-    return _version_in(r"^runc version\s+" + _NUMBERS, text)
+    return version_in(r"^runc version\s+" + NUMBERS, text)
 
 
 def parse_containerd_version(text: str) -> Version | None:
     """`containerd --version`: "containerd github.com/containerd/containerd[/v2] v1.7.24 <commit>"
     (distributions drop the "v": "1.7.24~ds1")."""
-    return _version_in(r"^containerd\s+\S+\s+" + _NUMBERS, text)
-
-
-def show(version: Version) -> str:
-    return ".".join(str(part) for part in version)
+    return version_in(r"^containerd\s+\S+\s+" + NUMBERS, text)
 
 
 # ---------------------------------------------------------------- probing
@@ -175,27 +142,10 @@ def find_tool(name: str, explicit: str | None, configured: str | None, configure
     return ToolProbe(name, f"{where}`{name}` on PATH", found)
 
 
-def _run(argv: list[str]) -> tuple[int | None, str]:
-    """(exit code, stdout+stderr); exit code None when the program could not run at all."""
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, errors="replace",
-                              timeout=PROBE_TIMEOUT, stdin=subprocess.DEVNULL, check=False)
-    except subprocess.TimeoutExpired:
-        return None, f"{argv[0]} did not answer within {PROBE_TIMEOUT:.0f}s"
-    except OSError as exc:
-        return None, f"cannot run {argv[0]}: {exc.strerror or exc}"
-    return done.returncode, done.stdout + done.stderr
-
-
-def last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"
-
-
 def with_version(tool: ToolProbe, *flag: str) -> ToolProbe:
     if tool.path is None:
         return tool
-    code, output = _run([tool.path, *flag])
+    code, output = run_probe([tool.path, *flag])
     if code is None:
         return ToolProbe(tool.name, tool.looked_at, tool.path, "", output)
     return ToolProbe(tool.name, tool.looked_at, tool.path, output.strip())
@@ -206,16 +156,9 @@ def probe_criu(explicit: str | None) -> CriuProbe:
     tool = with_version(find_tool("criu", explicit, paths.get("CRIU_BIN"), "CRIU_BIN"), "--version")
     if tool.path is None or tool.error:
         return CriuProbe(tool, None)
-    code, output = _run([tool.path, "check"])
-    features = tuple(_probe_feature(tool.path, name) for name in CRIU_FEATURES)
+    code, output = run_probe([tool.path, "check"])
+    features = tuple(probe_feature(tool.path, name) for name in CRIU_FEATURES)
     return CriuProbe(tool, code == 0, last_line(output), features)
-
-
-def _probe_feature(criu: str, name: str) -> FeatureProbe:
-    code, output = _run([criu, "check", "--feature", name])
-    # CRIU prefixes its messages with "Warn  (criu/cr-check.c:824): ": keep only the words.
-    detail = re.sub(r"^\w+\s+\([^)]*\):\s*", "", last_line(output))
-    return FeatureProbe(name, code == 0, detail)
 
 
 def probe_containerd(explicit: str | None) -> ToolProbe:

@@ -1,6 +1,6 @@
 """Is the CRIU that runc will run new enough? (The kubelet e2e test matches our wording.)
 
-The rules are `criu-shim check`'s (shim.preflight); this module applies them on
+The rules are the CRIU facade's (shim.criu), shared with `criu-shim check`; this module applies them on
 the hot path, probing the binary once per change of its mtime.
 """
 
@@ -11,17 +11,9 @@ import subprocess
 from functools import cache
 from pathlib import Path
 
+from shim.criu import CRIU_FLOOR, CRIU_INET_FIX, CRIU_MISSING, KERNEL_INET_BREAK, parse_criu_version
 from shim.errors import Unknown
-from shim.preflight import (
-    CRIU_FLOOR,
-    CRIU_INET_FIX,
-    CRIU_MISSING,
-    KERNEL_INET_BREAK,
-    Version,
-    parse_criu_version,
-    parse_kernel_release,
-    show,
-)
+from shim.hosttools import Version, parse_kernel_release, show
 
 
 def required_version(kernel_release: str) -> Version:

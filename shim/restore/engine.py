@@ -235,9 +235,9 @@ class Restorer:
         if not self._config.restore.lazy_pages or criu is None:
             return False
         if self._uffd is None:
-            from shim.preflight import _probe_feature
+            from shim.criu import probe_feature
 
-            probe = await asyncio.to_thread(_probe_feature, str(criu), "uffd-noncoop")
+            probe = await asyncio.to_thread(probe_feature, str(criu), "uffd-noncoop")
             self._uffd = probe.supported
             if not probe.supported:
                 log.warning("restores are not lazy: CRIU at %s lacks userfaultfd support (%s)", criu, probe.detail)
