@@ -16,6 +16,11 @@
     allowed_registries = []     # checkpoint images are taken only from these registries
     work_dir = "/var/lib/criu-shim/restore"           # where archives are unpacked (private)
     lazy_pages = true           # memory filled in after the process runs (userfaultfd), when CRIU can
+
+    [admission]                 # shim.policy: who may restore, who may be checkpointed
+    restore_namespaces = ["*"]            # pods that may receive a restore, by namespace (shell patterns)
+    restore_runtime_handlers = ["*"]      # ... by RuntimeClass handler ("" = no RuntimeClass)
+    checkpoint_excluded_namespaces = []   # pods here are never checkpointed
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from shim.errors import InvalidArgument
+from shim.policy import AdmissionSettings, parse_section
 
 DEFAULT_AUDIT_LOG = Path("/var/log/criu-shim/audit.log")
 DEFAULT_STATE_DIR = Path("/var/lib/criu-shim")
@@ -63,6 +69,8 @@ class Config:
     restore: RestoreSettings = field(default_factory=RestoreSettings)
     # Private (0700): the journal of in-flight operations and CRIU logs kept for the operator.
     state_dir: Path = DEFAULT_STATE_DIR
+    # Who may restore and who may be checkpointed (shim.policy).
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
 
 
 def load(path: Path | None) -> Config:
@@ -77,7 +85,7 @@ def load(path: Path | None) -> Config:
 
 def parse(raw: dict[str, Any], origin: str = "config") -> Config:
     # A misspelt table ("[checkpiont]") would otherwise silently leave the defaults in force.
-    unknown_tables = set(raw) - {"checkpoint", "restore", "state_dir"}
+    unknown_tables = set(raw) - {"checkpoint", "restore", "state_dir", "admission"}
     if unknown_tables:
         raise InvalidArgument(f"{origin}: unknown keys: {', '.join(sorted(unknown_tables))}")
     section = raw.get("checkpoint", {})
@@ -102,7 +110,8 @@ def parse(raw: dict[str, Any], origin: str = "config") -> Config:
     if not isinstance(state, str) or not Path(state).is_absolute():
         raise InvalidArgument(f"{origin}: state_dir must be an absolute path")
     return Config(CheckpointDefaults(**flags), Path(criu) if criu else _which_criu(), Path(audit),
-                  _restore(raw.get("restore", {}), origin), Path(state))
+                  _restore(raw.get("restore", {}), origin), Path(state),
+                  admission=parse_section(raw.get("admission", {}), origin))
 
 
 def _restore(section: Any, origin: str) -> RestoreSettings:

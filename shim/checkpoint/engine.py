@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shim import policy
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.arch import go_arch
@@ -111,6 +112,9 @@ class Checkpointer:
                                      f"{cri.ContainerState.Name(status.state)} state. only RUNNING containers "
                                      "can be checkpointed")
         sandbox = await self._containerd.sandbox_status(str(info.get("sandboxID", "")))
+        policy.admit_checkpoint(self._config.admission, policy.PodFacts(
+            sandbox.metadata.namespace, sandbox.metadata.name, sandbox.runtime_handler, dict(sandbox.annotations)),
+            request.container_id)
         opts = options.resolve(self._config.checkpoint, sandbox.annotations, status.metadata.name)
         ips = (sandbox.network.ip, *(i.ip for i in sandbox.network.additional_ips))
         return Target(status, sandbox.metadata.name, sandbox.metadata.namespace, opts, tuple(i for i in ips if i),

@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from shim import policy
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.arch import go_arch
 from shim.checkpoint import audit, options
@@ -32,7 +33,6 @@ from shim.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     ShimError,
 )
 from shim.peer import Peer
@@ -132,6 +132,7 @@ class Restorer:
         started, result, container_id = time.monotonic(), "ok", ""
         try:
             self._require_enabled(request.config.image.image)
+            await self._admit_pod(request)
             archive = self._admit(source) if isinstance(source, Path) else self._admit_image(source)
             container_id = await self._create(request, archive, metadata, timeout)
         except ShimError as exc:
@@ -145,27 +146,24 @@ class Restorer:
         return cri.CreateContainerResponse(container_id=container_id)
 
     def _require_enabled(self, image: str) -> None:
-        if not self._config.restore.enabled:
-            raise PermissionDenied(f"restore from checkpoint {image} refused: restores are disabled on this node "
-                                   "(set [restore] enabled = true in the criu-shim config)")
+        policy.require_restore_enabled(self._config.restore.enabled, image)
+
+    async def _admit_pod(self, request: cri.CreateContainerRequest) -> None:
+        """The new pod may receive a restore (shim.policy); its facts come from containerd, not the request."""
+        sandbox = await self._containerd.sandbox_status(request.pod_sandbox_id)
+        facts = policy.PodFacts(sandbox.metadata.namespace, sandbox.metadata.name, sandbox.runtime_handler,
+                                dict(sandbox.annotations))
+        policy.admit_restore_into(self._config.admission, facts, request.config.image.image)
 
     def _admit_image(self, image: CheckpointImage) -> CheckpointImage:
-        """A checkpoint image is restored only from an allow-listed registry."""
-        allowed = self._config.restore.allowed_registries
-        if registry_of(image.name) not in allowed:
-            raise PermissionDenied(f"restore from checkpoint image {image.name} refused: registry "
-                                   f"{registry_of(image.name)!r} is not in restore.allowed_registries {list(allowed)}")
+        policy.admit_registry(image.name, self._config.restore.allowed_registries)
         return image
 
     def _admit(self, image: Path) -> Path:
         """The archive's real path, if it lies in an allowed directory."""
-        settings = self._config.restore
         real = image.resolve()
-        allowed = [d.resolve() for d in settings.allowed_dirs]
-        if not any(real.is_relative_to(d) for d in allowed) or not real.is_file():
-            raise PermissionDenied(f"restore from checkpoint {image} refused: it is not a file under an allowed "
-                                   f"directory (restore.allowed_dirs = {[str(d) for d in settings.allowed_dirs]})")
-        return real
+        allowed = [d.resolve() for d in self._config.restore.allowed_dirs]
+        return policy.admit_archive(image, real, real.is_file(), allowed)
 
     async def _create(self, request: cri.CreateContainerRequest, source: Path | CheckpointImage,
                       metadata: tuple[tuple[str, str], ...], timeout: float | None) -> str:
@@ -321,14 +319,6 @@ def _lazy_wanted(request: cri.CreateContainerRequest) -> bool:
             raise InvalidArgument(f"annotation {LAZY_ANNOTATION} must be \"true\" or \"false\", got {value!r}")
         wanted = value == "true"
     return wanted
-
-
-def registry_of(ref: str) -> str:
-    """The registry host of an image reference, as docker names it (docker.io when implicit)."""
-    first, sep, _ = ref.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost"):
-        return first
-    return "docker.io"
 
 
 def _check_hostile_spec(spec: dict[str, Any], request: cri.CreateContainerRequest) -> None:

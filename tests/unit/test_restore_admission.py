@@ -8,7 +8,7 @@ import pytest
 
 from shim.config import load, parse
 from shim.errors import InvalidArgument
-from shim.restore.engine import registry_of
+from shim.policy import registry_of
 
 
 @pytest.mark.parametrize("ref, registry", [
