@@ -35,6 +35,7 @@ from shim.errors import (
     NotFound,
     ShimError,
 )
+from shim.handoff import RESTORE_DIR
 from shim.peer import Peer
 from shim.restore import lazy
 from shim.restore.image import CheckpointImage, checkpoint_image, export_layer
@@ -47,7 +48,6 @@ from shim.restore.network import (
 )
 from shim.restore.relays import Relay, SparePool, stop_relay, wait_ready
 from shim.restore.selinux import restore_lsm_options, selinux_enforcing
-from shim.runtime.bundle import RESTORE_DIR
 
 log = logging.getLogger(__name__)
 METHOD = "/runtime.v1.RuntimeService/CreateContainer"

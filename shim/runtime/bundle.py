@@ -3,31 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-# Annotations the proxy sets on a restored container (allow-listed for the
-# "criu" runtime handler, so containerd copies them into the OCI spec).
-RESTORE_DIR = "restore.criu-shim.io/dir"
-
-
-@dataclass(frozen=True)
-class RestorePlan:
-    """Where the unpacked checkpoint is: CRIU images, rootfs diff, deleted files."""
-
-    dir: Path
-
-    @property
-    def images(self) -> Path:
-        return self.dir / "checkpoint"
-
-    @property
-    def rootfs_diff(self) -> Path:
-        return self.dir / "rootfs-diff.tar"
-
-    @property
-    def deleted_files(self) -> Path:
-        return self.dir / "deleted.files"
+from shim.handoff import RESTORE_DIR, RestorePlan
 
 
 def restore_plan(bundle: Path) -> RestorePlan | None:

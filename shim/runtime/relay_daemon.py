@@ -23,7 +23,8 @@ from pathlib import Path
 
 from shim.api.containerd.runtime.task.v2 import shim_pb2
 from shim.errors import FailedPrecondition
-from shim.runtime.bundle import RestorePlan, restore_plan
+from shim.handoff import RestorePlan
+from shim.runtime.bundle import restore_plan
 from shim.runtime.lazy_daemon import LazyPages
 
 TASK_SERVICE = "containerd.task.v2.Task"

@@ -6,7 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from shim.runtime.bundle import RestorePlan
+from shim.handoff import RestorePlan
 from shim.runtime.relay_daemon import RestoreRewriter
 
 

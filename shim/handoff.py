@@ -1,0 +1,74 @@
+"""The restore hand-off: the names the proxy, the relay and the launcher agree on.
+
+Three programs meet over files and annotations, never over a Python call: the proxy
+(shim.restore) unpacks a checkpoint into a work dir and marks the container's spec; the
+launcher (node-config/containerd-shim-criu-v2, sh) finds the relay by the work dir's name;
+the relay (shim.runtime) reads its plan back from the OCI bundle. Every one of those names
+is spelled here; tests/unit/test_handoff.py checks the sh launcher's copies against them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# Annotations the proxy sets on a restored container. Both are allow-listed for the "criu"
+# runtime handler (containerd copies allow-listed request annotations into the OCI spec).
+RESTORE_DIR = "restore.criu-shim.io/dir"  # the restore's work dir; the launcher greps for it
+CRIU_CONFIG_ANNOTATION = "org.criu.config"  # runc hands this file to CRIU as its config
+RESTORE_ANNOTATIONS = ("restore.criu-shim.io/*", CRIU_CONFIG_ANNOTATION)
+
+# Where relays and launchers meet: <key>.sock, <key>.upstream, <key>.pid, <key>.log, the key
+# being the work dir's name. The launcher honours SHIM_DIR_ENV (tests point it elsewhere).
+SHIM_DIR = Path("/run/criu-shim/shims")
+SHIM_DIR_ENV = "CRIU_SHIM_SHIMS_DIR"
+CRIU_CONFIG_SUFFIX = ".criu.conf"
+
+
+def criu_config(work: Path) -> Path:
+    """The CRIU config of the restore in `work`, next to it (outlives the work dir's clean-up)."""
+    return work.parent / f"{work.name}{CRIU_CONFIG_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class RelayFiles:
+    """The rendezvous files of the relay for the restore whose work dir is named `key`."""
+
+    key: str
+    directory: Path = SHIM_DIR
+
+    @property
+    def socket(self) -> Path:
+        return self.directory / f"{self.key}.sock"
+
+    @property
+    def upstream_file(self) -> Path:
+        """The runc shim's address, written by the launcher, read by the relay at first connection."""
+        return self.directory / f"{self.key}.upstream"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.directory / f"{self.key}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.directory / f"{self.key}.log"
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    """Where the unpacked checkpoint is: CRIU images, rootfs diff, deleted files."""
+
+    dir: Path
+
+    @property
+    def images(self) -> Path:
+        return self.dir / "checkpoint"
+
+    @property
+    def rootfs_diff(self) -> Path:
+        return self.dir / "rootfs-diff.tar"
+
+    @property
+    def deleted_files(self) -> Path:
+        return self.dir / "deleted.files"
