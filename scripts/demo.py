@@ -16,7 +16,7 @@ import grpc
 
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.api.cri.v1 import api_pb2_grpc
-from shim.node.tools import load_paths
+from shim.paths_env import load_paths
 
 TESTPROGS = "localhost/criu-shim/testprogs:1"
 DEMO_MEM_MB = 256

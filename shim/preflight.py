@@ -27,7 +27,7 @@ from shim.criu import (
     probe_feature,
 )
 from shim.hosttools import NUMBERS, Version, last_line, parse_kernel_release, run_probe, show, version_in
-from shim.node.tools import load_paths
+from shim.paths_env import load_paths
 
 CRIU_FEATURES = ("network_lock_nftables", "tcp_half_closed", "timens", "external_net_ns",
                  "mem_dirty_track", "uffd", "uffd-noncoop")

@@ -36,7 +36,8 @@ from typing import IO
 
 from shim.errors import FailedPrecondition, InvalidArgument, Unavailable, Unknown
 from shim.node import procs
-from shim.node.tools import REPO_ROOT, load_paths
+from shim.node.tools import REPO_ROOT
+from shim.paths_env import load_paths
 
 CONFIG_NAME = "config.yml"
 LOG_NAME = "registry.log"

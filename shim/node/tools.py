@@ -2,31 +2,20 @@
 
 `scripts/paths.env` (KEY=VALUE lines, shell-compatible) is committed and static;
 setup installs the tools where it says. `CRIU_SHIM_PATHS` overrides its location.
+It is read by shim.paths_env (product code uses it too); this module adds the
+development node's view (which containerd, which tools).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 from shim.errors import FailedPrecondition
+from shim.paths_env import load_paths
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTAINERD_VERSIONS = ("1.7", "1.6", "2.x")
-
-
-@cache
-def load_paths() -> dict[str, str]:
-    path = Path(os.environ.get("CRIU_SHIM_PATHS", REPO_ROOT / "scripts" / "paths.env"))
-    values: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            values[key.strip()] = value.strip().strip('"')
-    return values
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from shim.node.tools import load_paths
+from shim.paths_env import load_paths
 
 CRIU = Path(load_paths().get("CRIU_BIN", "/opt/criu-shim/bin/criu"))
 CAP_SYS_RESOURCE = 24

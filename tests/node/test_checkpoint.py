@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from shim.node import procs
-from shim.node.tools import load_paths
+from shim.paths_env import load_paths
 from tests.node.conftest import Node
 from tests.node.pods import Cri, wait_for
 

@@ -15,7 +15,8 @@ import pytest
 
 from shim.node import procs
 from shim.node import registry as reg
-from shim.node.tools import REPO_ROOT, load_paths
+from shim.node.tools import REPO_ROOT
+from shim.paths_env import load_paths
 
 pytestmark = pytest.mark.node
 

@@ -18,7 +18,7 @@ import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.handoff import RESTORE_DIR
-from shim.node.tools import load_paths
+from shim.paths_env import load_paths
 from tests.node.conftest import Node
 from tests.node.pods import Cri, Pod, wait_for
 
