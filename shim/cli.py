@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shim.errors import ShimError
+from shim.install import arguments as install_arguments
 
 DESCRIPTION = """\
 criu-shim: checkpoint/restore for Kubernetes nodes on containerd 1.6/1.7.
@@ -25,6 +26,7 @@ examples:
   criu-shim check                      # can this node checkpoint and restore?
   criu-shim node up --dir /tmp/node1   # a local containerd 1.7 node with the proxy
   criu-shim checkpoint-image ckpt.tar --name registry.example/app:ckpt --out app-ckpt.tar
+  criu-shim install --dry-run          # what wiring criu-shim into this node would change
 """
 
 
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     node_down.add_argument("--dir", type=Path, required=True)
     node_down.add_argument("--purge", action="store_true", help="also delete DIR (images, logs)")
 
+    install_arguments.add_parsers(sub)
+
     check = sub.add_parser(
         "check", help="preflight: can this node checkpoint and restore containers?",
         description="Probe CRIU (version, `criu check`, features), runc, containerd, the kernel, cgroups, "
@@ -123,6 +127,8 @@ def _run(args: argparse.Namespace) -> int:
             for line in local.down(args.dir, purge=args.purge):
                 print(line)
         return 0
+    if args.command in ("install", "uninstall"):
+        return install_arguments.run(args)
     if args.command == "check":
         from shim import preflight
 
