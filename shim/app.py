@@ -7,29 +7,35 @@ knows the CRI adapters, the checkpoint and restore engines, the reconciler and t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from shim import fillspool, metrics
+from shim.api.cri.v1 import api_pb2 as cri_v1
 from shim.checkpoint.engine import Checkpointer
 from shim.config import Config
 from shim.config import load as load_config
 from shim.containerd import Containerd
 from shim.cri import checkpoint_container, create_container, runtime_config, start_container
 from shim.journal import Journal
-from shim.proxy.dispatch import Dispatcher, Handler
+from shim.proxy.dispatch import Call, Dispatcher, Handler
 from shim.proxy.server import ProxyServer
 from shim.recovery import Reconciler
 from shim.restore.engine import Restorer
+from shim.retention.collector import ArchiveCollector
 
 log = logging.getLogger(__name__)
 
 
 def handlers(config: Config, containerd: Containerd, restorer: Restorer,
-             journal: Journal | None = None) -> dict[str, Handler]:
+             journal: Journal | None = None, after_checkpoint: Callable[[], None] | None = None) -> dict[str, Handler]:
     """The CRI methods the proxy answers itself; everything else is relayed."""
+    checkpoint = checkpoint_container.handler(Checkpointer(containerd, config, journal))
     return {
-        checkpoint_container.METHOD: checkpoint_container.handler(Checkpointer(containerd, config, journal)),
+        checkpoint_container.METHOD: _then(checkpoint, after_checkpoint) if after_checkpoint else checkpoint,
         create_container.METHOD: create_container.handler(containerd, restorer),
         start_container.METHOD: start_container.handler(containerd, restorer),
         runtime_config.METHOD: runtime_config.handler(containerd),
@@ -50,17 +56,25 @@ async def _serve(listen: Path, upstream: Path, config: Config, grace: float) -> 
     journal = Journal.in_state_dir(config.state_dir)
     restorer = Restorer(containerd, config)
     reconciler = Reconciler(containerd, config, journal)
-    server = ProxyServer(listen, upstream, Dispatcher(handlers(config, containerd, restorer, journal)), grace=grace)
+    collector = ArchiveCollector(config.retention, config.audit_log, restorer.archives_in_use) \
+        if config.retention.enabled else None
+    answered = handlers(config, containerd, restorer, journal, collector.poke if collector else None)
+    counter = metrics.CallCounter(cri_methods(), answered) if config.metrics.listen else None
+    server = ProxyServer(listen, upstream, Dispatcher(answered, counter), grace=grace)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)
     try:
         await _recover_at_start(reconciler)
         await restorer.open()
-        async with asyncio.TaskGroup() as tasks:
-            periodic = tasks.create_task(reconciler.run_forever())
-            await server.serve()
-            periodic.cancel()
+        with _metrics_endpoint(config):
+            async with asyncio.TaskGroup() as tasks:
+                periodic = [tasks.create_task(reconciler.run_forever())]
+                if collector is not None:
+                    periodic.append(tasks.create_task(collector.run_forever()))
+                await server.serve()
+                for task in periodic:
+                    task.cancel()
     finally:
         await restorer.close()
         await containerd.close()
@@ -78,3 +92,38 @@ async def _recover_at_start(reconciler: Reconciler) -> None:
     if result.undone or result.busy or result.failed:
         log.warning("start-up recovery: %d undone, %d still busy, %d failed (retried periodically)",
                     result.undone, result.busy, result.failed)
+
+
+def _then(handler: Handler, after: Callable[[], None]) -> Handler:
+    """`handler`, then `after()` once it has succeeded (a new checkpoint: retention looks again)."""
+    async def call(request: Call) -> bytes:
+        reply = await handler(request)
+        after()
+        return reply
+
+    return call
+
+
+def cri_methods() -> list[str]:
+    """Every CRI v1 method path ("/runtime.v1.RuntimeService/Version"...): the labels of the call counter."""
+    return [f"/{service.full_name}/{method.name}"
+            for service in cri_v1.DESCRIPTOR.services_by_name.values() for method in service.methods]
+
+
+@contextlib.contextmanager
+def _metrics_endpoint(config: Config) -> Iterator[None]:
+    """Prometheus /metrics while the proxy serves, if configured (its own thread, never the event loop)."""
+    if config.metrics.listen is None:
+        yield
+        return
+    spool = config.restore.work_dir / fillspool.SPOOL if config.restore.enabled else None
+    try:
+        endpoint = metrics.Endpoint(config.metrics.listen, spool)
+    except OSError as exc:  # CRI must not go down with it: the kubelet needs the proxy to reach containerd
+        log.error("not serving metrics on %s:%d: %s", *config.metrics.listen, exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        endpoint.close()

@@ -17,6 +17,17 @@
     work_dir = "/var/lib/criu-shim/restore"           # where archives are unpacked (private)
     lazy_pages = true           # memory filled in after the process runs (userfaultfd), when CRIU can
 
+    [retention]                 # off unless a limit is set (see README: deleting is irreversible)
+    dirs = ["/var/lib/kubelet/checkpoints"]   # where checkpoint archives are collected
+    ttl = "7d"                  # archives older than this go ("90s", "30m", "12h", "7d", or seconds)
+    max_per_container = 3       # keep the newest N of each container (0: no limit)
+    max_per_pod = 10            # keep the newest N of each pod (0: no limit)
+    node_quota_bytes = "50GiB"  # the oldest go until all archives together fit (bytes, or "50GiB")
+    interval = "10m"            # how often the proxy collects (also after each checkpoint)
+
+    [metrics]
+    listen = "127.0.0.1:9464"   # Prometheus /metrics; off unless set
+
     [admission]                 # shim.policy: who may restore, who may be checkpointed
     restore_namespaces = ["*"]            # pods that may receive a restore, by namespace (shell patterns)
     restore_runtime_handlers = ["*"]      # ... by RuntimeClass handler ("" = no RuntimeClass)
@@ -38,6 +49,11 @@ DEFAULT_AUDIT_LOG = Path("/var/log/criu-shim/audit.log")
 DEFAULT_STATE_DIR = Path("/var/lib/criu-shim")
 DEFAULT_RESTORE_DIR = Path("/var/lib/criu-shim/restore")
 DEFAULT_ALLOWED_DIRS = (Path("/var/lib/kubelet/checkpoints"),)
+KUBELET_CHECKPOINTS = Path("/var/lib/kubelet/checkpoints")
+DEFAULT_GC_INTERVAL = 600.0
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_BYTES = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
+          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,28 @@ class RestoreSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """Limits on the checkpoint archives kept on the node; 0/None means no such limit."""
+
+    dirs: tuple[Path, ...] = (KUBELET_CHECKPOINTS,)
+    ttl_s: float | None = None
+    max_per_container: int = 0
+    max_per_pod: int = 0
+    node_quota_bytes: int | None = None
+    interval_s: float = DEFAULT_GC_INTERVAL
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ttl_s is not None or self.max_per_container or self.max_per_pod
+                    or self.node_quota_bytes is not None)
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen: tuple[str, int] | None = None  # host, port of the Prometheus endpoint; None: not served
+
+
+@dataclass(frozen=True)
 class Config:
     checkpoint: CheckpointDefaults = field(default_factory=CheckpointDefaults)
     criu: Path | None = None
@@ -69,6 +107,8 @@ class Config:
     restore: RestoreSettings = field(default_factory=RestoreSettings)
     # Private (0700): the journal of in-flight operations and CRIU logs kept for the operator.
     state_dir: Path = DEFAULT_STATE_DIR
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     # Who may restore and who may be checkpointed (shim.policy).
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
 
@@ -85,7 +125,7 @@ def load(path: Path | None) -> Config:
 
 def parse(raw: dict[str, Any], origin: str = "config") -> Config:
     # A misspelt table ("[checkpiont]") would otherwise silently leave the defaults in force.
-    unknown_tables = set(raw) - {"checkpoint", "restore", "state_dir", "admission"}
+    unknown_tables = set(raw) - {"checkpoint", "restore", "state_dir", "retention", "metrics", "admission"}
     if unknown_tables:
         raise InvalidArgument(f"{origin}: unknown keys: {', '.join(sorted(unknown_tables))}")
     section = raw.get("checkpoint", {})
@@ -111,6 +151,7 @@ def parse(raw: dict[str, Any], origin: str = "config") -> Config:
         raise InvalidArgument(f"{origin}: state_dir must be an absolute path")
     return Config(CheckpointDefaults(**flags), Path(criu) if criu else _which_criu(), Path(audit),
                   _restore(raw.get("restore", {}), origin), Path(state),
+                  _retention(raw.get("retention", {}), origin), _metrics(raw.get("metrics", {}), origin),
                   admission=parse_section(raw.get("admission", {}), origin))
 
 
@@ -134,6 +175,97 @@ def _restore(section: Any, origin: str) -> RestoreSettings:
     if not isinstance(registries, list) or not all(isinstance(r, str) and r and "/" not in r for r in registries):
         raise InvalidArgument(f"{origin}: restore.allowed_registries must be a list of registry hosts")
     return RestoreSettings(enabled, tuple(Path(d) for d in dirs), tuple(registries), Path(work), lazy)
+
+
+def _retention(section: Any, origin: str) -> RetentionSettings:
+    if not isinstance(section, dict):
+        raise InvalidArgument(f"{origin}: [retention] must be a table")
+    keys = {"dirs", "ttl", "max_per_container", "max_per_pod", "node_quota_bytes", "interval"}
+    unknown = set(section) - keys
+    if unknown:
+        raise InvalidArgument(f"{origin}: unknown keys in [retention]: {', '.join(sorted(unknown))}")
+    dirs = section.get("dirs", [str(KUBELET_CHECKPOINTS)])
+    if not isinstance(dirs, list) or not dirs or \
+            not all(isinstance(d, str) and Path(d).is_absolute() and Path(d) != Path("/") for d in dirs):
+        raise InvalidArgument(f"{origin}: retention.dirs must be a non-empty list of absolute paths (not /)")
+    counts = {}
+    for key in ("max_per_container", "max_per_pod"):
+        value = section.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidArgument(f"{origin}: retention.{key} must be a whole number >= 0 (0: no limit), "
+                                  f"got {value!r}")
+        counts[key] = value
+    ttl = _duration(section["ttl"], f"{origin}: retention.ttl") if "ttl" in section else None
+    interval = _duration(section.get("interval", DEFAULT_GC_INTERVAL), f"{origin}: retention.interval")
+    if interval < 1:
+        raise InvalidArgument(f"{origin}: retention.interval must be at least 1 s")
+    quota = _size(section["node_quota_bytes"], origin) if "node_quota_bytes" in section else None
+    return RetentionSettings(tuple(Path(d) for d in dirs), ttl, counts["max_per_container"], counts["max_per_pod"],
+                             quota, interval)
+
+
+def _duration(value: Any, what: str) -> float:
+    """Seconds from a positive number or "90s", "30m", "12h", "7d"."""
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and len(value) > 1 and value[-1] in _SECONDS and value[:-1].isdigit():
+        seconds = float(int(value[:-1]) * _SECONDS[value[-1]])
+    if seconds is None or not seconds > 0 or seconds == float("inf"):
+        raise InvalidArgument(f'{what} must be a positive number of seconds or like "90s", "30m", "12h", "7d", '
+                              f"got {value!r}")
+    return seconds
+
+
+def _size(value: Any, origin: str) -> int:
+    """Bytes from a positive whole number or "500MiB", "50GiB", "1TB"."""
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        digits = value.rstrip("KMGTiB")
+        unit = value[len(digits):]
+        if digits.isdigit() and unit in _BYTES:
+            number = int(digits) * _BYTES[unit]
+    if number is None or number <= 0:
+        raise InvalidArgument(f'{origin}: retention.node_quota_bytes must be a positive number of bytes or like '
+                              f'"500MiB", "50GiB", got {value!r}')
+    return number
+
+
+def _metrics(section: Any, origin: str) -> MetricsSettings:
+    if not isinstance(section, dict):
+        raise InvalidArgument(f"{origin}: [metrics] must be a table")
+    unknown = set(section) - {"listen"}
+    if unknown:
+        raise InvalidArgument(f"{origin}: unknown keys in [metrics]: {', '.join(sorted(unknown))}")
+    listen = section.get("listen")
+    if listen is None:
+        return MetricsSettings()
+    return MetricsSettings(_address(listen, f"{origin}: metrics.listen"))
+
+
+def _address(value: Any, what: str) -> tuple[str, int]:
+    """host:port ("127.0.0.1:9464", "[::1]:9464", ":9464" for every address)."""
+    if isinstance(value, str):
+        host, sep, port = value.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if sep and port.isdigit() and 0 < int(port) < 65536 and (not host or _is_host(host)):
+            return host, int(port)
+    raise InvalidArgument(f'{what} must be "host:port" (e.g. "127.0.0.1:9464", "[::1]:9464", ":9464"), '
+                          f"got {value!r}")
+
+
+def _is_host(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        labels = host.split(".")
+        return all(label and len(label) < 64 and label.replace("-", "").isalnum() and label.isascii()
+                   for label in labels)
 
 
 def _which_criu() -> Path | None:

@@ -42,6 +42,7 @@ from shim.containerd import Containerd
 from shim.errors import FailedPrecondition, Internal, ResourceExhausted, ShimError
 from shim.faults import Point, reached
 from shim.journal import Journal, Operation, Record
+from shim.metrics import record_checkpoint, record_failure
 from shim.peer import Peer
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class Target:
 class Outcome:
     stopped: bool = False  # a stop-after dump succeeded: CRIU ended the container, nothing to thaw
     size: int = 0
+    freeze_s: float = 0.0  # the pause itself
     frozen_s: float = 0.0
     dump_s: float = 0.0
     archive_s: float = 0.0
@@ -99,11 +101,15 @@ class Checkpointer:
                 await self._checkpoint(request.container_id, path, target, outcome)
         except ShimError as exc:
             self._audit(request, target, outcome, started, f"error: {exc.code.name}: {exc.message}")
+            record_failure("checkpoint", exc)
             raise
         except BaseException as exc:
             self._audit(request, target, outcome, started, f"error: {type(exc).__name__}")
+            record_failure("checkpoint", exc)
             raise
         self._audit(request, target, outcome, started, "ok")
+        record_checkpoint(time.monotonic() - started, {"freeze": outcome.freeze_s, "dump": outcome.dump_s,
+                                                       "archive": outcome.archive_s}, outcome.frozen_s, outcome.size)
 
     async def _inspect(self, request: Request) -> Target:
         status, info = await self._containerd.container_status(request.container_id)
@@ -178,8 +184,10 @@ class Checkpointer:
             outcome.archive_s = time.monotonic() - archive_started
 
     async def _freeze(self, container_id: str, stack: AsyncExitStack, outcome: Outcome) -> None:
+        pausing = time.monotonic()
         await self._containerd.pause(container_id)
         frozen_at = time.monotonic()
+        outcome.freeze_s = frozen_at - pausing
 
         async def thaw(exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
             outcome.frozen_s = time.monotonic() - frozen_at

@@ -3,14 +3,20 @@
 A container created for restore must be started by criu-shim's runtime
 handler; on a node whose containerd does not use it, the container would
 silently start afresh from its command. That is refused, not hidden.
+For a restored container, containerd's StartContainer is CRIU's restore
+(runc restore through the relay): its time is the `criu_restore` stage.
 """
 
 from __future__ import annotations
+
+import time
 
 from google.protobuf.message import DecodeError
 
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.containerd import Containerd
+from shim.errors import ShimError
+from shim.metrics import record_failure, record_restore_stage
 from shim.proxy.dispatch import Call, Handler
 from shim.restore.engine import Restorer
 
@@ -19,12 +25,22 @@ METHOD = "/runtime.v1.RuntimeService/StartContainer"
 
 def handler(containerd: Containerd, restorer: Restorer) -> Handler:
     async def start_container(call: Call) -> bytes:
-        reply = await containerd.forward(METHOD, call.request, call.metadata, call.timeout)
         try:
-            container_id = cri.StartContainerRequest.FromString(call.request).container_id
+            container_id: str | None = cri.StartContainerRequest.FromString(call.request).container_id
         except DecodeError:
-            return reply  # containerd accepted it, so it decoded there; nothing of ours to check
-        await restorer.after_start(container_id)
+            container_id = None  # containerd will say what is wrong with it; nothing of ours to check
+        restoring = container_id is not None and restorer.is_pending(container_id)
+        started = time.monotonic()
+        try:
+            reply = await containerd.forward(METHOD, call.request, call.metadata, call.timeout)
+            if container_id is not None:
+                await restorer.after_start(container_id)  # refuses a restore that was started afresh
+        except ShimError as exc:
+            if restoring:
+                record_failure("restore", exc)
+            raise
+        if restoring:
+            record_restore_stage("criu_restore", time.monotonic() - started)
         return reply
 
     return start_container

@@ -35,11 +35,16 @@ Handler = Callable[[Call], Awaitable[bytes]]
 
 
 class Dispatcher:
-    def __init__(self, handlers: Mapping[str, Handler]) -> None:
+    def __init__(self, handlers: Mapping[str, Handler], count: Callable[[str, bool], None] | None = None) -> None:
         self._handlers = dict(handlers)
+        # Told (method, answered here) once per call: the splice asks once per new request stream.
+        self._count = count
 
     def intercepts(self, method: str) -> bool:
-        return method in self._handlers
+        answered = method in self._handlers
+        if self._count is not None:
+            self._count(method, answered)
+        return answered
 
     async def call(self, method: str, body: bytes, metadata: tuple[tuple[str, str], ...],
                    timeout: float | None, peer: Peer) -> bytes:

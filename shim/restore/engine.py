@@ -36,6 +36,7 @@ from shim.errors import (
     ShimError,
 )
 from shim.handoff import RESTORE_DIR
+from shim.metrics import record_failure, record_restore, record_restore_stage
 from shim.peer import Peer
 from shim.restore import lazy
 from shim.restore.image import CheckpointImage, checkpoint_image, export_layer
@@ -64,6 +65,7 @@ class Restorer:
         self._pending: dict[str, tuple[Relay, int]] = {}
         self._uffd: bool | None = None  # whether CRIU can restore lazily here (probed once)
         self._creating: set[str] = set()  # work dir names of restores inside CreateContainer
+        self._reading: dict[Path, int] = {}  # archives CreateContainer reads now, and by how many calls
         self._relays = SparePool(config.restore.work_dir)
 
     async def open(self) -> None:
@@ -134,16 +136,39 @@ class Restorer:
             self._require_enabled(request.config.image.image)
             await self._admit_pod(request)
             archive = self._admit(source) if isinstance(source, Path) else self._admit_image(source)
-            container_id = await self._create(request, archive, metadata, timeout)
+            self._hold(archive, 1)
+            try:
+                container_id = await self._create(request, archive, metadata, timeout)
+            finally:
+                self._hold(archive, -1)
         except ShimError as exc:
             result = f"error: {exc.code.name}: {exc.message}"
+            record_failure("restore", exc)
             raise
         except BaseException as exc:
             result = f"error: {type(exc).__name__}"
+            record_failure("restore", exc)
             raise
         finally:
             self._audit(request, peer, container_id, started, result)
+        record_restore(time.monotonic() - started)
         return cri.CreateContainerResponse(container_id=container_id)
+
+    def archives_in_use(self) -> set[Path]:
+        """Archives a CreateContainer reads now (retention keeps them; a lazy restore's loop devices it sees itself)."""
+        return set(self._reading)
+
+    def is_pending(self, container_id: str) -> bool:
+        """Created for restore and not started yet."""
+        return container_id in self._pending
+
+    def _hold(self, archive: Path | CheckpointImage, change: int) -> None:
+        if isinstance(archive, Path):
+            count = self._reading.get(archive, 0) + change
+            if count > 0:
+                self._reading[archive] = count
+            else:
+                self._reading.pop(archive, None)
 
     def _require_enabled(self, image: str) -> None:
         policy.require_restore_enabled(self._config.restore.enabled, image)
@@ -199,6 +224,8 @@ class Restorer:
             reply = await self._containerd.forward(METHOD, new.SerializeToString(), metadata, timeout)
             log.info("restore of %s: unpacked in %.3fs, containerd created it in %.3fs", archive_path,
                      unpacked, time.monotonic() - create_started)
+            record_restore_stage("unpack", unpacked)
+            record_restore_stage("create", time.monotonic() - create_started)
             container_id = str(cri.CreateContainerResponse.FromString(reply).container_id)
             # From here the relay owns `work` (it removes it when the task is gone).
             self._pending[container_id] = (relay, await wait_ready(relay))

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from shim import fillspool
 from shim.errors import FailedPrecondition
 from shim.restore import loopdev
 
@@ -129,6 +130,8 @@ class LazyPages:
         assert self._daemon is not None
         code = self._daemon.wait()
         log.info("lazy-pages daemon exited (%d) %.3fs after start", code, time.monotonic() - self._started)
+        if code == 0:  # memory complete: the fill time, for the proxy's metrics
+            fillspool.write(self._dir.parent / fillspool.SPOOL, self._dir.name, time.monotonic() - self._started)
         if code != 0 and not self._closing and self.on_failure is not None:
             log.error("the lazy-pages daemon failed (exit status %d, see %s)", code, self.work / LOG)
             self.on_failure(code)

@@ -127,3 +127,69 @@ def test_unreadable_file(tmp_path: Path) -> None:
     path.chmod(0)
     with pytest.raises(InvalidArgument, match=f"^config {path}: .*Permission denied"):
         load(path)
+
+
+def test_retention_is_off_by_default_and_collects_the_kubelets_directory() -> None:
+    from shim.config import KUBELET_CHECKPOINTS, RetentionSettings
+
+    assert parse({}).retention == RetentionSettings() and not parse({}).retention.enabled
+    assert parse({"retention": {}}).retention.dirs == (KUBELET_CHECKPOINTS,)
+
+
+def test_retention_every_key() -> None:
+    from shim.config import RetentionSettings
+
+    parsed = parse({"retention": {"dirs": ["/a", "/b"], "ttl": "7d", "max_per_container": 3, "max_per_pod": 10,
+                                  "node_quota_bytes": "50GiB", "interval": "10m"}}).retention
+    assert parsed == RetentionSettings((Path("/a"), Path("/b")), 7 * 86400.0, 3, 10, 50 << 30, 600.0)
+    assert parsed.enabled
+    assert parse({"retention": {"ttl": 90, "node_quota_bytes": 1000}}).retention.node_quota_bytes == 1000
+    assert parse({"retention": {"ttl": "90s"}}).retention.ttl_s == 90.0
+
+
+@pytest.mark.parametrize(("raw", "error"), [
+    ({"retention": []}, "[retention] must be a table"),
+    ({"retention": {"max_per_pods": 1}}, "unknown keys in [retention]: max_per_pods"),
+    ({"retention": {"dirs": "/var/lib/kubelet/checkpoints"}}, "retention.dirs must be a non-empty list"),
+    ({"retention": {"dirs": []}}, "retention.dirs must be a non-empty list"),
+    ({"retention": {"dirs": ["relative/dir"]}}, "retention.dirs must be a non-empty list of absolute paths"),
+    ({"retention": {"dirs": ["/"]}}, "(not /)"),
+    ({"retention": {"ttl": "7 days"}}, "retention.ttl must be a positive number of seconds"),
+    ({"retention": {"ttl": 0}}, "retention.ttl must be a positive"),
+    ({"retention": {"ttl": -5}}, "retention.ttl must be a positive"),
+    ({"retention": {"ttl": True}}, "retention.ttl must be a positive"),
+    ({"retention": {"ttl": "d"}}, "retention.ttl must be a positive"),
+    ({"retention": {"ttl": float("nan")}}, "retention.ttl must be a positive"),
+    ({"retention": {"ttl": float("inf")}}, "retention.ttl must be a positive"),
+    ({"retention": {"max_per_container": -1}}, "retention.max_per_container must be a whole number >= 0"),
+    ({"retention": {"max_per_pod": 2.5}}, "retention.max_per_pod must be a whole number >= 0"),
+    ({"retention": {"max_per_pod": True}}, "retention.max_per_pod must be a whole number >= 0"),
+    ({"retention": {"node_quota_bytes": "50 GB"}}, "retention.node_quota_bytes must be a positive number"),
+    ({"retention": {"node_quota_bytes": "GiB"}}, "retention.node_quota_bytes must be a positive number"),
+    ({"retention": {"node_quota_bytes": 0}}, "retention.node_quota_bytes must be a positive number"),
+    ({"retention": {"node_quota_bytes": "10XiB"}}, "retention.node_quota_bytes must be a positive number"),
+    ({"retention": {"interval": "0s"}}, "retention.interval must be a positive"),
+    ({"retention": {"interval": 0.5}}, "retention.interval must be at least 1 s"),
+])
+def test_bad_retention_values_are_refused(raw: dict[str, object], error: str) -> None:
+    assert error in refused(raw)
+
+
+def test_metrics_are_off_by_default_and_take_host_and_port() -> None:
+    assert parse({}).metrics.listen is None
+    assert parse({"metrics": {}}).metrics.listen is None
+    assert parse({"metrics": {"listen": "127.0.0.1:9464"}}).metrics.listen == ("127.0.0.1", 9464)
+    assert parse({"metrics": {"listen": "[::1]:9464"}}).metrics.listen == ("::1", 9464)
+    assert parse({"metrics": {"listen": ":9464"}}).metrics.listen == ("", 9464)
+    assert parse({"metrics": {"listen": "node-1.example:80"}}).metrics.listen == ("node-1.example", 80)
+
+
+@pytest.mark.parametrize("listen", ["9464", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:http",
+                                    "bad host:9464", "http://127.0.0.1:9464", 9464, "", ["127.0.0.1:9464"]])
+def test_bad_metrics_addresses_are_refused(listen: object) -> None:
+    assert 'metrics.listen must be "host:port"' in refused({"metrics": {"listen": listen}})
+
+
+def test_unknown_metrics_keys_are_refused() -> None:
+    assert "unknown keys in [metrics]: path" in refused({"metrics": {"path": "/m"}})
+    assert "[metrics] must be a table" in refused({"metrics": "127.0.0.1:9464"})
