@@ -3,6 +3,9 @@
 `python -m tests.support.imports` prints the package-level graph (modules grouped by package:
 proxy, cri, checkpoint, restore, runtime, ttrpc, node, api; top-level modules stand alone), its
 cycles and the imports that point up the layers. tests/unit/test_layers.py asserts the same.
+
+LAYERS is the floor plan (README "Layout"), top first: a module may import its own layer and
+the layers below it, never one above; packages never import each other in a cycle.
 """
 
 from __future__ import annotations
@@ -17,6 +20,35 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "shim"
 # Generated gRPC/protobuf code: a leaf everybody may use, not worth reading.
 GENERATED = "shim.api"
+
+
+# Longest prefix wins: shim.runtime.main is composition, the rest of shim.runtime an adapter.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("entry points", ("shim.__main__", "shim.cli", "shim.runtime.__main__")),
+    ("composition roots and commands", (
+        "shim.app",  # criu-shim serve: the proxy's wiring
+        "shim.runtime.main",  # containerd-shim-criu-v2: the runtime shim's wiring
+        "shim.recovery",  # the crash reconciler, over checkpoint and restore
+        "shim.preflight",  # criu-shim check
+        "shim.install",  # criu-shim install
+        "shim.node",  # the development node (criu-shim node): only the CLI may import it
+    )),
+    ("adapters", (
+        "shim.cri",  # the CRI verbs the proxy answers, one thin module each
+        "shim.runtime",  # the ttrpc side: relay and page daemons of a restored task
+    )),
+    ("domain", ("shim.checkpoint", "shim.restore", "shim.retention")),
+    ("facades", (
+        "shim.containerd", "shim.criu", "shim.ttrpc", "shim.proxy", "shim.cgroup_driver", "shim.freezer",
+    )),
+    ("ground", (
+        "shim.errors", "shim.config", "shim.policy", "shim.journal", "shim.faults", "shim.fileio", "shim.arch",
+        "shim.peer", "shim.handoff", "shim.paths_env", "shim.hosttools", "shim.metrics", "shim.fillspool", "shim.api",
+    )),
+)
+# The development node is a harness, not product: only the CLI's `node` command may reach it.
+DEV_HARNESS = "shim.node"
+DEV_HARNESS_USERS = ("shim.cli",)
 
 
 @dataclass(frozen=True)
@@ -144,6 +176,43 @@ def two_way(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
     return sorted((a, b) for a in graph for b in graph[a] if a < b and a in graph.get(b, ()))
 
 
+def _within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def layer_of(module: str) -> int | None:
+    """Index into LAYERS (0 = top), by the longest matching prefix; None when unassigned."""
+    if module == PACKAGE:  # shim/__init__.py: the version string, nothing else
+        return len(LAYERS) - 1
+    best: tuple[int, int] | None = None  # (prefix length, layer)
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if _within(module, prefix) and (best is None or len(prefix) > best[0]):
+                best = (len(prefix), index)
+    return None if best is None else best[1]
+
+
+def upward(imports: Iterable[Import]) -> list[Import]:
+    """Imports of a higher layer than the importer's own (unassigned modules are reported apart)."""
+    found = []
+    for imp in imports:
+        source, target = layer_of(imp.importer), layer_of(imp.imported)
+        if source is not None and target is not None and target < source:
+            found.append(imp)
+    return found
+
+
+def unassigned(imports: Iterable[Import], root: Path = ROOT) -> list[str]:
+    modules = {module_name(path, root) for path in source_files(root)}
+    modules |= {imp.imported for imp in imports}
+    return sorted(module for module in modules if layer_of(module) is None)
+
+
+def harness_users(imports: Iterable[Import]) -> list[Import]:
+    return [imp for imp in imports if _within(imp.imported, DEV_HARNESS) and not _within(imp.importer, DEV_HARNESS)
+            and imp.importer not in DEV_HARNESS_USERS]
+
+
 def render(imports: list[Import]) -> str:
     graph = package_graph(imports)
     lines = ["package graph of shim/ (importer -> imported):"]
@@ -157,6 +226,14 @@ def render(imports: list[Import]) -> str:
     lines.append("  the module imports inside the cycles:")
     for imp in cycle_edges(graph, imports):
         lines.append(f"    {imp.importer}:{imp.line} -> {imp.imported}")
+    lines.append("layers, top first (arrows point down only):")
+    for name, prefixes in LAYERS:
+        lines.append(f"  {name}: {', '.join(prefixes)}")
+    against = upward(imports) + harness_users(imports)
+    lines.append(f"imports against the layers: {len(against)}")
+    lines += [f"  {imp.importer}:{imp.line} -> {imp.imported}" for imp in against]
+    missing = unassigned(imports)
+    lines.append(f"modules without a layer: {', '.join(missing) or '-'}")
     return "\n".join(lines)
 
 
