@@ -37,7 +37,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # shim.arch: stdlib only, runs on python3
 import app_images  # noqa: E402  (scripts/ is not a package)
+
+from shim.arch import go_name  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SRC_DIR = REPO / "images" / "src"
@@ -89,13 +92,8 @@ def log(msg: str) -> None:
 
 
 def go_arch() -> str:
-    """The machine's architecture in OCI/Go spelling."""
-    m = platform.machine().lower()
-    return {
-        "x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
-        "armv7l": "arm", "i686": "386", "i386": "386", "ppc64le": "ppc64le",
-        "s390x": "s390x", "riscv64": "riscv64",
-    }.get(m, m)
+    """The machine's architecture in OCI/Go spelling (shim.arch owns the table)."""
+    return go_name(platform.machine().lower())
 
 
 def elf_is_static(data: bytes) -> bool:

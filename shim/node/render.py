@@ -20,9 +20,11 @@ _DISABLED = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1
 
 def containerd_config(layout: NodeLayout, version: str, runc: Path, cni_bin_dir: Path,
                       restrict_oom: bool) -> str:
-    """The containerd config file for `version` ("1.6", "1.7" or "2.x")."""
-    if version == "2.x":
-        return _v3(layout, runc, cni_bin_dir, restrict_oom)
+    """The containerd config file for `version` ("1.6", "1.7", "2.x", "2.3" or "2.4")."""
+    if version == "2.x":  # the native reference: containerd's own handler only
+        return _v3(layout, runc, cni_bin_dir, restrict_oom, criu_handler=False)
+    if version in ("2.3", "2.4"):
+        return _v3(layout, runc, cni_bin_dir, restrict_oom, criu_handler=True)
     return _v2(layout, runc, cni_bin_dir, restrict_oom, runtime_path=version != "1.6")
 
 
@@ -87,8 +89,24 @@ def _v2(layout: NodeLayout, runc: Path, cni_bin_dir: Path, restrict_oom: bool, r
 """
 
 
-def _v3(layout: NodeLayout, runc: Path, cni_bin_dir: Path, restrict_oom: bool) -> str:
+def _v3(layout: NodeLayout, runc: Path, cni_bin_dir: Path, restrict_oom: bool, criu_handler: bool) -> str:
     runtime = "plugins.'io.containerd.cri.v1.runtime'"
+    # As on 1.7: criu-shim's handler is the default, the stock runc type so runc options reach the
+    # stock shim, runtime_path puts our launcher in front of it. containerd's own restore through
+    # CreateContainer stays off (2.3's enable_experimental_restore_via_create defaults to false,
+    # 2.4 has none). Checkpoints go through criu-shim; its restore does not work on 2.x yet: containerd
+    # 2.x creates a pod's containers over the pod's shim without running our launcher (see
+    # tests/node/test_containerd_built.py, test_restore_through_criu_shim).
+    criu = f"""
+[{runtime}.containerd.runtimes.criu]
+  runtime_type = "io.containerd.runc.v2"
+  runtime_path = "{layout.bin_dir / "containerd-shim-criu-v2"}"
+  container_annotations = {json.dumps(list(RESTORE_ANNOTATIONS))}
+
+[{runtime}.containerd.runtimes.criu.options]
+  BinaryName = "{runc}"
+  SystemdCgroup = false
+""" if criu_handler else ""
     return _common(layout, 3) + f"""
 [plugins.'io.containerd.cri.v1.images']
   snapshotter = "overlayfs"
@@ -101,8 +119,8 @@ def _v3(layout: NodeLayout, runc: Path, cni_bin_dir: Path, restrict_oom: bool) -
   enable_selinux = false
 
 [{runtime}.containerd]
-  default_runtime_name = "runc"
-
+  default_runtime_name = "{"criu" if criu_handler else "runc"}"
+{criu}
 [{runtime}.containerd.runtimes.runc]
   runtime_type = "io.containerd.runc.v2"
 

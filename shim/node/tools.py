@@ -15,7 +15,11 @@ from shim.errors import FailedPrecondition
 from shim.paths_env import load_paths
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CONTAINERD_VERSIONS = ("1.7", "1.6", "2.x")
+# "2.x" is Debian's 2.1 (from `make setup`), run as the native reference with containerd's own
+# handler only; "2.3" and "2.4" are built from the Go module proxy (`make peers`) and run with
+# criu-shim's handler, as 1.6/1.7 do.
+CONTAINERD_VERSIONS = ("1.7", "1.6", "2.x", "2.3", "2.4")
+BUILT_FROM_GO = ("2.3", "2.4")
 
 
 @dataclass(frozen=True)
@@ -44,5 +48,6 @@ def tools_for(containerd_version: str) -> Tools:
     tools = Tools(Path(paths[key]), Path(paths["RUNC_BIN"]), Path(paths["CRIU_BIN"]),
                   Path(paths["CNI_BIN_DIR"]), Path(paths["CHECKPOINTCTL_BIN"]))
     if not tools.containerd.exists():
-        raise FailedPrecondition(f"{tools.containerd} is missing: run `make setup` first")
+        target = "make peers" if containerd_version in BUILT_FROM_GO else "make setup"
+        raise FailedPrecondition(f"{tools.containerd} is missing: run `{target}` first")
     return tools

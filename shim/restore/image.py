@@ -44,6 +44,7 @@ import grpc.aio
 
 from shim.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
 from shim.api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
+from shim.arch import go_name
 from shim.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -85,9 +86,6 @@ LAYER_TYPES = frozenset({
 })
 _DIGEST = re.compile(r"(sha256):([a-f0-9]{64})|(sha512):([a-f0-9]{128})")
 _ID = re.compile(r"(?:sha256:)?[a-f0-9]{64}")
-_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm",
-         "armv6l": "arm", "i686": "386", "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x",
-         "riscv64": "riscv64"}
 _ERRORS = {grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
            grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.UNAVAILABLE: Unavailable}
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -118,8 +116,7 @@ class _Descriptor:
 
 
 def host_arch() -> str:
-    machine = platform.machine()
-    return _ARCH.get(machine, machine)
+    return go_name(platform.machine())
 
 
 def family_of(annotations: Mapping[str, str]) -> Family | None:

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from shim.arch import go_name
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "build-images.py"
-ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+ARCH = go_name(platform.machine())
 IMAGES = {
     "pause": ("localhost/criu-shim/pause:1", ["/pause"], None),
     "busybox": ("localhost/criu-shim/busybox:1", None, ["/bin/sh"]),

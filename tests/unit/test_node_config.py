@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from shim.node.render import RESTORE_ANNOTATIONS
 
@@ -29,3 +32,31 @@ def test_launcher_only_diverts_restores_and_kubelet_points_at_the_proxy() -> Non
     assert "--container-runtime-endpoint=unix:///run/criu-shim/cri.sock" in flags
     unit = (NODE_CONFIG / "criu-shim.service").read_text()
     assert "criu-shim serve" in unit and "Before=kubelet.service" in unit
+
+
+def _rendered(version: str) -> dict[str, Any]:
+    from shim.node import render
+    from shim.node.layout import NodeLayout
+    text = render.containerd_config(NodeLayout(Path("/n")), version, Path("/r/runc"), Path("/cni"), True)
+    return tomllib.loads(text)
+
+
+@pytest.mark.parametrize("version", ["2.3", "2.4"])
+def test_v3_node_config_of_built_containerds_registers_the_criu_handler(version: str) -> None:
+    config = _rendered(version)
+    assert config["version"] == 3
+    containerd = config["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]
+    assert containerd["default_runtime_name"] == "criu"
+    criu = containerd["runtimes"]["criu"]
+    assert criu["runtime_type"] == "io.containerd.runc.v2"
+    assert criu["runtime_path"] == "/n/bin/containerd-shim-criu-v2"
+    assert tuple(criu["container_annotations"]) == RESTORE_ANNOTATIONS
+    assert criu["options"] == {"BinaryName": "/r/runc", "SystemdCgroup": False}
+    # containerd's own restore through CreateContainer is not switched on
+    assert "enable_experimental_restore_via_create" not in config["plugins"]["io.containerd.cri.v1.runtime"]
+
+
+def test_v3_node_config_of_the_native_reference_has_containerds_handler_only() -> None:
+    containerd = _rendered("2.x")["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]
+    assert containerd["default_runtime_name"] == "runc"
+    assert set(containerd["runtimes"]) == {"runc"}
