@@ -21,6 +21,8 @@ def state_dir(root: Path) -> Path:
 def node_from_args(root: Path, containerd_config: Path | None, containerd_bin: str | None, criu_shim: str | None,
                    keep_default_runtime: bool, kubelet: bool) -> files.Node:
     config = containerd_config or root / files.CONTAINERD_CONFIG
+    if config.is_symlink():  # the file behind the link changes (and comes back); the link stays a link
+        config = config.resolve()
     binary = _containerd_binary(containerd_bin)
     runc_shim = _runc_shim(binary)
     return files.Node(root=root, containerd_config=config.absolute(),

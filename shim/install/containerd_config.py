@@ -31,6 +31,7 @@ HANDLER = "criu"
 RUNC_TYPE = "io.containerd.runc.v2"
 # Request annotations containerd must copy into a restored container's OCI spec.
 RESTORE_ANNOTATIONS = ("restore.criu-shim.io/*", "org.criu.config")
+VERSION_LINE = r"^\s*version\s*="
 CRI_PLUGIN = {2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime", 4: "io.containerd.cri.v1.runtime"}
 
 
@@ -46,8 +47,9 @@ def version_for(containerd_version: str) -> int:
 
 def merge(text: str, origin: str, launcher: str, keep_default: bool = False,
           empty_version: int | None = None) -> str:
-    """`text` with the `criu` handler merged in. `empty_version` is used when the file says nothing
-    (empty, or comments only: containerd then runs on its defaults)."""
+    """`text` with the `criu` handler merged in. `empty_version`, the version the node's containerd
+    writes, is used when the file says nothing (empty, or comments only: containerd then runs on its
+    defaults); a file newer than that containerd reads is refused."""
     try:
         doc = tomlkit.parse(text)
     except ParseError as exc:
@@ -57,6 +59,9 @@ def merge(text: str, origin: str, launcher: str, keep_default: bool = False,
         raise InvalidArgument(f"{origin}: not valid TOML, criu-shim cannot merge it ({exc}); "
                               "nothing was changed") from None
     version = _version(doc, text, origin, empty_version)
+    if empty_version == 2 and version > 2:  # containerd 1.x reads version 2 at most
+        raise InvalidArgument(f"{origin}:{_line_of(text, VERSION_LINE)}: config version {version} is for "
+                              "containerd 2.x, but this node's containerd is 1.x; nothing was changed")
     if "version" not in doc:
         doc.add("version", version)
     containerd = _table(doc, ("plugins", CRI_PLUGIN[version], "containerd"), text, origin)
@@ -85,7 +90,7 @@ def _version(doc: Any, text: str, origin: str, empty_version: int | None) -> int
                               "run install again; nothing was changed")
     version = doc["version"]
     if isinstance(version, bool) or not isinstance(version, int) or version not in CRI_PLUGIN:
-        line = _line_of(text, r"^\s*version\s*=")
+        line = _line_of(text, VERSION_LINE)
         raise InvalidArgument(f"{origin}:{line}: config version {version!r} is not "
                               "one criu-shim merges (2 for containerd 1.6/1.7, 3 or 4 for 2.x); nothing was changed")
     return int(version)

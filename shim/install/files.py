@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from shim.errors import InvalidArgument
 from shim.install import containerd_config
 
 NODE_CONFIG = Path(__file__).resolve().parents[2] / "node-config"
@@ -69,9 +70,8 @@ def changes(node: Node) -> list[Change]:
     config_before = _read(node.containerd_config)
     launcher_path = "/" + str(LAUNCHER)
     empty_version = containerd_config.version_for(node.containerd_version) if node.containerd_version else None
-    merged = containerd_config.merge((config_before or b"").decode("utf-8", errors="strict"),
-                                     str(node.containerd_config), launcher_path, node.keep_default_runtime,
-                                     empty_version)
+    merged = containerd_config.merge(_text(config_before, node.containerd_config), str(node.containerd_config),
+                                     launcher_path, node.keep_default_runtime, empty_version)
     wanted = [
         (node.under(UNIT), unit(node, _containerd_socket(merged)).encode(), 0o644),
         (node.under(LAUNCHER), launcher(node.python, node.runc_shim).encode(), 0o755),
@@ -84,6 +84,15 @@ def changes(node: Node) -> list[Change]:
                        launcher(node.python, node.runc_shim).encode(), 0o755))
         wanted.append((node.under(CONTAINERD_DROP_IN), containerd_drop_in().encode(), 0o644))
     return [Change(path, _read(path), after, mode) for path, after, mode in wanted]
+
+
+def _text(data: bytes | None, path: Path) -> str:
+    try:
+        return (data or b"").decode("utf-8")  # TOML is UTF-8
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1 if data else 1
+        raise InvalidArgument(f"{path}:{line}: not UTF-8 (byte {exc.start}), so not TOML; criu-shim cannot merge "
+                              "it; nothing was changed") from None
 
 
 def _read(path: Path) -> bytes | None:

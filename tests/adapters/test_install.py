@@ -267,3 +267,69 @@ def test_merge_is_pure_and_idempotent_without_containerd() -> None:
     kept = containerd_config.merge(OPERATOR_V2, "x", LAUNCHER, keep_default=True)
     assert tomllib.loads(kept)["plugins"][CRI_V2]["containerd"]["default_runtime_name"] == "runc"
     assert containerd_config.version_for("1.6.20") == 2 and containerd_config.version_for("v2.4.2") == 3
+
+
+def test_a_config_that_is_not_utf8_is_refused_with_its_line(tmp_path: Path) -> None:
+    version = (present() or pytest.skip("no containerd under /opt/criu-shim"))[0]
+    root = tmp_path / "root"
+    (root / "etc/containerd").mkdir(parents=True)
+    (root / "etc/containerd/config.toml").write_bytes(b"version = 2\n# caf\xe9\n")
+    before = snapshot(root)
+    done = install(root, version)
+    assert done.returncode == 1 and "config.toml:2: not UTF-8" in done.stderr and "Traceback" not in done.stderr
+    assert snapshot(root) == before
+
+
+def test_a_2x_config_on_a_1x_containerd_is_refused(tmp_path: Path) -> None:
+    if "1.7" not in present():
+        pytest.skip("no containerd 1.7")
+    root = tmp_path / "root"
+    (root / "etc/containerd").mkdir(parents=True)
+    (root / "etc/containerd/config.toml").write_text("# 2.x\nversion = 3\n")
+    done = install(root, "1.7")
+    assert done.returncode == 1
+    assert "config.toml:2: config version 3 is for containerd 2.x, but this node's containerd is 1.x" in done.stderr
+    assert not (root / "var").exists()
+
+
+def test_a_symlinked_config_stays_a_symlink(tmp_path: Path) -> None:
+    version = (present() or pytest.skip("no containerd under /opt/criu-shim"))[0]
+    root = tmp_path / "root"
+    (root / "etc/containerd").mkdir(parents=True)
+    real = root / "srv/containerd.toml"
+    real.parent.mkdir(parents=True)
+    real.write_text(default_config(version))
+    (root / "etc/containerd/config.toml").symlink_to(real)
+    before = snapshot(root)
+    assert install(root, version).returncode == 0
+    assert (root / "etc/containerd/config.toml").is_symlink()
+    assert 'default_runtime_name = "criu"' in real.read_text()
+    assert criu_shim("uninstall", "--root", str(root)).returncode == 0
+    assert (root / "etc/containerd/config.toml").is_symlink() and snapshot(root) == before
+
+
+def test_install_runs_criu_shim_check(tmp_path: Path) -> None:
+    version = (present() or pytest.skip("no containerd under /opt/criu-shim"))[0]
+    root = tmp_path / "root"
+    done = criu_shim("install", "--root", str(root), "--containerd-bin", str(BINARIES[version]),
+                     "--criu-shim-bin", "/usr/local/bin/criu-shim")
+    assert "wrote " in done.stdout
+    assert "criu check" in done.stdout and "AREA" in done.stdout  # the preflight table
+    assert criu_shim("uninstall", "--root", str(root)).returncode == 0
+
+
+def test_the_installed_unit_is_node_configs() -> None:
+    from shim.install import files
+
+    node = files.Node(Path("/"), Path("/etc/containerd/config.toml"), "1.7.24", "/usr/local/bin/criu-shim",
+                      "/usr/bin/python3", "/usr/bin/containerd-shim-runc-v2")
+    assert files.unit(node, files.CONTAINERD_SOCKET) == (files.NODE_CONFIG / "criu-shim.service").read_text()
+    assert "ExecStart=/opt/x/criu-shim serve" in files.unit(
+        files.Node(Path("/"), Path("/c"), None, "/opt/x/criu-shim", "p", "r"), "/run/k8s/c.sock")
+
+
+def test_help_has_examples() -> None:
+    for command in ("install", "uninstall"):
+        out = criu_shim(command, "--help").stdout
+        assert "examples:" in out and f"criu-shim {command}" in out
+    assert "--dry-run" in criu_shim("install", "--help").stdout
