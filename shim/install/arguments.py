@@ -42,6 +42,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                          "for its version (default: containerd on PATH)")
     install.add_argument("--criu-shim-bin", metavar="PATH", help="criu-shim executable the unit runs "
                          "(default: criu-shim on PATH)")
+    install.add_argument("--python", metavar="PATH", help="the interpreter that has criu-shim, for the launcher's "
+                         "restore path (default: the one running this command; give the image's for --root)")
     install.add_argument("--keep-default-runtime", action="store_true", help="leave containerd's default runtime "
                          "as it is (pods then need RuntimeClass handler \"criu\" to receive a restore)")
     install.add_argument("--no-kubelet", action="store_true", help="leave the kubelet alone (no drop-in)")
@@ -70,5 +72,5 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "uninstall":
         return command.uninstall(root, args.force)
     node = command.node_from_args(root, args.containerd_config, args.containerd_bin, args.criu_shim_bin,
-                                  args.keep_default_runtime, kubelet=not args.no_kubelet)
+                                  args.keep_default_runtime, kubelet=not args.no_kubelet, python=args.python)
     return command.install(node, args.dry_run, check=not args.no_check, containerd_bin=args.containerd_bin)

@@ -19,7 +19,7 @@ def state_dir(root: Path) -> Path:
 
 
 def node_from_args(root: Path, containerd_config: Path | None, containerd_bin: str | None, criu_shim: str | None,
-                   keep_default_runtime: bool, kubelet: bool) -> files.Node:
+                   keep_default_runtime: bool, kubelet: bool, python: str | None = None) -> files.Node:
     config = containerd_config or root / files.CONTAINERD_CONFIG
     if config.is_symlink():  # the file behind the link changes (and comes back); the link stays a link
         config = config.resolve()
@@ -28,7 +28,7 @@ def node_from_args(root: Path, containerd_config: Path | None, containerd_bin: s
     return files.Node(root=root, containerd_config=config.absolute(),
                       containerd_version=containerd_version(binary) if binary else None,
                       criu_shim=criu_shim or shutil.which("criu-shim") or str(Path(sys.argv[0]).absolute()),
-                      python=sys.executable, runc_shim=runc_shim, keep_default_runtime=keep_default_runtime,
+                      python=python or sys.executable, runc_shim=runc_shim, keep_default_runtime=keep_default_runtime,
                       kubelet=kubelet)
 
 

@@ -83,8 +83,11 @@ def _reason(exc: ParseError) -> str:
 
 def _version(doc: Any, text: str, origin: str, empty_version: int | None) -> int:
     if "version" not in doc:
-        if not doc.keys() and empty_version is not None:
-            return empty_version
+        if not doc.keys():
+            if empty_version is not None:
+                return empty_version
+            raise InvalidArgument(f"{origin}: missing or empty, and no containerd binary was found to tell which "
+                                  "config version to write (give --containerd-bin); nothing was changed")
         raise InvalidArgument(f"{origin}: no `version` key: a version 1 config (containerd 1.x before 1.5), which "
                               "criu-shim does not merge; migrate it first (`containerd config migrate`) and "
                               "run install again; nothing was changed")

@@ -308,6 +308,24 @@ def test_a_symlinked_config_stays_a_symlink(tmp_path: Path) -> None:
     assert (root / "etc/containerd/config.toml").is_symlink() and snapshot(root) == before
 
 
+def test_python_and_criu_shim_paths_for_an_image(tmp_path: Path) -> None:
+    version = (present() or pytest.skip("no containerd under /opt/criu-shim"))[0]
+    done = install(tmp_path / "image", version, "--python", "/usr/lib/criu-shim/venv/bin/python", "--dry-run")
+    assert 'PYTHON="${CRIU_SHIM_PYTHON:-/usr/lib/criu-shim/venv/bin/python}"' in done.stdout
+    assert "+ExecStart=/usr/local/bin/criu-shim serve" in done.stdout
+    assert not (tmp_path / "image").exists()
+
+
+def test_no_config_and_no_containerd_says_what_to_give(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    done = criu_shim("install", "--root", str(root), "--no-check", "--criu-shim-bin", "/x/criu-shim")
+    if "containerd" in subprocess.run(["sh", "-c", "command -v containerd"], capture_output=True, text=True).stdout:
+        pytest.skip("containerd is on PATH here")
+    assert done.returncode == 1
+    assert f"{root}/etc/containerd/config.toml: missing or empty, and no containerd binary" in done.stderr
+    assert "--containerd-bin" in done.stderr and not root.exists()
+
+
 def test_install_runs_criu_shim_check(tmp_path: Path) -> None:
     version = (present() or pytest.skip("no containerd under /opt/criu-shim"))[0]
     root = tmp_path / "root"
