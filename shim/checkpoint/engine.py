@@ -32,7 +32,7 @@ from shim import policy
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.arch import go_arch
-from shim.checkpoint import audit, criu, devshm, location, netlock, options, recovery
+from shim.checkpoint import audit, criu, criulog, devshm, location, netlock, options, recovery
 from shim.checkpoint.adopt import write_archive_in_place
 from shim.checkpoint.archive import Member, directory_members
 from shim.checkpoint.metadata import config_dump, spec_dump, status_dump
@@ -240,7 +240,8 @@ class Checkpointer:
             if await asyncio.to_thread(_out_of_space, staging / "work" / "dump.log", staging):
                 raise ResourceExhausted(f"no space left on the filesystem of {staging.parent} for the checkpoint "
                                         f"images (CRIU: {exc.message})") from None
-            raise _explain_dump_failure(exc, staging / "work" / "dump.log") from None
+            raise _explain_dump_failure(exc, staging / "work" / "dump.log", self._config.state_dir / criulog.LOGS,
+                                        container_id) from None
 
     def _audit(self, request: Request, target: Target | None, outcome: Outcome, started: float,
                result: str) -> None:
@@ -363,20 +364,7 @@ def _out_of_space(dump_log: Path, staging: Path) -> bool:
     return vfs.f_bavail * vfs.f_frsize < FULL_DISK_MARGIN
 
 
-def _explain_dump_failure(error: ShimError, dump_log: Path) -> ShimError:
-    """CRIU's raw error, plus the annotation that fixes it when we know one."""
-    try:
-        text = dump_log.read_text(errors="replace")
-    except OSError:
-        text = ""
-    hints = {
-        "Connected TCP socket": options.annotation("tcp-established"),
-        "unix socket": options.annotation("ext-unix-sockets"),
-        "file lock": options.annotation("file-locks"),
-    }
-    for needle, key in hints.items():
-        if needle.lower() in text.lower():
-            errors = [line for line in text.splitlines() if "Error" in line][-3:]
-            return type(error)(f"{error.message}; CRIU: {' | '.join(errors)}. To checkpoint this container set "
-                               f'the pod annotation {key}: "true" (or the node default in the criu-shim config)')
-    return error
+def _explain_dump_failure(error: ShimError, dump_log: Path, logs: Path, container_id: str) -> ShimError:
+    """runc's error as it was, then CRIU's reason, the advice its error lines ask for, and the kept log."""
+    kept = criulog.keep(dump_log, logs, container_id, "dump")  # the staging dir goes with the failure
+    return criulog.reworded(error, criulog.explain(error.message, criulog.read_log(dump_log), kept))

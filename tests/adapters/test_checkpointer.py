@@ -184,7 +184,8 @@ def new_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    return Config(CheckpointDefaults(), criu=fake_criu(tmp_path, "4.2.1"), audit_log=tmp_path / "audit" / "audit.log")
+    return Config(CheckpointDefaults(), criu=fake_criu(tmp_path, "4.2.1"), audit_log=tmp_path / "audit" / "audit.log",
+                  state_dir=tmp_path / "state")
 
 
 @pytest.fixture
@@ -275,7 +276,9 @@ def test_failing_dump_propagates_and_thaws(fake: FakeContainerd, config: Config,
     fake.dump_error = Unknown("runc did not terminate successfully: exit status 1: criu failed: type NOTIFY")
     with pytest.raises(Unknown) as caught:
         run(checkpointer(fake, config).checkpoint(Request(CONTAINER, str(out / "cp.tar"), PEER)))
-    assert caught.value.message == fake.dump_error.message  # no hint: the log names no known cause
+    message = caught.value.message
+    assert message.startswith(fake.dump_error.message + "; CRIU log ends: ")  # runc's words first, unchanged
+    assert "annotation" not in message  # no advice: the log names no known cause
     assert fake.calls == [("pause", CONTAINER), ("dump", CONTAINER), ("resume", CONTAINER),
                           ("resumed", CONTAINER)]
     assert os.listdir(out) == []  # no archive, no staging dir
@@ -292,6 +295,24 @@ def test_tcp_dump_failure_names_the_annotation(fake: FakeContainerd, config: Con
     assert 'checkpoint.criu-shim.io/tcp-established: "true"' in message
     assert ("resume", CONTAINER) in fake.calls
     assert os.listdir(out) == []
+    # The staging dir is gone, its dump.log is not: kept private under the state dir, named in the message.
+    kept = Path(message.rsplit("full CRIU log: ", 1)[1])
+    assert kept.parent == config.state_dir / "logs" / CONTAINER
+    assert kept.read_text() == TCP_LOG and stat.S_IMODE(kept.stat().st_mode) == 0o600
+
+
+def test_a_socket_mentioned_in_the_log_is_no_reason_for_advice(fake: FakeContainerd, config: Config,
+                                                               out: Path) -> None:
+    fake.dump_error = Unknown("runc did not terminate successfully: exit status 1")
+    fake.dump_log = ("(00.030100) unix: Dumping unix socket at 7\n(00.030120) file lock 1 of pid 7\n"
+                     "(00.044528) Error (criu/cr-dump.c:389): Can't get rlimit 0: Operation not permitted\n"
+                     "(00.044752) Error (criu/cr-dump.c:1975): Dumping FAILED.\n")
+    with pytest.raises(Unknown) as caught:
+        run(checkpointer(fake, config).checkpoint(Request(CONTAINER, str(out / "cp.tar"), PEER)))
+    message = caught.value.message
+    assert "CRIU: Can't get rlimit 0: Operation not permitted | Dumping FAILED." in message
+    assert "annotation" not in message
+    assert "non-root user" in message and "CAP_SYS_RESOURCE" in message
 
 
 def test_deadline_during_the_dump_thaws_once_the_dump_has_ended(fake: FakeContainerd, config: Config,
@@ -450,7 +471,7 @@ def test_audit_log_gets_one_line_per_attempt(fake: FakeContainerd, config: Confi
     lines = audit_lines(config)
     assert [line["result"] for line in lines] == [
         "ok", error_of(dump_failure.value), error_of(bad_location.value), error_of(exited.value)]
-    assert lines[1]["result"] == "error: UNKNOWN: criu failed"
+    assert lines[1]["result"].startswith("error: UNKNOWN: criu failed; CRIU log ends: ")
     ok = lines[0]
     assert (ok["action"], ok["caller_uid"], ok["caller_pid"]) == ("checkpoint", PEER.uid, PEER.pid)
     assert (ok["pod"], ok["namespace"], ok["container"], ok["container_id"]) == ("web-0", "shop", "web", CONTAINER)
