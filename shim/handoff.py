@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from shim import archive_layout
+
 # Annotations the proxy sets on a restored container. Both are allow-listed for the "criu"
 # runtime handler (containerd copies allow-listed request annotations into the OCI spec).
 RESTORE_DIR = "restore.criu-shim.io/dir"  # the restore's work dir; the launcher greps for it
@@ -63,12 +65,12 @@ class RestorePlan:
 
     @property
     def images(self) -> Path:
-        return self.dir / "checkpoint"
+        return self.dir / archive_layout.IMAGES_DIR
 
     @property
     def rootfs_diff(self) -> Path:
-        return self.dir / "rootfs-diff.tar"
+        return self.dir / archive_layout.ROOTFS_DIFF
 
     @property
     def deleted_files(self) -> Path:
-        return self.dir / "deleted.files"
+        return self.dir / archive_layout.DELETED_FILES

@@ -37,11 +37,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from shim import archive_layout
 from shim.checkpoint.archive import SourceChangedError, TarWriter, file_kind
 from shim.errors import FailedPrecondition
 
 # Podman's member name (checkpointctl's metadata.DevShmCheckpointTar): archives interoperate.
-MEMBER = "devshm-checkpoint.tar"
+MEMBER = archive_layout.DEVSHM
 # The pod's /dev/shm is a 64 MiB tmpfs by default (containerd); a node may make it bigger, not this big.
 MAX_SIZE = 1 << 30
 MAX_ENTRIES = 100_000

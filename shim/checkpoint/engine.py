@@ -32,6 +32,7 @@ from shim import policy
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.arch import go_arch
+from shim.archive_layout import FACTS
 from shim.checkpoint import audit, criu, criulog, devshm, location, netlock, options, recovery
 from shim.checkpoint.adopt import write_archive_in_place
 from shim.checkpoint.archive import Member, directory_members
@@ -50,7 +51,7 @@ THAW_TIMEOUT = 30.0
 # How long a cancelled checkpoint still waits for runc's dump to end before it thaws.
 DUMP_GRACE = 60.0
 # Ours: what a restore needs that no standard member records.
-FACTS_MEMBER = "criu-shim.json"
+FACTS_MEMBER = FACTS
 
 
 @dataclass(frozen=True)

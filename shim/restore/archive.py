@@ -41,6 +41,7 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import IO, Any, Self
 
+from shim.archive_layout import REQUIRED
 from shim.errors import InvalidArgument, NotFound, ResourceExhausted
 from shim.fileio import kernel_copy
 from shim.restore.checkpoint_spec import Engine, detect_engine
@@ -48,7 +49,6 @@ from shim.restore.lazy import Deferred
 
 DEFAULT_MAX_SIZE = 64 << 30
 DEFAULT_MAX_MEMBERS = 1_000_000
-REQUIRED = ("spec.dump", "config.dump", "checkpoint/inventory.img")
 # The saved container log: ours and containerd's, CRI-O's (named after its annotation), Podman's.
 LOG_NAMES = ("container.log", "io.kubernetes.cri-o.LogPath", "ctr.log")
 # JSON side files are read into memory; none is anywhere near this big.

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from shim.arch import go_arch
+from shim.archive_layout import CONFIG_DUMP, REQUIRED, SPEC_DUMP
 from shim.errors import InvalidArgument
-from shim.restore.archive import REQUIRED
 
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
 
@@ -57,8 +57,8 @@ def _read_json_member(archive: Path, name: str) -> dict[str, Any]:
 
 
 def checkpoint_annotations(archive: Path) -> dict[str, str]:
-    config = _read_member(archive, "config.dump")
-    spec = _read_member(archive, "spec.dump")
+    config = _read_member(archive, CONFIG_DUMP)
+    spec = _read_member(archive, SPEC_DUMP)
     spec_notes = spec.get("annotations", {})
     name = str(config.get("name") or spec_notes.get("io.kubernetes.cri.container-name", "container"))
     image = str(config.get("rootfsImageName") or config.get("rootfsImage") or "")

@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from shim.archive_layout import IMAGES_DIR
 from shim.errors import InvalidArgument
 from shim.fileio import kernel_copy
 from shim.restore import loopdev, pagemap
@@ -66,7 +67,7 @@ def prepare(archive: Path, work: Path, deferred: tuple[Deferred, ...], criu: Pat
 
     `work` is the unpacked checkpoint; on failure every device attached here is released.
     """
-    maps = _pagemaps(work / "checkpoint")
+    maps = _pagemaps(work / IMAGES_DIR)
     pages: list[dict[str, str]] = []
     try:
         for member in deferred:

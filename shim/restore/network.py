@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shim import archive_layout
 from shim.errors import FailedPrecondition, InvalidArgument
 
-ARCHIVE_MEMBER = "criu-shim.json"  # written by shim.checkpoint.engine
+ARCHIVE_MEMBER = archive_layout.FACTS  # written by shim.checkpoint.engine
 PLAN_FILE = "network.json"
 INTERFACE = "eth0"
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from shim.checkpoint.engine import FACTS_MEMBER
+from shim import archive_layout
 
 log = logging.getLogger(__name__)
 # pkg/kubelet/kubelet.go: fmt.Sprintf("checkpoint-%s-%s-%s.tar", podFullName, containerName,
@@ -122,13 +122,13 @@ def _content(source: IO[bytes]) -> tuple[tuple[str, str, str] | None, bool] | No
                     return None
                 name = member.name.removeprefix("./")
                 seen.add(name)
-                if name == "spec.dump" and member.isfile() and member.size <= MAX_SPEC:
+                if name == archive_layout.SPEC_DUMP and member.isfile() and member.size <= MAX_SPEC:
                     spec = _json(tar.extractfile(member))
     except (tarfile.TarError, OSError, ValueError, EOFError):
         return None
-    if not ({"spec.dump", "config.dump"} & seen) or "checkpoint/inventory.img" not in seen:
+    if not ({archive_layout.SPEC_DUMP, archive_layout.CONFIG_DUMP} & seen) or archive_layout.INVENTORY not in seen:
         return None
-    return _names_from_spec(spec), FACTS_MEMBER in seen
+    return _names_from_spec(spec), archive_layout.FACTS in seen
 
 
 def _json(member: IO[bytes] | None) -> dict[str, Any]:

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from shim import archive_layout
 from shim.checkpoint import netlock
 from shim.errors import FailedPrecondition, InvalidArgument
 from shim.restore import network
 
 
 def _archive(tmp_path: Path, ips: list[str]) -> Path:
-    (tmp_path / network.ARCHIVE_MEMBER).write_text(json.dumps({"pod_ips": ips, "tcp_established": True}))
+    (tmp_path / archive_layout.FACTS).write_text(json.dumps({"pod_ips": ips, "tcp_established": True}))
     return tmp_path
 
 
@@ -34,7 +35,7 @@ def test_a_live_pods_address_is_refused_with_the_way_out(tmp_path: Path) -> None
 
 
 def test_a_malformed_record_is_invalid(tmp_path: Path) -> None:
-    (tmp_path / network.ARCHIVE_MEMBER).write_text("[not json")
+    (tmp_path / archive_layout.FACTS).write_text("[not json")
     with pytest.raises(InvalidArgument):
         network.recorded_ips(tmp_path)
 
