@@ -60,8 +60,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1000, help="calls per path per run")
     parser.add_argument("--runs", type=int, default=5, help="runs; the median of their percentiles is shown")
     parser.add_argument("--containers", type=int, default=50)
+    parser.add_argument("--also", action="append", default=[], metavar="NAME=unix://...",
+                        help="another proxy to measure in the same run (e.g. metrics=... with [metrics] on)")
     args = parser.parse_args()
     direct, proxied = _stub(args.containerd), _stub(args.proxy)
+    others = {name: _stub(endpoint) for name, _, endpoint in (a.partition("=") for a in args.also)}
     pod, ids = _populate(direct, args.containers)
     try:
         target = ids[len(ids) // 2]
@@ -72,18 +75,18 @@ def main() -> int:
         }
         calls: dict[str, Callable[[], object]] = {}
         for name, fn in work.items():
-            for label, stub in (("direct", direct), ("proxy", proxied)):
+            for label, stub in (("direct", direct), ("proxy", proxied), *others.items()):
                 calls[f"{name}|{label}"] = (lambda f, s: lambda: f(s))(fn, stub)
         _measure(calls, 100)  # warm-up: connections, caches
         runs = [_measure(calls, args.rounds) for _ in range(args.runs)]
-        _report(work, runs)
+        _report(work, runs, list(others))
     finally:
         direct.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
         direct.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
     return 0
 
 
-def _report(work: dict[str, object], runs: list[dict[str, list[float]]]) -> None:
+def _report(work: dict[str, object], runs: list[dict[str, list[float]]], others: list[str]) -> None:
     def med(key: str, q: float) -> float:
         return statistics.median(_percentile(run[key], q) for run in runs)
 
@@ -94,6 +97,12 @@ def _report(work: dict[str, object], runs: list[dict[str, list[float]]]) -> None
         d99, p99 = med(f"{name}|direct", 0.99), med(f"{name}|proxy", 0.99)
         print(f"{name:<22} {d50:>8.3f}ms {p50:>8.3f}ms {p50 - d50:>+8.3f}ms "
               f"{d99:>8.3f}ms {p99:>8.3f}ms {p99 - d99:>+8.3f}ms {p50 / d50:>8.2f}x")
+    for other in others:
+        for name in work:
+            p50, o50 = med(f"{name}|proxy", 0.5), med(f"{name}|{other}", 0.5)
+            p99, o99 = med(f"{name}|proxy", 0.99), med(f"{name}|{other}", 0.99)
+            print(f"{name:<22} {other} vs proxy: p50 {o50:.3f}ms ({o50 - p50:+.3f}ms), "
+                  f"p99 {o99:.3f}ms ({o99 - p99:+.3f}ms)")
     rounds = len(next(iter(runs[0].values())))
     print(f"(median over {len(runs)} runs of {rounds} interleaved calls per path; "
           "goal: added <= 0.3 ms at p50 and <= 1 ms at p99)")
