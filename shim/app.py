@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shim import fillspool, metrics
 from shim.api.cri.v1 import api_pb2 as cri_v1
+from shim.checkpoint.criulog import LOGS
 from shim.checkpoint.engine import Checkpointer
 from shim.config import Config
 from shim.config import load as load_config
@@ -37,7 +38,7 @@ def handlers(config: Config, containerd: Containerd, restorer: Restorer,
     return {
         checkpoint_container.METHOD: _then(checkpoint, after_checkpoint) if after_checkpoint else checkpoint,
         create_container.METHOD: create_container.handler(containerd, restorer),
-        start_container.METHOD: start_container.handler(containerd, restorer),
+        start_container.METHOD: start_container.handler(containerd, restorer, config.state_dir / LOGS),
         runtime_config.METHOD: runtime_config.handler(containerd),
     }
 

@@ -4,12 +4,15 @@ A container created for restore must be started by criu-shim's runtime
 handler; on a node whose containerd does not use it, the container would
 silently start afresh from its command. That is refused, not hidden.
 For a restored container, containerd's StartContainer is CRIU's restore
-(runc restore through the relay): its time is the `criu_restore` stage.
+(runc restore through the relay): its time is the `criu_restore` stage. When it
+fails, the error quotes CRIU's reason and names its log, which the relay kept.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
@@ -18,19 +21,21 @@ from shim.containerd import Containerd
 from shim.errors import ShimError
 from shim.metrics import record_failure, record_restore_stage
 from shim.proxy.dispatch import Call, Handler
+from shim.restore import criulogs
 from shim.restore.engine import Restorer
 
 METHOD = "/runtime.v1.RuntimeService/StartContainer"
 
 
-def handler(containerd: Containerd, restorer: Restorer) -> Handler:
+def handler(containerd: Containerd, restorer: Restorer, logs: Path | None = None) -> Handler:
+    """`logs`: where a failed restore's CRIU logs are kept (shim.restore.criulogs), to quote them."""
     async def start_container(call: Call) -> bytes:
         try:
             container_id: str | None = cri.StartContainerRequest.FromString(call.request).container_id
         except DecodeError:
             container_id = None  # containerd will say what is wrong with it; nothing of ours to check
         restoring = container_id is not None and restorer.is_pending(container_id)
-        started = time.monotonic()
+        started, since = time.monotonic(), criulogs.now()
         try:
             reply = await containerd.forward(METHOD, call.request, call.metadata, call.timeout)
             if container_id is not None:
@@ -38,6 +43,9 @@ def handler(containerd: Containerd, restorer: Restorer) -> Handler:
         except ShimError as exc:
             if restoring:
                 record_failure("restore", exc)
+                if logs is not None and container_id is not None:
+                    raise await asyncio.to_thread(criulogs.explain_start_failure, exc, logs, container_id,
+                                                  since - 1.0) from None
             raise
         if restoring:
             record_restore_stage("criu_restore", time.monotonic() - started)

@@ -27,6 +27,7 @@ from shim import policy
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.arch import go_arch
 from shim.checkpoint import audit, options
+from shim.checkpoint.criulog import LOGS
 from shim.config import Config
 from shim.containerd import Containerd
 from shim.errors import (
@@ -39,6 +40,7 @@ from shim.handoff import RESTORE_DIR
 from shim.metrics import record_failure, record_restore, record_restore_stage
 from shim.peer import Peer
 from shim.restore import lazy
+from shim.restore.criulogs import LOGS_ANNOTATION
 from shim.restore.image import CheckpointImage, checkpoint_image, export_layer
 from shim.restore.network import (
     ARCHIVE_MEMBER,
@@ -218,6 +220,8 @@ class Restorer:
             tcp = await self._plan_network(request, work)
             label = await self._sandbox_label(request.pod_sandbox_id)
             new = _restore_request(request, archive, image, work, _source_name(source))
+            # Where the relay keeps CRIU's logs should the restore fail (the task takes its own along).
+            new.config.annotations[LOGS_ANNOTATION] = str(self._config.state_dir / LOGS)
             _write_criu_config(work, self._config, request, label, tcp, bool(archive.deferred))
             await asyncio.to_thread(_copy_log, archive.log, request)
             create_started = time.monotonic()

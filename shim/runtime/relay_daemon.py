@@ -25,13 +25,14 @@ from shim.api.containerd.runtime.task.v2 import shim_pb2
 from shim.errors import FailedPrecondition
 from shim.handoff import RestorePlan
 from shim.runtime.bundle import restore_plan
+from shim.runtime.lazy_daemon import LOG as LAZY_LOG
 from shim.runtime.lazy_daemon import LazyPages
 
 TASK_SERVICE = "containerd.task.v2.Task"
 # A restored container whose StartContainer never comes is given up after this.
 START_WAIT = 15 * 60.0
 # The requests the relay decodes; every other frame is relayed as it came.
-METHODS = frozenset({(TASK_SERVICE, m) for m in ("Create", "Start", "Pause", "Checkpoint")})
+METHODS = frozenset({(TASK_SERVICE, m) for m in ("Create", "Start", "Pause", "Checkpoint", "Delete")})
 log = logging.getLogger(__name__)
 
 
@@ -65,11 +66,22 @@ class RestoreRewriter:
             return self._create(payload)
         if method == "Start":
             await self._before_start(payload)
+        if method == "Delete":  # a failed restore's CRIU logs go with the task: keep them first
+            await asyncio.to_thread(self._keep_logs, payload)
         if method in ("Pause", "Checkpoint") and self.lazy is not None:
             # A dump must not meet memory still being filled in (CRIU would hang on it), and
             # a freeze before a dump should not last the whole fill: both wait for the daemon.
             await self.lazy.settled()
         return payload
+
+    def _keep_logs(self, payload: bytes) -> None:
+        from shim.restore.criulogs import keep_failed_restore_logs
+
+        request = shim_pb2.DeleteRequest.FromString(payload)
+        if self.bundle is not None and not request.exec_id:
+            lazy_log = self.lazy.work / LAZY_LOG if self.lazy is not None else None
+            for kept in keep_failed_restore_logs(self.bundle, lazy_log, request.id):
+                log.warning("the restore failed; CRIU's log is kept at %s", kept)
 
     def close(self) -> None:
         """Stop what the restore started (idempotent): the page daemon and its devices."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+import re
+import stat
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
@@ -77,3 +80,26 @@ def test_dev_shm_content_and_mapping_come_back_in_a_new_pod(client: Cri, node: N
         mode = client.exec(ctr, "stat", "-c", "%a %u", f"/dev/shm/{NAME}").split()
         assert mode == ["600", "0"]
         assert client.state(ctr) == "CONTAINER_RUNNING"
+
+
+def test_a_failed_restore_quotes_criu_and_names_a_kept_log(client: Cri, node: Node) -> None:
+    """Without the pod's /dev/shm CRIU cannot restore; the error says why and where CRIU's whole log is."""
+    full = node.dir / "checkpoints" / "shmcounter-full.tar"
+    checkpoint_shmcounter(client, node, full, at_least=5)
+    stripped = node.dir / "checkpoints" / "shmcounter-without-devshm.tar"
+    with tarfile.open(full) as source, tarfile.open(stripped, "w") as target:
+        for member in source:
+            if member.name != MEMBER:
+                target.addfile(member, source.extractfile(member) if member.isfile() else None)
+    with client.pod() as pod:
+        with pytest.raises(grpc.RpcError) as caught:
+            restore(client, pod, stripped)
+    details = caught.value.details() or ""
+    assert "Can't open file dev/shm/travel on restore" in details  # CRIU's reason, quoted
+    assert "maps /dev/shm/travel, which is not in the new pod's /dev/shm" in details  # and what it means
+    found = re.search(r"full CRIU restore log: (\S+)", details)
+    assert found, details
+    kept = Path(found.group(1).rstrip(";"))
+    assert kept.is_relative_to(node.dir / "state" / "logs")
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert "Can't open file dev/shm/travel on restore" in kept.read_text()  # the whole log, still there

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -11,8 +12,10 @@ import pytest
 
 from shim.checkpoint import criulog
 from shim.errors import Code, Unknown, Upstream
+from shim.restore import criulogs
 
-# Excerpts of real logs, CRIU 4.2.1 on these machines (kernel 6.18, no CAP_SYS_RESOURCE).
+# Excerpts of real logs, CRIU 4.2.1 on these machines (kernel 6.18, no CAP_SYS_RESOURCE); the /dev/shm one
+# has the error line the node test (tests/node/test_devshm.py) and the issue saw, in a shortened log.
 NOFILE = "(00.035982) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n"
 UNIX_SOCKETS = "(00.038087) unix: Dumping unix socket at 3\n(00.038110) unix: Dumping unix socket at 4\n"
 RLIMIT_DUMP = (NOFILE + UNIX_SOCKETS
@@ -137,3 +140,44 @@ def test_a_huge_log_is_kept_by_its_end(tmp_path: Path, monkeypatch: pytest.Monke
     log.write_text("x" * 1000 + "the reason\n")
     kept = criulog.keep(log, tmp_path / "logs", "c", "dump")
     assert kept is not None and kept.stat().st_size == 100 and kept.read_text().endswith("the reason\n")
+
+
+# --- a failed restore: kept by the relay at the task's Delete, quoted by StartContainer --------------
+
+
+def _bundle(tmp_path: Path, logs: Path | None, restore_log: str | None, started: bool = False) -> Path:
+    bundle = tmp_path / "bundle"
+    (bundle / "work").mkdir(parents=True)
+    annotations = {criulogs.LOGS_ANNOTATION: str(logs)} if logs else {}
+    (bundle / "config.json").write_text(json.dumps({"ociVersion": "1.1.0", "annotations": annotations}))
+    if restore_log is not None:
+        (bundle / "work" / "restore.log").write_text(restore_log)
+    if started:
+        (bundle / "init.pid").write_text("4242")
+    return bundle
+
+
+def test_the_relay_keeps_a_failed_restores_logs_and_start_container_quotes_them(tmp_path: Path) -> None:
+    logs = tmp_path / "state" / "logs"
+    lazy_log = tmp_path / "lazy-pages.log"
+    lazy_log.write_text("(00.1) Error (criu/uffd.c:1): uffd: the daemon's own trouble\n")
+    since = criulogs.now() - 1
+    kept = criulogs.keep_failed_restore_logs(_bundle(tmp_path, logs, DEVSHM_RESTORE), lazy_log, "c" * 64)
+    assert [p.name.split("-")[0] for p in kept] == ["restore", "lazy"]
+    error = Upstream(Code.UNKNOWN, "failed to start containerd task: OCI runtime restore failed: criu failed: "
+                                   "type NOTIFY errno 0\nlog file: /run/x/work/restore.log: unknown")
+    explained = criulogs.explain_start_failure(error, logs, "c" * 64, since)
+    assert isinstance(explained, Upstream) and explained.code == Code.UNKNOWN
+    assert explained.message.startswith(error.message + "; CRIU restore: Can't open file dev/shm/travel on restore")
+    assert f"full CRIU restore log: {kept[0]}" in explained.message
+    assert "CRIU lazy-pages: uffd: the daemon's own trouble" in explained.message
+    # An older failure's logs are not this one's reason.
+    assert criulogs.explain_start_failure(error, logs, "c" * 64, criulogs.now() + 60) is error
+
+
+def test_nothing_is_kept_for_a_restore_that_worked_or_without_a_logs_dir(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    assert criulogs.keep_failed_restore_logs(_bundle(tmp_path / "a", logs, DEVSHM_RESTORE, started=True), None,
+                                             "c") == []
+    assert criulogs.keep_failed_restore_logs(_bundle(tmp_path / "b", None, DEVSHM_RESTORE), None, "c") == []
+    assert not logs.exists()
