@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # shim.arch: stdlib only, runs on python3
 import app_images  # noqa: E402  (scripts/ is not a package)
 
+from shim import oci  # noqa: E402
 from shim.arch import go_name  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,10 +56,10 @@ MTIME = 0  # every file and directory in every archive gets this mtime
 CREATED = "1970-01-01T00:00:00Z"
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-MT_INDEX = "application/vnd.oci.image.index.v1+json"
-MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MT_CONFIG = "application/vnd.oci.image.config.v1+json"
-MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MT_INDEX = oci.OCI_INDEX
+MT_MANIFEST = oci.OCI_MANIFEST
+MT_CONFIG = oci.OCI_CONFIG
+MT_LAYER_GZIP = oci.OCI_LAYER_GZIP
 
 # Applets linked when `busybox --list` cannot be run (e.g. foreign arch).
 FALLBACK_APPLETS = [
@@ -315,8 +316,7 @@ def write_image(out: Path, ref: str, layers: list[tuple[str, Layer]],
     })
     mdesc = descriptor(MT_MANIFEST, manifest)
     mdesc["platform"] = {"architecture": arch, "os": "linux"}
-    mdesc["annotations"] = {"io.containerd.image.name": ref,
-                            "org.opencontainers.image.ref.name": ref.rsplit(":", 1)[1]}
+    mdesc["annotations"] = {oci.CONTAINERD_IMAGE_NAME: ref, oci.REF_NAME: ref.rsplit(":", 1)[1]}
     index = canonical_json({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [mdesc]})
 
     blobs = {descriptor("", b)["digest"].split(":")[1]: b

@@ -37,7 +37,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from shim import archive_layout
+from shim import archive_layout, oci
 from shim.checkpoint.archive import SourceChangedError, TarWriter, file_kind
 from shim.errors import FailedPrecondition
 
@@ -48,7 +48,7 @@ MAX_SIZE = 1 << 30
 MAX_ENTRIES = 100_000
 MAX_DEPTH = 32  # directories in directories: shm names are flat; a deep tree is nobody's real data
 # containerd's CRI puts the sandbox id on every container's runtime spec.
-SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
+SANDBOX_ID_ANNOTATION = oci.CRI_SANDBOX_ID
 DESTINATION = "/dev/shm"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 log = logging.getLogger(__name__)

@@ -37,6 +37,7 @@ from typing import IO
 from shim.errors import FailedPrecondition, InvalidArgument, Unavailable, Unknown
 from shim.node import procs
 from shim.node.tools import REPO_ROOT
+from shim.oci import INDEX_TYPES, MANIFEST_TYPES, REF_NAME
 from shim.paths_env import load_paths
 
 CONFIG_NAME = "config.yml"
@@ -47,12 +48,6 @@ START_TIMEOUT = 30.0
 HTTP_TIMEOUT = 30.0
 IMAGES_INDEX = REPO_ROOT / "build" / "images" / "images.json"
 
-MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MANIFEST_TYPES = (MT_OCI_MANIFEST, MT_DOCKER_MANIFEST)
-INDEX_TYPES = (MT_OCI_INDEX, MT_DOCKER_LIST)
 ACCEPT = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
 
 # distribution's reference grammar: repository path components and tags
@@ -186,7 +181,7 @@ def select_manifest(index: Mapping[str, object], tag: str) -> dict[str, object]:
     if len(manifests) == 1:
         return _descriptor(manifests[0])
     named = [m for m in manifests if isinstance(m, dict)
-             and (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == tag]
+             and (m.get("annotations") or {}).get(REF_NAME) == tag]
     if len(named) != 1:
         raise InvalidArgument(f"index.json lists {len(manifests)} manifests and {len(named)} are named {tag!r}")
     return _descriptor(named[0])

@@ -17,11 +17,10 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from shim import oci
 from shim.arch import go_arch
 from shim.archive_layout import CONFIG_DUMP, REQUIRED, SPEC_DUMP
 from shim.errors import InvalidArgument
-
-LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
 
 
 def _digest(data: bytes) -> str:
@@ -60,17 +59,17 @@ def checkpoint_annotations(archive: Path) -> dict[str, str]:
     config = _read_member(archive, CONFIG_DUMP)
     spec = _read_member(archive, SPEC_DUMP)
     spec_notes = spec.get("annotations", {})
-    name = str(config.get("name") or spec_notes.get("io.kubernetes.cri.container-name", "container"))
+    name = str(config.get("name") or spec_notes.get(oci.CRI_CONTAINER_NAME, "container"))
     image = str(config.get("rootfsImageName") or config.get("rootfsImage") or "")
     return {
-        "org.criu.checkpoint.container.name": name,
-        "org.criu.checkpoint.engine.name": "criu-shim",
-        "org.criu.checkpoint.rootfsImageName": image,
-        "org.criu.checkpoint.rootfsImageRef": str(config.get("rootfsImageRef", "")),
-        "org.criu.checkpoint.pod.name": str(spec_notes.get("io.kubernetes.cri.sandbox-name", "")),
-        "org.criu.checkpoint.pod.namespace": str(spec_notes.get("io.kubernetes.cri.sandbox-namespace", "")),
-        "io.kubernetes.cri-o.annotations.checkpoint.name": name,
-        "io.kubernetes.cri-o.annotations.checkpoint.rootfsImageName": image,
+        oci.CRIU_PREFIX + "container.name": name,
+        oci.CRIU_PREFIX + "engine.name": "criu-shim",
+        oci.CRIU_PREFIX + "rootfsImageName": image,
+        oci.CRIU_PREFIX + "rootfsImageRef": str(config.get("rootfsImageRef", "")),
+        oci.CRIU_PREFIX + "pod.name": str(spec_notes.get(oci.CRI_SANDBOX_NAME, "")),
+        oci.CRIU_PREFIX + "pod.namespace": str(spec_notes.get(oci.CRI_SANDBOX_NAMESPACE, "")),
+        oci.CRIO_PREFIX + "name": name,
+        oci.CRIO_PREFIX + "rootfsImageName": image,
     }
 
 
@@ -82,16 +81,16 @@ def build(archive: Path, ref: str, out: Path) -> str:
     config = json.dumps({"architecture": arch, "os": "linux", "config": {},
                          "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}, sort_keys=True).encode()
     manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": _digest(config),
+        "schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
+        "config": {"mediaType": oci.OCI_CONFIG, "digest": _digest(config),
                    "size": len(config)},
-        "layers": [{"mediaType": LAYER_TYPE, "digest": layer_digest, "size": layer_size}],
+        "layers": [{"mediaType": oci.OCI_LAYER_TAR, "digest": layer_digest, "size": layer_size}],
         "annotations": notes,
     }, sort_keys=True).encode()
     index = json.dumps({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": _digest(manifest),
-        "size": len(manifest), "annotations": {**notes, "io.containerd.image.name": ref,
-                                               "org.opencontainers.image.ref.name": ref.rsplit(":", 1)[-1]}}]})
+        "mediaType": oci.OCI_MANIFEST, "digest": _digest(manifest),
+        "size": len(manifest), "annotations": {**notes, oci.CONTAINERD_IMAGE_NAME: ref,
+                                               oci.REF_NAME: ref.rsplit(":", 1)[-1]}}]})
     _write_layout(out, {"oci-layout": b'{"imageLayoutVersion": "1.0.0"}', "index.json": index.encode()},
                   [config, manifest], archive, layer_digest)
     return _digest(manifest)

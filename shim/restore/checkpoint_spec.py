@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from shim import oci
 from shim.errors import InvalidArgument
 
 Engine = Literal["containerd", "cri-o", "podman"]
@@ -37,8 +38,8 @@ _DEFAULT_DEVICES = frozenset({
     ("/dev/console", "c", 5, 1), ("/dev/ptmx", "c", 5, 2),
 })
 _CDI_DOMAIN = "cdi.k8s.io"
-_CRIO_METADATA = "io.kubernetes.cri-o.Metadata"
-_CONTAINERD_NAME = "io.kubernetes.cri.container-name"
+_CRIO_METADATA = oci.CRIO_METADATA
+_CONTAINERD_NAME = oci.CRI_CONTAINER_NAME
 
 
 @dataclass(frozen=True, slots=True)

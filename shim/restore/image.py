@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -54,36 +54,14 @@ from shim.errors import (
     Unavailable,
     Unknown,
 )
+from shim.oci import INDEX_TYPES, LAYER_TYPES, MANIFEST_TYPES, MARKERS, Family
 
 log = logging.getLogger(__name__)
-
-Family = Literal["org.criu", "io.kubernetes.cri-o", "io.podman"]
-# In this order: an image marked by more than one family is reported as the first.
-MARKERS: tuple[tuple[Family, tuple[str, ...]], ...] = (
-    ("org.criu", ("org.criu.checkpoint.container.name",)),
-    ("io.kubernetes.cri-o", ("io.kubernetes.cri-o.annotations.checkpoint.name",)),
-    ("io.podman", ("io.podman.annotations.checkpoint.name", "io.podman.annotations.checkpoint.runtime.name")),
-)
 
 NAMESPACE = "k8s.io"
 _META = (("containerd-namespace", NAMESPACE),)
 MAX_MANIFEST_SIZE = 4 << 20
 
-INDEX_TYPES = frozenset({"application/vnd.oci.image.index.v1+json",
-                         "application/vnd.docker.distribution.manifest.list.v2+json"})
-MANIFEST_TYPES = frozenset({"application/vnd.oci.image.manifest.v1+json",
-                            "application/vnd.docker.distribution.manifest.v2+json"})
-# What the archive reader takes: plain tar, gzip, zstd (it goes by the magic bytes).
-LAYER_TYPES = frozenset({
-    "application/vnd.oci.image.layer.v1.tar",
-    "application/vnd.oci.image.layer.v1.tar+gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-    "application/vnd.docker.image.rootfs.diff.tar",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip",
-})
 _DIGEST = re.compile(r"(sha256):([a-f0-9]{64})|(sha512):([a-f0-9]{128})")
 _ID = re.compile(r"(?:sha256:)?[a-f0-9]{64}")
 _ERRORS = {grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
@@ -312,7 +290,7 @@ def _pick_manifest(index: dict[str, Any], arch: str, what: str) -> _Descriptor |
         if not isinstance(entry, dict):
             raise InvalidArgument(f"{what}: manifests[{i}] is not an object")
         descriptor = _descriptor_from_json(entry, f"{what}: manifests[{i}]")
-        if descriptor.media_type not in MANIFEST_TYPES | INDEX_TYPES:
+        if descriptor.media_type not in MANIFEST_TYPES + INDEX_TYPES:
             continue
         if descriptor.annotations.get("vnd.docker.reference.type") == "attestation-manifest":
             continue  # buildkit's provenance/SBOM entries (platform unknown/unknown)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from shim import archive_layout
+from shim import archive_layout, oci
 
 log = logging.getLogger(__name__)
 # pkg/kubelet/kubelet.go: fmt.Sprintf("checkpoint-%s-%s-%s.tar", podFullName, containerName,
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 KUBELET_NAME = re.compile(r"^checkpoint-(?P<pod>[^_/]+)_(?P<rest>[^/]+)-"
                           r"(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d))\.tar$")
 # Where containerd (and CRI-O) record the container's identity in the OCI spec.
-_NAMES = (("io.kubernetes.cri.sandbox-namespace", "io.kubernetes.cri.sandbox-name", "io.kubernetes.cri.container-name"),
+_NAMES = ((oci.CRI_SANDBOX_NAMESPACE, oci.CRI_SANDBOX_NAME, oci.CRI_CONTAINER_NAME),
           ("io.kubernetes.pod.namespace", "io.kubernetes.pod.name", "io.kubernetes.container.name"))
 MAX_MEMBERS = 100_000  # a checkpoint has a few hundred; more is not one of ours to judge
 MAX_SPEC = 4 << 20

@@ -16,6 +16,7 @@ import pytest
 from shim.node import procs
 from shim.node import registry as reg
 from shim.node.tools import REPO_ROOT
+from shim.oci import OCI_MANIFEST
 from shim.paths_env import load_paths
 
 pytestmark = pytest.mark.node
@@ -78,7 +79,7 @@ def test_push_busybox_and_pull_manifest_back(tmp_path: Path, busybox_tar: Path) 
         for body, media_type, served in (by_tag, by_digest):
             assert served == digest
             assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
-            assert media_type == reg.MT_OCI_MANIFEST
+            assert media_type == OCI_MANIFEST
         for layer in json.loads(by_tag[0])["layers"]:
             assert reg.blob_exists(registry, "criu-shim/busybox", layer["digest"])
         with pytest.raises(reg.RegistryError, match="HTTP 404"):
