@@ -103,6 +103,8 @@ class ArchiveCollector:
         return await asyncio.to_thread(collect_once, self._settings, self._audit_log, held)
 
     async def run_forever(self) -> None:
+        """A pass soon after start, then every interval and soon after each poke."""
+        self._wake.set()
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self._settings.interval_s)

@@ -214,3 +214,31 @@ def test_gc_command(directory: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     config.write_text("[retention]\n")
     assert gc_command(config, dry_run=False) == 0
     assert "no limits configured" in capsys.readouterr().out
+
+
+def test_the_proxys_collector_passes_at_start_and_after_a_poke(directory: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    from shim.retention.collector import ArchiveCollector
+
+    old = checkpoint_tar(directory / kubelet_name("a", "ns", "c", "2026-01-01T00:00:00Z"), mtime=time.time() - 9 * DAY)
+    held = checkpoint_tar(directory / kubelet_name("b", "ns", "c", "2026-01-01T00:00:00Z"), mtime=time.time() - 9 * DAY)
+    reading = {held.resolve()}
+    collector = ArchiveCollector(RetentionSettings(dirs=(directory,), ttl_s=DAY, interval_s=3600),
+                                 tmp_path / "audit.log", lambda: reading)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(collector.run_forever())
+        try:
+            async with asyncio.timeout(20):
+                while old.exists():  # the first pass, without waiting for the interval
+                    await asyncio.sleep(0.05)
+                assert held.exists()  # the Restorer still reads it
+                reading.clear()
+                collector.poke()
+                while held.exists():
+                    await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+
+    asyncio.run(scenario())
