@@ -242,3 +242,21 @@ def test_the_proxys_collector_passes_at_start_and_after_a_poke(directory: Path, 
             task.cancel()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("config_text", "error"), [
+    ('[retention]\nttl = "soon"\n', "retention.ttl must be a positive number of seconds"),
+    ('[retention]\nttl = "1d"\nmax_per_pod = -3\n', "retention.max_per_pod must be a whole number >= 0"),
+    ("[retention\n", "config "),
+])
+def test_gc_with_a_bad_config_says_why_and_deletes_nothing(directory: Path, tmp_path: Path, config_text: str,
+                                                          error: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from shim.cli import main
+
+    old = checkpoint_tar(directory / kubelet_name("web", "default", "app"), mtime=time.time() - 30 * DAY)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[checkpoint]\naudit_log = "{tmp_path}/audit.log"\n{config_text}'
+                      .replace("[retention]\n", f'[retention]\ndirs = ["{directory}"]\n'))
+    assert main(["gc", "--config", str(config)]) == 1
+    assert error in capsys.readouterr().err
+    assert old.exists() and not (tmp_path / "audit.log").exists()
