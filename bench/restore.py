@@ -36,6 +36,7 @@ from pathlib import Path
 
 import grpc
 
+from shim import handoff
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.api.cri.v1 import api_pb2_grpc
 
@@ -132,10 +133,10 @@ def timed_restore(node: Node, archive: Path, lazy: bool = True) -> tuple[float, 
 def wait_resident(node: Node, container_id: str, start: float, timeout: float = 120) -> float:
     """Seconds from `start` until the lazy restore's page daemon is done (the config loses "lazy-pages")."""
     status = node.stub.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id)).status
-    work = Path(status.annotations["restore.criu-shim.io/dir"])
-    config = work.parent / f"{work.name}.criu.conf"
+    work = Path(status.annotations[handoff.RESTORE_DIR])
+    config = handoff.criu_config(work)
     deadline = time.monotonic() + timeout
-    while "lazy-pages" in config.read_text():
+    while handoff.LAZY_CRIU_OPTION in config.read_text():
         if time.monotonic() > deadline:
             raise TimeoutError(f"{container_id}: lazy restore not done after {timeout}s")
         time.sleep(0.002)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 
+from shim import handoff
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.api.cri.v1 import api_pb2_grpc
 from shim.paths_env import load_paths
@@ -80,12 +81,12 @@ def checkpoint(runtime: api_pb2_grpc.RuntimeServiceStub, ctr: str, directory: Pa
 
 def report_lazy(work: Path, started: float) -> None:
     """Say whether the memory came back lazily, and when it was all in place."""
-    if not (work / "lazy-pages.json").exists():
+    if not (work / handoff.LAZY_PLAN).exists():
         print("memory    restored before the process ran (eager)")
         return
-    config = work.parent / f"{work.name}.criu.conf"  # the relay takes "lazy-pages" out when the daemon is done
+    config = handoff.criu_config(work)  # the relay takes "lazy-pages" out when the daemon is done
     deadline = time.monotonic() + 120
-    while "lazy-pages" in config.read_text() and time.monotonic() < deadline:
+    while handoff.LAZY_CRIU_OPTION in config.read_text() and time.monotonic() < deadline:
         time.sleep(0.005)
     print(f"memory    {DEMO_MEM_MB} MiB image read in place from the archive (loop device), restored lazily: "
           f"all in place {time.monotonic() - started:.2f}s after CreateContainer")
@@ -105,7 +106,7 @@ def restore(runtime: api_pb2_grpc.RuntimeServiceStub, archive: Path, logs: Path)
     runtime.StartContainer(cri.StartContainerRequest(container_id=ctr))
     print(f"restored  in {time.monotonic() - started:.2f}s (CreateContainer + StartContainer)")
     status = runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr)).status
-    report_lazy(Path(status.annotations["restore.criu-shim.io/dir"]), started)
+    report_lazy(Path(status.annotations[handoff.RESTORE_DIR]), started)
     show(runtime, pod, ctr)
     marks = {k: status.annotations[k] for k in ("restored", "checkpointedAt") if k in status.annotations}
     print(f"status    {marks}")

@@ -25,6 +25,10 @@ RESTORE_ANNOTATIONS = ("restore.criu-shim.io/*", CRIU_CONFIG_ANNOTATION)
 SHIM_DIR = Path("/run/criu-shim/shims")
 SHIM_DIR_ENV = "CRIU_SHIM_SHIMS_DIR"
 CRIU_CONFIG_SUFFIX = ".criu.conf"
+# A lazy restore: the proxy writes the plan into the work dir, the relay starts the page daemon
+# from it and, once the daemon is done, takes LAZY_CRIU_OPTION out of the CRIU config.
+LAZY_PLAN = "lazy-pages.json"
+LAZY_CRIU_OPTION = "lazy-pages"
 
 
 def criu_config(work: Path) -> Path:

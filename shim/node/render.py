@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shim.handoff import RESTORE_ANNOTATIONS
 from shim.node.layout import NodeLayout
 
 PAUSE_IMAGE = "localhost/criu-shim/pause:1"
-# Request annotations containerd must copy into a restored container's OCI spec.
-RESTORE_ANNOTATIONS = ("restore.criu-shim.io/*", "org.criu.config")
 
 # Snapshotters and plugins a local node never uses; disabling them keeps
 # containerd's start fast and its log quiet.

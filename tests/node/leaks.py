@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shim.handoff import SHIM_DIR
+
 
 @dataclass(frozen=True)
 class HostState:
@@ -44,7 +46,7 @@ def snapshot() -> HostState:
         mounts=mounts,
         netns=frozenset(_run("ip", "netns", "list").split("\n")) - {""},
         links=frozenset(line.split(":")[1].strip() for line in _run("ip", "-o", "link").splitlines()),
-        relay_files=frozenset(str(p) for p in Path("/run/criu-shim/shims").glob("*")),
+        relay_files=frozenset(str(p) for p in SHIM_DIR.glob("*")),
         loops=_run("losetup", "--list", "--noheadings"),
         nft=_run("nft", "list", "ruleset"),
     )

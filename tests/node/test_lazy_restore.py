@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
-from shim.handoff import RESTORE_DIR
+from shim.handoff import RESTORE_DIR, criu_config
 from shim.node import procs
 from shim.restore import lazy, loopdev
 from shim.restore.relays import SHIM_DIR
@@ -55,7 +55,7 @@ def _restore_dir(client: Cri, ctr: str) -> Path:
 
 
 def _criu_config(work: Path) -> Path:
-    return work.parent / f"{work.name}.criu.conf"
+    return criu_config(work)
 
 
 def _our_loop_devices(work: Path) -> list[str]:

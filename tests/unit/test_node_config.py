@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from shim.node.render import RESTORE_ANNOTATIONS
+from shim.handoff import RESTORE_ANNOTATIONS
 
 NODE_CONFIG = Path(__file__).resolve().parents[2] / "node-config"
 
