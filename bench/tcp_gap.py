@@ -25,9 +25,10 @@ import grpc
 
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.api.cri.v1 import api_pb2_grpc
+from shim.checkpoint.options import annotation
 
 TESTPROGS = "localhost/criu-shim/testprogs:1"
-MIGRATE = {"checkpoint.criu-shim.io/tcp-established": "true", "checkpoint.criu-shim.io/stop-after": "true"}
+MIGRATE = {annotation("tcp-established"): "true", annotation("stop-after"): "true"}
 
 
 class Cluster:

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shim import archive_layout
+from shim.annotations import RESTORE_PREFIX
 
 # Annotations the proxy sets on a restored container. Both are allow-listed for the "criu"
 # runtime handler (containerd copies allow-listed request annotations into the OCI spec).
-RESTORE_DIR = "restore.criu-shim.io/dir"  # the restore's work dir; the launcher greps for it
+RESTORE_DIR = RESTORE_PREFIX + "dir"  # the restore's work dir; the launcher greps for it
 CRIU_CONFIG_ANNOTATION = "org.criu.config"  # runc hands this file to CRIU as its config
-RESTORE_ANNOTATIONS = ("restore.criu-shim.io/*", CRIU_CONFIG_ANNOTATION)
+RESTORE_ANNOTATIONS = (RESTORE_PREFIX + "*", CRIU_CONFIG_ANNOTATION)
 
 # Where relays and launchers meet: <key>.sock, <key>.upstream, <key>.pid, <key>.log, the key
 # being the work dir's name. The launcher honours SHIM_DIR_ENV (tests point it elsewhere).

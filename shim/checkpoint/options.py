@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 
+from shim.annotations import CHECKPOINT_PREFIX, boolean
 from shim.config import CheckpointDefaults
-from shim.errors import InvalidArgument
 
-PREFIX = "checkpoint.criu-shim.io/"
+PREFIX = CHECKPOINT_PREFIX
 _KEYS = {"tcp-established": "tcp_established", "file-locks": "file_locks", "ext-unix-sockets": "ext_unix_sockets",
          "stop-after": "stop_after", "tcp-close": "tcp_close"}
 
@@ -53,12 +53,5 @@ def resolve(defaults: CheckpointDefaults, annotations: Mapping[str, str], contai
         for option, attr in _KEYS.items():
             key = annotation(option, scope)
             if key in annotations:
-                options = replace(options, **{attr: _boolean(key, annotations[key])})
+                options = replace(options, **{attr: boolean(key, annotations[key], lenient=True)})
     return options
-
-
-def _boolean(key: str, value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered not in ("true", "false"):
-        raise InvalidArgument(f'annotation {key}: expected "true" or "false", got {value!r}')
-    return lowered == "true"

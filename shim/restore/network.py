@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from shim import archive_layout
+from shim.annotations import CHECKPOINT_PREFIX
 from shim.errors import FailedPrecondition, InvalidArgument
 
 ARCHIVE_MEMBER = archive_layout.FACTS  # written by shim.checkpoint.engine
@@ -50,8 +51,8 @@ def addresses_to_keep(archive_dir: Path, tcp_established: bool, live_ips: dict[s
             raise FailedPrecondition(
                 f"the checkpoint's pod IP {ip} still belongs to live pod {live_ips[ip]}: its TCP connections "
                 "cannot be restored without taking the address; remove that pod first (or checkpoint with "
-                "checkpoint.criu-shim.io/stop-after and delete it), or restore with "
-                'checkpoint.criu-shim.io/tcp-close: "true" to close the connections instead')
+                f"{CHECKPOINT_PREFIX}stop-after and delete it), or restore with "
+                f'{CHECKPOINT_PREFIX}tcp-close: "true" to close the connections instead')
     return ips
 
 

@@ -1,0 +1,26 @@
+"""criu-shim's own annotation families and how their values are read.
+
+Users steer a checkpoint with pod annotations under `checkpoint.criu-shim.io/` (CRIU options,
+opting out) and a restore under `restore.criu-shim.io/` (lazy pages; the proxy also marks a
+restored container there, see shim.handoff). A boolean value is the word the kubelet and
+kubectl write: "true" or "false"; anything else is refused, never guessed at.
+"""
+
+from __future__ import annotations
+
+from shim.errors import InvalidArgument
+
+CHECKPOINT_PREFIX = "checkpoint.criu-shim.io/"
+RESTORE_PREFIX = "restore.criu-shim.io/"
+TRUE, FALSE = "true", "false"
+
+
+def boolean(key: str, value: str, *, lenient: bool = False) -> bool:
+    """The annotation `key`'s value as a bool; InvalidArgument naming key and value otherwise.
+
+    `lenient` also takes any case and surrounding blanks (the checkpoint options always have).
+    """
+    word = value.strip().lower() if lenient else value
+    if word not in (TRUE, FALSE):
+        raise InvalidArgument(f'annotation {key}: expected "true" or "false", got {value!r}')
+    return word == TRUE
