@@ -39,6 +39,9 @@ def main() -> int:
           flush=True)
     gap = ["--sizes", "64", "--reps", "1"] if args.quick else []
     subprocess.run([sys.executable, str(HERE / "tcp_gap.py"), *gap], check=True)
+    print("\n== Real applications (Debian builds) moved into a new pod with a client connection open, vs the CRIU floor",
+          flush=True)
+    subprocess.run([sys.executable, str(HERE / "apps.py"), *(["--reps", "1"] if args.quick else [])], check=True)
     return 0
 
 
