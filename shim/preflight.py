@@ -12,7 +12,9 @@ import enum
 import json
 import os
 import re
+import resource
 import shutil
+import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +37,16 @@ CRIU_FEATURES = ("network_lock_nftables", "tcp_half_closed", "timens", "external
 CONTAINERD_TARGETS = ((1, 6), (1, 7))
 CAP_SYS_ADMIN = 21
 CAP_SYS_RESOURCE = 24
+# The other capabilities CRIU uses on a dump or a restore (it runs as root, with containerd's set).
+CRIU_CAPS = {
+    2: ("CAP_DAC_OVERRIDE", "reading and writing files of every user"),
+    6: ("CAP_SETGID", "restoring each process's groups"),
+    7: ("CAP_SETUID", "restoring each process's user"),
+    12: ("CAP_NET_ADMIN", "TCP repair and network locking"),
+    18: ("CAP_SYS_CHROOT", "entering the container's root on restore"),
+    19: ("CAP_SYS_PTRACE", "seizing the processes it dumps"),
+}
+NON_ROOT = "non-root workloads"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -85,6 +97,8 @@ class LsmProbe:
 class PrivilegeProbe:
     euid: int
     cap_eff: int | None  # None: /proc/self/status unreadable
+    # CRIU's first step on each process: prlimit() on a process of another user. None: not tried.
+    prlimit_other_user: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -224,7 +238,32 @@ def probe_privileges() -> PrivilegeProbe:
         cap_eff = parse_cap_eff(Path("/proc/self/status").read_text())
     except OSError:
         cap_eff = None
-    return PrivilegeProbe(os.geteuid(), cap_eff)
+    return PrivilegeProbe(os.geteuid(), cap_eff, probe_prlimit_other_user())
+
+
+def probe_prlimit_other_user(uid: int = 65534) -> bool | None:
+    """Can we read the resource limits of another user's process, as CRIU does on every dump?
+
+    Measured, not inferred: a `sleep` running as `uid` (nobody) is asked for its
+    RLIMIT_CPU with prlimit(), CRIU's own call. None when that cannot be tried.
+    """
+    if os.geteuid() != 0:
+        return None
+    try:
+        child = subprocess.Popen(["sleep", "30"], user=uid, group=uid, extra_groups=[],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    try:
+        resource.prlimit(child.pid, resource.RLIMIT_CPU)
+        return True
+    except PermissionError:
+        return False
+    except OSError:
+        return None
+    finally:
+        child.kill()
+        child.wait()
 
 
 def probe_kernel() -> str:
@@ -257,7 +296,7 @@ def probe(criu: str | None = None, runc: str | None = None, containerd_bin: str 
 
 
 def assess(facts: Facts) -> list[Finding]:
-    return [*assess_privileges(facts.privileges), *assess_kernel(facts.kernel),
+    return [*assess_privileges(facts.privileges), *assess_non_root(facts.privileges), *assess_kernel(facts.kernel),
             *assess_criu(facts.criu, facts.kernel), *assess_features(facts.criu),
             *assess_runc(facts.runc, facts.criu, facts.criu_on_path), *assess_containerd(facts.containerd),
             *assess_cgroup(facts.cgroup), *assess_lsm(facts.lsm), *assess_checkpointctl(facts.checkpointctl)]
@@ -280,6 +319,38 @@ def assess_privileges(privileges: PrivilegeProbe) -> list[Finding]:
     else:
         findings.append(Finding("capabilities", Status.OK, "CAP_SYS_RESOURCE present"))
     return findings
+
+
+def assess_non_root(privileges: PrivilegeProbe) -> list[Finding]:
+    """Processes of other users: CRIU reads their limits with prlimit(), which needs CAP_SYS_RESOURCE."""
+    findings = []
+    if privileges.cap_eff is not None:
+        missing = [f"{name} ({why})" for bit, (name, why) in sorted(CRIU_CAPS.items())
+                   if not _has_cap(privileges.cap_eff, bit)]
+        if missing:
+            findings.append(Finding("criu capabilities", Status.WARN, "CRIU uses capabilities this process lacks: "
+                                    + ", ".join(missing) + "; dumps or restores that need them fail"))
+    works = privileges.prlimit_other_user
+    if works is None and privileges.cap_eff is not None:
+        works = _has_cap(privileges.cap_eff, CAP_SYS_RESOURCE)
+    if works is None:
+        findings.append(Finding(NON_ROOT, Status.WARN, "unknown whether processes of non-root users can be "
+                                "checkpointed (run criu-shim check as root)"))
+    elif works:
+        findings.append(Finding(NON_ROOT, Status.OK, "processes of any user can be checkpointed "
+                                "(prlimit() on another user's process works)"))
+    else:
+        findings.append(Finding(NON_ROOT, Status.WARN, NON_ROOT_MISSING))
+    return findings
+
+
+NON_ROOT_MISSING = (
+    "processes running as a non-root user cannot be checkpointed on this node: CRIU reads each process's "
+    "resource limits with prlimit(), which for another user's process needs CAP_SYS_RESOURCE, and this node "
+    "withholds it even from root (CRIU fails with \"Can't get rlimit 0: Operation not permitted\"); root "
+    "processes are not affected. A node for non-root workloads needs CAP_SYS_RESOURCE in containerd's "
+    "effective set (runc and CRIU inherit it; systemd's default). Pods with their own user namespace "
+    "(hostUsers: false) are dumped here, but CRIU 4.2 cannot restore them (checkpoint-restore/criu#2651)")
 
 
 def _assess_root(privileges: PrivilegeProbe) -> Finding:
@@ -444,6 +515,8 @@ def available(findings: list[Finding]) -> bool:
 
 def summary(findings: list[Finding]) -> str:
     reasons = [finding.detail for finding in findings if finding.status is Status.FAIL]
+    if not reasons and any(f.area == NON_ROOT and f.detail == NON_ROOT_MISSING for f in findings):
+        return "checkpoint/restore: available, except for processes of non-root users (CAP_SYS_RESOURCE missing)"
     if not reasons:
         return "checkpoint/restore: available"
     return "checkpoint/restore: NOT available: " + "; ".join(reasons)

@@ -134,6 +134,37 @@ def test_no_cap_sys_resource_warns_about_oom_score_adj() -> None:
     assert preflight.available(findings)
 
 
+def test_non_root_processes_cannot_be_dumped_without_cap_sys_resource() -> None:
+    findings = assess(healthy(privileges=PrivilegeProbe(0, NO_SYS_RESOURCE, prlimit_other_user=False)))
+    (finding,) = by_area(findings, preflight.NON_ROOT)
+    assert finding.status is Status.WARN
+    assert "processes running as a non-root user cannot be checkpointed" in finding.detail
+    assert "Can't get rlimit 0: Operation not permitted" in finding.detail  # what CRIU will say
+    assert "needs CAP_SYS_RESOURCE in containerd's effective set" in finding.detail  # what a node needs
+    assert preflight.available(findings)  # root processes still work: a limit, not a failure
+    assert preflight.summary(findings) == ("checkpoint/restore: available, except for processes of non-root "
+                                           "users (CAP_SYS_RESOURCE missing)")
+
+
+def test_the_measurement_wins_over_the_capability_bits() -> None:
+    measured = assess(healthy(privileges=PrivilegeProbe(0, ALL_CAPS, prlimit_other_user=False)))
+    assert status_of(measured, preflight.NON_ROOT) is Status.WARN  # an LSM may refuse what the bits allow
+    inferred = assess(healthy(privileges=PrivilegeProbe(0, ALL_CAPS)))
+    assert status_of(inferred, preflight.NON_ROOT) is Status.OK
+    assert preflight.summary(inferred) == "checkpoint/restore: available"
+    unknown = assess(healthy(privileges=PrivilegeProbe(1000, None)))
+    assert status_of(unknown, preflight.NON_ROOT) is Status.WARN
+
+
+def test_other_capabilities_criu_uses_are_named_when_missing() -> None:
+    findings = assess(healthy(privileges=PrivilegeProbe(0, ALL_CAPS & ~(1 << 19) & ~(1 << 12))))
+    (finding,) = by_area(findings, "criu capabilities")
+    assert finding.status is Status.WARN
+    assert "CAP_NET_ADMIN (TCP repair and network locking)" in finding.detail
+    assert "CAP_SYS_PTRACE (seizing the processes it dumps)" in finding.detail
+    assert not by_area(assess(healthy()), "criu capabilities")
+
+
 def test_missing_dirty_tracking_warns() -> None:
     findings = assess(healthy(criu=criu(missing=("mem_dirty_track",))))
     assert status_of(findings, "criu mem_dirty_track") is Status.WARN
@@ -324,7 +355,7 @@ def test_cli_new_criu_row_is_ok(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     (row,) = [f for f in document["findings"] if f["area"] == "criu"]
     assert row == {"area": "criu", "status": "ok", "detail": f"CRIU 4.2.1 at {script}"}
     assert document["facts"]["criu"]["tool"]["path"] == str(script)
-    assert document["available"] == (document["summary"] == "checkpoint/restore: available")
+    assert document["available"] == document["summary"].startswith("checkpoint/restore: available")
 
 
 def test_cli_nonexistent_criu(tmp_path: Path) -> None:
