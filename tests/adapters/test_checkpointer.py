@@ -45,6 +45,7 @@ from shim.errors import (
     Unknown,
 )
 from shim.peer import Peer
+from tests.support.criu import fake_criu
 
 T = TypeVar("T")
 
@@ -167,13 +168,6 @@ def fake(tmp_path: Path) -> FakeContainerd:
     return FakeContainerd(root)
 
 
-def fake_criu(directory: Path, version: str) -> Path:
-    path = directory / f"criu-{version}"
-    path.write_text(f"#!/bin/sh\necho 'Version: {version}'\n")
-    path.chmod(0o755)
-    return path
-
-
 @pytest.fixture(autouse=True)
 def new_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """6.18 needs CRIU >= 4.2, whatever kernel the test host runs."""
@@ -184,7 +178,7 @@ def new_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    return Config(CheckpointDefaults(), criu=fake_criu(tmp_path, "4.2.1"), audit_log=tmp_path / "audit" / "audit.log",
+    return Config(CheckpointDefaults(), criu=fake_criu(tmp_path, "4.2.1", name="criu-4.2.1"), audit_log=tmp_path / "audit" / "audit.log",
                   state_dir=tmp_path / "state")
 
 
@@ -410,7 +404,7 @@ def test_symlink_location_is_refused_without_freezing(fake: FakeContainerd, conf
 
 def test_old_criu_is_refused_without_freezing(fake: FakeContainerd, config: Config, out: Path,
                                               tmp_path: Path) -> None:
-    old = Config(config.checkpoint, criu=fake_criu(tmp_path, "4.1.1"), audit_log=config.audit_log)
+    old = Config(config.checkpoint, criu=fake_criu(tmp_path, "4.1.1", name="criu-4.1.1"), audit_log=config.audit_log)
     with pytest.raises(Unknown, match=r"^CRIU binary not found or too old .*found CRIU 4\.1\.1"):
         run(checkpointer(fake, old).checkpoint(Request(CONTAINER, str(out / "cp.tar"), PEER)))
     assert fake.calls == []

@@ -16,15 +16,14 @@ import tarfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pycriu.images import pb
 
 from shim.errors import InvalidArgument
 from shim.restore import lazy, loopdev
 from shim.restore.archive import CheckpointArchive, open_checkpoint
-from shim.restore.pagemap import IMG_COMMON_MAGIC, PAGE_SIZE, PAGEMAP_MAGIC, PE_LAZY, PE_PRESENT
+from shim.restore.pagemap import PAGE_SIZE, PE_LAZY, PE_PRESENT
+from tests.support.criu import pagemap_image
 
 pytestmark = [
     pytest.mark.node,
@@ -48,23 +47,6 @@ def page(number: int) -> bytes:
 
 
 PAGES = b"".join(page(i) for i in range(PRESENT_PAGES))
-
-
-def pagemap_image(runs: list[tuple[int, int]], pages_id: int = 1) -> bytes:
-    head = pb.pagemap_head()
-    head.pages_id = pages_id
-    messages: list[Any] = [head]
-    vaddr = 0x7F0000000000
-    for nr_pages, flags in runs:
-        entry: Any = pb.pagemap_entry()
-        entry.vaddr, entry.compat_nr_pages, entry.nr_pages, entry.flags = vaddr, 0, nr_pages, flags
-        vaddr += nr_pages * PAGE_SIZE
-        messages.append(entry)
-    out = struct.pack("<II", IMG_COMMON_MAGIC, PAGEMAP_MAGIC)
-    for message in messages:
-        raw = message.SerializeToString()
-        out += struct.pack("<I", len(raw)) + raw
-    return out
 
 
 def write_archive(path: Path, files: dict[str, bytes]) -> Path:
@@ -149,7 +131,7 @@ def unpack(archive: Path, root: Path) -> tuple[Path, CheckpointArchive]:
 
 
 def test_prepare_copies_eager_runs_and_attaches_the_archive(tmp_path: Path, restore_root: Path) -> None:
-    archive = write_archive(tmp_path / "checkpoint.tar", {"pagemap-1.img": pagemap_image(RUNS), "pages-1.img": PAGES})
+    archive = write_archive(tmp_path / "checkpoint.tar", {"pagemap-1.img": pagemap_image(1, *RUNS), "pages-1.img": PAGES})
     work, unpacked = unpack(archive, restore_root)
     [member] = unpacked.deferred
     assert (member.name, member.size) == ("checkpoint/pages-1.img", PAGES_SIZE)
@@ -184,8 +166,8 @@ def test_shared_memory_pages_are_copied_whole(tmp_path: Path, restore_root: Path
     # Shared memory has its own pagemap (pagemap-shmem-<shmid>.img) and pages image; CRIU restores it itself.
     shmem = b"".join(page(i + 5000) for i in range(PRESENT_PAGES))
     archive = write_archive(tmp_path / "checkpoint.tar", {
-        "pagemap-1.img": pagemap_image(RUNS), "pages-1.img": PAGES,
-        "pagemap-shmem-4026532012.img": pagemap_image([(PRESENT_PAGES, EAGER)], pages_id=2), "pages-2.img": shmem})
+        "pagemap-1.img": pagemap_image(1, *RUNS), "pages-1.img": PAGES,
+        "pagemap-shmem-4026532012.img": pagemap_image(2, (PRESENT_PAGES, EAGER)), "pages-2.img": shmem})
     work, unpacked = unpack(archive, restore_root)
     assert len(unpacked.deferred) == 2
 
@@ -199,7 +181,7 @@ def test_shared_memory_pages_are_copied_whole(tmp_path: Path, restore_root: Path
 
 
 def test_release_leaves_other_restores_alone(tmp_path: Path, restore_root: Path) -> None:
-    archive = write_archive(tmp_path / "checkpoint.tar", {"pagemap-1.img": pagemap_image(RUNS), "pages-1.img": PAGES})
+    archive = write_archive(tmp_path / "checkpoint.tar", {"pagemap-1.img": pagemap_image(1, *RUNS), "pages-1.img": PAGES})
     first, unpacked_first = unpack(archive, restore_root)
     second, unpacked_second = unpack(archive, restore_root)
     lazy.prepare(archive, first, unpacked_first.deferred, CRIU)
@@ -213,9 +195,9 @@ def test_release_leaves_other_restores_alone(tmp_path: Path, restore_root: Path)
 
 
 @pytest.mark.parametrize(("pagemap", "described"), [
-    (pagemap_image(RUNS[:-1]), f"a pagemap of {PAGES_SIZE - 7 * PAGE_SIZE} bytes"),
-    (pagemap_image(RUNS + [(1, EAGER)]), f"a pagemap of {PAGES_SIZE + PAGE_SIZE} bytes"),
-    (pagemap_image(RUNS, pages_id=2), "no pagemap"),
+    (pagemap_image(1, *RUNS[:-1]), f"a pagemap of {PAGES_SIZE - 7 * PAGE_SIZE} bytes"),
+    (pagemap_image(1, *RUNS, (1, EAGER)), f"a pagemap of {PAGES_SIZE + PAGE_SIZE} bytes"),
+    (pagemap_image(2, *RUNS), "no pagemap"),
 ])
 def test_pagemap_not_matching_the_image_is_refused(tmp_path: Path, restore_root: Path, pagemap: bytes,
                                                    described: str) -> None:
@@ -231,7 +213,7 @@ def test_pagemap_not_matching_the_image_is_refused(tmp_path: Path, restore_root:
 
 def test_failure_on_a_later_image_releases_the_earlier_devices(tmp_path: Path, restore_root: Path) -> None:
     # pages-1.img is fine and gets its device; pages-2.img has no pagemap.
-    archive = write_archive(tmp_path / "checkpoint.tar", {"pagemap-1.img": pagemap_image(RUNS), "pages-1.img": PAGES,
+    archive = write_archive(tmp_path / "checkpoint.tar", {"pagemap-1.img": pagemap_image(1, *RUNS), "pages-1.img": PAGES,
                                                           "pages-2.img": PAGES})
     work, unpacked = unpack(archive, restore_root)
     assert [d.name for d in unpacked.deferred] == ["checkpoint/pages-1.img", "checkpoint/pages-2.img"]

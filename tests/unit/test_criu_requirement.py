@@ -9,15 +9,9 @@ import pytest
 
 from shim.checkpoint import criu
 from shim.errors import Code, Unknown
+from tests.support.criu import fake_criu
 
 CONTAINER_ID = "c0ffee0123456789"
-
-
-def fake_criu(directory: Path, output: str, name: str = "criu") -> Path:
-    path = directory / name
-    path.write_text(f"#!/bin/sh\nprintf '%s\\n' '{output}'\n")
-    path.chmod(0o755)
-    return path
 
 
 def kernel(monkeypatch: pytest.MonkeyPatch, release: str) -> None:
@@ -42,7 +36,7 @@ def test_required_version(release: str, need: tuple[int, ...]) -> None:
 
 def test_new_enough_criu_on_a_new_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kernel(monkeypatch, "6.18.0")
-    assert criu.require(fake_criu(tmp_path, "Version: 4.2.1"), CONTAINER_ID) == (4, 2, 1)
+    assert criu.require(fake_criu(tmp_path, "4.2.1"), CONTAINER_ID) == (4, 2, 1)
 
 
 def test_version_line_followed_by_gitid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,7 +49,7 @@ def test_version_line_followed_by_gitid(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_too_old_criu_on_a_new_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kernel(monkeypatch, "6.18.0")
-    path = fake_criu(tmp_path, "Version: 4.1.1")
+    path = fake_criu(tmp_path, "4.1.1")
     with pytest.raises(Unknown) as caught:
         criu.require(path, CONTAINER_ID)
     message = caught.value.message
@@ -69,12 +63,12 @@ def test_too_old_criu_on_a_new_kernel(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_same_criu_is_enough_on_an_older_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kernel(monkeypatch, "6.1.0-31-amd64")
-    assert criu.require(fake_criu(tmp_path, "Version: 4.1.1"), CONTAINER_ID) == (4, 1, 1)
+    assert criu.require(fake_criu(tmp_path, "4.1.1"), CONTAINER_ID) == (4, 1, 1)
 
 
 def test_below_the_floor_on_an_older_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kernel(monkeypatch, "6.1.0")
-    path = fake_criu(tmp_path, "Version: 3.15")
+    path = fake_criu(tmp_path, "3.15")
     with pytest.raises(Unknown, match=r"^CRIU binary not found or too old \(<31600\)\. ") as caught:
         criu.require(path, CONTAINER_ID)
     assert f"found CRIU 3.15 at {path}" in caught.value.message
@@ -83,7 +77,7 @@ def test_below_the_floor_on_an_older_kernel(tmp_path: Path, monkeypatch: pytest.
 
 def test_garbage_version_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kernel(monkeypatch, "6.18.0")
-    path = fake_criu(tmp_path, "criu: command not understood")
+    path = fake_criu(tmp_path, version_output="criu: command not understood")
     with pytest.raises(Unknown, match="CRIU binary not found or too old") as caught:
         criu.require(path, CONTAINER_ID)
     assert f"no usable CRIU at {path}" in caught.value.message
@@ -105,7 +99,7 @@ def test_no_configured_binary(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_not_executable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kernel(monkeypatch, "6.18.0")
-    path = fake_criu(tmp_path, "Version: 4.2.1")
+    path = fake_criu(tmp_path, "4.2.1")
     path.chmod(0o644)
     with pytest.raises(Unknown, match=f"no usable CRIU at {path}"):
         criu.require(path, CONTAINER_ID)

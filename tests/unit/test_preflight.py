@@ -23,6 +23,7 @@ from shim.preflight import (
     ToolProbe,
     assess,
 )
+from tests.support.criu import fake_criu
 
 ALL_CAPS = (1 << 41) - 1
 NO_SYS_RESOURCE = ALL_CAPS & ~(1 << preflight.CAP_SYS_RESOURCE)
@@ -321,19 +322,6 @@ def test_find_tool_takes_an_explicit_path_literally(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- the CLI
-
-
-def fake_criu(directory: Path, version: str) -> Path:
-    script = directory / "criu"
-    script.write_text(f"""#!/bin/sh
-case "$1" in
-  --version) echo "Version: {version}" ;;
-  check) if [ "$2" = --feature ]; then echo "$3 is supported"; else echo "Looks good."; fi ;;
-  *) exit 1 ;;
-esac
-""")
-    script.chmod(0o755)
-    return script
 
 
 def test_cli_old_criu_on_new_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pycriu.images import pb
 
 from shim.errors import InvalidArgument
 from shim.restore import lazy
 from shim.restore.lazy import DEFER_MIN_SIZE, deferrable, tag, tag_prefix
 from shim.restore.loopdev import TAG_PREFIX
-from shim.restore.pagemap import IMG_COMMON_MAGIC, PAGE_SIZE, PAGEMAP_MAGIC, PE_LAZY, PE_PRESENT
+from shim.restore.pagemap import PAGE_SIZE, PE_LAZY, PE_PRESENT
+from tests.support.criu import pagemap_image
 
 # --- deferrable -------------------------------------------------------------------------
 
@@ -80,21 +78,6 @@ def test_tag_fits_the_loop_device_name() -> None:
 
 
 # --- the pagemaps prepare() reads ----------------------------------------------------------
-
-
-def pagemap_image(pages_id: int, *runs: tuple[int, int]) -> bytes:
-    out = struct.pack("<II", IMG_COMMON_MAGIC, PAGEMAP_MAGIC)
-    head = pb.pagemap_head()
-    head.pages_id = pages_id
-    messages: list[Any] = [head]
-    for nr_pages, flags in runs:
-        entry: Any = pb.pagemap_entry()
-        entry.vaddr, entry.compat_nr_pages, entry.nr_pages, entry.flags = 0, 0, nr_pages, flags
-        messages.append(entry)
-    for message in messages:
-        raw = message.SerializeToString()
-        out += struct.pack("<I", len(raw)) + raw
-    return out
 
 
 def test_task_and_shared_memory_pagemaps_are_read(tmp_path: Path) -> None:
