@@ -32,6 +32,7 @@
     restore_namespaces = ["*"]            # pods that may receive a restore, by namespace (shell patterns)
     restore_runtime_handlers = ["*"]      # ... by RuntimeClass handler ("" = no RuntimeClass)
     checkpoint_excluded_namespaces = []   # pods here are never checkpointed
+    restore_from_other_namespaces = false # a checkpoint goes back into the namespace it was taken in
 """
 
 from __future__ import annotations

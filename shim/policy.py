@@ -3,13 +3,15 @@
 Restore is admitted separately from container creation (containerd 2.4 removed
 restore-via-CreateContainer for this reason, containerd#13871: create and
 restore are different control flows an administrator wants to admit under
-separate policy). A restore passes four rules, in this order, and the first
+separate policy). A restore passes these rules, in this order, and the first
 that fails refuses it with PERMISSION_DENIED naming itself:
 
     restore.enabled                     the node allows restores at all
     admission.restore_namespaces        the new pod's namespace (shell globs)
     admission.restore_runtime_handlers  the new pod's RuntimeClass handler ("" = none)
     restore.allowed_dirs / restore.allowed_registries   where the checkpoint comes from
+    admission.restore_from_other_namespaces  (once the archive is read) a checkpoint taken in another
+                                        namespace than the new pod's is refused unless this is true
 
 A checkpoint is refused for a pod in `admission.checkpoint_excluded_namespaces`
 or carrying the annotation `checkpoint.criu-shim.io/exclude: "true"` (pods
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shim import oci
 from shim.errors import InvalidArgument, PermissionDenied
 
 EXCLUDE_ANNOTATION = "checkpoint.criu-shim.io/exclude"
@@ -43,6 +46,8 @@ class AdmissionSettings:
     restore_namespaces: tuple[str, ...] = ANY
     restore_runtime_handlers: tuple[str, ...] = ANY
     checkpoint_excluded_namespaces: tuple[str, ...] = ()
+    # A checkpoint holds its pod's memory (tokens, keys): it goes back into its own namespace only.
+    restore_from_other_namespaces: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,14 +69,18 @@ def parse_section(section: Any, origin: str) -> AdmissionSettings:
     if not isinstance(section, dict):
         raise InvalidArgument(f"{origin}: [admission] must be a table")
     keys = {"restore_namespaces", "restore_runtime_handlers", "checkpoint_excluded_namespaces"}
-    unknown = set(section) - keys
+    unknown = set(section) - keys - {"restore_from_other_namespaces"}
     if unknown:
         raise InvalidArgument(f"{origin}: unknown keys in [admission]: {', '.join(sorted(unknown))}")
     defaults = AdmissionSettings()
     values = {key: _patterns(section.get(key, list(getattr(defaults, key))), f"{origin}: admission.{key}",
                              allow_empty_string=key == "restore_runtime_handlers")
               for key in sorted(keys)}
-    return AdmissionSettings(**values)
+    other = section.get("restore_from_other_namespaces", False)
+    if not isinstance(other, bool):
+        raise InvalidArgument(f"{origin}: admission.restore_from_other_namespaces must be true or false, "
+                              f"got {other!r}")
+    return AdmissionSettings(**values, restore_from_other_namespaces=other)
 
 
 def _patterns(value: Any, what: str, allow_empty_string: bool) -> tuple[str, ...]:
@@ -108,6 +117,25 @@ def admit_restore_into(settings: AdmissionSettings, pod: PodFacts, image: str) -
         raise PermissionDenied(
             f"restore from checkpoint {image} into pod {pod.ref} refused by rule admission.restore_runtime_handlers: "
             f"runtime handler {pod.runtime_handler!r} matches none of {_show(settings.restore_runtime_handlers)}")
+
+
+def origin_namespace(spec: Mapping[str, Any]) -> str | None:
+    """The namespace of the pod a checkpoint was taken in, as containerd recorded it in the container's
+    OCI spec (criu-shim's and containerd's archives); None where the archive does not say."""
+    annotations = spec.get("annotations") if isinstance(spec, Mapping) else None
+    value = annotations.get(oci.CRI_SANDBOX_NAMESPACE) if isinstance(annotations, Mapping) else None
+    return value if isinstance(value, str) and value else None
+
+
+def admit_origin(settings: AdmissionSettings, pod: PodFacts, origin: str | None, image: str) -> None:
+    """A checkpoint goes back into the namespace it came from, unless the node allows otherwise: its
+    memory holds what that namespace's pod held (tokens, keys), which no other tenant may receive."""
+    if settings.restore_from_other_namespaces or origin is None or origin == pod.namespace:
+        return
+    raise PermissionDenied(
+        f"restore from checkpoint {image} into pod {pod.ref} refused by rule "
+        f"admission.restore_from_other_namespaces: the checkpoint was taken in namespace {origin!r}, not "
+        f"{pod.namespace!r} (set restore_from_other_namespaces = true in [admission] to allow)")
 
 
 def admit_archive(requested: Path, real: Path, is_file: bool, allowed_dirs: Sequence[Path]) -> Path:

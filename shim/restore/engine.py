@@ -182,6 +182,12 @@ class Restorer:
                                 dict(sandbox.annotations))
         policy.admit_restore_into(self._config.admission, facts, request.config.image.image)
 
+    async def _admit_origin(self, request: cri.CreateContainerRequest, spec: Any, image: str) -> None:
+        """The checkpoint's own namespace against the new pod's (shim.policy), once the archive is read."""
+        sandbox = await self._containerd.sandbox_status(request.pod_sandbox_id)
+        facts = policy.PodFacts(sandbox.metadata.namespace, sandbox.metadata.name, sandbox.runtime_handler)
+        policy.admit_origin(self._config.admission, facts, policy.origin_namespace(spec), image)
+
     def _admit_image(self, image: CheckpointImage) -> CheckpointImage:
         policy.admit_registry(image.name, self._config.restore.allowed_registries)
         return image
@@ -210,6 +216,7 @@ class Restorer:
                 archive_path = source
             archive = await self._unpack(archive_path, work, _lazy_wanted(request))
             _check_architecture(work)
+            await self._admit_origin(request, archive.spec, _source_name(source))
             unpacked = time.monotonic() - unpack_started
             # Handed over now: a lazy restore's page daemon starts up while the rest is prepared.
             relay = relay or self._relays.take(work)

@@ -33,11 +33,11 @@ class Cri:
         self.channel.close()
 
     @contextmanager
-    def pod(self, annotations: Mapping[str, str] | None = None) -> Iterator[Pod]:
+    def pod(self, annotations: Mapping[str, str] | None = None, namespace: str = "tests") -> Iterator[Pod]:
         name = f"p-{uuid.uuid4().hex[:8]}"
         log_dir = self.log_root / name
         log_dir.mkdir(parents=True, exist_ok=True)
-        config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=name, namespace="tests", uid=name),
+        config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=name, namespace=namespace, uid=name),
                                       log_directory=str(log_dir), annotations=dict(annotations or {}))
         pod_id = self.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config), timeout=60).pod_sandbox_id
         try:

@@ -105,3 +105,33 @@ def test_checkpoint_refused_for_a_pod_that_opted_out(client: Cri, node: Node) ->
         assert f"refused by the pod annotation {EXCLUDE_ANNOTATION}: the pod opted out" in details
         status = client.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr)).status
         assert status.state == cri.CONTAINER_RUNNING
+
+
+def _work_dirs(node: Node) -> set[str]:
+    work = node.dir / "restore"
+    return {p.name for p in work.iterdir()} if work.exists() else set()
+
+
+def test_a_checkpoint_goes_back_into_its_own_namespace_only(client: Cri, node: Node) -> None:
+    archive, counted = _checkpoint_counter(client, node, 5)  # taken in namespace "tests"
+    before = _work_dirs(node)
+    with client.pod(namespace="tenant-b") as pod:
+        # The request claims the checkpoint's namespace; the pod's real one is containerd's.
+        claimed = cri.PodSandboxConfig()
+        claimed.CopyFrom(pod.config)
+        claimed.metadata.namespace = "tests"
+        config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="r"), image=cri.ImageSpec(image=str(archive)),
+                                     log_path="r.log")
+        with pytest.raises(grpc.RpcError) as caught:
+            client.runtime.CreateContainer(cri.CreateContainerRequest(
+                pod_sandbox_id=pod.id, config=config, sandbox_config=claimed), timeout=120)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        details = caught.value.details() or ""
+        assert "refused by rule admission.restore_from_other_namespaces" in details
+        assert "taken in namespace 'tests', not 'tenant-b'" in details
+        assert not client.runtime.ListContainers(cri.ListContainersRequest(
+            filter=cri.ContainerFilter(pod_sandbox_id=pod.id))).containers
+    assert _work_dirs(node) == before  # the unpacked archive is gone again
+    with proxy_with(node, "restore_from_other_namespaces = true\n"), client.pod(namespace="tenant-b") as pod:
+        ctr = _restore(client, pod, archive)
+        assert client.count(ctr) >= counted - 1

@@ -15,8 +15,10 @@ from shim.policy import (
     PodFacts,
     admit_archive,
     admit_checkpoint,
+    admit_origin,
     admit_registry,
     admit_restore_into,
+    origin_namespace,
     parse_section,
     require_restore_enabled,
 )
@@ -184,3 +186,38 @@ def test_the_empty_handler_is_allowed_only_where_it_means_something() -> None:
     assert parse_section({"restore_runtime_handlers": [""]}, "x").restore_runtime_handlers == ("",)
     with pytest.raises(InvalidArgument):
         parse_section({"checkpoint_excluded_namespaces": [""]}, "x")
+
+
+# ------------------------------------------------------------------ restore: the checkpoint's own namespace
+
+
+def spec_from(namespace: object) -> dict[str, object]:
+    return {"annotations": {"io.kubernetes.cri.sandbox-namespace": namespace}}
+
+
+def test_a_checkpoint_goes_back_into_its_own_namespace_only() -> None:
+    settings = AdmissionSettings()
+    admit_origin(settings, pod("shop"), "shop", IMAGE)
+    message = refusal(admit_origin, settings, pod("other"), "shop", IMAGE)
+    assert message == (f"restore from checkpoint {IMAGE} into pod other/web-0 refused by rule "
+                       "admission.restore_from_other_namespaces: the checkpoint was taken in namespace 'shop', "
+                       "not 'other' (set restore_from_other_namespaces = true in [admission] to allow)")
+    admit_origin(AdmissionSettings(restore_from_other_namespaces=True), pod("other"), "shop", IMAGE)
+    admit_origin(settings, pod("other"), None, IMAGE)  # an archive that does not say (CRI-O's, Podman's)
+
+
+@pytest.mark.parametrize("spec, origin", [
+    (spec_from("shop"), "shop"), (spec_from(""), None), (spec_from(7), None), (spec_from(None), None),
+    ({"annotations": "x"}, None), ({"annotations": None}, None), ({}, None), ({"annotations": {}}, None),
+    ([], None), ("spec", None), (None, None),
+])
+def test_origin_namespace_from_hostile_specs(spec: Any, origin: str | None) -> None:
+    assert origin_namespace(spec) == origin
+
+
+def test_restore_from_other_namespaces_must_be_a_boolean() -> None:
+    assert parse({"admission": {"restore_from_other_namespaces": True}}).admission.restore_from_other_namespaces
+    assert parse({}).admission.restore_from_other_namespaces is False
+    for bad in ("true", 1, [], None):
+        with pytest.raises(InvalidArgument, match="admission.restore_from_other_namespaces must be true or false"):
+            parse({"admission": {"restore_from_other_namespaces": bad}})
