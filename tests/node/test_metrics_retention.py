@@ -168,17 +168,28 @@ def test_a_lazy_restore_is_measured_stage_by_stage(node: Node, restoring_proxy: 
 
     proxy = restoring_proxy
     archive = node.dir / "checkpoints" / f"metrics-{free_port()}.tar"
+    gc_config = proxy.config.parent / "gc.toml"
+    gc_config.write_text(f'[checkpoint]\naudit_log = "{proxy.audit_log}"\n'
+                         f'[retention]\ndirs = ["{archive.parent}"]\nttl = 1\n')
+
+    def gc_dry_run() -> str:
+        """What retention would do now (archives of other tests in that directory are only listed)."""
+        return criu_shim("gc", "--config", str(gc_config), "--dry-run").stdout
+
     before = proxy.scrape()
     try:
         with proxy.cri.pod() as pod_a:
             ctr = proxy.cri.container(pod_a, COUNTER, {"INTERVAL_MS": "50", "MEM_MB": "48"})
             wait_for(lambda: proxy.cri.count(ctr) >= 3)
             proxy.cri.checkpoint(ctr, str(archive))
+        wait_for(lambda: archive.stat().st_mtime < time.time() - 1.5, timeout=5)  # older than the ttl
         with proxy.cri.pod() as pod_b:
             config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="restored"),
                                          image=cri.ImageSpec(image=str(archive)), log_path="restored.log")
             restored = proxy.cri.runtime.CreateContainer(cri.CreateContainerRequest(
                 pod_sandbox_id=pod_b.id, config=config, sandbox_config=pod_b.config), timeout=120).container_id
+            # Created, not started: the lazy restore's loop device reads the archive, retention keeps it.
+            assert f"kept: in use by a restore\t{archive}\tttl: " in gc_dry_run()
             proxy.cri.runtime.StartContainer(cri.StartContainerRequest(container_id=restored), timeout=120)
             wait_for(lambda: proxy.cri.count(restored) >= 4)
 
@@ -191,5 +202,7 @@ def test_a_lazy_restore_is_measured_stage_by_stage(node: Node, restoring_proxy: 
             assert [count(s) for s in ("unpack", "create", "criu_restore")] == [1, 1, 1]
             total: tuple[str, frozenset[tuple[str, str]]] = ("criu_shim_restore_duration_seconds_count", frozenset())
             assert proxy.scrape()[total] - before.get(total, 0.0) == 1
+            # Memory complete: the relay lets go of the archive, retention may take it.
+            wait_for(lambda: f"would delete\t{archive}\tttl: " in gc_dry_run(), timeout=30, interval=0.5)
     finally:
         archive.unlink(missing_ok=True)
