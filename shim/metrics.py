@@ -20,7 +20,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -30,6 +30,7 @@ from shim.errors import Code, ShimError
 log = logging.getLogger(__name__)
 PREFIX = "criu_shim"
 REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)  # process_*: the proxy's CPU, memory, open files
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 SIZE_BUCKETS = tuple(float(1 << n) for n in range(20, 38, 2))  # 1 MiB .. 64 GiB, by 4x
 

@@ -97,6 +97,7 @@ def test_endpoint_serves_and_folds_in_the_relays_fill_records(tmp_path: Path) ->
         fillspool.write(spool, "r1", 0.7)
         text = scrape(endpoint.port)
         assert "# TYPE criu_shim_checkpoint_duration_seconds histogram" in text
+        assert "process_resident_memory_bytes " in text
         assert 'criu_shim_restore_stage_duration_seconds_count{stage="lazy_fill"} ' \
                f"{before + 1}" in text
         assert list(spool.iterdir()) == []
