@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
-from typing import TypeVar, cast
+from typing import cast
 
 import pytest
 
@@ -16,15 +15,11 @@ from shim.errors import Code, FailedPrecondition, Internal, InvalidArgument, Shi
 from shim.peer import Peer
 from shim.proxy import dispatch
 from shim.proxy.dispatch import Call, Dispatcher
+from tests.support.procs import run
 
-T = TypeVar("T")
 PEER = Peer(pid=77, uid=0, gid=0)
 CONTAINER = "ab" * 32
 SECRET = "secret internal detail 0xdeadbeef"
-
-
-def run(awaitable: Awaitable[T]) -> T:
-    return asyncio.run(asyncio.wait_for(awaitable, 10))
 
 
 class RecordingCheckpointer:

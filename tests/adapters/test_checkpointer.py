@@ -21,9 +21,8 @@ import os
 import stat
 import tarfile
 import time
-from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import pytest
 from google.protobuf import any_pb2
@@ -46,8 +45,7 @@ from shim.errors import (
 )
 from shim.peer import Peer
 from tests.support.criu import fake_criu
-
-T = TypeVar("T")
+from tests.support.procs import run
 
 CONTAINER = "3f2a9c0d1e4b5a6978c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f6a7b8c9d0e1f2a3"
 OTHER = "9" * 64
@@ -59,10 +57,6 @@ TCP_LOG = ("(00.012345) Error (criu/sk-inet.c:191): inet: Connected TCP socket, 
            "--tcp-established option.\n(00.012400) Error (criu/cr-dump.c:1681): Dumping FAILED.\n")
 REQUIRED_MEMBERS = ("spec.dump", "config.dump", "status.dump", "checkpoint", "checkpoint/inventory.img",
                     "checkpoint/pages-1.img", "dump.log", "stats-dump", "rootfs-diff.tar", "container.log")
-
-
-def run(awaitable: Awaitable[T]) -> T:
-    return asyncio.run(asyncio.wait_for(awaitable, 10))
 
 
 class FakeContainerd:

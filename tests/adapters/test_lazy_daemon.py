@@ -10,23 +10,20 @@ Each test body is a coroutine run by `asyncio.run`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import stat
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
 from shim.errors import FailedPrecondition
 from shim.runtime import lazy_daemon
 from shim.runtime.lazy_daemon import LazyPages
-
-T = TypeVar("T")
+from tests.support.procs import alive, run
 
 FAKE_CRIU = """#!/bin/sh
 work=""
@@ -51,10 +48,6 @@ esac
 exit 99
 """
 CONFIG = "tcp-established\nlazy-pages\nfile-locks\nlazy-pages-extra\n"
-
-
-def run(awaitable: Awaitable[T]) -> T:
-    return asyncio.run(asyncio.wait_for(awaitable, 10))
 
 
 @dataclass
@@ -130,14 +123,6 @@ def wait_for_file(path: Path, timeout: float = 5.0) -> str:
         assert time.monotonic() < deadline, f"{path} never written"
         time.sleep(0.005)
     return path.read_text()
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 def fakes(restore: Restore) -> list[int]:

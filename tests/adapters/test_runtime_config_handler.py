@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable
-from typing import TypeVar, cast
+from typing import cast
 
 import pytest
 
@@ -15,16 +13,12 @@ from shim.cri import runtime_config
 from shim.errors import Code, InvalidArgument, Unknown, Upstream
 from shim.peer import Peer
 from shim.proxy.dispatch import Call, Dispatcher
+from tests.support.procs import run
 
-T = TypeVar("T")
 PEER = Peer(pid=77, uid=0, gid=0)
 METADATA = (("x-request", "1"),)
 UNIMPLEMENTED_17 = Upstream(Code.UNIMPLEMENTED, "method RuntimeConfig not implemented")
 UNIMPLEMENTED_16 = Upstream(Code.UNIMPLEMENTED, "unknown method RuntimeConfig for service runtime.v1.RuntimeService")
-
-
-def run(awaitable: Awaitable[T]) -> T:
-    return asyncio.run(asyncio.wait_for(awaitable, 10))
 
 
 def status_reply(systemd_cgroup: bool, info: dict[str, str] | None = None) -> bytes:

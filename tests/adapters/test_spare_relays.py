@@ -22,68 +22,22 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
 from shim.api.containerd.runtime.task.v2 import shim_pb2
 from shim.restore.relays import Relay, SparePool, stop_relay, wait_ready
 from shim.ttrpc import Client, Connection, RequestReceived, Role
+from tests.support.procs import alive, cmdline, parent, poll, processes, run
 
-T = TypeVar("T")
 TASK = "containerd.task.v2.Task"
 TIMEOUT = 10.0
 
 
 # -- processes ----------------------------------------------------------------------
-
-
-def cmdline(pid: int) -> str:
-    """The command line of a live (not zombie) process, arguments joined by spaces; "" if it is gone."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, IndexError):
-        return ""
-    return "" if state == "Z" else argv.replace(b"\0", b" ").decode(errors="replace").strip()
-
-
-def processes(*texts: str) -> list[int]:
-    """Live processes whose command line has every one of `texts` in it."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (line := cmdline(int(entry.name))) and all(t in line for t in texts):
-            found.append(int(entry.name))
-    return sorted(found)
-
-
-def alive(pid: int) -> bool:
-    """Not yet a zombie. (A dying process's command line reads empty before it closes its files.)"""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def poll(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
-
-
-def run(awaitable: Awaitable[T]) -> T:
-    return asyncio.run(asyncio.wait_for(awaitable, TIMEOUT))
 
 
 # -- the fixture ----------------------------------------------------------------------
