@@ -68,7 +68,8 @@ def install(changes: list[Change], directory: Path) -> list[Path]:
         # Recorded before the file changes: a crash between the two leaves an uninstallable state.
         _write_atomic(directory / MANIFEST, json.dumps({"files": files, "created_dirs": dirs}, indent=1).encode(), 0o600)
         if change.changes_anything:
-            _write_atomic(change.path, change.after, _mode(change, record))
+            owner = (int(record["uid"]), int(record["gid"])) if record.get("existed") else None
+            _write_atomic(change.path, change.after, _mode(change, record), owner)
             written.append(change.path)
     return written
 

@@ -3,6 +3,7 @@ operator's customised one; every merged config is loaded by the real containerd 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -245,7 +246,11 @@ def test_uninstall_refuses_files_changed_since_install_unless_forced(tmp_path: P
     config = root / "etc/containerd/config.toml"
     config.write_text(OPERATOR_V2)
     config.chmod(0o640)
+    if os.geteuid() == 0:
+        os.chown(config, 0, 4242)  # a group of the operator's: install and uninstall keep it
+    owner = (config.stat().st_uid, config.stat().st_gid)
     assert install(root, version).returncode == 0
+    assert config.stat().st_mode & 0o777 == 0o640 and (config.stat().st_uid, config.stat().st_gid) == owner
     kept = list((root / "var/lib/criu-shim/install").iterdir())
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in kept)
     assert (root / "var/lib/criu-shim/install").stat().st_mode & 0o777 == 0o700
@@ -257,6 +262,7 @@ def test_uninstall_refuses_files_changed_since_install_unless_forced(tmp_path: P
     forced = criu_shim("uninstall", "--root", str(root), "--force")
     assert forced.returncode == 0, forced.stderr
     assert config.read_text() == OPERATOR_V2 and config.stat().st_mode & 0o777 == 0o640
+    assert (config.stat().st_uid, config.stat().st_gid) == owner
     nothing = criu_shim("uninstall", "--root", str(root))
     assert nothing.returncode == 1 and "nothing to uninstall" in nothing.stderr
 
