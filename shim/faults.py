@@ -20,6 +20,8 @@ class Point(enum.StrEnum):
     CHECKPOINT_FROZEN = "checkpoint-frozen"  # the container is paused, the dump not yet asked for
     CHECKPOINT_DUMPED = "checkpoint-dumped"  # CRIU is done, the container still frozen, no rootfs diff yet
     CHECKPOINT_ARCHIVE = "checkpoint-archive"  # thawed; the memory image sits in the staging directory
+    RESTORE_UNPACKED = "restore-unpacked"  # CreateContainer: unpacked, relay handed the restore, no container yet
+    RESTORE_CREATED = "restore-created"  # containerd created the container; the relay not yet confirmed ready
 
 
 def reached(point: Point) -> None:

@@ -27,6 +27,7 @@ from shim.checkpoint import recovery as checkpoint_recovery
 from shim.config import Config
 from shim.containerd import Containerd
 from shim.journal import Journal, Operation, Record
+from shim.restore import recovery as restore_recovery
 
 log = logging.getLogger(__name__)
 INTERVAL = 30.0
@@ -50,18 +51,25 @@ class Undo:
     undo: Callable[[Containerd, dict[str, Any]], Awaitable[list[str]]]
 
 
+# Passes over what live processes hold but nothing needs any more (a relay whose container was
+# removed before it started); each returns the records acted on and what was done.
+Sweep = Callable[[Containerd, Journal], Awaitable[list[tuple[Record, list[str]]]]]
+SWEEPS: tuple[Sweep, ...] = (restore_recovery.sweep,)
+
 UNDO: dict[Operation, Undo] = {
     Operation.CHECKPOINT: Undo(checkpoint_recovery.busy, checkpoint_recovery.undo),
+    Operation.RESTORE: Undo(restore_recovery.busy, restore_recovery.undo),
 }
 
 
 class Reconciler:
     def __init__(self, containerd: Containerd, config: Config, journal: Journal | None = None,
-                 undo: dict[Operation, Undo] | None = None) -> None:
+                 undo: dict[Operation, Undo] | None = None, sweeps: tuple[Sweep, ...] = SWEEPS) -> None:
         self._containerd = containerd
         self._config = config
         self._journal = journal or Journal.in_state_dir(config.state_dir)
         self._undo = undo if undo is not None else UNDO
+        self._sweeps = sweeps
 
     async def run_once(self) -> Pass:
         """One pass over the orphans."""
@@ -72,6 +80,15 @@ class Reconciler:
                 await self._recover(record, result)
             except Exception:  # one bad record must not stop the others, nor the proxy
                 log.exception("could not recover %s", record.path)
+                result.failed += 1
+        for sweep in self._sweeps:
+            try:
+                for record, done in await sweep(self._containerd, self._journal):
+                    self._audit(record, done)
+                    log.warning("recovered: %s", "; ".join(done))
+                    result.undone += 1
+            except Exception:  # containerd down: the next pass
+                log.exception("a recovery sweep failed")
                 result.failed += 1
         return result
 

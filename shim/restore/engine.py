@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from shim import policy
+from shim import faults, policy
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.arch import go_arch
 from shim.checkpoint import audit, options
@@ -37,9 +37,10 @@ from shim.errors import (
     ShimError,
 )
 from shim.handoff import RESTORE_DIR
+from shim.journal import Journal, Operation
 from shim.metrics import record_failure, record_restore, record_restore_stage
 from shim.peer import Peer
-from shim.restore import lazy
+from shim.restore import lazy, recovery
 from shim.restore.criulogs import LOGS_ANNOTATION
 from shim.restore.image import CheckpointImage, checkpoint_image, export_layer
 from shim.restore.network import (
@@ -49,7 +50,7 @@ from shim.restore.network import (
     taken,
     write_plan,
 )
-from shim.restore.relays import Relay, SparePool, stop_relay, wait_ready
+from shim.restore.relays import SHIM_DIR, Relay, SparePool, stop_relay, wait_ready
 from shim.restore.selinux import restore_lsm_options, selinux_enforcing
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class Restorer:
         self._uffd: bool | None = None  # whether CRIU can restore lazily here (probed once)
         self._creating: set[str] = set()  # work dir names of restores inside CreateContainer
         self._reading: dict[Path, int] = {}  # archives CreateContainer reads now, and by how many calls
-        self._relays = SparePool(config.restore.work_dir)
+        self._journal = Journal.in_state_dir(config.state_dir)
+        self._relays = SparePool(config.restore.work_dir, journal=self._journal.directory)
 
     async def open(self) -> None:
         """Get ready before the first restore: a spare relay, the CRIU feature probe, old configs gone."""
@@ -201,6 +203,12 @@ class Restorer:
     async def _create(self, request: cri.CreateContainerRequest, source: Path | CheckpointImage,
                       metadata: tuple[tuple[str, str], ...], timeout: float | None) -> str:
         work = self._config.restore.work_dir / uuid.uuid4().hex
+        sandbox = request.sandbox_config.metadata
+        # Until containerd has the container and its relay listens, a crash of ours is undone
+        # by the reconciler (shim.restore.recovery); from then on the relay's own record covers it.
+        record = self._journal.begin(Operation.RESTORE, **recovery.create_facts(
+            work, SHIM_DIR, sandbox.name, sandbox.namespace, request.config.metadata.name,
+            request.config.image.image))
         work.mkdir(mode=0o700, parents=True)
         self._creating.add(work.name)
         layer = work.parent / f"{work.name}.layer"
@@ -220,6 +228,7 @@ class Restorer:
             unpacked = time.monotonic() - unpack_started
             # Handed over now: a lazy restore's page daemon starts up while the rest is prepared.
             relay = relay or self._relays.take(work)
+            faults.reached(faults.Point.RESTORE_UNPACKED)
             # The next restore's spare starts alongside (awaited below, whatever happens).
             refill = asyncio.create_task(asyncio.to_thread(self._relays.refill))
             image = await self._resolve_image(archive.config)
@@ -238,6 +247,7 @@ class Restorer:
             record_restore_stage("unpack", unpacked)
             record_restore_stage("create", time.monotonic() - create_started)
             container_id = str(cri.CreateContainerResponse.FromString(reply).container_id)
+            faults.reached(faults.Point.RESTORE_CREATED)
             # From here the relay owns `work` (it removes it when the task is gone).
             self._pending[container_id] = (relay, await wait_ready(relay))
             return container_id
@@ -251,6 +261,7 @@ class Restorer:
         finally:
             self._creating.discard(work.name)
             layer.unlink(missing_ok=True)  # a lazy restore's loop device keeps the data it needs
+            record.close()  # released above, or handed to the relay
             if refill is not None:
                 await refill
 

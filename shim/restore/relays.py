@@ -67,13 +67,16 @@ class Relay:
         return self.directory / f"{self.work.name}.log"
 
 
-def start_relay(work: Path, directory: Path = SHIM_DIR) -> Relay:
-    """Launch the relay for the restore unpacked into `work` (returns at once; see wait_ready)."""
+def start_relay(work: Path, directory: Path = SHIM_DIR, journal: Path | None = None) -> Relay:
+    """Launch the relay for the restore unpacked into `work` (returns at once; see wait_ready).
+
+    `journal`: where the relay records what it holds (shim.restore.recovery).
+    """
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     where = Relay(work, directory)
     with open(where.log_file, "ab") as out:
         launcher = subprocess.Popen([sys.executable, "-m", "shim.runtime", "relay-for", str(where.socket),
-                                     str(where.upstream_file), str(work)],
+                                     str(where.upstream_file), str(work), *_optional(journal)],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     return Relay(work, directory, launcher)
 
@@ -81,22 +84,23 @@ def start_relay(work: Path, directory: Path = SHIM_DIR) -> Relay:
 class SparePool:
     """One relay kept started ahead of need for the restores under `work_root`."""
 
-    def __init__(self, work_root: Path, directory: Path = SHIM_DIR) -> None:
+    def __init__(self, work_root: Path, directory: Path = SHIM_DIR, journal: Path | None = None) -> None:
         self._work_root = work_root
         self._directory = directory
+        self._journal = journal
         self._spare: subprocess.Popen[bytes] | None = None
         self._refilling = threading.Lock()  # refills run in worker threads, maybe two at once
 
     def start_unless_spare(self, work: Path) -> Relay | None:
         """None if a spare waits (`take` it later); else a new relay for `work`, starting now."""
-        return None if self._spare is not None else start_relay(work, self._directory)
+        return None if self._spare is not None else start_relay(work, self._directory, self._journal)
 
     def take(self, work: Path) -> Relay:
         """The relay for the restore unpacked into `work`: the spare if there is one, else a new one."""
         spare, self._spare = self._spare, None
         if spare is not None and _assign(spare, work):
             return Relay(work, self._directory, spare)
-        return start_relay(work, self._directory)
+        return start_relay(work, self._directory, self._journal)
 
     def refill(self) -> None:
         """Start the next spare (blocking: a fork and exec; call it off the event loop)."""
@@ -109,7 +113,8 @@ class SparePool:
         try:
             # Until it has a restore (and its own log), what it says goes to the proxy's log.
             return subprocess.Popen(
-                [sys.executable, "-m", "shim.runtime", "relay-spare", str(self._directory), str(self._work_root)],
+                [sys.executable, "-m", "shim.runtime", "relay-spare", str(self._directory), str(self._work_root),
+                 *_optional(self._journal)],
                 stdin=subprocess.PIPE, start_new_session=True)
         except OSError as exc:  # restores still work, one interpreter start-up slower
             log.warning("could not start a spare restore relay: %s", exc)
@@ -123,6 +128,10 @@ class SparePool:
             with contextlib.suppress(OSError):
                 spare.stdin.close()
             spare.wait()
+
+
+def _optional(journal: Path | None) -> list[str]:
+    return [] if journal is None else [str(journal)]
 
 
 def _assign(spare: subprocess.Popen[bytes], work: Path) -> bool:

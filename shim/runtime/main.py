@@ -34,7 +34,7 @@ def main(argv: Sequence[str]) -> int:
             os._exit(0)
         from shim.runtime.relay_daemon import run_hosted
 
-        return run_hosted(Path(argv[1]), Path(argv[2]), Path(argv[3]))
+        return run_hosted(Path(argv[1]), Path(argv[2]), Path(argv[3]), _journal(argv, 4))
     if argv and argv[0] == "relay-spare":
         if os.fork() > 0:  # detached like relay-for
             os._exit(0)
@@ -42,7 +42,7 @@ def main(argv: Sequence[str]) -> int:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         from shim.runtime.relay_daemon import run_spare
 
-        return run_spare(Path(argv[1]), Path(argv[2]))
+        return run_spare(Path(argv[1]), Path(argv[2]), _journal(argv, 3))
     if argv and argv[0] == "relay":
         from shim.runtime.relay_daemon import run
 
@@ -51,6 +51,11 @@ def main(argv: Sequence[str]) -> int:
     if args.action != "start" or restore_plan(Path.cwd()) is None:
         os.execvp(RUNC_SHIM, [RUNC_SHIM, *argv])  # not ours to handle: the stock shim does it
     return start(args)
+
+
+def _journal(argv: Sequence[str], index: int) -> Path | None:
+    """The journal directory the proxy passed a relay (optional: a relay may run without one)."""
+    return Path(argv[index]) if len(argv) > index else None
 
 
 def start(args: ShimArgs) -> int:

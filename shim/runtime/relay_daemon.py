@@ -19,11 +19,15 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from shim.api.containerd.runtime.task.v2 import shim_pb2
 from shim.errors import FailedPrecondition
 from shim.handoff import RestorePlan
+from shim.journal import Journal, Operation
+from shim.restore import recovery
 from shim.runtime.bundle import restore_plan
 from shim.runtime.lazy_daemon import LOG as LAZY_LOG
 from shim.runtime.lazy_daemon import LazyPages
@@ -46,9 +50,11 @@ class RestoreRewriter:
     of the task goes on. If it fails in between, the restored process is ended.
     """
 
-    def __init__(self, plan: RestorePlan, bundle: Path | None = None) -> None:
+    def __init__(self, plan: RestorePlan, bundle: Path | None = None,
+                 note: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.plan = plan
         self.bundle = bundle
+        self._note = note  # records what the task is, for the reconciler should the relay die
         self.started = False  # the init process's Start went upstream
         self.lazy: LazyPages | None = None
         # Planned already when a spare relay is handed an unpacked restore: start at once.
@@ -110,6 +116,8 @@ class RestoreRewriter:
         # The runc shim restores instead of creating when Create names a checkpoint.
         request.checkpoint = str(self.plan.images)
         self.bundle = Path(request.bundle)
+        if self._note is not None:
+            self._note(recovery.task_facts(request.id, self.bundle))
         if self.lazy is None:  # a relay started before the unpacking
             self.lazy = LazyPages.planned(self.plan.dir)
         if self.lazy is not None:
@@ -182,16 +190,23 @@ class _Trouble(logging.Handler):
         self.seen = True
 
 
-def run_hosted(listen: Path, upstream_file: Path, work: Path) -> int:
-    """The relay the proxy starts at CreateContainer; the launcher writes the upstream address later."""
+def run_hosted(listen: Path, upstream_file: Path, work: Path, journal: Path | None = None) -> int:
+    """The relay the proxy starts at CreateContainer; the launcher writes the upstream address later.
+
+    With a `journal` directory the relay records what it holds (shim.restore.recovery),
+    before it holds it, so that the reconciler can undo it should the relay be killed.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     trouble = _Trouble()
     logging.getLogger().addHandler(trouble)
+    record = (Journal(journal).begin(Operation.RESTORE, **recovery.relay_facts(work, listen.parent, journal))
+              if journal is not None else None)
+    note = (lambda facts: record.note(**facts)) if record is not None else None
     pid_file = listen.with_suffix(".pid")
     pid_file.write_text(f"{os.getpid()}\n")
-    rewriter = RestoreRewriter(RestorePlan(work))
+    rewriter = RestoreRewriter(RestorePlan(work), note=note)
     try:
-        asyncio.run(_serve_hosted(listen, upstream_file, rewriter))
+        asyncio.run(_serve_hosted(listen, upstream_file, rewriter, note))
         if rewriter.bundle is not None and not rewriter.started:
             log.warning("containerd closed its connections to the task before starting it")
     except BaseException:
@@ -207,10 +222,12 @@ def run_hosted(listen: Path, upstream_file: Path, work: Path) -> int:
         upstream_file.unlink(missing_ok=True)
         listen.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
+        if record is not None:
+            record.close()  # everything is released
     return 0
 
 
-def run_spare(directory: Path, work_root: Path) -> int:
+def run_spare(directory: Path, work_root: Path, journal: Path | None = None) -> int:
     """A relay started ahead of need: it imports everything, then waits on stdin for its restore.
 
     The proxy writes the restore's work dir (inside `work_root`) as one line; the
@@ -237,7 +254,7 @@ def run_spare(directory: Path, work_root: Path) -> int:
     for stream in (1, 2):
         os.dup2(fd, stream)
     os.close(fd)
-    return run_hosted(directory / f"{work.name}.sock", directory / f"{work.name}.upstream", work)
+    return run_hosted(directory / f"{work.name}.sock", directory / f"{work.name}.upstream", work, journal)
 
 
 class _UpstreamAddress:
@@ -247,9 +264,10 @@ class _UpstreamAddress:
     it after StartContainer: connections containerd opens later must not need it.
     """
 
-    def __init__(self, upstream_file: Path) -> None:
+    def __init__(self, upstream_file: Path, note: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._file = upstream_file
         self._address: Path | None = None
+        self._note = note
 
     @property
     def known(self) -> bool:
@@ -259,13 +277,16 @@ class _UpstreamAddress:
     def __call__(self) -> Path:
         if self._address is None:
             self._address = Path(self._file.read_text().strip())
+            if self._note is not None:
+                self._note(recovery.upstream_facts(self._address))
         return self._address
 
 
-async def _serve_hosted(listen: Path, upstream_file: Path, rewriter: RestoreRewriter) -> None:
+async def _serve_hosted(listen: Path, upstream_file: Path, rewriter: RestoreRewriter,
+                        note: Callable[[dict[str, Any]], None] | None = None) -> None:
     from shim.ttrpc.relay import RelayServer, upstream_listening
 
-    upstream = _UpstreamAddress(upstream_file)
+    upstream = _UpstreamAddress(upstream_file, note)
     server = RelayServer(listen, upstream, rewriter, exit_when_idle=True, methods=METHODS,
                          still_needed=lambda: upstream_listening(upstream))
     loop = asyncio.get_running_loop()

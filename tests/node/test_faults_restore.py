@@ -1,0 +1,202 @@
+"""Fault injection on the restore path: criu-shim or the restore relay killed mid-way.
+
+Each case checks the fault really hit (a journal record, an unpacked work dir,
+a loop device, a relay) before it checks the recovery: nothing left on disk or
+in the kernel (work dir, CRIU config, loop device, relay and its files, page
+daemon, stock runc shim), no journal record, an audit line saying what was
+undone, and the next restore works.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shim import faults
+from shim.api.cri.v1 import api_pb2 as cri
+from shim.node import procs
+from shim.node.tools import load_paths
+from shim.restore import lazy, loopdev
+from shim.restore.relays import SHIM_DIR
+from tests.node.conftest import Node
+from tests.node.pods import Cri, Pod, wait_for
+from tests.node.test_faults_checkpoint import PrivateProxy
+from tests.node.test_restore import _checkpoint_counter
+
+pytestmark = pytest.mark.node
+
+
+class RestoringProxy(PrivateProxy):
+    """A private criu-shim that restores, with its own work dir (and so its own loop-device tags)."""
+
+    def __init__(self, node: Node, directory: Path) -> None:
+        super().__init__(node, directory)
+        self.work_root = directory / "restore"
+        self.config.write_text(
+            f'state_dir = "{self.state}"\n[checkpoint]\ncriu = "{load_paths()["CRIU_BIN"]}"\n'
+            f'audit_log = "{self.audit}"\n[restore]\nenabled = true\n'
+            f'allowed_dirs = ["{node.dir / "checkpoints"}"]\nwork_dir = "{self.work_root}"\n')
+
+    def client(self) -> Cri:
+        return Cri(f"unix://{self.listen}", self.dir / "client-logs")
+
+    def work_dirs(self) -> list[str]:
+        return sorted(p.name for p in self.work_root.iterdir() if p.is_dir()) if self.work_root.is_dir() else []
+
+    def loop_devices(self) -> list[str]:
+        prefix = lazy.tag_prefix(self.work_root)
+        return [f"/dev/{d.name}" for d in Path("/sys/block").glob("loop*")
+                if (loopdev.tag_of(f"/dev/{d.name}") or "").startswith(prefix)]
+
+    def recoveries(self) -> list[dict[str, object]]:
+        return [a for a in self.audit_lines() if a["action"] == "recover-restore"]
+
+
+@pytest.fixture
+def proxy(node: Node, tmp_path: Path) -> Iterator[RestoringProxy]:
+    own = RestoringProxy(node, tmp_path)
+    yield own
+    own.stop()
+
+
+@pytest.fixture
+def direct(node: Node, tmp_path: Path) -> Iterator[Cri]:
+    client = Cri(node.cri, tmp_path / "pod-logs")
+    yield client
+    client.close()
+
+
+def _create(proxy: RestoringProxy, pod: Pod, archive: Path) -> str:
+    client = proxy.client()
+    try:
+        config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="restored"),
+                                     image=cri.ImageSpec(image=str(archive)), log_path="restored.log")
+        return str(client.runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config), timeout=120).container_id)
+    finally:
+        client.close()
+
+
+def _create_dies(proxy: RestoringProxy, pod: Pod, archive: Path) -> None:
+    """CreateContainer through a proxy that kills itself at its fault point."""
+    errors: list[grpc.RpcError] = []
+
+    def run() -> None:
+        try:
+            _create(proxy, pod, archive)
+        except grpc.RpcError as exc:
+            errors.append(exc)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(120)
+    assert proxy.process is not None and proxy.process.wait(30) == -signal.SIGKILL
+    assert errors, "CreateContainer should have died with its proxy"
+
+
+def _relay_keys() -> set[str]:
+    return {p.name.split(".")[0] for p in SHIM_DIR.iterdir()} if SHIM_DIR.is_dir() else set()
+
+
+def _assert_nothing_left(proxy: RestoringProxy, keys: list[str]) -> None:
+    wait_for(lambda: proxy.journal() == [] and proxy.work_dirs() == [] and proxy.loop_devices() == [], timeout=45)
+    wait_for(lambda: not _relay_keys() & set(keys), timeout=10)
+    for key in keys:
+        assert procs.processes_mentioning(key) == [], f"a process of restore {key} is left"
+
+
+def test_proxy_killed_after_unpacking_is_undone_at_restart(node: Node, direct: Cri,
+                                                            proxy: RestoringProxy) -> None:
+    archive, counted = _checkpoint_counter(direct, node, 5, mem_mb=48)
+    with direct.pod() as pod:
+        proxy.start(faults.Point.RESTORE_UNPACKED)
+        _create_dies(proxy, pod, archive)
+        # It hit: the restore was unpacked, its memory image on a loop device, journaled.
+        keys = proxy.work_dirs()
+        assert len(keys) == 1 and proxy.loop_devices() and proxy.journal()
+        proxy.start()
+        _assert_nothing_left(proxy, keys)
+        recovery = proxy.recoveries()
+        assert recovery and str(recovery[-1]["result"]).startswith("interrupted"), recovery
+        assert "deleted work dir" in str(recovery[-1]["result"])
+        assert "released loop device" in str(recovery[-1]["result"])
+        # The next restore works.
+        ctr = _create(proxy, pod, archive)
+        client = proxy.client()
+        try:
+            client.runtime.StartContainer(cri.StartContainerRequest(container_id=ctr), timeout=120)
+            wait_for(lambda: client.count(ctr) > counted)
+        finally:
+            client.close()
+
+
+def test_proxy_killed_once_containerd_has_the_container_leaves_it_to_its_relay(
+        node: Node, direct: Cri, proxy: RestoringProxy) -> None:
+    archive, counted = _checkpoint_counter(direct, node, 5, mem_mb=48)
+    with direct.pod() as pod:
+        proxy.start(faults.Point.RESTORE_CREATED)
+        _create_dies(proxy, pod, archive)
+        created = [c.id for c in direct.runtime.ListContainers(cri.ListContainersRequest(
+            filter=cri.ContainerFilter(pod_sandbox_id=pod.id))).containers]
+        assert len(created) == 1
+        proxy.start()
+        wait_for(lambda: proxy.recoveries() != [], timeout=45)
+        assert "its relay owns it" in str(proxy.recoveries()[-1]["result"])
+        assert len(proxy.journal()) == 1  # the relay's own record: it is alive and holds the restore
+        # The relay kept it: the container starts as a restore and counts on.
+        direct.runtime.StartContainer(cri.StartContainerRequest(container_id=created[0]), timeout=120)
+        wait_for(lambda: direct.count(created[0]) > counted)
+        keys = proxy.work_dirs()
+    _assert_nothing_left(proxy, keys)  # the pod is gone: the relay cleaned up after itself
+
+
+def test_killed_relay_leaves_nothing_once_the_reconciler_passed(node: Node, direct: Cri,
+                                                                proxy: RestoringProxy) -> None:
+    archive, _ = _checkpoint_counter(direct, node, 5, mem_mb=256)
+    proxy.start()
+    with direct.pod() as pod:
+        ctr = _create(proxy, pod, archive)
+        direct.runtime.StartContainer(cri.StartContainerRequest(container_id=ctr), timeout=120)
+        keys = proxy.work_dirs()
+        relay = int((SHIM_DIR / f"{keys[0]}.pid").read_text())
+        os.kill(relay, signal.SIGKILL)  # no clean-up of its own
+        assert procs.wait_until(lambda: not procs.alive(relay), 5)
+        # Undone by the periodic pass (no restart): the record of a dead relay whose container is gone.
+        _assert_nothing_left(proxy, keys)
+        recovery = proxy.recoveries()
+        assert recovery and recovery[-1]["container_id"] == ctr, recovery
+        assert "told the runc shim" in str(recovery[-1]["result"]), recovery
+        assert direct.state(ctr) == "CONTAINER_EXITED"  # it never ran on missing pages
+    # The pod's runc shim served the restored task too: told the task is gone, it ends with the pod.
+    wait_for(lambda: not _runc_shims_of(pod.id), timeout=30)
+
+
+def _runc_shims_of(sandbox: str) -> list[int]:
+    return [p for p in procs.processes_mentioning(sandbox) if b"containerd-shim" in _cmdline(p)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_relay_of_a_container_removed_before_it_started_is_stopped(node: Node, direct: Cri,
+                                                                   proxy: RestoringProxy) -> None:
+    archive, _ = _checkpoint_counter(direct, node, 5, mem_mb=48)
+    proxy.start()
+    with direct.pod() as pod:
+        _create(proxy, pod, archive)
+        keys = proxy.work_dirs()
+        relay = int((SHIM_DIR / f"{keys[0]}.pid").read_text())
+    # The pod and its never started container are gone: the relay would wait for containerd in vain.
+    assert procs.alive(relay)
+    _assert_nothing_left(proxy, keys)  # by the periodic pass
+    assert "no container restores from" in str(proxy.recoveries()[-1]["result"])
+
