@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from shim import oci
+from shim.annotations import CHECKPOINT_PREFIX, FALSE, TRUE
 from shim.errors import InvalidArgument, PermissionDenied
 
-EXCLUDE_ANNOTATION = "checkpoint.criu-shim.io/exclude"
+EXCLUDE_ANNOTATION = CHECKPOINT_PREFIX + "exclude"
 ANY = ("*",)
 
 
@@ -171,8 +172,8 @@ def admit_checkpoint(settings: AdmissionSettings, pod: PodFacts, container_id: s
             f"admission.checkpoint_excluded_namespaces: namespace {pod.namespace!r} matches "
             f"{_show(settings.checkpoint_excluded_namespaces)}")
     value = pod.annotations.get(EXCLUDE_ANNOTATION)
-    if value is None or value == "false":
+    if value is None or value == FALSE:
         return
-    why = "the pod opted out" if value == "true" else f'its value {value!r} is not "true" or "false"'
+    why = "the pod opted out" if value == TRUE else f'its value {value!r} is not "true" or "false"'
     raise PermissionDenied(f"checkpoint of container {container_id} in pod {pod.ref} refused by the pod "
                            f"annotation {EXCLUDE_ANNOTATION}: {why}")

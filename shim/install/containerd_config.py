@@ -26,11 +26,10 @@ from tomlkit.exceptions import ParseError, TOMLKitError
 from tomlkit.items import Table
 
 from shim.errors import InvalidArgument
+from shim.handoff import RESTORE_ANNOTATIONS  # what containerd copies into a restored container's spec
 
 HANDLER = "criu"
 RUNC_TYPE = "io.containerd.runc.v2"
-# Request annotations containerd must copy into a restored container's OCI spec.
-RESTORE_ANNOTATIONS = ("restore.criu-shim.io/*", "org.criu.config")
 VERSION_LINE = r"^\s*version\s*="
 CRI_PLUGIN = {2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime", 4: "io.containerd.cri.v1.runtime"}
 
