@@ -357,3 +357,12 @@ def test_help_has_examples() -> None:
         out = criu_shim(command, "--help").stdout
         assert "examples:" in out and f"criu-shim {command}" in out
     assert "--dry-run" in criu_shim("install", "--help").stdout
+
+
+def test_the_kubelet_drop_in_sets_node_configs_flags() -> None:
+    from shim.install import files
+
+    flags = (files.NODE_CONFIG / "kubelet-flags.env").read_text()
+    wanted = next(line for line in flags.splitlines() if line.startswith("KUBELET_EXTRA_ARGS="))
+    value = wanted.split("=", 1)[1].strip('"')
+    assert f'Environment="KUBELET_EXTRA_ARGS={value}"' in files.kubelet_drop_in()
