@@ -57,6 +57,15 @@ class Status(enum.Enum):
     FAIL = "fail"
 
 
+class CgroupMode(enum.StrEnum):
+    """How this node mounts cgroups (a StrEnum: `--json` shows the plain word)."""
+
+    V1 = "v1"  # v1 controllers only ("legacy")
+    HYBRID = "hybrid"  # v1 controllers, cgroup2 at /sys/fs/cgroup/unified
+    V2 = "v2"  # /sys/fs/cgroup is cgroup2
+    UNKNOWN = "unknown"  # neither mountinfo nor the files tell
+
+
 @dataclass(frozen=True)
 class Finding:
     area: str
@@ -108,7 +117,7 @@ class Facts:
     runc: ToolProbe
     containerd: ToolProbe
     checkpointctl: ToolProbe
-    cgroup: str  # "v1", "hybrid", "v2" or "unknown"
+    cgroup: CgroupMode
     lsm: LsmProbe
     privileges: PrivilegeProbe
     criu_on_path: str | None  # what a runc that ignores --criu would execute
@@ -196,19 +205,19 @@ def _mount_types(mountinfo: str) -> dict[str, str]:
     return types
 
 
-def probe_cgroup(mountinfo: str, root: Path = CGROUP_ROOT) -> str:
+def probe_cgroup(mountinfo: str, root: Path = CGROUP_ROOT) -> CgroupMode:
     """v2 when /sys/fs/cgroup itself is cgroup2; hybrid when v1 controllers sit beside a
     cgroup2 "unified" mount; v1 when there are only v1 controllers. mountinfo says what is
     mounted (the statfs magic, without ctypes); the files are the fallback when it is unreadable."""
     types = _mount_types(mountinfo)
     if types.get(str(root)) == "cgroup2" or (root / "cgroup.controllers").exists():
-        return "v2"
+        return CgroupMode.V2
     v1 = any(kind == "cgroup" and mount.startswith(f"{root}/") for mount, kind in types.items())
     v1 = v1 or (root / "memory" / "memory.limit_in_bytes").exists()
     unified = types.get(f"{root}/unified") == "cgroup2" or (root / "unified" / "cgroup.controllers").exists()
     if v1:
-        return "hybrid" if unified else "v1"
-    return "unknown"
+        return CgroupMode.HYBRID if unified else CgroupMode.V1
+    return CgroupMode.UNKNOWN
 
 
 def probe_lsm(security: Path = Path("/sys/kernel/security"), selinuxfs: Path = Path("/sys/fs/selinux")) -> LsmProbe:
@@ -470,11 +479,12 @@ def assess_containerd(containerd: ToolProbe) -> list[Finding]:
     return [Finding("containerd", Status.WARN, f"containerd {show(version)} is untested: criu-shim targets 1.6/1.7")]
 
 
-def assess_cgroup(mode: str) -> list[Finding]:
-    if mode == "v2":
+def assess_cgroup(mode: CgroupMode) -> list[Finding]:
+    if mode is CgroupMode.V2:
         return [Finding("cgroup", Status.OK, "cgroup v2")]
-    if mode in ("v1", "hybrid"):
-        shape = "hybrid: controllers on v1, v2 mounted at /sys/fs/cgroup/unified" if mode == "hybrid" else "legacy"
+    if mode in (CgroupMode.V1, CgroupMode.HYBRID):
+        shape = ("hybrid: controllers on v1, v2 mounted at /sys/fs/cgroup/unified" if mode is CgroupMode.HYBRID
+                 else "legacy")
         # Checkpointing works on v1; the risk is the kubelet's future, not CRIU.
         return [Finding("cgroup", Status.INFO, f"cgroup v1 ({shape}): checkpoint/restore works; note that "
                         "Kubernetes deprecates cgroup v1 (kubelet failCgroupV1)")]

@@ -13,6 +13,7 @@ import pytest
 
 from shim import cli, preflight
 from shim.preflight import (
+    CgroupMode,
     CriuProbe,
     Facts,
     FeatureProbe,
@@ -49,7 +50,7 @@ def healthy(**overrides: object) -> Facts:
         runc=tool("runc", "runc version 1.1.15+ds1\ncommit: 1.1.15+ds1-2+b4\nspec: 1.2.0"),
         containerd=tool("containerd", "containerd github.com/containerd/containerd 1.7.24~ds1 1.7.24~ds1-6+deb13u1"),
         checkpointctl=ToolProbe("checkpointctl", "/opt/checkpointctl", "/opt/checkpointctl"),
-        cgroup="v2",
+        cgroup=CgroupMode.V2,
         lsm=LsmProbe(("lockdown", "capability", "landlock", "bpf")),
         privileges=PrivilegeProbe(0, ALL_CAPS),
         criu_on_path="/opt/criu-shim/bin/criu",
@@ -219,12 +220,12 @@ def test_no_selinux_and_unknown_lsms_are_info() -> None:
     assert status_of(findings, "selinux") is Status.INFO
 
 
-@pytest.mark.parametrize(("mode", "status"), [("v2", Status.OK), ("v1", Status.INFO), ("hybrid", Status.INFO),
-                                              ("unknown", Status.WARN)])
-def test_cgroup_modes(mode: str, status: Status) -> None:
+@pytest.mark.parametrize(("mode", "status"), [(CgroupMode.V2, Status.OK), (CgroupMode.V1, Status.INFO),
+                                              (CgroupMode.HYBRID, Status.INFO), (CgroupMode.UNKNOWN, Status.WARN)])
+def test_cgroup_modes(mode: CgroupMode, status: Status) -> None:
     findings = assess(healthy(cgroup=mode))
     assert status_of(findings, "cgroup") is status
-    if mode == "hybrid":
+    if mode is CgroupMode.HYBRID:
         assert "cgroup v1" in by_area(findings, "cgroup")[0].detail
 
 
