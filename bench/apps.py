@@ -36,6 +36,8 @@ sys.path.insert(0, str(HERE.parent))  # the clients and pods of the node tests
 from checkpoint import floor_checkpoint  # noqa: E402  (bench/checkpoint.py)
 
 from tests.node.app_clients import (  # noqa: E402
+    EAGER,
+    MIGRATE,
     NGINX,
     NON_ROOT_DUMPS,
     POSTGRES,
@@ -51,9 +53,6 @@ from tests.node.app_clients import (  # noqa: E402
     start,
 )
 from tests.node.pods import Cri, wait_for  # noqa: E402
-
-MIGRATE = {"checkpoint.criu-shim.io/tcp-established": "true", "checkpoint.criu-shim.io/stop-after": "true"}
-EAGER = {"restore.criu-shim.io/lazy-pages": "false"}
 
 
 @dataclass

@@ -15,13 +15,18 @@ from typing import Self
 import pg8000.native
 
 from shim.api.cri.v1 import api_pb2 as cri
+from shim.checkpoint.options import annotation
 from shim.node.cleanup import has_cap_sys_resource
+from shim.restore.engine import LAZY_ANNOTATION
 from tests.node.pods import Cri, Pod
 
 TIMEOUT = 30.0
 # CRIU reads every task's rlimits with prlimit(), which needs CAP_SYS_RESOURCE for another
 # user's process: without it (these CI VMs) only root's processes can be dumped.
 NON_ROOT_DUMPS = has_cap_sys_resource()
+# Live migration: connections dumped and the source stopped right after a good dump.
+MIGRATE = {annotation("tcp-established"): "true", annotation("stop-after"): "true"}
+EAGER = {LAZY_ANNOTATION: "false"}  # restore with every page in place before the process runs
 
 
 @dataclass(frozen=True)

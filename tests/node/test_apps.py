@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import tarfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,11 @@ from pathlib import Path
 import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
-from shim.handoff import RESTORE_DIR
+from shim.handoff import LAZY_PLAN, RESTORE_DIR
+from shim.restore.lazy import DEFER_MIN_SIZE
 from tests.node.app_clients import (
+    EAGER,
+    MIGRATE,
     NGINX,
     NON_ROOT_DUMPS,
     POSTGRES,
@@ -53,9 +55,6 @@ from tests.node.pods import Cri, wait_for
 
 pytestmark = pytest.mark.node
 
-MIGRATE = {"checkpoint.criu-shim.io/tcp-established": "true", "checkpoint.criu-shim.io/stop-after": "true"}
-EAGER = {"restore.criu-shim.io/lazy-pages": "false"}
-DEFER_MIN_SIZE = 4 << 20  # shim.restore.lazy: smaller page images are always restored eagerly
 ROOT_ONLY_REASON = ("root lacks CAP_SYS_RESOURCE here, so CRIU cannot dump processes of other users "
                     "(prlimit: 'Can't get rlimit 0: Operation not permitted')")
 
@@ -63,8 +62,6 @@ ROOT_ONLY_REASON = ("root lacks CAP_SYS_RESOURCE here, so CRIU cannot dump proce
 @dataclass
 class Moved:
     container: str
-    checkpoint_s: float
-    restore_s: float
     lazy: bool  # a lazy-pages plan was made for the restore
 
 
@@ -89,21 +86,17 @@ def move(client: Cri, node: Node, source: contextlib.ExitStack, ctr: str, lazy: 
     The archive is removed when `stack` closes."""
     archive = node.dir / "checkpoints" / f"{name}-{'lazy' if lazy else 'eager'}.tar"
     stack.callback(archive.unlink, missing_ok=True)
-    began = time.monotonic()
     client.checkpoint(ctr, str(archive))
-    checkpoint_s = time.monotonic() - began
     wait_for(lambda: client.state(ctr) == "CONTAINER_EXITED")  # stop-after: the source is gone
     source.close()  # pod A deleted: its IP is free for the restored sockets
     pod_b = stack.enter_context(client.pod(MIGRATE if lazy else MIGRATE | EAGER))
-    began = time.monotonic()
     restored = restore(client, pod_b, str(archive), name, uid)
-    restore_s = time.monotonic() - began
     status = client.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=restored)).status
-    planned = (Path(status.annotations[RESTORE_DIR]) / "lazy-pages.json").exists()
+    planned = (Path(status.annotations[RESTORE_DIR]) / LAZY_PLAN).exists()
     # Lazy exactly when asked and when a page image is big enough to be worth deferring.
     assert planned == (lazy and _largest_pages(archive) >= DEFER_MIN_SIZE)
     assert client.state(restored) == "CONTAINER_RUNNING"
-    return Moved(restored, checkpoint_s, restore_s, planned)
+    return Moved(restored, planned)
 
 
 def _largest_pages(archive: Path) -> int:
