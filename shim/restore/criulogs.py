@@ -38,6 +38,12 @@ def keep_failed_restore_logs(bundle: Path, lazy_log: Path | None, container_id: 
     return [path for path in kept if path is not None]
 
 
+def keep_lazy_pages_log(bundle: Path, lazy_log: Path) -> Path | None:
+    """Relay side: the page daemon failed mid-fill (the restored process is ended): keep its log."""
+    logs_dir = _logs_dir(bundle)
+    return criulog.keep(lazy_log, logs_dir, bundle.name, "lazy-pages") if logs_dir is not None else None
+
+
 def explain_start_failure(error: ShimError, logs_dir: Path, container_id: str, since: float) -> ShimError:
     """Proxy side: containerd's error as it was, then CRIU's reason and the kept logs (newer than `since`)."""
     message = error.message

@@ -108,6 +108,12 @@ class RestoreRewriter:
             os.kill(pid, signal.SIGKILL)
         log.error("killed the restored process %d: its memory was not complete (page daemon status %d)",
                   pid, status)
+        if self.lazy is not None:  # the restore dir, and the daemon's log in it, go when the task does
+            from shim.restore.criulogs import keep_lazy_pages_log
+
+            kept = keep_lazy_pages_log(self.bundle, self.lazy.work / LAZY_LOG)
+            if kept is not None:
+                log.error("the page daemon's CRIU log is kept at %s", kept)
 
     def _create(self, payload: bytes) -> bytes:
         request = shim_pb2.CreateTaskRequest.FromString(payload)

@@ -181,3 +181,12 @@ def test_nothing_is_kept_for_a_restore_that_worked_or_without_a_logs_dir(tmp_pat
                                              "c") == []
     assert criulogs.keep_failed_restore_logs(_bundle(tmp_path / "b", None, DEVSHM_RESTORE), None, "c") == []
     assert not logs.exists()
+
+
+def test_a_page_daemon_that_fails_mid_fill_leaves_its_log(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    bundle = _bundle(tmp_path, logs, None, started=True)
+    lazy_log = tmp_path / "lazy-pages.log"
+    lazy_log.write_text("(00.2) Error (criu/uffd.c:1): uffd: can't read the pages\n")
+    kept = criulogs.keep_lazy_pages_log(bundle, lazy_log)
+    assert kept is not None and kept.parent == logs / bundle.name and kept.name.startswith("lazy-pages-")
