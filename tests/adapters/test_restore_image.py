@@ -53,7 +53,9 @@ def digest_of(data: bytes) -> str:
 # -- the fake containerd -----------------------------------------------------------------
 
 
-class FakeContainerd:
+class FakeImageService:
+    """containerd's Images and Content gRPC services, in memory (served on a real socket by `run`)."""
+
     def __init__(self) -> None:
         self.blobs: dict[str, bytes] = {}
         self.images: dict[str, images_pb2.Image] = {}
@@ -102,16 +104,16 @@ class FakeContainerd:
 
 
 class Images(images_pb2_grpc.ImagesServicer):  # type: ignore[misc]
-    def __init__(self, fake: FakeContainerd) -> None:
+    def __init__(self, fake: FakeImageService) -> None:
         self.Get, self.List = fake.get, fake.list
 
 
 class Content(content_pb2_grpc.ContentServicer):  # type: ignore[misc]
-    def __init__(self, fake: FakeContainerd) -> None:
+    def __init__(self, fake: FakeImageService) -> None:
         self.Read = fake.read
 
 
-def run(tmp_path: Path, fake: FakeContainerd, test: Callable[[grpc.aio.Channel], Awaitable[T]]) -> T:
+def run(tmp_path: Path, fake: FakeImageService, test: Callable[[grpc.aio.Channel], Awaitable[T]]) -> T:
     async def main() -> T:
         socket = tmp_path / "containerd.sock"
         server = grpc.aio.server()
@@ -150,7 +152,7 @@ def layer_tar(compress: bool = True) -> bytes:
     return gzip.compress(raw, mtime=0) if compress else raw
 
 
-def manifest(fake: FakeContainerd, annotations: dict[str, str] | None = None, layers: int = 1,
+def manifest(fake: FakeImageService, annotations: dict[str, str] | None = None, layers: int = 1,
              layer_type: str = LAYER_GZIP, config: bytes = b'{"architecture":"amd64","os":"linux"}',
              ) -> dict[str, Any]:
     blobs = [layer_tar(layer_type.endswith("gzip")) + bytes(i) for i in range(layers)]
@@ -164,7 +166,7 @@ def manifest(fake: FakeContainerd, annotations: dict[str, str] | None = None, la
     return document
 
 
-def add_manifest_blob(fake: FakeContainerd, document: dict[str, Any], platform: dict[str, str] | None = None,
+def add_manifest_blob(fake: FakeImageService, document: dict[str, Any], platform: dict[str, str] | None = None,
                       annotations: dict[str, str] | None = None) -> dict[str, Any]:
     """The index entry for `document`."""
     data = json.dumps(document).encode()
@@ -186,7 +188,7 @@ FAMILIES = [
 
 @pytest.mark.parametrize(("family", "annotations"), FAMILIES)
 def test_each_annotation_family_is_recognised(tmp_path: Path, family: str, annotations: dict[str, str]) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     document = manifest(fake, {**annotations, "org.opencontainers.image.created": "2024-01-01T00:00:00Z"})
     target = fake.add_image("localhost/checkpoints/counter:1", OCI_MANIFEST, document)
     found = run(tmp_path, fake, lambda ch: checkpoint_image(ch, "localhost/checkpoints/counter:1"))
@@ -198,7 +200,7 @@ def test_each_annotation_family_is_recognised(tmp_path: Path, family: str, annot
 
 
 def test_marker_on_the_target_descriptor_counts(tmp_path: Path) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     fake.add_image("localhost/cp:1", OCI_MANIFEST, manifest(fake),
                    annotations={"org.criu.checkpoint.container.name": "counter"})
     found = run(tmp_path, fake, lambda ch: checkpoint_image(ch, "localhost/cp:1"))
@@ -206,7 +208,7 @@ def test_marker_on_the_target_descriptor_counts(tmp_path: Path) -> None:
 
 
 def test_plain_image_is_not_a_checkpoint(tmp_path: Path) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     fake.add_image("docker.io/library/busybox:1.36", OCI_MANIFEST,
                    manifest(fake, {"org.opencontainers.image.title": "busybox"}, layers=3))
     assert run(tmp_path, fake, lambda ch: checkpoint_image(ch, "docker.io/library/busybox:1.36")) is None
@@ -214,13 +216,13 @@ def test_plain_image_is_not_a_checkpoint(tmp_path: Path) -> None:
 
 
 def test_unknown_image_is_none(tmp_path: Path) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     assert run(tmp_path, fake, lambda ch: checkpoint_image(ch, "localhost/nothing:here")) is None
     assert run(tmp_path, fake, lambda ch: checkpoint_image(ch, "sha256:" + "b" * 64)) is None
 
 
 def test_short_name_is_normalised(tmp_path: Path) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     fake.add_image("docker.io/library/counter-cp:latest", OCI_MANIFEST, manifest(fake, FAMILIES[0][1]))
     found = run(tmp_path, fake, lambda ch: checkpoint_image(ch, "counter-cp"))
     assert found is not None and found.name == "docker.io/library/counter-cp:latest"
@@ -240,7 +242,7 @@ def test_normalize(ref: str, expected: str) -> None:
 
 
 def test_index_is_followed_to_the_amd64_manifest(tmp_path: Path) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     arm = manifest(fake, {"org.criu.checkpoint.container.name": "arm"})
     amd = manifest(fake, {"org.criu.checkpoint.container.name": "amd", "org.criu.checkpoint.pod.name": "pod-a"})
     attestation = manifest(fake, {})
@@ -265,7 +267,7 @@ def test_index_is_followed_to_the_amd64_manifest(tmp_path: Path) -> None:
 
 
 def test_marker_only_on_the_index(tmp_path: Path) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     only = manifest(fake)
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX,
              "annotations": {"io.kubernetes.cri-o.annotations.checkpoint.name": "counter"},
@@ -277,7 +279,7 @@ def test_marker_only_on_the_index(tmp_path: Path) -> None:
 
 
 def test_checkpoint_index_without_our_platform_is_refused(tmp_path: Path) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX,
              "annotations": {"org.criu.checkpoint.container.name": "counter"},
              "manifests": [add_manifest_blob(fake, manifest(fake), {"os": "linux", "architecture": "arm64"})]}
@@ -291,7 +293,7 @@ def test_checkpoint_index_without_our_platform_is_refused(tmp_path: Path) -> Non
 
 
 def test_lookup_by_image_id(tmp_path: Path) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     fake.add_image("docker.io/library/busybox:1.36", OCI_MANIFEST, manifest(fake, config=b'{"os":"linux"}'))
     config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers"}}'
     document = manifest(fake, FAMILIES[1][1], config=config)
@@ -307,7 +309,7 @@ def test_lookup_by_image_id(tmp_path: Path) -> None:
 
 def test_record_named_by_id_is_used_directly(tmp_path: Path) -> None:
     # The CRI plugin records pulled images under their ID too: one Get, no List.
-    fake = FakeContainerd()
+    fake = FakeImageService()
     image_id = "sha256:" + "e" * 64
     fake.add_image(image_id, OCI_MANIFEST, manifest(fake, FAMILIES[0][1]))
     found = run(tmp_path, fake, lambda ch: checkpoint_image(ch, image_id))
@@ -319,21 +321,21 @@ def test_record_named_by_id_is_used_directly(tmp_path: Path) -> None:
                                      json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST}).encode(),
                                      json.dumps({"mediaType": OCI_INDEX, "layers": []}).encode()])
 def test_corrupt_manifest_is_invalid(tmp_path: Path, corrupt: bytes) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     fake.add_image("localhost/cp:bad", OCI_MANIFEST, corrupt)
     with pytest.raises(InvalidArgument):
         run(tmp_path, fake, lambda ch: checkpoint_image(ch, "localhost/cp:bad"))
 
 
 def test_corrupt_index_is_invalid(tmp_path: Path) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     fake.add_image("localhost/cp:bad", OCI_INDEX, {"mediaType": OCI_INDEX, "manifests": [{"mediaType": 3}]})
     with pytest.raises(InvalidArgument, match="not a descriptor"):
         run(tmp_path, fake, lambda ch: checkpoint_image(ch, "localhost/cp:bad"))
 
 
 def test_manifest_not_matching_its_digest_is_invalid(tmp_path: Path) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     target = fake.add_image("localhost/cp:1", OCI_MANIFEST, manifest(fake, FAMILIES[0][1]))
     fake.blobs[target.digest] = fake.blobs[target.digest].replace(b"counter", b"Counter")
     with pytest.raises(InvalidArgument, match="does not match"):
@@ -341,7 +343,7 @@ def test_manifest_not_matching_its_digest_is_invalid(tmp_path: Path) -> None:
 
 
 def test_oversized_manifest_is_refused_before_reading(tmp_path: Path) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     fake.images["localhost/cp:big"] = images_pb2.Image(name="localhost/cp:big", target=descriptor_pb2.Descriptor(
         media_type=OCI_MANIFEST, digest="sha256:" + "f" * 64, size=5 << 20))
     with pytest.raises(InvalidArgument, match="allowed"):
@@ -350,7 +352,7 @@ def test_oversized_manifest_is_refused_before_reading(tmp_path: Path) -> None:
 
 
 def test_missing_manifest_blob_is_none(tmp_path: Path) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     target = fake.add_image("localhost/cp:gone", OCI_MANIFEST, manifest(fake, FAMILIES[0][1]))
     del fake.blobs[target.digest]
     assert run(tmp_path, fake, lambda ch: checkpoint_image(ch, "localhost/cp:gone")) is None
@@ -362,7 +364,7 @@ def test_missing_manifest_blob_is_none(tmp_path: Path) -> None:
     (1, "application/vnd.oci.image.layer.v1.tar+lz4", "not a tar layer"),
 ])
 def test_unusable_checkpoint_image_is_invalid(tmp_path: Path, layers: int, layer_type: str, match: str) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     fake.add_image("localhost/cp:1", OCI_MANIFEST, manifest(fake, FAMILIES[0][1], layers=layers,
                                                                layer_type=layer_type))
     with pytest.raises(InvalidArgument, match=match):
@@ -370,7 +372,7 @@ def test_unusable_checkpoint_image_is_invalid(tmp_path: Path, layers: int, layer
 
 
 def test_other_target_media_type_is_none(tmp_path: Path) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     fake.add_image("localhost/old:1", "application/vnd.docker.distribution.manifest.v1+prettyjws", b"{}")
     assert run(tmp_path, fake, lambda ch: checkpoint_image(ch, "localhost/old:1")) is None
 
@@ -380,7 +382,7 @@ def test_other_target_media_type_is_none(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("layer_type", [LAYER_GZIP, LAYER_TAR])
 def test_export_writes_the_layer_and_it_opens_as_a_checkpoint(tmp_path: Path, layer_type: str) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     fake.add_image("localhost/cp:1", OCI_MANIFEST, manifest(fake, FAMILIES[0][1], layer_type=layer_type))
 
     async def test(channel: grpc.aio.Channel) -> Path:
@@ -399,7 +401,7 @@ def test_export_writes_the_layer_and_it_opens_as_a_checkpoint(tmp_path: Path, la
 
 
 def test_export_digest_mismatch_leaves_no_file(tmp_path: Path) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     good = layer_tar()
     digest = fake.add_blob(good)
     fake.blobs[digest] = good[:-1] + bytes([good[-1] ^ 1])  # same size, one bit off
@@ -411,7 +413,7 @@ def test_export_digest_mismatch_leaves_no_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("size_delta", [-1, 1])
 def test_export_size_mismatch_leaves_no_file(tmp_path: Path, size_delta: int) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     data = layer_tar()
     digest = fake.add_blob(data)
     dest = tmp_path / "layer"
@@ -421,7 +423,7 @@ def test_export_size_mismatch_leaves_no_file(tmp_path: Path, size_delta: int) ->
 
 
 def test_export_missing_blob_is_not_found_and_leaves_no_file(tmp_path: Path) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     dest = tmp_path / "layer"
     with pytest.raises(NotFound):
         run(tmp_path, fake, lambda ch: export_layer(ch, Layer("sha256:" + "0" * 64, LAYER_GZIP, 10), dest))
@@ -429,7 +431,7 @@ def test_export_missing_blob_is_not_found_and_leaves_no_file(tmp_path: Path) -> 
 
 
 def test_export_never_overwrites(tmp_path: Path) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     data = layer_tar()
     digest = fake.add_blob(data)
     dest = tmp_path / "layer"
@@ -445,7 +447,7 @@ def test_export_never_overwrites(tmp_path: Path) -> None:
 
 
 def test_export_refuses_a_bad_digest(tmp_path: Path) -> None:
-    fake = FakeContainerd()
+    fake = FakeImageService()
     with pytest.raises(InvalidArgument, match="not a sha256"):
         run(tmp_path, fake, lambda ch: export_layer(ch, Layer("md5:abc", LAYER_GZIP, 1), tmp_path / "layer"))
     assert not (tmp_path / "layer").exists()

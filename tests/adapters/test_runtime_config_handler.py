@@ -28,7 +28,7 @@ def status_reply(systemd_cgroup: bool, info: dict[str, str] | None = None) -> by
     return bytes(reply.SerializeToString())
 
 
-class FakeContainerd:
+class FakeForward:
     """Stands in for the facade's `forward`: canned replies or errors per method, calls recorded."""
 
     def __init__(self, replies: dict[str, bytes | BaseException]) -> None:
@@ -44,7 +44,7 @@ class FakeContainerd:
         return reply
 
 
-def handle(fake: FakeContainerd, request: bytes = b"") -> bytes:
+def handle(fake: FakeForward, request: bytes = b"") -> bytes:
     call = Call(runtime_config.METHOD, request, METADATA, 5.0, PEER)
     return run(runtime_config.handler(cast(Containerd, fake))(call))
 
@@ -58,7 +58,7 @@ def driver_of(reply: bytes) -> int:
 def test_containerds_own_answer_is_relayed_unchanged() -> None:
     own = api_pb2.RuntimeConfigResponse(linux=api_pb2.LinuxRuntimeConfiguration(
         cgroup_driver=api_pb2.CgroupDriver.SYSTEMD)).SerializeToString() + b"\x9a\x01\x00"  # + an unknown field
-    fake = FakeContainerd({runtime_config.METHOD: own})
+    fake = FakeForward({runtime_config.METHOD: own})
     assert handle(fake) == own
     assert fake.calls == [(runtime_config.METHOD, b"", METADATA, 5.0)]  # no Status asked
 
@@ -68,7 +68,7 @@ def test_containerds_own_answer_is_relayed_unchanged() -> None:
                                                  (False, api_pb2.CgroupDriver.CGROUPFS)])
 def test_unimplemented_is_answered_from_containerds_runc_options(
         unimplemented: Upstream, systemd: bool, driver: int) -> None:
-    fake = FakeContainerd({runtime_config.METHOD: unimplemented,
+    fake = FakeForward({runtime_config.METHOD: unimplemented,
                            runtime_config.STATUS_METHOD: status_reply(systemd)})
     assert driver_of(handle(fake)) == driver
     status_request = api_pb2.StatusRequest.FromString(fake.calls[1][1])
@@ -80,7 +80,7 @@ def test_unimplemented_is_answered_from_containerds_runc_options(
                                    Upstream(Code.INTERNAL, "boom"),
                                    Upstream(Code.DEADLINE_EXCEEDED, "context deadline exceeded")])
 def test_other_errors_of_containerd_are_relayed(error: Upstream) -> None:
-    fake = FakeContainerd({runtime_config.METHOD: error})
+    fake = FakeForward({runtime_config.METHOD: error})
     with pytest.raises(Upstream) as raised:
         handle(fake)
     assert (raised.value.code, raised.value.message) == (error.code, error.message)
@@ -88,7 +88,7 @@ def test_other_errors_of_containerd_are_relayed(error: Upstream) -> None:
 
 
 def test_a_failing_status_is_relayed() -> None:
-    fake = FakeContainerd({runtime_config.METHOD: UNIMPLEMENTED_17,
+    fake = FakeForward({runtime_config.METHOD: UNIMPLEMENTED_17,
                            runtime_config.STATUS_METHOD: Upstream(Code.UNAVAILABLE, "containerd is down")})
     with pytest.raises(Upstream, match="^containerd is down$"):
         handle(fake)
@@ -96,7 +96,7 @@ def test_a_failing_status_is_relayed() -> None:
 
 @pytest.mark.parametrize("info", [{}, {"config": "{not json"}, {"config": '{"containerd": []}'}])
 def test_an_unreadable_status_config_is_a_clear_error(info: dict[str, str]) -> None:
-    fake = FakeContainerd({runtime_config.METHOD: UNIMPLEMENTED_17,
+    fake = FakeForward({runtime_config.METHOD: UNIMPLEMENTED_17,
                            runtime_config.STATUS_METHOD: status_reply(False, info)})
     with pytest.raises(Unknown, match="cannot tell which cgroup driver it uses"):
         handle(fake)
@@ -104,7 +104,7 @@ def test_an_unreadable_status_config_is_a_clear_error(info: dict[str, str]) -> N
 
 @pytest.mark.parametrize("garbage", [b"\xff\xff", b"\x0a\x05ab", b"\x0a\xff\xff\xff\xff\x0f"])
 def test_garbage_request_is_invalid_argument_and_reaches_nobody(garbage: bytes) -> None:
-    fake = FakeContainerd({})
+    fake = FakeForward({})
     with pytest.raises(InvalidArgument, match="^grpc: error unmarshalling request: "):
         handle(fake, garbage)
     assert fake.calls == []
@@ -112,7 +112,7 @@ def test_garbage_request_is_invalid_argument_and_reaches_nobody(garbage: bytes) 
 
 def test_garbage_through_the_dispatcher_keeps_the_status() -> None:
     """The error edge turns it into INVALID_ARGUMENT (not a fixed internal message)."""
-    fake = FakeContainerd({})
+    fake = FakeForward({})
     dispatcher = Dispatcher({runtime_config.METHOD: runtime_config.handler(cast(Containerd, fake))})
     body = b"\x00" + (2).to_bytes(4, "big") + b"\xff\xff"
     with pytest.raises(InvalidArgument):
