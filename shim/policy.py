@@ -156,6 +156,19 @@ def admit_registry(ref: str, allowed_registries: Sequence[str]) -> None:
                                f"registry {registry!r} is not in restore.allowed_registries {list(allowed_registries)}")
 
 
+def admit_base_image_pull(ref: str, allowed_registries: Sequence[str]) -> None:
+    """The original image a checkpoint names is pulled only from an allow-listed registry.
+
+    The name comes from the archive (hostile input): without this rule a crafted
+    checkpoint makes the node contact any registry it names.
+    """
+    registry = registry_of(ref)
+    if registry not in allowed_registries:
+        raise PermissionDenied(f"restore refused by rule restore.allowed_registries: the checkpoint's original image "
+                               f"{ref} is not on this node and its registry {registry!r} is not in "
+                               f"restore.allowed_registries {list(allowed_registries)} (it was not contacted)")
+
+
 def registry_of(ref: str) -> str:
     """The registry host of an image reference, as docker names it (docker.io when implicit)."""
     first, sep, _ = ref.partition("/")

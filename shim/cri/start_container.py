@@ -42,13 +42,24 @@ def handler(containerd: Containerd, restorer: Restorer, logs: Path | None = None
                 await restorer.after_start(container_id)  # refuses a restore that was started afresh
         except ShimError as exc:
             if restoring:
+                assert container_id is not None
                 record_failure("restore", exc)
-                if logs is not None and container_id is not None:
-                    raise await asyncio.to_thread(criulogs.explain_start_failure, exc, logs, container_id,
-                                                  since - 1.0) from None
+                if logs is not None:
+                    explained = await asyncio.to_thread(criulogs.explain_start_failure, exc, logs, container_id,
+                                                        since - 1.0)
+                    restorer.start_ended(container_id, explained)
+                    raise explained from None
+                restorer.start_ended(container_id, exc)
+            raise
+        except BaseException as exc:  # cancelled: the attempt ends all the same
+            if restoring:
+                assert container_id is not None
+                restorer.start_ended(container_id, exc)
             raise
         if restoring:
+            assert container_id is not None
             record_restore_stage("criu_restore", time.monotonic() - started)
+            restorer.start_ended(container_id, None)  # the restore's audit line: Create and Start
         return reply
 
     return start_container

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -70,6 +71,8 @@ class Restorer:
         self._creating: set[str] = set()  # work dir names of restores inside CreateContainer
         self._reading: dict[Path, int] = {}  # archives CreateContainer reads now, and by how many calls
         self._journal = Journal.in_state_dir(config.state_dir)
+        # Created restores whose StartContainer has not ended: their audit line, written then.
+        self._unaudited: dict[str, tuple[audit.AuditRecord, float]] = {}
         self._relays = SparePool(config.restore.work_dir, journal=self._journal.directory)
 
     async def open(self) -> None:
@@ -104,6 +107,7 @@ class Restorer:
         return removed
 
     async def close(self) -> None:
+        self._audit_unstarted()
         await asyncio.to_thread(self._relays.close)
 
     async def after_start(self, container_id: str) -> None:
@@ -271,6 +275,7 @@ class Restorer:
 
         defer = lazy.deferrable if lazy_wanted and await self._lazy_possible() else None
         archive = await asyncio.to_thread(open_checkpoint, archive_path, work, defer=defer)
+        await asyncio.to_thread(lazy.check_memory_images, work, archive.deferred)  # before CRIU ever reads them
         if archive.deferred:
             assert self._config.criu is not None  # _lazy_possible() checked it
             await asyncio.to_thread(lazy.prepare, archive_path, work, archive.deferred, self._config.criu)
@@ -318,7 +323,9 @@ class Restorer:
                 return str(image.id)
         pullable = next((r for r in refs if not r.startswith("sha256:")), None)
         if pullable is not None:
-            # Missing here (another node checkpointed it): pull by digest, else by name.
+            # Missing here (another node checkpointed it): pull by digest, else by name; only
+            # from a registry the restore policy allows (the name is the archive's word).
+            policy.admit_base_image_pull(pullable, self._config.restore.allowed_registries)
             await self._containerd.pull_image(pullable)
             image = await self._containerd.image_status(pullable)
             if image is not None:
@@ -328,12 +335,40 @@ class Restorer:
 
     def _audit(self, request: cri.CreateContainerRequest, peer: Peer, container_id: str, started: float,
                result: str) -> None:
+        """A failed Create ends the attempt; a created restore is audited when its Start ends (`start_ended`)."""
         sandbox = request.sandbox_config.metadata
-        audit.append(self._config.audit_log, audit.AuditRecord(
+        record = audit.AuditRecord(
             action="restore", caller_uid=peer.uid, caller_pid=peer.pid, pod=sandbox.name,
             namespace=sandbox.namespace, container=request.config.metadata.name, container_id=container_id,
             location=request.config.image.image, size=0, duration_s=round(time.monotonic() - started, 4),
-            frozen_s=0.0, dump_s=0.0, archive_s=0.0, result=result))
+            frozen_s=0.0, dump_s=0.0, archive_s=0.0, result=result)
+        if result == "ok" and container_id:
+            self._unaudited[container_id] = (record, started)
+        else:
+            audit.append(self._config.audit_log, record)
+
+    def start_ended(self, container_id: str, error: BaseException | None) -> None:
+        """The StartContainer of a restore ended: its one audit line, with the Create and the Start outcome."""
+        entry = self._unaudited.pop(container_id, None)
+        if entry is None:
+            return
+        record, started = entry
+        if error is None:
+            result = "ok"
+        elif isinstance(error, ShimError):
+            result = f"error: StartContainer: {error.code.name}: {error.message}"
+        else:
+            result = f"error: StartContainer: {type(error).__name__}"
+        audit.append(self._config.audit_log, dataclasses.replace(
+            record, duration_s=round(time.monotonic() - started, 4), result=result))
+
+    def _audit_unstarted(self) -> None:
+        """Restores created but not started when the proxy stops: their line says so."""
+        for container_id in list(self._unaudited):
+            record, started = self._unaudited.pop(container_id)
+            audit.append(self._config.audit_log, dataclasses.replace(
+                record, duration_s=round(time.monotonic() - started, 4),
+                result="ok: created; not started before criu-shim stopped"))
 
 
 async def _abandon(relay: Relay) -> None:

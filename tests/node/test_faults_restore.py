@@ -9,10 +9,13 @@ undone, and the next restore works.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
+import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -21,13 +24,14 @@ import pytest
 from shim import faults
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.node import procs
+from shim.node.layout import NodeLayout
 from shim.node.tools import load_paths
 from shim.restore import lazy, loopdev
 from shim.restore.relays import SHIM_DIR
 from tests.node.conftest import Node
 from tests.node.pods import Cri, Pod, wait_for
 from tests.node.test_faults_checkpoint import PrivateProxy
-from tests.node.test_restore import _checkpoint_counter
+from tests.node.test_restore import _checkpoint_counter, _restore, assert_restore_refused
 
 pytestmark = pytest.mark.node
 
@@ -200,3 +204,73 @@ def test_relay_of_a_container_removed_before_it_started_is_stopped(node: Node, d
     _assert_nothing_left(proxy, keys)  # by the periodic pass
     assert "no container restores from" in str(proxy.recoveries()[-1]["result"])
 
+
+def test_corrupt_memory_image_of_an_eager_restore_is_refused_before_criu(node: Node, direct: Cri) -> None:
+    """A pages-1.img one page shorter than its pagemap made CRIU spin until StartContainer's deadline."""
+    archive, _ = _checkpoint_counter(direct, node, 3)  # a small memory image: restored eagerly
+    broken = node.dir / "checkpoints" / "eager-broken.tar"
+    with tarfile.open(archive) as src, tarfile.open(broken, "w") as dst:
+        for member in src:
+            data = src.extractfile(member) if member.isreg() else None
+            if member.name == "checkpoint/pages-1.img":
+                assert member.size < lazy.DEFER_MIN_SIZE  # copied whole: no lazy path involved
+                member.size -= 4096
+            dst.addfile(member, data)
+    try:
+        assert_restore_refused(direct, node, broken, grpc.StatusCode.INVALID_ARGUMENT, "pages-1.img",
+                               "inconsistent")
+    finally:
+        broken.unlink()
+
+
+def _rewritten(archive: Path, out: Path, change: Callable[[tarfile.TarInfo, bytes | None], bytes | None]) -> Path:
+    """A copy of `archive` with each member passed through `change` (None drops it)."""
+    with tarfile.open(archive) as src, tarfile.open(out, "w") as dst:
+        for member in src:
+            reader = src.extractfile(member) if member.isreg() else None
+            data = change(member, reader.read() if reader is not None else None)
+            if data is not None or not member.isreg():
+                if member.isreg():
+                    assert data is not None
+                    member.size = len(data)
+                dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    return out
+
+
+def test_base_image_from_a_registry_not_allowed_is_refused_uncontacted(node: Node, direct: Cri) -> None:
+    archive, _ = _checkpoint_counter(direct, node, 3)
+
+    def elsewhere(member: tarfile.TarInfo, data: bytes | None) -> bytes | None:
+        if member.name != "config.dump" or data is None:
+            return data
+        config = json.loads(data)
+        for key in ("rootfsImageRef", "rootfsImageName", "rootfsImage"):
+            config[key] = "registry.invalid:5000/crafted@sha256:" + "1" * 64
+        return json.dumps(config).encode()
+
+    crafted = _rewritten(archive, node.dir / "checkpoints" / "crafted-base.tar", elsewhere)
+    try:
+        assert_restore_refused(direct, node, crafted, grpc.StatusCode.PERMISSION_DENIED,
+                               "rule restore.allowed_registries", "registry.invalid:5000", "not contacted")
+    finally:
+        crafted.unlink()
+
+
+def test_a_restore_whose_start_fails_is_audited_as_failed(node: Node, direct: Cri) -> None:
+    archive, _ = _checkpoint_counter(direct, node, 3)
+    # Without the task's core image CRIU cannot restore it: Create succeeds, Start fails.
+    coreless = _rewritten(archive, node.dir / "checkpoints" / "coreless.tar",
+                          lambda m, data: None if m.name.startswith("checkpoint/core-") else data)
+    log = NodeLayout(node.dir.resolve()).log_dir / "audit.log"
+    try:
+        with direct.pod() as pod:
+            with pytest.raises(grpc.RpcError):
+                _restore(direct, pod, coreless)
+            created = [c.id for c in direct.runtime.ListContainers(cri.ListContainersRequest(
+                filter=cri.ContainerFilter(pod_sandbox_id=pod.id))).containers]
+    finally:
+        coreless.unlink()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    mine = [r for r in lines if r["action"] == "restore" and r["container_id"] in created]
+    assert len(mine) == 1, mine  # one line per attempt, written when it ended
+    assert str(mine[0]["result"]).startswith("error: StartContainer: "), mine

@@ -112,3 +112,33 @@ def test_oversized_pagemap_refused_unread(tmp_path: Path) -> None:
         f.truncate(lazy._MAX_PAGEMAP + 1)  # sparse: no need for the bytes
     with pytest.raises(InvalidArgument, match=f"checkpoint image pagemap-1.img is over {lazy._MAX_PAGEMAP} bytes"):
         lazy._pagemaps(tmp_path)
+
+
+def _images(tmp_path: Path, pages: int, present: int) -> Path:
+    images = tmp_path / "checkpoint"
+    images.mkdir()
+    (images / "pagemap-1.img").write_bytes(pagemap_image(1, (present, PE_PRESENT), (7, 0)))
+    (images / "pages-1.img").write_bytes(b"\0" * pages * PAGE_SIZE)
+    return tmp_path
+
+
+def test_memory_image_matching_its_pagemap_is_accepted(tmp_path: Path) -> None:
+    lazy.check_memory_images(_images(tmp_path, 3, 3))
+
+
+@pytest.mark.parametrize("pages", [0, 2, 4])
+def test_memory_image_not_matching_its_pagemap_is_refused_before_criu(tmp_path: Path, pages: int) -> None:
+    with pytest.raises(InvalidArgument, match=r"pages-1\.img .*pagemap of 12288 bytes.*inconsistent"):
+        lazy.check_memory_images(_images(tmp_path, pages, 3))
+
+
+def test_a_memory_image_left_in_the_archive_is_checked_by_prepare_not_here(tmp_path: Path) -> None:
+    work = _images(tmp_path, 0, 3)
+    lazy.check_memory_images(work, (lazy.Deferred("checkpoint/pages-1.img", 512, 3 * PAGE_SIZE),))
+
+
+def test_missing_memory_image_of_a_pagemap_with_data_is_refused(tmp_path: Path) -> None:
+    work = _images(tmp_path, 3, 3)
+    (work / "checkpoint" / "pages-1.img").unlink()
+    with pytest.raises(InvalidArgument, match="inconsistent"):
+        lazy.check_memory_images(work)
