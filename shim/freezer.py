@@ -81,3 +81,11 @@ def set_state(directory: Path, wanted: State, timeout: float = SETTLE_TIMEOUT) -
             raise FreezerError(f"the freezer of {directory} is {current.value} after {timeout:.0f}s, "
                                f"not {wanted.value}")
         time.sleep(0.005)  # polling the kernel's own state: it has no event for this
+
+
+def processes(directory: Path) -> int:
+    """How many processes (thread groups) the cgroup holds."""
+    try:
+        return len((directory / "cgroup.procs").read_text().split())
+    except OSError as exc:
+        raise FreezerError(f"cannot list the processes of {directory}: {exc}") from None

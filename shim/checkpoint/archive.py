@@ -216,10 +216,11 @@ class TarWriter:
     sizes of 8 GiB and more get extended headers.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, start: int = 0) -> None:
+        """`start`: the fd's position, when the archive already holds that much (streamed members)."""
         self._fd = fd
         self._pending = bytearray()
-        self._written = 0
+        self._written = start
 
     def add(self, info: tarfile.TarInfo, data: bytes = b"") -> None:
         if info.size != len(data):

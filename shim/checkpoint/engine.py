@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shim import policy
+from shim import freezer, policy
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.arch import go_arch
@@ -38,6 +38,7 @@ from shim.checkpoint.adopt import write_archive_in_place
 from shim.checkpoint.archive import Member, directory_members
 from shim.checkpoint.metadata import config_dump, spec_dump, status_dump
 from shim.checkpoint.rootfs import deleted_files_json, write_rootfs_diff
+from shim.checkpoint.stream_archive import StreamedArchive
 from shim.config import Config
 from shim.containerd import Containerd
 from shim.errors import FailedPrecondition, Internal, ResourceExhausted, ShimError
@@ -153,7 +154,8 @@ class Checkpointer:
             locking = target.options.tcp_established and target.netns is not None
             # Before the freeze, so as not to lengthen it: what the pod's nftables held before us and CRIU.
             tables = sorted(await netlock.tables(target.netns)) if locking and target.netns else []
-            async with AsyncExitStack() as frozen:
+            async with AsyncExitStack() as streaming, AsyncExitStack() as frozen:
+                streamed = await self._stream_pages(container_id, staging, streaming)
                 if locking and target.netns is not None:
                     self._tidy_tables_at_exit(target.netns, set(tables), frozen)  # exits last: after the thaw
                 journal.note(**{recovery.PAUSED: True})
@@ -163,7 +165,7 @@ class Checkpointer:
                     await self._lock_network(target.netns, staging / "checkpoint", frozen, outcome)
                 reached(Point.CHECKPOINT_FROZEN)
                 dump_started = time.monotonic()
-                await self._dump(container_id, staging, target.options)
+                await self._dump_streamed(container_id, staging, target.options, streamed, path)
                 outcome.dump_s = time.monotonic() - dump_started
                 outcome.stopped = target.options.stop_after
                 reached(Point.CHECKPOINT_DUMPED)
@@ -173,16 +175,49 @@ class Checkpointer:
                     await asyncio.to_thread(devshm.save, record.spec.value, staging / devshm.MEMBER)
                 except OSError as exc:
                     raise _storage_error(path, exc) from None
-            checkpointed = datetime.now(UTC)
-            members = _members(staging, record.spec.value, target, record.runtime.name, checkpointed, diff)
-            reached(Point.CHECKPOINT_ARCHIVE)
-            archive_started = time.monotonic()
+                await frozen.aclose()  # thawed (and unlocked) before the archive is written
+                checkpointed = datetime.now(UTC)
+                members = _members(staging, record.spec.value, target, record.runtime.name, checkpointed, diff)
+                reached(Point.CHECKPOINT_ARCHIVE)
+                archive_started = time.monotonic()
+                try:
+                    outcome.size = await asyncio.to_thread(self._write_archive, streamed, path, members)
+                except OSError as exc:
+                    raise _storage_error(path, exc) from None
+                outcome.archive_s = time.monotonic() - archive_started
+
+    async def _stream_pages(self, container_id: str, staging: Path,
+                            stack: AsyncExitStack) -> StreamedArchive | None:
+        """Memory straight into the archive during the dump (pagestream); None: built afterwards."""
+        directory = await recovery.freezer_dir(self._containerd, container_id)
+        try:
+            count = await asyncio.to_thread(freezer.processes, directory) if directory else 1
+        except freezer.FreezerError:
+            count = 1
+        streamed = await asyncio.to_thread(StreamedArchive.open, staging, count)
+        if streamed is not None:
+            stack.push_async_callback(_undo, asyncio.to_thread(streamed.close), None, "close the page stream")
+        return streamed
+
+    async def _dump_streamed(self, container_id: str, staging: Path, opts: options.CheckpointOptions,
+                             streamed: StreamedArchive | None, path: Path) -> None:
+        """The dump, then the end of the page stream whatever the dump's outcome (the pipes drained)."""
+        try:
+            await self._dump(container_id, staging, opts)
+        except BaseException as exc:
+            if streamed is not None:
+                await _undo(asyncio.to_thread(streamed.dump_ended), exc, "end the page stream")
+            raise
+        if streamed is not None:
             try:
-                outcome.size = await asyncio.to_thread(write_archive_in_place, path, members,
-                                                        self._config.checkpoint.fsync)
+                await asyncio.shield(asyncio.to_thread(streamed.dump_ended))
             except OSError as exc:
                 raise _storage_error(path, exc) from None
-            outcome.archive_s = time.monotonic() - archive_started
+
+    def _write_archive(self, streamed: StreamedArchive | None, path: Path, members: list[Member]) -> int:
+        if streamed is not None:
+            return streamed.complete(path, members, self._config.checkpoint.fsync)
+        return write_archive_in_place(path, members, self._config.checkpoint.fsync)
 
     async def _freeze(self, container_id: str, stack: AsyncExitStack, outcome: Outcome) -> None:
         pausing = time.monotonic()

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from shim import freezer
-from shim.checkpoint import netlock
+from shim.archive_layout import IMAGES_DIR
+from shim.checkpoint import netlock, pagestream
 from shim.containerd import Containerd
 from shim.errors import ShimError
 
@@ -42,7 +43,7 @@ async def ensure_running(containerd: Containerd, container_id: str) -> str:
     paused = await containerd.task_paused(container_id)
     if paused is None:
         return "the container has no task any more"
-    directory = await _freezer_dir(containerd, container_id)
+    directory = await freezer_dir(containerd, container_id)
     kernel = await asyncio.to_thread(freezer.state, directory) if directory else None
     if paused:
         if kernel is freezer.State.THAWED:
@@ -67,9 +68,20 @@ async def resume(containerd: Containerd, container_id: str) -> None:
 
 
 def busy(facts: dict[str, Any]) -> bool:
-    """A dump may outlive its criu-shim (runc goes on): wait until no process works in its staging dir."""
+    """A dump may outlive its criu-shim (runc goes on): wait until no process works in its staging dir.
+
+    A dump streaming its memory into FIFOs (pagestream) would wait forever for
+    the reader that died with its criu-shim, the container frozen: read them
+    to their end (discarding) so the dump can finish. Blocking.
+    """
     staging = facts.get(STAGING)
-    return bool(staging) and _process_mentions(str(staging))
+    if not staging or not _process_mentions(str(staging)):
+        return False
+    images = Path(str(staging)) / IMAGES_DIR
+    if images.is_dir():
+        drained = pagestream.drain(images)
+        log.warning("drained %d bytes a dead criu-shim's dump was streaming to %s", drained, images)
+    return _process_mentions(str(staging))
 
 
 async def undo(containerd: Containerd, facts: dict[str, Any]) -> list[str]:
@@ -99,7 +111,7 @@ async def undo(containerd: Containerd, facts: dict[str, Any]) -> list[str]:
     return done
 
 
-async def _freezer_dir(containerd: Containerd, container_id: str) -> Path | None:
+async def freezer_dir(containerd: Containerd, container_id: str) -> Path | None:
     cgroups = await containerd.cgroups_path(container_id)
     if not cgroups:
         return None

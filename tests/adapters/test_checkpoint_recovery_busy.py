@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from shim.checkpoint import recovery
@@ -17,7 +18,9 @@ def test_a_staging_directory_named_by_a_live_process_is_busy(tmp_path: Path) -> 
     worker = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", f"{staging}/checkpoint"],
                               stdin=subprocess.PIPE)
     try:
-        assert recovery.busy({recovery.STAGING: str(staging)})
+        deadline = time.monotonic() + 10  # until the child has exec'd Python with that argv
+        while not recovery.busy({recovery.STAGING: str(staging)}):
+            assert time.monotonic() < deadline, "a live process naming the staging dir is not seen as busy"
     finally:
         worker.communicate(b"")
     assert not recovery.busy({recovery.STAGING: str(staging)})

@@ -124,6 +124,12 @@ class FakeContainerd:
         await asyncio.sleep(0)
         self.calls.append(("pause", container_id))
 
+    async def cgroups_path(self, container_id: str) -> str | None:
+        return None  # no cgroup of its own: the engine assumes one process
+
+    async def task_paused(self, container_id: str) -> bool | None:
+        return ("pause", container_id) in self.calls and self.calls[-1] != ("resumed", container_id)
+
     async def resume(self, container_id: str) -> None:
         self.calls.append(("resume", container_id))
         self.resumed_at.append(time.monotonic())
@@ -147,7 +153,7 @@ class FakeContainerd:
             await asyncio.sleep(self.dump_delay)
             if self.dump_error is not None:
                 raise self.dump_error
-            images.mkdir(parents=True)
+            images.mkdir(parents=True, exist_ok=True)  # the engine makes it (page stream FIFOs)
             (images / "inventory.img").write_bytes(b"\x54\x4f\x56\x15inventory")
             (images / "pages-1.img").write_bytes(bytes(range(256)) * 20)
             (work / "stats-dump").write_bytes(b"\x01\x02stats")
@@ -350,10 +356,12 @@ def test_thaw_survives_a_second_cancellation(fake: FakeContainerd, config: Confi
 
 def test_disk_full_while_writing_the_archive(fake: FakeContainerd, config: Config, out: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    def full(location: Path, members: object, durable: bool = False) -> int:
+    def full(*args: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    # Both ways an archive is finished: around a streamed memory image, or around CRIU's own file.
     monkeypatch.setattr(engine, "write_archive_in_place", full)
+    monkeypatch.setattr(engine.StreamedArchive, "complete", full)
     with pytest.raises(ResourceExhausted, match=f"no space left writing checkpoint {out / 'cp.tar'}"):
         run(checkpointer(fake, config).checkpoint(Request(CONTAINER, str(out / "cp.tar"), PEER)))
     assert fake.calls == [("pause", CONTAINER), ("dump", CONTAINER), ("resume", CONTAINER),

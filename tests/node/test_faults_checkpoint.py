@@ -23,6 +23,7 @@ import pytest
 
 from shim import faults
 from shim.checkpoint.location import STAGING_PREFIX
+from shim.checkpoint.stream_archive import ARCHIVE_NAME
 from shim.node import procs
 from shim.node.tools import load_paths
 from tests.node.conftest import Node
@@ -168,7 +169,9 @@ def test_proxy_killed_in_the_archive_phase_leaves_no_memory_image(node: Node, di
         assert proxy.process.wait(timeout=60) == -signal.SIGKILL
         call.join(timeout=60)
         staged = staging_dirs(out)
-        assert staged and any((out / staged[0] / "checkpoint").glob("pages-*.img"))  # the secrets are on disk
+        # The secrets are on disk: the memory streamed into the unfinished archive (or CRIU's own file).
+        memory = [*(out / staged[0]).glob(ARCHIVE_NAME), *(out / staged[0] / "checkpoint").glob("pages-*.img")]
+        assert memory and sum(p.stat().st_size for p in memory) >= 32 << 20
         proxy.start()
         assert_recovered(node, direct, proxy, ctr, out)
         assert not (out / "x.tar").exists()

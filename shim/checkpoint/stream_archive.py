@@ -1,0 +1,100 @@
+"""The archive built while CRIU dumps: its memory streamed in (pagestream), the rest appended after.
+
+Life cycle, all blocking (call from a worker thread), in pairs:
+`open` (FIFOs and the archive file in the staging directory, the stream
+running) before the freeze; `dump_ended` once runc's dump returned, whatever
+its outcome; `complete` to append every other member and rename the file onto
+the location; `close` on every path (idempotent). The file lives in the
+private staging directory until the rename, so a failure or a crash leaves
+nothing beside it that recovery does not delete with the staging directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from shim.archive_layout import IMAGES_DIR
+from shim.checkpoint import pagestream
+from shim.checkpoint.archive import FILE_MODE, Member, TarWriter, add_members
+
+ARCHIVE_NAME = "archive.tar"  # inside the staging directory, until renamed onto the location
+
+
+class StreamedArchive:
+    def __init__(self, staging: Path, fifos: list[Path], fd: int, stream: pagestream.PageStream) -> None:
+        self._staging = staging
+        self._fifos = fifos
+        self._fd: int | None = fd
+        self._stream: pagestream.PageStream | None = stream
+        self._result: pagestream.Result | None = None
+
+    @classmethod
+    def open(cls, staging: Path, processes: int) -> StreamedArchive | None:
+        """Prepare the stream for a container of `processes` processes; None where FIFOs can't be made."""
+        images = staging / IMAGES_DIR
+        images.mkdir(mode=0o700, exist_ok=True)
+        try:
+            fifos = pagestream.prepare(images, processes)
+        except OSError:
+            pagestream.remove_fifos(list(images.glob(pagestream.PAGES_GLOB)))
+            return None  # e.g. a filesystem without FIFOs: the archive is built the other way
+        path = staging / ARCHIVE_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+        stream = pagestream.PageStream(fifos, fd, os.statvfs(staging).f_bsize, staging)
+        try:
+            stream.start()
+        except BaseException:
+            os.close(fd)
+            pagestream.remove_fifos(fifos)
+            raise
+        return cls(staging, fifos, fd, stream)
+
+    def dump_ended(self) -> None:
+        """Drain the pipes and take the FIFOs away (CRIU is done with them)."""
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
+        try:
+            self._result = stream.finish()
+        finally:
+            pagestream.remove_fifos(self._fifos)
+
+    def complete(self, location: Path, members: Sequence[Member], durable: bool) -> int:
+        """Append every member not streamed, end the tar, rename it onto `location`; return its size."""
+        assert self._fd is not None and self._result is not None, "complete() before dump_ended()"
+        rest = [m for m in members if not (m.is_dir and m.name == IMAGES_DIR)]
+        rest += [Member(s.name, source=s.path) for s in self._result.spilled]
+        os.lseek(self._fd, self._result.end, os.SEEK_SET)
+        writer = TarWriter(self._fd, start=self._result.end)
+        add_members(writer, rest)
+        size = writer.finish()
+        os.ftruncate(self._fd, size)
+        if durable:
+            os.fsync(self._fd)
+        os.rename(self._staging / ARCHIVE_NAME, location)  # same filesystem: atomic
+        if durable:
+            _fsync_dir(location.parent)
+        return size
+
+    def close(self) -> None:
+        """Release everything (idempotent); the file itself goes with the staging directory."""
+        with contextlib.suppress(OSError):
+            self.dump_ended()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(s.size for s in self._result.streamed) if self._result else 0
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
