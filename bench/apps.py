@@ -46,6 +46,7 @@ from tests.node.app_clients import (  # noqa: E402
     Http,
     Postgres,
     Redis,
+    import_app_images,
     pod_ip,
     port_open,
     restore,
@@ -173,6 +174,7 @@ def main() -> int:
                          capture_output=True, text=True).stdout
     endpoints = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     work = Path(tempfile.mkdtemp(prefix="criu-shim-bench-apps-", dir="/var/tmp"))
+    import_app_images(endpoints["CONTAINERD_ENDPOINT"])
     client = Cri(endpoints["CRI_ENDPOINT"], work / "logs")
     results: dict[str, Times] = {}
     try:

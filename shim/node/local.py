@@ -132,10 +132,17 @@ def _import_images(layout: NodeLayout, tools: Tools) -> None:
     if not IMAGES_INDEX.exists():
         raise FailedPrecondition(f"{IMAGES_INDEX} is missing: run `make images` first")
     for image in json.loads(IMAGES_INDEX.read_text()):
-        tar = Path(image["tar"])
-        tar = tar if tar.is_absolute() else REPO_ROOT / tar
-        subprocess.run([str(tools.ctr), "--address", str(layout.containerd_socket), "-n", "k8s.io",
-                        "images", "import", str(tar)], check=True, capture_output=True)
+        if image.get("on_demand"):  # the real-application images: imported by the tests that use them
+            continue
+        import_image(layout.containerd_socket, tools, image)
+
+
+def import_image(containerd_socket: Path, tools: Tools, image: dict[str, str]) -> None:
+    """`ctr images import` one images.json entry into the CRI namespace (idempotent)."""
+    tar = Path(image["tar"])
+    tar = tar if tar.is_absolute() else REPO_ROOT / tar
+    subprocess.run([str(tools.ctr), "--address", str(containerd_socket), "-n", "k8s.io",
+                    "images", "import", str(tar)], check=True, capture_output=True)
 
 
 def down(directory: Path, purge: bool = False) -> list[str]:

@@ -44,6 +44,7 @@ from tests.node.app_clients import (
     Http,
     Postgres,
     Redis,
+    import_app_images,
     pod_ip,
     port_open,
     restore,
@@ -65,8 +66,13 @@ class Moved:
     lazy: bool  # a lazy-pages plan was made for the restore
 
 
+@pytest.fixture(scope="module")
+def app_images(node: Node) -> None:
+    import_app_images(node.containerd)
+
+
 @pytest.fixture
-def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
+def client(node: Node, app_images: None, tmp_path: Path) -> Iterator[Cri]:
     c = Cri(node.cri, tmp_path / "pod-logs")
     yield c
     c.close()
