@@ -61,6 +61,12 @@ class RelayFiles:
     def log_file(self) -> Path:
         return self.directory / f"{self.key}.log"
 
+    @property
+    def every_file(self) -> tuple[Path, ...]:
+        """All a relay may leave behind, for clean-up (a temporary upstream file included)."""
+        return (self.socket, self.pid_file, self.log_file, self.upstream_file,
+                self.upstream_file.with_name(self.upstream_file.name + ".tmp"))
+
 
 @dataclass(frozen=True)
 class RestorePlan:

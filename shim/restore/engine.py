@@ -37,7 +37,7 @@ from shim.errors import (
     NotFound,
     ShimError,
 )
-from shim.handoff import RESTORE_DIR
+from shim.handoff import RESTORE_DIR, SHIM_DIR
 from shim.journal import Journal, Operation
 from shim.metrics import record_failure, record_restore, record_restore_stage
 from shim.peer import Peer
@@ -51,7 +51,7 @@ from shim.restore.network import (
     taken,
     write_plan,
 )
-from shim.restore.relays import SHIM_DIR, Relay, SparePool, stop_relay, wait_ready
+from shim.restore.relays import Relay, SparePool, stop_relay, wait_ready
 from shim.restore.selinux import restore_lsm_options, selinux_enforcing
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shim.handoff import RESTORE_DIR
+from shim.handoff import RESTORE_DIR, criu_config
 from shim.journal import Journal, Operation, Record
 from shim.restore import lazy
 from shim.restore.relays import remove_files
@@ -105,7 +105,7 @@ async def _undo_create(containerd: Containerd, facts: dict[str, Any], work: Path
             os.kill(pid, signal.SIGTERM)  # it releases the page daemon, devices, files and work dir itself
             done.append(f"stopped relay {pid}")
     done += await asyncio.to_thread(_remove_restore, work, Path(str(facts.get(SHIMS, ""))), pid is None)
-    conf = work.parent / f"{work.name}.criu.conf"  # no container names it: nothing will read it
+    conf = criu_config(work)  # no container names it: nothing will read it
     if conf.exists():
         conf.unlink(missing_ok=True)
         done.append(f"deleted {conf}")

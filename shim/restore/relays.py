@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shim.errors import Unavailable
+from shim.handoff import SHIM_DIR, RelayFiles
 
-SHIM_DIR = Path("/run/criu-shim/shims")
 READY_TIMEOUT = 10.0
 log = logging.getLogger(__name__)
 
@@ -51,20 +51,24 @@ class Relay:
     launcher: subprocess.Popen[bytes] | None = None
 
     @property
+    def files(self) -> RelayFiles:
+        return RelayFiles(self.work.name, self.directory)
+
+    @property
     def socket(self) -> Path:
-        return self.directory / f"{self.work.name}.sock"
+        return self.files.socket
 
     @property
     def upstream_file(self) -> Path:
-        return self.directory / f"{self.work.name}.upstream"
+        return self.files.upstream_file
 
     @property
     def pid_file(self) -> Path:
-        return self.directory / f"{self.work.name}.pid"
+        return self.files.pid_file
 
     @property
     def log_file(self) -> Path:
-        return self.directory / f"{self.work.name}.log"
+        return self.files.log_file
 
 
 def start_relay(work: Path, directory: Path = SHIM_DIR, journal: Path | None = None) -> Relay:
@@ -165,8 +169,7 @@ def remove_files(keys: set[str], directory: Path = SHIM_DIR) -> list[str]:
     """Remove what relays that died without cleaning up left for the restores `keys`; the files removed."""
     removed = []
     for key in sorted(keys):
-        for suffix in (".sock", ".pid", ".log", ".upstream", ".upstream.tmp"):
-            path = directory / f"{key}{suffix}"
+        for path in RelayFiles(key, directory).every_file:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(str(path))

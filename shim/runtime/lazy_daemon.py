@@ -31,10 +31,11 @@ from pathlib import Path
 
 from shim import fillspool
 from shim.errors import FailedPrecondition
+from shim.handoff import LAZY_CRIU_OPTION, LAZY_PLAN, criu_config
 from shim.restore import loopdev
 
-PLAN_FILE = "lazy-pages.json"
-CRIU_OPTION = "lazy-pages"
+PLAN_FILE = LAZY_PLAN
+CRIU_OPTION = LAZY_CRIU_OPTION
 SOCKET = "lazy-pages.socket"
 LOG = "lazy-pages.log"
 LISTEN_TIMEOUT = 10.0
@@ -71,7 +72,7 @@ class LazyPages:
     @property
     def criu_config(self) -> Path:
         """The task's CRIU config file: beside the restore dir (see shim.restore.engine)."""
-        return self._dir.parent / f"{self._dir.name}.criu.conf"
+        return criu_config(self._dir)
 
     @property
     def work(self) -> Path:

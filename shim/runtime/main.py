@@ -17,12 +17,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from shim.handoff import RelayFiles
 from shim.runtime.bundle import restore_plan
 from shim.runtime.flags import ShimArgs, parse
 
 # The launcher exports the stock shim's path (it may be installed under that very name).
 RUNC_SHIM = os.environ.get("CRIU_SHIM_RUNC_SHIM", "containerd-shim-runc-v2")
-SOCKET_DIR = Path("/run/criu-shim/shims")
 log = logging.getLogger(__name__)
 
 
@@ -80,7 +80,7 @@ def start(args: ShimArgs) -> int:
     # The mark the proxy's StartContainer looks for: this restore went through the shim.
     plan = restore_plan(bundle)
     if plan is not None:
-        (SOCKET_DIR / f"{plan.dir.name}.upstream").write_text(upstream + "\n")
+        RelayFiles(plan.dir.name).upstream_file.write_text(upstream + "\n")
     if not _wait_for(listen, 10.0):
         sys.stderr.write(f"criu-shim relay did not listen on {listen}; see {bundle}/criu-shim-relay.log\n")
         return 1
@@ -100,7 +100,7 @@ def _point_address_at(bundle: Path, listen: Path) -> None:
 def relay_socket(args: ShimArgs) -> Path:
     # Unique per containerd (address), namespace and task, like the runc shim's own.
     digest = hashlib.sha256(f"{args.address}|{args.namespace}|{args.id}".encode()).hexdigest()[:32]
-    return SOCKET_DIR / f"{digest}.sock"
+    return RelayFiles(digest).socket
 
 
 def _wait_for(path: Path, timeout: float) -> bool:

@@ -25,7 +25,7 @@ from typing import Any
 
 from shim.api.containerd.runtime.task.v2 import shim_pb2
 from shim.errors import FailedPrecondition
-from shim.handoff import RestorePlan
+from shim.handoff import RelayFiles, RestorePlan
 from shim.journal import Journal, Operation
 from shim.restore import recovery
 from shim.runtime.bundle import restore_plan
@@ -255,12 +255,12 @@ def run_spare(directory: Path, work_root: Path, journal: Path | None = None) -> 
     if work.parent != work_root or not work.is_dir():
         print(f"criu-shim relay: {work} is not a restore directory under {work_root}", file=sys.stderr)
         return 1
-    log_file = directory / f"{work.name}.log"
-    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    files = RelayFiles(work.name, directory)
+    fd = os.open(files.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     for stream in (1, 2):
         os.dup2(fd, stream)
     os.close(fd)
-    return run_hosted(directory / f"{work.name}.sock", directory / f"{work.name}.upstream", work, journal)
+    return run_hosted(files.socket, files.upstream_file, work, journal)
 
 
 class _UpstreamAddress:

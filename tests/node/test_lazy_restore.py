@@ -19,10 +19,9 @@ import grpc
 import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
-from shim.handoff import RESTORE_DIR, criu_config
+from shim.handoff import RESTORE_DIR, SHIM_DIR, criu_config
 from shim.node import procs
 from shim.restore import lazy, loopdev
-from shim.restore.relays import SHIM_DIR
 from tests.node.conftest import Node, node_down, node_up
 from tests.node.pods import Cri, Pod, wait_for
 from tests.node.test_restore import _restore, assert_restore_refused
