@@ -41,6 +41,7 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import IO, Any, Self
 
+from shim import archive_layout as layout
 from shim.archive_layout import REQUIRED
 from shim.errors import InvalidArgument, NotFound, ResourceExhausted
 from shim.fileio import kernel_copy
@@ -49,8 +50,14 @@ from shim.restore.lazy import Deferred
 
 DEFAULT_MAX_SIZE = 64 << 30
 DEFAULT_MAX_MEMBERS = 1_000_000
+# A checkpoint archive holds CRIU's images (a handful per process), a few side files and one
+# rootfs-diff.tar (whose own members have DEFAULT_MAX_MEMBERS): far fewer entries than this.
+CHECKPOINT_MAX_MEMBERS = 100_000
+# The kernel's limits on a name (NAME_MAX) and a path (PATH_MAX, with its NUL).
+NAME_MAX = 255
+PATH_MAX = 4095
 # The saved container log: ours and containerd's, CRI-O's (named after its annotation), Podman's.
-LOG_NAMES = ("container.log", "io.kubernetes.cri-o.LogPath", "ctr.log")
+LOG_NAMES = (layout.CONTAINER_LOG, "io.kubernetes.cri-o.LogPath", "ctr.log")
 # JSON side files are read into memory; none is anywhere near this big.
 MAX_JSON_SIZE = 64 << 20
 
@@ -87,7 +94,7 @@ class CheckpointArchive:
 
 
 def open_checkpoint(path: Path, dest: Path, *, max_size: int = DEFAULT_MAX_SIZE,
-                    max_members: int = DEFAULT_MAX_MEMBERS,
+                    max_members: int = CHECKPOINT_MAX_MEMBERS,
                     defer: Callable[[str, int], bool] | None = None) -> CheckpointArchive:
     """Unpack the archive at `path` into the empty private directory `dest` and read it.
 
@@ -103,10 +110,17 @@ def open_checkpoint(path: Path, dest: Path, *, max_size: int = DEFAULT_MAX_SIZE,
         if os.listdir(dest_fd):
             raise ValueError(f"{dest}: the directory to unpack a checkpoint into must be empty")
         try:
-            unpacker = _Unpacker(label, dest_fd, _Budget(label, max_size, max_members), defer)
+            _count_members(path, label, max_members)  # before anything is written
+            unpacker = _Unpacker(label, dest_fd, _Budget(label, max_size, max_members), defer, dest)
             with _TarInput(path, label) as tar:
                 unpacker.run(tar)
             return dataclasses.replace(_load(label, dest, dest_fd), deferred=tuple(unpacker.deferred))
+        except OSError as exc:
+            _empty(dest_fd)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(f"no space left on the filesystem of {dest} unpacking {label}: "
+                                        f"{exc.strerror}") from None
+            raise
         except BaseException:
             _empty(dest_fd)
             raise
@@ -164,7 +178,7 @@ def apply_deleted_files(deleted: list[str], rootfs: Path) -> None:
         os.close(root_fd)
 
 
-def parse_deleted_files(data: bytes, label: str = "deleted.files") -> list[str]:
+def parse_deleted_files(data: bytes, label: str = layout.DELETED_FILES) -> list[str]:
     """`deleted.files` content: a JSON array of absolute, normalised paths other than "/"."""
     value = _parse_json(data, label)
     if not isinstance(value, list):
@@ -339,6 +353,20 @@ def _copy_range(src: int, dst: int, offset: int, count: int, name: str) -> None:
         raise _CorruptTar(f"member {name!r} ends {short} bytes early")
 
 
+def _count_members(path: Path, label: str, max_members: int) -> None:
+    """Refuse an uncompressed archive over the member limit before unpacking any of it (headers only:
+    the data is skipped); a compressed one is counted as it is unpacked (reading it twice costs more)."""
+    with _TarInput(path, label) as tar:
+        if tar.compressed:
+            return
+        count = 0
+        for _ in tar.members():
+            count += 1
+            if count > max_members:
+                raise InvalidArgument(f"{label} has more than {max_members} members, the limit for a "
+                                      "checkpoint archive")
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -356,7 +384,8 @@ class _Budget:
     def take(self, member: tarfile.TarInfo) -> None:
         self._members_left -= 1
         if self._members_left < 0:
-            raise InvalidArgument(f"{self._label} has more than {self._max_members} members")
+            raise InvalidArgument(f"{self._label} has more than {self._max_members} members, the limit "
+                                  "for its kind of archive")
         if member.isreg():
             self._size_left -= member.size
             if self._size_left < 0:
@@ -373,7 +402,20 @@ def _parts(label: str, name: str, what: str = "member") -> tuple[str, ...]:
     parts = tuple(part for part in name.split("/") if part not in ("", "."))
     if ".." in parts:
         raise InvalidArgument(f"{label}: {what} {name!r} has a '..' component")
+    _check_length(label, name, parts, what)
     return parts
+
+
+def _check_length(label: str, name: str, parts: tuple[str, ...], what: str) -> None:
+    """Names the kernel would refuse (ENAMETOOLONG) are refused as the input error they are."""
+    shown = name if len(name) <= 80 else f"{name[:60]}...({len(name)} characters)"
+    if len(os.fsencode("/".join(parts))) > PATH_MAX:
+        raise InvalidArgument(f"{label}: {what} name {shown!r} is longer than the kernel's path limit "
+                              f"({PATH_MAX} bytes)")
+    for part in parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise InvalidArgument(f"{label}: {what} name {shown!r} has a component longer than the kernel's "
+                                  f"name limit ({NAME_MAX} bytes)")
 
 
 def _kind(member: tarfile.TarInfo) -> str:
@@ -395,17 +437,29 @@ def _kind(member: tarfile.TarInfo) -> str:
 
 class _Unpacker:
     def __init__(self, label: str, dest_fd: int, budget: _Budget,
-                 defer: Callable[[str, int], bool] | None = None) -> None:
+                 defer: Callable[[str, int], bool] | None = None, dest: Path | None = None) -> None:
         self._label = label
+        self._dest = dest  # for messages
         self._dest_fd = dest_fd
         self._budget = budget
         self._defer = defer
         self.deferred: list[Deferred] = []
+        # The directory of the last member, kept open: members come grouped by directory, and
+        # opening every parent again made 200k tiny members in one directory take tens of seconds.
+        self._last: tuple[tuple[str, ...], int] | None = None
 
     def run(self, tar: _TarInput) -> None:
-        for member in tar.members():
-            self._budget.take(member)
-            self._unpack(member, tar)
+        try:
+            for member in tar.members():
+                self._budget.take(member)
+                self._unpack(member, tar)
+        finally:
+            self._forget_parent()
+
+    def _forget_parent(self) -> None:
+        if self._last is not None:
+            _close_unless(self._last[1], self._dest_fd)
+            self._last = None
 
     def _unpack(self, member: tarfile.TarInfo, tar: _TarInput) -> None:
         parts = _parts(self._label, member.name)
@@ -417,14 +471,21 @@ class _Unpacker:
             if kind == "directory":
                 return  # "./": the archive's root
             raise InvalidArgument(f"{self._label}: member {member.name!r} is not a file name")
-        parent_fd = self._parent(member.name, parts[:-1])
-        try:
-            if kind == "directory":
-                self._mkdir(member.name, parent_fd, parts[-1])
-            else:
-                self._file(member, parent_fd, parts, tar)
-        finally:
-            _close_unless(parent_fd, self._dest_fd)
+        parent_fd = self._cached_parent(member.name, parts[:-1])
+        if kind == "directory":
+            self._mkdir(member.name, parent_fd, parts[-1])
+        else:
+            self._file(member, parent_fd, parts, tar)
+
+    def _cached_parent(self, name: str, parents: tuple[str, ...]) -> int:
+        # Safe to keep: only regular files and directories are ever created here, so a directory
+        # once opened cannot be swapped for a link under us by a later member.
+        if self._last is not None and self._last[0] == parents:
+            return self._last[1]
+        self._forget_parent()
+        fd = self._parent(name, parents)
+        self._last = (parents, fd)
+        return fd
 
     def _parent(self, name: str, parts: tuple[str, ...]) -> int:
         fd = self._dest_fd
@@ -464,7 +525,9 @@ class _Unpacker:
                 tar.copy(member, fd)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceExhausted(f"no space left unpacking {self._label}: {exc.strerror}") from None
+                where = self._dest / name if self._dest is not None else name
+                raise ResourceExhausted(f"no space left unpacking {self._label}: writing {where}: "
+                                        f"{exc.strerror}") from None
             raise
         finally:
             os.close(fd)
@@ -474,16 +537,16 @@ def _load(label: str, dest: Path, dest_fd: int) -> CheckpointArchive:
     missing = [name for name in REQUIRED if not _is_file(dest_fd, name)]
     if missing:
         raise InvalidArgument(f"{label} has no {', '.join(missing)}: not a checkpoint archive")
-    spec = _read_object(label, dest_fd, "spec.dump")
-    config = _read_object(label, dest_fd, "config.dump")
-    status = _read_object(label, dest_fd, "status.dump") if _is_file(dest_fd, "status.dump") else None
+    spec = _read_object(label, dest_fd, layout.SPEC_DUMP)
+    config = _read_object(label, dest_fd, layout.CONFIG_DUMP)
+    status = _read_object(label, dest_fd, layout.STATUS_DUMP) if _is_file(dest_fd, layout.STATUS_DUMP) else None
     deleted: list[str] = []
-    if _is_file(dest_fd, "deleted.files"):
-        deleted = parse_deleted_files(_read(label, dest_fd, "deleted.files"), f"{label}: deleted.files")
+    if _is_file(dest_fd, layout.DELETED_FILES):
+        deleted = parse_deleted_files(_read(label, dest_fd, layout.DELETED_FILES), f"{label}: {layout.DELETED_FILES}")
     log = next((dest / name for name in LOG_NAMES if _is_file(dest_fd, name)), None)
     return CheckpointArchive(
-        dir=dest, spec=spec, config=config, status=status, images_dir=dest / "checkpoint",
-        rootfs_diff=dest / "rootfs-diff.tar" if _is_file(dest_fd, "rootfs-diff.tar") else None,
+        dir=dest, spec=spec, config=config, status=status, images_dir=dest / layout.IMAGES_DIR,
+        rootfs_diff=dest / layout.ROOTFS_DIFF if _is_file(dest_fd, layout.ROOTFS_DIFF) else None,
         deleted_files=deleted, log=log, engine=detect_engine(spec))
 
 

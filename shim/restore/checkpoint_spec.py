@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from shim import oci
+from shim.archive_layout import CONFIG_DUMP, STATUS_DUMP
 from shim.errors import InvalidArgument
 
 Engine = Literal["containerd", "cri-o", "podman"]
@@ -64,19 +65,19 @@ def checkpoint_facts(spec: Mapping[str, object], config: Mapping[str, object],
     """Read and type-check the facts; InvalidArgument names the offending field."""
     process = _object(spec.get("process", {}), "spec.dump: process")
     annotations = spec_annotations(spec)
-    checkpointed = _optional_str(config, "checkpointedTime", "config.dump")
+    checkpointed = _optional_str(config, "checkpointedTime", CONFIG_DUMP)
     return CheckpointFacts(
         name=container_name(spec, config),
-        image=_optional_str(config, "rootfsImage", "config.dump"),
-        image_name=_optional_str(config, "rootfsImageName", "config.dump"),
-        image_ref=_optional_str(config, "rootfsImageRef", "config.dump"),
+        image=_optional_str(config, "rootfsImage", CONFIG_DUMP),
+        image_name=_optional_str(config, "rootfsImageName", CONFIG_DUMP),
+        image_ref=_optional_str(config, "rootfsImageRef", CONFIG_DUMP),
         args=_strings(process.get("args", []), "spec.dump: process.args"),
         env=_strings(process.get("env", []), "spec.dump: process.env"),
         cwd=_optional_str(process, "cwd", "spec.dump: process") or "/",
         annotations=annotations,
         # No engine records the architecture today; a config or status that does is believed.
-        arch=(_optional_str(config, "architecture", "config.dump")
-              or (_optional_str(status, "architecture", "status.dump") if status is not None else None)),
+        arch=(_optional_str(config, "architecture", CONFIG_DUMP)
+              or (_optional_str(status, "architecture", STATUS_DUMP) if status is not None else None)),
         checkpointed_time=None if checkpointed == _ZERO_TIME else checkpointed,
         engine=detect_engine(spec),
     )
@@ -110,7 +111,7 @@ def container_name(spec: Mapping[str, object], config: Mapping[str, object]) -> 
     elif _CONTAINERD_NAME in annotations:
         name = annotations[_CONTAINERD_NAME]
     if not isinstance(name, str) or not name:
-        name = _optional_str(config, "name", "config.dump")
+        name = _optional_str(config, "name", CONFIG_DUMP)
     return name or ""
 
 
