@@ -79,7 +79,10 @@ def _prepare(layout: NodeLayout, version: str, tools: Tools) -> None:
     launcher = layout.bin_dir / name
     launcher.write_text(text)
     launcher.chmod(0o755)
-    os.chmod(layout.run_dir, 0o700)
+    # Searchable, not listable, like containerd's own /run/containerd: in a pod with a user namespace
+    # the container's mapped root must reach its rootfs under the state dir. The sockets in it
+    # stay root's (0660).
+    os.chmod(layout.run_dir, 0o711)
     layout.config_file.write_text(render.containerd_config(
         layout, version, tools.runc, tools.cni_bin_dir, restrict_oom=not cleanup.has_cap_sys_resource()))
     (layout.cni_conf_dir / "10-criu-shim.conflist").write_text(render.cni_conflist(layout))

@@ -9,6 +9,9 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -60,25 +63,52 @@ def run_as(app: App) -> int:
     return app.user if NON_ROOT_DUMPS else 0
 
 
-def security(uid: int) -> cri.LinuxContainerConfig:
+# A pod user namespace as the kubelet asks for one (hostUsers: false): container ids 0-65535 are
+# host ids 100000-165535, in a namespace root owns (so root may prlimit() its processes).
+_IDS = [cri.IDMapping(host_id=100000, container_id=0, length=65536)]
+USERNS = cri.NamespaceOption(userns_options=cri.UserNamespace(mode=cri.NamespaceMode.POD, uids=_IDS, gids=_IDS))
+
+
+@contextmanager
+def userns_pod(client: Cri, annotations: Mapping[str, str]) -> Iterator[Pod]:
+    """A pod with its own user namespace (CRI userns_options), removed on exit."""
+    name = f"u-{uuid.uuid4().hex[:8]}"
+    log_dir = client.log_root / name
+    log_dir.mkdir(parents=True, exist_ok=True)
+    config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name=name, namespace="tests", uid=name), log_directory=str(log_dir),
+        annotations=dict(annotations), linux=cri.LinuxPodSandboxConfig(
+            security_context=cri.LinuxSandboxSecurityContext(namespace_options=USERNS)))
+    pod_id = client.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config), timeout=60).pod_sandbox_id
+    try:
+        yield Pod(pod_id, config)
+    finally:
+        client.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=60)
+        client.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=60)
+
+
+def security(uid: int, userns: bool = False) -> cri.LinuxContainerConfig:
+    """run_as_user/group `uid`; in a user-namespace pod the container must name the pod's mappings too."""
     return cri.LinuxContainerConfig(security_context=cri.LinuxContainerSecurityContext(
-        run_as_user=cri.Int64Value(value=uid), run_as_group=cri.Int64Value(value=uid)))
+        run_as_user=cri.Int64Value(value=uid), run_as_group=cri.Int64Value(value=uid),
+        namespace_options=USERNS if userns else None))
 
 
-def start(client: Cri, pod: Pod, app: App, args: list[str] | None = None, uid: int | None = None) -> str:
+def start(client: Cri, pod: Pod, app: App, args: list[str] | None = None, uid: int | None = None,
+          userns: bool = False) -> str:
     config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=app.name), image=cri.ImageSpec(image=app.image),
                                  command=app.command + (args or []), log_path=f"{app.name}.log",
-                                 linux=security(run_as(app) if uid is None else uid))
+                                 linux=security(run_as(app) if uid is None else uid, userns))
     ctr = str(client.runtime.CreateContainer(cri.CreateContainerRequest(
         pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config), timeout=60).container_id)
     client.runtime.StartContainer(cri.StartContainerRequest(container_id=ctr), timeout=60)
     return ctr
 
 
-def restore(client: Cri, pod: Pod, archive: str, name: str, uid: int) -> str:
+def restore(client: Cri, pod: Pod, archive: str, name: str, uid: int, userns: bool = False) -> str:
     """CreateContainer from a checkpoint archive with the security context a kubelet would send."""
     config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=archive),
-                                 log_path=f"{name}.log", linux=security(uid))
+                                 log_path=f"{name}.log", linux=security(uid, userns))
     ctr = str(client.runtime.CreateContainer(cri.CreateContainerRequest(
         pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config), timeout=120).container_id)
     client.runtime.StartContainer(cri.StartContainerRequest(container_id=ctr), timeout=120)

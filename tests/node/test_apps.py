@@ -29,9 +29,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
+from shim.archive_layout import DEVSHM
 from shim.handoff import LAZY_PLAN, RESTORE_DIR
 from shim.restore.lazy import DEFER_MIN_SIZE
 from tests.node.app_clients import (
@@ -50,6 +52,7 @@ from tests.node.app_clients import (
     restore,
     run_as,
     start,
+    userns_pod,
 )
 from tests.node.conftest import Node
 from tests.node.pods import Cri, wait_for
@@ -193,15 +196,7 @@ def test_postgres_session_and_open_transaction_come_back(client: Cri, node: Node
         ctr = start(client, pod_a, POSTGRES)
         pg = _connect(client, ctr, ip)
         stack.enter_context(pg)
-        assert pg.one("SHOW dynamic_shared_memory_type") == ("posix",)
-        pg.run("CREATE TABLE items (id int PRIMARY KEY, payload text NOT NULL)")
-        pg.run("INSERT INTO items SELECT g, md5(g::text) FROM generate_series(1, 200000) g")
-        pg.run("SET max_parallel_workers_per_gather = 2")
-        committed = _table_digest(pg)
-        backend = pg.one("SELECT pg_backend_pid()")
-        pg.run("BEGIN")
-        pg.run("INSERT INTO items SELECT g, 'in flight' FROM generate_series(200001, 201000) g")
-        in_flight = _table_digest(pg)
+        committed, backend, in_flight = _load(pg)
 
         moved = move(client, node, source, ctr, lazy, stack, "postgres", POSTGRES.user)
         assert pg.one("SELECT pg_backend_pid()") == backend  # the same session, the same backend
@@ -212,6 +207,65 @@ def test_postgres_session_and_open_transaction_come_back(client: Cri, node: Node
             assert other.one("SELECT count(*), sum(id) FROM items WHERE id <= 200000") == committed[:2]
         uid = client.exec(moved.container, "cat", "/proc/1/status")
         assert f"Uid:\t{POSTGRES.user}\t" in uid
+
+
+def _load(pg: Postgres) -> tuple[tuple[object, ...], tuple[object, ...], tuple[object, ...]]:
+    """200,000 committed rows, then a transaction left open with 1,000 more: (committed digest,
+    backend pid, digest the open transaction sees)."""
+    assert pg.one("SHOW dynamic_shared_memory_type") == ("posix",)  # stock: segments in /dev/shm
+    pg.run("CREATE TABLE items (id int PRIMARY KEY, payload text NOT NULL)")
+    pg.run("INSERT INTO items SELECT g, md5(g::text) FROM generate_series(1, 200000) g")
+    committed = _table_digest(pg)
+    backend = pg.one("SELECT pg_backend_pid()")
+    pg.run("BEGIN")
+    pg.run("INSERT INTO items SELECT g, 'in flight' FROM generate_series(200001, 201000) g")
+    return committed, backend, _table_digest(pg)
+
+
+@pytest.mark.skipif(NON_ROOT_DUMPS, reason="this node dumps non-root processes: the full PostgreSQL move runs")
+def test_postgres_in_a_pod_user_namespace_is_checkpointed_here_but_criu_cannot_restore_it(
+        client: Cri, node: Node) -> None:
+    """What this machine allows of stock PostgreSQL: where root lacks CAP_SYS_RESOURCE, a pod user
+    namespace (CRI userns_options) is the one way to checkpoint postgres (uid 999, host uid 100999):
+    root owns that namespace, so CRIU may read its rlimits. The dump works, with the client's
+    connection, an open transaction and the /dev/shm segments. CRIU 4.2 cannot restore it into a
+    pod: the restored task, already in its new user namespace, may not join the pod's network
+    namespace (checkpoint-restore/criu#2651). Both are checked, so the suite notices when CRIU can."""
+    archive = node.dir / "checkpoints" / "postgres-userns.tar"
+    with contextlib.ExitStack() as stack:
+        stack.callback(archive.unlink, missing_ok=True)
+        source = stack.enter_context(contextlib.ExitStack())
+        pod_a = source.enter_context(userns_pod(client, MIGRATE))
+        ip = pod_ip(client, pod_a)
+        ctr = start(client, pod_a, POSTGRES, uid=POSTGRES.user, userns=True)
+        pg = _connect(client, ctr, ip)
+        stack.callback(_close_quietly, pg)  # its server is gone by the end
+        _load(pg)
+        # Our session's backend, as uid 999 inside, its transaction open.
+        assert [p for p in processes(client, ctr) if p.startswith("postgres: postgres postgres ")
+                and "idle in transaction" in p and p.endswith(f"uid={POSTGRES.user}")]
+        client.checkpoint(ctr, str(archive))
+        wait_for(lambda: client.state(ctr) == "CONTAINER_EXITED")
+        assert [n for n in _devshm_names(archive) if n.startswith("PostgreSQL.")], "no DSM segment saved"
+        source.close()
+        pod_b = stack.enter_context(userns_pod(client, MIGRATE))
+        with pytest.raises(grpc.RpcError) as caught:
+            restore(client, pod_b, str(archive), POSTGRES.name, POSTGRES.user, userns=True)
+        details = caught.value.details() or ""
+        assert "Can't setns" in details and "net" in details, details
+
+
+def _close_quietly(pg: Postgres) -> None:
+    with contextlib.suppress(Exception):
+        pg.close()
+
+
+def _devshm_names(archive: Path) -> list[str]:
+    with tarfile.open(archive) as outer:
+        member = outer.extractfile(DEVSHM)
+        assert member is not None, f"{DEVSHM} missing from the archive"
+        with tarfile.open(fileobj=member) as inner:
+            return [m.name.removeprefix("./") for m in inner.getmembers()]
 
 
 def _connect(client: Cri, ctr: str, ip: str) -> Postgres:
