@@ -317,6 +317,19 @@ def test_record_named_by_id_is_used_directly(tmp_path: Path) -> None:
     assert len(fake.reads) == 1  # the manifest only
 
 
+def test_record_named_by_id_gives_way_to_its_reference(tmp_path: Path) -> None:
+    # The kubelet creates by image ID; the registry to admit is the pulled reference's.
+    fake = FakeImageService()
+    document = manifest(fake, FAMILIES[0][1])
+    target = fake.add_image("127.0.0.1:5000/ckpt/app:1", OCI_MANIFEST, document)
+    image_id = "sha256:" + "e" * 64
+    fake.add_image(image_id, OCI_MANIFEST, document)
+    fake.add_image("127.0.0.1:5000/other:1", OCI_MANIFEST, manifest(fake, FAMILIES[0][1], config=b"{}"))
+    found = run(tmp_path, fake, lambda ch: checkpoint_image(ch, image_id))
+    assert found is not None and found.name == "127.0.0.1:5000/ckpt/app:1"
+    assert found.manifest_digest == target.digest
+
+
 @pytest.mark.parametrize("corrupt", [b"{not json", b"[1, 2]", b"\xff\xfe",
                                      json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST}).encode(),
                                      json.dumps({"mediaType": OCI_INDEX, "layers": []}).encode()])
