@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="containerd release to run (default 1.7); 2.x is Debian's 2.1 with containerd's "
                          "own handler only, 2.3 and 2.4 are built by `make peers` and use criu-shim's handler")
     node_up.add_argument("--proxy-config", type=Path, metavar="FILE", help="config file for the node's proxy")
+    node_up.add_argument("--kubernetes", action="store_true",
+                         help="also etcd, kube-apiserver and a kubelet using the proxy (built by `make peers`)")
+    node_up.add_argument("--join", type=Path, metavar="DIR1",
+                         help="a kubelet registered with the API server of the node in DIR1 (implies --kubernetes)")
     node_down = node_sub.add_parser("down", help="stop the node in DIR and remove its processes, mounts, "
                                     "network namespaces and CNI state")
     node_down.add_argument("--dir", type=Path, required=True)
@@ -128,12 +132,14 @@ def _run(args: argparse.Namespace) -> int:
         print(build(args.archive, args.name, args.out))
         return 0
     if args.command == "node":
-        from shim.node import local
+        from shim.node import kubernetes, local
 
-        if args.node_command == "up":
+        if args.node_command == "up" and (args.kubernetes or args.join):
+            print(kubernetes.up(args.dir, args.containerd, args.proxy_config, args.join).lines(), flush=True)
+        elif args.node_command == "up":
             print(local.up(args.dir, args.containerd, args.proxy_config).lines(), flush=True)
         else:
-            for line in local.down(args.dir, purge=args.purge):
+            for line in kubernetes.down(args.dir, purge=args.purge):
                 print(line)
         return 0
     if args.command in ("install", "uninstall"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from shim.handoff import RESTORE_ANNOTATIONS
@@ -168,8 +169,12 @@ def cni_conflist(layout: NodeLayout) -> str:
     return json.dumps(conf, indent=2) + "\n"
 
 
-def proxy_config(layout: NodeLayout, criu: Path) -> str:
-    """The local node's criu-shim config: its CRIU, its audit log, restores from DIR/checkpoints."""
+def proxy_config(layout: NodeLayout, criu: Path, extra_dirs: Sequence[Path] = (),
+                 extra_registries: Sequence[str] = ()) -> str:
+    """The local node's criu-shim config: its CRIU, its audit log, restores from DIR/checkpoints
+    (and `extra_dirs`: a kubelet's checkpoints dir) and images of localhost (and `extra_registries`)."""
+    dirs = json.dumps([str(layout.checkpoints_dir), *map(str, extra_dirs)])
+    registries = json.dumps(["localhost", *extra_registries])
     return f"""state_dir = "{layout.dir / 'state'}"
 
 [checkpoint]
@@ -178,8 +183,8 @@ audit_log = "{layout.log_dir / 'audit.log'}"
 
 [restore]
 enabled = true
-allowed_dirs = ["{layout.checkpoints_dir}"]
-allowed_registries = ["localhost"]
+allowed_dirs = {dirs}
+allowed_registries = {registries}
 work_dir = "{layout.dir / 'restore'}"
 """
 
