@@ -66,6 +66,8 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_CHUNK = 1 << 20
+# pax and GNU long-name/long-link headers: they describe the member after them.
+_EXTENDED_TYPE_FLAGS = (b"x", b"g", b"L", b"K")
 # pax and GNU long-name headers are read whole into memory by tarfile.
 _MAX_EXTENDED_HEADER = 1 << 20
 _EXTENDED_TYPES = frozenset({tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
@@ -354,17 +356,47 @@ def _copy_range(src: int, dst: int, offset: int, count: int, name: str) -> None:
 
 
 def _count_members(path: Path, label: str, max_members: int) -> None:
-    """Refuse an uncompressed archive over the member limit before unpacking any of it (headers only:
-    the data is skipped); a compressed one is counted as it is unpacked (reading it twice costs more)."""
-    with _TarInput(path, label) as tar:
-        if tar.compressed:
+    """Refuse an uncompressed archive over the member limit before unpacking any of it.
+
+    Only the ustar headers' type and size fields are read, hopping from header to
+    header (a few microseconds per member, against tarfile's fifty): a bound, not a
+    parse. Whatever it cannot read is left to the real parse, which checks everything
+    (and counts again). A compressed archive is counted as it is unpacked.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return  # the real open says why
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             return
-        count = 0
-        for _ in tar.members():
-            count += 1
-            if count > max_members:
-                raise InvalidArgument(f"{label} has more than {max_members} members, the limit for a "
-                                      "checkpoint archive")
+        magic = os.pread(fd, 4, 0)
+        if magic.startswith(_GZIP_MAGIC) or magic == _ZSTD_MAGIC:
+            return
+        count, offset = 0, 0
+        while (header := os.pread(fd, 512, offset)) and len(header) == 512 and header != bytes(512):
+            size = _header_size(header[124:136])
+            if size is None:
+                return
+            if header[156:157] not in _EXTENDED_TYPE_FLAGS:
+                count += 1
+                if count > max_members:
+                    raise InvalidArgument(f"{label} has more than {max_members} members, the limit for a "
+                                          "checkpoint archive")
+            offset += 512 + (size + 511) // 512 * 512
+    finally:
+        os.close(fd)
+
+
+def _header_size(field: bytes) -> int | None:
+    """A ustar size field: octal digits, or GNU base-256 (high bit set); None if neither."""
+    if field[:1] and field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    digits = field.rstrip(b"\0 ").lstrip(b" ")
+    try:
+        return int(digits or b"0", 8)
+    except ValueError:
+        return None
 
 
 def _write_all(fd: int, data: bytes) -> None:
