@@ -6,6 +6,7 @@ no-op, so `node down` can run after a crash, twice, or on a half-started node.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -26,6 +27,42 @@ def mounts_under(*prefixes: Path) -> list[str]:
         if any(point == r or point.startswith(r + "/") for r in roots):
             points.append(point)
     return sorted(set(points), key=lambda p: p.count("/"), reverse=True)
+
+
+# runc's default state root, where a restore mounts the container's rootfs as <id>/criu-root.
+RUNC_ROOT = Path("/run/containerd/runc")
+
+
+def runc_mounts_over(directory: Path, mountinfo: str | None = None, runc_root: Path = RUNC_ROOT) -> list[str]:
+    """Mounts under runc's state root whose source lies in `directory` (a node's snapshots).
+
+    A restore that CRIU never finished (killed at a deadline, spinning on a bad
+    image) can leave runc's `<id>/criu-root` bind of the rootfs behind; it sits
+    outside the node's directory, so `mounts_under` does not see it.
+    """
+    root, ours = str(runc_root), str(directory.resolve())
+    text = Path("/proc/self/mountinfo").read_text() if mountinfo is None else mountinfo
+    points = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        point = fields[4].replace("\\040", " ")
+        if point.startswith(root + "/") and (ours + "/") in line:
+            points.append(point)
+    return sorted(set(points), key=lambda p: p.count("/"), reverse=True)
+
+
+def unmount_runc_leftovers(directory: Path) -> list[str]:
+    done = []
+    for point in runc_mounts_over(directory):
+        if subprocess.run(["umount", "-l", point], capture_output=True).returncode == 0:
+            done.append(point)
+            with contextlib.suppress(OSError):
+                os.rmdir(point)  # runc's empty mount point; its state dir is runc's own
+        else:
+            log.warning("could not unmount %s", point)
+    return done
 
 
 def unmount_all(*prefixes: Path) -> list[str]:

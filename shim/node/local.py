@@ -172,6 +172,7 @@ def down(directory: Path, purge: bool = False) -> list[str]:
         report.append(f"stopped leftover lazy-pages daemon {pid}")
     report += [f"released loop device {d}" for d in lazy.release_all(layout.dir / "restore")]
     report += [f"removed {f}" for f in relays.remove_files(_restore_keys(layout.dir / "restore"))]
+    report += [f"unmounted {m}" for m in cleanup.unmount_runc_leftovers(layout.dir)]
     report += [f"unmounted {m}" for m in cleanup.unmount_all(layout.dir, layout.run_dir)]
     report += [f"removed netns {p}" for p in netns if cleanup.remove_netns(p)]
     if cleanup.delete_link(layout.bridge):
