@@ -48,7 +48,7 @@ def snapshot() -> HostState:
         links=frozenset(line.split(":")[1].strip() for line in _run("ip", "-o", "link").splitlines()),
         relay_files=frozenset(str(p) for p in SHIM_DIR.glob("*")),
         loops=_run("losetup", "--list", "--noheadings"),
-        nft=_run("nft", "list", "ruleset"),
+        nft=_run("nft", "-s", "list", "ruleset"),  # -s: without counters (they move with traffic)
     )
 
 
