@@ -9,6 +9,8 @@ is spelled here; tests/unit/test_handoff.py checks the sh launcher's copies agai
 
 from __future__ import annotations
 
+import enum
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,18 @@ CRIU_CONFIG_SUFFIX = ".criu.conf"
 # from it and, once the daemon is done, takes LAZY_CRIU_OPTION out of the CRIU config.
 LAZY_PLAN = "lazy-pages.json"
 LAZY_CRIU_OPTION = "lazy-pages"
+
+
+class RelayCommand(enum.StrEnum):
+    """How a relay process is started: `python -m shim.runtime COMMAND ARGS...`."""
+
+    HOSTED = "relay-for"  # by the proxy at CreateContainer, for one restore: SOCKET UPSTREAM_FILE WORK [JOURNAL]
+    SPARE = "relay-spare"  # by the proxy ahead of need, given its work dir on stdin: DIRECTORY WORK_ROOT [JOURNAL]
+    SHIM = "relay"  # by the runtime shim when no proxy relay listens: LISTEN BUNDLE
+
+
+def relay_argv(command: RelayCommand, *args: str) -> list[str]:
+    return [sys.executable, "-m", "shim.runtime", command, *args]
 
 
 def criu_config(work: Path) -> Path:

@@ -29,14 +29,13 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from shim.errors import Unavailable
-from shim.handoff import SHIM_DIR, RelayFiles
+from shim.handoff import SHIM_DIR, RelayCommand, RelayFiles, relay_argv
 
 READY_TIMEOUT = 10.0
 log = logging.getLogger(__name__)
@@ -79,8 +78,8 @@ def start_relay(work: Path, directory: Path = SHIM_DIR, journal: Path | None = N
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     where = Relay(work, directory)
     with open(where.log_file, "ab") as out:
-        launcher = subprocess.Popen([sys.executable, "-m", "shim.runtime", "relay-for", str(where.socket),
-                                     str(where.upstream_file), str(work), *_optional(journal)],
+        launcher = subprocess.Popen(relay_argv(RelayCommand.HOSTED, str(where.socket), str(where.upstream_file),
+                                               str(work), *_optional(journal)),
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     return Relay(work, directory, launcher)
 
@@ -117,8 +116,7 @@ class SparePool:
         try:
             # Until it has a restore (and its own log), what it says goes to the proxy's log.
             return subprocess.Popen(
-                [sys.executable, "-m", "shim.runtime", "relay-spare", str(self._directory), str(self._work_root),
-                 *_optional(self._journal)],
+                relay_argv(RelayCommand.SPARE, str(self._directory), str(self._work_root), *_optional(self._journal)),
                 stdin=subprocess.PIPE, start_new_session=True)
         except OSError as exc:  # restores still work, one interpreter start-up slower
             log.warning("could not start a spare restore relay: %s", exc)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from shim.handoff import RelayFiles
+from shim.handoff import RelayCommand, RelayFiles, relay_argv
 from shim.runtime.bundle import restore_plan
 from shim.runtime.flags import ShimArgs, parse
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str]) -> int:
-    if argv and argv[0] == "relay-for":
+    if argv and argv[0] == RelayCommand.HOSTED:
         # Detach from the proxy that started us (it reaps our parent at once): the relay must
         # outlive proxy restarts, and must not linger as the proxy's zombie when it ends.
         if os.fork() > 0:
@@ -35,15 +35,15 @@ def main(argv: Sequence[str]) -> int:
         from shim.runtime.relay_daemon import run_hosted
 
         return run_hosted(Path(argv[1]), Path(argv[2]), Path(argv[3]), _journal(argv, 4))
-    if argv and argv[0] == "relay-spare":
-        if os.fork() > 0:  # detached like relay-for
+    if argv and argv[0] == RelayCommand.SPARE:
+        if os.fork() > 0:  # detached like a hosted relay
             os._exit(0)
         # Its start-up must not compete with a restore for the CPU: idle priority until assigned.
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         from shim.runtime.relay_daemon import run_spare
 
         return run_spare(Path(argv[1]), Path(argv[2]), _journal(argv, 3))
-    if argv and argv[0] == "relay":
+    if argv and argv[0] == RelayCommand.SHIM:
         from shim.runtime.relay_daemon import run
 
         return run(Path(argv[1]), Path(argv[2]))
@@ -66,7 +66,7 @@ def start(args: ShimArgs) -> int:
     # The relay starts first and learns the runc shim's address on stdin: its
     # interpreter start-up overlaps the runc shim's.
     with open(bundle / "criu-shim-relay.log", "ab") as out:
-        relay = subprocess.Popen([sys.executable, "-m", "shim.runtime", "relay", str(listen), str(bundle)],
+        relay = subprocess.Popen(relay_argv(RelayCommand.SHIM, str(listen), str(bundle)),
                                  stdin=subprocess.PIPE, stdout=out, stderr=out, start_new_session=True, cwd=bundle)
     assert relay.stdin is not None
     started = subprocess.run([RUNC_SHIM, *args.argv], capture_output=True, text=True)
