@@ -19,6 +19,7 @@ class HostState:
     relay_files: frozenset[str]
     loops: str
     nft: str
+    kubelet: frozenset[str]  # kubelet cgroup roots (criu-shim-*, kubepods) and /var/lib/kubelet
 
 
 def _run(*argv: str) -> str:
@@ -26,7 +27,7 @@ def _run(*argv: str) -> str:
 
 
 def _processes() -> frozenset[str]:
-    names = ("containerd", "containerd-shim-runc-v2", "criu", "runc")
+    names = ("containerd", "containerd-shim-runc-v2", "criu", "runc", "kubelet", "kube-apiserver", "etcd")
     found = set()
     for entry in Path("/proc").iterdir():
         try:
@@ -39,6 +40,12 @@ def _processes() -> frozenset[str]:
     return frozenset(found)
 
 
+def _kubelet_state() -> frozenset[str]:
+    found = {str(p) for p in Path("/sys/fs/cgroup").glob("*/criu-shim-*")}
+    found |= {str(p) for p in Path("/sys/fs/cgroup").glob("*/kubepods")}
+    return frozenset(found | ({"/var/lib/kubelet"} if Path("/var/lib/kubelet").exists() else set()))
+
+
 def snapshot() -> HostState:
     mounts = frozenset(line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines())
     return HostState(
@@ -49,6 +56,7 @@ def snapshot() -> HostState:
         relay_files=frozenset(str(p) for p in SHIM_DIR.glob("*")),
         loops=_run("losetup", "--list", "--noheadings"),
         nft=_run("nft", "-s", "list", "ruleset"),  # -s: without counters (they move with traffic)
+        kubelet=_kubelet_state(),
     )
 
 
@@ -69,6 +77,7 @@ def assert_nothing_left(before: HostState, after: HostState, directory: Path) ->
         "netns": sorted(after.netns - before.netns),
         "links": sorted(after.links - before.links),
         "restore relay files": sorted(after.relay_files - before.relay_files),
+        "kubelet cgroups and files": sorted(after.kubelet - before.kubelet),
     }
     left = {k: v for k, v in left.items() if v}
     assert not left, f"left behind by the node in {directory}: {left}"

@@ -1,0 +1,159 @@
+"""The real kubelet 1.37 and API server drive criu-shim (`node up --kubernetes`, containerd 1.7).
+
+One control plane per module. Pods are bound by nodeName (no scheduler). A checkpoint is taken
+the way users take one (the kubelet checkpoint API through the API server), turned into a
+checkpoint image, pushed to the node's registry and restored by a pod whose image it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shim.node import registry as reg
+from shim.paths_env import load_paths
+from tests.node import kube, leaks
+from tests.node.kube import KubeNode, container_status, count, pod_manifest, running, wait_for
+
+pytestmark = pytest.mark.node
+
+# The kubelet names archives checkpoint-<pod>_<namespace>-<container>-<RFC 3339 time>.tar
+KUBELET_NAME = re.compile(r"checkpoint-(?P<pod>[^_]+)_(?P<ns>[^-]+)-(?P<ctr>.+)-\d{4}-\d\d-\d\dT[\d:]+Z\.tar")
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "node tests need root"
+    paths = load_paths()
+    for key, binary in (("KUBERNETES_BIN_DIR", "kubelet"), ("KUBERNETES_BIN_DIR", "kube-apiserver"),
+                        ("ETCD_BIN_DIR", "etcd")):
+        if not (Path(paths[key]) / binary).exists():
+            return f"{Path(paths[key]) / binary} is missing: run `make peers`"
+    return None
+
+
+@pytest.fixture(scope="module")
+def knode(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeNode]:
+    if reason := _missing():
+        pytest.skip(reason)
+    before = leaks.snapshot()
+    directory = tmp_path_factory.mktemp("kube")
+    try:
+        yield kube.node_up(directory)
+    finally:
+        down = subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(directory), "--purge"],
+                              capture_output=True, text=True, timeout=300)
+        assert down.returncode == 0, down.stderr
+    leaks.assert_nothing_left(before, leaks.settled_snapshot(before), directory)
+
+
+@pytest.fixture
+def pods(knode: KubeNode) -> Iterator[list[str]]:
+    """Names of pods a test creates: deleted afterwards, pass or fail."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        knode.delete_pod(name)
+
+
+def _counter_pod(knode: KubeNode, pods: list[str], name: str, image: str = kube.TESTPROGS,
+                 pull: str = "Never") -> None:
+    pods.append(name)
+    knode.create(pod_manifest(knode, name, image, pull))
+    wait_for(lambda: running(knode, name), what=f"pod {name} running")
+
+
+def _checkpoint(knode: KubeNode, pod: str, at_least: int) -> tuple[Path, int]:
+    wait_for(lambda: count(knode, pod) >= at_least, what=f"count {at_least} in {pod}")
+    res = knode.checkpoint(pod, "counter")
+    assert res.returncode == 0, res.stderr
+    (path,) = json.loads(res.stdout)["items"]
+    return Path(path), count(knode, pod)
+
+
+def test_node_is_registered_ready_untainted_and_uses_criu_shim(knode: KubeNode) -> None:
+    node = knode.get("node", knode.name)
+    assert not node["spec"].get("taints")
+    ready = [c for c in node["status"]["conditions"] if c["type"] == "Ready"]
+    assert ready and ready[0]["status"] == "True"
+    config = json.loads((knode.dir / "kubernetes" / "kubelet-config.json").read_text())
+    assert config["containerRuntimeEndpoint"] == config["imageServiceEndpoint"] == knode.cri
+    assert config["featureGates"] == {"ContainerCheckpoint": True} and config["failCgroupV1"] is False
+    kubelet_log = (knode.dir / "logs" / "kubelet.log").read_text(errors="replace")
+    # The driver comes from the RuntimeConfig call criu-shim answers for containerd 1.7.
+    assert 'Using cgroup driver setting received from the CRI runtime" cgroupDriver="cgroupfs"' in kubelet_log
+    assert not [line for line in kubelet_log.splitlines() if "RuntimeConfig" in line and "mplemented" in line]
+
+
+def test_kubelet_checkpoint_and_restore_from_a_pushed_checkpoint_image(knode: KubeNode, pods: list[str],
+                                                                       tmp_path: Path) -> None:
+    _counter_pod(knode, pods, "counter")
+    archive, counted = _checkpoint(knode, "counter", 10)
+    # The kubelet's own file name, under its own checkpoints directory, root-only.
+    assert archive.parent == knode.checkpoints_dir
+    match = KUBELET_NAME.fullmatch(archive.name)
+    assert match and match["pod"] == "counter" and match["ns"] == "default" and match["ctr"] == "counter"
+    assert stat.S_IMODE(archive.stat().st_mode) == 0o600
+    show = subprocess.run([load_paths()["CHECKPOINTCTL_BIN"], "show", str(archive)], capture_output=True, text=True)
+    assert show.returncode == 0 and "counter" in show.stdout, show.stderr
+    assert running(knode, "counter")  # checkpointing leaves the workload running
+
+    ref = f"{knode.registry}/ckpt/counter:1"
+    layout = tmp_path / "image.tar"
+    build = subprocess.run([sys.executable, "-m", "shim", "checkpoint-image", str(archive), "--name", ref,
+                            "--out", str(layout)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    registry = reg.running_registry(knode.dir / "kubernetes" / "registry")
+    assert registry is not None and registry.host == knode.registry
+    reg.push_layout(registry, layout, "ckpt/counter", "1")
+
+    _counter_pod(knode, pods, "restored", image=ref, pull="IfNotPresent")
+    assert any("Pulled" in line for line in knode.events("restored").splitlines())
+    # A fresh counter would be near 1: the restored one carries on from the checkpoint (kubectl exec).
+    first = count(knode, "restored")
+    assert first >= counted
+    wait_for(lambda: count(knode, "restored") > first, what="the restored count to go on")
+    logs = knode.run("logs", "restored").stdout
+    assert f"count={first + 1}" in logs
+    status = container_status(knode, "restored")
+    assert status["restartCount"] == 0 and status["ready"] and status["started"]
+    assert status["containerID"].startswith("containerd://") and status["imageID"]
+    assert "running" in status["state"]
+    knode.delete_pod("restored")
+    assert knode.run("get", "pod", "restored", check=False).returncode != 0
+
+
+def test_checkpoint_of_a_missing_container_is_the_kubelets_error(knode: KubeNode, pods: list[str]) -> None:
+    _counter_pod(knode, pods, "present")
+    res = knode.checkpoint("present", "no-such-container")
+    assert res.returncode != 0
+    assert "no-such-container" in res.stderr or "NotFound" in res.stderr or "not found" in res.stderr
+
+
+def test_checkpoint_image_from_a_registry_not_allowed_is_refused_in_the_pods_events(
+        knode: KubeNode, pods: list[str], tmp_path: Path) -> None:
+    _counter_pod(knode, pods, "source")
+    archive, _ = _checkpoint(knode, "source", 3)
+    other = reg.start_registry(tmp_path / "other-registry")
+    try:
+        ref = f"{other.host}/ckpt/counter:1"
+        layout = tmp_path / "image.tar"
+        subprocess.run([sys.executable, "-m", "shim", "checkpoint-image", str(archive), "--name", ref,
+                        "--out", str(layout)], check=True, capture_output=True)
+        reg.push_layout(other, layout, "ckpt/counter", "1")
+        pods.append("refused")
+        knode.create(pod_manifest(knode, "refused", ref, "IfNotPresent"))
+        wait_for(lambda: "restore.allowed_registries" in knode.events("refused"), what="the refusal event")
+        assert not running(knode, "refused")
+        waiting = container_status(knode, "refused").get("state", {}).get("waiting", {})
+        assert "refused by rule restore.allowed_registries" in waiting.get("message", "")
+    finally:
+        reg.stop_registry(tmp_path / "other-registry")
