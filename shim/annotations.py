@@ -13,6 +13,8 @@ from shim.errors import InvalidArgument
 CHECKPOINT_PREFIX = "checkpoint.criu-shim.io/"
 RESTORE_PREFIX = "restore.criu-shim.io/"
 TRUE, FALSE = "true", "false"
+# Pod or container annotation: "false" restores the container's memory before it runs.
+LAZY_PAGES = RESTORE_PREFIX + "lazy-pages"
 
 
 def boolean(key: str, value: str, *, lenient: bool = False) -> bool:

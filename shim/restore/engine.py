@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from shim import faults, policy
+from shim.annotations import LAZY_PAGES, boolean
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.arch import go_arch
 from shim.checkpoint import audit, options
@@ -37,7 +38,7 @@ from shim.errors import (
     NotFound,
     ShimError,
 )
-from shim.handoff import RESTORE_DIR, SHIM_DIR
+from shim.handoff import CRIU_CONFIG_ANNOTATION, CRIU_CONFIG_SUFFIX, RESTORE_DIR, SHIM_DIR, criu_config
 from shim.journal import Journal, Operation
 from shim.metrics import record_failure, record_restore, record_restore_stage
 from shim.peer import Peer
@@ -56,9 +57,7 @@ from shim.restore.selinux import restore_lsm_options, selinux_enforcing
 
 log = logging.getLogger(__name__)
 METHOD = "/runtime.v1.RuntimeService/CreateContainer"
-CRIU_CONFIG_ANNOTATION = "org.criu.config"
-# Pod or container annotation: "false" restores this container's memory before it runs.
-LAZY_ANNOTATION = "restore.criu-shim.io/lazy-pages"
+LAZY_ANNOTATION = LAZY_PAGES
 
 
 class Restorer:
@@ -98,9 +97,9 @@ class Restorer:
             log.warning("could not list containers to collect old CRIU configs: %s", exc.message)
             return []
         removed = []
-        for conf in root.glob("*.criu.conf"):
+        for conf in root.glob(f"*{CRIU_CONFIG_SUFFIX}"):
             # A restore inside CreateContainer has its config before containerd has the container.
-            in_progress = conf.name.removesuffix(".criu.conf") in self._creating
+            in_progress = conf.name.removesuffix(CRIU_CONFIG_SUFFIX) in self._creating
             if str(conf) not in used and not in_progress:
                 conf.unlink(missing_ok=True)
                 removed.append(conf)
@@ -260,7 +259,7 @@ class Restorer:
                 await _abandon(relay)
             lazy.release(work)
             shutil.rmtree(work, ignore_errors=True)
-            work.parent.joinpath(f"{work.name}.criu.conf").unlink(missing_ok=True)
+            criu_config(work).unlink(missing_ok=True)
             raise
         finally:
             self._creating.discard(work.name)
@@ -399,9 +398,7 @@ def _lazy_wanted(request: cri.CreateContainerRequest) -> bool:
         value = source.get(LAZY_ANNOTATION)
         if value is None:
             continue
-        if value not in ("true", "false"):
-            raise InvalidArgument(f"annotation {LAZY_ANNOTATION} must be \"true\" or \"false\", got {value!r}")
-        wanted = value == "true"
+        wanted = boolean(LAZY_ANNOTATION, value)
     return wanted
 
 
@@ -432,7 +429,7 @@ def _restore_request(request: cri.CreateContainerRequest, archive: Any, image: s
         config.envs.add(key=key, value=value)
     config.working_dir = str(process.get("cwd", config.working_dir))
     config.annotations[RESTORE_DIR] = str(work)
-    config.annotations[CRIU_CONFIG_ANNOTATION] = str(work.parent / f"{work.name}.criu.conf")
+    config.annotations[CRIU_CONFIG_ANNOTATION] = str(criu_config(work))
     config.annotations["restored"] = "true"
     config.annotations["checkpointedAt"] = str(archive.config.get("checkpointedTime", ""))
     config.annotations["checkpointImage"] = source_name
@@ -451,7 +448,7 @@ def _write_criu_config(work: Path, config: Config, request: cri.CreateContainerR
     lines += restore_lsm_options(selinux_enforcing(), context, sandbox_label)
     # Beside the work dir, not in it: it must outlive the unpacked images, since
     # runc reads it again when the restored container is checkpointed.
-    path = work.parent / f"{work.name}.criu.conf"
+    path = criu_config(work)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write("".join(f"{line}\n" for line in lines))
