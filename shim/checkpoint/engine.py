@@ -28,11 +28,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shim import archive_layout as layout
 from shim import freezer, policy
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.arch import go_arch
-from shim.archive_layout import FACTS
 from shim.checkpoint import audit, criu, criulog, devshm, location, netlock, options, recovery
 from shim.checkpoint.adopt import write_archive_in_place
 from shim.checkpoint.archive import Member, directory_members
@@ -52,7 +52,7 @@ THAW_TIMEOUT = 30.0
 # How long a cancelled checkpoint still waits for runc's dump to end before it thaws.
 DUMP_GRACE = 60.0
 # Ours: what a restore needs that no standard member records.
-FACTS_MEMBER = FACTS
+FACTS_MEMBER = layout.FACTS
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class Checkpointer:
                 await self._freeze(container_id, frozen, outcome)
                 if locking and target.netns is not None:
                     journal.note(**{recovery.NETNS: str(target.netns), recovery.NETNS_TABLES: tables})
-                    await self._lock_network(target.netns, staging / "checkpoint", frozen, outcome)
+                    await self._lock_network(target.netns, staging / layout.IMAGES_DIR, frozen, outcome)
                 reached(Point.CHECKPOINT_FROZEN)
                 dump_started = time.monotonic()
                 await self._dump_streamed(container_id, staging, target.options, streamed, path)
@@ -269,14 +269,14 @@ class Checkpointer:
             # exit: runc lets CRIU end the container after a successful dump (stop-after).
             exit=opts.stop_after, open_tcp=opts.tcp_established, file_locks=opts.file_locks,
             external_unix_sockets=opts.ext_unix_sockets,
-            image_path=str(staging / "checkpoint"), work_path=str(staging / "work"))
+            image_path=str(staging / layout.IMAGES_DIR), work_path=str(staging / "work"))
         try:
             await _outlive_cancellation(self._containerd.checkpoint_task(container_id, request, timeout=None))
         except ShimError as exc:
-            if await asyncio.to_thread(_out_of_space, staging / "work" / "dump.log", staging):
+            if await asyncio.to_thread(_out_of_space, staging / "work" / layout.DUMP_LOG, staging):
                 raise ResourceExhausted(f"no space left on the filesystem of {staging.parent} for the checkpoint "
                                         f"images (CRIU: {exc.message})") from None
-            raise _explain_dump_failure(exc, staging / "work" / "dump.log", self._config.state_dir / criulog.LOGS,
+            raise _explain_dump_failure(exc, staging / "work" / layout.DUMP_LOG, self._config.state_dir / criulog.LOGS,
                                         container_id) from None
 
     def _audit(self, request: Request, target: Target | None, outcome: Outcome, started: float,
@@ -344,7 +344,7 @@ def _network_namespace(info: dict[str, Any]) -> Path | None:
 def _rootfs_diff(upperdir: Path | None, staging: Path) -> list[str] | None:
     if upperdir is None:
         return None
-    return write_rootfs_diff(upperdir, staging / "rootfs-diff.tar").deleted
+    return write_rootfs_diff(upperdir, staging / layout.ROOTFS_DIFF).deleted
 
 
 def _members(staging: Path, spec: bytes, target: Target, runtime: str, checkpointed: datetime,
@@ -352,27 +352,27 @@ def _members(staging: Path, spec: bytes, target: Target, runtime: str, checkpoin
     status = target.status
     created = datetime.fromtimestamp(status.created_at / 1e9, UTC)
     members = [
-        Member("spec.dump", data=spec_dump(spec)),
-        Member("config.dump", data=config_dump(status.id, status.metadata.name, status.image.image,
-                                               status.image_ref, runtime, created, checkpointed)),
-        Member("status.dump", data=status_dump(status)),
+        Member(layout.SPEC_DUMP, data=spec_dump(spec)),
+        Member(layout.CONFIG_DUMP, data=config_dump(status.id, status.metadata.name, status.image.image,
+                                                     status.image_ref, runtime, created, checkpointed)),
+        Member(layout.STATUS_DUMP, data=status_dump(status)),
         # The pod's addresses (established TCP sockets are bound to them) and the machine
         # the memory image is for (a restore elsewhere must refuse it clearly).
         Member(FACTS_MEMBER, data=json.dumps({"pod_ips": list(target.pod_ips), "architecture": go_arch(),
                                              "tcp_established": target.options.tcp_established}).encode()),
-        *directory_members("checkpoint", staging / "checkpoint"),
+        *directory_members(layout.IMAGES_DIR, staging / layout.IMAGES_DIR),
     ]
-    for name, source in (("dump.log", staging / "work" / "dump.log"),
-                         ("stats-dump", staging / "work" / "stats-dump"),  # CRIU writes it to its work dir
-                         ("rootfs-diff.tar", staging / "rootfs-diff.tar"),
+    for name, source in ((layout.DUMP_LOG, staging / "work" / layout.DUMP_LOG),
+                         (layout.STATS_DUMP, staging / "work" / layout.STATS_DUMP),  # CRIU writes it to its work dir
+                         (layout.ROOTFS_DIFF, staging / layout.ROOTFS_DIFF),
                          (devshm.MEMBER, staging / devshm.MEMBER)):
         if source.is_file():
             members.append(Member(name, source=source))
     if deleted:
-        members.append(Member("deleted.files", data=deleted_files_json(deleted)))
+        members.append(Member(layout.DELETED_FILES, data=deleted_files_json(deleted)))
     log_path = Path(status.log_path)
     if status.log_path and log_path.is_file() and not log_path.is_symlink():
-        members.append(Member("container.log", source=log_path))
+        members.append(Member(layout.CONTAINER_LOG, source=log_path))
     return members
 
 

@@ -27,13 +27,14 @@ from pathlib import Path
 from shim.archive_layout import IMAGES_DIR
 from shim.errors import InvalidArgument
 from shim.fileio import kernel_copy
+from shim.handoff import LAZY_CRIU_OPTION, LAZY_PLAN
 from shim.restore import loopdev, pagemap
 
-PLAN_FILE = "lazy-pages.json"
-CRIU_OPTION = "lazy-pages"
+PLAN_FILE = LAZY_PLAN
+CRIU_OPTION = LAZY_CRIU_OPTION
 # Smaller images are copied whole: a loop device costs more than copying a few MiB.
 DEFER_MIN_SIZE = 4 << 20
-_PAGES = re.compile(r"checkpoint/pages-([0-9]{1,9})\.img")
+_PAGES = re.compile(re.escape(IMAGES_DIR) + r"/pages-([0-9]{1,9})\.img")
 # A task's pagemap, and a shared memory segment's (its pages in their own pages-N.img, all eager).
 _PAGEMAP = re.compile(r"pagemap-(?:shmem-)?[0-9]{1,20}\.img")
 _MAX_PAGEMAP = 64 << 20
@@ -93,7 +94,7 @@ def check_memory_images(work: Path, deferred: tuple[Deferred, ...] = ()) -> None
     refused here, before CRIU runs. (Images left in the archive for the page
     daemon are checked the same way by `prepare`.)
     """
-    images = work / "checkpoint"
+    images = work / IMAGES_DIR
     in_archive = {Path(d.name).name for d in deferred}
     for pages_id, found in _pagemaps(images).items():
         name = f"pages-{pages_id}.img"
