@@ -283,15 +283,29 @@ def aligned_header(name: str, size: int, offset: int, block: int, length: int | 
     """The PAX header of `name`, padded (a `comment` record) so its data starts on a `block` boundary.
 
     With `length`, the header is exactly that long (the room reserved before the size was known).
+    CRIU waits on a full pipe while this runs, so the padding is found by bisection: the
+    header grows by whole 512-byte blocks as the comment grows a byte at a time.
     """
     info = root_entry(name, tarfile.REGTYPE, FILE_MODE, int(time.time()))
     info.size = size
-    for pad in range(0, 2 * block + _BLOCK):
+
+    def build(pad: int) -> bytes:
         info.pax_headers = {"comment": "criu-shim alignment " + "." * pad}
-        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-        if (offset + len(header)) % block == 0 and (length is None or len(header) == length):
-            return header
-    raise ValueError(f"no header padding for {name} at {offset} (block {block}, length {length})")
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+    shortest = len(build(0))
+    target = length if length is not None else shortest + (-(offset + shortest) % block)
+    low, high = 0, max(target, 1)
+    while low < high:
+        middle = (low + high) // 2
+        if len(build(middle)) >= target:
+            high = middle
+        else:
+            low = middle + 1
+    header = build(low)
+    if len(header) != target or (offset + len(header)) % block:
+        raise ValueError(f"no header padding for {name} at {offset} (block {block}, length {length})")
+    return header
 
 
 def _directory_header(name: str) -> bytes:
