@@ -37,6 +37,7 @@ from pathlib import Path
 import grpc
 
 from shim import handoff
+from shim.annotations import LAZY_PAGES
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.api.cri.v1 import api_pb2_grpc
 
@@ -120,7 +121,7 @@ def checkpointed(node: Node, mem_mb: int, archive: Path) -> None:
 
 def timed_restore(node: Node, archive: Path, lazy: bool = True) -> tuple[float, float, float]:
     """Seconds to restore `archive` into a new pod; until its memory is all in place; CRIU's own share."""
-    pod, config = node.pod(annotations={} if lazy else {"restore.criu-shim.io/lazy-pages": "false"})
+    pod, config = node.pod(annotations={} if lazy else {LAZY_PAGES: "false"})
     start = time.perf_counter()
     restored = node.run(pod, config, str(archive), {})
     elapsed = time.perf_counter() - start

@@ -16,11 +16,12 @@ import json
 import time
 from pathlib import Path
 
+from shim.annotations import RESTORE_PREFIX
 from shim.checkpoint import criulog
 from shim.errors import ShimError
 
 # Set by the proxy on a restored container (allow-listed like every restore.criu-shim.io/ key).
-LOGS_ANNOTATION = "restore.criu-shim.io/logs"
+LOGS_ANNOTATION = RESTORE_PREFIX + "logs"
 RESTORE_LOG = "restore.log"  # runc's name, in its work dir
 KINDS = (("restore", "CRIU restore"), ("lazy-pages", "CRIU lazy-pages"))
 

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shim import fillspool
+from shim.archive_layout import IMAGES_DIR
 from shim.errors import FailedPrecondition
 from shim.handoff import LAZY_CRIU_OPTION, LAZY_PLAN, criu_config
 from shim.restore import loopdev
@@ -146,7 +147,7 @@ class LazyPages:
 
     def _image_view(self) -> Path:
         """The images as the daemon sees them: hard links, and the loop devices for the large pages."""
-        images, view = self._dir / "checkpoint", self._dir / "lazy-images"
+        images, view = self._dir / IMAGES_DIR, self._dir / "lazy-images"
         view.mkdir(mode=0o700, exist_ok=True)
         for entry in os.scandir(images):
             target = view / entry.name

@@ -37,7 +37,7 @@ def test_containerd_copies_the_hand_off_annotations_into_the_spec() -> None:
 
 
 def test_python_copies_still_agree_with_the_owner() -> None:
-    """Names other modules keep under their own name (restore/lazy still spells its own): pinned equal."""
+    """Names other modules keep under their own name (aliases of the owner's): pinned equal."""
     from shim.restore import lazy, relays
     from shim.runtime import lazy_daemon
 
