@@ -29,14 +29,19 @@ from shim.handoff import RelayFiles, RestorePlan
 from shim.journal import Journal, Operation
 from shim.restore import recovery
 from shim.runtime.bundle import restore_plan
+from shim.runtime.criu_deadline import CriuDeadline
 from shim.runtime.lazy_daemon import LOG as LAZY_LOG
 from shim.runtime.lazy_daemon import LazyPages
 
-TASK_SERVICE = "containerd.task.v2.Task"
+# containerd 1.x speak task API v2 to a shim; 2.x speak v3 to a shim whose bootstrap says version 3
+# (the stock runc shim of 2.x serves v3 only). v3's messages are v2's, field for field
+# (containerd/api runtime/task/v3/shim.proto), so one rewriter decodes both.
+TASK_SERVICES = frozenset({"containerd.task.v2.Task", "containerd.task.v3.Task"})
 # A restored container whose StartContainer never comes is given up after this.
 START_WAIT = 15 * 60.0
 # The requests the relay decodes; every other frame is relayed as it came.
-METHODS = frozenset({(TASK_SERVICE, m) for m in ("Create", "Start", "Pause", "Checkpoint", "Delete")})
+METHODS = frozenset({(service, m) for service in TASK_SERVICES
+                     for m in ("Create", "Start", "Pause", "Checkpoint", "Delete")})
 log = logging.getLogger(__name__)
 
 
@@ -57,6 +62,7 @@ class RestoreRewriter:
         self._note = note  # records what the task is, for the reconciler should the relay die
         self.started = False  # the init process's Start went upstream
         self.lazy: LazyPages | None = None
+        self._deadline: CriuDeadline | None = None  # armed at Start: a CRIU that never finishes is ended
         # Planned already when a spare relay is handed an unpacked restore: start at once.
         try:
             self.lazy = LazyPages.planned(plan.dir)
@@ -66,7 +72,7 @@ class RestoreRewriter:
             log.warning("%s", exc.message)
 
     async def __call__(self, service: str, method: str, payload: bytes) -> bytes:
-        if service != TASK_SERVICE:
+        if service not in TASK_SERVICES:
             return payload
         if method == "Create":
             return self._create(payload)
@@ -91,6 +97,8 @@ class RestoreRewriter:
 
     def close(self) -> None:
         """Stop what the restore started (idempotent): the page daemon and its devices."""
+        if self._deadline is not None:
+            self._deadline.cancel()
         if self.lazy is not None:
             self.lazy.close()
 
@@ -139,6 +147,9 @@ class RestoreRewriter:
         await asyncio.to_thread(self._prepare_rootfs)
         if self.lazy is not None:
             await self.lazy.listening()
+        if self.bundle is not None and self._deadline is None:
+            self._deadline = CriuDeadline(self.bundle.name)  # the bundle is named after the container
+            self._deadline.start()
         self.started = True
 
     def _prepare_rootfs(self) -> None:
