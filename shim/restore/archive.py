@@ -45,7 +45,7 @@ from shim import archive_layout as layout
 from shim.archive_layout import REQUIRED
 from shim.errors import InvalidArgument, NotFound, ResourceExhausted
 from shim.fileio import kernel_copy
-from shim.restore.checkpoint_spec import Engine, detect_engine
+from shim.restore.checkpoint_spec import Producer, detect_producer
 from shim.restore.lazy import Deferred
 
 DEFAULT_MAX_SIZE = 64 << 30
@@ -90,7 +90,7 @@ class CheckpointArchive:
     rootfs_diff: Path | None
     deleted_files: list[str]
     log: Path | None
-    engine: Engine
+    producer: Producer
     # Members left in the archive (created sparse here): see shim.restore.lazy.
     deferred: tuple[Deferred, ...] = ()
 
@@ -579,7 +579,7 @@ def _load(label: str, dest: Path, dest_fd: int) -> CheckpointArchive:
     return CheckpointArchive(
         dir=dest, spec=spec, config=config, status=status, images_dir=dest / layout.IMAGES_DIR,
         rootfs_diff=dest / layout.ROOTFS_DIFF if _is_file(dest_fd, layout.ROOTFS_DIFF) else None,
-        deleted_files=deleted, log=log, engine=detect_engine(spec))
+        deleted_files=deleted, log=log, producer=detect_producer(spec))
 
 
 def _is_file(dir_fd: int, name: str) -> bool:

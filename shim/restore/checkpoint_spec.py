@@ -20,7 +20,8 @@ from shim import oci
 from shim.archive_layout import CONFIG_DUMP, STATUS_DUMP
 from shim.errors import InvalidArgument
 
-Engine = Literal["containerd", "cri-o", "podman"]
+# The container engine whose checkpoint this is (not our checkpoint or restore engines).
+Producer = Literal["containerd", "cri-o", "podman"]
 
 # Go's zero time.Time: "never" in config.dump.
 _ZERO_TIME = "0001-01-01T00:00:00Z"
@@ -57,7 +58,7 @@ class CheckpointFacts:
     annotations: dict[str, str]
     arch: str | None
     checkpointed_time: str | None  # RFC 3339, as Go wrote it
-    engine: Engine
+    producer: Producer
 
 
 def checkpoint_facts(spec: Mapping[str, object], config: Mapping[str, object],
@@ -79,11 +80,11 @@ def checkpoint_facts(spec: Mapping[str, object], config: Mapping[str, object],
         arch=(_optional_str(config, "architecture", CONFIG_DUMP)
               or (_optional_str(status, "architecture", STATUS_DUMP) if status is not None else None)),
         checkpointed_time=None if checkpointed == _ZERO_TIME else checkpointed,
-        engine=detect_engine(spec),
+        producer=detect_producer(spec),
     )
 
 
-def detect_engine(spec: Mapping[str, object]) -> Engine:
+def detect_producer(spec: Mapping[str, object]) -> Producer:
     """As checkpointctl does: annotation `io.container.manager`, containerd when it says nothing known."""
     annotations = spec.get("annotations")
     manager = annotations.get("io.container.manager") if isinstance(annotations, dict) else None
@@ -102,7 +103,7 @@ def container_name(spec: Mapping[str, object], config: Mapping[str, object]) -> 
     """The CRI container name: from the annotation each engine keeps it in, else config.dump's name."""
     annotations = spec_annotations(spec)
     name: object = None
-    if detect_engine(spec) == "cri-o" and _CRIO_METADATA in annotations:
+    if detect_producer(spec) == "cri-o" and _CRIO_METADATA in annotations:
         try:
             metadata = json.loads(annotations[_CRIO_METADATA])
         except ValueError:

@@ -341,7 +341,7 @@ def test_our_own_archive_round_trips(tmp_path: Path, dest: Path) -> None:
     assert unpacked.deleted_files == ["/etc/removed", "/var/cache"]
     assert unpacked.log == dest / "container.log"
     assert unpacked.log.read_text() == log.read_text()
-    assert unpacked.engine == "containerd"
+    assert unpacked.producer == "containerd"
 
 
 def test_modes_and_owners_from_the_archive_are_ignored(tmp_path: Path, dest: Path) -> None:
@@ -358,7 +358,7 @@ def test_gzip_archive_from_podman(tmp_path: Path, dest: Path) -> None:
     entries = [reg("./spec.dump", json.dumps(spec).encode()), directory("./"),
                *checkpoint_entries()[1:], reg("ctr.log", b"log"), reg("network.status", b"{}")]
     unpacked = open_checkpoint(write_tar(tmp_path / "a.tar.gz", entries, compress=True), dest)
-    assert unpacked.engine == "podman"
+    assert unpacked.producer == "podman"
     assert unpacked.log == dest / "ctr.log"
     assert (dest / "checkpoint" / "pages-1.img").read_bytes() == bytes(range(256)) * 20
     assert unpacked.status is None and unpacked.rootfs_diff is None and unpacked.deleted_files == []
@@ -370,7 +370,7 @@ def test_cri_o_archive(tmp_path: Path, dest: Path) -> None:
                reg("io.kubernetes.cri-o.LogPath", b"log"), reg("bind.mounts", b"[]"),
                reg("deleted.files", b'["/etc/motd"]')]
     unpacked = open_checkpoint(write_tar(tmp_path / "a.tar", entries), dest)
-    assert unpacked.engine == "cri-o"
+    assert unpacked.producer == "cri-o"
     assert unpacked.log == dest / "io.kubernetes.cri-o.LogPath"
     assert unpacked.deleted_files == ["/etc/motd"]
 

@@ -14,7 +14,7 @@ from shim.restore.checkpoint_spec import (
     check_devices,
     checkpoint_facts,
     container_name,
-    detect_engine,
+    detect_producer,
     mounts_needing_declaration,
     strip_dangerous_annotations,
 )
@@ -68,7 +68,7 @@ def test_facts_of_a_containerd_checkpoint() -> None:
     assert facts.annotations["io.kubernetes.cri.sandbox-name"] == "demo"
     assert facts.arch is None
     assert facts.checkpointed_time == "2023-11-14T22:15:00.5Z"
-    assert facts.engine == "containerd"
+    assert facts.producer == "containerd"
 
 
 def test_facts_of_a_cri_o_checkpoint() -> None:
@@ -78,7 +78,7 @@ def test_facts_of_a_cri_o_checkpoint() -> None:
     config = {"id": "c" * 64, "name": "k8s_web_pod_ns_uid_2", "rootfsImageRef": "d" * 64,
               "checkpointedTime": ZERO_TIME, "architecture": "arm64"}
     facts = checkpoint_facts(spec, config)
-    assert (facts.name, facts.engine, facts.image_ref, facts.image) == ("web", "cri-o", "d" * 64, None)
+    assert (facts.name, facts.producer, facts.image_ref, facts.image) == ("web", "cri-o", "d" * 64, None)
     assert facts.env == () and facts.cwd == "/"
     assert facts.checkpointed_time is None
     assert facts.arch == "arm64"
@@ -91,13 +91,13 @@ def test_name_falls_back_to_config_dump() -> None:
     assert container_name({}, {}) == ""
 
 
-@pytest.mark.parametrize(("manager", "engine"), [
+@pytest.mark.parametrize(("manager", "producer"), [
     ("libpod", "podman"), ("cri-o", "cri-o"), ("containerd", "containerd"), (None, "containerd"), (7, "containerd"),
 ])
-def test_engine_as_checkpointctl_detects_it(manager: object, engine: str) -> None:
+def test_producer_as_checkpointctl_detects_it(manager: object, producer: str) -> None:
     spec = {"annotations": {} if manager is None else {"io.container.manager": manager}}
-    assert detect_engine(spec) == engine
-    assert detect_engine({"annotations": "not a map"}) == "containerd"
+    assert detect_producer(spec) == producer
+    assert detect_producer({"annotations": "not a map"}) == "containerd"
 
 
 @pytest.mark.parametrize(("spec", "config", "text"), [
