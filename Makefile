@@ -25,7 +25,7 @@ protos: venv
 	scripts/fetch-protos.sh
 	scripts/gen-protos.sh
 
-.PHONY: peers crictl
+.PHONY: peers crictl kubernetes
 
 ## peers: the real peers built from the Go module proxy, versions in scripts/peers.lock:
 ## kubelet, kube-apiserver, kubectl, crictl, critest, containerd 2.3/2.4 (+ shim), etcd.
@@ -34,9 +34,14 @@ protos: venv
 peers:
 	nice -n 10 python3 scripts/build-peers.py
 
-## crictl: only crictl and critest (cri-tools), what `make test` needs
+## crictl: only crictl and critest (cri-tools)
 crictl:
 	nice -n 10 python3 scripts/build-peers.py cri-tools
+
+## kubernetes: what `make test` needs: kubelet, kube-apiserver, kubectl, etcd, crictl, critest
+## (tests/node/test_kubelet.py runs them); containerd 2.3/2.4 stay in `make peers`
+kubernetes:
+	nice -n 10 python3 scripts/build-peers.py kubernetes etcd cri-tools
 
 .PHONY: images demo test bench typecheck lint
 
@@ -57,7 +62,7 @@ lint: venv
 	.venv/bin/ruff check shim tests bench scripts
 
 ## test: the whole suite; node tests need root (CI is root)
-test: setup images crictl typecheck lint
+test: setup images kubernetes typecheck lint
 	.venv/bin/python -m pytest
 
 ## bench: latency and checkpoint/restore figures, ours against the references, in one run
