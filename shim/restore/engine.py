@@ -47,6 +47,7 @@ from shim.restore.criulogs import LOGS_ANNOTATION
 from shim.restore.image import CheckpointImage, checkpoint_image, export_layer
 from shim.restore.network import (
     ARCHIVE_MEMBER,
+    TcpRestore,
     addresses_to_keep,
     recorded_ips,
     taken,
@@ -294,17 +295,17 @@ class Restorer:
                 log.warning("restores are not lazy: CRIU at %s lacks userfaultfd support (%s)", criu, probe.detail)
         return self._uffd
 
-    async def _plan_network(self, request: cri.CreateContainerRequest, work: Path) -> str | None:
-        """How TCP comes back: "established" (old pod IP kept, see restore.network), "close", or None."""
+    async def _plan_network(self, request: cri.CreateContainerRequest, work: Path) -> TcpRestore | None:
+        """How TCP comes back (see restore.network), or None."""
         opts = options.resolve(self._config.checkpoint, request.sandbox_config.annotations,
                                request.config.metadata.name)
         if not opts.tcp_established and not opts.tcp_close:
             return None
         live = await self._containerd.live_pod_ips()
         if opts.tcp_close and (not opts.tcp_established or taken(recorded_ips(work), live)):
-            return "close"  # the fallback the user asked for: connections closed, address left alone
+            return TcpRestore.CLOSE
         write_plan(work, addresses_to_keep(work, True, live))
-        return "established"
+        return TcpRestore.ESTABLISHED
 
     async def _sandbox_label(self, sandbox_id: str) -> str | None:
         """The new pod's SELinux process label, needed only where SELinux enforces."""
@@ -437,10 +438,11 @@ def _restore_request(request: cri.CreateContainerRequest, archive: Any, image: s
 
 
 def _write_criu_config(work: Path, config: Config, request: cri.CreateContainerRequest,
-                       sandbox_label: str | None, tcp: str | None, lazy_pages: bool = False) -> None:
+                       sandbox_label: str | None, tcp: TcpRestore | None, lazy_pages: bool = False) -> None:
     """CRIU options for the restore (runc passes none itself): the new pod's annotations and labels."""
     opts = options.resolve(config.checkpoint, request.sandbox_config.annotations, request.config.metadata.name)
-    lines = [name for name, on in (("tcp-established", tcp == "established"), ("tcp-close", tcp == "close"),
+    lines = [name for name, on in (("tcp-established", tcp is TcpRestore.ESTABLISHED),
+                                   ("tcp-close", tcp is TcpRestore.CLOSE),
                                    ("file-locks", opts.file_locks), ("ext-unix-sk", opts.ext_unix_sockets),
                                    (lazy.CRIU_OPTION, lazy_pages)) if on]
     linux = request.config.linux

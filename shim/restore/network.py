@@ -12,6 +12,7 @@ through pyroute2 (which switches namespace in a child, never in the relay).
 
 from __future__ import annotations
 
+import enum
 import json
 from pathlib import Path
 
@@ -22,6 +23,13 @@ from shim.errors import FailedPrecondition, InvalidArgument
 ARCHIVE_MEMBER = archive_layout.FACTS  # written by shim.checkpoint.engine
 PLAN_FILE = "network.json"
 INTERFACE = "eth0"
+
+
+class TcpRestore(enum.Enum):
+    """How a restore brings the checkpoint's TCP connections back (None: it had none to keep)."""
+
+    ESTABLISHED = "established"  # the old pod IP is kept in the new pod (write_plan), connections resume
+    CLOSE = "close"  # the fallback the user asked for: connections closed, address left alone
 
 
 def recorded_ips(archive_dir: Path) -> list[str]:
