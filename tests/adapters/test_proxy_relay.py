@@ -5,7 +5,7 @@ the proxy's relaying is judged by comparing each call made directly to the
 upstream with the same call made through the proxy. One method is intercepted
 by the proxy's dispatcher and answered by the proxy itself.
 
-Each test body is a coroutine run by `Env.run` (plain `asyncio.run`), which
+Each test body is a coroutine run by `ProxyEnv.run` (plain `asyncio.run`), which
 starts the upstream and the proxy around it and stops them afterwards.
 """
 
@@ -64,7 +64,7 @@ LONG_MESSAGE = "criu dump failed:\n" + "log line\n" * 3000
 # -- the fake containerd --------------------------------------------------------
 
 
-class Upstream:
+class FakeCriServer:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.hits: Counter[str] = Counter()
@@ -155,20 +155,20 @@ async def intercepted(call: Call) -> bytes:
 # -- the fixture ----------------------------------------------------------------
 
 
-class Env:
+class ProxyEnv:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.upstream_path = root / "containerd.sock"
         self.listen = root / "run" / "criu-shim.sock"
-        self.upstream: Upstream | None = None
+        self.upstream: FakeCriServer | None = None
         self.proxy: ProxyServer | None = None
         self.serving: asyncio.Task[None] | None = None
 
-    def run(self, test: Callable[[Env], Awaitable[None]], *, upstream: bool = True) -> None:
+    def run(self, test: Callable[[ProxyEnv], Awaitable[None]], *, upstream: bool = True) -> None:
         asyncio.run(self._main(test, upstream))
 
-    async def _main(self, test: Callable[[Env], Awaitable[None]], upstream: bool) -> None:
-        self.upstream = Upstream(self.upstream_path)
+    async def _main(self, test: Callable[[ProxyEnv], Awaitable[None]], upstream: bool) -> None:
+        self.upstream = FakeCriServer(self.upstream_path)
         if upstream:
             await self.upstream.start()
         try:
@@ -200,11 +200,11 @@ class Env:
 
 
 @pytest.fixture
-def env() -> Iterator[Env]:
+def env() -> Iterator[ProxyEnv]:
     # Not tmp_path: a unix socket path must stay under 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="criu-shim-relay-", dir="/tmp"))
     try:
-        yield Env(root)
+        yield ProxyEnv(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -224,7 +224,7 @@ async def unary(channel: grpc.aio.Channel, method: str, request: bytes, **kwargs
         return (exc.code(), exc.details(), trailers)
 
 
-async def both(env: Env, method: str, request: bytes, **kwargs) -> tuple[Outcome, Outcome]:  # type: ignore[no-untyped-def]
+async def both(env: ProxyEnv, method: str, request: bytes, **kwargs) -> tuple[Outcome, Outcome]:  # type: ignore[no-untyped-def]
     async with env.channel(via_proxy=False) as direct, env.channel() as proxied:
         return await unary(direct, method, request, **kwargs), await unary(proxied, method, request, **kwargs)
 
@@ -239,8 +239,8 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 4.0)
 # -- relaying -------------------------------------------------------------------
 
 
-def test_unary_results_identical(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_unary_results_identical(env: ProxyEnv) -> None:
+    async def body(env: ProxyEnv) -> None:
         for request in (b"", b"hello", bytes(range(256)) * 10):
             direct, proxied = await both(env, ECHO, request, timeout=3)
             assert direct == proxied == ("OK", request)
@@ -249,8 +249,8 @@ def test_unary_results_identical(env: Env) -> None:
     env.run(body)
 
 
-def test_error_status_message_and_trailers_identical(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_error_status_message_and_trailers_identical(env: ProxyEnv) -> None:
+    async def body(env: ProxyEnv) -> None:
         direct, proxied = await both(env, FAIL, b"abc", timeout=3)
         assert direct == proxied
         assert proxied == (grpc.StatusCode.FAILED_PRECONDITION, FAIL_MESSAGE, (("x-detail", "d-abc"),))
@@ -258,8 +258,8 @@ def test_error_status_message_and_trailers_identical(env: Env) -> None:
     env.run(body)
 
 
-def test_unknown_method_gives_upstreams_unimplemented(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_unknown_method_gives_upstreams_unimplemented(env: ProxyEnv) -> None:
+    async def body(env: ProxyEnv) -> None:
         direct, proxied = await both(env, UNKNOWN_METHOD, b"x", timeout=3)
         assert direct == proxied
         assert proxied[0] == grpc.StatusCode.UNIMPLEMENTED
@@ -267,8 +267,8 @@ def test_unknown_method_gives_upstreams_unimplemented(env: Env) -> None:
     env.run(body)
 
 
-def test_metadata_reaches_upstream(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_metadata_reaches_upstream(env: ProxyEnv) -> None:
+    async def body(env: ProxyEnv) -> None:
         md = (("x-token", "abc"), ("x-trace-id", "t-1"), ("x-unicode", "plain"))
         direct, proxied = await both(env, METADATA, b"", metadata=md, timeout=3)
         assert direct == proxied
@@ -277,8 +277,8 @@ def test_metadata_reaches_upstream(env: Env) -> None:
     env.run(body)
 
 
-def test_deadline_exceeded_on_slow_upstream(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_deadline_exceeded_on_slow_upstream(env: ProxyEnv) -> None:
+    async def body(env: ProxyEnv) -> None:
         direct, proxied = await both(env, SLEEP, b"2", timeout=0.2)
         assert direct[0] == proxied[0] == grpc.StatusCode.DEADLINE_EXCEEDED
         async with env.channel() as ch:  # the proxy is fine afterwards
@@ -287,8 +287,8 @@ def test_deadline_exceeded_on_slow_upstream(env: Env) -> None:
     env.run(body)
 
 
-def test_server_streaming_yields_same_items(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_server_streaming_yields_same_items(env: ProxyEnv) -> None:
+    async def body(env: ProxyEnv) -> None:
         results = []
         async with env.channel(via_proxy=False) as direct, env.channel() as proxied:
             for ch in (direct, proxied):
@@ -299,8 +299,8 @@ def test_server_streaming_yields_same_items(env: Env) -> None:
     env.run(body)
 
 
-def test_four_mib_message_passes(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_four_mib_message_passes(env: ProxyEnv) -> None:
+    async def body(env: ProxyEnv) -> None:
         payload = os.urandom(4 << 20)
         async with env.channel() as ch:
             assert await unary(ch, ECHO, payload, timeout=4) == ("OK", payload)
@@ -311,7 +311,7 @@ def test_four_mib_message_passes(env: Env) -> None:
     env.run(body)
 
 
-def test_two_hundred_concurrent_mixed_calls_on_one_channel(env: Env) -> None:
+def test_two_hundred_concurrent_mixed_calls_on_one_channel(env: ProxyEnv) -> None:
     async def one(ch: grpc.aio.Channel, i: int) -> None:
         md = (("x-call", str(i)), ("x-shared", "s" * (i % 7)))
         kind = i % 6
@@ -334,7 +334,7 @@ def test_two_hundred_concurrent_mixed_calls_on_one_channel(env: Env) -> None:
             _, answer = await unary(ch, INTERCEPTED, b"whoami", metadata=md, timeout=5)
             assert ["x-call", str(i)] in json.loads(answer)["metadata"]
 
-    async def body(env: Env) -> None:
+    async def body(env: ProxyEnv) -> None:
         async with env.channel() as ch:
             await asyncio.gather(*(one(ch, i) for i in range(200)))
             # Still in step afterwards (HPACK state and windows on the one connection).
@@ -349,8 +349,8 @@ def test_two_hundred_concurrent_mixed_calls_on_one_channel(env: Env) -> None:
 # -- the intercepted method -----------------------------------------------------------
 
 
-def test_intercepted_call_answered_by_the_proxy(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_intercepted_call_answered_by_the_proxy(env: ProxyEnv) -> None:
+    async def body(env: ProxyEnv) -> None:
         async with env.channel() as ch:
             assert await unary(ch, INTERCEPTED, b"ping", timeout=3) == ("OK", b"intercepted:ping")
             _, answer = await unary(ch, INTERCEPTED, b"whoami", metadata=(("x-token", "tk"),), timeout=30)
@@ -363,8 +363,8 @@ def test_intercepted_call_answered_by_the_proxy(env: Env) -> None:
     env.run(body)
 
 
-def test_intercepted_shim_error_gives_its_code_and_message(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_intercepted_shim_error_gives_its_code_and_message(env: ProxyEnv) -> None:
+    async def body(env: ProxyEnv) -> None:
         async with env.channel() as ch:
             assert await unary(ch, INTERCEPTED, b"shim-error", timeout=3) == (
                 grpc.StatusCode.NOT_FOUND, SHIM_ERROR_MESSAGE, ())
@@ -372,8 +372,8 @@ def test_intercepted_shim_error_gives_its_code_and_message(env: Env) -> None:
     env.run(body)
 
 
-def test_intercepted_plain_exception_gives_fixed_internal_message(env: Env, caplog: pytest.LogCaptureFixture) -> None:
-    async def body(env: Env) -> None:
+def test_intercepted_plain_exception_gives_fixed_internal_message(env: ProxyEnv, caplog: pytest.LogCaptureFixture) -> None:
+    async def body(env: ProxyEnv) -> None:
         async with env.channel() as ch:
             code, details, trailers = await unary(ch, INTERCEPTED, b"plain-error", timeout=3)
             assert (code, details) == (grpc.StatusCode.INTERNAL, dispatch.INTERNAL_MESSAGE)
@@ -385,8 +385,8 @@ def test_intercepted_plain_exception_gives_fixed_internal_message(env: Env, capl
     assert SECRET in caplog.text  # the details went to the log instead
 
 
-def test_intercepted_long_error_message_does_not_break_the_proxy(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_intercepted_long_error_message_does_not_break_the_proxy(env: ProxyEnv) -> None:
+    async def body(env: ProxyEnv) -> None:
         async with env.channel() as ch:
             assert await unary(ch, INTERCEPTED, b"long-error", timeout=3) == (grpc.StatusCode.UNKNOWN, LONG_MESSAGE, ())
             assert await unary(ch, ECHO, b"still here", timeout=3) == ("OK", b"still here")
@@ -394,8 +394,8 @@ def test_intercepted_long_error_message_does_not_break_the_proxy(env: Env) -> No
     env.run(body)
 
 
-def test_intercepted_handler_exceeding_deadline(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_intercepted_handler_exceeding_deadline(env: ProxyEnv) -> None:
+    async def body(env: ProxyEnv) -> None:
         async with env.channel() as ch:
             start = time.monotonic()
             code, *_ = await unary(ch, INTERCEPTED, b"sleep", timeout=0.3)
@@ -409,8 +409,8 @@ def test_intercepted_handler_exceeding_deadline(env: Env) -> None:
 # -- upstream availability ------------------------------------------------------------
 
 
-def test_upstream_not_listening_then_started(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_upstream_not_listening_then_started(env: ProxyEnv) -> None:
+    async def body(env: ProxyEnv) -> None:
         assert env.upstream is not None
         async with env.channel() as ch:
             code, *_ = await unary(ch, ECHO, b"x", timeout=2)
@@ -425,8 +425,8 @@ def test_upstream_not_listening_then_started(env: Env) -> None:
     env.run(body, upstream=False)
 
 
-def test_upstream_stopped_mid_run_then_restarted(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_upstream_stopped_mid_run_then_restarted(env: ProxyEnv) -> None:
+    async def body(env: ProxyEnv) -> None:
         assert env.upstream is not None
         async with env.channel() as ch:
             assert await unary(ch, ECHO, b"1", timeout=3) == ("OK", b"1")
@@ -452,8 +452,8 @@ def test_upstream_stopped_mid_run_then_restarted(env: Env) -> None:
 # -- the listening socket and shutdown ------------------------------------------------
 
 
-def test_listen_socket_mode(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_listen_socket_mode(env: ProxyEnv) -> None:
+    async def body(env: ProxyEnv) -> None:
         mode = os.stat(env.listen).st_mode
         assert stat.S_ISSOCK(mode)
         assert stat.S_IMODE(mode) == 0o660
@@ -461,8 +461,8 @@ def test_listen_socket_mode(env: Env) -> None:
     env.run(body)
 
 
-def test_stop_lets_a_relayed_call_in_flight_finish(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_stop_lets_a_relayed_call_in_flight_finish(env: ProxyEnv) -> None:
+    async def body(env: ProxyEnv) -> None:
         assert env.upstream is not None and env.proxy is not None and env.serving is not None
         async with env.channel() as ch:
             call = asyncio.create_task(unary(ch, SLEEP, b"0.5", timeout=4))
@@ -475,8 +475,8 @@ def test_stop_lets_a_relayed_call_in_flight_finish(env: Env) -> None:
     env.run(body)
 
 
-def test_stop_lets_an_intercepted_call_in_flight_finish(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_stop_lets_an_intercepted_call_in_flight_finish(env: ProxyEnv) -> None:
+    async def body(env: ProxyEnv) -> None:
         assert env.proxy is not None and env.serving is not None
         ENTERED.clear()
         async with env.channel() as ch:
@@ -501,7 +501,7 @@ async def _read_to_eof(reader: asyncio.StreamReader) -> bytes:
         return await reader.read()
 
 
-def test_garbage_is_relayed_raw(env: Env) -> None:
+def test_garbage_is_relayed_raw(env: ProxyEnv) -> None:
     """With a raw upstream, the exact bytes go through both ways."""
     received = bytearray()
 
@@ -513,7 +513,7 @@ def test_garbage_is_relayed_raw(env: Env) -> None:
 
     request = b"GET / HTTP/1.1\r\nHost: criu-shim\r\n\r\n\x00\xff"
 
-    async def body(env: Env) -> None:
+    async def body(env: ProxyEnv) -> None:
         server = await asyncio.start_unix_server(raw_upstream, str(env.upstream_path))
         try:
             reader, writer = await asyncio.open_unix_connection(str(env.listen))
@@ -529,8 +529,8 @@ def test_garbage_is_relayed_raw(env: Env) -> None:
     env.run(body, upstream=False)
 
 
-def test_garbage_to_grpc_upstream_closes_connection_and_proxy_survives(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_garbage_to_grpc_upstream_closes_connection_and_proxy_survives(env: ProxyEnv) -> None:
+    async def body(env: ProxyEnv) -> None:
         for garbage in (
             b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 3,  # not HTTP/2: relayed, containerd hangs up
             PREFACE + b"\xff\xff\xff\x00\x00\x00\x00\x00\x01",  # HTTP/2, then a 16 MiB frame header

@@ -44,7 +44,7 @@ TIMEOUT = 10.0
 
 
 @dataclass
-class Env:
+class SpareRelayEnv:
     root: Path
     pools: list[SparePool] = field(default_factory=list)
 
@@ -92,8 +92,8 @@ class Env:
 
 
 @pytest.fixture
-def env() -> Iterator[Env]:
-    made = Env(Path(tempfile.mkdtemp(prefix="spare-", dir="/tmp")))
+def env() -> Iterator[SpareRelayEnv]:
+    made = SpareRelayEnv(Path(tempfile.mkdtemp(prefix="spare-", dir="/tmp")))
     made.work_root.mkdir()
     try:
         yield made
@@ -141,7 +141,7 @@ async def _call_through(relay: Relay, upstream: Path) -> bytes:
                                      timeout=5)
 
 
-def check_works_then_ends(env: Env, relay: Relay, pid: int) -> None:
+def check_works_then_ends(env: SpareRelayEnv, relay: Relay, pid: int) -> None:
     """A call goes through; once containerd's (our) connection closes the relay ends and cleans up."""
     payload = shim_pb2.StateRequest(id="ctr-1").SerializeToString()
     assert run(_call_through(relay, env.root / "runc.sock")) == f"{TASK}/State:".encode() + payload
@@ -154,13 +154,13 @@ def check_cleaned_up(relay: Relay) -> None:
     poll(lambda: not any(path.exists() for path in paths), f"{[str(p) for p in paths]} are removed")
 
 
-def stop_and_wait(env: Env, relay: Relay, pid: int) -> None:
+def stop_and_wait(env: SpareRelayEnv, relay: Relay, pid: int) -> None:
     stop_relay(relay)
     env.wait_gone(pid)
     check_cleaned_up(relay)
 
 
-def spare_ready(env: Env, pool: SparePool) -> int:
+def spare_ready(env: SpareRelayEnv, pool: SparePool) -> int:
     """Refill `pool`; the spare's pid once it waits (its launcher gone)."""
     pool.refill()
     poll(lambda: len(env.spares()) == 1, "the spare is up")
@@ -172,7 +172,7 @@ def spare_ready(env: Env, pool: SparePool) -> int:
 # -- SparePool ----------------------------------------------------------------------------
 
 
-def test_a_taken_spare_serves_the_restore(env: Env) -> None:
+def test_a_taken_spare_serves_the_restore(env: SpareRelayEnv) -> None:
     pool = env.pool()
     spare = spare_ready(env, pool)
     work = env.work()
@@ -194,7 +194,7 @@ def test_a_taken_spare_serves_the_restore(env: Env) -> None:
     assert env.processes() == []
 
 
-def test_stop_relay_ends_a_taken_spare_which_cleans_up(env: Env) -> None:
+def test_stop_relay_ends_a_taken_spare_which_cleans_up(env: SpareRelayEnv) -> None:
     pool = env.pool()
     spare_ready(env, pool)
     work = env.work()
@@ -207,7 +207,7 @@ def test_stop_relay_ends_a_taken_spare_which_cleans_up(env: Env) -> None:
     assert list(env.work_root.iterdir()) == []
 
 
-def test_close_lets_an_unused_spare_go_quietly(env: Env) -> None:
+def test_close_lets_an_unused_spare_go_quietly(env: SpareRelayEnv) -> None:
     pool = env.pool()
     spare = spare_ready(env, pool)
     pool.close()
@@ -218,7 +218,7 @@ def test_close_lets_an_unused_spare_go_quietly(env: Env) -> None:
     pool.close()  # again: nothing to do
 
 
-def test_close_right_after_refill(env: Env) -> None:
+def test_close_right_after_refill(env: SpareRelayEnv) -> None:
     # The pipe closes before the spare even reads it (it may not have forked yet).
     pool = env.pool()
     pool.refill()
@@ -227,7 +227,7 @@ def test_close_right_after_refill(env: Env) -> None:
     assert not env.spare_log.exists()  # a spare writes no file of its own
 
 
-def test_take_without_a_spare_starts_a_fresh_relay(env: Env) -> None:
+def test_take_without_a_spare_starts_a_fresh_relay(env: SpareRelayEnv) -> None:
     pool = env.pool()
     work = env.work()
     relay = pool.take(work)
@@ -239,7 +239,7 @@ def test_take_without_a_spare_starts_a_fresh_relay(env: Env) -> None:
     check_works_then_ends(env, relay, pid)
 
 
-def test_take_after_the_spare_died_falls_back_to_a_fresh_relay(env: Env) -> None:
+def test_take_after_the_spare_died_falls_back_to_a_fresh_relay(env: SpareRelayEnv) -> None:
     pool = env.pool()
     spare = spare_ready(env, pool)
     os.kill(spare, signal.SIGKILL)
@@ -257,7 +257,7 @@ def test_take_after_the_spare_died_falls_back_to_a_fresh_relay(env: Env) -> None
     stop_and_wait(env, fresh, run(wait_ready(fresh)))
 
 
-def test_start_unless_spare_is_none_exactly_while_a_spare_waits(env: Env) -> None:
+def test_start_unless_spare_is_none_exactly_while_a_spare_waits(env: SpareRelayEnv) -> None:
     pool = env.pool()
     first = env.work()
     fresh = pool.start_unless_spare(first)
@@ -283,7 +283,7 @@ def test_start_unless_spare_is_none_exactly_while_a_spare_waits(env: Env) -> Non
     stop_and_wait(env, taken, spare)
 
 
-def test_refill_keeps_one_spare_and_again_after_a_take(env: Env) -> None:
+def test_refill_keeps_one_spare_and_again_after_a_take(env: SpareRelayEnv) -> None:
     pool = env.pool()
     first = spare_ready(env, pool)
     pool.refill()
@@ -300,7 +300,7 @@ def test_refill_keeps_one_spare_and_again_after_a_take(env: Env) -> None:
     env.wait_gone(second)
 
 
-def test_a_spare_refill_after_close_starts_again(env: Env) -> None:
+def test_a_spare_refill_after_close_starts_again(env: SpareRelayEnv) -> None:
     pool = env.pool()
     first = spare_ready(env, pool)
     pool.close()
@@ -322,7 +322,7 @@ class HandStarted:
     output: Path  # the spare's stdout and stderr until it has its restore
 
 
-def start_spare(env: Env) -> HandStarted:
+def start_spare(env: SpareRelayEnv) -> HandStarted:
     env.directory.mkdir()
     output = env.root / "spare.out"
     with open(output, "wb") as out:
@@ -341,7 +341,7 @@ def give(started: HandStarted, line: bytes) -> None:
     started.launcher.stdin.close()
 
 
-BAD_WORK_DIRS: dict[str, Callable[[Env], Path]] = {
+BAD_WORK_DIRS: dict[str, Callable[[SpareRelayEnv], Path]] = {
     "outside the work root": lambda env: (env.root / "elsewhere" / uuid.uuid4().hex),
     "nested in the work root": lambda env: env.work_root / "nested" / uuid.uuid4().hex,
     "the work root itself": lambda env: env.work_root,
@@ -351,7 +351,7 @@ BAD_WORK_DIRS: dict[str, Callable[[Env], Path]] = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_WORK_DIRS))
-def test_run_spare_refuses_a_work_dir_not_directly_under_the_root(env: Env, case: str) -> None:
+def test_run_spare_refuses_a_work_dir_not_directly_under_the_root(env: SpareRelayEnv, case: str) -> None:
     bad = BAD_WORK_DIRS[case](env)
     if bad.is_absolute():
         bad.mkdir(parents=True, exist_ok=True)
@@ -367,7 +367,7 @@ def test_run_spare_refuses_a_work_dir_not_directly_under_the_root(env: Env, case
 
 
 @pytest.mark.parametrize("kind", ["missing", "a file"])
-def test_run_spare_refuses_a_work_dir_that_is_not_a_directory(env: Env, kind: str) -> None:
+def test_run_spare_refuses_a_work_dir_that_is_not_a_directory(env: SpareRelayEnv, kind: str) -> None:
     bad = env.work_root / uuid.uuid4().hex
     if kind == "a file":
         bad.write_text("not a restore")
@@ -383,7 +383,7 @@ def test_run_spare_refuses_a_work_dir_that_is_not_a_directory(env: Env, kind: st
 
 
 @pytest.mark.parametrize("line", [b"", b"\n", b"   \n"])
-def test_run_spare_ends_quietly_without_a_restore(env: Env, line: bytes) -> None:
+def test_run_spare_ends_quietly_without_a_restore(env: SpareRelayEnv, line: bytes) -> None:
     spare = start_spare(env)
     [pid] = env.spares()
     give(spare, line)  # then end of input: the proxy is gone
@@ -393,7 +393,7 @@ def test_run_spare_ends_quietly_without_a_restore(env: Env, line: bytes) -> None
     assert list(env.directory.iterdir()) == []
 
 
-def test_run_spare_serves_a_good_work_dir(env: Env) -> None:
+def test_run_spare_serves_a_good_work_dir(env: SpareRelayEnv) -> None:
     spare = start_spare(env)
     [pid] = env.spares()
     work = env.work()
@@ -405,7 +405,7 @@ def test_run_spare_serves_a_good_work_dir(env: Env) -> None:
     check_works_then_ends(env, relay, pid)
 
 
-def test_a_spare_whose_page_daemon_cannot_start_still_serves_and_logs_why(env: Env) -> None:
+def test_a_spare_whose_page_daemon_cannot_start_still_serves_and_logs_why(env: SpareRelayEnv) -> None:
     pool = env.pool()
     spare = spare_ready(env, pool)
     work = env.work()

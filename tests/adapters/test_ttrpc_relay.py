@@ -2,7 +2,7 @@
 
 The fake upstream is a ttrpc server built on `Connection`; it records every
 byte it reads, so pass-through is judged byte for byte. Each test body is a
-coroutine run by `Env.run`, which starts the upstream and the relay around it.
+coroutine run by `TtrpcRelayEnv.run`, which starts the upstream and the relay around it.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ TEST_TIMEOUT = 10.0
 # -- the fake runc shim -------------------------------------------------------------
 
 
-class Upstream:
+class FakeTaskServer:
     """A ttrpc server: Echo-ish Task methods, plus `Slow` (waits for `release`) and `Die` (closes)."""
 
     def __init__(self, path: Path) -> None:
@@ -163,24 +163,24 @@ def create(id_: str) -> bytes:
 # -- the fixture ------------------------------------------------------------------------
 
 
-class Env:
+class TtrpcRelayEnv:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.upstream_path = root / "runc.sock"
         self.listen = root / "criu.sock"
-        self.upstream: Upstream | None = None
+        self.upstream: FakeTaskServer | None = None
         self.relay: RelayServer | None = None
         self.serving: asyncio.Task[None] | None = None
         self.raws: list[Raw] = []
 
-    def run(self, test: Callable[[Env], Awaitable[None]], *, upstream: bool = True, exit_when_idle: bool = False,
+    def run(self, test: Callable[[TtrpcRelayEnv], Awaitable[None]], *, upstream: bool = True, exit_when_idle: bool = False,
             still_needed: Callable[[], Awaitable[bool]] | None = None) -> None:
         REWRITES.clear()
         asyncio.run(self._main(test, upstream, exit_when_idle, still_needed))
 
-    async def _main(self, test: Callable[[Env], Awaitable[None]], upstream: bool, exit_when_idle: bool,
+    async def _main(self, test: Callable[[TtrpcRelayEnv], Awaitable[None]], upstream: bool, exit_when_idle: bool,
                     still_needed: Callable[[], Awaitable[bool]] | None) -> None:
-        self.upstream = Upstream(self.upstream_path)
+        self.upstream = FakeTaskServer(self.upstream_path)
         if upstream:
             await self.upstream.start()
         self.relay = RelayServer(self.listen, self.upstream_path, rewrite, methods={CREATE}, exit_when_idle=exit_when_idle,
@@ -205,10 +205,10 @@ class Env:
 
 
 @pytest.fixture
-def env() -> Iterator[Env]:
+def env() -> Iterator[TtrpcRelayEnv]:
     root = Path(tempfile.mkdtemp(prefix="ttrpc-", dir="/tmp"))  # unix socket paths must stay short
     try:
-        yield Env(root)
+        yield TtrpcRelayEnv(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -216,8 +216,8 @@ def env() -> Iterator[Env]:
 # -- pass-through -------------------------------------------------------------------------
 
 
-def test_pass_through_is_byte_identical_both_ways(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_pass_through_is_byte_identical_both_ways(env: TtrpcRelayEnv) -> None:
+    async def body(env: TtrpcRelayEnv) -> None:
         raw = await env.raw()
         sent = b""
         for method, payload in [("State", shim_pb2.StateRequest(id="nope").SerializeToString()),
@@ -233,8 +233,8 @@ def test_pass_through_is_byte_identical_both_ways(env: Env) -> None:
     env.run(body)
 
 
-def test_socket_is_private_and_removed_on_stop(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_socket_is_private_and_removed_on_stop(env: TtrpcRelayEnv) -> None:
+    async def body(env: TtrpcRelayEnv) -> None:
         assert stat.S_IMODE(env.listen.stat().st_mode) == 0o600
 
     env.run(body)
@@ -244,8 +244,8 @@ def test_socket_is_private_and_removed_on_stop(env: Env) -> None:
 # -- rewriting Create ---------------------------------------------------------------------
 
 
-def test_create_is_rewritten_under_the_same_stream_id(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_create_is_rewritten_under_the_same_stream_id(env: TtrpcRelayEnv) -> None:
+    async def body(env: TtrpcRelayEnv) -> None:
         raw = await env.raw()
         await raw.send("State")
         await raw.send("Create", create("c1"), metadata=(("k", "v"),))
@@ -264,8 +264,8 @@ def test_create_is_rewritten_under_the_same_stream_id(env: Env) -> None:
     env.run(body)
 
 
-def test_rewrite_raising_shim_error_answers_with_its_code(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_rewrite_raising_shim_error_answers_with_its_code(env: TtrpcRelayEnv) -> None:
+    async def body(env: TtrpcRelayEnv) -> None:
         async with Client.connect(env.listen) as client:
             with pytest.raises(TTRPCError) as failed:
                 await client.call(TASK, "Create", create("refused"))
@@ -276,8 +276,8 @@ def test_rewrite_raising_shim_error_answers_with_its_code(env: Env) -> None:
     env.run(body)
 
 
-def test_unexpected_rewrite_error_answers_internal_without_details(env: Env, caplog: pytest.LogCaptureFixture) -> None:
-    async def body(env: Env) -> None:
+def test_unexpected_rewrite_error_answers_internal_without_details(env: TtrpcRelayEnv, caplog: pytest.LogCaptureFixture) -> None:
+    async def body(env: TtrpcRelayEnv) -> None:
         async with Client.connect(env.listen) as client:
             with pytest.raises(TTRPCError) as failed:
                 await client.call(TASK, "Create", create("broken"))
@@ -289,8 +289,8 @@ def test_unexpected_rewrite_error_answers_internal_without_details(env: Env, cap
     assert SECRET in caplog.text and "Traceback" in caplog.text
 
 
-def test_rewrite_outliving_the_deadline_answers_deadline_exceeded(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_rewrite_outliving_the_deadline_answers_deadline_exceeded(env: TtrpcRelayEnv) -> None:
+    async def body(env: TtrpcRelayEnv) -> None:
         raw = await env.raw()
         await raw.send("Create", create("slow"), timeout_nano=100_000_000)
         [answer] = await raw.responses(1)
@@ -303,8 +303,8 @@ def test_rewrite_outliving_the_deadline_answers_deadline_exceeded(env: Env) -> N
 # -- concurrency and connections ----------------------------------------------------------
 
 
-def test_concurrent_streams_and_connections(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_concurrent_streams_and_connections(env: TtrpcRelayEnv) -> None:
+    async def body(env: TtrpcRelayEnv) -> None:
         upstream = env.upstream
         assert upstream is not None
         async with Client.connect(env.listen) as first, Client.connect(env.listen) as second:
@@ -322,8 +322,8 @@ def test_concurrent_streams_and_connections(env: Env) -> None:
     env.run(body)
 
 
-def test_upstream_closing_closes_the_client(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_upstream_closing_closes_the_client(env: TtrpcRelayEnv) -> None:
+    async def body(env: TtrpcRelayEnv) -> None:
         async with Client.connect(env.listen) as client:
             pending = asyncio.create_task(client.call(TASK, "Slow"))
             await env.upstream.slow_started.wait()  # type: ignore[union-attr]
@@ -337,8 +337,8 @@ def test_upstream_closing_closes_the_client(env: Env) -> None:
     env.run(body)
 
 
-def test_client_closing_closes_upstream(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_client_closing_closes_upstream(env: TtrpcRelayEnv) -> None:
+    async def body(env: TtrpcRelayEnv) -> None:
         raw = await env.raw()
         await raw.send("State")
         await raw.responses(1)
@@ -349,16 +349,16 @@ def test_client_closing_closes_upstream(env: Env) -> None:
     env.run(body)
 
 
-def test_upstream_unavailable_closes_the_client(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_upstream_unavailable_closes_the_client(env: TtrpcRelayEnv) -> None:
+    async def body(env: TtrpcRelayEnv) -> None:
         raw = await env.raw()
         assert await raw.eof()
 
     env.run(body, upstream=False)
 
 
-def test_stop_closes_relayed_connections(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_stop_closes_relayed_connections(env: TtrpcRelayEnv) -> None:
+    async def body(env: TtrpcRelayEnv) -> None:
         raw = await env.raw()
         await raw.send("State")
         await raw.responses(1)
@@ -369,8 +369,8 @@ def test_stop_closes_relayed_connections(env: Env) -> None:
     env.run(body)
 
 
-def test_exit_when_idle_returns_after_the_last_connection(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_exit_when_idle_returns_after_the_last_connection(env: TtrpcRelayEnv) -> None:
+    async def body(env: TtrpcRelayEnv) -> None:
         async with Client.connect(env.listen) as a:
             async with Client.connect(env.listen) as b:
                 await b.call(TASK, "State")
@@ -383,9 +383,9 @@ def test_exit_when_idle_returns_after_the_last_connection(env: Env) -> None:
     env.run(body, exit_when_idle=True)
 
 
-def test_exit_when_idle_waits_out_a_reconnect(env: Env) -> None:
+def test_exit_when_idle_waits_out_a_reconnect(env: TtrpcRelayEnv) -> None:
     """A client that closes its connection and opens the next at once still finds the relay."""
-    async def body(env: Env) -> None:
+    async def body(env: TtrpcRelayEnv) -> None:
         async with Client.connect(env.listen) as first:
             await first.call(TASK, "State")
         async with Client.connect(env.listen) as second:  # well inside the grace period
@@ -397,9 +397,9 @@ def test_exit_when_idle_waits_out_a_reconnect(env: Env) -> None:
     env.run(body, exit_when_idle=True)
 
 
-def test_idle_relay_stays_while_its_upstream_listens(env: Env) -> None:
+def test_idle_relay_stays_while_its_upstream_listens(env: TtrpcRelayEnv) -> None:
     """Like a shim, the relay outlives its client (containerd restarting) while the server behind it lives."""
-    async def body(env: Env) -> None:
+    async def body(env: TtrpcRelayEnv) -> None:
         async with Client.connect(env.listen) as first:
             await first.call(TASK, "State")
         assert env.serving is not None and env.upstream is not None
@@ -413,10 +413,10 @@ def test_idle_relay_stays_while_its_upstream_listens(env: Env) -> None:
     env.run(body, exit_when_idle=True, still_needed=lambda: upstream_listening(env.upstream_path))
 
 
-def test_peer_of_another_uid_is_refused(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_peer_of_another_uid_is_refused(env: TtrpcRelayEnv, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 12345)
 
-    async def body(env: Env) -> None:
+    async def body(env: TtrpcRelayEnv) -> None:
         raw = await env.raw()
         assert await raw.eof()
         assert env.upstream.connections == 0  # type: ignore[union-attr]
@@ -424,8 +424,8 @@ def test_peer_of_another_uid_is_refused(env: Env, monkeypatch: pytest.MonkeyPatc
     env.run(body)
 
 
-def test_rewrite_sees_only_chosen_methods(env: Env) -> None:
-    async def body(env: Env) -> None:
+def test_rewrite_sees_only_chosen_methods(env: TtrpcRelayEnv) -> None:
+    async def body(env: TtrpcRelayEnv) -> None:
         async with Client.connect(env.listen) as client:
             await client.call("containerd.task.v3.Task", "Create", b"other service")
             await client.call(TASK, "Update", b"other method")
@@ -434,6 +434,6 @@ def test_rewrite_sees_only_chosen_methods(env: Env) -> None:
     env.run(body)
 
 
-def test_shim_error_from_rewrite_type_is_used(env: Env) -> None:
+def test_shim_error_from_rewrite_type_is_used(env: TtrpcRelayEnv) -> None:
     # Only the category's code reaches the peer; a bare ShimError is UNKNOWN.
     assert Status.of(ShimError("x")).code == Code.UNKNOWN
