@@ -119,7 +119,7 @@ class Reconciler:
     def _audit(self, record: Record, done: list[str]) -> None:
         facts = record.facts
         audit.append(self._config.audit_log, audit.AuditRecord(
-            action=f"recover-{record.operation.value}", caller_uid=0, caller_pid=record.owner.pid,
+            action=audit.Action.recovery_of(record.operation.value), caller_uid=0, caller_pid=record.owner.pid,
             pod=str(facts.get("pod", "")), namespace=str(facts.get("namespace", "")),
             container=str(facts.get("container", "")), container_id=str(facts.get("container_id", "")),
             location=str(facts.get("location", "")), size=0,

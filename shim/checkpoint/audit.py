@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -12,9 +13,24 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+class Action(enum.StrEnum):
+    """What an audit line is about (a StrEnum: the line carries the plain word)."""
+
+    CHECKPOINT = "checkpoint"
+    RESTORE = "restore"
+    GC = "gc"  # retention deleted an archive
+    RECOVER_CHECKPOINT = "recover-checkpoint"  # the reconciler undid what a crash left of one
+    RECOVER_RESTORE = "recover-restore"
+
+    @classmethod
+    def recovery_of(cls, operation: str) -> Action:
+        """The recovery action for a journal operation ("checkpoint" or "restore")."""
+        return cls(f"recover-{operation}")
+
+
 @dataclass(frozen=True)
 class AuditRecord:
-    action: str
+    action: Action
     caller_uid: int
     caller_pid: int
     pod: str

@@ -282,7 +282,7 @@ class Checkpointer:
     def _audit(self, request: Request, target: Target | None, outcome: Outcome, started: float,
                result: str) -> None:
         audit.append(self._config.audit_log, audit.AuditRecord(
-            action="checkpoint", caller_uid=request.peer.uid, caller_pid=request.peer.pid,
+            action=audit.Action.CHECKPOINT, caller_uid=request.peer.uid, caller_pid=request.peer.pid,
             pod=target.pod if target else "", namespace=target.namespace if target else "",
             container=target.status.metadata.name if target else "", container_id=request.container_id,
             location=request.location, size=outcome.size, duration_s=round(time.monotonic() - started, 4),

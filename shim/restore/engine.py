@@ -338,7 +338,7 @@ class Restorer:
         """A failed Create ends the attempt; a created restore is audited when its Start ends (`start_ended`)."""
         sandbox = request.sandbox_config.metadata
         record = audit.AuditRecord(
-            action="restore", caller_uid=peer.uid, caller_pid=peer.pid, pod=sandbox.name,
+            action=audit.Action.RESTORE, caller_uid=peer.uid, caller_pid=peer.pid, pod=sandbox.name,
             namespace=sandbox.namespace, container=request.config.metadata.name, container_id=container_id,
             location=request.config.image.image, size=0, duration_s=round(time.monotonic() - started, 4),
             frozen_s=0.0, dump_s=0.0, archive_s=0.0, result=result)

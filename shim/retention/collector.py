@@ -79,7 +79,7 @@ def _delete(decision: policy.Decision, audit_log: Path) -> str:
 
 def _audit(audit_log: Path, archive: Archive, result: str) -> None:
     audit.append(audit_log, audit.AuditRecord(
-        action="gc", caller_uid=os.getuid(), caller_pid=os.getpid(), pod=archive.pod or "",
+        action=audit.Action.GC, caller_uid=os.getuid(), caller_pid=os.getpid(), pod=archive.pod or "",
         namespace=archive.namespace or "", container=archive.container or "", container_id="",
         location=str(archive.path), size=archive.size, duration_s=0.0, frozen_s=0.0, dump_s=0.0, archive_s=0.0,
         result=result))

@@ -16,7 +16,7 @@ import pytest
 from shim.checkpoint import audit
 from shim.checkpoint.audit import AuditRecord
 
-_ZERO = {"str": "", "int": 0, "float": 0.0}
+_ZERO = {"str": "", "int": 0, "float": 0.0, "Action": audit.Action.CHECKPOINT}
 
 
 def record(**values: object) -> AuditRecord:
