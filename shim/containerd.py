@@ -101,6 +101,19 @@ class Containerd:
         status: cri.PodSandboxStatus = reply.status
         return status
 
+    async def state_dir(self) -> Path | None:
+        """containerd's own state directory (its `state`), from the CRI plugin's verbose status.
+
+        The CRI plugin keeps its volatile files in <state>/io.containerd.grpc.v1.cri (1.6 to 2.4)
+        and says so as `stateDir` in its config; None if this containerd does not say.
+        """
+        reply = await _call(self._cri.Status(cri.StatusRequest(verbose=True)))
+        try:
+            cri_state = json.loads(reply.info.get("config", "{}") or "{}").get("stateDir")
+        except (ValueError, AttributeError):
+            return None
+        return Path(cri_state).parent if isinstance(cri_state, str) and cri_state.startswith("/") else None
+
     async def container_record(self, container_id: str) -> containers_pb2.Container:
         reply = await _call(self._containers.Get(containers_pb2.GetContainerRequest(id=container_id),
                                                  metadata=self._meta))

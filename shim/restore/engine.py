@@ -170,6 +170,11 @@ class Restorer:
         """Created for restore and not started yet."""
         return container_id in self._pending
 
+    def handed_over(self, container_id: str) -> bool:
+        """Our launcher handed the pending restore's task to its relay (it wrote the upstream file)."""
+        pending = self._pending.get(container_id)
+        return pending is not None and pending[0].upstream_file.exists()
+
     def _hold(self, archive: Path | CheckpointImage, change: int) -> None:
         if isinstance(archive, Path):
             count = self._reading.get(archive, 0) + change

@@ -2,7 +2,6 @@
 
 Pass-through, checkpoint and restore through criu-shim, with the node's v3 config registering
 criu-shim's handler as on 1.7 (containerd's own restore through CreateContainer stays off).
-Restore does not work on 2.3/2.4 yet: see test_restore_through_criu_shim.
 """
 
 from __future__ import annotations
@@ -13,13 +12,18 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
+from shim.containerd import NAMESPACE
+from shim.handoff import SHIM_DIR
+from shim.node.layout import NodeLayout
 from shim.node.tools import load_paths
+from shim.restore.pod_shim import BOOTSTRAP, TASK_RUNTIME
 from tests.node.conftest import Node, node_down, node_up
 from tests.node.pods import Cri, wait_for
-from tests.node.test_restore import COUNTER, _checkpoint_counter, _restore
+from tests.node.test_restore import COUNTER, _checkpoint_counter, _restore, _work_dirs
 from tests.node.test_runtime_config import crictl, squeezed
 
 pytestmark = pytest.mark.node
@@ -76,18 +80,53 @@ def test_checkpoint_through_criu_shim(built: tuple[str, Node], client: Cri) -> N
     assert ("checkpoint", str(archive), "ok") in {(r["action"], r["location"], r["result"]) for r in records}
 
 
-# Known gap, kept visible (strict: it fails loudly once restore works here). containerd 2.x starts
-# a shim per pod and, for a shim that advertises bootstrap version 3 (the runc shim of 2.x does),
-# creates the pod's containers over that shim's connection without running the shim binary's
-# `start` again (core/runtime/v2/shim_manager.go), so containerd-shim-criu-v2 never sees the
-# restored container; and 2.4's `start` speaks a binary BootstrapResult on stdout, not the
-# address the launcher relays. The container is then started afresh, which criu-shim refuses.
-@pytest.mark.xfail(strict=True, reason="restore through criu-shim's handler on containerd 2.3/2.4: "
-                   "containerd 2.x reuses the pod's shim without `start` (see comment)")
+# containerd 2.x create a pod's later containers over the pod's shim without running the handler
+# binary; criu-shim opens the pod's shim to its handler for the restored task (shim.restore.pod_shim),
+# and the launcher answers 2.3+'s protobuf BootstrapResult in kind. Without either, the container
+# would be started afresh and criu-shim would refuse it.
 def test_restore_through_criu_shim(built: tuple[str, Node], client: Cri) -> None:
     _, node = built
     archive, counted = _checkpoint_counter(client, node, 20)
     with client.pod() as pod:
+        bundles = NodeLayout(node.dir).state / TASK_RUNTIME / NAMESPACE
+        pod_bootstrap = bundles / pod.id / BOOTSTRAP
+        before = pod_bootstrap.read_bytes()
+        assert json.loads(before)["version"] == 3  # containerd joins new containers to the pod's shim
         ctr = _restore(client, pod, archive)
         assert client.state(ctr) == "CONTAINER_RUNNING"
-        assert client.count(ctr) >= counted, "the count restarted instead of resuming"
+        first = client.count(ctr)
+        assert first >= counted, "the count restarted instead of resuming"
+        wait_for(lambda: client.count(ctr) > first)  # and it goes on
+        assert pod_bootstrap.read_bytes() == before  # the pod's shim version is put back
+        # The restored task went through our handler (no `sandbox` file: containerd ran the launcher),
+        # into the pod's own shim (the relay's upstream is the address the pod's bootstrap names).
+        assert not (bundles / ctr / "sandbox").exists()
+        assert json.loads((bundles / ctr / BOOTSTRAP).read_bytes())["address"].startswith(f"unix://{SHIM_DIR}/")
+        # A container started after it joins the pod's shim the way containerd does it by itself.
+        later = client.container(pod, COUNTER, {"INTERVAL_MS": "50"}, name="later")
+        assert (bundles / later / "sandbox").read_text() == pod.id
+        assert client.exec(ctr, "echo", "restored") == "restored\n"
+        client.runtime.StopContainer(cri.StopContainerRequest(container_id=ctr, timeout=10), timeout=60)
+        assert client.state(ctr) == "CONTAINER_EXITED"
+        assert client.state(later) == "CONTAINER_RUNNING"  # the pod's shim serves on
+        assert client.exec(later, "echo", "later") == "later\n"
+
+
+def test_restore_into_a_stopped_pod_gets_containerds_answer(built: tuple[str, Node], client: Cri) -> None:
+    """containerd 2.3/2.4 refuse CreateContainer into a sandbox that is not running
+    (containerd#13654): a restore into one gets that very answer, and leaves nothing behind."""
+    _, node = built
+    archive, _ = _checkpoint_counter(client, node, 1)
+    before = _work_dirs(node)
+    with client.pod() as pod:
+        client.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod.id), timeout=60)
+        with pytest.raises(grpc.RpcError) as plain:
+            client.container(pod, COUNTER, name="plain", start=False)
+        with pytest.raises(grpc.RpcError) as restored:
+            _restore(client, pod, archive)
+        assert f'sandbox container "{pod.id}" is not running' in (plain.value.details() or "")
+        assert (restored.value.code(), restored.value.details()) == (plain.value.code(), plain.value.details())
+        listed = client.runtime.ListContainers(cri.ListContainersRequest(
+            filter=cri.ContainerFilter(pod_sandbox_id=pod.id))).containers
+        assert not listed
+    assert _work_dirs(node) == before

@@ -25,7 +25,7 @@ def test_launcher_meets_the_relay_in_the_rendezvous_directory() -> None:
     files = RelayFiles("$key", Path("$SHIMS"))
     assert f'-S "{files.socket}"' in LAUNCHER
     assert f'> "{files.upstream_file}"' in LAUNCHER
-    assert f"printf 'unix://%s' \"{files.socket}\"" in LAUNCHER
+    assert f'relay="unix://{files.socket}"' in LAUNCHER
 
 
 def test_containerd_copies_the_hand_off_annotations_into_the_spec() -> None:
