@@ -112,13 +112,16 @@ class PodShims:
                     await asyncio.sleep(POLL)
                 await close()
 
-            async with asyncio.TaskGroup() as tasks:
-                watcher = tasks.create_task(close_once_handed_over())
-                try:
-                    yield
-                finally:
-                    watcher.cancel()
-                    await close()
+            # Owned here: cancelled and awaited on the way out. (Not a TaskGroup: it would wrap
+            # StartContainer's own error in an ExceptionGroup.)
+            watcher = asyncio.create_task(close_once_handed_over())
+            try:
+                yield
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+                await close()
 
     @contextlib.asynccontextmanager
     async def _pod(self, bootstrap: Path) -> AsyncIterator[asyncio.Lock]:

@@ -13,6 +13,7 @@ socket paths are limited to 108 bytes).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -166,7 +167,56 @@ def test_restore_with_relay_keeps_an_address_without_unix_prefix(node: Node, she
         result, _ = node.run(shell, [*FLAGS, "start"], env=node.env(FAKE_RUNC_OUT="/run/containerd/s/def"))
     assert_clean(result)
     assert result.returncode == 0
+    assert result.stdout == f"unix://{node.shims}/{KEY}.sock".encode()
     assert (node.shims / f"{KEY}.upstream").read_text() == "/run/containerd/s/def\n"
+
+
+def bootstrap_result(address: str, version: int = 3, protocol: str = "ttrpc") -> bytes:
+    """containerd's BootstrapResult as the stock shim of 2.3+ writes it (proto.Marshal, fields in order)."""
+    def field(number: int, data: bytes) -> bytes:
+        return bytes([number << 3 | 2, len(data)]) + data
+    return bytes([1 << 3, version]) + field(2, address.encode()) + field(3, protocol.encode())
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_restore_with_relay_answers_a_protobuf_bootstrap_in_kind(node: Node, shell: str) -> None:
+    """containerd 2.3+: the stock shim writes a BootstrapResult; ours is the same with the relay's address."""
+    node.write_spec(spec(MARKED, separators=(",", ":")))
+    answer = bootstrap_result(RUNC_ADDRESS)
+    with node.listen():
+        result, _ = node.run(shell, [*FLAGS, "start"], env=node.env(FAKE_RUNC_OUT=os.fsdecode(answer)))
+    assert_clean(result)
+    assert result.returncode == 0
+    assert result.stdout == bootstrap_result(f"unix://{node.shims}/{KEY}.sock")
+    assert (node.shims / f"{KEY}.upstream").read_text() == "/run/containerd/s/abc\n"
+    assert (node.bundle / "address").read_text() == f"unix://{node.shims}/{KEY}.sock"
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_restore_with_relay_answers_a_json_bootstrap_in_kind(node: Node, shell: str) -> None:
+    """containerd 2.0-2.2's shims answer JSON: the same JSON comes back, the address the relay's."""
+    node.write_spec(spec(MARKED, separators=(",", ":")))
+    answer = {"version": 3, "address": RUNC_ADDRESS, "protocol": "ttrpc"}
+    with node.listen():
+        result, _ = node.run(shell, [*FLAGS, "start"], env=node.env(FAKE_RUNC_OUT=json.dumps(answer)))
+    assert_clean(result)
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == {**answer, "address": f"unix://{node.shims}/{KEY}.sock"}
+    assert (node.shims / f"{KEY}.upstream").read_text() == "/run/containerd/s/abc\n"
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_restore_with_relay_refuses_a_protobuf_address_it_cannot_re_encode(node: Node, shell: str) -> None:
+    """An address of 128 bytes or more has a two-byte length: refused before anything is written."""
+    node.write_spec(spec(MARKED, separators=(",", ":")))
+    answer = bytes([1 << 3, 3, 2 << 3 | 2, 0x82, 0x01]) + b"unix:///" + b"x" * 122 + b"\x1a\x05ttrpc"
+    with node.listen():
+        result, _ = node.run(shell, [*FLAGS, "start"], env=node.env(FAKE_RUNC_OUT=os.fsdecode(answer)))
+    assert result.returncode == 1
+    assert b"cannot hand over the runc shim's address" in result.stderr
+    assert result.stdout == b""
+    assert not (node.shims / f"{KEY}.upstream").exists()
+    assert not (node.bundle / "address").exists()
 
 
 @pytest.mark.parametrize("status", [1, 3])
