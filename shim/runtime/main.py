@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shim.handoff import RelayCommand, RelayFiles, relay_argv
+from shim.runtime import bootstrap
 from shim.runtime.bundle import restore_plan
 from shim.runtime.flags import ShimArgs, parse
 
@@ -69,12 +70,19 @@ def start(args: ShimArgs) -> int:
         relay = subprocess.Popen(relay_argv(RelayCommand.SHIM, str(listen), str(bundle)),
                                  stdin=subprocess.PIPE, stdout=out, stderr=out, start_new_session=True, cwd=bundle)
     assert relay.stdin is not None
-    started = subprocess.run([RUNC_SHIM, *args.argv], capture_output=True, text=True)
+    # containerd 2.3+ hand the stock shim its parameters on stdin (ours, inherited) and read a
+    # protobuf answer: bytes, answered in kind below (shim.runtime.bootstrap).
+    started = subprocess.run([RUNC_SHIM, *args.argv], capture_output=True)
     if started.returncode != 0:
         relay.kill()
-        sys.stderr.write(started.stderr)
+        sys.stderr.write(started.stderr.decode(errors="replace"))
         return started.returncode
-    upstream = started.stdout.strip().removeprefix("unix://")
+    try:
+        upstream = bootstrap.address_of(started.stdout)
+    except (ValueError, KeyError, TypeError) as exc:
+        relay.kill()
+        sys.stderr.write(f"criu-shim: cannot read the runc shim's answer {started.stdout!r}: {exc}\n")
+        return 1
     relay.stdin.write(upstream.encode() + b"\n")
     relay.stdin.close()
     # The mark the proxy's StartContainer looks for: this restore went through the shim.
@@ -85,7 +93,8 @@ def start(args: ShimArgs) -> int:
         sys.stderr.write(f"criu-shim relay did not listen on {listen}; see {bundle}/criu-shim-relay.log\n")
         return 1
     _point_address_at(bundle, listen)
-    print(f"unix://{listen}", end="", flush=True)
+    sys.stdout.buffer.write(bootstrap.with_address(started.stdout, f"unix://{listen}"))
+    sys.stdout.flush()
     return 0
 
 
