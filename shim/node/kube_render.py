@@ -50,13 +50,20 @@ class KubeLayout:
         return self.dir / "etcd"
 
     @property
-    def kubelet_root(self) -> Path:
+    def kubelet_data(self) -> Path:
+        """The kubelet's root dir: pods, volumes, checkpoints (on DIR's disk)."""
         return self.dir / "kubelet"
+
+    @property
+    def kubelet_root(self) -> Path:
+        """What --root-dir says: a short link to kubelet_data. The kubelet puts unix sockets under its
+        root dir (pod-resources/, plugins_registry/), and a socket path may not exceed 107 bytes."""
+        return self.node.run_dir / "kubelet"
 
     @property
     def kubelet_checkpoints(self) -> Path:
         """Where the kubelet writes checkpoint archives (its root dir's checkpoints/)."""
-        return self.kubelet_root / "checkpoints"
+        return self.kubelet_data / "checkpoints"
 
     @property
     def pod_logs(self) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shim.errors import FailedPrecondition
+from shim.node import procs
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,11 @@ def host_ip() -> str:
 
 
 def kubelet_running() -> bool:
+    """A live kubelet on the host (zombies do not count: PID 1 here may reap them late)."""
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "kubelet":
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "kubelet" and procs.alive(
+                    int(entry.name)):
                 return True
         except OSError:
             continue

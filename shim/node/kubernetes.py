@@ -197,8 +197,10 @@ def _kubelet_credentials(kube: kr.KubeLayout, ca_dir: Path, server: str, node_ip
 
 
 def _start_kubelet(kube: kr.KubeLayout, bins: Binaries, server: str, node_ip: str) -> None:
-    for path in (kube.kubelet_root, kube.pod_logs, kube.volume_plugins):
+    for path in (kube.kubelet_data, kube.pod_logs, kube.volume_plugins):
         path.mkdir(parents=True, exist_ok=True)
+    kube.kubelet_root.unlink(missing_ok=True)
+    kube.kubelet_root.symlink_to(kube.kubelet_data)
     log_file = kube.node.log_dir / "kubelet.log"
     pid = procs.spawn(kr.kubelet_argv(bins.kubelet, kube, node_ip), log_file, kube.node.pid_dir / "kubelet.pid")
     client = _admin(kube, server)

@@ -23,6 +23,7 @@ class KubeNode:
     kubectl: Path
     name: str
     registry: str
+    containerd: str  # the version: "1.7", "1.6"
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -63,14 +64,17 @@ def node_up(directory: Path, version: str = "1.7") -> KubeNode:
     assert res.returncode == 0, res.stderr
     values = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
     return KubeNode(directory, values["CRI_ENDPOINT"], Path(values["KUBECONFIG"]), Path(values["KUBECTL"]),
-                    values["NODE_NAME"], values["REGISTRY"])
+                    values["NODE_NAME"], values["REGISTRY"], version)
 
 
 def pod_manifest(node: KubeNode, name: str, image: str, pull: str = "Never",
-                 env: dict[str, str] | None = None) -> dict[str, Any]:
-    """A counter pod bound to `node` (no scheduler runs)."""
+                 env: dict[str, str] | None = None, liveness: bool = False) -> dict[str, Any]:
+    """A counter pod bound to `node` (no scheduler runs); `liveness`: an exec probe every second."""
     container: dict[str, Any] = {"name": "counter", "image": image, "imagePullPolicy": pull, "command": COUNTER,
                                  "env": [{"name": k, "value": v} for k, v in (env or {}).items()]}
+    if liveness:
+        container["livenessProbe"] = {"exec": {"command": ["cat", "/tmp/count"]}, "periodSeconds": 1,
+                                      "failureThreshold": 1}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
             "spec": {"nodeName": node.name, "terminationGracePeriodSeconds": 2, "containers": [container]}}
 
@@ -96,3 +100,14 @@ def count(node: KubeNode, pod: str) -> int:
     """The counter's own count, read inside the container (kubectl exec)."""
     res = node.run("exec", pod, "--", "cat", "/tmp/count", check=False)
     return int(res.stdout.strip()) if res.returncode == 0 and res.stdout.strip().isdigit() else 0
+
+
+def probes(node: KubeNode, pod: str, result: str = "successful") -> int:
+    """The kubelet's own count of liveness probes of `pod` with `result` (its /metrics/probes)."""
+    text = node.run("get", "--raw", f"/api/v1/nodes/{node.name}/proxy/metrics/probes").stdout
+    total = 0
+    for line in text.splitlines():
+        if (line.startswith("prober_probe_total{") and f'pod="{pod}"' in line and 'probe_type="Liveness"' in line
+                and f'result="{result}"' in line):
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total

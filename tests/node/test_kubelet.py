@@ -1,4 +1,4 @@
-"""The real kubelet 1.37 and API server drive criu-shim (`node up --kubernetes`, containerd 1.7).
+"""The real kubelet 1.37 and API server drive criu-shim (`node up --kubernetes`, containerd 1.7 and 1.6).
 
 One control plane per module. Pods are bound by nodeName (no scheduler). A checkpoint is taken
 the way users take one (the kubelet checkpoint API through the API server), turned into a
@@ -40,14 +40,14 @@ def _missing() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def knode(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeNode]:
+@pytest.fixture(scope="module", params=["1.7", "1.6"])
+def knode(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeNode]:
     if reason := _missing():
         pytest.skip(reason)
     before = leaks.snapshot()
-    directory = tmp_path_factory.mktemp("kube")
+    directory = tmp_path_factory.mktemp(f"kube-{request.param}")
     try:
-        yield kube.node_up(directory)
+        yield kube.node_up(directory, request.param)
     finally:
         down = subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(directory), "--purge"],
                               capture_output=True, text=True, timeout=300)
@@ -65,9 +65,9 @@ def pods(knode: KubeNode) -> Iterator[list[str]]:
 
 
 def _counter_pod(knode: KubeNode, pods: list[str], name: str, image: str = kube.TESTPROGS,
-                 pull: str = "Never") -> None:
+                 pull: str = "Never", liveness: bool = False) -> None:
     pods.append(name)
-    knode.create(pod_manifest(knode, name, image, pull))
+    knode.create(pod_manifest(knode, name, image, pull, liveness=liveness))
     wait_for(lambda: running(knode, name), what=f"pod {name} running")
 
 
@@ -98,7 +98,7 @@ def test_kubelet_checkpoint_and_restore_from_a_pushed_checkpoint_image(knode: Ku
     _counter_pod(knode, pods, "counter")
     archive, counted = _checkpoint(knode, "counter", 10)
     # The kubelet's own file name, under its own checkpoints directory, root-only.
-    assert archive.parent == knode.checkpoints_dir
+    assert archive.parent.resolve() == knode.checkpoints_dir
     match = KUBELET_NAME.fullmatch(archive.name)
     assert match and match["pod"] == "counter" and match["ns"] == "default" and match["ctr"] == "counter"
     assert stat.S_IMODE(archive.stat().st_mode) == 0o600
@@ -115,7 +115,7 @@ def test_kubelet_checkpoint_and_restore_from_a_pushed_checkpoint_image(knode: Ku
     assert registry is not None and registry.host == knode.registry
     reg.push_layout(registry, layout, "ckpt/counter", "1")
 
-    _counter_pod(knode, pods, "restored", image=ref, pull="IfNotPresent")
+    _counter_pod(knode, pods, "restored", image=ref, pull="IfNotPresent", liveness=True)
     assert any("Pulled" in line for line in knode.events("restored").splitlines())
     # A fresh counter would be near 1: the restored one carries on from the checkpoint (kubectl exec).
     first = count(knode, "restored")
@@ -123,6 +123,9 @@ def test_kubelet_checkpoint_and_restore_from_a_pushed_checkpoint_image(knode: Ku
     wait_for(lambda: count(knode, "restored") > first, what="the restored count to go on")
     logs = knode.run("logs", "restored").stdout
     assert f"count={first + 1}" in logs
+    # The liveness probe (an exec every second) passes on the restored container; the kubelet leaves it be.
+    wait_for(lambda: kube.probes(knode, "restored") >= 3, what="three successful liveness probes")
+    assert kube.probes(knode, "restored", "failed") == 0
     status = container_status(knode, "restored")
     assert status["restartCount"] == 0 and status["ready"] and status["started"]
     assert status["containerID"].startswith("containerd://") and status["imageID"]
@@ -151,9 +154,49 @@ def test_checkpoint_image_from_a_registry_not_allowed_is_refused_in_the_pods_eve
         reg.push_layout(other, layout, "ckpt/counter", "1")
         pods.append("refused")
         knode.create(pod_manifest(knode, "refused", ref, "IfNotPresent"))
-        wait_for(lambda: "restore.allowed_registries" in knode.events("refused"), what="the refusal event")
+        wait_for(lambda: "refused by rule restore.allowed_registries" in _waiting_message(knode, "refused"),
+                 what="the refusal in the container's status")
         assert not running(knode, "refused")
-        waiting = container_status(knode, "refused").get("state", {}).get("waiting", {})
-        assert "refused by rule restore.allowed_registries" in waiting.get("message", "")
+        assert "refused by rule restore.allowed_registries" in knode.events("refused")
     finally:
         reg.stop_registry(tmp_path / "other-registry")
+
+
+def _waiting_message(knode: KubeNode, pod: str) -> str:
+    return str(container_status(knode, pod).get("state", {}).get("waiting", {}).get("message", ""))
+
+
+def test_a_joined_node_restores_a_checkpoint_taken_on_the_first(knode: KubeNode, pods: list[str],
+                                                                tmp_path: Path) -> None:
+    second_dir = tmp_path / "second"
+    up = subprocess.run([sys.executable, "-m", "shim", "node", "up", "--dir", str(second_dir), "--containerd",
+                         knode.containerd, "--join", str(knode.dir)], capture_output=True, text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stderr
+        values = dict(line.split("=", 1) for line in up.stdout.splitlines() if "=" in line)
+        second = values["NODE_NAME"]
+        assert second != knode.name
+        ready = knode.get("node", second)["status"]["conditions"]
+        assert any(c["type"] == "Ready" and c["status"] == "True" for c in ready)
+
+        _counter_pod(knode, pods, "origin")
+        archive, counted = _checkpoint(knode, "origin", 10)
+        ref = f"{knode.registry}/ckpt/migrated:1"  # the first node's registry: the joined node allows it
+        layout = tmp_path / "image.tar"
+        subprocess.run([sys.executable, "-m", "shim", "checkpoint-image", str(archive), "--name", ref,
+                        "--out", str(layout)], check=True, capture_output=True)
+        registry = reg.running_registry(knode.dir / "kubernetes" / "registry")
+        assert registry is not None
+        reg.push_layout(registry, layout, "ckpt/migrated", "1")
+        manifest = pod_manifest(knode, "migrated", ref, "IfNotPresent")
+        manifest["spec"]["nodeName"] = second
+        pods.append("migrated")
+        knode.create(manifest)
+        wait_for(lambda: running(knode, "migrated"), what="the migrated pod running on the joined node")
+        assert count(knode, "migrated") >= counted
+    finally:
+        knode.delete_pod("migrated")  # while its kubelet still runs
+        down = subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(second_dir), "--purge"],
+                              capture_output=True, text=True, timeout=300)
+        assert down.returncode == 0, down.stderr
+    assert knode.run("get", "node", second, check=False).returncode != 0  # deregistered at down
