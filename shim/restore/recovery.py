@@ -233,8 +233,8 @@ async def sweep(containerd: Containerd, journal: Journal) -> list[tuple[Record, 
     stopped = []
     for record in waiting:
         work = str(record.facts.get(WORK))
-        if work in used or await asyncio.to_thread(_being_created, record.facts):
-            continue
+        if work in used or not Path(work).is_dir() or await asyncio.to_thread(_being_created, record.facts):
+            continue  # (no work dir: an undo of the same pass already stopped the relay)
         with contextlib.suppress(ProcessLookupError):
             os.kill(record.owner.pid, signal.SIGTERM)  # it cleans up after itself and closes its record
             stopped.append((record, [f"stopped relay {record.owner.pid}: no container restores from {work}"]))
