@@ -29,6 +29,8 @@ IMAGES = {
     "busybox": ("localhost/criu-shim/busybox:1", None, ["/bin/sh"]),
     "testprogs": ("localhost/criu-shim/testprogs:1", None, ["/usr/local/bin/counter"]),
 }
+# Built from Debian's packages (scripts/app_images.py), imported only by the tests that use them.
+APP_IMAGES = ("postgres", "nginx", "redis")
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None,
                                 reason="gcc is not installed (needed to compile images/src/*.c)")
@@ -43,7 +45,7 @@ def run_build(out: Path) -> list[dict]:
     if res.returncode == 3:
         pytest.skip(f"no static busybox available: {res.stderr.strip()}")
     assert res.returncode == 0, res.stderr
-    assert len(res.stdout.splitlines()) == 3, res.stdout
+    assert len(res.stdout.splitlines()) == len(IMAGES) + len(APP_IMAGES), res.stdout
     return json.loads((out / "images.json").read_text())
 
 
@@ -93,9 +95,11 @@ def elf_static(data: bytes) -> bool:
 
 def test_images_json(built: tuple[Path, list[dict]]) -> None:
     out, images = built
-    assert [i["name"] for i in images] == list(IMAGES)
+    assert [i["name"] for i in images] == [*IMAGES, *APP_IMAGES]
+    assert [i["name"] for i in images if i.get("on_demand")] == list(APP_IMAGES)
     for img in images:
-        assert img["ref"] == IMAGES[img["name"]][0]
+        assert img["ref"] == (IMAGES[img["name"]][0] if img["name"] in IMAGES
+                              else f"localhost/criu-shim/{img['name']}:1")
         assert Path(img["tar"]) == (out / img["file"]).resolve()
         index = json.loads(read_archive(Path(img["tar"]))["index.json"])
         assert index["manifests"][0]["digest"] == img["digest"]
