@@ -94,9 +94,8 @@ def _v3(layout: NodeLayout, runc: Path, cni_bin_dir: Path, restrict_oom: bool, c
     # As on 1.7: criu-shim's handler is the default, the stock runc type so runc options reach the
     # stock shim, runtime_path puts our launcher in front of it. containerd's own restore through
     # CreateContainer stays off (2.3's enable_experimental_restore_via_create defaults to false,
-    # 2.4 has none). Checkpoints go through criu-shim; its restore does not work on 2.x yet: containerd
-    # 2.x creates a pod's containers over the pod's shim without running our launcher (see
-    # tests/node/test_containerd_built.py, test_restore_through_criu_shim).
+    # 2.4 has none). Checkpoint and restore go through criu-shim; for a restore the proxy makes
+    # containerd run our launcher for the one task (shim.restore.pod_shim).
     criu = f"""
 [{runtime}.containerd.runtimes.criu]
   runtime_type = "io.containerd.runc.v2"
