@@ -64,7 +64,14 @@ def create_facts(work: Path, shims: Path, pod: str, namespace: str, container: s
 
 
 def relay_facts(work: Path, shims: Path, journal: Path) -> dict[str, Any]:
-    return {ROLE: RELAY, WORK: str(work), SHIMS: str(shims), JOURNAL: str(journal), RELAY_PID: os.getpid()}
+    """The relay's own record; it names the pod and container as the proxy's record of the restore does
+    (read from there: the relay is told only the work dir), for the audit line of a recovery."""
+    facts: dict[str, Any] = {ROLE: RELAY, WORK: str(work), SHIMS: str(shims), JOURNAL: str(journal),
+                             RELAY_PID: os.getpid()}
+    for record in Journal(journal).records():
+        if record.facts.get(ROLE) == CREATE and record.facts.get(WORK) == str(work):
+            facts.update({k: record.facts[k] for k in (POD, NAMESPACE, CONTAINER, LOCATION) if k in record.facts})
+    return facts
 
 
 def task_facts(container_id: str, bundle: Path) -> dict[str, Any]:

@@ -174,6 +174,7 @@ def test_killed_relay_leaves_nothing_once_the_reconciler_passed(node: Node, dire
         _assert_nothing_left(proxy, keys)
         recovery = proxy.recoveries()
         assert recovery and recovery[-1]["container_id"] == ctr, recovery
+        assert recovery[-1]["pod"] == pod.config.metadata.name and recovery[-1]["container"] == "restored"
         assert "told the runc shim" in str(recovery[-1]["result"]), recovery
         assert direct.state(ctr) == "CONTAINER_EXITED"  # it never ran on missing pages
     # The pod's runc shim served the restored task too: told the task is gone, it ends with the pod.

@@ -87,3 +87,13 @@ def test_an_undone_relay_record_removes_the_relay_files(tmp_path: Path) -> None:
     assert not work.exists() and list(shims.iterdir()) == []
     assert (work.parent / f"{work.name}.criu.conf").exists()  # its container may still exist: collected later
     assert any("deleted work dir" in d for d in done)
+
+
+def test_a_relay_record_names_the_pod_and_container_of_the_restore(tmp_path: Path) -> None:
+    work, shims = _restore(tmp_path)
+    journal = Journal(tmp_path / "journal")
+    journal.begin(Operation.RESTORE, **_create_facts(work, shims))
+    journal.begin(Operation.RESTORE, **_create_facts(tmp_path / "restore" / "other", shims))
+    facts = recovery.relay_facts(work, shims, journal.directory)
+    assert (facts[recovery.POD], facts[recovery.NAMESPACE], facts[recovery.CONTAINER]) == ("pod", "ns", "ctr")
+    assert facts[recovery.LOCATION] == "/ckpt.tar"
