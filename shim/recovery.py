@@ -42,6 +42,7 @@ class Pass:
 
     undone: int = 0
     busy: int = 0  # left for later: a process that outlived the owner still works on it
+    ending: int = 0  # of those, the ones expected to end soon (a dump): looked at again soon
     failed: int = 0
 
 
@@ -49,6 +50,9 @@ class Pass:
 class Undo:
     busy: Callable[[dict[str, Any]], bool]
     undo: Callable[[Containerd, dict[str, Any]], Awaitable[list[str]]]
+    # Busy means "about to end" (a dump finishing: look again soon, a container is frozen),
+    # not "in use for as long as a container lives" (look again at the normal interval).
+    ends_soon: bool = False
 
 
 # Passes over what live processes hold but nothing needs any more (a relay whose container was
@@ -57,7 +61,7 @@ Sweep = Callable[[Containerd, Journal], Awaitable[list[tuple[Record, list[str]]]
 SWEEPS: tuple[Sweep, ...] = (restore_recovery.sweep,)
 
 UNDO: dict[Operation, Undo] = {
-    Operation.CHECKPOINT: Undo(checkpoint_recovery.busy, checkpoint_recovery.undo),
+    Operation.CHECKPOINT: Undo(checkpoint_recovery.busy, checkpoint_recovery.undo, ends_soon=True),
     Operation.RESTORE: Undo(restore_recovery.busy, restore_recovery.undo),
 }
 
@@ -97,7 +101,7 @@ class Reconciler:
         while True:
             await asyncio.sleep(wait)  # a period, not a synchronisation
             result = await self.run_once()
-            wait = busy_interval if result.busy else interval
+            wait = busy_interval if result.ending else interval
 
     async def _recover(self, record: Record, result: Pass) -> None:
         kind = self._undo.get(record.operation)
@@ -108,6 +112,7 @@ class Reconciler:
         if await asyncio.to_thread(kind.busy, record.facts):
             log.info("%s: still being worked on by a process that outlived its owner; later", record.path)
             result.busy += 1
+            result.ending += kind.ends_soon
             return
         done = await kind.undo(self._containerd, record.facts)
         self._audit(record, done)
