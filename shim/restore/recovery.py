@@ -30,6 +30,7 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shim.errors import Code
 from shim.handoff import RESTORE_DIR, criu_config
 from shim.journal import Journal, Operation, Record
 from shim.restore import lazy
@@ -54,7 +55,8 @@ UPSTREAM = "upstream"  # the stock runc shim's ttrpc socket
 # Read by the reconciler's audit line.
 POD, NAMESPACE, CONTAINER, LOCATION = "pod", "namespace", "container", "location"
 
-TASK_SERVICE = "containerd.task.v2.Task"
+# The runc shim of containerd 1.x serves task API v2, that of 2.x v3 only (the same messages).
+TASK_SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 SHIM_CALL_TIMEOUT = 10.0
 
 
@@ -162,14 +164,21 @@ async def _shut_runc_shim_down(address: Path, container_id: str, bundle: Path) -
     if stand_in:
         bundle.mkdir(mode=0o700, parents=True)
     said = []
+    services = list(TASK_SERVICES)
     try:
         async with Client.connect(address) as client:
             for method, request in (("Delete", shim_pb2.DeleteRequest(id=container_id)),
                                     ("Shutdown", shim_pb2.ShutdownRequest(id=container_id, now=True))):
-                try:
-                    await client.call(TASK_SERVICE, method, request.SerializeToString(), timeout=SHIM_CALL_TIMEOUT)
-                except TTRPCError as exc:
-                    said.append(f"{method}: {exc.status.message}")
+                while services:
+                    try:
+                        await client.call(services[0], method, request.SerializeToString(),
+                                          timeout=SHIM_CALL_TIMEOUT)
+                    except TTRPCError as exc:
+                        if exc.status.code == Code.UNIMPLEMENTED and len(services) > 1:
+                            services.pop(0)  # a 2.x shim: ask again in v3
+                            continue
+                        said.append(f"{method}: {exc.status.message}")
+                    break
     except OSError:
         return "the runc shim was gone"
     finally:
