@@ -139,3 +139,31 @@ def test_restore_into_a_stopped_pod_gets_containerds_answer(built: tuple[str, No
             filter=cri.ContainerFilter(pod_sandbox_id=pod.id))).containers
         assert not listed
     assert _work_dirs(node) == before
+
+
+def test_restored_container_survives_a_containerd_restart(built: tuple[str, Node], client: Cri) -> None:
+    """containerd 2.x reload the restored task from its bundle's bootstrap.json, which names our
+    relay; the pod's own task from the pod's bootstrap.json, put back to version 3."""
+    from shim.node import local, procs
+    from shim.node.tools import tools_for
+
+    version, node = built
+    archive, _ = _checkpoint_counter(client, node, 5, mem_mb=48)
+    layout = NodeLayout(node.dir.resolve())
+    with client.pod() as pod:
+        ctr = _restore(client, pod, archive)
+        pid = procs.read_pid(layout.pid_dir / "containerd.pid")
+        assert pid is not None
+        procs.stop(pid)
+        local._start_containerd(layout, tools_for(version))
+        seen = client.count(ctr)
+        wait_for(lambda: client.count(ctr) > seen)  # never stopped counting
+        assert client.exec(ctr, "echo", "still here").strip() == "still here"
+        ready = client.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod.id)).status
+        assert cri.PodSandboxState.Name(ready.state) == "SANDBOX_READY"  # the pod's own task came back
+        later = client.container(pod, COUNTER, {"INTERVAL_MS": "50"}, name="later")
+        assert client.state(later) == "CONTAINER_RUNNING"
+        client.runtime.StopContainer(cri.StopContainerRequest(container_id=ctr, timeout=10), timeout=60)
+        stopped = client.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr)).status
+        assert cri.ContainerState.Name(stopped.state) == "CONTAINER_EXITED"
+        assert stopped.exit_code == 0
