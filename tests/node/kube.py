@@ -68,7 +68,8 @@ def node_up(directory: Path, version: str = "1.7") -> KubeNode:
 
 
 def pod_manifest(node: KubeNode, name: str, image: str, pull: str = "Never",
-                 env: dict[str, str] | None = None, liveness: bool = False) -> dict[str, Any]:
+                 env: dict[str, str] | None = None, liveness: bool = False,
+                 restart: str = "Always") -> dict[str, Any]:
     """A counter pod bound to `node` (no scheduler runs); `liveness`: an exec probe every second."""
     container: dict[str, Any] = {"name": "counter", "image": image, "imagePullPolicy": pull, "command": COUNTER,
                                  "env": [{"name": k, "value": v} for k, v in (env or {}).items()]}
@@ -76,7 +77,8 @@ def pod_manifest(node: KubeNode, name: str, image: str, pull: str = "Never",
         container["livenessProbe"] = {"exec": {"command": ["cat", "/tmp/count"]}, "periodSeconds": 1,
                                       "failureThreshold": 1}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
-            "spec": {"nodeName": node.name, "terminationGracePeriodSeconds": 2, "containers": [container]}}
+            "spec": {"nodeName": node.name, "terminationGracePeriodSeconds": 2, "restartPolicy": restart,
+                     "containers": [container]}}
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:

@@ -200,3 +200,40 @@ def test_a_joined_node_restores_a_checkpoint_taken_on_the_first(knode: KubeNode,
                               capture_output=True, text=True, timeout=300)
         assert down.returncode == 0, down.stderr
     assert knode.run("get", "node", second, check=False).returncode != 0  # deregistered at down
+
+
+def test_the_kubelet_restarts_a_restored_container_that_exits(knode: KubeNode, pods: list[str],
+                                                              tmp_path: Path) -> None:
+    # The counter exits 0 at MAX_COUNT; its environment travels in the checkpoint.
+    pods.append("finite")
+    knode.create(pod_manifest(knode, "finite", kube.TESTPROGS, env={"MAX_COUNT": "60"}))
+    wait_for(lambda: running(knode, "finite"), what="pod finite running")
+    archive, counted = _checkpoint(knode, "finite", 10)
+    ref = f"{knode.registry}/ckpt/finite:1"
+    layout = tmp_path / "image.tar"
+    subprocess.run([sys.executable, "-m", "shim", "checkpoint-image", str(archive), "--name", ref,
+                    "--out", str(layout)], check=True, capture_output=True)
+    registry = reg.running_registry(knode.dir / "kubernetes" / "registry")
+    assert registry is not None
+    reg.push_layout(registry, layout, "ckpt/finite", "1")
+    _counter_pod(knode, pods, "finite-restored", image=ref, pull="IfNotPresent")
+    assert count(knode, "finite-restored") >= counted
+    # It reaches 60 and exits; the kubelet starts it again, from its image: the checkpoint, once more.
+    wait_for(lambda: container_status(knode, "finite-restored").get("restartCount", 0) >= 1
+             and running(knode, "finite-restored"), timeout=90, what="the kubelet's restart")
+    status = container_status(knode, "finite-restored")
+    assert status["lastState"]["terminated"]["exitCode"] == 0
+    assert count(knode, "finite-restored") >= counted
+
+
+def test_checkpoint_of_a_container_that_is_not_running_is_refused(knode: KubeNode, pods: list[str]) -> None:
+    pods.append("exited")
+    knode.create(pod_manifest(knode, "exited", kube.TESTPROGS, env={"MAX_COUNT": "2"}, restart="Never"))
+    wait_for(lambda: "terminated" in container_status(knode, "exited").get("state", {}),
+             what="the counter to exit")
+    res = knode.checkpoint("exited", "counter")
+    assert res.returncode != 0
+    # The kubelet looks among running containers only and answers 500 itself; criu-shim is never asked.
+    assert "checkpointing of default/exited/counter failed (container counter not found)" in res.stderr
+    assert "InternalError" in res.stderr
+    assert not list(knode.checkpoints_dir.glob("checkpoint-exited_*"))
