@@ -84,6 +84,8 @@ def up(directory: Path, version: str = "1.7", proxy_config: Path | None = None,
     leader = _leader(join, layout) if join is not None else None
     if (existing := _running(kube, layout)) is not None:
         return existing
+    if local._running(layout):  # its proxy runs with a config that knows no kubelet and no registry
+        raise FailedPrecondition(f"node in {layout.dir} already runs without Kubernetes; `node down` it first")
     try:
         kube.dir.mkdir(parents=True, exist_ok=True)
         registry = reg.start_registry(kube.registry_dir)
@@ -233,6 +235,7 @@ def down(directory: Path, purge: bool = False) -> list[str]:
     layout = NodeLayout(directory.resolve())
     kube = kr.KubeLayout(layout)
     cluster = read_cluster(kube)
+    was_kubernetes = kube.dir.exists()  # a plain node's down never touches the host's iptables
     report = [f"stopped kubelet ({pid})" for pid in _stop(layout, "kubelet")]
     if cluster is not None and not cluster.get("control_plane"):
         report += _deregister(kube, cluster)
@@ -242,7 +245,8 @@ def down(directory: Path, purge: bool = False) -> list[str]:
     if reg.stop_registry(kube.registry_dir):
         report.append("stopped registry")
     report += [f"removed cgroup {p}" for p in cgroups.remove_root(kube.cgroup_root)]
-    report += kubelet_host.remove_leftovers()
+    if was_kubernetes:
+        report += kubelet_host.remove_leftovers()
     report += [f"unmounted {m}" for m in cleanup.unmount_all(kube.dir)]
     if kube.dir.exists():
         cleanup.remove_tree(kube.dir)  # certificates and keys, etcd's data, the kubelet's root dir

@@ -21,6 +21,7 @@ import pytest
 from shim.node import registry as reg
 from shim.paths_env import load_paths
 from tests.node import kube, leaks
+from tests.node.conftest import node_down, node_up
 from tests.node.kube import KubeNode, container_status, count, pod_manifest, running, wait_for
 
 pytestmark = pytest.mark.node
@@ -237,3 +238,35 @@ def test_checkpoint_of_a_container_that_is_not_running_is_refused(knode: KubeNod
     assert "checkpointing of default/exited/counter failed (container counter not found)" in res.stderr
     assert "InternalError" in res.stderr
     assert not list(knode.checkpoints_dir.glob("checkpoint-exited_*"))
+
+
+@pytest.mark.parametrize("join", ["missing", "self"])
+def test_join_without_a_control_plane_is_refused_and_creates_nothing(tmp_path: Path, join: str) -> None:
+    if reason := _missing():
+        pytest.skip(reason)
+    directory = tmp_path / "node"
+    target = directory if join == "self" else tmp_path / "no-such-node"
+    res = subprocess.run([sys.executable, "-m", "shim", "node", "up", "--dir", str(directory), "--join", str(target)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    expected = "a node cannot join itself" if join == "self" else "no control plane there"
+    assert expected in res.stderr
+    assert not directory.exists()
+
+
+def test_kubernetes_on_a_node_already_running_without_it_is_refused(tmp_path: Path) -> None:
+    if reason := _missing():
+        pytest.skip(reason)
+    before = leaks.snapshot()
+    directory = tmp_path / "plain"
+    try:
+        node_up(directory)
+        config = (directory / "criu-shim.toml").read_text()
+        res = subprocess.run([sys.executable, "-m", "shim", "node", "up", "--dir", str(directory), "--kubernetes"],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1
+        assert "already runs without Kubernetes; `node down` it first" in res.stderr
+        assert not (directory / "kubernetes").exists() and (directory / "criu-shim.toml").read_text() == config
+    finally:
+        node_down(directory)
+    leaks.assert_nothing_left(before, leaks.settled_snapshot(before), directory)
