@@ -182,7 +182,7 @@ def test_proxy_killed_mid_dump_thaws_once_the_dump_has_ended(node: Node, direct:
     out = tmp_path / "out"
     out.mkdir()
     with direct.pod() as pod:
-        ctr = direct.container(pod, COUNTER, {"MEM_MB": "512"})
+        ctr = direct.container(pod, COUNTER, {"MEM_MB": "1024"})  # a dump long enough to catch mid-way
         wait_for(lambda: direct.count(ctr) >= 1, timeout=60)
         proxy.start()
         call = checkpoint_in_background(proxy, ctr, out / "x.tar")
@@ -201,7 +201,7 @@ def test_criu_killed_mid_dump_leaves_the_container_running_and_manageable(node: 
     out = tmp_path / "out"
     out.mkdir()
     with direct.pod() as pod:
-        ctr = direct.container(pod, COUNTER, {"MEM_MB": "512"})
+        ctr = direct.container(pod, COUNTER, {"MEM_MB": "1024"})  # a dump long enough to catch mid-way
         wait_for(lambda: direct.count(ctr) >= 1, timeout=60)
         proxy.start()
         client = Cri(f"unix://{proxy.listen}", tmp_path / "client-logs")
