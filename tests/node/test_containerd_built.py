@@ -167,3 +167,22 @@ def test_restored_container_survives_a_containerd_restart(built: tuple[str, Node
         stopped = client.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr)).status
         assert cri.ContainerState.Name(stopped.state) == "CONTAINER_EXITED"
         assert stopped.exit_code == 0
+
+
+# Known gap, kept visible (strict: it fails loudly once fixed). The runc shim of containerd 2.x
+# loads a container's cgroup only when its init has a pid at Create (cmd/containerd-shim-runc-v2/
+# runc/container.go, NewContainer); a task created from a checkpoint gets its pid at Start, and
+# 2.x's Container.Start no longer loads it (1.7's did; Container.CgroupSet is never called). Its
+# Stats is then NOT_FOUND "cgroup does not exist", containerd's Metrics leaves the task out, and
+# CRI ContainerStats answers "unexpected metrics response: []" (ListContainerStats lists it with
+# empty figures). The same shim serves containerd's own restore; nothing on the task API makes
+# the shim load the cgroup later.
+@pytest.mark.xfail(strict=True, raises=grpc.RpcError,
+                   reason="containerd 2.x's runc shim never loads a restored task's cgroup (see comment)")
+def test_container_stats_of_a_restored_container(built: tuple[str, Node], client: Cri) -> None:
+    _, node = built
+    archive, _ = _checkpoint_counter(client, node, 1)
+    with client.pod() as pod:
+        ctr = _restore(client, pod, archive)
+        stats = client.runtime.ContainerStats(cri.ContainerStatsRequest(container_id=ctr), timeout=30).stats
+        assert stats.memory.working_set_bytes.value > 0
