@@ -270,3 +270,28 @@ def test_kubernetes_on_a_node_already_running_without_it_is_refused(tmp_path: Pa
     finally:
         node_down(directory)
     leaks.assert_nothing_left(before, leaks.settled_snapshot(before), directory)
+
+
+def test_checkpoint_while_criu_shim_is_down_is_an_error_and_the_pod_keeps_running(
+        knode: KubeNode, pods: list[str]) -> None:
+    from shim.node import local, procs
+    from shim.node.layout import NodeLayout
+
+    _counter_pod(knode, pods, "steady")
+    wait_for(lambda: count(knode, "steady") >= 3, what="the counter counting")
+    layout = NodeLayout(knode.dir)
+    pid = procs.read_pid(layout.pid_dir / "proxy.pid")
+    assert pid is not None
+    procs.stop(pid)
+    try:
+        res = knode.checkpoint("steady", "counter")
+        assert res.returncode != 0
+        # The kubelet's 500 carrying the CRI client's error: it cannot reach the runtime socket.
+        assert "checkpointing of default/steady/counter failed" in res.stderr
+        assert "rpc error: code = Unavailable" in res.stderr and str(layout.cri_socket) in res.stderr
+    finally:
+        local._start_proxy(layout, layout.proxy_config_file)
+    # The container ran on in containerd all along; once criu-shim is back, the kubelet's calls work again.
+    wait_for(lambda: knode.checkpoint("steady", "counter").returncode == 0, what="a checkpoint after the restart")
+    status = container_status(knode, "steady")
+    assert status["restartCount"] == 0 and "running" in status["state"]
