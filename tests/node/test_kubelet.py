@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -295,3 +296,51 @@ def test_checkpoint_while_criu_shim_is_down_is_an_error_and_the_pod_keeps_runnin
     wait_for(lambda: knode.checkpoint("steady", "counter").returncode == 0, what="a checkpoint after the restart")
     status = container_status(knode, "steady")
     assert status["restartCount"] == 0 and "running" in status["state"]
+
+
+MIGRATE = {"checkpoint.criu-shim.io/tcp-established": "true", "checkpoint.criu-shim.io/stop-after": "true"}
+
+
+def _program_pod(knode: KubeNode, name: str, image: str, command: str, env: dict[str, str],
+                 annotations: dict[str, str] | None = None, pull: str = "Never") -> dict[str, Any]:
+    manifest = pod_manifest(knode, name, image, pull, env=env, restart="Never")
+    manifest["metadata"]["annotations"] = dict(annotations or {})
+    manifest["spec"]["containers"][0]["command"] = [command]
+    return manifest
+
+
+def _seqs(log: str) -> list[int]:
+    return [int(m) for m in re.findall(r"seq=(\d+)", log)]
+
+
+def test_a_tcp_client_keeps_its_connection_to_a_server_moved_by_the_kubelet(
+        knode: KubeNode, pods: list[str], tmp_path: Path) -> None:
+    pods += ["server-a", "tcp-client"]
+    knode.create(_program_pod(knode, "server-a", kube.TESTPROGS, "/usr/local/bin/tcpserver", {"PORT": "7000"},
+                              MIGRATE))
+    wait_for(lambda: running(knode, "server-a"), what="the server running")
+    ip_a = knode.get("pod", "server-a")["status"]["podIP"]
+    knode.create(_program_pod(knode, "tcp-client", kube.TESTPROGS, "/usr/local/bin/tcpclient",
+                              {"HOST": ip_a, "PORT": "7000", "INTERVAL_MS": "100"}))
+    client_log = lambda: knode.run("logs", "tcp-client", check=False).stdout  # noqa: E731
+    wait_for(lambda: len(_seqs(client_log())) >= 5, what="the client talking to the server")
+    res = knode.checkpoint("server-a", "counter")
+    assert res.returncode == 0, res.stderr
+    (archive,) = json.loads(res.stdout)["items"]
+    before = _seqs(client_log())[-1]
+    knode.delete_pod("server-a")  # its IP is free again
+    ref = f"{knode.registry}/ckpt/tcpserver:1"
+    layout = tmp_path / "image.tar"
+    subprocess.run([sys.executable, "-m", "shim", "checkpoint-image", archive, "--name", ref, "--out", str(layout)],
+                   check=True, capture_output=True)
+    registry = reg.running_registry(knode.dir / "kubernetes" / "registry")
+    assert registry is not None
+    reg.push_layout(registry, layout, "ckpt/tcpserver", "1")
+    pods.append("server-b")
+    knode.create(_program_pod(knode, "server-b", ref, "/usr/local/bin/tcpserver", {"PORT": "7000"}, MIGRATE,
+                              pull="IfNotPresent"))
+    wait_for(lambda: running(knode, "server-b"), what="the restored server running")
+    wait_for(lambda: _seqs(client_log())[-1] >= before + 5, what="the client's requests answered again")
+    log = client_log()
+    assert log.count("connected ") == 1 and "error" not in log and "reconnect" not in log
+    assert running(knode, "tcp-client") and container_status(knode, "tcp-client")["restartCount"] == 0
