@@ -38,8 +38,7 @@ peers:
 crictl:
 	nice -n 10 python3 scripts/build-peers.py cri-tools
 
-## kubernetes: what `make test` needs: kubelet, kube-apiserver, kubectl, etcd, crictl, critest
-## (tests/node/test_kubelet.py runs them); containerd 2.3/2.4 stay in `make peers`
+## kubernetes: kubelet, kube-apiserver, kubectl, etcd, crictl, critest (tests/node/test_kubelet.py)
 kubernetes:
 	nice -n 10 python3 scripts/build-peers.py kubernetes etcd cri-tools
 
@@ -61,8 +60,9 @@ typecheck: venv
 lint: venv
 	.venv/bin/ruff check shim tests bench scripts
 
-## test: the whole suite; node tests need root (CI is root)
-test: setup images kubernetes typecheck lint
+## test: the whole suite; node tests need root (CI is root). Every peer is built (cached): the
+## kubelet tests run the Kubernetes pieces, tests/node/test_containerd_built.py containerd 2.3/2.4.
+test: setup images peers typecheck lint
 	.venv/bin/python -m pytest
 
 ## bench: latency and checkpoint/restore figures, ours against the references, in one run
