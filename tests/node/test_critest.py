@@ -25,7 +25,7 @@ from tests.node.conftest import Node, node_down, node_up
 
 pytestmark = pytest.mark.node
 
-CRITEST_TIMEOUT = 1800
+CRITEST_TIMEOUT = 1200
 BUSYBOX_TAR = REPO_ROOT / "build" / "images" / "busybox.tar"
 
 
@@ -82,6 +82,7 @@ def _differences(direct: dict[str, str], proxied: dict[str, str]) -> dict[str, t
             if direct.get(name) != proxied.get(name)}
 
 
+@pytest.mark.timeout(CRITEST_TIMEOUT)  # two or four critest runs of about a minute each here
 def test_critest_results_are_the_same_through_criu_shim(critest_node: tuple[Node, str], tmp_path: Path) -> None:
     node, busybox = critest_node
     images_file = tmp_path / "images.yaml"
