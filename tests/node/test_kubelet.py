@@ -344,3 +344,25 @@ def test_a_tcp_client_keeps_its_connection_to_a_server_moved_by_the_kubelet(
     log = client_log()
     assert log.count("connected ") == 1 and "error" not in log and "reconnect" not in log
     assert running(knode, "tcp-client") and container_status(knode, "tcp-client")["restartCount"] == 0
+
+
+def test_run_as_non_root_refuses_a_checkpoint_of_a_root_process(knode: KubeNode, pods: list[str],
+                                                                 tmp_path: Path) -> None:
+    # The kubelet decides runAsNonRoot from ImageStatus's uid; a checkpoint image must report the
+    # user its processes run as (CRIU restores them as they were), or the check would pass blindly.
+    _counter_pod(knode, pods, "rooted")
+    archive, _ = _checkpoint(knode, "rooted", 3)
+    ref = f"{knode.registry}/ckpt/rooted:1"
+    layout = tmp_path / "image.tar"
+    subprocess.run([sys.executable, "-m", "shim", "checkpoint-image", str(archive), "--name", ref,
+                    "--out", str(layout)], check=True, capture_output=True)
+    registry = reg.running_registry(knode.dir / "kubernetes" / "registry")
+    assert registry is not None
+    reg.push_layout(registry, layout, "ckpt/rooted", "1")
+    manifest = pod_manifest(knode, "nonroot", ref, "IfNotPresent")
+    manifest["spec"]["securityContext"] = {"runAsNonRoot": True}
+    pods.append("nonroot")
+    knode.create(manifest)
+    wait_for(lambda: "runAsNonRoot and image will run as root" in _waiting_message(knode, "nonroot"),
+             what="the kubelet's runAsNonRoot refusal")
+    assert not running(knode, "nonroot")
