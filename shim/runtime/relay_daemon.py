@@ -196,6 +196,14 @@ def run(listen: Path, bundle: Path) -> int:
     return 0
 
 
+def _keep_relay_log(log_file: Path, state_dir: Path, container_id: str) -> None:
+    from shim.checkpoint import criulog
+
+    kept = criulog.keep(log_file, state_dir / criulog.LOGS, container_id, "relay")
+    if kept is not None:
+        log.info("the relay's log is kept at %s", kept)
+
+
 class _Trouble(logging.Handler):
     """Notes whether anything at WARNING or above was logged: then the log is kept."""
 
@@ -232,7 +240,10 @@ def run_hosted(listen: Path, upstream_file: Path, work: Path, journal: Path | No
     finally:
         rewriter.close()
         pid_file.unlink(missing_ok=True)
-        if not trouble.seen:
+        if trouble.seen and journal is not None:  # kept where the operator finds CRIU's logs, with their retention
+            _keep_relay_log(listen.with_suffix(".log"), journal.parent,
+                            rewriter.bundle.name if rewriter.bundle is not None else listen.stem)
+        if not trouble.seen or journal is not None:
             listen.with_suffix(".log").unlink(missing_ok=True)  # a clean end: nothing to read
         # The proxy's StartContainer has long read the .upstream mark by now (the task is
         # gone only after RemoveContainer); whoever comes last removes it.

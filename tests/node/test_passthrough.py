@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 
@@ -41,33 +42,37 @@ def test_scenario_identical_direct_and_through_proxy(node: Node) -> None:
 
 
 def _first_event(endpoint: str, create: Callable[[], str]) -> tuple[str, str]:
-    """Open GetContainerEvents, cause an event, return (event type, container id)."""
+    """Open GetContainerEvents, cause an event, return (event type, container id) of the first event
+    about a container this call created (other tests' containers on the node may have events too)."""
     channel = grpc.insecure_channel(endpoint)
     stub = api_pb2_grpc.RuntimeServiceStub(channel)
     stream = stub.GetContainerEvents(cri.GetEventsRequest(), timeout=30)
     ready = threading.Event()
     events: list[tuple[str, str]] = []
+    created: set[str] = set()
+    mine = threading.Event()
 
     def read() -> None:
         ready.set()
-        for event in stream:
-            events.append((cri.ContainerEventType.Name(event.container_event_type), event.container_id))
-            return
+        with contextlib.suppress(grpc.RpcError):  # cancelled below
+            for event in stream:
+                events.append((cri.ContainerEventType.Name(event.container_event_type), event.container_id))
+                if event.container_id in created:
+                    mine.set()
 
     reader = threading.Thread(target=read)
     reader.start()
     ready.wait()
-    created = ""
-    for _ in range(50):  # the stream may not be registered yet: create until an event arrives
-        created = create()
-        reader.join(timeout=0.5)
-        if events:
+    for _ in range(50):  # the stream may not be registered yet: create until an event of ours arrives
+        created.add(create())
+        if mine.wait(timeout=0.5):
             break
     stream.cancel()
     reader.join()
     channel.close()
-    assert events, "no container event arrived"
-    return events[0][0], created
+    ours = [event for event in events if event[1] in created]
+    assert ours, f"no event about the containers created arrived (others: {events})"
+    return ours[0]
 
 
 def test_get_container_events_streams_through_proxy(node: Node) -> None:
