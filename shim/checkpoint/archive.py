@@ -21,7 +21,7 @@ import secrets
 import stat
 import tarfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,6 +207,22 @@ def root_entry(name: str, kind: bytes, mode: int, mtime: int) -> tarfile.TarInfo
     info.uid = info.gid = 0
     info.uname = info.gname = "root"
     return info
+
+
+@contextlib.contextmanager
+def private_tar(out: Path) -> Iterator[TarWriter]:
+    """A new tar file `out` (0600, never through a link, never over an existing file), removed if
+    the block fails. The caller writes the members; the end-of-archive marker is its to add."""
+    fd = os.open(out, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)  # whatever the umask
+        yield TarWriter(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(out)
+        raise
+    finally:
+        os.close(fd)
 
 
 class TarWriter:

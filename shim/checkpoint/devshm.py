@@ -27,7 +27,6 @@ following symlinks, so a running sibling cannot steer it elsewhere on the host.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from shim import archive_layout, oci
-from shim.checkpoint.archive import SourceChangedError, TarWriter, file_kind
+from shim.checkpoint.archive import SourceChangedError, TarWriter, file_kind, private_tar
 from shim.errors import FailedPrecondition
 
 # Podman's member name (checkpointctl's metadata.DevShmCheckpointTar): archives interoperate.
@@ -95,16 +94,8 @@ def write_devshm(source: Path, out: Path, max_size: int = MAX_SIZE, max_entries:
     """
     root_fd = os.open(source, _DIR_FLAGS)
     try:
-        out_fd = os.open(out, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.fchmod(out_fd, 0o600)
-            _Walk(TarWriter(out_fd), max_size, max_entries).run(root_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(out)
-            raise
-        finally:
-            os.close(out_fd)
+        with private_tar(out) as writer:
+            _Walk(writer, max_size, max_entries).run(root_fd)
     finally:
         os.close(root_fd)
 

@@ -30,7 +30,6 @@ the walk onto the host by swapping a directory for a symlink.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 import tarfile
@@ -38,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shim.checkpoint.archive import SourceChangedError, TarWriter
+from shim.checkpoint.archive import SourceChangedError, TarWriter, private_tar
 from shim.checkpoint.metadata import go_json
 
 _OVERLAY = "trusted.overlay."
@@ -60,16 +59,8 @@ def write_rootfs_diff(upperdir: Path, out: Path) -> RootfsDiff:
     """Tar the changes recorded in `upperdir` into a new file `out` (0600); see module doc."""
     root_fd = os.open(upperdir, _DIR_FLAGS)
     try:
-        out_fd = os.open(out, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.fchmod(out_fd, 0o600)
-            return _DiffWalk(TarWriter(out_fd)).run(root_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(out)
-            raise
-        finally:
-            os.close(out_fd)
+        with private_tar(out) as writer:
+            return _DiffWalk(writer).run(root_fd)
     finally:
         os.close(root_fd)
 
