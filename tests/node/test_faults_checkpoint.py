@@ -9,6 +9,7 @@ network lock, and an audit line saying what was undone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -261,13 +262,23 @@ def _criu_children(pid: int) -> list[int]:
 
 
 def _kill_criu_under(out: Path) -> bool:
-    for pid in _dumping_pids(out):
-        for criu in _criu_children(pid):
-            # Let CRIU get into the dump (it has seized the tasks and thawed the cgroup) before the kill.
-            if _criu_has_seized(criu):
-                os.kill(criu, signal.SIGKILL)
-                return True
-    return False
+    """SIGKILL every CRIU process of the dump (as the OOM killer would), once CRIU holds the tasks."""
+    criu = [c for pid in _dumping_pids(out) for c in _criu_descendants(pid)]
+    # Let CRIU get into the dump (it has seized the tasks and thawed the cgroup) before the kill.
+    if not any(_criu_has_seized(c) for c in criu):
+        return False
+    for pid in criu:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def _criu_descendants(pid: int) -> list[int]:
+    """CRIU processes under `pid` (runc's `criu swrk` and whatever it forked)."""
+    found = []
+    for child in _criu_children(pid):
+        found += [child, *_criu_descendants(child)]
+    return found
 
 
 def _criu_has_seized(criu: int) -> bool:
