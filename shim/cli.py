@@ -72,9 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     node_up = node_sub.add_parser("up", help="start containerd, a CNI bridge and the proxy, all under DIR",
                                   description="Prints CONTAINERD_ENDPOINT=... and CRI_ENDPOINT=... once both answer.")
     node_up.add_argument("--dir", type=Path, required=True, help="the node's directory (created if missing)")
-    node_up.add_argument("--containerd", default="1.7", choices=["1.7", "1.6", "2.x", "2.3", "2.4"],
+    node_up.add_argument("--containerd", default="1.7", choices=["1.7", "1.6", "2.x", "2.1", "2.3", "2.4",
+                                                                 "2.3-native"],
                          help="containerd release to run (default 1.7); 2.x is Debian's 2.1 with containerd's "
-                         "own handler only, 2.3 and 2.4 are built by `make peers` and use criu-shim's handler")
+                         "own handler only, 2.1 the same with criu-shim's handler; 2.3 and 2.4 are built by "
+                         "`make peers` and use criu-shim's handler; 2.3-native is 2.3 with its own handler "
+                         "and its own restore switched on")
     node_up.add_argument("--proxy-config", type=Path, metavar="FILE", help="config file for the node's proxy")
     node_up.add_argument("--kubernetes", action="store_true",
                          help="also etcd, kube-apiserver and a kubelet using the proxy (built by `make peers`)")

@@ -20,10 +20,12 @@ _DISABLED = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1
 
 def containerd_config(layout: NodeLayout, version: str, runc: Path, cni_bin_dir: Path,
                       restrict_oom: bool) -> str:
-    """The containerd config file for `version` ("1.6", "1.7", "2.x", "2.3" or "2.4")."""
+    """The containerd config file for `version` (shim.node.tools.CONTAINERD_VERSIONS)."""
     if version == "2.x":  # the native reference: containerd's own handler only
         return _v3(layout, runc, cni_bin_dir, restrict_oom, criu_handler=False)
-    if version in ("2.3", "2.4"):
+    if version == "2.3-native":  # the same, with 2.3's own restore through CreateContainer on
+        return _v3(layout, runc, cni_bin_dir, restrict_oom, criu_handler=False, native_restore=True)
+    if version in ("2.1", "2.3", "2.4"):
         return _v3(layout, runc, cni_bin_dir, restrict_oom, criu_handler=True)
     return _v2(layout, runc, cni_bin_dir, restrict_oom, runtime_path=version != "1.6")
 
@@ -89,13 +91,17 @@ def _v2(layout: NodeLayout, runc: Path, cni_bin_dir: Path, restrict_oom: bool, r
 """
 
 
-def _v3(layout: NodeLayout, runc: Path, cni_bin_dir: Path, restrict_oom: bool, criu_handler: bool) -> str:
+def _v3(layout: NodeLayout, runc: Path, cni_bin_dir: Path, restrict_oom: bool, criu_handler: bool,
+        native_restore: bool = False) -> str:
     runtime = "plugins.'io.containerd.cri.v1.runtime'"
     # As on 1.7: criu-shim's handler is the default, the stock runc type so runc options reach the
     # stock shim, runtime_path puts our launcher in front of it. containerd's own restore through
     # CreateContainer stays off (2.3's enable_experimental_restore_via_create defaults to false,
     # 2.4 has none). Checkpoint and restore go through criu-shim; for a restore the proxy makes
     # containerd run our launcher for the one task (shim.restore.pod_shim).
+    # The native reference of 2.3 has its own restore on instead (internal/cri/config/config.go,
+    # RuntimeConfig.EnableExperimentalRestoreViaCreate, containerd v2.3.7).
+    switch = "  enable_experimental_restore_via_create = true\n" if native_restore else ""
     criu = f"""
 [{runtime}.containerd.runtimes.criu]
   runtime_type = "io.containerd.runc.v2"
@@ -116,7 +122,7 @@ def _v3(layout: NodeLayout, runc: Path, cni_bin_dir: Path, restrict_oom: bool, c
 [{runtime}]
   restrict_oom_score_adj = {str(restrict_oom).lower()}
   enable_selinux = false
-
+{switch}
 [{runtime}.containerd]
   default_runtime_name = "{"criu" if criu_handler else "runc"}"
 {criu}

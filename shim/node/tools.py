@@ -16,10 +16,16 @@ from shim.paths_env import load_paths
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # "2.x" is Debian's 2.1 (from `make setup`), run as the native reference with containerd's own
-# handler only; "2.3" and "2.4" are built from the Go module proxy (`make peers`) and run with
-# criu-shim's handler, as 1.6/1.7 do.
-CONTAINERD_VERSIONS = ("1.7", "1.6", "2.x", "2.3", "2.4")
-BUILT_FROM_GO = ("2.3", "2.4")
+# handler only; "2.1" is the same binary with criu-shim's handler, as 1.6/1.7 have it; "2.3" and
+# "2.4" are built from the Go module proxy (`make peers`) and run with criu-shim's handler too;
+# "2.3-native" is 2.3 as the native reference: its own handler only, and its own restore through
+# CreateContainer switched on (`enable_experimental_restore_via_create`, off by default since 2.3.4).
+CONTAINERD_VERSIONS = ("1.7", "1.6", "2.x", "2.1", "2.3", "2.4", "2.3-native")
+BUILT_FROM_GO = ("2.3", "2.4", "2.3-native")
+# The variants that are containerd's own handler only (no criu-shim runtime handler).
+NATIVE = ("2.x", "2.3-native")
+# The binaries a variant runs: its paths.env key is CONTAINERD_<release>.
+_RELEASE = {"2.1": "2.x", "2.3-native": "2.3"}
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,8 @@ def tools_for(containerd_version: str) -> Tools:
         raise FailedPrecondition(
             f"unknown containerd version {containerd_version!r}; choose one of {', '.join(CONTAINERD_VERSIONS)}")
     paths = load_paths()
-    key = "CONTAINERD_" + containerd_version.replace(".", "_").upper()
+    release = _RELEASE.get(containerd_version, containerd_version)
+    key = "CONTAINERD_" + release.replace(".", "_").upper()
     tools = Tools(Path(paths[key]), Path(paths["RUNC_BIN"]), Path(paths["CRIU_BIN"]),
                   Path(paths["CNI_BIN_DIR"]), Path(paths["CHECKPOINTCTL_BIN"]))
     if not tools.containerd.exists():

@@ -41,7 +41,7 @@ def _rendered(version: str) -> dict[str, Any]:
     return tomllib.loads(text)
 
 
-@pytest.mark.parametrize("version", ["2.3", "2.4"])
+@pytest.mark.parametrize("version", ["2.1", "2.3", "2.4"])
 def test_v3_node_config_of_built_containerds_registers_the_criu_handler(version: str) -> None:
     config = _rendered(version)
     assert config["version"] == 3
@@ -60,3 +60,23 @@ def test_v3_node_config_of_the_native_reference_has_containerds_handler_only() -
     containerd = _rendered("2.x")["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]
     assert containerd["default_runtime_name"] == "runc"
     assert set(containerd["runtimes"]) == {"runc"}
+
+
+def test_v3_node_config_of_the_native_2_3_reference_switches_its_own_restore_on() -> None:
+    runtime = _rendered("2.3-native")["plugins"]["io.containerd.cri.v1.runtime"]
+    assert runtime["enable_experimental_restore_via_create"] is True  # containerd v2.3.7's key
+    assert runtime["containerd"]["default_runtime_name"] == "runc"
+    assert set(runtime["containerd"]["runtimes"]) == {"runc"}
+
+
+def test_variants_run_the_binaries_of_their_release(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from shim.node import tools
+
+    for release in ("2_X", "2_3"):
+        (tmp_path / release).mkdir()
+        (tmp_path / release / "containerd").touch()
+    paths = {"CONTAINERD_2_X": str(tmp_path / "2_X"), "CONTAINERD_2_3": str(tmp_path / "2_3"),
+             "RUNC_BIN": "/r", "CRIU_BIN": "/c", "CNI_BIN_DIR": "/cni", "CHECKPOINTCTL_BIN": "/k"}
+    monkeypatch.setattr(tools, "load_paths", lambda: paths)
+    assert tools.tools_for("2.1").containerd_bin_dir == tmp_path / "2_X"
+    assert tools.tools_for("2.3-native").containerd_bin_dir == tmp_path / "2_3"
