@@ -33,7 +33,7 @@ from shim import freezer, policy
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.arch import go_arch
-from shim.checkpoint import audit, criu, criulog, devshm, location, netlock, options, recovery
+from shim.checkpoint import addresses, audit, criu, criulog, devshm, location, netlock, options, recovery
 from shim.checkpoint.adopt import write_archive_in_place
 from shim.checkpoint.archive import Member, directory_members
 from shim.checkpoint.metadata import config_dump, spec_dump, status_dump
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 THAW_TIMEOUT = 30.0
 # How long a cancelled checkpoint still waits for runc's dump to end before it thaws.
 DUMP_GRACE = 60.0
+# After a stop-after dump, how long to wait for containerd to record the exit CRIU caused.
+EXIT_SEEN_TIMEOUT = 10.0
 # Ours: what a restore needs that no standard member records.
 FACTS_MEMBER = layout.FACTS
 
@@ -101,6 +103,8 @@ class Checkpointer:
             await asyncio.to_thread(criu.require, self._config.criu, request.container_id)
             async with self._lock(request.container_id):
                 await self._checkpoint(request.container_id, path, target, outcome)
+                if outcome.stopped:
+                    await self._until_exited(request.container_id)
         except ShimError as exc:
             self._audit(request, target, outcome, started, f"error: {exc.code.name}: {exc.message}")
             record_failure("checkpoint", exc)
@@ -124,9 +128,27 @@ class Checkpointer:
             sandbox.metadata.namespace, sandbox.metadata.name, sandbox.runtime_handler, dict(sandbox.annotations)),
             request.container_id)
         opts = options.resolve(self._config.checkpoint, sandbox.annotations, status.metadata.name)
-        ips = (sandbox.network.ip, *(i.ip for i in sandbox.network.additional_ips))
-        return Target(status, sandbox.metadata.name, sandbox.metadata.namespace, opts, tuple(i for i in ips if i),
-                      _network_namespace(info))
+        ips = tuple(i for i in (sandbox.network.ip, *(i.ip for i in sandbox.network.additional_ips)) if i)
+        netns = _network_namespace(info)
+        if opts.tcp_established and netns is not None:
+            ips = await addresses.pod_addresses(netns, ips)  # with those a restore carried into this pod
+        return Target(status, sandbox.metadata.name, sandbox.metadata.namespace, opts, ips, netns)
+
+    async def _until_exited(self, container_id: str) -> None:
+        """Answer a stop-after checkpoint only once ContainerStatus says EXITED.
+
+        CRIU ends the process at the end of the dump, but containerd learns of it from the shim's
+        exit event a moment later; a migration that removes the source pod right after the answer
+        (or checks its state) must see the truth, not RUNNING.
+        """
+        deadline = time.monotonic() + EXIT_SEEN_TIMEOUT
+        while time.monotonic() < deadline:
+            status, _ = await self._containerd.container_status(container_id)
+            if status.state == cri.CONTAINER_EXITED:
+                return
+            await asyncio.sleep(0.01)
+        log.warning("container %s: containerd still reports it running %.0f s after a stop-after dump",
+                    container_id, EXIT_SEEN_TIMEOUT)
 
     def _lock(self, container_id: str) -> asyncio.Lock:
         # A second checkpoint of the same container waits for the first (bounded

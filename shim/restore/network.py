@@ -18,11 +18,11 @@ from pathlib import Path
 
 from shim import archive_layout
 from shim.annotations import CHECKPOINT_PREFIX
+from shim.checkpoint.addresses import INTERFACE
 from shim.errors import FailedPrecondition, InvalidArgument
 
 ARCHIVE_MEMBER = archive_layout.FACTS  # written by shim.checkpoint.engine
 PLAN_FILE = "network.json"
-INTERFACE = "eth0"
 
 
 class TcpRestore(enum.Enum):

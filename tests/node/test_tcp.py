@@ -208,3 +208,33 @@ def test_stop_after_keeps_only_the_dumped_connections_locked(client: Cri, node: 
         assert f"tcp sport {client_port} tcp dport 7000 drop" in table  # the dumped connection, nothing else
         assert 'iifname != "lo"' not in table
         assert client.state(peer) == "CONTAINER_RUNNING"  # no reset reached the client
+
+
+def test_a_restored_container_migrates_again_with_its_connection(client: Cri, node: Node) -> None:
+    """A -> B -> C: a container restored with its connections is checkpointed (stop-after) and restored
+    again, twice, and its client never reconnects. ContainerStatus says EXITED as soon as the stop-after
+    checkpoint has returned (no moment where the dumped container still reads RUNNING)."""
+    with contextlib.ExitStack() as stack:
+        source = contextlib.ExitStack()
+        pod = source.enter_context(client.pod(MIGRATE))
+        ip = _ip(client, pod)
+        server = client.container(pod, ["/usr/local/bin/tcpserver"], {"PORT": "7000", "BIND_ADDR": ip},
+                                  name="server")
+        pod_c = stack.enter_context(client.pod())
+        peer = client.container(pod_c, ["/usr/local/bin/tcpclient"],
+                                {"HOST": ip, "PORT": "7000", "INTERVAL_MS": "100"}, name="client")
+        wait_for(lambda: len(_seqs(client.log(peer))) >= 3)
+        stack.callback(lambda: source.close())  # the pod of the current hop, whichever that is
+        for hop in ("b", "c"):
+            archive = node.dir / "checkpoints" / f"hop-{hop}.tar"
+            client.checkpoint(server, str(archive))
+            assert client.state(server) == "CONTAINER_EXITED"  # at once, not eventually
+            before = _seqs(client.log(peer))[-1]
+            source.close()  # the old pod goes: its IP is free again
+            source = contextlib.ExitStack()
+            target = source.enter_context(client.pod(MIGRATE))
+            server = _restore(client, target, archive, name="server")
+            wait_for(lambda: _seqs(client.log(peer))[-1] >= before + 3, timeout=60)  # noqa: B023
+        log = client.log(peer)
+        assert log.count("connected ") == 1 and "error" not in log and "reconnect" not in log
+        assert client.state(peer) == "CONTAINER_RUNNING"
