@@ -35,7 +35,7 @@ from pathlib import Path
 
 from shim.checkpoint.devshm import MAX_DEPTH, MAX_ENTRIES, MAX_SIZE, MEMBER, pod_shm_dir
 from shim.errors import InvalidArgument, ResourceExhausted
-from shim.restore.archive import Budget, TarInput, member_kind, member_parts
+from shim.restore.tar_reader import Budget, TarInput, member_kind, member_parts
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

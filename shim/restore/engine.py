@@ -1,6 +1,6 @@
 """Restore at CreateContainer: a checkpoint archive becomes a container of the new pod.
 
-The proxy unpacks the archive (hostile input: `shim.restore.archive`) into a
+The proxy unpacks the archive (hostile input: `shim.restore.checkpoint_unpack`) into a
 private directory, resolves the original image, and sends containerd an
 ordinary CreateContainerRequest built from the checkpoint and the new request:
 the new pod's mounts, devices, resources, security context and log path win;
@@ -276,7 +276,7 @@ class Restorer:
 
     async def _unpack(self, archive_path: Path, work: Path, lazy_wanted: bool) -> Any:
         """Unpack the archive; under a lazy restore its large page images stay in it (shim.restore.lazy)."""
-        from shim.restore.archive import open_checkpoint
+        from shim.restore.checkpoint_unpack import open_checkpoint
 
         defer = lazy.deferrable if lazy_wanted and await self._lazy_possible() else None
         archive = await asyncio.to_thread(open_checkpoint, archive_path, work, defer=defer)

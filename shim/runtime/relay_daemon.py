@@ -154,12 +154,9 @@ class RestoreRewriter:
 
     def _prepare_rootfs(self) -> None:
         """The files the container changed, on the new rootfs, before its processes come back."""
-        from shim.restore.archive import (
-            apply_deleted_files,
-            apply_rootfs_diff,
-            parse_deleted_files,
-        )
+        from shim.restore.checkpoint_unpack import parse_deleted_files
         from shim.restore.devshm import restore_devshm
+        from shim.restore.rootfs_diff import apply_deleted_files, apply_rootfs_diff
 
         if self.bundle is None:
             raise FailedPrecondition("Start arrived before Create: no bundle to restore into")
@@ -264,9 +261,10 @@ def run_spare(directory: Path, work_root: Path, journal: Path | None = None) -> 
     ends it quietly.
     """
     # Imported now, not on a restore's critical path: the point of a spare.
-    import shim.restore.archive
+    import shim.restore.checkpoint_unpack
     import shim.restore.devshm
     import shim.restore.network
+    import shim.restore.rootfs_diff
     import shim.ttrpc.relay  # noqa: F401
 
     line = sys.stdin.readline().strip()

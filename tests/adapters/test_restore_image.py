@@ -28,7 +28,7 @@ from shim.api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
 from shim.api.containerd.types import descriptor_pb2
 from shim.checkpoint.metadata import config_dump
 from shim.errors import AlreadyExists, InvalidArgument, NotFound
-from shim.restore.archive import open_checkpoint
+from shim.restore.checkpoint_unpack import open_checkpoint
 from shim.restore.image import (
     CheckpointImage,
     Layer,

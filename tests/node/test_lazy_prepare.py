@@ -21,7 +21,7 @@ import pytest
 
 from shim.errors import InvalidArgument
 from shim.restore import lazy, loopdev
-from shim.restore.archive import CheckpointArchive, open_checkpoint
+from shim.restore.checkpoint_unpack import CheckpointArchive, open_checkpoint
 from shim.restore.pagemap import PAGE_SIZE, PE_LAZY, PE_PRESENT
 from tests.support.criu import pagemap_image
 

@@ -21,12 +21,8 @@ from shim.checkpoint.archive import Member, directory_members, write_archive
 from shim.checkpoint.metadata import config_dump
 from shim.checkpoint.rootfs import deleted_files_json, write_rootfs_diff
 from shim.errors import InvalidArgument, NotFound
-from shim.restore.archive import (
-    apply_deleted_files,
-    apply_rootfs_diff,
-    open_checkpoint,
-    parse_deleted_files,
-)
+from shim.restore.checkpoint_unpack import open_checkpoint, parse_deleted_files
+from shim.restore.rootfs_diff import apply_deleted_files, apply_rootfs_diff
 
 SPEC = {"ociVersion": "1.0.2", "process": {"args": ["/counter"], "cwd": "/"},
         "annotations": {"io.kubernetes.cri.container-name": "counter"}}

@@ -10,7 +10,7 @@ import pytest
 
 from shim.errors import InvalidArgument
 from shim.restore import lazy
-from shim.restore.archive import open_checkpoint
+from shim.restore.checkpoint_unpack import open_checkpoint
 from shim.restore.lazy import DEFER_MIN_SIZE, Deferred
 from tests.unit.test_restore_archive import Entry, checkpoint_entries, reg, special, tar_bytes, write_tar
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from shim.errors import ResourceExhausted
-from shim.restore import archive
-from shim.restore.archive import CHECKPOINT_MAX_MEMBERS, NAME_MAX, open_checkpoint
+from shim.restore import tar_reader
+from shim.restore.checkpoint_unpack import CHECKPOINT_MAX_MEMBERS, open_checkpoint
+from shim.restore.tar_reader import NAME_MAX
 from tests.unit.test_restore_archive import checkpoint_entries, refused, reg, write_tar
 
 
@@ -70,7 +71,7 @@ def test_disk_full_is_resource_exhausted_with_the_path(tmp_path: Path, dest: Pat
     def full(*args: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(archive, "_copy_range", full)
+    monkeypatch.setattr(tar_reader, "_copy_range", full)
     with pytest.raises(ResourceExhausted, match="no space left") as caught:
         open_checkpoint(path, dest)
     assert str(path) in caught.value.message and f"writing {dest}/" in caught.value.message
