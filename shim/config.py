@@ -28,6 +28,11 @@
     [metrics]
     listen = "127.0.0.1:9464"   # Prometheus /metrics; off unless set
 
+    [signing]                   # shim.signing: signed archives (cosign's blob format)
+    key_file = "/etc/criu-shim/signing.key"   # sign every archive written (PEM EC P-256, 0600, root's)
+    trusted_keys = ["/etc/criu-shim/trusted/node-a.pub"]   # restore verifies against these (PEM)
+    require_signature = false   # refuse restores of unsigned checkpoints (needs trusted_keys)
+
     [admission]                 # shim.policy: who may restore, who may be checkpointed
     restore_namespaces = ["*"]            # pods that may receive a restore, by namespace (shell patterns)
     restore_runtime_handlers = ["*"]      # ... by RuntimeClass handler ("" = no RuntimeClass)
@@ -101,6 +106,13 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class SigningSettings:
+    key_file: Path | None = None  # sign each archive written with this key
+    trusted_keys: tuple[Path, ...] = ()  # a restore verifies signatures against these
+    require_signature: bool = False  # refuse a restore of a checkpoint that is not signed
+
+
+@dataclass(frozen=True)
 class Config:
     checkpoint: CheckpointDefaults = field(default_factory=CheckpointDefaults)
     criu: Path | None = None
@@ -112,6 +124,7 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     # Who may restore and who may be checkpointed (shim.policy).
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    signing: SigningSettings = field(default_factory=SigningSettings)
 
 
 def load(path: Path | None) -> Config:
@@ -126,7 +139,8 @@ def load(path: Path | None) -> Config:
 
 def parse(raw: dict[str, Any], origin: str = "config") -> Config:
     # A misspelt table ("[checkpiont]") would otherwise silently leave the defaults in force.
-    unknown_tables = set(raw) - {"checkpoint", "restore", "state_dir", "retention", "metrics", "admission"}
+    unknown_tables = set(raw) - {"checkpoint", "restore", "state_dir", "retention", "metrics", "admission",
+                                 "signing"}
     if unknown_tables:
         raise InvalidArgument(f"{origin}: unknown keys: {', '.join(sorted(unknown_tables))}")
     section = raw.get("checkpoint", {})
@@ -153,7 +167,8 @@ def parse(raw: dict[str, Any], origin: str = "config") -> Config:
     return Config(CheckpointDefaults(**flags), Path(criu) if criu else _which_criu(), Path(audit),
                   _restore(raw.get("restore", {}), origin), Path(state),
                   _retention(raw.get("retention", {}), origin), _metrics(raw.get("metrics", {}), origin),
-                  admission=parse_section(raw.get("admission", {}), origin))
+                  admission=parse_section(raw.get("admission", {}), origin),
+                  signing=_signing(raw.get("signing", {}), origin))
 
 
 def _restore(section: Any, origin: str) -> RestoreSettings:
@@ -176,6 +191,26 @@ def _restore(section: Any, origin: str) -> RestoreSettings:
     if not isinstance(registries, list) or not all(isinstance(r, str) and r and "/" not in r for r in registries):
         raise InvalidArgument(f"{origin}: restore.allowed_registries must be a list of registry hosts")
     return RestoreSettings(enabled, tuple(Path(d) for d in dirs), tuple(registries), Path(work), lazy)
+
+
+def _signing(section: Any, origin: str) -> SigningSettings:
+    if not isinstance(section, dict):
+        raise InvalidArgument(f"{origin}: [signing] must be a table")
+    unknown = set(section) - {"key_file", "trusted_keys", "require_signature"}
+    if unknown:
+        raise InvalidArgument(f"{origin}: unknown keys in [signing]: {', '.join(sorted(unknown))}")
+    key, trusted = section.get("key_file"), section.get("trusted_keys", [])
+    required = section.get("require_signature", False)
+    if key is not None and not (isinstance(key, str) and Path(key).is_absolute()):
+        raise InvalidArgument(f"{origin}: signing.key_file must be an absolute path")
+    if not isinstance(trusted, list) or not all(isinstance(t, str) and Path(t).is_absolute() for t in trusted):
+        raise InvalidArgument(f"{origin}: signing.trusted_keys must be a list of absolute paths")
+    if not isinstance(required, bool):
+        raise InvalidArgument(f"{origin}: signing.require_signature must be true or false")
+    if required and not trusted:
+        # Nothing could ever verify: every restore would be refused.
+        raise InvalidArgument(f"{origin}: signing.require_signature = true needs signing.trusted_keys")
+    return SigningSettings(Path(key) if key else None, tuple(Path(t) for t in trusted), required)
 
 
 def _retention(section: Any, origin: str) -> RetentionSettings:
