@@ -41,6 +41,9 @@ _READ_CHUNK = 1 << 20
 _ALGORITHM = ec.ECDSA(Prehashed(hashes.SHA256()))
 
 
+SigningKey = ec.EllipticCurvePrivateKey
+
+
 class BadSignature(ShimError):
     """A signature that is unreadable or does not verify (the caller says which rule refuses it)."""
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from shim import archive_layout as layout
-from shim import freezer, policy
+from shim import freezer, policy, signing
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.arch import go_arch
@@ -46,6 +46,7 @@ from shim.faults import Point, reached
 from shim.journal import Journal, Operation, Record
 from shim.metrics import record_checkpoint, record_failure
 from shim.peer import Peer
+from shim.signing import SigningKey
 
 log = logging.getLogger(__name__)
 THAW_TIMEOUT = 30.0
@@ -101,8 +102,10 @@ class Checkpointer:
             path = location.validate(request.location)
             # Runs `criu --version` on a change of the binary: off the event loop.
             await asyncio.to_thread(criu.require, self._config.criu, request.container_id)
+            # A key that cannot sign refuses the checkpoint before the container is touched.
+            key = await asyncio.to_thread(_signing_key, self._config)
             async with self._lock(request.container_id):
-                await self._checkpoint(request.container_id, path, target, outcome)
+                await self._checkpoint(request.container_id, path, target, outcome, key)
                 if outcome.stopped:
                     await self._until_exited(request.container_id)
         except ShimError as exc:
@@ -158,17 +161,18 @@ class Checkpointer:
             lock = self._locks[container_id] = asyncio.Lock()
         return lock
 
-    async def _checkpoint(self, container_id: str, path: Path, target: Target, outcome: Outcome) -> None:
+    async def _checkpoint(self, container_id: str, path: Path, target: Target, outcome: Outcome,
+                          key: SigningKey | None) -> None:
         # Journalled before anything is acquired: a crash of ours from here on is undone at our next start.
         journal = await asyncio.to_thread(self._journal.begin, Operation.CHECKPOINT,
                                           **{recovery.CONTAINER: container_id, "location": str(path)})
         try:
-            await self._checkpoint_journalled(container_id, path, target, outcome, journal)
+            await self._checkpoint_journalled(container_id, path, target, outcome, journal, key)
         finally:
             journal.close()
 
     async def _checkpoint_journalled(self, container_id: str, path: Path, target: Target, outcome: Outcome,
-                                     journal: Record) -> None:
+                                     journal: Record, key: SigningKey | None) -> None:
         record = await self._containerd.container_record(container_id)
         upperdir = await self._containerd.upperdir(record)
         with location.staging_dir(path, container_id, lambda p: journal.note(**{recovery.STAGING: str(p)})) \
@@ -204,6 +208,7 @@ class Checkpointer:
                 archive_started = time.monotonic()
                 try:
                     outcome.size = await asyncio.to_thread(self._write_archive, streamed, path, members)
+                    await asyncio.to_thread(_sign, path, key)
                 except OSError as exc:
                     raise _storage_error(path, exc) from None
                 outcome.archive_s = time.monotonic() - archive_started
@@ -310,6 +315,23 @@ class Checkpointer:
             location=request.location, size=outcome.size, duration_s=round(time.monotonic() - started, 4),
             frozen_s=round(outcome.frozen_s, 4), dump_s=round(outcome.dump_s, 4),
             archive_s=round(outcome.archive_s, 4), result=result))
+
+
+def _signing_key(config: Config) -> SigningKey | None:
+    return signing.load_signing_key(config.signing.key_file) if config.signing.key_file else None
+
+
+def _sign(archive: Path, key: SigningKey | None) -> None:
+    """ARCHIVE.sig for the archive just written; a failure takes the archive away too (nothing half-done)."""
+    sig = signing.signature_path(archive)
+    try:
+        if key is None:
+            sig.unlink(missing_ok=True)  # a replaced archive's old signature would call the new one tampered
+        else:
+            signing.sign_archive(archive, key)
+    except BaseException:
+        archive.unlink(missing_ok=True)
+        raise
 
 
 async def _drop_tables(netns: Path, before: set[str]) -> None:
