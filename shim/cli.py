@@ -26,6 +26,7 @@ examples:
   criu-shim check                      # can this node checkpoint and restore?
   criu-shim node up --dir /tmp/node1   # a local containerd 1.7 node with the proxy
   criu-shim checkpoint-image ckpt.tar --name registry.example/app:ckpt --out app-ckpt.tar
+  criu-shim push ckpt.tar registry.example/app:ckpt   # the same image, pushed; prints REF@DIGEST
   criu-shim gc --config /etc/criu-shim/config.toml --dry-run   # which checkpoint archives retention deletes
   criu-shim install --dry-run          # what wiring criu-shim into this node would change
 """
@@ -66,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("archive", type=Path, help="checkpoint archive (uncompressed tar)")
     image.add_argument("--name", required=True, metavar="REF", help="image reference, e.g. registry/app:ckpt")
     image.add_argument("--out", type=Path, required=True, help="OCI layout tar to write")
+
+    push = sub.add_parser("push", help="push a checkpoint archive to a registry as a checkpoint image",
+                          description="Builds the checkpoint image of ARCHIVE (as checkpoint-image does) and pushes "
+                          "it as REF, blobs first, manifest last; prints REF@DIGEST. Credentials come from "
+                          "$DOCKER_CONFIG/config.json, else ~/.docker/config.json; loopback registries are plain "
+                          "HTTP, all others HTTPS.")
+    push.add_argument("archive", type=Path, help="checkpoint archive (uncompressed tar)")
+    push.add_argument("ref", metavar="REF", help="HOST[:PORT]/REPOSITORY[:TAG]")
+    pull = sub.add_parser("pull", help="fetch the archive of a checkpoint image from a registry",
+                          description="Writes the one layer of checkpoint image REF (the checkpoint archive) to OUT "
+                          "(0600, must not exist); prints REF@DIGEST.")
+    pull.add_argument("ref", metavar="REF", help="HOST[:PORT]/REPOSITORY[:TAG|@DIGEST]")
+    pull.add_argument("out", type=Path, metavar="OUT", help="where to write the archive")
 
     node = sub.add_parser("node", help="a local containerd node for development, tests and the demo")
     node_sub = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
@@ -133,6 +147,16 @@ def _run(args: argparse.Namespace) -> int:
         from shim.restore.build_image import build
 
         print(build(args.archive, args.name, args.out))
+        return 0
+    if args.command in ("push", "pull"):
+        from shim import export
+        from shim.registry import Reference
+
+        if args.command == "push":
+            print(export.push_checkpoint(args.archive, args.ref).pinned)
+        else:
+            ref = Reference.parse(args.ref)
+            print(ref.with_digest(export.pull_checkpoint(ref, args.out)))
         return 0
     if args.command == "node":
         from shim.node import kubernetes, local

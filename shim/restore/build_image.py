@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +74,28 @@ def checkpoint_annotations(archive: Path) -> dict[str, str]:
     }
 
 
-def build(archive: Path, ref: str, out: Path) -> str:
-    """Write the OCI layout tar for `archive` named `ref` to `out`; return the manifest digest."""
+@dataclass(frozen=True)
+class CheckpointImage:
+    """The documents of a checkpoint image whose one layer is the archive itself."""
+
+    archive: Path
+    config: bytes
+    manifest: bytes
+    layer_digest: str
+    layer_size: int
+    annotations: dict[str, str]
+
+    @property
+    def digest(self) -> str:
+        """The manifest digest: what `ref@digest` and signatures name."""
+        return _digest(self.manifest)
+
+
+def checkpoint_image(archive: Path) -> CheckpointImage:
+    """Config and manifest (exact bytes) of the checkpoint image of `archive`."""
     notes = checkpoint_annotations(archive)
     layer_digest, layer_size = _file_digest(archive)  # an uncompressed tar: already a valid layer
-    arch = go_arch()
-    config = json.dumps({"architecture": arch, "os": "linux", "config": {},
+    config = json.dumps({"architecture": go_arch(), "os": "linux", "config": {},
                          "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}, sort_keys=True).encode()
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
@@ -87,13 +104,19 @@ def build(archive: Path, ref: str, out: Path) -> str:
         "layers": [{"mediaType": oci.OCI_LAYER_TAR, "digest": layer_digest, "size": layer_size}],
         "annotations": notes,
     }, sort_keys=True).encode()
+    return CheckpointImage(archive, config, manifest, layer_digest, layer_size, notes)
+
+
+def build(archive: Path, ref: str, out: Path) -> str:
+    """Write the OCI layout tar for `archive` named `ref` to `out`; return the manifest digest."""
+    image = checkpoint_image(archive)
     index = json.dumps({"schemaVersion": 2, "manifests": [{
-        "mediaType": oci.OCI_MANIFEST, "digest": _digest(manifest),
-        "size": len(manifest), "annotations": {**notes, oci.CONTAINERD_IMAGE_NAME: ref,
-                                               oci.REF_NAME: ref.rsplit(":", 1)[-1]}}]})
+        "mediaType": oci.OCI_MANIFEST, "digest": image.digest,
+        "size": len(image.manifest), "annotations": {**image.annotations, oci.CONTAINERD_IMAGE_NAME: ref,
+                                                     oci.REF_NAME: ref.rsplit(":", 1)[-1]}}]})
     _write_layout(out, {"oci-layout": b'{"imageLayoutVersion": "1.0.0"}', "index.json": index.encode()},
-                  [config, manifest], archive, layer_digest)
-    return _digest(manifest)
+                  [image.config, image.manifest], archive, image.layer_digest)
+    return image.digest
 
 
 def _write_layout(out: Path, files: dict[str, bytes], blobs: list[bytes], layer: Path, layer_digest: str) -> None:

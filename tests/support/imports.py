@@ -37,9 +37,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "shim.cri",  # the CRI verbs the proxy answers, one thin module each
         "shim.runtime",  # the ttrpc side: relay and page daemons of a restored task
     )),
-    ("domain", ("shim.checkpoint", "shim.restore", "shim.retention")),
+    ("domain", ("shim.checkpoint", "shim.restore", "shim.retention",
+                "shim.export")),  # checkpoint images pushed to and pulled from registries
     ("facades", (
         "shim.containerd", "shim.criu", "shim.ttrpc", "shim.proxy", "shim.cgroup_driver", "shim.freezer",
+        "shim.registry",  # OCI distribution, through oras-py
     )),
     ("ground", (
         "shim.errors", "shim.config", "shim.policy", "shim.journal", "shim.faults", "shim.fileio", "shim.arch",

@@ -1,0 +1,124 @@
+"""Checkpoint images in a registry: push an archive as one (`criu-shim push`), pull its archive back,
+and the reference under which a node publishes each kubelet checkpoint (`[export] registry`).
+
+The image is `shim.restore.build_image`'s (one layer = the archive, both annotation families), pushed
+blob by blob through `shim.registry` with the manifest's exact bytes, so the digest returned is the
+digest the registry serves and a signer signs.
+
+The published reference is derived from the archive's file name alone, so that `kubectl checkpoint`
+(which learns the name from the kubelet's answer and has no node access) derives the same one:
+
+    checkpoint-<pod>_<namespace>-<container>-<RFC 3339 time>.tar      (the kubelet's name)
+    -> <registry>/<repository>/<pod>_<namespace>-<container>:<time, ':' as '-', '+' as '_'>
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from shim import oci
+from shim.errors import InvalidArgument
+from shim.registry import Reference, RegistryClient
+from shim.restore.build_image import checkpoint_image
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REPOSITORY = "criu-shim/checkpoints"
+# pkg/kubelet/server: "checkpoint-%s-%s-%s.tar", podFullName (name_namespace), container, time.RFC3339
+KUBELET_ARCHIVE = re.compile(
+    r"^checkpoint-(?P<stem>[a-z0-9][a-z0-9.-]*_[a-z0-9][a-z0-9-]*-[a-z0-9][a-z0-9-]*)"
+    r"-(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d))\.tar$")
+
+
+@dataclass(frozen=True)
+class Pushed:
+    ref: Reference  # as asked (tag)
+    digest: str  # manifest digest
+    size: int  # the archive's bytes
+
+    @property
+    def pinned(self) -> Reference:
+        """ref@digest: what a restore pod should name to get exactly this image."""
+        return Reference(self.ref.registry, self.ref.repository, self.ref.tag, self.digest)
+
+
+def push_checkpoint(archive: Path, ref: str | Reference, docker_config: Path | None = None) -> Pushed:
+    """Build the checkpoint image of `archive` and push it as `ref`; returns its manifest digest.
+
+    Blobs first, manifest last: a failure leaves at most unreferenced blobs, never a tag naming
+    an incomplete image."""
+    target = ref if isinstance(ref, Reference) else Reference.parse(ref)
+    if target.digest is not None:
+        raise InvalidArgument(f"push to a tag, not a digest: {target}")
+    image = checkpoint_image(archive)
+    with RegistryClient(target.registry, docker_config) as client:
+        client.push_blob_bytes(target, image.config)
+        client.push_blob(target, archive, image.layer_digest, image.layer_size)
+        digest = client.push_manifest(target, image.manifest, oci.OCI_MANIFEST)
+    if digest != image.digest:  # push_manifest hashes the bytes it sent: a mismatch is a bug of ours
+        raise AssertionError(f"pushed {digest}, built {image.digest}")
+    return Pushed(target, digest, image.layer_size)
+
+
+def pull_checkpoint(ref: str | Reference, dest: Path, docker_config: Path | None = None) -> str:
+    """Fetch the archive of the checkpoint image `ref` into `dest` (0600, must not exist); returns
+    the manifest digest. Refuses images that are not checkpoint images (no annotation family, not
+    exactly one layer)."""
+    source = ref if isinstance(ref, Reference) else Reference.parse(ref)
+    with RegistryClient(source.registry, docker_config) as client:
+        body, media_type, digest = client.manifest(source)
+        layer = checkpoint_layer(body, media_type, str(source))
+        client.pull_blob(source, layer, dest)
+    return digest
+
+
+def checkpoint_layer(body: bytes, media_type: str, name: str) -> str:
+    """The digest of the one layer of a checkpoint image manifest."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise InvalidArgument(f"{name}: manifest is not JSON") from None
+    media_type = media_type or (doc.get("mediaType") if isinstance(doc, dict) else "") or ""
+    if not isinstance(doc, dict) or media_type not in oci.MANIFEST_TYPES:
+        raise InvalidArgument(f"{name} is not an image manifest (media type {media_type!r})")
+    notes = doc.get("annotations") or {}
+    if not any(key in notes for _, keys in oci.MARKERS for key in keys):
+        raise InvalidArgument(f"{name} is not a checkpoint image: no checkpoint annotation")
+    layers = doc.get("layers") or []
+    if len(layers) != 1 or not isinstance(layers[0], dict) or layers[0].get("mediaType") not in oci.LAYER_TYPES:
+        raise InvalidArgument(f"{name} is not a checkpoint image: it must have exactly one tar layer")
+    return str(layers[0].get("digest", ""))
+
+
+def kubelet_reference(archive_name: str, registry: str, repository: str = DEFAULT_REPOSITORY) -> Reference:
+    """Where a node publishes the kubelet checkpoint `archive_name` (module docstring)."""
+    match = KUBELET_ARCHIVE.match(archive_name)
+    if not match:
+        raise InvalidArgument(f"{archive_name!r} is not a kubelet checkpoint archive name "
+                              "(checkpoint-<pod>_<namespace>-<container>-<time>.tar)")
+    tag = match["time"].replace(":", "-").replace("+", "_")
+    ref = Reference(registry, f"{repository}/{match['stem']}", tag)
+    ref.check()
+    return ref
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """Publishes each kubelet checkpoint under `kubelet_reference` (`[export]` of the config)."""
+
+    registry: str
+    repository: str = DEFAULT_REPOSITORY
+    docker_config: Path | None = None
+
+    def wants(self, archive: Path) -> bool:
+        return KUBELET_ARCHIVE.match(archive.name) is not None
+
+    def publish(self, archive: Path) -> Pushed:
+        ref = kubelet_reference(archive.name, self.registry, self.repository)
+        pushed = push_checkpoint(archive, ref, self.docker_config)
+        log.info("published checkpoint %s as %s@%s", archive, ref, pushed.digest)
+        return pushed

@@ -1,0 +1,334 @@
+"""An OCI registry, through oras-py: push and pull blobs and manifests (blocking; call it from a thread).
+
+    ref = Reference.parse("registry.example:5000/ckpt/app:1")
+    with RegistryClient(ref.registry) as client:
+        client.push_blob(ref, path, digest, size)
+        digest = client.push_manifest(ref, manifest_bytes, OCI_MANIFEST)
+        body, media_type, digest = client.manifest(ref)
+
+What we add to oras-py, and why:
+- Manifests go up and come down as exact bytes: a manifest's digest is the hash of its bytes, and
+  signatures and `ref@digest` pulls name that digest (oras' own `upload_manifest` re-serialises).
+- No silent retries: oras' `do_request` retries every failure five times with sleeps of 3 to 83 s
+  (two minutes before "connection refused" is reported); we call the undecorated request once.
+- Credentials from the usual docker config: `$DOCKER_CONFIG/config.json`, else
+  `~/.docker/config.json` (oras reads only the latter), `auths`, `credHelpers` and `credsStore`. The
+  scheme follows the registry's challenge to `GET /v2/` (the ping docker and containerd do): Basic
+  (distribution's htpasswd) or a Bearer token service.
+- Plain HTTP only for loopback registries (127.0.0.0/8, localhost, [::1]), as containerd's resolver
+  does; every other registry is HTTPS with certificate checks.
+- Large blobs are streamed in chunks (the archive of a 4 GiB container never sits in memory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import oras.container
+import oras.provider
+import oras.utils
+import requests
+
+from shim.errors import InvalidArgument, NotFound, PermissionDenied, ShimError, Unavailable, Unknown
+from shim.oci import INDEX_TYPES, MANIFEST_TYPES
+
+ACCEPT = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
+CHUNK = 64 << 20  # one PATCH of a chunked upload
+MAX_MANIFEST = 4 << 20  # distribution's own limit on a manifest's size
+TIMEOUT = 60.0  # seconds without a byte from the registry
+
+# distribution's reference grammar
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REPO_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_HOST_RE = re.compile(r"^(?:\[[0-9a-fA-F:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]{1,5})?$")
+
+
+class RegistryError(Unknown):
+    """The registry refused or failed a request; its own error text is in the message."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """HOST[:PORT]/REPO[:TAG][@DIGEST], always naming its registry (never docker.io by default)."""
+
+    registry: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @classmethod
+    def parse(cls, ref: str) -> Reference:
+        host, slash, rest = ref.partition("/")
+        if not slash or not ("." in host or ":" in host or host == "localhost") or not _HOST_RE.match(host):
+            raise InvalidArgument(f"image reference {ref!r} must name its registry: HOST[:PORT]/REPOSITORY[:TAG]")
+        rest, at, digest = rest.partition("@")
+        name, colon, tag = rest.rpartition(":") if ":" in rest else (rest, "", "")
+        if not colon:
+            name = rest
+        reference = cls(host, name, tag or None, digest or None)
+        if at and not digest:
+            raise InvalidArgument(f"image reference {ref!r}: empty digest")
+        reference.check()
+        if reference.tag is None and reference.digest is None:
+            return cls(host, name, "latest")
+        return reference
+
+    def check(self) -> None:
+        if not _REPO_RE.match(self.repository) or len(self.repository) > 255:
+            raise InvalidArgument(f"invalid repository name {self.repository!r} in {self}")
+        if self.tag is not None and not _TAG_RE.match(self.tag):
+            raise InvalidArgument(f"invalid tag {self.tag!r} in {self}")
+        if self.digest is not None and not _DIGEST_RE.match(self.digest):
+            raise InvalidArgument(f"invalid digest {self.digest!r} in {self} (sha256:<64 hex digits>)")
+
+    @property
+    def reference(self) -> str:
+        """What goes after /manifests/: the digest when there is one, else the tag."""
+        return self.digest or self.tag or "latest"
+
+    def with_digest(self, digest: str) -> Reference:
+        return Reference(self.registry, self.repository, self.tag, digest)
+
+    def __str__(self) -> str:
+        tag = f":{self.tag}" if self.tag else ""
+        digest = f"@{self.digest}" if self.digest else ""
+        return f"{self.registry}/{self.repository}{tag}{digest}"
+
+
+def is_loopback(registry: str) -> bool:
+    host = registry.rsplit(":", 1)[0] if not registry.endswith("]") else registry
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def docker_config_path() -> Path:
+    """Where docker, containerd's ctr and crane look for credentials."""
+    base = os.environ.get("DOCKER_CONFIG")
+    return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
+
+
+def load_docker_config(path: Path) -> dict[str, Any]:
+    """The credential parts of a docker config; a missing file is no credentials, an unreadable one an error."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"auths": {}, "credsStore": None, "credHelpers": {}}
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"docker config {path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"docker config {path} is not a JSON object")
+    return {"auths": dict(data.get("auths") or {}), "credsStore": data.get("credsStore"),
+            "credHelpers": dict(data.get("credHelpers") or {})}
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    sha, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+            size += len(chunk)
+    return "sha256:" + sha.hexdigest(), size
+
+
+class _Oras(oras.provider.Registry):  # type: ignore[misc]
+    def do_request(self, url: str, method: str = "GET", data: Any = None, headers: dict[str, str] | None = None,
+                   json: Any = None, stream: bool = False) -> requests.Response:
+        # Once, without oras' retry loop (module docstring); a transport failure is ours to word.
+        undecorated = oras.provider.Registry.do_request.__wrapped__
+        try:
+            response: requests.Response = undecorated(self, url, method, data, headers, json, stream)
+        except requests.RequestException as exc:
+            raise Unavailable(f"registry {self.hostname}: {method} {url}: {exc}") from None
+        except ValueError as exc:  # oras: "Cannot respond to request for authentication."
+            raise PermissionDenied(f"registry {self.hostname} asks for credentials that "
+                                   f"{docker_config_path()} does not hold ({exc})") from None
+        return response
+
+
+class RegistryClient:
+    """One registry host; credentials resolved once, at the first request."""
+
+    def __init__(self, registry: str, docker_config: Path | None = None) -> None:
+        if not _HOST_RE.match(registry):
+            raise InvalidArgument(f"invalid registry host {registry!r}")
+        self.registry = registry
+        self.scheme = "http" if is_loopback(registry) else "https"
+        self._config_path = docker_config or docker_config_path()
+        self._client: _Oras | None = None
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.session.close()
+
+    # ------------------------------------------------------------ connection and credentials
+
+    def _oras(self) -> _Oras:
+        if self._client is None:
+            self._client = self._connect()
+        return self._client
+
+    def _connect(self) -> _Oras:
+        challenge = self._ping()
+        backend = "basic" if challenge.lower().startswith("basic") else "token"
+        client = _Oras(hostname=self.registry, insecure=self.scheme == "http", auth_backend=backend)
+        # oras reads ~/.docker/config.json only; DOCKER_CONFIG is honoured by handing it ours.
+        client.auth._auth_config = load_docker_config(self._config_path)
+        for host in oras.utils.iter_localhosts(self.registry):
+            if client.auth._load_auth(host):
+                break
+        if backend == "basic":
+            basic = getattr(client.auth, "_basic_auth", None)
+            if not basic:
+                raise PermissionDenied(f"registry {self.registry} asks for a user name and password "
+                                       f"(Basic) and {self._config_path} has none for it")
+            client.set_header("Authorization", f"Basic {basic}")  # up front: chunks are not sent twice
+        return client
+
+    def _ping(self) -> str:
+        """`GET /v2/`: the registry's auth challenge ('' when it asks none)."""
+        url = f"{self.scheme}://{self.registry}/v2/"
+        try:
+            with requests.Session() as session:
+                session.trust_env = False if self.scheme == "http" else session.trust_env
+                response = session.get(url, timeout=TIMEOUT)
+        except requests.RequestException as exc:
+            raise Unavailable(f"registry {self.registry} is not reachable: {exc}") from None
+        if response.status_code == 401:
+            return str(response.headers.get("WWW-Authenticate", ""))
+        if response.status_code != 200:
+            raise RegistryError(f"registry {self.registry}: GET /v2/ answered HTTP {response.status_code}: "
+                                f"{_error_text(response)}")
+        return ""
+
+    def _container(self, ref: Reference) -> oras.container.Container:
+        if ref.registry != self.registry:
+            raise InvalidArgument(f"{ref} is not on registry {self.registry}")
+        name = ref.repository + (f"@{ref.digest}" if ref.digest else f":{ref.tag or 'latest'}")
+        return oras.container.Container(name, registry=self.registry)
+
+    def _url(self, path: str) -> str:
+        return f"{self.scheme}://{path}"
+
+    # ------------------------------------------------------------ blobs
+
+    def blob_exists(self, ref: Reference, digest: str) -> bool:
+        container = self._container(ref)
+        response = self._oras().do_request(self._url(container.get_blob_url(digest)), "HEAD")
+        _expect(response, (200, 404), f"HEAD blob {digest} of {ref.repository}")
+        return response.status_code == 200
+
+    def push_blob(self, ref: Reference, path: Path, digest: str, size: int) -> bool:
+        """Upload the file `path` as blob `digest`; False when the registry had it already."""
+        if self.blob_exists(ref, digest):
+            return False
+        container = self._container(ref)
+        layer = {"digest": digest, "size": size}
+        if size <= CHUNK:
+            response = self._oras().put_upload(str(path), container, layer)
+        else:
+            response = self._oras().chunked_upload(str(path), container, layer, chunk_size=CHUNK)
+        _expect(response, (201,), f"upload of blob {digest} to {ref.repository}")
+        return True
+
+    def push_blob_bytes(self, ref: Reference, data: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        with tempfile.NamedTemporaryFile(prefix="criu-shim-blob-") as f:
+            f.write(data)
+            f.flush()
+            self.push_blob(ref, Path(f.name), digest, len(data))
+        return digest
+
+    def pull_blob(self, ref: Reference, digest: str, dest: Path) -> None:
+        """Stream blob `digest` into `dest` (created 0600, must not exist) and check its digest."""
+        container = self._container(ref)
+        sha = hashlib.sha256()
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as out, \
+                    self._oras().do_request(self._url(container.get_blob_url(digest)), "GET", stream=True) as response:
+                _expect(response, (200,), f"GET blob {digest} of {ref.repository}")
+                for chunk in response.iter_content(chunk_size=1 << 20):
+                    sha.update(chunk)
+                    out.write(chunk)
+            if "sha256:" + sha.hexdigest() != digest:
+                raise RegistryError(f"blob {digest} of {ref.repository} does not match its digest")
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+
+    # ------------------------------------------------------------ manifests
+
+    def push_manifest(self, ref: Reference, body: bytes, media_type: str) -> str:
+        """PUT a manifest with these exact bytes under the ref's tag (or digest); returns its digest."""
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        container = self._container(ref)
+        url = self._url(container.manifest_url(ref.reference))
+        headers = {"Content-Type": media_type, **self._oras().headers}
+        response = self._oras().do_request(url, "PUT", data=body, headers=headers)
+        _expect(response, (201,), f"PUT manifest {ref}")
+        served = response.headers.get("Docker-Content-Digest", digest)
+        if served != digest:
+            raise RegistryError(f"registry stored manifest {ref} as {served}, not {digest}")
+        return digest
+
+    def manifest(self, ref: Reference) -> tuple[bytes, str, str]:
+        """GET a manifest or index: (its bytes, media type, digest of the bytes)."""
+        container = self._container(ref)
+        response = self._oras().do_request(self._url(container.manifest_url(ref.reference)), "GET",
+                                           headers={"Accept": ACCEPT})
+        _expect(response, (200,), f"GET manifest {ref}")
+        body = response.content
+        if len(body) > MAX_MANIFEST:
+            raise RegistryError(f"manifest {ref} is {len(body)} bytes, over {MAX_MANIFEST}")
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        if ref.digest and digest != ref.digest:
+            raise RegistryError(f"manifest {ref} does not match its digest (got {digest})")
+        media_type = str(response.headers.get("Content-Type", "")).split(";")[0].strip()
+        return body, media_type, digest
+
+
+def _error_text(response: requests.Response) -> str:
+    """The registry's own error messages (OCI distribution error body), else the start of the body."""
+    try:
+        errors = response.json().get("errors") or []
+        texts = [f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors if isinstance(e, dict)]
+        if texts:
+            return "; ".join(texts)
+    except (ValueError, AttributeError):
+        pass
+    return response.text[:300].strip() or response.reason or ""
+
+
+def _expect(response: requests.Response, ok: tuple[int, ...], what: str) -> None:
+    status = response.status_code
+    if status in ok:
+        return
+    text = _error_text(response)
+    error: type[ShimError] = RegistryError
+    if status in (401, 403):
+        error = PermissionDenied
+    elif status == 404:
+        error = NotFound
+    raise error(f"registry: {what}: HTTP {status}: {text}")
