@@ -42,6 +42,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("facades", (
         "shim.containerd", "shim.criu", "shim.ttrpc", "shim.proxy", "shim.cgroup_driver", "shim.freezer",
         "shim.registry",  # OCI distribution, through oras-py
+        "shim.sealed",  # encrypted archives: format, keys, reader, writer
     )),
     ("ground", (
         "shim.errors", "shim.config", "shim.policy", "shim.journal", "shim.faults", "shim.fileio", "shim.arch",
