@@ -51,3 +51,7 @@ CRI_SANDBOX_NAME = "io.kubernetes.cri.sandbox-name"
 CRI_SANDBOX_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
 CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 CRIO_METADATA = "io.kubernetes.cri-o.Metadata"
+
+# criu-shim's own: on a checkpoint image's manifest, the archive's signature (shim.signing's
+# cosign blob format). The uncompressed layer is the archive, so it signs the layer's digest.
+ARCHIVE_SIGNATURE = "io.criu-shim.checkpoint.archive-signature"

@@ -55,6 +55,7 @@ from shim.restore.network import (
 )
 from shim.restore.relays import Relay, SparePool, stop_relay, wait_ready
 from shim.restore.selinux import restore_lsm_options, selinux_enforcing
+from shim.restore.signature import verify_signature
 
 log = logging.getLogger(__name__)
 METHOD = "/runtime.v1.RuntimeService/CreateContainer"
@@ -144,6 +145,8 @@ class Restorer:
             self._require_enabled(request.config.image.image)
             await self._admit_pod(request)
             archive = self._admit(source) if isinstance(source, Path) else self._admit_image(source)
+            # Before anything is created: a refused signature leaves nothing behind.
+            await asyncio.to_thread(verify_signature, self._config.signing, archive, request.config.image.image)
             self._hold(archive, 1)
             try:
                 container_id = await self._create(request, archive, metadata, timeout)

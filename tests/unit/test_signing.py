@@ -12,8 +12,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from shim import config, signing
+from shim import config, oci, signing
 from shim.errors import Code, FailedPrecondition, InvalidArgument
+from shim.restore.image import CheckpointImage, Layer
+from shim.restore.signature import verify_signature
 
 
 def write_key(path: Path, key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, mode: int = 0o600) -> Path:
@@ -188,3 +190,35 @@ def test_config_signing_section() -> None:
         config.parse({"signing": {"key": "/k"}})
     with pytest.raises(InvalidArgument, match="signing.trusted_keys must be a list of absolute paths"):
         config.parse({"signing": {"trusted_keys": "a.pub"}})
+
+
+def _image(annotations: dict[str, str], digest: str) -> CheckpointImage:
+    return CheckpointImage("reg/ckpt:1", "org.criu", annotations, Layer(digest, oci.OCI_LAYER_TAR, 10), "sha256:m")
+
+
+def test_checkpoint_image_verified_by_its_annotation_over_the_layer_digest(
+        tmp_path: Path, archive: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    pub = write_public(tmp_path / "a.pub", key)
+    settings = config.SigningSettings(None, (pub,), True)
+    digest = signing.archive_sha256(archive)
+    text = signing.sign_digest(key, digest).decode()
+    layer = "sha256:" + digest.hex()
+
+    assert verify_signature(settings, _image({oci.ARCHIVE_SIGNATURE: text}, layer), "reg/ckpt:1").key == pub
+    with pytest.raises(signing.SignatureRefused, match="does not verify"):  # another layer
+        verify_signature(settings, _image({oci.ARCHIVE_SIGNATURE: text}, "sha256:" + "0" * 64), "reg/ckpt:1")
+    with pytest.raises(signing.SignatureRefused, match="refused by rule signing.require_signature"):
+        verify_signature(settings, _image({}, layer), "reg/ckpt:1")
+    with pytest.raises(signing.SignatureRefused, match="unreadable"):
+        verify_signature(settings, _image({oci.ARCHIVE_SIGNATURE: "%%%"}, layer), "reg/ckpt:1")
+
+
+def test_restore_check_names_the_checkpoint_and_refuses_loose_trusted_keys(
+        tmp_path: Path, archive: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    pub = write_public(tmp_path / "a.pub", key)
+    with pytest.raises(signing.SignatureRefused, match=f"^restore from checkpoint {archive} refused by rule"):
+        verify_signature(config.SigningSettings(None, (pub,), True), archive, str(archive))
+    pub.chmod(0o646)
+    with pytest.raises(FailedPrecondition, match="lets others replace a trusted key"):
+        verify_signature(config.SigningSettings(None, (pub,), False), archive, str(archive))
+    assert not verify_signature(config.SigningSettings(), archive, str(archive)).checked
