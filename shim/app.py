@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 from shim import fillspool, metrics
@@ -21,6 +21,8 @@ from shim.config import Config
 from shim.config import load as load_config
 from shim.containerd import Containerd
 from shim.cri import checkpoint_container, create_container, runtime_config, start_container
+from shim.errors import ShimError
+from shim.export import Exporter
 from shim.journal import Journal
 from shim.proxy.dispatch import Call, Dispatcher, Handler
 from shim.proxy.server import ProxyServer
@@ -34,13 +36,34 @@ log = logging.getLogger(__name__)
 def handlers(config: Config, containerd: Containerd, restorer: Restorer,
              journal: Journal | None = None, after_checkpoint: Callable[[], None] | None = None) -> dict[str, Handler]:
     """The CRI methods the proxy answers itself; everything else is relayed."""
-    checkpoint = checkpoint_container.handler(Checkpointer(containerd, config, journal))
+    checkpoint = checkpoint_container.handler(Checkpointer(containerd, config, journal), _publisher(config))
     return {
         checkpoint_container.METHOD: _then(checkpoint, after_checkpoint) if after_checkpoint else checkpoint,
         create_container.METHOD: create_container.handler(containerd, restorer),
         start_container.METHOD: start_container.handler(containerd, restorer, config.state_dir / LOGS),
         runtime_config.METHOD: runtime_config.handler(containerd),
     }
+
+
+def _publisher(config: Config) -> Callable[[Path], Awaitable[None]] | None:
+    """[export]: push each kubelet checkpoint to the registry before the kubelet gets its answer, so the
+    image exists once `kubectl checkpoint` sees the archive's name. A failed push is logged and the
+    checkpoint still succeeds: the archive is written and the workload was never at stake."""
+    if config.export.registry is None:
+        return None
+    exporter = Exporter(config.export.registry, config.export.repository)
+
+    async def publish(archive: Path) -> None:
+        if not exporter.wants(archive):
+            return
+        try:
+            await asyncio.to_thread(exporter.publish, archive)
+        except ShimError as exc:
+            log.error("checkpoint %s not published to %s: %s", archive, exporter.registry, exc.message)
+        except Exception:
+            log.exception("checkpoint %s not published to %s", archive, exporter.registry)
+
+    return publish
 
 
 def serve(listen: Path, upstream: Path, config_file: Path | None, grace: float) -> int:

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shim import oci
+from shim.config import ExportSettings
 from shim.errors import InvalidArgument
 from shim.registry import Reference, RegistryClient
 from shim.restore.build_image import checkpoint_image
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REPOSITORY = "criu-shim/checkpoints"
+DEFAULT_REPOSITORY = ExportSettings.repository
 # pkg/kubelet/server: "checkpoint-%s-%s-%s.tar", podFullName (name_namespace), container, time.RFC3339
 KUBELET_ARCHIVE = re.compile(
     r"^checkpoint-(?P<stem>[a-z0-9][a-z0-9.-]*_[a-z0-9][a-z0-9-]*-[a-z0-9][a-z0-9-]*)"

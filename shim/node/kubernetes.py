@@ -94,7 +94,8 @@ def up(directory: Path, version: str = "1.7", proxy_config: Path | None = None,
             registries = [registry.host] + ([leader["registry"]] if leader else [])
             proxy_config.write_text(render.proxy_config(layout, tools_for(version).criu,
                                                         extra_dirs=[kube.kubelet_checkpoints],
-                                                        extra_registries=registries))
+                                                        extra_registries=registries,
+                                                        export_registry=registries[-1]))
         endpoints = local.up(directory, version, proxy_config)
         server = leader["server"] if leader else _start_control_plane(kube, bins)
         ca_dir = Path(leader["ca_dir"]) if leader else kube.pki

@@ -175,9 +175,11 @@ def cni_conflist(layout: NodeLayout) -> str:
 
 
 def proxy_config(layout: NodeLayout, criu: Path, extra_dirs: Sequence[Path] = (),
-                 extra_registries: Sequence[str] = ()) -> str:
+                 extra_registries: Sequence[str] = (), export_registry: str | None = None) -> str:
     """The local node's criu-shim config: its CRIU, its audit log, restores from DIR/checkpoints
-    (and `extra_dirs`: a kubelet's checkpoints dir) and images of localhost (and `extra_registries`)."""
+    (and `extra_dirs`: a kubelet's checkpoints dir) and images of localhost (and `extra_registries`);
+    with `export_registry`, each kubelet checkpoint is published there (`kubectl checkpoint`)."""
+    export = f'\n[export]\nregistry = "{export_registry}"\n' if export_registry else ""
     dirs = json.dumps([str(layout.checkpoints_dir), *map(str, extra_dirs)])
     registries = json.dumps(["localhost", *extra_registries])
     return f"""state_dir = "{layout.dir / 'state'}"
@@ -191,7 +193,7 @@ enabled = true
 allowed_dirs = {dirs}
 allowed_registries = {registries}
 work_dir = "{layout.dir / 'restore'}"
-"""
+{export}"""
 
 
 def shim_launcher(template: str, python: str, runc_shim: Path | str = "containerd-shim-runc-v2") -> str:
