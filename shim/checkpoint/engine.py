@@ -33,7 +33,7 @@ from shim import freezer, policy, signing
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.arch import go_arch
-from shim.checkpoint import addresses, audit, criu, criulog, devshm, location, netlock, options, recovery
+from shim.checkpoint import addresses, audit, criu, criulog, devshm, location, netlock, options, recovery, sealing
 from shim.checkpoint.adopt import write_archive_in_place
 from shim.checkpoint.archive import Member, directory_members
 from shim.checkpoint.metadata import config_dump, spec_dump, status_dump
@@ -75,6 +75,7 @@ class Target:
     options: options.CheckpointOptions
     pod_ips: tuple[str, ...] = ()
     netns: Path | None = None  # the pod's network namespace
+    seal: sealing.SealKey | None = None  # encryption at rest: the archive is sealed with this key
 
 
 @dataclass
@@ -135,7 +136,12 @@ class Checkpointer:
         netns = _network_namespace(info)
         if opts.tcp_established and netns is not None:
             ips = await addresses.pod_addresses(netns, ips)  # with those a restore carried into this pod
-        return Target(status, sandbox.metadata.name, sandbox.metadata.namespace, opts, ips, netns)
+        seal = None
+        # The key is loaded before the container is touched: a missing or unusable key refuses the checkpoint.
+        if sealing.wanted(self._config.encryption, sandbox.annotations, status.metadata.name,
+                          sandbox.metadata.namespace, sandbox.metadata.name, request.container_id):
+            seal = await asyncio.to_thread(sealing.load_key, self._config.encryption)
+        return Target(status, sandbox.metadata.name, sandbox.metadata.namespace, opts, ips, netns, seal)
 
     async def _until_exited(self, container_id: str) -> None:
         """Answer a stop-after checkpoint only once ContainerStatus says EXITED.
@@ -181,7 +187,7 @@ class Checkpointer:
             # Before the freeze, so as not to lengthen it: what the pod's nftables held before us and CRIU.
             tables = sorted(await netlock.tables(target.netns)) if locking and target.netns else []
             async with AsyncExitStack() as streaming, AsyncExitStack() as frozen:
-                streamed = await self._stream_pages(container_id, staging, streaming)
+                streamed = await self._stream_pages(container_id, staging, streaming, target.seal)
                 if locking and target.netns is not None:
                     self._tidy_tables_at_exit(target.netns, set(tables), frozen)  # exits last: after the thaw
                 journal.note(**{recovery.PAUSED: True})
@@ -207,21 +213,21 @@ class Checkpointer:
                 reached(Point.CHECKPOINT_ARCHIVE)
                 archive_started = time.monotonic()
                 try:
-                    outcome.size = await asyncio.to_thread(self._write_archive, streamed, path, members)
+                    outcome.size = await asyncio.to_thread(self._write_archive, streamed, path, members, target.seal)
                     await asyncio.to_thread(_sign, path, key)
                 except OSError as exc:
                     raise _storage_error(path, exc) from None
                 outcome.archive_s = time.monotonic() - archive_started
 
-    async def _stream_pages(self, container_id: str, staging: Path,
-                            stack: AsyncExitStack) -> StreamedArchive | None:
+    async def _stream_pages(self, container_id: str, staging: Path, stack: AsyncExitStack,
+                            seal: sealing.SealKey | None) -> StreamedArchive | None:
         """Memory straight into the archive during the dump (pagestream); None: built afterwards."""
         directory = await recovery.freezer_dir(self._containerd, container_id)
         try:
             count = await asyncio.to_thread(freezer.processes, directory) if directory else 1
         except freezer.FreezerError:
             count = 1
-        streamed = await asyncio.to_thread(StreamedArchive.open, staging, count)
+        streamed = await asyncio.to_thread(StreamedArchive.open, staging, count, seal)
         if streamed is not None:
             stack.push_async_callback(_undo, asyncio.to_thread(streamed.close), None, "close the page stream")
         return streamed
@@ -241,9 +247,12 @@ class Checkpointer:
             except OSError as exc:
                 raise _storage_error(path, exc) from None
 
-    def _write_archive(self, streamed: StreamedArchive | None, path: Path, members: list[Member]) -> int:
+    def _write_archive(self, streamed: StreamedArchive | None, path: Path, members: list[Member],
+                       seal: sealing.SealKey | None) -> int:
         if streamed is not None:
             return streamed.complete(path, members, self._config.checkpoint.fsync)
+        if seal is not None:
+            return sealing.write_sealed_archive(path, members, seal, self._config.checkpoint.fsync)
         return write_archive_in_place(path, members, self._config.checkpoint.fsync)
 
     async def _freeze(self, container_id: str, stack: AsyncExitStack, outcome: Outcome) -> None:

@@ -9,7 +9,10 @@ place, right behind a reserved tar header that is filled in once the size is
 known. The memory reaches the page cache once, at its final offset; nothing
 forces a write-back (as inserting a header in front of CRIU's own file did);
 and the dump is as fast as CRIU's own. The same stream is where encryption
-and network transfer of checkpoints plug in.
+and network transfer of checkpoints plug in: with a `SealedFile` (shim.sealed)
+the pages are read from the pipe straight into its chunk buffer and sealed
+there (a copy through user space is what encryption costs; still one pass,
+nothing read back), and each tar header's slot is sealed once its size is known.
 
 Why FIFOs and not CRIU's page server: containerd's checkpoint options carry
 no page-server address (and runc's CRIU configuration file is per node or per
@@ -44,6 +47,7 @@ from pathlib import Path
 
 from shim.archive_layout import IMAGES_DIR
 from shim.checkpoint.archive import FILE_MODE, root_entry
+from shim.sealed import SealedFile, Slot
 
 PAGES_PATTERN = "pages-{}.img"  # CRIU's page image names (criu/image-desc.c)
 PAGES_GLOB = PAGES_PATTERN.format("*")
@@ -62,6 +66,7 @@ class Streamed:
     header_at: int
     header_len: int
     size: int = 0
+    slot: Slot | None = None  # sealed archives: where the header goes once the size is known
 
 
 @dataclass
@@ -92,10 +97,14 @@ def prepare(images: Path, count: int) -> list[Path]:
 class PageStream:
     """Runs in a thread during the dump: FIFO data -> archive (or spill files); start/finish in pairs."""
 
-    def __init__(self, fifos: list[Path], archive_fd: int, block: int, spill_dir: Path) -> None:
+    def __init__(self, fifos: list[Path], archive_fd: int, block: int, spill_dir: Path,
+                 sealed: SealedFile | None = None) -> None:
+        """`sealed`: write the archive through it (encrypted); offsets are then the plaintext's."""
         self._fifos = fifos
         self._archive = archive_fd
-        self._block = block
+        self._sealed = sealed
+        # Block alignment is for the loop device of a lazy restore, which a sealed archive never gets.
+        self._block = _BLOCK if sealed is not None else block
         self._spill_dir = spill_dir
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._result = Result(end=_BLOCK)  # block 0: the `checkpoint/` directory header
@@ -105,7 +114,10 @@ class PageStream:
         self._sink = -1  # /dev/null, where an image goes once writing it failed
 
     def start(self) -> None:
-        os.pwrite(self._archive, _directory_header(IMAGES_DIR), 0)
+        if self._sealed is not None:
+            self._sealed.write(_directory_header(IMAGES_DIR))
+        else:
+            os.pwrite(self._archive, _directory_header(IMAGES_DIR), 0)
         self._fds = {os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC): p for p in self._fifos}
         self._thread = threading.Thread(target=self._run, name="pagestream", daemon=True)
         self._thread.start()
@@ -183,6 +195,8 @@ class PageStream:
                 entry.size += moved
 
     def _splice(self, fd: int, target: int, entry: Streamed | Spilled) -> int:
+        if self._sealed is not None and isinstance(entry, Streamed) and target != self._sink:
+            return self._sealed.read_from(fd, SPLICE_CHUNK)
         if isinstance(entry, Streamed) and target != self._sink:
             offset = entry.header_at + entry.header_len + entry.size
             return os.splice(fd, target, SPLICE_CHUNK, offset_dst=offset, flags=os.SPLICE_F_NONBLOCK)
@@ -197,6 +211,8 @@ class PageStream:
         if not any(isinstance(entry, Streamed) for _, entry in active.values()):
             header_len = len(aligned_header(name, _HUGE, self._result.end, self._block))
             streamed = Streamed(name, self._result.end, header_len)
+            if self._sealed is not None:
+                streamed.slot = self._sealed.reserve(header_len)
             self._result.end += header_len
             active[fd] = (self._archive, streamed)
             return
@@ -217,11 +233,15 @@ class PageStream:
             self._result.spilled.append(entry)
             return
         header = aligned_header(entry.name, entry.size, entry.header_at, self._block, entry.header_len)
-        os.pwrite(self._archive, header, entry.header_at)
         data_end = entry.header_at + entry.header_len + entry.size
         padding = -data_end % _BLOCK
-        if padding:
-            os.pwrite(self._archive, bytes(padding), data_end)
+        if self._sealed is not None and entry.slot is not None:
+            self._sealed.fill(entry.slot, header)
+            self._sealed.write(bytes(padding))
+        else:
+            os.pwrite(self._archive, header, entry.header_at)
+            if padding:
+                os.pwrite(self._archive, bytes(padding), data_end)
         self._result.end = data_end + padding
         self._result.streamed.append(entry)
 

@@ -4,7 +4,8 @@ Life cycle, all blocking (call from a worker thread), in pairs:
 `open` (FIFOs and the archive file in the staging directory, the stream
 running) before the freeze; `dump_ended` once runc's dump returned, whatever
 its outcome; `complete` to append every other member and rename the file onto
-the location; `close` on every path (idempotent). The file lives in the
+the location; `close` on every path (idempotent). With a SealKey the archive
+is sealed (encrypted) as it is written: same steps, same file, one pass. The file lives in the
 private staging directory until the rename, so a failure or a crash leaves
 nothing beside it that recovery does not delete with the staging directory.
 """
@@ -19,20 +20,24 @@ from pathlib import Path
 from shim.archive_layout import IMAGES_DIR
 from shim.checkpoint import pagestream
 from shim.checkpoint.archive import FILE_MODE, Member, TarWriter, add_members
+from shim.checkpoint.sealing import SealedTarWriter, SealKey
+from shim.sealed import SealedFile
 
 ARCHIVE_NAME = "archive.tar"  # inside the staging directory, until renamed onto the location
 
 
 class StreamedArchive:
-    def __init__(self, staging: Path, fifos: list[Path], fd: int, stream: pagestream.PageStream) -> None:
+    def __init__(self, staging: Path, fifos: list[Path], fd: int, stream: pagestream.PageStream,
+                 sealed: SealedFile | None = None) -> None:
         self._staging = staging
+        self._sealed = sealed
         self._fifos = fifos
         self._fd: int | None = fd
         self._stream: pagestream.PageStream | None = stream
         self._result: pagestream.Result | None = None
 
     @classmethod
-    def open(cls, staging: Path, processes: int) -> StreamedArchive | None:
+    def open(cls, staging: Path, processes: int, seal: SealKey | None = None) -> StreamedArchive | None:
         """Prepare the stream for a container of `processes` processes; None where FIFOs can't be made."""
         images = staging / IMAGES_DIR
         images.mkdir(mode=0o700, exist_ok=True)
@@ -43,14 +48,15 @@ class StreamedArchive:
             return None  # e.g. a filesystem without FIFOs: the archive is built the other way
         path = staging / ARCHIVE_NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
-        stream = pagestream.PageStream(fifos, fd, os.statvfs(staging).f_bsize, staging)
         try:
+            sealed = SealedFile(fd, *seal.new_header()) if seal is not None else None
+            stream = pagestream.PageStream(fifos, fd, os.statvfs(staging).f_bsize, staging, sealed)
             stream.start()
         except BaseException:
             os.close(fd)
             pagestream.remove_fifos(fifos)
             raise
-        return cls(staging, fifos, fd, stream)
+        return cls(staging, fifos, fd, stream, sealed)
 
     def dump_ended(self) -> None:
         """Drain the pipes and take the FIFOs away (CRIU is done with them)."""
@@ -67,10 +73,16 @@ class StreamedArchive:
         assert self._fd is not None and self._result is not None, "complete() before dump_ended()"
         rest = [m for m in members if not (m.is_dir and m.name == IMAGES_DIR)]
         rest += [Member(s.name, source=s.path) for s in self._result.spilled]
-        os.lseek(self._fd, self._result.end, os.SEEK_SET)
-        writer = TarWriter(self._fd, start=self._result.end)
-        add_members(writer, rest)
-        size = writer.finish()
+        if self._sealed is not None:
+            writer: TarWriter = SealedTarWriter(self._sealed, start=self._result.end)
+            add_members(writer, rest)
+            writer.finish()
+            size = self._sealed.close()
+        else:
+            os.lseek(self._fd, self._result.end, os.SEEK_SET)
+            writer = TarWriter(self._fd, start=self._result.end)
+            add_members(writer, rest)
+            size = writer.finish()
         os.ftruncate(self._fd, size)
         if durable:
             os.fsync(self._fd)
