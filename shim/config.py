@@ -45,14 +45,6 @@
     keys = { "node-key-0" = "/etc/criu-shim/keys/node-key-0" }   # more keys, to open older archives
     opt_out_namespaces = []     # pods here may say checkpoint.criu-shim.io/encrypt: "false"
 
-    [encryption]                # shim.sealed: archives encrypted at rest (README "Encryption at rest")
-    enabled = false             # seal new checkpoints (AES-256-GCM, chunked, authenticated)
-    key_id = "node-key-1"       # names the key; written in each archive's header
-    key_file = "/etc/criu-shim/keys/node-key-1"   # 32 bytes as hex/base64/raw, mode 0600
-    key_command = ["/usr/local/bin/kms-key"]      # or: run with the key id appended, prints the key
-    keys = { "node-key-0" = "/etc/criu-shim/keys/node-key-0" }   # more keys, to open older archives
-    opt_out_namespaces = []     # pods here may say checkpoint.criu-shim.io/encrypt: "false"
-
     [admission]                 # shim.policy: who may restore, who may be checkpointed
     restore_namespaces = ["*"]            # pods that may receive a restore, by namespace (shell patterns)
     restore_runtime_handlers = ["*"]      # ... by RuntimeClass handler ("" = no RuntimeClass)
@@ -163,25 +155,6 @@ class EncryptionSettings:
 
 
 @dataclass(frozen=True)
-class EncryptionSettings:
-    """Archives sealed at rest (shim.sealed); the same keyring opens sealed archives at restore."""
-
-    enabled: bool = False  # seal new checkpoints (a pod may opt in, or out where opt_out_namespaces allow)
-    key_id: str = ""  # the key new archives are sealed with, named in their header
-    key_file: Path | None = None  # the key of key_id
-    key_command: tuple[str, ...] = ()  # key provider: run with a key id appended, prints that key
-    keys: tuple[tuple[str, Path], ...] = ()  # more key files by id, for archives sealed with older keys
-    opt_out_namespaces: tuple[str, ...] = ()  # shell patterns: pods here may turn encryption off
-
-    @property
-    def key_files(self) -> dict[str, Path]:
-        files = dict(self.keys)
-        if self.key_file is not None:
-            files[self.key_id] = self.key_file
-        return files
-
-
-@dataclass(frozen=True)
 class Config:
     checkpoint: CheckpointDefaults = field(default_factory=CheckpointDefaults)
     criu: Path | None = None
@@ -194,7 +167,6 @@ class Config:
     # Who may restore and who may be checkpointed (shim.policy).
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     signing: SigningSettings = field(default_factory=SigningSettings)
-    encryption: EncryptionSettings = field(default_factory=EncryptionSettings)
     encryption: EncryptionSettings = field(default_factory=EncryptionSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
 
@@ -211,7 +183,7 @@ def load(path: Path | None) -> Config:
 
 def parse(raw: dict[str, Any], origin: str = "config") -> Config:
     # A misspelt table ("[checkpiont]") would otherwise silently leave the defaults in force.
-    unknown_tables = set(raw) - {"encryption"} - {"encryption"} - {"checkpoint", "restore", "state_dir", "retention", "metrics", "admission",
+    unknown_tables = set(raw) - {"encryption"} - {"checkpoint", "restore", "state_dir", "retention", "metrics", "admission",
                                  "signing", "export"}
     if unknown_tables:
         raise InvalidArgument(f"{origin}: unknown keys: {', '.join(sorted(unknown_tables))}")
@@ -241,7 +213,6 @@ def parse(raw: dict[str, Any], origin: str = "config") -> Config:
                   _retention(raw.get("retention", {}), origin), _metrics(raw.get("metrics", {}), origin),
                   admission=parse_section(raw.get("admission", {}), origin),
                   encryption=_encryption(raw.get("encryption", {}), origin),
-                  encryption=_encryption(raw.get("encryption", {}), origin),
                   signing=_signing(raw.get("signing", {}), origin),
                   export=_export(raw.get("export", {}), origin))
 
@@ -258,38 +229,6 @@ def _export(section: Any, origin: str) -> ExportSettings:
     if not isinstance(repository, str) or not re.fullmatch(_REPOSITORY, repository):
         raise InvalidArgument(f"{origin}: export.repository must be a repository path (lowercase, a/b/c)")
     return ExportSettings(registry, repository)
-
-
-def _encryption(section: Any, origin: str) -> EncryptionSettings:
-    if not isinstance(section, dict):
-        raise InvalidArgument(f"{origin}: [encryption] must be a table")
-    unknown = set(section) - {"enabled", "key_id", "key_file", "key_command", "keys", "opt_out_namespaces"}
-    if unknown:
-        raise InvalidArgument(f"{origin}: unknown keys in [encryption]: {', '.join(sorted(unknown))}")
-    enabled, key_id = section.get("enabled", False), section.get("key_id", "")
-    if not isinstance(enabled, bool):
-        raise InvalidArgument(f"{origin}: encryption.enabled must be true or false")
-    key_file, command = section.get("key_file"), section.get("key_command", [])
-    keys, opt_out = section.get("keys", {}), section.get("opt_out_namespaces", [])
-    if not isinstance(key_id, str) or (key_id and (not key_id.isprintable() or key_id != key_id.strip())):
-        raise InvalidArgument(f"{origin}: encryption.key_id must be printable text without surrounding blanks")
-    paths = [key_file] if key_file is not None else []
-    if not isinstance(keys, dict) or not all(isinstance(k, str) and k for k in keys):
-        raise InvalidArgument(f"{origin}: encryption.keys must be a table of key id = key file")
-    if not all(isinstance(p, str) and Path(p).is_absolute() for p in [*paths, *keys.values()]):
-        raise InvalidArgument(f"{origin}: encryption key files must be absolute paths")
-    if not isinstance(command, list) or not all(isinstance(a, str) and a for a in command) or \
-            (command and not Path(command[0]).is_absolute()):
-        raise InvalidArgument(f"{origin}: encryption.key_command must be a list: an absolute program path, "
-                              "then its arguments (the key id is appended)")
-    if not isinstance(opt_out, list) or not all(isinstance(p, str) and p for p in opt_out):
-        raise InvalidArgument(f"{origin}: encryption.opt_out_namespaces must be a list of namespace patterns")
-    if (enabled or key_file or command) and not key_id:
-        raise InvalidArgument(f"{origin}: encryption.key_id must name the key archives are sealed with")
-    if enabled and key_file is None and not command:
-        raise InvalidArgument(f"{origin}: encryption.enabled needs encryption.key_file or encryption.key_command")
-    return EncryptionSettings(enabled, key_id, Path(key_file) if key_file else None, tuple(command),
-                              tuple((k, Path(v)) for k, v in sorted(keys.items())), tuple(opt_out))
 
 
 def _encryption(section: Any, origin: str) -> EncryptionSettings:
