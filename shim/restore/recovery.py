@@ -35,6 +35,7 @@ from shim.handoff import RESTORE_DIR, criu_config
 from shim.journal import Journal, Operation, Record
 from shim.restore import lazy
 from shim.restore.relays import remove_files
+from shim.restore.unseal import plaintext_path
 
 if TYPE_CHECKING:  # the relay imports this module too: no gRPC on its start-up
     from shim.containerd import Containerd
@@ -136,15 +137,16 @@ async def _undo_relay(facts: dict[str, Any], work: Path) -> list[str]:
 
 
 def _remove_restore(work: Path, shims: Path, relay_gone: bool) -> list[str]:
-    """Loop devices, work dir, exported layer; the relay's files when no relay is left to remove them."""
+    """Loop devices, work dir, exported layer, decrypted archive; the relay's files when no relay is left to remove them."""
     done = [f"released loop device {device}" for device in lazy.release(work)]
     if work.exists():
         shutil.rmtree(work, ignore_errors=True)
         done.append(f"deleted work dir {work}")
-    layer = work.parent / f"{work.name}.layer"
-    if layer.exists():
-        layer.unlink(missing_ok=True)
-        done.append(f"deleted {layer}")
+    # The exported layer, and the decrypted copy of a sealed archive (plaintext memory: a secret).
+    for leftover in (work.parent / f"{work.name}.layer", plaintext_path(work)):
+        if leftover.exists():
+            leftover.unlink(missing_ok=True)
+            done.append(f"deleted {leftover}")
     if relay_gone and shims.is_absolute():
         done += [f"deleted {path}" for path in remove_files({work.name}, shims)]
     return done
