@@ -42,7 +42,7 @@ from shim.handoff import CRIU_CONFIG_ANNOTATION, CRIU_CONFIG_SUFFIX, RESTORE_DIR
 from shim.journal import Journal, Operation
 from shim.metrics import record_failure, record_restore, record_restore_stage
 from shim.peer import Peer
-from shim.restore import lazy, recovery
+from shim.restore import lazy, recovery, unseal
 from shim.restore.criulogs import LOGS_ANNOTATION
 from shim.restore.image import CheckpointImage, checkpoint_image, export_layer
 from shim.restore.network import (
@@ -56,6 +56,7 @@ from shim.restore.network import (
 from shim.restore.relays import Relay, SparePool, stop_relay, wait_ready
 from shim.restore.selinux import restore_lsm_options, selinux_enforcing
 from shim.restore.signature import verify_signature
+from shim.sealed import is_encrypted
 
 log = logging.getLogger(__name__)
 METHOD = "/runtime.v1.RuntimeService/CreateContainer"
@@ -279,6 +280,9 @@ class Restorer:
 
     async def _unpack(self, archive_path: Path, work: Path, lazy_wanted: bool) -> Any:
         """Unpack the archive; under a lazy restore its large page images stay in it (shim.restore.lazy)."""
+        if await asyncio.to_thread(is_encrypted, archive_path):  # sealed: unpacked from its decrypted copy
+            async with unseal.decrypted(archive_path, work, self._config.encryption) as plain:
+                return await self._unpack(plain, work, lazy_wanted)
         from shim.restore.checkpoint_unpack import open_checkpoint
 
         defer = lazy.deferrable if lazy_wanted and await self._lazy_possible() else None

@@ -16,14 +16,16 @@ the clear in the private work dir during a restore, as for any archive.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from shim.config import EncryptionSettings
-from shim.errors import ResourceExhausted
-from shim.sealed import Keyring, decrypt_to, is_encrypted
+from shim.errors import ResourceExhausted, ShimError
+from shim.sealed import Keyring, decrypt_to
 
 PLAIN_SUFFIX = ".plain"
 
@@ -37,27 +39,37 @@ def keyring(settings: EncryptionSettings) -> Keyring:
     return Keyring(settings.key_files, settings.key_command)
 
 
-def unseal(archive: Path, work: Path, settings: EncryptionSettings) -> Path:
-    """The archive to unpack: `archive` itself, or its decrypted copy if it is sealed. Blocking.
+@contextlib.asynccontextmanager
+async def decrypted(archive: Path, work: Path, settings: EncryptionSettings) -> AsyncIterator[Path]:
+    """The decrypted copy of the sealed `archive`, for the unpacker; removed when the block ends.
 
-    Errors are the sealed format's (INVALID_ARGUMENT for a corrupt or tampered archive,
-    FAILED_PRECONDITION for a missing or wrong key), RESOURCE_EXHAUSTED for a full disk;
-    no copy is left behind on any of them.
+    A lazy restore's loop devices keep the data they serve (the file is unlinked, not gone, until
+    they are released). The file is created here, on the loop, and the worker thread writes a
+    duplicate descriptor: a cancelled call can never leave it behind, even while the thread runs
+    on. Errors from the block that name the copy name the archive instead.
     """
-    if not is_encrypted(archive):
-        return archive
-    out = plaintext_path(work)
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    plain = plaintext_path(work)
+    fd = os.open(plain, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
+        await asyncio.to_thread(_decrypt_into, archive, os.dup(fd), settings, plain)
         try:
-            decrypt_to(archive, keyring(settings), fd)
-        finally:
-            os.close(fd)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            out.unlink()
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ResourceExhausted(f"no space left on the filesystem of {out} decrypting {archive}: "
+            yield plain
+        except ShimError as exc:
+            if str(plain) not in exc.message:
+                raise
+            raise type(exc)(exc.message.replace(str(plain), f"{archive} (decrypted)")) from None
+    finally:
+        os.close(fd)
+        plain.unlink(missing_ok=True)
+
+
+def _decrypt_into(archive: Path, fd: int, settings: EncryptionSettings, plain: Path) -> None:
+    try:
+        decrypt_to(archive, keyring(settings), fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted(f"no space left on the filesystem of {plain} decrypting {archive}: "
                                     f"{exc.strerror}") from None
         raise
-    return out
+    finally:
+        os.close(fd)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from shim.checkpoint.archive import Member, write_archive
+from shim.checkpoint.archive import Member
 from shim.checkpoint.sealing import SealKey, write_sealed_archive
 from shim.config import EncryptionSettings
-from shim.errors import Code, ShimError
-from shim.restore.unseal import plaintext_path, unseal
+from shim.errors import Code, InvalidArgument, ShimError
+from shim.restore.unseal import decrypted, plaintext_path
 
 KEY = bytes(range(32))
 
@@ -30,21 +32,30 @@ def setup(tmp_path: Path, key: bytes = KEY) -> tuple[Path, Path, EncryptionSetti
     return archive, work, EncryptionSettings(key_id="k1", key_file=key_file)
 
 
-def test_plain_archive_passes_through(tmp_path: Path) -> None:
-    _, work, settings = setup(tmp_path)
-    plain = tmp_path / "plain.tar"
-    write_archive(plain, [Member("spec.dump", data=b"{}")], durable=False)
-    assert unseal(plain, work, settings) == plain and not plaintext_path(work).exists()
+def unseal(archive: Path, work: Path, settings: EncryptionSettings, fail: ShimError | None = None) -> bytes:
+    async def run() -> bytes:
+        async with decrypted(archive, work, settings) as plain:
+            assert plain == plaintext_path(work) and stat.S_IMODE(plain.stat().st_mode) == 0o600
+            if fail is not None:
+                raise fail
+            with tarfile.open(plain) as tar:
+                return tar.extractfile("spec.dump").read()  # type: ignore[union-attr]
+
+    return asyncio.run(run())
 
 
-def test_sealed_archive_decrypted_privately(tmp_path: Path) -> None:
+def test_sealed_archive_decrypted_privately_then_removed(tmp_path: Path) -> None:
     archive, work, settings = setup(tmp_path)
-    out = unseal(archive, work, settings)
-    assert out == plaintext_path(work) and stat.S_IMODE(out.stat().st_mode) == 0o600
-    import tarfile
+    assert unseal(archive, work, settings) == b"{}" * 5000
+    assert not plaintext_path(work).exists()
 
-    with tarfile.open(out) as tar:
-        assert tar.extractfile("spec.dump").read() == b"{}" * 5000  # type: ignore[union-attr]
+
+def test_errors_name_the_archive_not_the_copy(tmp_path: Path) -> None:
+    archive, work, settings = setup(tmp_path)
+    with pytest.raises(InvalidArgument) as caught:
+        unseal(archive, work, settings, InvalidArgument(f"checkpoint archive {plaintext_path(work)} is corrupt"))
+    assert caught.value.message == f"checkpoint archive {archive} (decrypted) is corrupt"
+    assert not plaintext_path(work).exists()
 
 
 @pytest.mark.parametrize("damage,code,text", [
