@@ -38,14 +38,61 @@ def node_down(directory: Path) -> str:
     return criu_shim("node", "down", "--dir", str(directory), "--purge").stdout
 
 
+# The containerd matrix (issue 15): every scenario of the matrix in full on these...
+FULL = ("1.7", "2.4")
+# ...and a smoke set (checkpoint, restore, pass-through) on these ("2.1" is Debian's 2.1 with our handler).
+SMOKE = ("1.6", "2.1", "2.3")
+
+
+def on(*versions: str) -> pytest.MarkDecorator:
+    """Run a test that takes `node` once on the node of each containerd variant (shim.node.tools)."""
+    return pytest.mark.parametrize("node", versions, indirect=True)
+
+
+class Nodes:
+    """One node per containerd variant for the whole session, started on first use (3-5 s each),
+    so the matrix's versions share their nodes across test modules."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        self._factory = factory
+        self._up: dict[str, Node] = {}
+
+    def get(self, version: str) -> Node:
+        for attempt in range(3):
+            if version in self._up:
+                break
+            directory = self._factory.mktemp(f"node-{version}")
+            try:
+                self._up[version] = node_up(directory, version)
+            except subprocess.CalledProcessError as exc:
+                node_down(directory)
+                # A node's /24 comes from a hash of its directory: with several nodes up, two may
+                # collide, which `node up` refuses; another directory gives another subnet.
+                if "is already routed" not in exc.stderr or attempt == 2:
+                    raise
+        return self._up[version]
+
+    def down(self) -> list[Path]:
+        for up in self._up.values():
+            node_down(up.dir)
+        return [up.dir for up in self._up.values()]
+
+
 @pytest.fixture(scope="session")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
     if os.geteuid() != 0:
         pytest.skip("node tests need root")
     before = leaks.snapshot()
-    directory = tmp_path_factory.mktemp("node")
+    pool = Nodes(tmp_path_factory)
     try:
-        yield node_up(directory)
+        yield pool
     finally:
-        node_down(directory)
-    leaks.assert_nothing_left(before, leaks.settled_snapshot(before), directory)
+        directories = pool.down()
+    leaks.assert_nothing_left(before, leaks.settled_snapshot(before), directories[0].parent if directories
+                              else tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture
+def node(request: pytest.FixtureRequest, nodes: Nodes) -> Node:
+    """The session's node of containerd 1.7, or of the variant a test is parametrised with (`on`)."""
+    return nodes.get(getattr(request, "param", "1.7"))

@@ -54,7 +54,7 @@ from tests.node.app_clients import (
     start,
     userns_pod,
 )
-from tests.node.conftest import Node
+from tests.node.conftest import Node, Nodes
 from tests.node.pods import Cri, wait_for
 
 pytestmark = pytest.mark.node
@@ -70,8 +70,8 @@ class Moved:
 
 
 @pytest.fixture(scope="module")
-def app_images(node: Node) -> None:
-    import_app_images(node.containerd)
+def app_images(nodes: Nodes) -> None:
+    import_app_images(nodes.get("1.7").containerd)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 
 from shim.node import procs
 from shim.paths_env import load_paths
-from tests.node.conftest import Node
+from tests.node.conftest import FULL, SMOKE, Node, on
 from tests.node.pods import Cri, wait_for
 
 pytestmark = pytest.mark.node
@@ -43,6 +43,7 @@ def _checkpointctl(archive: Path) -> str:
     return out.stdout
 
 
+@on(*FULL, *SMOKE)
 def test_running_container_is_checkpointed_and_keeps_running(cri: Cri, tmp_path: Path) -> None:
     with cri.pod() as pod:
         ctr = cri.container(pod, ["sh", "-c", "rm /etc/group; exec /usr/local/bin/counter"], {"MEM_MB": "16"})

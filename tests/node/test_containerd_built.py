@@ -21,7 +21,7 @@ from shim.handoff import SHIM_DIR
 from shim.node.layout import NodeLayout
 from shim.node.tools import load_paths
 from shim.restore.pod_shim import BOOTSTRAP, TASK_RUNTIME
-from tests.node.conftest import Node, node_down, node_up
+from tests.node.conftest import Node, Nodes
 from tests.node.pods import Cri, wait_for
 from tests.node.test_restore import COUNTER, _checkpoint_counter, _restore, _work_dirs
 from tests.node.test_runtime_config import crictl, squeezed
@@ -32,13 +32,9 @@ LOCKED = {"2.3": "v2.3.", "2.4": "v2.4."}  # scripts/peers.lock pins the patch r
 
 
 @pytest.fixture(scope="module", params=["2.3", "2.4"])
-def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Node]]:
+def built(request: pytest.FixtureRequest, nodes: Nodes) -> tuple[str, Node]:
     version: str = request.param
-    directory = tmp_path_factory.mktemp(f"containerd{version}")
-    try:
-        yield version, node_up(directory, version)
-    finally:
-        node_down(directory)
+    return version, nodes.get(version)  # the session's node of that version, shared with the matrix
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from shim.api.cri.v1 import api_pb2 as cri
 from shim.handoff import RESTORE_DIR, SHIM_DIR, criu_config
 from shim.node import procs
 from shim.restore import lazy, loopdev
-from tests.node.conftest import Node, node_down, node_up
+from tests.node.conftest import FULL, Node, node_down, node_up, on
 from tests.node.pods import Cri, Pod, wait_for
 from tests.node.test_restore import _restore, assert_restore_refused
 
@@ -66,6 +66,7 @@ def _pages_size(archive: Path) -> int:
         return tar.getmember("checkpoint/pages-1.img").size
 
 
+@on(*FULL)
 def test_large_memory_is_restored_lazily_and_in_full(client: Cri, node: Node) -> None:
     archive = _checkpoint(client, node, "lazy")
     with client.pod() as pod:

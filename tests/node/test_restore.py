@@ -16,10 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shim.annotations import LAZY_PAGES
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.handoff import RESTORE_DIR
 from shim.paths_env import load_paths
-from tests.node.conftest import Node
+from tests.node.conftest import FULL, SMOKE, Node, on
 from tests.node.pods import Cri, Pod, wait_for
 
 pytestmark = pytest.mark.node
@@ -59,11 +60,13 @@ def _checkpoint_counter(client: Cri, node: Node, at_least: int, mem_mb: int = 0)
 
 
 # 0 MiB: the memory image is small and restored before the process runs; 48 MiB: a lazy restore
-# (shim.restore.lazy), the process runs while its memory is filled in.
-@pytest.mark.parametrize("mem_mb", [0, 48])
-def test_counter_resumes_its_count_in_a_new_pod(client: Cri, node: Node, mem_mb: int) -> None:
+# (shim.restore.lazy), the process runs while its memory is filled in; and 48 MiB with lazy pages
+# turned off by the new pod's annotation: all memory in place before the process runs.
+@on(*FULL, *SMOKE)
+@pytest.mark.parametrize(("mem_mb", "lazy"), [(0, False), (48, True), (48, False)], ids=["tiny", "lazy", "eager"])
+def test_counter_resumes_its_count_in_a_new_pod(client: Cri, node: Node, mem_mb: int, lazy: bool) -> None:
     archive, _ = _checkpoint_counter(client, node, 20, mem_mb)
-    with client.pod() as pod_b:
+    with client.pod({} if lazy or not mem_mb else {LAZY_PAGES: "false"}) as pod_b:
         ctr = _restore(client, pod_b, archive)
         assert client.state(ctr) == "CONTAINER_RUNNING"
         first = client.count(ctr)
@@ -82,7 +85,7 @@ def test_counter_resumes_its_count_in_a_new_pod(client: Cri, node: Node, mem_mb:
         status = client.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr)).status
         assert status.annotations["restored"] == "true"
         lazy_plan = Path(status.annotations[RESTORE_DIR]) / "lazy-pages.json"
-        assert lazy_plan.exists() == (mem_mb > 0), "the 48 MiB image is restored lazily, the tiny one eagerly"
+        assert lazy_plan.exists() == lazy, "the 48 MiB image is restored lazily unless the pod says no"
         assert status.annotations["checkpointImage"] == str(archive)
         assert status.annotations["checkpointedAt"]
         log = client.log(ctr)

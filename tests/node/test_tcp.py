@@ -35,7 +35,9 @@ def _seqs(log: str) -> list[int]:
 
 
 
-@pytest.mark.parametrize("run", range(10))  # the issue asks for ten in a row
+# The issue asks for ten in a row on 1.7; the matrix's other full version (2.4) runs it three times.
+@pytest.mark.parametrize(("node", "run"), [("1.7", r) for r in range(10)] + [("2.4", r) for r in range(3)],
+                         indirect=["node"])
 def test_established_connection_carries_on_after_restore_into_a_new_pod(client: Cri, node: Node, run: int) -> None:
     archive = node.dir / "checkpoints" / "server.tar"
     with contextlib.ExitStack() as stack:
