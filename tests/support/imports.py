@@ -24,13 +24,15 @@ GENERATED = "shim.api"
 
 # Longest prefix wins: shim.runtime.main is composition, the rest of shim.runtime an adapter.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("entry points", ("shim.__main__", "shim.cli", "shim.runtime.__main__")),
+    ("entry points", ("shim.__main__", "shim.cli", "shim.runtime.__main__",
+                      "shim.kubectl.cli")),  # kubectl-checkpoint
     ("composition roots and commands", (
         "shim.app",  # criu-shim serve: the proxy's wiring
         "shim.runtime.main",  # containerd-shim-criu-v2: the runtime shim's wiring
         "shim.recovery",  # the crash reconciler, over checkpoint and restore
         "shim.preflight",  # criu-shim check
         "shim.install",  # criu-shim install
+        "shim.kubectl",  # kubectl checkpoint: the API server client and the restore pod
         "shim.node",  # the development node (criu-shim node): only the CLI may import it
     )),
     ("adapters", (

@@ -1,0 +1,226 @@
+"""`kubectl checkpoint`: checkpoint, restore and migrate containers through the API server (no node access).
+
+Installed as the console script `kubectl-checkpoint`, which kubectl runs as the `checkpoint` subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import PurePosixPath
+
+from shim.errors import InvalidArgument, ShimError
+from shim.export import DEFAULT_REPOSITORY, kubelet_reference
+from shim.kubectl import plan
+from shim.kubectl.cluster import Cluster, Target
+from shim.registry import Reference, RegistryClient
+
+REGISTRY_ENV = "KUBECTL_CHECKPOINT_REGISTRY"
+ACTIONS = ("restore", "migrate")
+
+EXAMPLES = f"""\
+examples:
+  # checkpoint container "app" of pod "web" (the archive stays on the pod's node; its path is printed)
+  kubectl checkpoint web -c app -n shop
+
+  # checkpoint "web" now and restore it into a new pod "web-copy" on the same node
+  kubectl checkpoint restore web --name web-copy --registry registry.example:5000
+
+  # restore from a checkpoint taken earlier (the path `kubectl checkpoint` printed), onto node-2
+  kubectl checkpoint restore web --from /var/lib/kubelet/checkpoints/checkpoint-web_shop-app-2026-12-05T00:41:02Z.tar \\
+      --node node-2 --registry registry.example:5000
+
+  # move "web" to node-2: checkpoint, restore there, delete the source once the copy runs
+  kubectl checkpoint migrate web --to-node node-2 --registry registry.example:5000
+
+How the archive reaches the registry: criu-shim on each node publishes every kubelet checkpoint
+(config `[export] registry = "HOST:PORT"`) as REGISTRY/criu-shim/checkpoints/<pod>_<ns>-<ctr>:<time>,
+derived from the archive's file name; this plugin derives the same reference. --registry (or
+${REGISTRY_ENV}) must name that registry. Credentials for it come from $DOCKER_CONFIG/config.json or
+~/.docker/config.json; the cluster's from KUBECONFIG / --kubeconfig and --context, as for kubectl.
+"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pod", metavar="POD", help="the pod (NAME or pod/NAME)")
+    parser.add_argument("-c", "--container", help="the container (default: the pod's only or default container)")
+    parser.add_argument("-n", "--namespace", help="the pod's namespace (default: the context's, else default)")
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)")
+    parser.add_argument("--context", help="kubeconfig context to use")
+    parser.add_argument("--timeout", type=int, default=120, metavar="SECONDS",
+                        help="how long the kubelet may take to checkpoint (default 120)")
+
+
+def _restoring(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--registry", default=os.environ.get(REGISTRY_ENV), metavar="HOST[:PORT]",
+                        help=f"where the nodes publish checkpoints ([export] registry; default ${REGISTRY_ENV})")
+    parser.add_argument("--repository", default=DEFAULT_REPOSITORY,
+                        help=f"the nodes' [export] repository (default {DEFAULT_REPOSITORY})")
+    parser.add_argument("--name", help="name of the new pod (default: POD-<checkpoint time>)")
+    parser.add_argument("--copy-labels", action="store_true",
+                        help="give the new pod the source's labels (Services then select it; so would a "
+                        "ReplicaSet that owns the source, which may delete pods beyond its count)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="do not look the image up in the registry from here (the node still pulls it); "
+                        "the pod then names it by tag instead of digest")
+    parser.add_argument("--wait-timeout", type=float, default=180.0, metavar="SECONDS",
+                        help="how long to wait for the new pod to run (default 180)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubectl checkpoint", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        usage="kubectl checkpoint POD [-c CONTAINER] [-n NAMESPACE] [options]\n"
+              "       kubectl checkpoint restore POD [--from ARCHIVE|IMAGE] [--name NEW] [--node NODE] [options]\n"
+              "       kubectl checkpoint migrate POD --to-node NODE [--keep-source] [options]",
+        description="Checkpoint a running container through the kubelet checkpoint API (the API server's node "
+        "proxy: POST /api/v1/nodes/NODE/proxy/checkpoint/NS/POD/CONTAINER) and print the archive's path on the "
+        "node; restore it into a new pod; or migrate a pod to another node. Restores need criu-shim on the "
+        "target node with restore enabled and the registry allowed.")
+    _common(parser)
+    parser.add_argument("-o", "--output", choices=["path", "json"], default="path",
+                        help="print the archive's path (default) or the kubelet's JSON answer")
+    return parser
+
+
+def restore_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubectl checkpoint restore", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Restore container CONTAINER of POD into a new pod: from a checkpoint taken now, or --from the "
+        "archive path `kubectl checkpoint` printed, or --from a checkpoint image reference. The new pod copies "
+        "POD's spec and annotations, with the container's image set to the checkpoint image.")
+    _common(parser)
+    _restoring(parser)
+    parser.add_argument("--from", dest="source", metavar="ARCHIVE|IMAGE",
+                        help="a kubelet archive path (its name gives the published image) or an image reference")
+    parser.add_argument("--node", help="node for the new pod (default: POD's node)")
+    return parser
+
+
+def migrate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubectl checkpoint migrate", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Move POD to node NODE: checkpoint its container, restore it into a new pod bound to NODE, "
+        "and once that pod runs delete POD (unless --keep-source). If the new pod does not run, it is deleted "
+        "and POD is left as it is.")
+    _common(parser)
+    _restoring(parser)
+    parser.add_argument("--to-node", required=True, metavar="NODE", help="the node to move to")
+    parser.add_argument("--keep-source", action="store_true", help="leave the source pod running")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args and args[0] in ACTIONS:
+            action = args.pop(0)
+            parsed = (restore_parser() if action == "restore" else migrate_parser()).parse_args(args)
+            return _restore(parsed, migrate=action == "migrate")
+        return _checkpoint(build_parser().parse_args(args))
+    except ShimError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+
+
+def _pod_name(value: str) -> str:
+    kind, slash, name = value.partition("/")
+    if slash:
+        if kind not in ("pod", "pods", "po"):
+            raise InvalidArgument(f"{value}: only pods can be checkpointed")
+        value = name
+    return plan.check_name(value)
+
+
+def _open(args: argparse.Namespace) -> tuple[Cluster, Target]:
+    cluster = Cluster(args.kubeconfig, args.context)
+    return cluster, Target(args.namespace or cluster.default_namespace, _pod_name(args.pod))
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    cluster, target = _open(args)
+    try:
+        pod = cluster.pod(target)
+        container = plan.choose_container(pod, args.container)
+        path = cluster.checkpoint(plan.node_of(pod), target, container, args.timeout)
+    finally:
+        cluster.close()
+    print(path if args.output == "path" else f'{{"items": ["{path}"]}}')
+    return 0
+
+
+def _restore(args: argparse.Namespace, migrate: bool) -> int:
+    cluster, target = _open(args)
+    try:
+        source = cluster.pod(target)
+        container = plan.choose_container(source, args.container)
+        if args.name:
+            plan.check_name(args.name)
+        from_ = None if migrate else args.source
+        by_archive = from_ is None or from_.startswith("/") or from_.startswith("checkpoint-")
+        given = None if by_archive or from_ is None else Reference.parse(from_)
+        if by_archive:
+            _published(args, "")  # which registry: asked before anything is checkpointed
+        node = args.to_node if migrate else (args.node or plan.node_of(source))
+        cluster.node(node)  # a typo in --node is refused before anything is checkpointed
+        if given is None:
+            archive = from_ or cluster.checkpoint(plan.node_of(source), target, container, args.timeout)
+            if from_ is None:
+                print(f"checkpoint: {archive} (node {plan.node_of(source)})")
+            published = _published(args, PurePosixPath(archive).name)
+            assert published is not None
+            ref = published
+        else:
+            ref = given
+        image = ref if args.no_verify else _pinned(ref)
+        print(f"image: {image}")
+        name = args.name or _default_name(target.pod, ref)
+        manifest = plan.restore_pod(source, container, str(image), name, node, args.copy_labels)
+        cluster.create_pod(target.namespace, manifest)
+        print(f"pod/{name} created on node {node}")
+        new = Target(target.namespace, name)
+        try:
+            cluster.wait_running(new, container, args.wait_timeout)
+        except ShimError:
+            if migrate:  # nothing half-moved: the copy goes, the source stays as it was
+                cluster.delete_pod(new)
+                print(f"pod/{name} deleted; pod/{target.pod} left running", file=sys.stderr)
+            raise
+        print(f"pod/{name} running")
+        if migrate and not args.keep_source:
+            cluster.delete_pod(target)
+            print(f"pod/{target.pod} deleted")
+    finally:
+        cluster.close()
+    return 0
+
+
+def _published(args: argparse.Namespace, archive_name: str) -> Reference | None:
+    """The reference the node published `archive_name` under; with no name, only checks a registry is known."""
+    if not args.registry:
+        raise InvalidArgument(f"which registry do the nodes publish checkpoints to? Pass --registry HOST[:PORT] "
+                              f"or set {REGISTRY_ENV} (the nodes' criu-shim [export] registry)")
+    return kubelet_reference(archive_name, args.registry, args.repository) if archive_name else None
+
+
+def _pinned(ref: Reference) -> Reference:
+    """ref@digest, looked up in the registry: the pod gets exactly this image, and a node that did not
+    publish it (no [export] registry, or a failed push) is reported here rather than as a pull error."""
+    try:
+        with RegistryClient(ref.registry) as client:
+            _, _, digest = client.manifest(ref)
+    except ShimError as exc:
+        raise type(exc)(f"checkpoint image {ref} is not available: {exc.message} (criu-shim on the node "
+                        "publishes kubelet checkpoints only when its config sets [export] registry; its log "
+                        "says why a push failed)") from None
+    return ref.with_digest(digest)
+
+
+def _default_name(pod: str, ref: Reference) -> str:
+    """POD-<checkpoint time as digits>, dropping an earlier such suffix (A -> B -> C keeps a short name)."""
+    base = re.sub(r"-\d{8}t\d{6}z?$", "", pod)
+    stamp = re.sub(r"[^0-9tz]", "", (ref.tag or "").lower())[:16] or "restored"
+    return f"{base[:253 - len(stamp) - 1]}-{stamp}"
