@@ -45,23 +45,34 @@ def handlers(config: Config, containerd: Containerd, restorer: Restorer,
     }
 
 
-def _publisher(config: Config) -> Callable[[Path], Awaitable[None]] | None:
+def _publisher(config: Config) -> Callable[[Path, float | None], Awaitable[None]] | None:
     """[export]: push each kubelet checkpoint to the registry before the kubelet gets its answer, so the
     image exists once `kubectl checkpoint` sees the archive's name. A failed push is logged and the
-    checkpoint still succeeds: the archive is written and the workload was never at stake."""
+    checkpoint still succeeds: the archive is written and the workload was never at stake. A push
+    still running when the call's deadline nears goes on in its thread; the answer does not wait."""
     if config.export.registry is None:
         return None
     exporter = Exporter(config.export.registry, config.export.repository)
+    running: set[asyncio.Future[object]] = set()  # pushes that outlived their call: kept until they end
 
-    async def publish(archive: Path) -> None:
+    def report(archive: Path, push: asyncio.Future[object]) -> None:
+        running.discard(push)
+        exc = None if push.cancelled() else push.exception()
+        if isinstance(exc, ShimError):
+            log.error("checkpoint %s not published to %s: %s", archive, exporter.registry, exc.message)
+        elif exc is not None:
+            log.error("checkpoint %s not published to %s", archive, exporter.registry, exc_info=exc)
+
+    async def publish(archive: Path, seconds_left: float | None) -> None:
         if not exporter.wants(archive):
             return
-        try:
-            await asyncio.to_thread(exporter.publish, archive)
-        except ShimError as exc:
-            log.error("checkpoint %s not published to %s: %s", archive, exporter.registry, exc.message)
-        except Exception:
-            log.exception("checkpoint %s not published to %s", archive, exporter.registry)
+        push: asyncio.Future[object] = asyncio.ensure_future(asyncio.to_thread(exporter.publish, archive))
+        running.add(push)
+        push.add_done_callback(lambda done: report(archive, done))
+        await asyncio.wait({push}, timeout=None if seconds_left is None else max(seconds_left, 0.0))
+        if not push.done():
+            log.warning("checkpoint %s: still publishing to %s at the call's deadline; answering now, the push "
+                        "goes on", archive, exporter.registry)
 
     return publish
 

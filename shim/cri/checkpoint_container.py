@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -15,9 +16,16 @@ from shim.proxy.dispatch import Call, Handler
 METHOD = "/runtime.v1.RuntimeService/CheckpointContainer"
 
 
-def handler(checkpointer: Checkpointer, written: Callable[[Path], Awaitable[None]] | None = None) -> Handler:
-    """`written(archive)` runs after a checkpoint succeeded, before the answer (the export publishes it)."""
+# Kept from the call's deadline for the answer itself, when `written` runs after the checkpoint.
+ANSWER_MARGIN = 1.0
+
+
+def handler(checkpointer: Checkpointer,
+            written: Callable[[Path, float | None], Awaitable[None]] | None = None) -> Handler:
+    """`written(archive, seconds left)` runs after a checkpoint succeeded, before the answer (the export
+    publishes it); it must return within the seconds left, so the deadline never fails a good checkpoint."""
     async def checkpoint_container(call: Call) -> bytes:
+        started = time.monotonic()
         try:
             request = cri.CheckpointContainerRequest.FromString(call.request)
         except DecodeError as exc:
@@ -27,7 +35,8 @@ def handler(checkpointer: Checkpointer, written: Callable[[Path], Awaitable[None
         # req.timeout is advisory: like containerd and CRI-O we obey the gRPC deadline.
         await checkpointer.checkpoint(Request(request.container_id, request.location, call.peer))
         if written is not None:
-            await written(Path(request.location))
+            left = None if call.timeout is None else call.timeout - (time.monotonic() - started) - ANSWER_MARGIN
+            await written(Path(request.location), left)
         return bytes(cri.CheckpointContainerResponse().SerializeToString())
 
     return checkpoint_container
