@@ -7,9 +7,13 @@ the paths measured round-robin so machine noise hits them alike:
   floor    containerd 1.7 task Checkpoint with an image path: `runc checkpoint
            --leave-running` of the same kind of container, no archive (the CRIU floor)
   native   containerd 2.x's own CRI CheckpointContainer (archive written)
+  dd       `dd` writing as many bytes as the memory to a file beside the archives (page
+           cache, no fsync, as the others): what writing the pages alone costs
 
-Also reported: the container's frozen time in our path (pause -> thaw) against
-CRIU's own frozen time for its dump (from the floor's stats-dump), and archive sizes.
+Also reported: the container's frozen time in our path against CRIU's own frozen
+time for its dump. Both are CRIU's `frozen_time` (stats-dump): ours is read from our
+dump (the audit line's frozen_s; it includes the wait at the gate while the rootfs
+diff is taken), CRIU's from the floor's dump. And archive sizes.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -46,14 +51,14 @@ def criu_shim(*args: str) -> dict[str, str]:
 class Counter:
     """A pod with one counter container holding `mem_mb` MiB."""
 
-    def __init__(self, endpoint: str, log_dir: Path, mem_mb: int, name: str) -> None:
+    def __init__(self, endpoint: str, log_dir: Path, mem_mb: int, name: str, image: str = TESTPROGS) -> None:
         self.channel = grpc.insecure_channel(endpoint)
         self.stub = api_pb2_grpc.RuntimeServiceStub(self.channel)
         log_dir.mkdir(parents=True, exist_ok=True)
         self.config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=name, namespace="bench", uid=name),
                                            log_directory=str(log_dir))
         self.pod = self.stub.RunPodSandbox(cri.RunPodSandboxRequest(config=self.config)).pod_sandbox_id
-        ctr = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="counter"), image=cri.ImageSpec(image=TESTPROGS),
+        ctr = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="counter"), image=cri.ImageSpec(image=image),
                                   command=["/usr/local/bin/counter"], log_path="counter.log",
                                   envs=[cri.KeyValue(key="MEM_MB", value=str(mem_mb))])
         self.id = self.stub.CreateContainer(cri.CreateContainerRequest(
@@ -94,6 +99,10 @@ def criu_frozen_s(work_dir: Path) -> float:
     return float(entry["frozen_time"]) / 1e6
 
 
+def dd_write(out: Path, mem_mb: int) -> None:
+    subprocess.run(["dd", "if=/dev/zero", f"of={out}", "bs=1M", f"count={mem_mb}", "status=none"], check=True)
+
+
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -107,7 +116,7 @@ def one_size(mem_mb: int, ours: dict[str, str], native: dict[str, str], work: Pa
         "floor": Counter(ours["CONTAINERD_ENDPOINT"], work / "logs" / f"f{mem_mb}", mem_mb, f"floor-{mem_mb}"),
         "native": Counter(native["CONTAINERD_ENDPOINT"], work / "logs" / f"n{mem_mb}", mem_mb, f"native-{mem_mb}"),
     }
-    times: dict[str, list[float]] = {k: [] for k in ctrs}
+    times: dict[str, list[float]] = {k: [] for k in (*ctrs, "dd")}
     frozen_ours: list[float] = []
     frozen_criu: list[float] = []
     sizes: dict[str, int] = {}
@@ -132,6 +141,10 @@ def one_size(mem_mb: int, ours: dict[str, str], native: dict[str, str], work: Pa
                         frozen_ours.append(json.loads(audit.read_text().splitlines()[-1])["frozen_s"])
                 shutil.rmtree(out, ignore_errors=True)
                 out.with_suffix(".tar").unlink(missing_ok=True)
+            os.sync()
+            written = work / f"dd-{mem_mb}-{rep}"
+            times["dd"].append(timed(functools.partial(dd_write, written, mem_mb)))
+            written.unlink()
     finally:
         for ctr in ctrs.values():
             ctr.remove()
@@ -164,13 +177,16 @@ def main() -> int:
 
 
 def report(rows: list[dict[str, object]], reps: int) -> None:
-    print(f"{'memory':>7} {'ours':>8} {'floor':>8} {'2.x':>8} {'ours/floor':>10} {'2.x/floor':>9} "
-          f"{'2.x/ours':>8} {'frozen ours':>11} {'CRIU frozen':>11} {'archive ours':>12} {'archive 2.x':>11}")
+    print(f"{'memory':>7} {'ours':>8} {'floor':>8} {'dd':>8} {'2.x':>8} {'ours/floor':>10} {'ours/dd':>8} "
+          f"{'2.x/floor':>9} {'2.x/ours':>8} {'frozen ours':>11} {'CRIU frozen':>11} {'frozen +':>9} "
+          f"{'archive ours':>12} {'archive 2.x':>11}")
     for r in rows:
         o, f, n = float(r["ours"]), float(r["floor"]), float(r["native"])  # type: ignore[arg-type]
+        d = float(r["dd"])  # type: ignore[arg-type]
+        fo, fc = float(r["frozen_ours"]), float(r["frozen_criu"])  # type: ignore[arg-type]
         sizes: dict[str, int] = r["sizes"]  # type: ignore[assignment]
-        print(f"{r['mem_mb']:>5}Mi {o:>7.3f}s {f:>7.3f}s {n:>7.3f}s {o / f:>9.2f}x {n / f:>8.2f}x {n / o:>7.2f}x "
-              f"{float(r['frozen_ours']):>10.3f}s {float(r['frozen_criu']):>10.3f}s "  # type: ignore[arg-type]
+        print(f"{r['mem_mb']:>5}Mi {o:>7.3f}s {f:>7.3f}s {d:>7.3f}s {n:>7.3f}s {o / f:>9.2f}x {o / d:>7.2f}x "
+              f"{n / f:>8.2f}x {n / o:>7.2f}x {fo:>10.3f}s {fc:>10.3f}s {(fo - fc) * 1e3:>+7.0f}ms "
               f"{sizes['ours'] / 2**20:>10.1f}Mi {sizes['native'] / 2**20:>9.1f}Mi")
     print(f"(median of {reps} checkpoints per path and size, paths interleaved; goal: ours <= 1.1x floor from "
           "512 MiB up, frozen ours <= CRIU's own dump + 20 ms)")

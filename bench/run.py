@@ -35,6 +35,9 @@ def main() -> int:
     print("\n== Restore: criu-shim on containerd 1.7 vs containerd 2.x native vs CRIU's own restore vs cold start",
           flush=True)
     subprocess.run([sys.executable, str(HERE / "restore.py"), *sizes], check=True)
+    print("\n== containerd 2.x: CheckpointContainer and restore through criu-shim on 2.4 vs containerd 2.3's own "
+          "(its restore switch on)", flush=True)
+    subprocess.run([sys.executable, str(HERE / "containerd2.py"), *sizes], check=True)
     print("\n== Live migration of a TCP server into a new pod (old IP kept): the client's gap and its split",
           flush=True)
     gap = ["--sizes", "64", "--reps", "1"] if args.quick else []
