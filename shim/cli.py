@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from shim.errors import ShimError
 from shim.install import arguments as install_arguments
+from shim.migrate import arguments as migrate_arguments
 
 DESCRIPTION = """\
 criu-shim: checkpoint/restore for Kubernetes nodes on containerd 1.6/1.7.
@@ -27,8 +29,10 @@ examples:
   criu-shim node up --dir /tmp/node1   # a local containerd 1.7 node with the proxy
   criu-shim checkpoint-image ckpt.tar --name registry.example/app:ckpt --out app-ckpt.tar
   criu-shim push ckpt.tar registry.example/app:ckpt   # the same image, pushed; prints REF@DIGEST
+  criu-shim inspect ckpt.tar --trusted-key /etc/criu-shim/trusted/node-a.pub   # what it holds, signature
   criu-shim gc --config /etc/criu-shim/config.toml --dry-run   # which checkpoint archives retention deletes
   criu-shim install --dry-run          # what wiring criu-shim into this node would change
+  criu-shim migrate CTR --to 10.0.0.12:7543 --to-pod shop/web-2   # move a container to another node
 """
 
 
@@ -39,6 +43,12 @@ def _unix_path(value: str) -> Path:
     if not path.is_absolute():
         raise argparse.ArgumentTypeError(f"socket path must be absolute: {value!r}")
     return path
+
+
+def _kubelet_duration(value: str) -> str:
+    if not re.fullmatch(r"[1-9][0-9]*(s|m|h)", value):
+        raise argparse.ArgumentTypeError(f"expected a duration like 30s, 5m or 1h, got {value!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,12 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also etcd, kube-apiserver and a kubelet using the proxy (built by `make peers`)")
     node_up.add_argument("--join", type=Path, metavar="DIR1",
                          help="a kubelet registered with the API server of the node in DIR1 (implies --kubernetes)")
+    node_up.add_argument("--image-gc-max-age", type=_kubelet_duration, metavar="DURATION",
+                         help="turn the kubelet's image GC on: every 5 minutes it removes images no container "
+                         "has used for DURATION (30s, 5m, 1h; default: image GC off)")
+    node_up.add_argument("--fabric", metavar="NAME",
+                         help="run the node as a host of its own: its containerd, CNI bridge, pods, proxy and "
+                         "migration receiver in a network namespace linked to the router of fabric NAME (made by "
+                         "the first node), which routes each node's pod subnet; for `criu-shim migrate`")
     node_down = node_sub.add_parser("down", help="stop the node in DIR and remove its processes, mounts, "
                                     "network namespaces and CNI state")
     node_down.add_argument("--dir", type=Path, required=True)
     node_down.add_argument("--purge", action="store_true", help="also delete DIR (images, logs)")
 
     install_arguments.add_parsers(sub)
+    migrate_arguments.add_parsers(sub)
+
+    _add_inspect(sub)
 
     gc = sub.add_parser("gc", help="apply the retention limits to the checkpoint archives now",
                         description="Lists each checkpoint archive the [retention] limits of the config pick, with "
@@ -122,6 +142,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the node's containerd binary or its bin directory (default: paths.env CONTAINERD_1_7)")
     check.add_argument("--json", action="store_true", help="print machine-readable findings and facts instead")
     return parser
+
+
+def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    inspect = sub.add_parser(
+        "inspect", help="show what a checkpoint archive holds (as checkpointctl does), its signature and encryption",
+        description="Container, image, engine, times, sizes, process tree and mounts of ARCHIVE, read without "
+        "unpacking or writing anything; the signature ARCHIVE.sig checked against the trusted keys; an "
+        "encrypted archive read with its key. Exit 1 if it cannot be read or its signature does not verify. "
+        "Also checkpointctl's plugin `checkpointctl criu-shim ARCHIVE` (checkpointctl 1.6+).")
+    inspect.add_argument("archive", type=Path, help="checkpoint archive (tar, gzip, zstd or encrypted)")
+    inspect.add_argument("--config", type=Path, metavar="FILE", help="take [signing] trusted_keys from this config")
+    inspect.add_argument("--trusted-key", type=Path, action="append", default=[], metavar="PUB",
+                         help="PEM public key to verify the signature with (repeatable)")
+    inspect.add_argument("--key-file", type=Path, metavar="FILE", help="key of an encrypted archive")
+    inspect.add_argument("--key-command", metavar="COMMAND",
+                         help="command printing the key of an encrypted archive (given its key id)")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of the tree")
+
+
+def checkpointctl_plugin() -> int:
+    """`checkpointctl-criu-shim`: checkpointctl 1.6+ runs it for `checkpointctl criu-shim ARGS`."""
+    args = sys.argv[1:]
+    if args == ["--plugin-description"]:  # checkpointctl's plugin protocol: the one-line help, exit 42
+        print("Inspect criu-shim checkpoints: signature, encryption, process tree (criu-shim inspect)")
+        return 42
+    return main(["inspect", *args[args[:1] == ["inspect"]:]])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,16 +207,26 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "node":
         from shim.node import kubernetes, local
 
+        if args.node_command == "up" and args.fabric and (args.kubernetes or args.join):
+            raise SystemExit("criu-shim: node up: --fabric does not work with --kubernetes or --join yet")
         if args.node_command == "up" and (args.kubernetes or args.join):
-            print(kubernetes.up(args.dir, args.containerd, args.proxy_config, args.join).lines(), flush=True)
+            print(kubernetes.up(args.dir, args.containerd, args.proxy_config, args.join,
+                                args.image_gc_max_age).lines(), flush=True)
         elif args.node_command == "up":
-            print(local.up(args.dir, args.containerd, args.proxy_config).lines(), flush=True)
+            print(local.up(args.dir, args.containerd, args.proxy_config, args.fabric).lines(), flush=True)
         else:
             for line in kubernetes.down(args.dir, purge=args.purge):
                 print(line)
         return 0
+    if args.command in ("migrate", "migrate-receiver"):
+        return migrate_arguments.run(args)
     if args.command in ("install", "uninstall"):
         return install_arguments.run(args)
+    if args.command == "inspect":
+        from shim.inspection.command import run as inspect
+
+        return inspect(args.archive, config=args.config, trusted_keys=args.trusted_key, key_file=args.key_file,
+                       key_command=args.key_command, as_json=args.json)
     if args.command == "gc":
         from shim.retention.command import run as gc
 

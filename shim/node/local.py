@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shim.errors import FailedPrecondition, Unavailable
-from shim.node import cleanup, procs, render
+from shim.node import cleanup, fabric, procs, render
 from shim.node.layout import NodeLayout
 from shim.node.tools import REPO_ROOT, Tools, tools_for
 from shim.restore import lazy, relays
@@ -27,18 +27,28 @@ START_TIMEOUT = 60.0
 class Endpoints:
     containerd: str
     cri: str
+    host: fabric.NodeHost | None = None
 
     def lines(self) -> str:
-        return f"CONTAINERD_ENDPOINT={self.containerd}\nCRI_ENDPOINT={self.cri}"
+        text = f"CONTAINERD_ENDPOINT={self.containerd}\nCRI_ENDPOINT={self.cri}"
+        if (h := self.host) is not None:  # what `criu-shim migrate` on and to this node needs
+            text += (f"\nFABRIC={h.fabric.name}\nFABRIC_ROUTER={h.fabric.router}\nNODE_NETNS={h.netns}"
+                     f"\nHOST_IP={h.host_ip}\nPOD_SUBNET={h.layout.subnet}\nMIGRATE_ADDRESS={h.receiver_address}"
+                     f"\nMIGRATE_CERT={h.cert.cert}\nMIGRATE_KEY={h.cert.key}\nMIGRATE_CA={h.ca_cert}"
+                     f"\nADDRESS_HOOK={h.hook}\nCHECKPOINTS_DIR={h.layout.checkpoints_dir}")
+        return text
 
 
-def endpoints(layout: NodeLayout) -> Endpoints:
-    return Endpoints(f"unix://{layout.containerd_socket}", f"unix://{layout.cri_socket}")
+def endpoints(layout: NodeLayout, host: fabric.NodeHost | None = None) -> Endpoints:
+    return Endpoints(f"unix://{layout.containerd_socket}", f"unix://{layout.cri_socket}", host)
 
 
-def up(directory: Path, version: str = "1.7", proxy_config: Path | None = None) -> Endpoints:
-    """Start containerd, CNI and the proxy for `directory`; idempotent."""
+def up(directory: Path, version: str = "1.7", proxy_config: Path | None = None,
+       fabric_name: str | None = None) -> Endpoints:
+    """Start containerd, CNI and the proxy for `directory`; idempotent. With `fabric_name`, all of
+    it runs in the node's own network namespace on that fabric (shim.node.fabric)."""
     layout = NodeLayout(directory.resolve())
+    host = fabric.NodeHost(layout, fabric.check_name(fabric_name)) if fabric_name else None
     if layout.dir.exists() and not layout.dir.is_dir():
         raise FailedPrecondition(f"{layout.dir} exists and is not a directory")
     if not cleanup.is_root():
@@ -46,24 +56,32 @@ def up(directory: Path, version: str = "1.7", proxy_config: Path | None = None) 
     tools = tools_for(version)
     recorded = _recorded_version(layout)
     if _running(layout):
-        if recorded != version:
-            raise FailedPrecondition(f"node in {layout.dir} already runs containerd {recorded}; `node down` it first")
-        return endpoints(layout)
-    _prepare(layout, version, tools)
+        if recorded != version or _recorded_fabric(layout) != fabric_name:
+            raise FailedPrecondition(f"node in {layout.dir} already runs containerd {recorded} (fabric "
+                                     f"{_recorded_fabric(layout)}); `node down` it first")
+        return endpoints(layout, host)
+    _prepare(layout, version, tools, fabric_name)
     if proxy_config is None:
         proxy_config = layout.proxy_config_file
         proxy_config.write_text(render.proxy_config(layout, tools.criu))
     try:
-        _start_containerd(layout, tools)
+        if host is not None:
+            fabric.attach(host)
+            host.hook.write_text(fabric.hook_script(host))
+            host.hook.chmod(0o700)
+        enter = host.enter() if host is not None else []
+        _start_containerd(layout, tools, enter)
         _import_images(layout, tools)
-        _start_proxy(layout, proxy_config)
+        _start_proxy(layout, proxy_config, enter)
+        if host is not None:
+            _start_receiver(layout, host, proxy_config)
     except BaseException:
         down(directory)
         raise
-    return endpoints(layout)
+    return endpoints(layout, host)
 
 
-def _prepare(layout: NodeLayout, version: str, tools: Tools) -> None:
+def _prepare(layout: NodeLayout, version: str, tools: Tools, fabric_name: str | None = None) -> None:
     if (dev := cleanup.subnet_in_use(layout.subnet, layout.bridge)) is not None:
         raise FailedPrecondition(f"subnet {layout.subnet} for {layout.dir} is already routed via {dev}")
     for path in (layout.dir, layout.run_dir, layout.cni_conf_dir, layout.log_dir, layout.pid_dir, layout.bin_dir):
@@ -86,7 +104,7 @@ def _prepare(layout: NodeLayout, version: str, tools: Tools) -> None:
     layout.config_file.write_text(render.containerd_config(
         layout, version, tools.runc, tools.cni_bin_dir, restrict_oom=not cleanup.has_cap_sys_resource()))
     (layout.cni_conf_dir / "10-criu-shim.conflist").write_text(render.cni_conflist(layout))
-    (layout.dir / "node.json").write_text(json.dumps({"containerd": version}) + "\n")
+    (layout.dir / "node.json").write_text(json.dumps({"containerd": version, "fabric": fabric_name}) + "\n")
 
 
 def _recorded_version(layout: NodeLayout) -> str | None:
@@ -96,24 +114,52 @@ def _recorded_version(layout: NodeLayout) -> str | None:
         return None
 
 
+def _recorded_fabric(layout: NodeLayout) -> str | None:
+    try:
+        name = json.loads((layout.dir / "node.json").read_text()).get("fabric")
+        return str(name) if name else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _running(layout: NodeLayout) -> bool:
     pids = [procs.read_pid(layout.pid_dir / n) for n in ("containerd.pid", "proxy.pid")]
     return all(p is not None and procs.alive(p) for p in pids)
 
 
-def _start_containerd(layout: NodeLayout, tools: Tools) -> None:
+def _start_containerd(layout: NodeLayout, tools: Tools, enter: list[str]) -> None:
     env = dict(os.environ, PATH=f"{layout.bin_dir}:{tools.containerd_bin_dir}:{tools.runc.parent}:{tools.criu.parent}:"
                + os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
-    pid = procs.spawn([str(tools.containerd), "--config", str(layout.config_file)],
+    pid = procs.spawn([*enter, str(tools.containerd), "--config", str(layout.config_file)],
                       layout.log_dir / "containerd.log", layout.pid_dir / "containerd.pid", env)
     _wait_cri(layout.containerd_socket, pid, layout.log_dir / "containerd.log")
 
 
-def _start_proxy(layout: NodeLayout, proxy_config: Path) -> None:
-    argv = [sys.executable, "-m", "shim", "serve", "--listen", f"unix://{layout.cri_socket}",
+def _start_proxy(layout: NodeLayout, proxy_config: Path, enter: list[str]) -> None:
+    argv = [*enter, sys.executable, "-m", "shim", "serve", "--listen", f"unix://{layout.cri_socket}",
             "--runtime-endpoint", f"unix://{layout.containerd_socket}", "--config", str(proxy_config)]
     pid = procs.spawn(argv, layout.log_dir / "criu-shim.log", layout.pid_dir / "proxy.pid")
     _wait_cri(layout.cri_socket, pid, layout.log_dir / "criu-shim.log")
+
+
+def _start_receiver(layout: NodeLayout, host: fabric.NodeHost, proxy_config: Path) -> None:
+    """`criu-shim migrate-receiver` on the node's host IP, with the node's certificate and hook."""
+    argv = [*host.enter(), sys.executable, "-m", "shim", "migrate-receiver", "--listen", host.receiver_address,
+            "--runtime-endpoint", f"unix://{layout.cri_socket}", "--config", str(proxy_config),
+            "--checkpoints-dir", str(layout.checkpoints_dir), "--address-hook", str(host.hook),
+            "--cert", str(host.cert.cert), "--key", str(host.cert.key), "--ca", str(host.ca_cert)]
+    log_file = layout.log_dir / "migrate-receiver.log"
+    pid = procs.spawn(argv, log_file, layout.pid_dir / "receiver.pid")
+    if not procs.wait_until(lambda: _listening(host) or not procs.alive(pid), START_TIMEOUT) or not procs.alive(pid):
+        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:]) if log_file.exists() else ""
+        raise Unavailable(f"the migration receiver did not listen on {host.receiver_address}; last lines of "
+                          f"{log_file}:\n{tail}")
+
+
+def _listening(host: fabric.NodeHost) -> bool:
+    out = subprocess.run([*host.enter(), "ss", "-Hltn", f"src {host.host_ip}"], capture_output=True,
+                         text=True).stdout
+    return f":{fabric.RECEIVER_PORT}" in out
 
 
 def _wait_cri(socket: Path, pid: int, log_file: Path) -> None:
@@ -153,7 +199,7 @@ def down(directory: Path, purge: bool = False) -> list[str]:
     layout = NodeLayout(directory.resolve())
     report: list[str] = []
     netns = _remove_pods(layout, report)
-    for name in ("proxy.pid", "containerd.pid"):
+    for name in ("receiver.pid", "proxy.pid", "containerd.pid"):
         pid = procs.read_pid(layout.pid_dir / name)
         if pid is not None and procs.alive(pid):
             procs.stop(pid)
@@ -181,6 +227,8 @@ def down(directory: Path, purge: bool = False) -> list[str]:
         report.append(f"removed {count} CNI cache entries")
     cleanup.remove_tree(layout.cni_ipam_dir)
     cleanup.remove_tree(layout.run_dir)
+    if (fabric_name := _recorded_fabric(layout)) is not None:  # after every pod and process of the host
+        report += fabric.detach(fabric.NodeHost(layout, fabric.Fabric(fabric_name)))
     if purge:
         cleanup.remove_tree(layout.dir)
     return report

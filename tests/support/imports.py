@@ -33,6 +33,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "shim.preflight",  # criu-shim check
         "shim.install",  # criu-shim install
         "shim.kubectl",  # kubectl checkpoint: the API server client and the restore pod
+        "shim.migrate",  # criu-shim migrate and migrate-receiver: live migration between nodes
         "shim.node",  # the development node (criu-shim node): only the CLI may import it
     )),
     ("adapters", (
@@ -47,7 +48,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "shim.sealed",  # encrypted archives: format, keys, reader, writer
     )),
     ("ground", (
-        "shim.errors", "shim.config", "shim.policy", "shim.journal", "shim.faults", "shim.fileio", "shim.arch",
+        "shim.errors", "shim.config", "shim.policy", "shim.cleanup", "shim.journal", "shim.faults", "shim.fileio", "shim.arch",
         "shim.peer", "shim.annotations", "shim.handoff", "shim.archive_layout", "shim.oci", "shim.paths_env", "shim.hosttools", "shim.metrics", "shim.fillspool", "shim.api",
         "shim.signing",
     )),

@@ -1,0 +1,1 @@
+"""Live migration between nodes: `criu-shim migrate` (source) and `criu-shim migrate-receiver` (target)."""

@@ -1,0 +1,130 @@
+"""The migration channel between two nodes' criu-shim: mutual TLS, framed JSON and raw bytes.
+
+Both ends present a certificate of the cluster's CA (the node certificates): the receiver
+accepts only clients whose certificate chains to it, the source checks the receiver's
+certificate names the address it dialled (an IP SAN). TLS 1.3 only. Everything on the
+wire is inside TLS, so a checkpoint (process memory, keys, tokens) never crosses the
+network in the clear, and a cut link is an incomplete read, never a short archive taken
+for a whole one.
+
+Framing: a message is a 4-byte big-endian length and a JSON object (at most 64 KiB: the
+peer is authenticated but its input is still checked); an archive follows its "restore"
+message as exactly `size` raw bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shim.errors import FailedPrecondition, InvalidArgument, Unavailable
+
+MAX_MESSAGE = 64 * 1024
+PROTOCOL = "criu-shim-migrate/1"
+_LENGTH = struct.Struct(">I")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A node's certificate and key, and the CA its peers' certificates must chain to."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def _context(purpose: ssl.Purpose, creds: Credentials) -> ssl.SSLContext:
+    context = ssl.create_default_context(purpose, cafile=None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        context.load_verify_locations(cafile=str(creds.ca))
+        context.load_cert_chain(str(creds.cert), str(creds.key))
+    except (OSError, ssl.SSLError) as exc:  # never echo key material, only which file
+        raise FailedPrecondition(f"cannot load the node certificate {creds.cert} / key {creds.key} / CA "
+                                 f"{creds.ca}: {exc.__class__.__name__}: {getattr(exc, 'strerror', None) or exc}"
+                                 ) from None
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def server_context(creds: Credentials) -> ssl.SSLContext:
+    """The receiver's side: clients must present a certificate of the CA."""
+    return _context(ssl.Purpose.CLIENT_AUTH, creds)
+
+
+def client_context(creds: Credentials) -> ssl.SSLContext:
+    """The source's side: the receiver's certificate must chain to the CA and name its address."""
+    context = _context(ssl.Purpose.SERVER_AUTH, creds)
+    context.check_hostname = True
+    return context
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """HOST:PORT ([v6]:PORT) -> (host, port); InvalidArgument otherwise."""
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+async def connect(address: str, creds: Credentials, timeout: float) -> tuple[asyncio.StreamReader,
+                                                                              asyncio.StreamWriter]:
+    host, port = parse_address(address)
+    try:
+        return await asyncio.wait_for(asyncio.open_connection(
+            host, port, ssl=client_context(creds), server_hostname=host, limit=MAX_MESSAGE * 2), timeout)
+    except ssl.SSLCertVerificationError as exc:
+        raise Unavailable(f"the migration receiver at {address} is not a node of this cluster: "
+                          f"{exc.verify_message}") from None
+    except (OSError, ssl.SSLError, TimeoutError) as exc:
+        raise Unavailable(f"cannot reach the migration receiver at {address}: {_reason(exc)} (is "
+                          "`criu-shim migrate-receiver` running there, and does it accept this node's "
+                          "certificate?)") from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or exc.__class__.__name__
+
+
+async def send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+    body = json.dumps(message).encode()
+    if len(body) > MAX_MESSAGE:
+        raise InvalidArgument(f"migration message over {MAX_MESSAGE} bytes")
+    writer.write(_LENGTH.pack(len(body)) + body)
+    await writer.drain()
+
+
+async def receive(reader: asyncio.StreamReader) -> dict[str, Any]:
+    """The next message; Unavailable when the peer went away, InvalidArgument when it is not one."""
+    try:
+        (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+        if length > MAX_MESSAGE:
+            raise InvalidArgument(f"migration message of {length} bytes (at most {MAX_MESSAGE})")
+        body = await reader.readexactly(length)
+    except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
+        raise Unavailable(f"the migration peer closed the connection ({_reason(exc)})") from None
+    try:
+        message = json.loads(body)
+    except ValueError as exc:
+        raise InvalidArgument(f"migration message is not JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise InvalidArgument("migration message is not a JSON object")
+    return message
+
+
+def field(message: dict[str, Any], key: str, kind: type, *, optional: bool = False) -> Any:
+    """message[key], checked to be of `kind` (a peer's message is checked like any input)."""
+    if key not in message and optional:
+        return None
+    value = message.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise InvalidArgument(f"migration message field {key!r}: expected {kind.__name__}, got {value!r:.80}")
+    return value

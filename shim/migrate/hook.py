@@ -1,0 +1,39 @@
+"""The node's address hook: moves a pod IP's route to the node that now runs its container.
+
+A container whose TCP connections follow it keeps its old pod IP, so the network must send
+that IP to the new node. How depends on the cluster (a /32 announced by BGP, a cloud route
+table, the development fabric's router): criu-shim runs an executable the operator names,
+
+    HOOK claim IP VIA    on the target, once the container runs: route IP to the local pod VIA
+    HOOK release IP      on the source, after the target claimed it: drop what routes IP here
+    HOOK check           at preflight: can the hook work now (exit 0)?
+
+with no shell in between (arguments are validated IP addresses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from shim.errors import FailedPrecondition
+
+TIMEOUT = 30.0
+
+
+async def run(hook: Path, *args: str) -> None:
+    try:
+        proc = await asyncio.create_subprocess_exec(str(hook), *args, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT)
+    except OSError as exc:
+        raise FailedPrecondition(f"address hook {hook} cannot run: {exc}") from None
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise FailedPrecondition(f"address hook `{hook} {' '.join(args)}` did not finish in {TIMEOUT:.0f} s") from None
+    if proc.returncode != 0:
+        tail = out.decode(errors="replace").strip()[-500:]
+        raise FailedPrecondition(f"address hook `{hook} {' '.join(args)}` failed (exit {proc.returncode}): {tail}")

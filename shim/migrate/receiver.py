@@ -1,0 +1,260 @@
+"""`criu-shim migrate-receiver`: the target node's end of a migration (async server).
+
+One connection is one migration, in two steps:
+
+1. preflight: the source names the prepared pod, the container name and, when its TCP
+   connections are to follow, the pod IPs that must move. The receiver checks the pod is
+   ready, carries the TCP annotation the restore needs, that no live pod here holds those
+   IPs and that an address hook can route them, all before the source stops anything.
+2. restore: the archive arrives (exactly `size` bytes, written 0600 under a private name in
+   the checkpoints directory, renamed into place only once complete), the container is
+   created from it in the prepared pod and started through this node's criu-shim proxy,
+   then the address hook claims the moved IPs (only now: a peer's packet reaching the pod
+   before its sockets are back would be answered with a reset).
+
+Any failure removes what this side made (the partial archive, a created container) and
+answers with the reason; the source keeps its checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import re
+import secrets
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shim.annotations import CHECKPOINT_PREFIX, TRUE
+from shim.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ShimError, Unavailable
+from shim.migrate import channel, hook
+from shim.migrate.runtime import PodView, Runtime
+
+log = logging.getLogger(__name__)
+
+MAX_ARCHIVE = 64 << 30  # the restore's own limit on an archive's data
+CHUNK = 1 << 20
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+TCP_ANNOTATION = f"{CHECKPOINT_PREFIX}tcp-established"
+
+
+@dataclass(frozen=True)
+class ReceiverSettings:
+    listen: str
+    runtime: Path  # the node's criu-shim CRI socket
+    checkpoints_dir: Path  # must be in the proxy's restore.allowed_dirs
+    creds: channel.Credentials
+    address_hook: Path | None
+    idle_timeout: float = 30.0
+    restore_timeout: float = 120.0
+
+
+@dataclass
+class _Migration:
+    pod: PodView
+    name: str
+    addresses: list[str]
+
+
+def run(settings: ReceiverSettings) -> int:
+    """Serve until SIGTERM/SIGINT."""
+    return asyncio.run(_serve(settings))
+
+
+async def _serve(settings: ReceiverSettings) -> int:
+    host, port = channel.parse_address(settings.listen)
+    context = channel.server_context(settings.creds)
+    if not settings.checkpoints_dir.is_dir():
+        raise FailedPrecondition(f"checkpoints directory {settings.checkpoints_dir} does not exist")
+    runtime = Runtime(settings.runtime)
+    one_at_a_time = asyncio.Lock()  # restores of one node queue, as the proxy's would
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peercert") or {}
+        who = dict(x[0] for x in peer.get("subject", ())).get("commonName", "?")
+        try:
+            async with one_at_a_time:
+                await _session(settings, runtime, reader, writer, who)
+        except Exception:  # one bad session never takes the receiver down
+            log.exception("migration session from %s failed", who)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = await asyncio.start_server(handle, host, port, ssl=context, limit=channel.MAX_MESSAGE * 2)
+    log.info("migration receiver listening on %s:%d", host, port)
+    async with server:
+        await stop.wait()
+    await runtime.close()
+    return 0
+
+
+async def _session(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.StreamReader,
+                   writer: asyncio.StreamWriter, who: str) -> None:
+    migration: _Migration | None = None
+    while True:
+        try:
+            message = await asyncio.wait_for(channel.receive(reader), settings.idle_timeout * 20)
+        except (Unavailable, TimeoutError):
+            return
+        except ShimError as exc:
+            await _answer_error(writer, exc)
+            return
+        op = message.get("op")
+        try:
+            if op == "preflight":
+                migration = await _preflight(settings, runtime, message)
+                await channel.send(writer, {"ok": True, "pod": migration.pod.label, "pod_id": migration.pod.id,
+                                            "pod_ips": list(migration.pod.ips)})
+            elif op == "restore" and migration is not None:
+                reply = await _restore(settings, runtime, migration, message, reader)
+                await channel.send(writer, {"ok": True, **reply})
+                log.info("migration from %s restored container %s in pod %s", who, reply["container_id"],
+                         migration.pod.label)
+                return
+            elif op == "abort":
+                return
+            else:
+                raise InvalidArgument(f"unexpected migration message {op!r:.40}")
+        except ShimError as exc:
+            log.warning("migration from %s refused: %s", who, exc.message)
+            await _answer_error(writer, exc)
+            return
+
+
+async def _answer_error(writer: asyncio.StreamWriter, exc: ShimError) -> None:
+    with contextlib.suppress(Exception):
+        await channel.send(writer, {"ok": False, "code": exc.code.name, "error": exc.message})
+
+
+async def _preflight(settings: ReceiverSettings, runtime: Runtime, message: dict[str, Any]) -> _Migration:
+    if message.get("protocol") != channel.PROTOCOL:
+        raise InvalidArgument(f"unknown migration protocol {message.get('protocol')!r:.40}; this node speaks "
+                              f"{channel.PROTOCOL}")
+    ref = channel.field(message, "pod", str)
+    name = channel.field(message, "name", str)
+    if not NAME_RE.match(name):
+        raise InvalidArgument(f"container name {name!r:.80} is not a valid name")
+    addresses = [_address(a) for a in channel.field(message, "addresses", list)]
+    pod = await runtime.pod(ref)
+    if not pod.ready:
+        raise FailedPrecondition(f"target pod {pod.label} is not ready")
+    if addresses:
+        _check_addresses_can_move(settings, pod, addresses, await runtime.live_pod_ips())
+        assert settings.address_hook is not None  # checked just above
+        await hook.run(settings.address_hook, "check")
+    return _Migration(pod, name, addresses)
+
+
+def _address(value: Any) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise InvalidArgument(f"{value!r:.80} is not an IP address") from None
+
+
+def _check_addresses_can_move(settings: ReceiverSettings, pod: PodView, addresses: list[str],
+                              live: dict[str, str]) -> None:
+    if pod.annotations.get(TCP_ANNOTATION, "").strip().lower() != TRUE:
+        raise FailedPrecondition(f'target pod {pod.label} lacks annotation {TCP_ANNOTATION}: "true": the '
+                                 "restore would not bring the TCP connections back")
+    if settings.address_hook is None:
+        raise FailedPrecondition(f"the pod IPs {', '.join(addresses)} cannot move to this node: it has no "
+                                 "address hook (migrate-receiver --address-hook) to route them here; connections "
+                                 "would break")
+    for ip in addresses:
+        if ip in live:
+            raise FailedPrecondition(f"pod IP {ip} is held by live pod {live[ip]} on the target node")
+        if _via(pod, ip) is None:
+            raise FailedPrecondition(f"target pod {pod.label} has no IPv{ipaddress.ip_address(ip).version} "
+                                     f"address to route {ip} to")
+
+
+def _via(pod: PodView, ip: str) -> str | None:
+    family = ipaddress.ip_address(ip).version
+    return next((p for p in pod.ips if ipaddress.ip_address(p).version == family), None)
+
+
+async def _restore(settings: ReceiverSettings, runtime: Runtime, migration: _Migration, message: dict[str, Any],
+                   reader: asyncio.StreamReader) -> dict[str, Any]:
+    size = channel.field(message, "size", int)
+    if not 0 < size <= MAX_ARCHIVE:
+        raise InvalidArgument(f"archive size {size} out of range (1 byte to {MAX_ARCHIVE >> 30} GiB)")
+    started = time.monotonic()
+    archive = await _receive_archive(settings, reader, size, migration.name)
+    received = time.monotonic()
+    try:
+        pod = await runtime.pod_by_id(migration.pod.id)  # deleted meanwhile? say so, by name
+    except ShimError:
+        archive.unlink(missing_ok=True)
+        raise FailedPrecondition(f"target pod {migration.pod.label} was deleted during the migration") from None
+    try:
+        container_id = await runtime.restore(pod.id, archive, migration.name, settings.restore_timeout)
+    except ShimError:
+        archive.unlink(missing_ok=True)  # the source keeps its copy
+        raise
+    try:
+        await _claim(settings, pod, migration.addresses)
+    except ShimError:
+        await runtime.remove(container_id)
+        raise
+    return {"container_id": container_id, "archive": str(archive),
+            "transfer_seconds": round(received - started, 3),
+            "restore_seconds": round(time.monotonic() - received, 3)}
+
+
+async def _claim(settings: ReceiverSettings, pod: PodView, addresses: list[str]) -> None:
+    if not addresses or settings.address_hook is None:
+        return
+    for ip in addresses:
+        via = _via(pod, ip)
+        assert via is not None  # checked at preflight; the pod's IPs do not change
+        await hook.run(settings.address_hook, "claim", ip, via)
+
+
+async def _receive_archive(settings: ReceiverSettings, reader: asyncio.StreamReader, size: int, name: str) -> Path:
+    """Exactly `size` bytes into a private file, renamed into place once complete."""
+    free = os.statvfs(settings.checkpoints_dir)
+    if free.f_bavail * free.f_frsize < size:
+        raise ResourceExhausted(f"the archive of {size} bytes does not fit in {settings.checkpoints_dir}")
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    final = settings.checkpoints_dir / f"migrate-{name}-{stamp}-{secrets.token_hex(4)}.tar"
+    partial = final.with_name(f".{final.name}.part")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            await _copy(reader, out.write, size, settings.idle_timeout)
+        os.rename(partial, final)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return final
+
+
+async def _copy(reader: asyncio.StreamReader, write: Callable[[bytes], Any], size: int, idle: float) -> None:
+    left = size
+    while left:
+        try:
+            chunk = await asyncio.wait_for(reader.read(min(CHUNK, left)), idle)
+        except TimeoutError:
+            raise Unavailable(f"the archive stopped arriving ({size - left} of {size} bytes after {idle:.0f} s of "
+                              "silence)") from None
+        except (ConnectionError, OSError) as exc:
+            raise Unavailable(f"the archive was cut off after {size - left} of {size} bytes: {exc}") from None
+        if not chunk:
+            raise Unavailable(f"the archive was cut off after {size - left} of {size} bytes")
+        await asyncio.to_thread(write, chunk)  # a slow disk never stalls the event loop
+        left -= len(chunk)
+

@@ -1,0 +1,206 @@
+"""`criu-shim migrate`: move a running container into a prepared pod on another node (direct, eager).
+
+Order, so that nothing is stopped before everything that can be checked was checked:
+
+1. here: the container runs, its pod asks for stop-after (and tcp-established when its
+   connections are to follow, then its pod IPs must move);
+2. the target's receiver (mutual TLS) checks the prepared pod, the TCP annotation there and
+   that its address hook can route the pod IPs (preflight);
+3. the checkpoint, through this node's criu-shim (stop-after: the source ends right after a
+   good dump, its TCP connections locked so peers see silence, not resets);
+4. the archive streams to the target, which restores it into the prepared pod, starts it and
+   claims the pod IPs (their route moves there);
+5. here: the address hook releases the pod IPs, the checkpoint is deleted.
+
+A failure before 3 changes nothing. A failed checkpoint leaves the container running (the
+proxy's rule). A failure after 3 leaves the source container stopped and its checkpoint kept,
+and says how to retry (`--checkpoint`) or restore it here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shim.checkpoint.addresses import pod_addresses
+from shim.checkpoint.options import CheckpointOptions, annotation, resolve
+from shim.config import CheckpointDefaults
+from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unavailable, Upstream
+from shim.migrate import channel, hook
+from shim.migrate.runtime import ContainerView, PodView, Runtime
+
+CHUNK = 1 << 20
+CONNECT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class MigrateRequest:
+    container: str
+    to: str  # the target's migration receiver, HOST:PORT
+    to_pod: str  # the prepared pod there: id, id prefix or NAMESPACE/NAME
+    runtime: Path  # this node's criu-shim CRI socket
+    checkpoints_dir: Path  # where this node's checkpoint is written (and kept on failure)
+    creds: channel.Credentials
+    address_hook: Path | None = None
+    name: str | None = None  # the container's name in the target pod (default: its name here)
+    checkpoint: Path | None = None  # retry: send this archive instead of checkpointing again
+    keep_checkpoint: bool = False
+    timeout: float = 300.0
+    defaults: CheckpointDefaults = CheckpointDefaults()
+
+
+@dataclass(frozen=True)
+class Migrated:
+    container_id: str
+    pod: str
+    addresses: tuple[str, ...]
+    archive_bytes: int
+    checkpoint_seconds: float
+    transfer_seconds: float
+    restore_seconds: float
+    pause_seconds: float  # checkpoint start to the restored container running (and routed)
+
+    def lines(self) -> str:
+        moved = f"; pod IPs {', '.join(self.addresses)} now routed to the target" if self.addresses else ""
+        return (f"migrated to container {self.container_id} in pod {self.pod}{moved}\n"
+                f"archive {self.archive_bytes / (1 << 20):.1f} MiB; checkpoint {self.checkpoint_seconds:.2f} s, "
+                f"transfer and restore {self.transfer_seconds + self.restore_seconds:.2f} s "
+                f"(restore {self.restore_seconds:.2f} s); pause {self.pause_seconds:.2f} s")
+
+
+class MigrationFailed(ShimError):
+    """A failure after the source was stopped: the message says what state it is in."""
+
+
+def run(request: MigrateRequest) -> Migrated:
+    return asyncio.run(migrate(request))
+
+
+async def migrate(request: MigrateRequest) -> Migrated:
+    runtime = Runtime(request.runtime)
+    try:
+        return await _migrate(request, runtime)
+    finally:
+        await runtime.close()
+
+
+async def _migrate(request: MigrateRequest, runtime: Runtime) -> Migrated:
+    container = await runtime.container(request.container)
+    pod = await runtime.pod_by_id(container.pod_id)
+    options = resolve(request.defaults, pod.annotations, container.name)
+    _check_source(container, pod, options, retry=request.checkpoint is not None)
+    addresses = await _addresses(runtime, pod) if options.tcp_established else []
+    reader, writer = await channel.connect(request.to, request.creds, CONNECT_TIMEOUT)
+    try:
+        name = request.name or container.name
+        ready = await _ask(reader, writer, {"protocol": channel.PROTOCOL, "op": "preflight", "pod": request.to_pod,
+                                            "name": name, "addresses": addresses}, CONNECT_TIMEOUT * 3,
+                           "the target node refused the migration (nothing was stopped)")
+        started = time.monotonic()
+        archive = request.checkpoint or await _checkpoint(request, runtime, container, writer)
+        checkpointed = time.monotonic()
+        size = archive.stat().st_size
+        try:
+            await channel.send(writer, {"op": "restore", "size": size})
+            await _stream(archive, writer, size)
+            done = await _ask(reader, writer, None, request.timeout, "the target node could not restore it")
+        except ShimError as exc:
+            raise MigrationFailed(f"{exc.message}; {_stopped(container, archive, request)}") from None
+        finished = time.monotonic()
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    await _release(request, addresses)
+    if not request.keep_checkpoint:
+        archive.unlink(missing_ok=True)
+    return Migrated(str(done.get("container_id")), str(ready.get("pod")), tuple(addresses), size,
+                    checkpointed - started, float(done.get("transfer_seconds", 0.0)),
+                    float(done.get("restore_seconds", 0.0)), finished - started)
+
+
+async def _addresses(runtime: Runtime, pod: PodView) -> list[str]:
+    """The addresses the container's sockets may be bound to, all of which must follow it: the pod's
+    own IPs and those earlier restores carried onto its eth0 (the checkpoint records the same)."""
+    netns = await runtime.pod_netns(pod.id)
+    return list(await pod_addresses(netns, pod.ips) if netns is not None else pod.ips)
+
+
+def _check_source(container: ContainerView, pod: PodView, options: CheckpointOptions, retry: bool) -> None:
+    if not retry and container.state != "CONTAINER_RUNNING":
+        raise FailedPrecondition(f"container {container.id} is in {container.state.removeprefix('CONTAINER_')} "
+                                 "state; only a running container can be migrated")
+    if not options.stop_after:
+        raise FailedPrecondition(
+            f'pod {pod.label} lacks annotation {annotation("stop-after")}: "true": a migration stops the source '
+            "right after its checkpoint (so it cannot go on writing or answering what the copy now owns); set it "
+            f"on the pod (or {annotation('stop-after', container.name)} for this container)")
+    if options.tcp_established and not pod.ips:
+        raise FailedPrecondition(f"pod {pod.label} has no IP to move with its TCP connections")
+
+
+async def _checkpoint(request: MigrateRequest, runtime: Runtime, container: ContainerView,
+                      writer: Any) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    location = request.checkpoints_dir / f"migrate-{container.id[:12]}-{stamp}.tar"
+    try:
+        await runtime.checkpoint(container.id, location, request.timeout)
+    except ShimError as exc:
+        with contextlib.suppress(Exception):
+            await channel.send(writer, {"op": "abort"})
+        state = await _state(runtime, container.id)
+        raise Upstream(exc.code, f"checkpoint failed: {exc.message}; the source container {container.id} is "
+                       f"{state}; nothing was sent") from None
+    return location
+
+
+async def _state(runtime: Runtime, container_id: str) -> str:
+    try:
+        return (await runtime.container(container_id)).state.removeprefix("CONTAINER_").lower()
+    except ShimError:
+        return "in an unknown state"
+
+
+def _stopped(container: ContainerView, archive: Path, request: MigrateRequest) -> str:
+    return (f"the source container {container.id} is stopped and its checkpoint is kept at {archive}: retry with "
+            f"`criu-shim migrate {container.id} --checkpoint {archive} --to {request.to} --to-pod {request.to_pod} "
+            "...`, or restore it on this node by creating a container whose image is that path")
+
+
+async def _stream(archive: Path, writer: Any, size: int) -> None:
+    sent = 0
+    with archive.open("rb") as source:
+        while chunk := await asyncio.to_thread(source.read, CHUNK):
+            writer.write(chunk)
+            await writer.drain()
+            sent += len(chunk)
+    if sent != size:
+        raise InvalidArgument(f"{archive} changed while it was sent ({sent} of {size} bytes)")
+
+
+async def _ask(reader: Any, writer: Any, message: dict[str, Any] | None, timeout: float,
+               what: str) -> dict[str, Any]:
+    if message is not None:
+        await channel.send(writer, message)
+    try:
+        reply = await asyncio.wait_for(channel.receive(reader), timeout)
+    except TimeoutError:
+        raise Unavailable(f"{what}: no answer within {timeout:.0f} s") from None
+    if reply.get("ok") is True:
+        return reply
+    error = str(reply.get("error", "no reason given"))[:2000]
+    raise FailedPrecondition(f"{what}: {reply.get('code', 'UNKNOWN')}: {error}")
+
+
+async def _release(request: MigrateRequest, addresses: list[str]) -> None:
+    if request.address_hook is None:
+        return
+    for ip in addresses:
+        try:
+            await hook.run(request.address_hook, "release", ip)
+        except ShimError as exc:  # the target routes it already; a stale local route only misleads this node
+            print(f"criu-shim: warning: {exc.message}")
