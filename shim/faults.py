@@ -17,8 +17,10 @@ VARIABLE = "CRIU_SHIM_FAULT"
 
 
 class Point(enum.StrEnum):
-    CHECKPOINT_FROZEN = "checkpoint-frozen"  # the container is paused, the dump not yet asked for
-    CHECKPOINT_DUMPED = "checkpoint-dumped"  # CRIU is done, the container still frozen, no rootfs diff yet
+    # CRIU holds the container (or, where we pause it ourselves, it is paused), no rootfs diff yet
+    CHECKPOINT_FROZEN = "checkpoint-frozen"
+    # the rootfs diff is taken, CRIU still holds the container at its last image (or it is still paused)
+    CHECKPOINT_DUMPED = "checkpoint-dumped"
     CHECKPOINT_ARCHIVE = "checkpoint-archive"  # thawed; the memory image sits in the staging directory
     RESTORE_UNPACKED = "restore-unpacked"  # CreateContainer: unpacked, relay handed the restore, no container yet
     RESTORE_CREATED = "restore-created"  # containerd created the container; the relay not yet confirmed ready

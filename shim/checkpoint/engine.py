@@ -1,11 +1,14 @@
 """CheckpointContainer on containerd 1.6/1.7: the domain operation.
 
 Order matters. Everything that can be refused is checked before the container
-is touched. Then the container is frozen (containerd task pause, the cgroup
-freezer) so that the memory image and the rootfs diff describe one instant;
-CRIU dumps it through containerd's runc shim straight into our staging dir
-(leave-running); the rootfs diff is taken; the container is thawed; and only
-then, with the container running again, is the archive written. Every step
+is touched. CRIU dumps it through containerd's runc shim straight into our
+staging dir (leave-running); CRIU itself stops the container for the dump, and
+the rootfs diff and the pod's /dev/shm are taken while CRIU still holds it
+(`held`, `dumpgate`), so the memory image and the filesystem describe one
+instant and the container is stopped no longer than CRIU needs. (Where that
+cannot be done, a stop-after dump or no FIFOs, the container is paused through
+containerd around the dump instead.) Only then, with the container running
+again, is the archive written. Every step
 that acquires something registers its undo on an AsyncExitStack, so a failure
 or a deadline at any point leaves the container running and thawed and no
 file behind.
@@ -33,7 +36,7 @@ from shim import freezer, policy, signing
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.arch import go_arch
-from shim.checkpoint import addresses, audit, criu, criulog, devshm, location, netlock, options, recovery, sealing
+from shim.checkpoint import addresses, audit, criu, criulog, devshm, held, location, netlock, options, recovery, sealing
 from shim.checkpoint.adopt import write_archive_in_place
 from shim.checkpoint.archive import Member, directory_members
 from shim.checkpoint.metadata import config_dump, spec_dump, status_dump
@@ -190,23 +193,40 @@ class Checkpointer:
                 streamed = await self._stream_pages(container_id, staging, streaming, target.seal)
                 if locking and target.netns is not None:
                     self._tidy_tables_at_exit(target.netns, set(tables), frozen)  # exits last: after the thaw
-                journal.note(**{recovery.PAUSED: True})
-                await self._freeze(container_id, frozen, outcome)
+                cgroup = await recovery.freezer_dir(self._containerd, container_id)
+                gate = await held.make_gate(staging, target.options, cgroup, streaming)
+                if gate is None:  # paused by us around the dump
+                    journal.note(**{recovery.PAUSED: True})
+                    await self._freeze(container_id, frozen, outcome)
+                else:
+                    journal.note(**{recovery.DUMPING: True})
+                    held.keep_running_on_failure(self._containerd, container_id, frozen)
                 if locking and target.netns is not None:
                     journal.note(**{recovery.NETNS: str(target.netns), recovery.NETNS_TABLES: tables})
                     await self._lock_network(target.netns, staging / layout.IMAGES_DIR, frozen, outcome)
-                reached(Point.CHECKPOINT_FROZEN)
+
+                async def snapshot() -> list[str] | None:
+                    """The filesystem side, while the container is stopped (a sibling may not be)."""
+                    try:
+                        deleted = await asyncio.to_thread(_rootfs_diff, upperdir, staging)
+                        await asyncio.to_thread(devshm.save, record.spec.value, staging / devshm.MEMBER)
+                    except OSError as exc:
+                        raise _storage_error(path, exc) from None
+                    return deleted
+
                 dump_started = time.monotonic()
-                await self._dump_streamed(container_id, staging, target.options, streamed, path)
-                outcome.dump_s = time.monotonic() - dump_started
-                outcome.stopped = target.options.stop_after
-                reached(Point.CHECKPOINT_DUMPED)
-                try:
-                    diff = await asyncio.to_thread(_rootfs_diff, upperdir, staging)
-                    # The pod's /dev/shm, while the container is still frozen (a sibling may not be).
-                    await asyncio.to_thread(devshm.save, record.spec.value, staging / devshm.MEMBER)
-                except OSError as exc:
-                    raise _storage_error(path, exc) from None
+                dump = self._dump_streamed(container_id, staging, target.options, streamed, path)
+                if gate is not None and cgroup is not None:
+                    diff = await held.dump_holding(gate, cgroup, dump, snapshot)
+                    outcome.dump_s = time.monotonic() - dump_started
+                    outcome.frozen_s = await asyncio.to_thread(held.criu_frozen_s, staging / "work")
+                else:
+                    reached(Point.CHECKPOINT_FROZEN)
+                    await dump
+                    outcome.dump_s = time.monotonic() - dump_started
+                    outcome.stopped = target.options.stop_after
+                    reached(Point.CHECKPOINT_DUMPED)
+                    diff = await snapshot()
                 await frozen.aclose()  # thawed (and unlocked) before the archive is written
                 checkpointed = datetime.now(UTC)
                 members = _members(staging, record.spec.value, target, record.runtime.name, checkpointed, diff)

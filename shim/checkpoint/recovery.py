@@ -18,7 +18,7 @@ from typing import Any
 
 from shim import freezer
 from shim.archive_layout import IMAGES_DIR
-from shim.checkpoint import netlock, pagestream
+from shim.checkpoint import dumpgate, netlock, pagestream
 from shim.containerd import Containerd
 from shim.errors import ShimError
 
@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 # Journal facts of a checkpoint (shim.journal records); spelled here only.
 CONTAINER = "container_id"
 STAGING = "staging"
-PAUSED = "paused"
+PAUSED = "paused"  # paused by us around the dump
+DUMPING = "dumping"  # dumped without a pause of ours: CRIU alone stops the container (dumpgate)
 NETNS = "netns"
 NETNS_TABLES = "netns_tables"  # the nftables tables the pod had before the checkpoint
 
@@ -71,15 +72,17 @@ def busy(facts: dict[str, Any]) -> bool:
     """A dump may outlive its criu-shim (runc goes on): wait until no process works in its staging dir.
 
     A dump streaming its memory into FIFOs (pagestream) would wait forever for
-    the reader that died with its criu-shim, the container frozen: read them
-    to their end (discarding) so the dump can finish. Blocking.
+    the reader that died with its criu-shim, the container frozen, and so
+    would CRIU at the gate of its last image (dumpgate): open the gate and read
+    the FIFOs to their end (discarding) so the dump can finish. Blocking.
     """
     staging = facts.get(STAGING)
     if not staging or not _process_mentions(str(staging)):
         return False
     images = Path(str(staging)) / IMAGES_DIR
     if images.is_dir():
-        drained = pagestream.drain(images)
+        with dumpgate.held_open(images):
+            drained = pagestream.drain(images)
         log.warning("drained %d bytes a dead criu-shim's dump was streaming to %s", drained, images)
     return _process_mentions(str(staging))
 
@@ -88,7 +91,7 @@ async def undo(containerd: Containerd, facts: dict[str, Any]) -> list[str]:
     """Undo an interrupted checkpoint from its journal facts; return what was done."""
     done: list[str] = []
     container_id = str(facts.get(CONTAINER, ""))
-    if facts.get(PAUSED) and container_id:
+    if (facts.get(PAUSED) or facts.get(DUMPING)) and container_id:
         try:
             done.append(await ensure_running(containerd, container_id))
         except (ShimError, freezer.FreezerError) as exc:

@@ -23,6 +23,7 @@ import grpc
 import pytest
 
 from shim import faults
+from shim.api.cri.v1 import api_pb2 as cri
 from shim.checkpoint.location import STAGING_PREFIX
 from shim.checkpoint.stream_archive import ARCHIVE_NAME
 from shim.node import procs
@@ -89,15 +90,39 @@ def direct(node: Node, tmp_path: Path) -> Iterator[Cri]:
     client.close()
 
 
-def task_status(node: Node, ctr: str) -> str:
+def _task_fields(node: Node, ctr: str) -> list[str]:
     ctr_bin = Path(load_paths()["CONTAINERD_1_7"]) / "ctr"
     out = subprocess.run([str(ctr_bin), "--address", node.containerd.removeprefix("unix://"), "-n", "k8s.io",
                           "tasks", "ls"], capture_output=True, text=True, check=True).stdout
     for line in out.splitlines()[1:]:
         fields = line.split()
         if fields and fields[0] == ctr:
-            return fields[-1]
-    return "NONE"
+            return fields
+    return []
+
+
+def task_status(node: Node, ctr: str) -> str:
+    fields = _task_fields(node, ctr)
+    return fields[-1] if fields else "NONE"
+
+
+def held_by_criu(direct: Cri, ctr: str) -> bool:
+    """The container's init is stopped under CRIU's ptrace: CRIU holds it (no pause of ours)."""
+    verbose = direct.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr, verbose=True), timeout=30)
+    pid = int(json.loads(verbose.info["info"])["pid"])
+    status = Path(f"/proc/{pid}/status").read_text()
+    tracer = int(status.split("TracerPid:")[1].split()[0])
+    return tracer != 0 and Path(f"/proc/{tracer}/comm").read_text().strip() == "criu"
+
+
+def counts_on(direct: Cri, ctr: str, within: float = 2.0) -> bool:
+    """Whether the counter prints a new line within `within` seconds (a negative check spans the window)."""
+    seen = direct.log(ctr).count("count=")
+    try:
+        wait_for(lambda: direct.log(ctr).count("count=") > seen, timeout=within)
+    except AssertionError:
+        return False
+    return True
 
 
 def staging_dirs(directory: Path) -> list[str]:
@@ -150,9 +175,12 @@ def test_proxy_killed_while_the_container_is_frozen(node: Node, direct: Cri, pro
         assert proxy.process is not None
         assert proxy.process.wait(timeout=60) == -signal.SIGKILL
         call.join(timeout=60)
-        assert task_status(node, ctr) == "PAUSED"  # the fault hit: frozen, and nobody left to thaw it
-        assert proxy.journal(), "the interrupted checkpoint left no journal record"
-        proxy.start()
+        # The fault hit: CRIU holds the container at the gate of its last image (no pause of ours:
+        # containerd never saw PAUSED), and nobody is left to open the gate.
+        held, counting, journal = held_by_criu(direct, ctr), counts_on(direct, ctr), proxy.journal()
+        proxy.start()  # first: CRIU must not be left holding the container if an assertion fails
+        assert held and not counting, (held, counting)
+        assert journal, "the interrupted checkpoint left no journal record"
         assert_recovered(node, direct, proxy, ctr, out)
         assert not (out / "x.tar").exists()
 
