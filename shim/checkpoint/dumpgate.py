@@ -17,13 +17,18 @@ inventory into the pipe and goes on, and `finish` puts the inventory in place
 as a plain file. CRIU cannot let the tasks go before the gate opens, except
 when its dump fails (then there is no checkpoint to be consistent with).
 
-Why not a CRIU action script (`post-dump` runs exactly there): runc asks CRIU
-for RPC notifications on every dump and restore (`notify_scripts`), and CRIU
-keeps either RPC notifications or shell scripts, never both: an
-`action-script` in runc's CRIU configuration (`/etc/criu/runc.conf`, the only
-node-wide one runc passes) makes CRIU 4.2 hit `BUG_ON(scripts_mode ==
-SCRIPTS_RPC)` in add_script() and every dump and restore on the node fails.
-The gate needs no node configuration and touches no other dump.
+Why not a CRIU action script (`post-dump` runs exactly there, before the
+unseize). CRIU 4.2.1 does run one from runc's CRIU configuration beside runc's
+own RPC notifications (checked with `criu swrk`, notify_scripts on, config
+file naming the script: pre-dump and post-dump ran; older CRIU refused the mix,
+add_script() BUG_ON in RPC mode). But runc passes only one node-wide file,
+`/etc/criu/runc.conf` (and none for a container with an `org.criu.config`
+annotation, as our restored ones have), so it would mean a shell started for
+every action of every dump and restore of every runc container on the node
+(a dozen per restore, containerd 2.x's own included), a node that fails every
+checkpoint and restore if the script goes missing, and a handshake with
+criu-shim in sh. The gate needs no node configuration, costs nothing to
+anyone else, and works on a node where `criu-shim install` never ran.
 
 Every path opens the gate: the engine's clean-up (`open` is idempotent), and
 recovery for a dead criu-shim (`held_open` around draining the page FIFOs), so
