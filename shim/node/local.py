@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,7 +128,9 @@ def _running(layout: NodeLayout) -> bool:
     return all(p is not None and procs.alive(p) for p in pids)
 
 
-def _start_containerd(layout: NodeLayout, tools: Tools, enter: list[str]) -> None:
+def _start_containerd(layout: NodeLayout, tools: Tools, enter: Sequence[str] = ()) -> None:
+    """containerd for `layout`; `enter`: the command prefix that runs it in a fabric host's netns
+    (none for a plain node: the node tests restart a plain node's containerd with this)."""
     env = dict(os.environ, PATH=f"{layout.bin_dir}:{tools.containerd_bin_dir}:{tools.runc.parent}:{tools.criu.parent}:"
                + os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
     pid = procs.spawn([*enter, str(tools.containerd), "--config", str(layout.config_file)],
