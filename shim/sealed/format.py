@@ -111,7 +111,7 @@ def unwrap(header: Header, key: bytes, label: str) -> bytes:
         return aes_key_unwrap(key, header.wrapped_key)
     except InvalidUnwrap:
         raise WrongKey(f"{label}: wrong key: the key configured for key id {header.key_id!r} does not open "
-                       "this archive (it was sealed with another key under that id)") from None
+                       "this archive (sealed with another key under that id, or its header was modified)") from None
 
 
 def parse_header(prefix: bytes, label: str) -> tuple[Header, int]:
@@ -120,12 +120,12 @@ def parse_header(prefix: bytes, label: str) -> tuple[Header, int]:
         raise CorruptSealedArchive(f"{label} is not an encrypted checkpoint archive (no {FORMAT} header)")
     start = len(MAGIC) + WORD_SIZE
     if len(prefix) < start:
-        raise CorruptSealedArchive(f"{label}: encrypted archive truncated inside its header")
+        raise CorruptSealedArchive(f"{label} is truncated inside its header")
     (length,) = WORD.unpack_from(prefix, len(MAGIC))
     if length > MAX_HEADER:
         raise CorruptSealedArchive(f"{label}: encrypted archive header of {length} bytes (at most {MAX_HEADER})")
     if len(prefix) < start + length:
-        raise CorruptSealedArchive(f"{label}: encrypted archive truncated inside its header")
+        raise CorruptSealedArchive(f"{label} is truncated inside its header")
     try:
         fields = json.loads(prefix[start:start + length].decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -238,4 +238,4 @@ class Opener:
             where = f"after chunk {self.counter - 1}, before the final chunk"
         else:
             where = "before the first chunk"
-        return CorruptSealedArchive(f"{self._label}: encrypted archive truncated at byte {offset} ({where})")
+        return CorruptSealedArchive(f"{self._label} is truncated at byte {offset} ({where})")

@@ -52,7 +52,7 @@ def read_header_from(source: BinaryIO, label: str) -> tuple[Header, bytes]:
     if not head.startswith(MAGIC[:len(head)]) or len(head) < len(MAGIC):
         raise CorruptSealedArchive(f"{label} is not an encrypted checkpoint archive (no sealed header)")
     if len(head) < len(MAGIC) + WORD_SIZE:
-        raise CorruptSealedArchive(f"{label}: encrypted archive truncated inside its header")
+        raise CorruptSealedArchive(f"{label} is truncated inside its header")
     (length,) = WORD.unpack_from(head, len(MAGIC))
     if length > MAX_HEADER:
         raise CorruptSealedArchive(f"{label}: encrypted archive header of {length} bytes (at most {MAX_HEADER})")

@@ -77,7 +77,7 @@ def test_round_trip(tmp_path: Path, size: int) -> None:
     data = os.urandom(size)
     path = _seal(tmp_path, data)
     assert is_encrypted(path) and path.read_bytes().startswith(MAGIC)
-    assert data not in path.read_bytes() or size == 0
+    assert data not in path.read_bytes() or size < 16
     assert _plain(path, _keyring(tmp_path)) == data
     with open_decrypted(path, _keyring(tmp_path)) as reader:
         assert io.BufferedReader(reader).read() == data

@@ -1,0 +1,200 @@
+"""Encryption at rest on a real node: checkpoints sealed while written, restored (lazily and eagerly)
+from the sealed archive, and every bad input (wrong or missing key, truncated or bit-flipped archive,
+a key file others can read, a pod opting out where the policy says no) refused with a clear error
+before anything is created, leaving nothing behind."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shim.annotations import LAZY_PAGES
+from shim.api.cri.v1 import api_pb2 as cri
+from shim.handoff import RESTORE_DIR
+from shim.sealed import is_encrypted, read_header
+from tests.node.conftest import Node
+from tests.node.pods import Cri, wait_for
+from tests.node.test_restore import COUNTER, _restore, _work_dirs, assert_restore_refused
+
+pytestmark = pytest.mark.node
+
+KEY_ID = "node-key-1"
+ENCRYPT = "checkpoint.criu-shim.io/encrypt"
+
+
+@pytest.fixture
+def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
+    c = Cri(node.cri, tmp_path / "pod-logs")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def keys(node: Node) -> Iterator[Path]:
+    directory = node.dir / "keys"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    for name, key in (("good", os.urandom(32)), ("other", os.urandom(32))):
+        path = directory / name
+        path.write_text(key.hex() + "\n")
+        path.chmod(0o600)
+    command = directory / "kms"
+    command.write_text(f"#!{sys.executable}\nimport sys\nif sys.argv[1] != {KEY_ID!r}:\n"
+                       f"    sys.exit('kms: no key named ' + sys.argv[1])\n"
+                       f"print(open({str(directory / 'good')!r}).read().strip())\n")
+    command.chmod(0o700)
+    yield directory
+    for path in directory.iterdir():
+        path.unlink()
+    directory.rmdir()
+
+
+@contextmanager
+def proxy_with(node: Node, section: str) -> Iterator[None]:
+    """The node's proxy restarted with an [encryption] table added to its config; put back afterwards."""
+    from shim.node import local, procs
+    from shim.node.layout import NodeLayout
+
+    layout = NodeLayout(node.dir.resolve())
+    original = layout.proxy_config_file.read_text()
+
+    def restart(text: str) -> None:
+        pid = procs.read_pid(layout.pid_dir / "proxy.pid")
+        assert pid is not None
+        procs.stop(pid)
+        layout.proxy_config_file.write_text(text)
+        start = inspect.signature(local._start_proxy).parameters.get("enter")
+        # A node's proxy may run in a network namespace of its own (`enter`); this node's runs on the host.
+        local._start_proxy(layout, layout.proxy_config_file, *([[]] if start and start.default is start.empty else []))
+
+    restart(original + "\n[encryption]\n" + section)
+    try:
+        yield
+    finally:
+        restart(original)
+
+
+def _enabled(keys: Path, key: str = "good") -> str:
+    return f'enabled = true\nkey_id = "{KEY_ID}"\nkey_file = "{keys / key}"\n'
+
+
+def _sealed_checkpoint(client: Cri, node: Node, name: str, mem_mb: int = 0,
+                       annotations: dict[str, str] | None = None) -> tuple[Path, int]:
+    archive = node.dir / "checkpoints" / f"{name}.tar"
+    with client.pod(annotations) as pod:
+        ctr = client.container(pod, COUNTER, {"INTERVAL_MS": "50", "MEM_MB": str(mem_mb)})
+        wait_for(lambda: client.count(ctr) >= 20)
+        counted = client.count(ctr)  # the count the checkpoint holds at least
+        client.checkpoint(ctr, str(archive))
+        assert client.state(ctr) == "CONTAINER_RUNNING"
+    return archive, counted
+
+
+def _leftovers(node: Node) -> list[str]:
+    """Anything a checkpoint or restore may have left: temp files, staging, decrypted copies."""
+    checkpoints = [p.name for p in (node.dir / "checkpoints").iterdir() if p.name.startswith(".")]
+    return checkpoints + [p for p in _work_dirs(node) if p.endswith(".plain")]
+
+
+@pytest.mark.parametrize("mode", ["lazy-key-file", "eager-key-command"])
+def test_sealed_checkpoint_restores_and_counts_on(client: Cri, node: Node, keys: Path, mode: str) -> None:
+    lazy = mode.startswith("lazy")
+    section = _enabled(keys) if lazy else f'enabled = true\nkey_id = "{KEY_ID}"\nkey_command = ["{keys / "kms"}"]\n'
+    with proxy_with(node, section):
+        archive, counted = _sealed_checkpoint(client, node, f"sealed-{mode}", mem_mb=48)
+        assert (archive.stat().st_mode & 0o777) == 0o600 and archive.stat().st_uid == 0
+        assert is_encrypted(archive) and read_header(archive).key_id == KEY_ID
+        with pytest.raises(tarfile.TarError):
+            tarfile.open(archive)  # not a tar: the memory is not readable without the key
+        assert b"count=" not in archive.read_bytes()  # the container's log is sealed too
+        with client.pod({} if lazy else {LAZY_PAGES: "false"}) as pod:
+            ctr = _restore(client, pod, archive)
+            first = client.count(ctr)
+            # A fresh start would need a second to count to 20; a restore starts where the checkpoint was.
+            assert first >= counted >= 20, "the count restarted instead of resuming"
+            wait_for(lambda: client.count(ctr) > first)
+            status = client.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr)).status
+            assert (Path(status.annotations[RESTORE_DIR]) / "lazy-pages.json").exists() == lazy
+            assert not _leftovers(node)  # the decrypted copy is gone (a lazy loop device keeps its data)
+    assert not _leftovers(node)
+
+
+def _cut(archive: Path, at: int) -> Path:
+    damaged = archive.with_name(f"cut-{at}.tar")
+    damaged.write_bytes(archive.read_bytes()[:at])
+    return damaged
+
+
+def _flipped(archive: Path, at: int) -> Path:
+    data = bytearray(archive.read_bytes())
+    data[at] ^= 0x04
+    damaged = archive.with_name(f"flipped-{at}.tar")
+    damaged.write_bytes(data)
+    return damaged
+
+
+def test_bad_sealed_archives_and_keys_leave_nothing(client: Cri, node: Node, keys: Path) -> None:
+    with proxy_with(node, _enabled(keys)):
+        archive, _ = _sealed_checkpoint(client, node, "sealed-bad-input")
+        size = archive.stat().st_size
+        for damaged, fragments in (
+                (_cut(archive, size // 2), ("is truncated", "inside chunk")),
+                (_cut(archive, size - 1), ("is truncated",)),
+                (_flipped(archive, size // 3), ("fails authentication", "modified or is corrupt")),
+                (_flipped(archive, 40), ("chunk 0", "fails authentication")),  # the header's chunk size: bound in
+                (_flipped(archive, size - 5), ("fails authentication",))):
+            assert_restore_refused(client, node, damaged, grpc.StatusCode.INVALID_ARGUMENT, str(damaged), *fragments)
+            assert not _leftovers(node)
+    with proxy_with(node, _enabled(keys, "other")):
+        assert_restore_refused(client, node, archive, grpc.StatusCode.FAILED_PRECONDITION, "wrong key",
+                               f"'{KEY_ID}'")
+    with proxy_with(node, 'key_id = "node-key-2"\n' + f'key_file = "{keys / "other"}"\n'):
+        assert_restore_refused(client, node, archive, grpc.StatusCode.FAILED_PRECONDITION,
+                               f"no key for key id '{KEY_ID}' is configured")
+    (keys / "good").chmod(0o640)
+    with proxy_with(node, f'key_id = "{KEY_ID}"\nkey_file = "{keys / "good"}"\n'):
+        assert_restore_refused(client, node, archive, grpc.StatusCode.FAILED_PRECONDITION,
+                               "accessible by group or others (mode 0640)", f"chmod 600 {keys / 'good'}")
+    assert not _leftovers(node)
+
+
+@pytest.mark.parametrize("case", ["opt-out-not-allowed", "loose-key-file"])
+def test_checkpoint_refused_before_the_container_is_touched(client: Cri, node: Node, keys: Path, case: str) -> None:
+    """A pod opting out where the policy says no, and a key file others can read: nothing frozen or written."""
+    (keys / "loose").write_text(os.urandom(32).hex())
+    (keys / "loose").chmod(0o644)
+    if case == "opt-out-not-allowed":
+        section, pod_annotations = _enabled(keys), {ENCRYPT: "false"}
+        code, fragment = grpc.StatusCode.PERMISSION_DENIED, "refused by rule encryption.opt_out_namespaces"
+    else:
+        section, pod_annotations = _enabled(keys, "loose"), {}
+        code, fragment = grpc.StatusCode.FAILED_PRECONDITION, "accessible by group or others"
+    archive = node.dir / "checkpoints" / "refused.tar"
+    with proxy_with(node, section), client.pod(pod_annotations) as pod:
+        ctr = client.container(pod, COUNTER, {"INTERVAL_MS": "50"})
+        wait_for(lambda: client.count(ctr) >= 1)
+        with pytest.raises(grpc.RpcError) as caught:
+            client.checkpoint(ctr, str(archive))
+        assert caught.value.code() == code and fragment in (caught.value.details() or "")
+        assert not archive.exists() and not _leftovers(node)
+        seen = client.count(ctr)
+        wait_for(lambda: client.count(ctr) > seen)  # never frozen: it keeps counting
+
+
+def test_pod_opts_in_and_out_where_allowed(client: Cri, node: Node, keys: Path) -> None:
+    section = f'key_id = "{KEY_ID}"\nkey_file = "{keys / "good"}"\nopt_out_namespaces = ["tes*"]\n'
+    with proxy_with(node, section):
+        sealed, _ = _sealed_checkpoint(client, node, "opted-in", annotations={ENCRYPT: "true"})
+        plain, _ = _sealed_checkpoint(client, node, "default-off")
+        assert is_encrypted(sealed) and not is_encrypted(plain)
+        tarfile.open(plain).close()
+    with proxy_with(node, _enabled(keys) + 'opt_out_namespaces = ["tes*"]\n'):
+        opted_out, _ = _sealed_checkpoint(client, node, "opted-out", annotations={ENCRYPT: "false"})
+        assert not is_encrypted(opted_out)
