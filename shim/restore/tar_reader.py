@@ -306,3 +306,9 @@ def member_kind(member: tarfile.TarInfo) -> str:
             return kind
     return f"tar entry of type {member.type!r}"
 
+
+
+# For readers of a tar that is a stream rather than a file (shim.inspection: a decrypted archive):
+# the same strict headers, and the error they raise inside tarfile's parser.
+StrictTarInfo = _StrictTarInfo
+CorruptTar = _CorruptTar

@@ -41,7 +41,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "shim.runtime",  # the ttrpc side: relay and page daemons of a restored task
     )),
     ("domain", ("shim.checkpoint", "shim.restore", "shim.retention",
-                "shim.export")),  # checkpoint images pushed to and pulled from registries
+                "shim.export",  # checkpoint images pushed to and pulled from registries
+                "shim.inspection")),  # criu-shim inspect: an archive's contents, signature, encryption
     ("facades", (
         "shim.containerd", "shim.criu", "shim.ttrpc", "shim.proxy", "shim.cgroup_driver", "shim.freezer",
         "shim.registry",  # OCI distribution, through oras-py
