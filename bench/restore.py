@@ -13,6 +13,9 @@ through criu-shim on containerd 1.7; then, repeatedly and interleaved:
   criu     CRIU's own restore time of those images in the eager restore (its
            stats-restore): the floor for a restore with all memory in place
   criu-lazy CRIU's own restore time in our lazy restore: the floor for "until it runs"
+  dd       reading the memory image (the archive's largest pages-N.img member) with
+           `dd`: "hot" as our restore finds it (the page cache), "cold" after dropping
+           that file's pages from the cache (the disk's rate); the floor for "resident"
   cold     CreateContainer + StartContainer of the same program from its image,
            until it is ready (its memory allocated and touched: first count)
   2.x      containerd 2.x's native restore of its own checkpoint of the same program
@@ -26,10 +29,12 @@ with handler "criu" against handler "runc").
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
 from pathlib import Path
@@ -119,6 +124,28 @@ def checkpointed(node: Node, mem_mb: int, archive: Path) -> None:
         node.remove(pod)
 
 
+def pages_member(archive: Path) -> tuple[int, int]:
+    """(offset, size) of the archive's largest memory image."""
+    with tarfile.open(archive) as tar:
+        member = max((m for m in tar if m.name.lstrip("./").startswith("checkpoint/pages-")), key=lambda m: m.size)
+        return member.offset_data, member.size
+
+
+def timed_dd(archive: Path, cold: bool) -> float:
+    """Seconds for `dd` to read the memory image out of the archive (after dropping it from the cache: cold)."""
+    offset, size = pages_member(archive)
+    if cold:
+        fd = os.open(archive, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    start = time.perf_counter()
+    subprocess.run(["dd", f"if={archive}", "of=/dev/null", "bs=4M", "iflag=skip_bytes,count_bytes",
+                    f"skip={offset}", f"count={size}", "status=none"], check=True)
+    return time.perf_counter() - start
+
+
 def timed_restore(node: Node, archive: Path, lazy: bool = True) -> tuple[float, float, float]:
     """Seconds to restore `archive` into a new pod; until its memory is all in place; CRIU's own share."""
     pod, config = node.pod(annotations={} if lazy else {LAZY_PAGES: "false"})
@@ -150,8 +177,12 @@ def one_size(node: Node, native: Node, mem_mb: int, reps: int) -> dict[str, floa
     checkpointed(node, mem_mb, archive)
     checkpointed(native, mem_mb, native_archive)
     times: dict[str, list[float]] = {k: [] for k in ("ours", "resident", "eager", "criu", "criu_lazy", "cold",
-                                                      "native", "ours_create", "native_create")}
+                                                      "native", "ours_create", "native_create", "dd_cold",
+                                                      "dd_hot")}
+    os.sync()  # the archive on disk, so that "cold" reads the disk
     for _ in range(reps):
+        times["dd_cold"].append(timed_dd(archive, cold=True))
+        times["dd_hot"].append(timed_dd(archive, cold=False))
         times["native"].append(timed_restore(native, native_archive, lazy=False)[0])
         times["native_create"].append(native.created_s)
         elapsed, resident, criu_lazy = timed_restore(node, archive)
@@ -190,7 +221,7 @@ def main() -> int:
     from shim.node import registry
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="64,512,1024")
+    parser.add_argument("--sizes", default="64,512,1024,4096")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp/criu-shim-bench-restore"))
     args = parser.parse_args()
@@ -218,10 +249,12 @@ def main() -> int:
 
 def report(rows: list[tuple[int, dict[str, float]]], handlers: dict[str, float], reps: int) -> None:
     print(f"{'memory':>7} {'ours':>8} {'resident':>8} {'eager':>8} {'2.x':>8} {'CRIU':>8} {'CRIU lazy':>9} "
-          f"{'cold':>8} {'ours/2.x':>8} {'resident/2.x':>12} {'eager/2.x':>9} {'eager/CRIU':>10}")
+          f"{'dd hot':>8} {'dd cold':>8} {'cold':>8} {'ours/2.x':>8} {'resident/2.x':>12} {'eager/2.x':>9} "
+          f"{'eager/CRIU':>10}")
     for mem_mb, t in rows:
         print(f"{mem_mb:>5}Mi {t['ours']:>7.3f}s {t['resident']:>7.3f}s {t['eager']:>7.3f}s {t['native']:>7.3f}s "
-              f"{t['criu']:>7.3f}s {t['criu_lazy']:>8.3f}s {t['cold']:>7.3f}s {t['ours'] / t['native']:>7.2f}x "
+              f"{t['criu']:>7.3f}s {t['criu_lazy']:>8.3f}s {t['dd_hot']:>7.3f}s {t['dd_cold']:>7.3f}s "
+              f"{t['cold']:>7.3f}s {t['ours'] / t['native']:>7.2f}x "
               f"{t['resident'] / t['native']:>11.2f}x {t['eager'] / t['native']:>8.2f}x {t['eager'] / t['criu']:>9.2f}x")
     print(f"(median of {reps}, interleaved; ours/eager/2.x = CreateContainer+StartContainer until the process "
           "runs; resident = ours until all its memory is in place; CRIU = its own restore time in the eager "
