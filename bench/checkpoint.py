@@ -14,11 +14,6 @@ Also reported: the container's frozen time in our path against CRIU's own frozen
 time for its dump. Both are CRIU's `frozen_time` (stats-dump): ours is read from our
 dump (the audit line's frozen_s; it includes the wait at the gate while the rootfs
 diff is taken), CRIU's from the floor's dump. And archive sizes.
-
-Then restore (CreateContainer + StartContainer into a new pod, until the process
-runs; lazy, the node's default) from each rep's unencrypted and sealed archive,
-interleaved, and the decryption alone (`shim.sealed.decrypt_to` of the sealed
-archive into a file in the page cache): what a sealed restore adds.
 """
 
 from __future__ import annotations
@@ -115,15 +110,13 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def one_size(mem_mb: int, ours: dict[str, str], native: dict[str, str], work: Path, reps: int,
-             audit: Path, keyring: Keyring) -> dict[str, object]:
+             audit: Path) -> dict[str, object]:
     ctrs = {
         "ours": Counter(ours["CRI_ENDPOINT"], work / "logs" / f"o{mem_mb}", mem_mb, f"ours-{mem_mb}"),
-        "sealed": Counter(ours["CRI_ENDPOINT"], work / "logs" / f"s{mem_mb}", mem_mb, f"sealed-{mem_mb}",
-                          annotations={ENCRYPT: "true"}),
         "floor": Counter(ours["CONTAINERD_ENDPOINT"], work / "logs" / f"f{mem_mb}", mem_mb, f"floor-{mem_mb}"),
         "native": Counter(native["CONTAINERD_ENDPOINT"], work / "logs" / f"n{mem_mb}", mem_mb, f"native-{mem_mb}"),
     }
-    times: dict[str, list[float]] = {k: [] for k in (*ctrs, "dd", "restore", "restore_sealed", "decrypt")}
+    times: dict[str, list[float]] = {k: [] for k in (*ctrs, "dd")}
     frozen_ours: list[float] = []
     frozen_criu: list[float] = []
     sizes: dict[str, int] = {}
@@ -158,42 +151,6 @@ def one_size(mem_mb: int, ours: dict[str, str], native: dict[str, str], work: Pa
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"mem_mb": mem_mb, **med, "frozen_ours": statistics.median(frozen_ours),
             "frozen_criu": statistics.median(frozen_criu), "sizes": sizes}
-
-
-def restore_both(ctr: Counter, work: Path, mem_mb: int, rep: int, times: dict[str, list[float]],
-                 keyring: Keyring) -> None:
-    """Restore this rep's unencrypted and sealed archives (then delete them); time the decryption alone."""
-    plain, sealed = (work / f"{path}-{mem_mb}-{rep}.tar" for path in ("ours", "sealed"))
-    try:
-        for key, archive in (("restore", plain), ("restore_sealed", sealed)):
-            os.sync()
-            times[key].append(timed(functools.partial(ctr.restore, archive, f"r-{key}-{mem_mb}-{rep}")))
-        os.sync()
-        decrypted = work / f"decrypted-{mem_mb}-{rep}.tar"
-        fd = os.open(decrypted, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            times["decrypt"].append(timed(functools.partial(decrypt_to, sealed, keyring, fd)))
-        finally:
-            os.close(fd)
-            decrypted.unlink()
-    finally:
-        plain.unlink(missing_ok=True)
-        sealed.unlink(missing_ok=True)
-
-
-def sealing_config(node_dir: Path, work: Path) -> tuple[Path, Keyring]:
-    """The ours node's proxy config with an [encryption] key (pods opt in by annotation), and its keyring."""
-    from shim.node.layout import NodeLayout
-    from shim.node.render import proxy_config
-    from shim.node.tools import tools_for
-
-    key = work / "bench.key"
-    key.write_text(os.urandom(32).hex())
-    key.chmod(0o600)
-    config = work / "proxy.toml"
-    config.write_text(proxy_config(NodeLayout(node_dir.resolve()), tools_for("1.7").criu)
-                      + f'\n[encryption]\nkey_id = "bench"\nkey_file = "{key}"\n')
-    return config, Keyring({"bench": key})
 
 
 def main() -> int:
