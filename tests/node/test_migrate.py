@@ -1,0 +1,236 @@
+"""Live migration between two nodes that are two hosts (`node up --fabric`): `criu-shim migrate`.
+
+Each node's containerd, CNI bridge, pods, proxy and migration receiver live in the node's own
+network namespace; a router namespace routes each node's pod subnet. The migrate command runs
+on the source host (in its namespace), the archive crosses the fabric over mutual TLS to the
+target's receiver, which restores it into a prepared pod. A TCP client outside both nodes (in
+the router namespace) keeps its connection while the server moves A -> B -> A.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shim.api.cri.v1 import api_pb2 as cri
+from tests.node import leaks
+from tests.node.conftest import criu_shim
+from tests.node.pods import Cri, Pod, wait_for
+
+pytestmark = pytest.mark.node
+
+REPO = Path(__file__).resolve().parents[2]
+TCPCLIENT = REPO / "build" / "images" / "bin" / "tcpclient"
+FABRIC = "mtest"
+STOP_AFTER = {"checkpoint.criu-shim.io/stop-after": "true"}
+TCP = {**STOP_AFTER, "checkpoint.criu-shim.io/tcp-established": "true"}
+
+
+@dataclass(frozen=True)
+class Host:
+    dir: Path
+    env: dict[str, str]  # what `node up --fabric` printed
+    cri: Cri
+
+    def migrate(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`criu-shim migrate` run on this host (in its network namespace), with its credentials."""
+        e = self.env
+        argv = ["nsenter", f"--net=/run/netns/{e['NODE_NETNS']}", "--", sys.executable, "-m", "shim", "migrate",
+                *args, "--runtime-endpoint", e["CRI_ENDPOINT"], "--checkpoints-dir", e["CHECKPOINTS_DIR"],
+                "--cert", e["MIGRATE_CERT"], "--key", e["MIGRATE_KEY"], "--ca", e["MIGRATE_CA"],
+                "--address-hook", e["ADDRESS_HOOK"]]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO)
+        if check:
+            assert proc.returncode == 0, proc.stderr
+        return proc
+
+    def container_in(self, pod: Pod) -> str:
+        listed = self.cri.runtime.ListContainers(cri.ListContainersRequest(
+            filter=cri.ContainerFilter(pod_sandbox_id=pod.id)), timeout=30).containers
+        assert len(listed) == 1, listed
+        return str(listed[0].id)
+
+
+def _up(directory: Path, log_root: Path) -> Host:
+    out = criu_shim("node", "up", "--dir", str(directory), "--fabric", FABRIC).stdout
+    env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    return Host(directory, env, Cri(env["CRI_ENDPOINT"], log_root))
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Host, Host]]:
+    if os.geteuid() != 0:
+        pytest.skip("node tests need root")
+    before = leaks.snapshot()
+    dirs = [tmp_path_factory.mktemp("host-a"), tmp_path_factory.mktemp("host-b")]
+    logs = tmp_path_factory.mktemp("pod-logs")
+    up: list[Host] = []
+    try:
+        up = [_up(d, logs) for d in dirs]
+        yield up[0], up[1]
+    finally:
+        for host in up:
+            host.cri.close()
+        for d in dirs:
+            criu_shim("node", "down", "--dir", str(d), "--purge", check=False)
+    after = leaks.settled_snapshot(before)
+    leaks.assert_nothing_left(before, after, dirs[0])
+    assert not Path(f"/run/netns/csr-{FABRIC}").exists()
+
+
+def _pod_ip(host: Host, pod: Pod) -> str:
+    status = host.cri.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod.id), timeout=30)
+    return str(status.status.network.ip)
+
+
+def _router_routes() -> str:
+    return subprocess.run(["ip", "-n", f"csr-{FABRIC}", "route"], capture_output=True, text=True).stdout
+
+
+def test_nodes_are_hosts_joined_only_by_routes(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    assert a.env["NODE_NETNS"] != b.env["NODE_NETNS"] and a.env["POD_SUBNET"] != b.env["POD_SUBNET"]
+    routes = _router_routes()
+    assert f"{a.env['POD_SUBNET']} via {a.env['HOST_IP']}" in routes
+    assert f"{b.env['POD_SUBNET']} via {b.env['HOST_IP']}" in routes
+    with a.cri.pod() as pod:
+        ip = _pod_ip(a, pod)
+        assert ip.startswith(a.env["POD_SUBNET"].rsplit(".", 1)[0] + ".")
+        # No route in the machine's own namespace: node A's pods exist only on its host.
+        assert a.env["POD_SUBNET"] not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+        ping = subprocess.run(["nsenter", f"--net=/run/netns/{b.env['NODE_NETNS']}", "--", str(TCPCLIENT), ip,
+                               "9"], capture_output=True, text=True, env={"CONNECT_TIMEOUT_MS": "300"})
+        assert "Connection refused" in ping.stdout + ping.stderr  # reachable through the router, a RST
+
+
+def test_counter_keeps_its_count_on_the_other_node(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    with a.cri.pod(STOP_AFTER) as source_pod, b.cri.pod() as target_pod:
+        ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "16"},
+                              name="counter")
+        wait_for(lambda: a.cri.count(ctr) >= 20)
+        out = a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id).stdout
+        assert "migrated to container" in out and "pause" in out
+        assert a.cri.state(ctr) == "CONTAINER_EXITED"  # stop-after
+        moved = b.container_in(target_pod)
+        assert b.cri.state(moved) == "CONTAINER_RUNNING"
+        first = b.cri.count(moved)
+        assert first >= 20, "the count restarted instead of resuming"
+        wait_for(lambda: b.cri.count(moved) > first)
+        assert not list(Path(a.env["CHECKPOINTS_DIR"]).glob("migrate-*")), "the source's checkpoint is deleted"
+        kept = list(Path(b.env["CHECKPOINTS_DIR"]).glob("migrate-counter-*.tar"))
+        assert len(kept) == 1 and kept[0].stat().st_mode & 0o777 == 0o600
+
+
+def _seqs(log: str) -> list[tuple[float, int]]:
+    return [(float(t), int(s)) for t, s in re.findall(r"^(\d+\.\d+) seq=(\d+)", log, re.M)]
+
+
+@contextlib.contextmanager
+def _client_on_router(ip: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """tcpclient outside both nodes (in the router's namespace), one connection, a request every 20 ms."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(["ip", "netns", "exec", f"csr-{FABRIC}", str(TCPCLIENT), ip, "7000"], stdout=out,
+                                stderr=subprocess.STDOUT, env={"INTERVAL_MS": "20", "REPLY_TIMEOUT_MS": "60000"})
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _largest_gap(log: str) -> float:
+    times = [t for t, _ in _seqs(log)]
+    return max(b - a for a, b in zip(times, times[1:], strict=False))
+
+
+def test_tcp_client_keeps_its_connection_as_the_server_moves_a_to_b_and_back(
+        hosts: tuple[Host, Host], tmp_path: Path) -> None:
+    a, b = hosts
+    log = tmp_path / "client.log"
+    with contextlib.ExitStack() as stack:
+        pod_a = a.cri.pod(TCP)
+        source_pod = stack.enter_context(contextlib.ExitStack())
+        first_pod = source_pod.enter_context(pod_a)
+        ip = _pod_ip(a, first_pod)
+        server = a.cri.container(first_pod, ["/usr/local/bin/tcpserver"], {"PORT": "7000", "BIND_ADDR": ip},
+                                 name="server")
+        client = stack.enter_context(_client_on_router(ip, log))
+        wait_for(lambda: len(_seqs(log.read_text())) >= 10)
+
+        pod_b = stack.enter_context(b.cri.pod(TCP))
+        out = a.migrate(server, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", pod_b.id).stdout
+        assert f"pod IPs {ip} now routed" in out
+        assert f"{ip} via {b.env['HOST_IP']}" in _router_routes()
+        before = _seqs(log.read_text())[-1][1]
+        wait_for(lambda: _seqs(log.read_text())[-1][1] >= before + 10, timeout=60)
+        gap_ab = _largest_gap(log.read_text())
+        on_b = b.container_in(pod_b)
+        assert f"inet {ip}/32" in b.cri.exec(on_b, "ip", "-4", "addr", "show", "eth0")
+
+        source_pod.close()  # the old pod on A goes (its address is free there again for the way back)
+        pod_a2 = stack.enter_context(a.cri.pod(TCP))
+        b.migrate(on_b, "--to", a.env["MIGRATE_ADDRESS"], "--to-pod", f"tests/{pod_a2.config.metadata.name}")
+        assert f"{ip} via {a.env['HOST_IP']}" in _router_routes()
+        before = _seqs(log.read_text())[-1][1]
+        wait_for(lambda: _seqs(log.read_text())[-1][1] >= before + 10, timeout=60)
+        text = log.read_text()
+        assert text.count("connected ") == 1 and "error" not in text and "reconnect" not in text, text[-2000:]
+        assert client.poll() is None  # never reset
+        counts = [int(c) for c in re.findall(r"reply=conn=(\d+)", text)]
+        assert counts == sorted(counts) and len(set(counts)) == len(counts)  # one server state throughout
+        back = a.container_in(pod_a2)
+        assert a.cri.state(back) == "CONTAINER_RUNNING"
+        print(f"largest client gap: A->B {gap_ab:.2f} s, overall {_largest_gap(text):.2f} s")
+
+
+def test_refused_before_anything_stops(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    with a.cri.pod(TCP) as source_pod, b.cri.pod(STOP_AFTER) as no_tcp_pod, a.cri.pod() as plain_pod:
+        ip = _pod_ip(a, source_pod)
+        server = a.cri.container(source_pod, ["/usr/local/bin/tcpserver"], {"PORT": "7000"}, name="server")
+        plain = a.cri.container(plain_pod, ["/usr/local/bin/counter"], name="counter")
+        to = ["--to", b.env["MIGRATE_ADDRESS"]]
+        cases = [
+            ([server, *to, "--to-pod", no_tcp_pod.id], "lacks annotation checkpoint.criu-shim.io/tcp-established"),
+            ([server, *to, "--to-pod", "tests/no-such-pod"], "pod 'tests/no-such-pod': no such pod"),
+            ([plain, *to, "--to-pod", no_tcp_pod.id], 'lacks annotation checkpoint.criu-shim.io/stop-after: "true"'),
+            (["no-such-container", *to, "--to-pod", no_tcp_pod.id], "find container \"no-such-container\": not found"),
+            ([server, "--to", "nonsense", "--to-pod", no_tcp_pod.id], "expected HOST:PORT"),
+            ([server, "--to", f"{a.env['HOST_IP']}:1", "--to-pod", no_tcp_pod.id], "cannot reach the migration receiver"),
+        ]
+        for args, expected in cases:
+            proc = a.migrate(*args, check=False)
+            assert proc.returncode != 0 and expected in proc.stderr, (args, proc.stderr)
+            assert a.cri.state(server) == "CONTAINER_RUNNING" and a.cri.state(plain) == "CONTAINER_RUNNING"
+        listed = b.cri.runtime.ListContainers(cri.ListContainersRequest(), timeout=30).containers
+        assert not listed, "nothing was created on the target"
+        assert not list(Path(b.env["CHECKPOINTS_DIR"]).iterdir()) or all(
+            p.name.startswith("migrate-counter-") for p in Path(b.env["CHECKPOINTS_DIR"]).iterdir())
+        assert ip not in _router_routes()
+
+
+def test_a_stranger_certificate_is_refused(hosts: tuple[Host, Host], tmp_path: Path) -> None:
+    from shim.node import pki
+
+    a, b = hosts
+    ca = pki.create_ca(tmp_path / "other", "another cluster")
+    mine = pki.issue(ca, pki.CertPair(tmp_path / "n.crt", tmp_path / "n.key"), "intruder", client=True)
+    e = a.env
+    argv = ["nsenter", f"--net=/run/netns/{e['NODE_NETNS']}", "--", sys.executable, "-m", "shim", "migrate",
+            "whatever", "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", "x", "--runtime-endpoint", e["CRI_ENDPOINT"],
+            "--cert", str(mine.cert), "--key", str(mine.key), "--ca", str(ca.cert)]
+    with a.cri.pod(STOP_AFTER) as pod:
+        ctr = a.cri.container(pod, ["/usr/local/bin/counter"], name="counter")
+        argv[argv.index("whatever")] = ctr
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert proc.returncode == 1 and "is not a node of this cluster" in proc.stderr, proc.stderr
+        assert a.cri.state(ctr) == "CONTAINER_RUNNING"
