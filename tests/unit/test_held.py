@@ -1,0 +1,120 @@
+"""The dump with the snapshot inside CRIU's hold (shim.checkpoint.held), a thread playing CRIU at the gate."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from shim.checkpoint import dumpgate, held
+from shim.errors import Internal, ResourceExhausted
+
+
+class FakeCriu:
+    """Holds the container (sets `holding`), then waits at the gate, writes its inventory, lets go."""
+
+    def __init__(self, gate: dumpgate.Gate, fail_before_hold: bool = False) -> None:
+        self.gate = gate
+        self.fail_before_hold = fail_before_hold
+        self.holding = threading.Event()
+        self.released = threading.Event()
+
+    def _run(self) -> None:
+        self.holding.set()
+        fd = os.open(self.gate.path, os.O_WRONLY)  # blocks until the gate opens
+        os.write(fd, b"inventory")
+        os.close(fd)
+        self.holding.clear()
+        self.released.set()
+
+    async def dump(self) -> None:
+        if self.fail_before_hold:
+            raise Internal("runc: criu failed: type NOTIFY errno 0")
+        await asyncio.to_thread(self._run)
+
+
+class Proc:
+    """What /proc shows the holder: the fake CRIU of the test."""
+
+    criu: FakeCriu | None = None
+
+    def wait_held(self, cgroup: Path, stop: threading.Event, timeout: float) -> int:
+        assert self.criu is not None
+        while not self.criu.holding.wait(0.01):
+            if stop.is_set():
+                raise dumpgate.GateError("the dump ended before CRIU held the container")
+        return 4242
+
+    def criu_for(self, gate: dumpgate.Gate, fail_before_hold: bool = False) -> FakeCriu:
+        self.criu = FakeCriu(gate, fail_before_hold)
+        return self.criu
+
+
+@pytest.fixture
+def proc(monkeypatch: pytest.MonkeyPatch) -> Proc:
+    seen = Proc()
+    monkeypatch.setattr(dumpgate, "wait_held", seen.wait_held)
+    return seen
+
+
+def test_the_snapshot_is_taken_while_criu_holds_the_container(tmp_path: Path, proc: Proc) -> None:
+    gate = dumpgate.Gate.make(tmp_path)
+    assert gate is not None
+    criu = proc.criu_for(gate)
+    seen: list[bool] = []
+
+    async def snapshot() -> str:
+        await asyncio.sleep(0.05)  # CRIU must still be waiting at the gate after this
+        seen.append(criu.holding.is_set() and not criu.released.is_set())
+        return "diff"
+
+    assert asyncio.run(held.dump_holding(gate, tmp_path, criu.dump(), snapshot)) == "diff"
+    assert seen == [True] and criu.released.is_set()
+    inventory = tmp_path / dumpgate.GATE
+    assert stat.S_ISREG(os.lstat(inventory).st_mode) and inventory.read_bytes() == b"inventory"
+
+
+def test_a_failed_snapshot_still_lets_criu_go_and_fails_the_checkpoint(tmp_path: Path, proc: Proc) -> None:
+    gate = dumpgate.Gate.make(tmp_path)
+    assert gate is not None
+    criu = proc.criu_for(gate)
+
+    async def snapshot() -> str:
+        raise ResourceExhausted("no space left writing checkpoint /x.tar")
+
+    with pytest.raises(ResourceExhausted, match="no space left"):
+        asyncio.run(held.dump_holding(gate, tmp_path, criu.dump(), snapshot))
+    assert criu.released.is_set()  # the container was let go: never left held for a reader that is gone
+
+
+def test_a_dump_that_fails_before_the_hold_ends_the_wait(tmp_path: Path, proc: Proc) -> None:
+    gate = dumpgate.Gate.make(tmp_path)
+    assert gate is not None
+    criu = proc.criu_for(gate, fail_before_hold=True)
+    taken: list[str] = []
+
+    async def snapshot() -> str:
+        taken.append("diff")
+        return "diff"
+
+    with pytest.raises(Internal, match="criu failed"):
+        asyncio.run(held.dump_holding(gate, tmp_path, criu.dump(), snapshot))
+    assert taken == []  # nothing is taken outside CRIU's hold
+
+
+def test_no_gate_for_stop_after_or_without_a_cgroup(tmp_path: Path) -> None:
+    from contextlib import AsyncExitStack
+
+    from shim.checkpoint.options import CheckpointOptions
+
+    async def make(opts: CheckpointOptions, cgroup: Path | None) -> dumpgate.Gate | None:
+        async with AsyncExitStack() as stack:
+            return await held.make_gate(tmp_path, opts, cgroup, stack)
+
+    assert asyncio.run(make(CheckpointOptions(stop_after=True), tmp_path)) is None
+    assert asyncio.run(make(CheckpointOptions(), None)) is None
+    assert asyncio.run(make(CheckpointOptions(), tmp_path)) is not None
