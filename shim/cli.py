@@ -46,7 +46,7 @@ def _unix_path(value: str) -> Path:
 
 
 def _kubelet_duration(value: str) -> str:
-    if not re.fullmatch(r"[1-9][0-9]*(s|m|h)", value):
+    if not re.fullmatch(r"[1-9][0-9]*(s|m|h)", value) or value == "1s":
         raise argparse.ArgumentTypeError(f"expected a duration like 30s, 5m or 1h, got {value!r}")
     return value
 

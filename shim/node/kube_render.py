@@ -9,9 +9,11 @@ every v1 hierarchy, so two nodes on one host never share a `kubepods` tree.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from shim.errors import InvalidArgument
 from shim.node.layout import NodeLayout
 
 SERVICE_CIDR = "10.96.0.0/16"
@@ -147,12 +149,15 @@ def apiserver_argv(apiserver: Path, kube: KubeLayout, ports: Ports) -> list[str]
             "--allow-privileged=true", "--profiling=false"]
 
 
-def kubelet_config(kube: KubeLayout, cri_endpoint: str, node_ip: str, port: int) -> str:
+def kubelet_config(kube: KubeLayout, cri_endpoint: str, node_ip: str, port: int,
+                   image_gc_max_age: str | None = None) -> str:
     """The KubeletConfiguration: criu-shim as runtime and image service, checkpoints on, cgroup v1.
 
     The kubelet listens on `node_ip` (the host's address: a Node's InternalIP may not be loopback,
     and the API server reaches the kubelet there); anonymous requests are refused, the rest are
-    authorized by the API server."""
+    authorized by the API server. Image GC is off unless `image_gc_max_age` ("30s"): then each GC
+    pass (at start, then every 5 minutes: the kubelet's fixed ImageGCPeriod) removes images no
+    container has used for that long, the disk thresholds staying off."""
     pki = kube.pki
     config = {
         "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
@@ -176,6 +181,11 @@ def kubelet_config(kube: KubeLayout, cri_endpoint: str, node_ip: str, port: int)
         "clusterDomain": "cluster.local", "resolvConf": "/etc/resolv.conf",
         "nodeStatusUpdateFrequency": "5s",
     }
+    if image_gc_max_age is not None:
+        if not re.fullmatch(r"[1-9][0-9]*(s|m|h)", image_gc_max_age) or image_gc_max_age == "1s":
+            raise InvalidArgument(f"image GC age {image_gc_max_age!r}: a duration like 30s, 5m or 1h (over 1s)")
+        # The minimum age must be under the maximum; 0 would mean "unset" and default to 2 minutes.
+        config["imageMaximumGCAge"], config["imageMinimumGCAge"] = image_gc_max_age, "1s"
     return json.dumps(config, indent=2) + "\n"
 
 

@@ -76,8 +76,9 @@ def _admin(kube: kr.KubeLayout, server: str) -> ApiClient:
 
 
 def up(directory: Path, version: str = "1.7", proxy_config: Path | None = None,
-       join: Path | None = None) -> KubeEndpoints:
-    """The local node of `directory` with a kubelet; a control plane too unless `join` names one."""
+       join: Path | None = None, image_gc_max_age: str | None = None) -> KubeEndpoints:
+    """The local node of `directory` with a kubelet; a control plane too unless `join` names one.
+    `image_gc_max_age` turns the kubelet's image GC on (kube_render.kubelet_config)."""
     layout = NodeLayout(directory.resolve())
     kube = kr.KubeLayout(layout)
     bins = binaries()
@@ -101,7 +102,8 @@ def up(directory: Path, version: str = "1.7", proxy_config: Path | None = None,
         ca_dir = Path(leader["ca_dir"]) if leader else kube.pki
         node_ip = kubelet_host.host_ip()
         _kubelet_credentials(kube, ca_dir, server, node_ip)
-        kube.kubelet_config.write_text(kr.kubelet_config(kube, endpoints.cri, node_ip, reg.free_port()))
+        kube.kubelet_config.write_text(kr.kubelet_config(kube, endpoints.cri, node_ip, reg.free_port(),
+                                                         image_gc_max_age))
         _write_cluster(kube, server, ca_dir, control_plane=leader is None, registry=registry.host)
         cgroups.create_root(kube.cgroup_root)
         kubelet_host.record_tables()

@@ -7,10 +7,12 @@ import json
 import stat
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shim.errors import InvalidArgument
 from shim.node import cgroups, kubelet_host, pki
 from shim.node import kube_render as kr
 from shim.node.layout import NodeLayout
@@ -31,6 +33,19 @@ def test_kubelet_config_points_at_criu_shim_with_checkpoints_on_and_cgroup_v1_al
     assert "staticPodPath" not in config and "staticPodURL" not in config
     for key in ("podLogsDir", "volumePluginDir"):
         assert Path(config[key]).is_relative_to(kube.dir)
+
+
+def test_kubelet_image_gc_is_off_unless_an_age_is_given(tmp_path: Path) -> None:
+    kube = _kube(tmp_path)
+    off = json.loads(kr.kubelet_config(kube, "unix:///x", "192.0.2.2", 10250))
+    assert off["imageGCHighThresholdPercent"] == 100 and "imageMaximumGCAge" not in off
+    on = json.loads(kr.kubelet_config(kube, "unix:///x", "192.0.2.2", 10250, "30s"))
+    # The age rule alone: the disk thresholds stay off, so only images unused for 30 s go.
+    assert on["imageMaximumGCAge"] == "30s" and on["imageMinimumGCAge"] == "1s"
+    assert on["imageGCHighThresholdPercent"] == 100
+    for bad in ("0s", "1s", "30", "-1m", "1d", "30s; rm"):
+        with pytest.raises(InvalidArgument, match="a duration like 30s"):
+            kr.kubelet_config(kube, "unix:///x", "192.0.2.2", 10250, bad)
 
 
 def test_kubelet_flags_keep_its_root_short_and_its_data_under_dir(tmp_path: Path) -> None:
