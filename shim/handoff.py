@@ -28,6 +28,9 @@ RESTORE_ANNOTATIONS = (RESTORE_PREFIX + "*", CRIU_CONFIG_ANNOTATION)
 SHIM_DIR = Path("/run/criu-shim/shims")
 SHIM_DIR_ENV = "CRIU_SHIM_SHIMS_DIR"
 CRIU_CONFIG_SUFFIX = ".criu.conf"
+# How long a relay waits for containerd to start its restore before it gives up; the proxy
+# forgets a pending restore (shim.restore.pending) at that age too.
+RELAY_START_WAIT = 15 * 60.0
 # A lazy restore: the proxy writes the plan into the work dir, the relay starts the page daemon
 # from it and, once the daemon is done, takes LAZY_CRIU_OPTION out of the CRIU config.
 LAZY_PLAN = "lazy-pages.json"

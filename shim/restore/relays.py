@@ -85,31 +85,61 @@ def start_relay(work: Path, directory: Path = SHIM_DIR, journal: Path | None = N
 
 
 class SparePool:
-    """One relay kept started ahead of need for the restores under `work_root`."""
+    """One relay kept started ahead of need for the restores under `work_root`.
+
+    Every method may run on the event loop or in a worker thread, two at once: every
+    read and write of the spare is under `_lock` (held only for that, never across a
+    fork or a pipe write), refills are serialised by `_refilling`, and a spare started
+    by a refill that was under way when `close` ran is let go at once instead of kept
+    (a refill begun after `close` starts a spare again: the pool can be reused).
+    """
 
     def __init__(self, work_root: Path, directory: Path = SHIM_DIR, journal: Path | None = None) -> None:
         self._work_root = work_root
         self._directory = directory
         self._journal = journal
         self._spare: subprocess.Popen[bytes] | None = None
-        self._refilling = threading.Lock()  # refills run in worker threads, maybe two at once
+        self._closes = 0  # how many times close ran: a refill begun before one keeps nothing
+        self._lock = threading.Lock()  # guards _spare and _closes
+        self._refilling = threading.Lock()  # one refill at a time: never two spares
+
+    def has_spare(self) -> bool:
+        with self._lock:
+            return self._spare is not None
 
     def start_unless_spare(self, work: Path) -> Relay | None:
-        """None if a spare waits (`take` it later); else a new relay for `work`, starting now."""
-        return None if self._spare is not None else start_relay(work, self._directory, self._journal)
+        """None if a spare waits (`take` it later); else a new relay for `work`, starting now (blocking)."""
+        return None if self.has_spare() else start_relay(work, self._directory, self._journal)
 
     def take(self, work: Path) -> Relay:
-        """The relay for the restore unpacked into `work`: the spare if there is one, else a new one."""
-        spare, self._spare = self._spare, None
+        """The relay for the restore unpacked into `work`: the spare if there is one, else a new one (blocking)."""
+        with self._lock:
+            spare, self._spare = self._spare, None
         if spare is not None and _assign(spare, work):
             return Relay(work, self._directory, spare)
         return start_relay(work, self._directory, self._journal)
 
+    async def wait_ready(self, relay: Relay) -> int:
+        """Wait until `relay` listens; its pid (see `wait_ready`)."""
+        return await wait_ready(relay)
+
+    def stop(self, relay: Relay) -> None:
+        """Ask `relay` to stop (see `stop_relay`)."""
+        stop_relay(relay)
+
     def refill(self) -> None:
         """Start the next spare (blocking: a fork and exec; call it off the event loop)."""
         with self._refilling:
-            if self._spare is None:
-                self._spare = self._spawn()
+            with self._lock:
+                if self._spare is not None:
+                    return
+                closes = self._closes
+            spawned = self._spawn()
+            with self._lock:
+                if self._closes == closes:
+                    self._spare, spawned = spawned, None
+            if spawned is not None:  # closed meanwhile
+                _let_go(spawned)
 
     def _spawn(self) -> subprocess.Popen[bytes] | None:
         self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -124,12 +154,18 @@ class SparePool:
 
     def close(self) -> None:
         """Let the spare go (it exits when its pipe closes); reap its launcher."""
-        spare, self._spare = self._spare, None
+        with self._lock:
+            self._closes += 1
+            spare, self._spare = self._spare, None
         if spare is not None:
-            assert spare.stdin is not None
-            with contextlib.suppress(OSError):
-                spare.stdin.close()
-            spare.wait()
+            _let_go(spare)
+
+
+def _let_go(spare: subprocess.Popen[bytes]) -> None:
+    assert spare.stdin is not None
+    with contextlib.suppress(OSError):
+        spare.stdin.close()
+    spare.wait()
 
 
 def _optional(journal: Path | None) -> list[str]:

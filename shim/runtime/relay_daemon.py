@@ -25,7 +25,7 @@ from typing import Any
 
 from shim.api.containerd.runtime.task.v2 import shim_pb2
 from shim.errors import FailedPrecondition
-from shim.handoff import RelayFiles, RestorePlan
+from shim.handoff import RELAY_START_WAIT, RelayFiles, RestorePlan
 from shim.journal import Journal, Operation
 from shim.restore import recovery
 from shim.runtime.bundle import restore_plan
@@ -38,7 +38,7 @@ from shim.runtime.lazy_daemon import LazyPages
 # (containerd/api runtime/task/v3/shim.proto), so one rewriter decodes both.
 TASK_SERVICES = frozenset({"containerd.task.v2.Task", "containerd.task.v3.Task"})
 # A restored container whose StartContainer never comes is given up after this.
-START_WAIT = 15 * 60.0
+START_WAIT = RELAY_START_WAIT
 # The requests the relay decodes; every other frame is relayed as it came.
 METHODS = frozenset({(service, m) for service in TASK_SERVICES
                      for m in ("Create", "Start", "Pause", "Checkpoint", "Delete")})

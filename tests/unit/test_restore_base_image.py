@@ -12,7 +12,7 @@ import pytest
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.config import Config, RestoreSettings
 from shim.errors import PermissionDenied
-from shim.restore.engine import Restorer
+from shim.restore.base_image import resolve_base_image
 
 
 class Containerd:
@@ -29,8 +29,8 @@ class Containerd:
 def _resolve(tmp_path: Path, registries: tuple[str, ...], config: dict[str, Any]) -> tuple[Containerd, str]:
     containerd = Containerd()
     settings = replace(Config(state_dir=tmp_path), restore=RestoreSettings(allowed_registries=registries))
-    restorer = Restorer(containerd, settings)  # type: ignore[arg-type]
-    return containerd, asyncio.run(restorer._resolve_image(config))
+    resolved = resolve_base_image(containerd, config, settings.restore.allowed_registries)  # type: ignore[arg-type]
+    return containerd, asyncio.run(resolved)
 
 
 @pytest.mark.parametrize("ref", ["evil.example.com/app@sha256:" + "0" * 64, "busybox:1", "localhost:5000/app:1"])

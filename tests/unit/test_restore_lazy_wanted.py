@@ -6,7 +6,7 @@ import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.errors import InvalidArgument
-from shim.restore.engine import LAZY_ANNOTATION, _lazy_wanted
+from shim.restore.create_request import LAZY_ANNOTATION, lazy_wanted
 
 
 def request(pod: dict[str, str] | None = None, container: dict[str, str] | None = None) -> cri.CreateContainerRequest:
@@ -22,13 +22,13 @@ def test_the_annotation_name() -> None:
 
 
 def test_lazy_by_default() -> None:
-    assert _lazy_wanted(request()) is True
+    assert lazy_wanted(request()) is True
 
 
 def test_other_annotations_do_not_matter() -> None:
     others = {"restore.criu-shim.io/lazy": "false", "web.restore.criu-shim.io/lazy-pages": "false",
               "checkpoint.criu-shim.io/tcp-established": "false"}
-    assert _lazy_wanted(request(pod=others, container=others)) is True
+    assert lazy_wanted(request(pod=others, container=others)) is True
 
 
 @pytest.mark.parametrize(("pod", "container", "wanted"), [
@@ -40,7 +40,7 @@ def test_other_annotations_do_not_matter() -> None:
     ({LAZY_ANNOTATION: "false"}, {LAZY_ANNOTATION: "true"}, True),
 ])
 def test_pod_and_container_annotations(pod: dict[str, str], container: dict[str, str], wanted: bool) -> None:
-    assert _lazy_wanted(request(pod=pod, container=container)) is wanted
+    assert lazy_wanted(request(pod=pod, container=container)) is wanted
 
 
 @pytest.mark.parametrize("value", ["yes", "False", "TRUE", "1", "0", "", " true", "false\n"])
@@ -49,7 +49,7 @@ def test_bad_value_is_invalid_argument_naming_annotation_and_value(where: str, v
     annotations = {LAZY_ANNOTATION: value}
     bad = request(pod=annotations) if where == "pod" else request(container=annotations)
     with pytest.raises(InvalidArgument) as caught:
-        _lazy_wanted(bad)
+        lazy_wanted(bad)
     assert LAZY_ANNOTATION in caught.value.message
     assert repr(value) in caught.value.message
     assert '"true" or "false"' in caught.value.message
@@ -57,10 +57,10 @@ def test_bad_value_is_invalid_argument_naming_annotation_and_value(where: str, v
 
 def test_bad_container_value_is_refused_even_when_the_pod_value_is_good() -> None:
     with pytest.raises(InvalidArgument, match="'maybe'"):
-        _lazy_wanted(request(pod={LAZY_ANNOTATION: "false"}, container={LAZY_ANNOTATION: "maybe"}))
+        lazy_wanted(request(pod={LAZY_ANNOTATION: "false"}, container={LAZY_ANNOTATION: "maybe"}))
 
 
 def test_bad_pod_value_is_refused_even_when_the_container_sets_its_own() -> None:
     with pytest.raises(InvalidArgument) as caught:
-        _lazy_wanted(request(pod={LAZY_ANNOTATION: "maybe"}, container={LAZY_ANNOTATION: "true"}))
+        lazy_wanted(request(pod={LAZY_ANNOTATION: "maybe"}, container={LAZY_ANNOTATION: "true"}))
     assert "'maybe'" in caught.value.message
