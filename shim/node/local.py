@@ -138,7 +138,7 @@ def _start_containerd(layout: NodeLayout, tools: Tools, enter: Sequence[str] = (
     _wait_cri(layout.containerd_socket, pid, layout.log_dir / "containerd.log")
 
 
-def _start_proxy(layout: NodeLayout, proxy_config: Path, enter: list[str]) -> None:
+def _start_proxy(layout: NodeLayout, proxy_config: Path, enter: Sequence[str] = ()) -> None:
     argv = [*enter, sys.executable, "-m", "shim", "serve", "--listen", f"unix://{layout.cri_socket}",
             "--runtime-endpoint", f"unix://{layout.containerd_socket}", "--config", str(proxy_config)]
     pid = procs.spawn(argv, layout.log_dir / "criu-shim.log", layout.pid_dir / "proxy.pid")
