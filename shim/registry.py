@@ -296,16 +296,16 @@ class RegistryClient:
     def manifest(self, ref: Reference) -> tuple[bytes, str, str]:
         """GET a manifest or index: (its bytes, media type, digest of the bytes)."""
         container = self._container(ref)
-        response = self._oras().do_request(self._url(container.manifest_url(ref.reference)), "GET",
-                                           headers={"Accept": ACCEPT})
-        _expect(response, (200,), f"GET manifest {ref}")
-        body = response.content
+        with self._oras().do_request(self._url(container.manifest_url(ref.reference)), "GET",
+                                     headers={"Accept": ACCEPT}, stream=True) as response:
+            _expect(response, (200,), f"GET manifest {ref}")
+            body = response.raw.read(MAX_MANIFEST + 1, decode_content=True)  # a registry is no trusted peer
+            media_type = str(response.headers.get("Content-Type", "")).split(";")[0].strip()
         if len(body) > MAX_MANIFEST:
-            raise RegistryError(f"manifest {ref} is {len(body)} bytes, over {MAX_MANIFEST}")
+            raise RegistryError(f"manifest {ref} is over {MAX_MANIFEST} bytes")
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         if ref.digest and digest != ref.digest:
             raise RegistryError(f"manifest {ref} does not match its digest (got {digest})")
-        media_type = str(response.headers.get("Content-Type", "")).split(";")[0].strip()
         return body, media_type, digest
 
 
