@@ -31,6 +31,7 @@ class FakeApi(BaseHTTPRequestHandler):
     objects: ClassVar[dict[str, dict[str, Any]]] = {}
     checkpoint: ClassVar[tuple[int, str]] = (200, '{"items":["/var/lib/kubelet/checkpoints/x.tar"]}')
     seen: ClassVar[list[str]] = []
+    created: ClassVar[list[dict[str, Any]]] = []
 
     def log_message(self, *args: object) -> None:
         pass
@@ -55,6 +56,14 @@ class FakeApi(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         self.seen.append(f"POST {self.path}")
+        if self.path.endswith("/pods"):  # a created pod runs at once
+            pod = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.created.append(pod)
+            name = pod["metadata"]["name"]
+            self.objects[f"{self.path}/{name}"] = {**pod, "status": {"phase": "Running", "containerStatuses": [
+                {"name": c["name"], "state": {"running": {}}} for c in pod["spec"]["containers"]]}}
+            self._send(201, json.dumps(pod))
+            return
         status, body = self.checkpoint
         self._send(status, body, "application/json" if body.startswith("{") else "text/plain")
 
@@ -65,6 +74,7 @@ def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
                        "/api/v1/nodes/node-1": {"metadata": {"name": "node-1"}}}
     FakeApi.checkpoint = (200, '{"items":["/var/lib/kubelet/checkpoints/x.tar"]}')
     FakeApi.seen = []
+    FakeApi.created = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeApi)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -136,6 +146,20 @@ def test_refusals_before_the_kubelet_call_checkpoint_nothing(api: Path, capsys: 
     assert cli.main(["restore", "web", "-c", "app", "--from", "no-registry:1"]) == 1
     assert "must name its registry" in capsys.readouterr().err
     assert not [s for s in FakeApi.seen if s.startswith("POST")]
+
+
+def test_restore_from_an_archive_path_names_the_image_the_node_published(
+        api: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    archive = "/var/lib/kubelet/checkpoints/checkpoint-web_shop-app-2026-12-05T00:41:02Z.tar"
+    assert cli.main(["restore", "web", "-c", "app", "-n", "shop", "--from", archive, "--registry", "r.example:5000",
+                     "--no-verify", "--node", "node-1"]) == 0
+    image = "r.example:5000/criu-shim/checkpoints/web_shop-app:2026-12-05T00-41-02Z"
+    out = capsys.readouterr().out
+    assert f"image: {image}" in out and "pod/web-20261205t004102z running" in out
+    (pod,) = FakeApi.created
+    assert pod["metadata"]["name"] == "web-20261205t004102z" and pod["spec"]["nodeName"] == "node-1"
+    assert pod["spec"]["containers"][0]["image"] == image
+    assert not [s for s in FakeApi.seen if "/proxy/checkpoint/" in s]  # an archive given: no new checkpoint
 
 
 def test_missing_flags_and_help(api: Path, capsys: pytest.CaptureFixture[str]) -> None:
