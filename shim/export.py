@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shim import oci
+from shim.arch import go_arch
 from shim.config import ExportSettings
 from shim.errors import InvalidArgument
 from shim.registry import Reference, RegistryClient
@@ -72,9 +73,29 @@ def pull_checkpoint(ref: str | Reference, dest: Path, docker_config: Path | None
     source = ref if isinstance(ref, Reference) else Reference.parse(ref)
     with RegistryClient(source.registry, docker_config) as client:
         body, media_type, digest = client.manifest(source)
+        if media_type in oci.INDEX_TYPES:  # a multi-platform image: this machine's manifest, or its only one
+            chosen = platform_manifest(body, str(source))
+            body, media_type, digest = client.manifest(source.with_digest(chosen))
         layer = checkpoint_layer(body, media_type, str(source))
         client.pull_blob(source, layer, dest)
     return digest
+
+
+def platform_manifest(body: bytes, name: str) -> str:
+    """The digest of the linux/<this architecture> manifest of an index, or of its only manifest."""
+    try:
+        entries = json.loads(body).get("manifests")
+    except (ValueError, AttributeError):
+        raise InvalidArgument(f"{name}: index is not a JSON object") from None
+    manifests = [e for e in entries or [] if isinstance(e, dict) and e.get("mediaType") in oci.MANIFEST_TYPES]
+    arch = go_arch()
+    for entry in manifests:
+        platform = entry.get("platform") or {}
+        if isinstance(platform, dict) and platform.get("os") == "linux" and platform.get("architecture") == arch:
+            return str(entry.get("digest", ""))
+    if len(manifests) == 1 and not (manifests[0].get("platform") or {}).get("architecture"):
+        return str(manifests[0].get("digest", ""))
+    raise InvalidArgument(f"{name}: the index has no image manifest for linux/{arch}")
 
 
 def checkpoint_layer(body: bytes, media_type: str, name: str) -> str:

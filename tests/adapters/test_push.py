@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 
 from shim import export
+from shim.arch import go_arch
 from shim.checkpoint.archive import Member, write_archive
 from shim.errors import InvalidArgument, NotFound, Unavailable
 from shim.node import procs
 from shim.node import registry as dev_registry
-from shim.oci import CRIO_PREFIX, CRIU_PREFIX, OCI_LAYER_TAR, OCI_MANIFEST
+from shim.oci import CRIO_PREFIX, CRIU_PREFIX, OCI_INDEX, OCI_LAYER_TAR, OCI_MANIFEST
 from shim.registry import Reference, RegistryClient, is_loopback
 from shim.restore.build_image import checkpoint_image
 
@@ -143,6 +144,25 @@ def test_credentials_come_from_docker_config(auth_registry: str, tmp_path: Path)
     assert str(tmp_path / "empty" / "config.json") in none.stderr
     with RegistryClient(auth_registry, good / "config.json") as client, pytest.raises(NotFound):
         client.manifest(Reference.parse(f"{auth_registry}/secure/ckpt:2"))  # the refused push left no tag
+
+
+def test_pull_picks_this_platform_from_an_index(registry: str, tmp_path: Path) -> None:
+    archive = _archive(tmp_path / "ckpt.tar", pages=2)
+    pushed = export.push_checkpoint(archive, f"{registry}/multi/ckpt:manifest")
+    size = len(checkpoint_image(archive).manifest)
+    foreign = _archive(tmp_path / "other.tar", pages=1)
+    other = {"mediaType": OCI_MANIFEST, "digest": export.push_checkpoint(foreign, f"{registry}/multi/ckpt:o").digest,
+             "size": len(checkpoint_image(foreign).manifest), "platform": {"os": "linux", "architecture": "s390x"}}
+    mine = {"mediaType": OCI_MANIFEST, "digest": pushed.digest, "size": size,
+            "platform": {"os": "linux", "architecture": go_arch()}}
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [other, mine]}).encode()
+    ref = Reference.parse(f"{registry}/multi/ckpt:1")
+    with RegistryClient(registry) as client:
+        client.push_manifest(ref, index, OCI_INDEX)
+    assert export.pull_checkpoint(ref, tmp_path / "back.tar") == pushed.digest
+    assert (tmp_path / "back.tar").read_bytes() == archive.read_bytes()
+    with pytest.raises(InvalidArgument, match="no image manifest for linux/"):
+        export.platform_manifest(json.dumps({"manifests": [other]}).encode(), "x")
 
 
 def test_not_a_checkpoint_image_and_missing_tag_are_refused(registry: str, tmp_path: Path) -> None:
