@@ -201,5 +201,10 @@ async def _call(pending: Awaitable[T]) -> T:
     try:
         return await pending
     except grpc.aio.AioRpcError as exc:
-        details = exc.details() or exc.code().name
-        raise _ERRORS.get(exc.code(), Unknown)(details) from None
+        raise translate(exc) from None
+
+
+def translate(exc: grpc.aio.AioRpcError) -> ShimError:
+    """A containerd gRPC error as the domain error it is (the one table, for every containerd service)."""
+    details = exc.details() or exc.code().name
+    return _ERRORS.get(exc.code(), Unknown)(details)

@@ -36,6 +36,7 @@ from shim.checkpoint.criulog import LOGS
 from shim.cleanup import join, release_at_exit, to_thread_to_end
 from shim.config import Config
 from shim.containerd import Containerd
+from shim.containerd_images import ContainerdImages
 from shim.errors import FailedPrecondition, ShimError
 from shim.handoff import CRIU_CONFIG_ANNOTATION, CRIU_CONFIG_SUFFIX, SHIM_DIR, criu_config
 from shim.journal import Journal, Operation
@@ -57,7 +58,7 @@ from shim.restore.create_request import (
     write_criu_config,
 )
 from shim.restore.criulogs import LOGS_ANNOTATION
-from shim.restore.image import CheckpointImage, checkpoint_image, export_layer
+from shim.restore.image import CheckpointImage, ImageStore, checkpoint_image, export_layer
 from shim.restore.network import TcpRestore, addresses_to_keep, recorded_ips, taken, write_plan
 from shim.restore.pending import PendingRestores
 from shim.restore.relays import Relay, SparePool
@@ -74,8 +75,10 @@ Unpack = Callable[..., CheckpointArchive]
 
 class Restorer:
     def __init__(self, containerd: Containerd, config: Config, *, relays: SparePool | None = None,
-                 unpack: Unpack = open_checkpoint, pending: PendingRestores | None = None) -> None:
+                 unpack: Unpack = open_checkpoint, pending: PendingRestores | None = None,
+                 images: ImageStore | None = None) -> None:
         self._containerd = containerd
+        self._image_store = images
         self._config = config
         self._unpack_archive = unpack
         # Created for restore, not yet started: their relays and the relays' pids (bounded).
@@ -142,7 +145,7 @@ class Restorer:
             return Path(image)
         if not image:
             return None
-        return await checkpoint_image(self._containerd.channel, image)
+        return await checkpoint_image(self._images(), image)
 
     async def create(self, request: cri.CreateContainerRequest, source: Path | CheckpointImage, peer: Peer,
                      metadata: tuple[tuple[str, str], ...], timeout: float | None) -> cri.CreateContainerResponse:
@@ -182,6 +185,12 @@ class Restorer:
         """Our launcher handed the pending restore's task to its relay (it wrote the upstream file)."""
         pending = self._pending.get(container_id)
         return pending is not None and pending.relay.upstream_file.exists()
+
+    def _images(self) -> ImageStore:
+        """containerd's image store, over the proxy's connection (made at first use: most restores read a file)."""
+        if self._image_store is None:
+            self._image_store = ContainerdImages(self._containerd.channel)
+        return self._image_store
 
     def start_ended(self, container_id: str, error: BaseException | None) -> None:
         """The StartContainer of a restore ended: its one audit line, with the Create and the Start outcome."""
@@ -286,7 +295,7 @@ class Restorer:
     async def _archive_file(self, source: Path | CheckpointImage, layer: Path) -> Path:
         """The archive to unpack: the file itself, or a checkpoint image's layer exported to `layer`."""
         if isinstance(source, CheckpointImage):
-            return await export_layer(self._containerd.channel, source.layer, layer)
+            return await export_layer(self._images(), source.layer, layer)
         return source
 
     async def _create_in_containerd(self, request: cri.CreateContainerRequest, source: Path | CheckpointImage,

@@ -12,61 +12,59 @@ its own; we recognise all three by their marker keys:
 | io.kubernetes.cri-o | io.kubernetes.cri-o.annotations.checkpoint.name                | buildah (K8s blog)   |
 | io.podman           | io.podman.annotations.checkpoint.name / ...checkpoint.runtime.name | podman --create-image |
 
-The image is looked up through containerd's native API in the CRI namespace:
-Images.Get by name (as given, then in its normalised docker form), else, for
-an image ID (`sha256:...`, what the kubelet sends), Images.List and the image
-whose target digest or config digest matches. Its target blob (an index or a
+The image is looked up in containerd's image store (shim.containerd_images: its
+native API in the CRI namespace): by name (as given, then in its normalised
+docker form), else, for an image ID (`sha256:...`, what the kubelet sends), the
+listed image whose target digest or config digest matches. Its target blob (an index or a
 manifest) is read from the content store; an index is followed to the host
 platform's manifest (linux/amd64 on our machines), or its only one.
 Annotations are gathered from the index, the descriptors pointing at the
 manifest (the image record's target, the index entry) and the manifest, the
 later winning. Every blob read is checked against its digest and size; index
 and manifest JSON is capped at 4 MiB, like registries do.
+
+This module is the OCI reading only: it speaks to the store through the
+`ImageStore` protocol (records and blob chunks), never to gRPC.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import platform
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
-import grpc
-import grpc.aio
-
-from shim.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
-from shim.api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
 from shim.arch import go_name
-from shim.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ShimError,
-    Unavailable,
-    Unknown,
-)
+from shim.containerd_images import ImageRecord
+from shim.errors import AlreadyExists, InvalidArgument, NotFound, ShimError
 from shim.oci import INDEX_TYPES, LAYER_TYPES, MANIFEST_TYPES, MARKERS, Family
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "k8s.io"
-_META = (("containerd-namespace", NAMESPACE),)
 MAX_MANIFEST_SIZE = 4 << 20
 
 _DIGEST = re.compile(r"(sha256):([a-f0-9]{64})|(sha512):([a-f0-9]{128})")
 _ID = re.compile(r"(?:sha256:)?[a-f0-9]{64}")
-_ERRORS = {grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-           grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.UNAVAILABLE: Unavailable}
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class ImageStore(Protocol):
+    """Where images are read from: shim.containerd_images.ContainerdImages (tests give a twin)."""
+
+    async def get(self, name: str) -> ImageRecord | None: ...
+
+    async def list(self) -> list[ImageRecord]: ...
+
+    def read(self, digest: str) -> AsyncGenerator[tuple[int, bytes], None]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,24 +102,21 @@ def family_of(annotations: Mapping[str, str]) -> Family | None:
     return None
 
 
-async def checkpoint_image(channel: grpc.aio.Channel, image: str, *,
-                           arch: str | None = None) -> CheckpointImage | None:
+async def checkpoint_image(store: ImageStore, image: str, *, arch: str | None = None) -> CheckpointImage | None:
     """The checkpoint image `image` names (name or ID), or None: not one, or not on this node.
 
     Raises InvalidArgument when the image's index or manifest is malformed or
     does not match its digest, or when a checkpoint image is not one we can
     restore from (not exactly one layer, unknown layer type).
     """
-    images = images_pb2_grpc.ImagesStub(channel)
-    content = content_pb2_grpc.ContentStub(channel)
     arch = arch or host_arch()
-    record = await _find_image(images, content, image, arch)
+    record = await _find_image(store, image, arch)
     if record is None:
         return None
-    record = await _named_record(images, record)
-    target = _descriptor_from_pb(record.target, f"image {record.name}: target")
+    record = await _named_record(store, record)
+    target = _descriptor_from_record(record, f"image {record.name}: target")
     try:
-        resolved = await _resolve_manifest(content, target, arch, record.name)
+        resolved = await _resolve_manifest(store, target, arch, record.name)
     except NotFound as exc:
         # A record whose blobs are gone (or were never fetched) is no image we can
         # read; containerd decides what to do with the create, as without us.
@@ -137,7 +132,7 @@ async def checkpoint_image(channel: grpc.aio.Channel, image: str, *,
                            layer=_single_layer(manifest, record.name), manifest_digest=manifest_desc.digest)
 
 
-async def export_layer(channel: grpc.aio.Channel, layer: Layer, dest: Path) -> Path:
+async def export_layer(store: ImageStore, layer: Layer, dest: Path) -> Path:
     """Stream the layer blob into the new file `dest` (0600, must not exist), checking digest and size.
 
     The blob is written as stored (gzip and zstd included): the archive reader
@@ -146,7 +141,6 @@ async def export_layer(channel: grpc.aio.Channel, layer: Layer, dest: Path) -> P
     algorithm, expected = _split_digest(layer.digest, "layer")
     if layer.size < 0:
         raise InvalidArgument(f"layer {layer.digest}: negative size {layer.size}")
-    content = content_pb2_grpc.ContentStub(channel)
     try:
         fd = os.open(dest, _NEW_FILE, 0o600)
     except FileExistsError:
@@ -154,21 +148,16 @@ async def export_layer(channel: grpc.aio.Channel, layer: Layer, dest: Path) -> P
     try:
         hasher = hashlib.new(algorithm)
         written = 0
-        call = content.Read(content_pb2.ReadContentRequest(digest=layer.digest), metadata=_META)
-        try:
-            async for reply in call:
-                if reply.offset != written:
-                    raise InvalidArgument(f"layer {layer.digest}: content store sent offset {reply.offset}, "
+        async with contextlib.aclosing(store.read(layer.digest)) as chunks:
+            async for offset, data in chunks:
+                if offset != written:
+                    raise InvalidArgument(f"layer {layer.digest}: content store sent offset {offset}, "
                                           f"expected {written}")
-                written += len(reply.data)
+                written += len(data)
                 if written > layer.size:
                     raise InvalidArgument(f"layer {layer.digest}: blob is larger than its descriptor's "
                                           f"size {layer.size}")
-                await asyncio.to_thread(_write_and_hash, fd, hasher, reply.data)
-        except grpc.aio.AioRpcError as exc:
-            raise _translate(exc) from None
-        finally:
-            call.cancel()
+                await asyncio.to_thread(_write_and_hash, fd, hasher, data)
         if written != layer.size:
             raise InvalidArgument(f"layer {layer.digest}: blob has {written} bytes, its descriptor says {layer.size}")
         if hasher.hexdigest() != expected:
@@ -185,29 +174,25 @@ async def export_layer(channel: grpc.aio.Channel, layer: Layer, dest: Path) -> P
 # -- finding the image ----------------------------------------------------------------
 
 
-async def _find_image(images: Any, content: Any, ref: str, arch: str) -> images_pb2.Image | None:
+async def _find_image(store: ImageStore, ref: str, arch: str) -> ImageRecord | None:
     for name in dict.fromkeys([ref, normalize(ref)]):
-        found = await _get_image(images, name)
+        found = await store.get(name)
         if found is not None:
             return found
     if not _ID.fullmatch(ref):
         return None
     digest = ref if ref.startswith("sha256:") else f"sha256:{ref}"
-    try:
-        listed: list[images_pb2.Image] = list(
-            (await images.List(images_pb2.ListImagesRequest(), metadata=_META)).images)
-    except grpc.aio.AioRpcError as exc:
-        raise _translate(exc) from None
+    listed = await store.list()
     for record in listed:
-        if record.target.digest == digest:
+        if record.digest == digest:
             return record
     for record in listed:  # an image ID is its config's digest
-        if await _config_digest(content, record, arch) == digest:
+        if await _config_digest(store, record, arch) == digest:
             return record
     return None
 
 
-async def _named_record(images: Any, record: images_pb2.Image) -> images_pb2.Image:
+async def _named_record(store: ImageStore, record: ImageRecord) -> ImageRecord:
     """A record named by reference for the same image, when `record` is named by its ID.
 
     The kubelet creates containers by image ID, and the CRI plugin keeps a record under the ID
@@ -216,31 +201,17 @@ async def _named_record(images: Any, record: images_pb2.Image) -> images_pb2.Ima
     """
     if not _ID.fullmatch(record.name):
         return record
-    try:
-        listed = (await images.List(images_pb2.ListImagesRequest(), metadata=_META)).images
-    except grpc.aio.AioRpcError as exc:
-        raise _translate(exc) from None
-    named = sorted((r for r in listed if r.target.digest == record.target.digest and not _ID.fullmatch(r.name)),
-                   key=lambda r: str(r.name))
+    listed = await store.list()
+    named = sorted((r for r in listed if r.digest == record.digest and not _ID.fullmatch(r.name)),
+                   key=lambda r: r.name)
     return named[0] if named else record
 
 
-async def _get_image(images: Any, name: str) -> images_pb2.Image | None:
-    try:
-        reply = await images.Get(images_pb2.GetImageRequest(name=name), metadata=_META)
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.NOT_FOUND:
-            return None
-        raise _translate(exc) from None
-    found: images_pb2.Image = reply.image
-    return found
-
-
-async def _config_digest(content: Any, record: images_pb2.Image, arch: str) -> str | None:
+async def _config_digest(store: ImageStore, record: ImageRecord, arch: str) -> str | None:
     """The config digest of a listed image, or None when it cannot be read (not the one we look for)."""
     try:
-        target = _descriptor_from_pb(record.target, f"image {record.name}: target")
-        resolved = await _resolve_manifest(content, target, arch, record.name)
+        target = _descriptor_from_record(record, f"image {record.name}: target")
+        resolved = await _resolve_manifest(store, target, arch, record.name)
     except ShimError as exc:
         log.debug("image %s: skipped while looking up an ID: %s", record.name, exc.message)
         return None
@@ -271,14 +242,14 @@ def normalize(ref: str) -> str:
 # -- index and manifest -----------------------------------------------------------------
 
 
-async def _resolve_manifest(content: Any, target: _Descriptor, arch: str, image: str,
+async def _resolve_manifest(store: ImageStore, target: _Descriptor, arch: str, image: str,
                             ) -> tuple[_Descriptor, dict[str, Any], dict[str, str]] | None:
     """(manifest descriptor, manifest, annotations gathered on the way), or None for a non-OCI target."""
     annotations: dict[str, str] = {}
     descriptor = target
     for _ in range(3):  # an index may point at an index; deeper nesting is not used in practice
         if descriptor.media_type in MANIFEST_TYPES:
-            manifest = await _read_json(content, descriptor, f"image {image}: manifest {descriptor.digest}")
+            manifest = await _read_json(store, descriptor, f"image {image}: manifest {descriptor.digest}")
             if not isinstance(manifest.get("layers"), list):
                 raise InvalidArgument(f"image {image}: manifest {descriptor.digest} has no layers list")
             annotations |= descriptor.annotations
@@ -288,7 +259,7 @@ async def _resolve_manifest(content: Any, target: _Descriptor, arch: str, image:
             log.debug("image %s: target media type %r is neither index nor manifest", image, descriptor.media_type)
             return None
         what = f"image {image}: index {descriptor.digest}"
-        index = await _read_json(content, descriptor, what)
+        index = await _read_json(store, descriptor, what)
         annotations |= descriptor.annotations
         annotations |= _annotations(index, what)
         chosen = _pick_manifest(index, arch, what)
@@ -338,8 +309,8 @@ def _single_layer(manifest: dict[str, Any], image: str) -> Layer:
     return Layer(layer.digest, layer.media_type, layer.size)
 
 
-def _descriptor_from_pb(pb: Any, what: str) -> _Descriptor:
-    descriptor = _Descriptor(str(pb.media_type), str(pb.digest), int(pb.size), dict(pb.annotations))
+def _descriptor_from_record(record: ImageRecord, what: str) -> _Descriptor:
+    descriptor = _Descriptor(record.media_type, record.digest, record.size, dict(record.annotations))
     _split_digest(descriptor.digest, what)
     return descriptor
 
@@ -373,8 +344,8 @@ def _split_digest(digest: str, what: str) -> tuple[str, str]:
 # -- reading blobs --------------------------------------------------------------------------
 
 
-async def _read_json(content: Any, descriptor: _Descriptor, what: str) -> dict[str, Any]:
-    data = await _read_blob(content, descriptor, what)
+async def _read_json(store: ImageStore, descriptor: _Descriptor, what: str) -> dict[str, Any]:
+    data = await _read_blob(store, descriptor, what)
     try:
         document = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -388,24 +359,19 @@ async def _read_json(content: Any, descriptor: _Descriptor, what: str) -> dict[s
     return document
 
 
-async def _read_blob(content: Any, descriptor: _Descriptor, what: str) -> bytes:
+async def _read_blob(store: ImageStore, descriptor: _Descriptor, what: str) -> bytes:
     """A small blob, whole, checked against its descriptor's size and digest."""
     if descriptor.size > MAX_MANIFEST_SIZE:
         raise InvalidArgument(f"{what}: {descriptor.size} bytes, more than the {MAX_MANIFEST_SIZE} allowed")
     algorithm, expected = _split_digest(descriptor.digest, what)
     chunks: list[bytes] = []
     received = 0
-    call = content.Read(content_pb2.ReadContentRequest(digest=descriptor.digest), metadata=_META)
-    try:
-        async for reply in call:
-            received += len(reply.data)
+    async with contextlib.aclosing(store.read(descriptor.digest)) as pieces:
+        async for _, data in pieces:
+            received += len(data)
             if received > descriptor.size:
                 raise InvalidArgument(f"{what}: blob is larger than its descriptor's size {descriptor.size}")
-            chunks.append(reply.data)
-    except grpc.aio.AioRpcError as exc:
-        raise _translate(exc) from None
-    finally:
-        call.cancel()
+            chunks.append(data)
     data = b"".join(chunks)
     if len(data) != descriptor.size or hashlib.new(algorithm, data).hexdigest() != expected:
         raise InvalidArgument(f"{what}: content does not match its descriptor (size {len(data)}, "
@@ -419,8 +385,3 @@ def _write_and_hash(fd: int, hasher: Any, data: bytes) -> None:
     while view:
         view = view[os.write(fd, view):]
 
-
-def _translate(exc: grpc.aio.AioRpcError) -> ShimError:
-    details = exc.details() or exc.code().name
-    error: ShimError = _ERRORS.get(exc.code(), Unknown)(details)
-    return error

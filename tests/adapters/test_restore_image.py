@@ -1,4 +1,4 @@
-"""Checkpoint OCI images through containerd's native API, against an in-process fake containerd.
+"""Checkpoint OCI images through containerd's native API (shim.containerd_images), against an in-process fake.
 
 The fake serves Images.Get/List and Content.Read (in chunks, honouring the
 `containerd-namespace` header) over an in-memory blob store on a unix socket;
@@ -27,6 +27,7 @@ from shim.api.containerd.services.content.v1 import content_pb2, content_pb2_grp
 from shim.api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
 from shim.api.containerd.types import descriptor_pb2
 from shim.checkpoint.metadata import config_dump
+from shim.containerd_images import ContainerdImages
 from shim.errors import AlreadyExists, InvalidArgument, NotFound
 from shim.restore.checkpoint_unpack import open_checkpoint
 from shim.restore.image import (
@@ -113,7 +114,7 @@ class Content(content_pb2_grpc.ContentServicer):  # type: ignore[misc]
         self.Read = fake.read
 
 
-def run(tmp_path: Path, fake: FakeImageService, test: Callable[[grpc.aio.Channel], Awaitable[T]]) -> T:
+def run(tmp_path: Path, fake: FakeImageService, test: Callable[[ContainerdImages], Awaitable[T]]) -> T:
     async def main() -> T:
         socket = tmp_path / "containerd.sock"
         server = grpc.aio.server()
@@ -123,7 +124,7 @@ def run(tmp_path: Path, fake: FakeImageService, test: Callable[[grpc.aio.Channel
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
-                return await asyncio.wait_for(test(channel), 10)
+                return await asyncio.wait_for(test(ContainerdImages(channel)), 10)
         finally:
             await server.stop(None)
 
@@ -398,7 +399,7 @@ def test_export_writes_the_layer_and_it_opens_as_a_checkpoint(tmp_path: Path, la
     fake = FakeImageService()
     fake.add_image("localhost/cp:1", OCI_MANIFEST, manifest(fake, FAMILIES[0][1], layer_type=layer_type))
 
-    async def test(channel: grpc.aio.Channel) -> Path:
+    async def test(channel: ContainerdImages) -> Path:
         found = await checkpoint_image(channel, "localhost/cp:1")
         assert found is not None and found.layer.media_type == layer_type
         return await export_layer(channel, found.layer, tmp_path / "layer")
