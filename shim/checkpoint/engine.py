@@ -24,7 +24,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,6 +42,7 @@ from shim.checkpoint.archive import Member, directory_members
 from shim.checkpoint.metadata import config_dump, spec_dump, status_dump
 from shim.checkpoint.rootfs import deleted_files_json, write_rootfs_diff
 from shim.checkpoint.stream_archive import StreamedArchive
+from shim.cleanup import undo
 from shim.config import Config
 from shim.containerd import Containerd
 from shim.errors import FailedPrecondition, Internal, ResourceExhausted, ShimError
@@ -249,7 +250,7 @@ class Checkpointer:
             count = 1
         streamed = await asyncio.to_thread(StreamedArchive.open, staging, count, seal)
         if streamed is not None:
-            stack.push_async_callback(_undo, asyncio.to_thread(streamed.close), None, "close the page stream")
+            stack.push_async_callback(undo, asyncio.to_thread(streamed.close), None, "close the page stream")
         return streamed
 
     async def _dump_streamed(self, container_id: str, staging: Path, opts: options.CheckpointOptions,
@@ -259,7 +260,7 @@ class Checkpointer:
             await self._dump(container_id, staging, opts)
         except BaseException as exc:
             if streamed is not None:
-                await _undo(asyncio.to_thread(streamed.dump_ended), exc, "end the page stream")
+                await undo(asyncio.to_thread(streamed.dump_ended), exc, "end the page stream")
             raise
         if streamed is not None:
             try:
@@ -284,7 +285,7 @@ class Checkpointer:
         async def thaw(exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
             outcome.frozen_s = time.monotonic() - frozen_at
             if not outcome.stopped:
-                await _undo(asyncio.wait_for(recovery.resume(self._containerd, container_id), THAW_TIMEOUT),
+                await undo(asyncio.wait_for(recovery.resume(self._containerd, container_id), THAW_TIMEOUT),
                             exc, f"thaw container {container_id}")
             return False
 
@@ -295,7 +296,7 @@ class Checkpointer:
         await netlock.run_nft(netns, netlock.lock_script())
 
         async def release(exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
-            await _undo(self._release_network(netns, images, outcome.stopped), exc,
+            await undo(self._release_network(netns, images, outcome.stopped), exc,
                         f"release the network lock in {netns}")
             return False
 
@@ -305,7 +306,7 @@ class Checkpointer:
         """The tables CRIU's own connection lock leaves in the pod, removed once the container runs again."""
         async def tidy(exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
             if netns.exists():
-                await _undo(_drop_tables(netns, before), exc, f"remove empty tables in {netns}")
+                await undo(_drop_tables(netns, before), exc, f"remove empty tables in {netns}")
             return False
 
         stack.push_async_exit(tidy)
@@ -367,20 +368,6 @@ async def _drop_tables(netns: Path, before: set[str]) -> None:
     dropped = await netlock.drop_new_empty_tables(netns, before)
     if dropped:
         log.debug("removed the empty tables %s CRIU left in %s", dropped, netns)
-
-
-async def _undo(step: Awaitable[None], failure: BaseException | None, what: str) -> None:
-    """Run a clean-up step shielded: a cancelled call (deadline, client gone) must still undo its work.
-
-    If the step fails while another failure is already on its way out, that one is
-    reported and this one only logged.
-    """
-    try:
-        await asyncio.shield(step)
-    except BaseException:
-        if failure is None:
-            raise
-        log.exception("could not %s after: %s", what, failure)
 
 
 async def _outlive_cancellation(call: Coroutine[Any, Any, None], grace: float = DUMP_GRACE) -> None:
