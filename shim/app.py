@@ -15,8 +15,8 @@ from pathlib import Path
 
 from shim import fillspool, metrics
 from shim.api.cri.v1 import api_pb2 as cri_v1
+from shim.checkpoint.checkpointer import Checkpointer
 from shim.checkpoint.criulog import LOGS
-from shim.checkpoint.engine import Checkpointer
 from shim.config import Config
 from shim.config import load as load_config
 from shim.containerd import Containerd

@@ -9,7 +9,7 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 
 from shim.api.cri.v1 import api_pb2 as cri
-from shim.checkpoint.engine import Checkpointer, Request
+from shim.checkpoint.checkpointer import Checkpointer, Request
 from shim.errors import InvalidArgument
 from shim.proxy.dispatch import Call, Handler
 

@@ -6,7 +6,7 @@ ordinary CreateContainerRequest built from the checkpoint and the new request
 (`shim.restore.create_request`). The container is marked so that our runtime
 shim restores it with CRIU at StartContainer instead of starting it afresh.
 
-Like the checkpoint (shim.checkpoint.engine), every step that acquires something
+Like the checkpoint (shim.checkpoint.checkpointer), every step that acquires something
 registers its release on an AsyncExitStack as it acquires it: the journal record,
 the work dir, the relay, the exported layer, the spare started alongside. Releases
 run shielded (shim.cleanup), so a failure, a deadline or a client gone at any

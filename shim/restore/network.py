@@ -21,7 +21,7 @@ from shim.annotations import CHECKPOINT_PREFIX
 from shim.checkpoint.addresses import INTERFACE
 from shim.errors import FailedPrecondition, InvalidArgument
 
-ARCHIVE_MEMBER = archive_layout.FACTS  # written by shim.checkpoint.engine
+ARCHIVE_MEMBER = archive_layout.FACTS  # written by shim.checkpoint.checkpointer
 PLAN_FILE = "network.json"
 
 

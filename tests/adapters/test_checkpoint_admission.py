@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shim.checkpoint.engine import Request
+from shim.checkpoint.checkpointer import Request
 from shim.config import Config
 from shim.errors import PermissionDenied
 from shim.policy import EXCLUDE_ANNOTATION, AdmissionSettings

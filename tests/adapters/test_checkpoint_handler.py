@@ -9,7 +9,7 @@ from typing import cast
 import pytest
 
 from shim.api.cri.v1 import api_pb2
-from shim.checkpoint.engine import Checkpointer, Request
+from shim.checkpoint.checkpointer import Checkpointer, Request
 from shim.cri import checkpoint_container
 from shim.errors import Code, FailedPrecondition, Internal, InvalidArgument, ShimError
 from shim.peer import Peer

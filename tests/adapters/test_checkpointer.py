@@ -30,8 +30,8 @@ from google.protobuf import any_pb2
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
 from shim.api.containerd.services.containers.v1 import containers_pb2
 from shim.api.cri.v1 import api_pb2
-from shim.checkpoint import engine
-from shim.checkpoint.engine import Checkpointer, Request
+from shim.checkpoint import checkpointer as checkpointer_module
+from shim.checkpoint.checkpointer import Checkpointer, Request
 from shim.config import CheckpointDefaults, Config
 from shim.containerd import Containerd
 from shim.errors import (
@@ -360,8 +360,8 @@ def test_disk_full_while_writing_the_archive(fake: FakeContainerd, config: Confi
         raise OSError(errno.ENOSPC, "No space left on device")
 
     # Both ways an archive is finished: around a streamed memory image, or around CRIU's own file.
-    monkeypatch.setattr(engine, "write_archive_in_place", full)
-    monkeypatch.setattr(engine.StreamedArchive, "complete", full)
+    monkeypatch.setattr(checkpointer_module, "write_archive_in_place", full)
+    monkeypatch.setattr(checkpointer_module.StreamedArchive, "complete", full)
     with pytest.raises(ResourceExhausted, match=f"no space left writing checkpoint {out / 'cp.tar'}"):
         run(checkpointer(fake, config).checkpoint(Request(CONTAINER, str(out / "cp.tar"), PEER)))
     assert fake.calls == [("pause", CONTAINER), ("dump", CONTAINER), ("resume", CONTAINER),

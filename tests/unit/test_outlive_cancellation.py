@@ -1,4 +1,4 @@
-"""A cancelled checkpoint lets runc's dump end before the thaw (shim.checkpoint.engine._outlive_cancellation)."""
+"""A cancelled checkpoint lets runc's dump end before the thaw (shim.checkpoint.checkpointer._outlive_cancellation)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shim.checkpoint.engine import _outlive_cancellation
+from shim.checkpoint.checkpointer import _outlive_cancellation
 
 
 class Dump:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shim.checkpoint.engine import FACTS_MEMBER
+from shim.checkpoint.checkpointer import FACTS_MEMBER
 from shim.config import RetentionSettings
 from shim.retention import archives, inuse, policy
 from shim.retention.archives import Archive
