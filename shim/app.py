@@ -27,7 +27,7 @@ from shim.journal import Journal
 from shim.proxy.dispatch import Call, Dispatcher, Handler
 from shim.proxy.server import ProxyServer
 from shim.recovery import Reconciler
-from shim.restore.engine import Restorer
+from shim.restore.restorer import Restorer
 from shim.retention.collector import ArchiveCollector
 
 log = logging.getLogger(__name__)

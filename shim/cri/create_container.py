@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.containerd import Containerd
 from shim.proxy.dispatch import Call, Handler
-from shim.restore.engine import Restorer
+from shim.restore.restorer import Restorer
 
 METHOD = "/runtime.v1.RuntimeService/CreateContainer"
 

@@ -25,8 +25,8 @@ from shim.errors import ShimError
 from shim.metrics import record_failure, record_restore_stage
 from shim.proxy.dispatch import Call, Handler
 from shim.restore import criulogs
-from shim.restore.engine import Restorer
 from shim.restore.pod_shim import PodShims, pod_bootstrap
+from shim.restore.restorer import Restorer
 
 METHOD = "/runtime.v1.RuntimeService/StartContainer"
 

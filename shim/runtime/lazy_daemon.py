@@ -72,7 +72,7 @@ class LazyPages:
 
     @property
     def criu_config(self) -> Path:
-        """The task's CRIU config file: beside the restore dir (see shim.restore.engine)."""
+        """The task's CRIU config file: beside the restore dir (see shim.restore.restorer)."""
         return criu_config(self._dir)
 
     @property

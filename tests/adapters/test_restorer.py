@@ -41,9 +41,9 @@ from shim.errors import (
 from shim.journal import Journal
 from shim.peer import Peer
 from shim.restore.checkpoint_unpack import CheckpointArchive
-from shim.restore.engine import Restorer
 from shim.restore.pending import PendingRestores
 from shim.restore.relays import Relay, SparePool
+from shim.restore.restorer import Restorer
 
 CONTAINER = "c0ffee"
 NAMESPACE = "default"

@@ -24,7 +24,7 @@ from shim.checkpoint.options import annotation
 from shim.node.local import IMAGES_INDEX, import_image
 from shim.node.tools import tools_for
 from shim.preflight import probe_prlimit_other_user
-from shim.restore.engine import LAZY_ANNOTATION
+from shim.restore.restorer import LAZY_ANNOTATION
 from tests.node.pods import Cri, Pod
 
 TIMEOUT = 30.0
