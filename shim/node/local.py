@@ -15,7 +15,7 @@ from shim.errors import FailedPrecondition, Unavailable
 from shim.node import cleanup, fabric, procs, render
 from shim.node.layout import NodeLayout
 from shim.node.tools import REPO_ROOT, Tools, tools_for
-from shim.restore import lazy, relays
+from shim.restore import lazy, relay_processes
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def down(directory: Path, purge: bool = False) -> list[str]:
         procs.stop(pid, timeout=5)  # a lazy restore's page daemon whose relay is gone
         report.append(f"stopped leftover lazy-pages daemon {pid}")
     report += [f"released loop device {d}" for d in lazy.release_all(layout.dir / "restore")]
-    report += [f"removed {f}" for f in relays.remove_files(_restore_keys(layout.dir / "restore"))]
+    report += [f"removed {f}" for f in relay_processes.remove_files(_restore_keys(layout.dir / "restore"))]
     report += [f"unmounted {m}" for m in cleanup.unmount_runc_leftovers(layout.dir)]
     report += [f"unmounted {m}" for m in cleanup.unmount_all(layout.dir, layout.run_dir)]
     report += [f"removed netns {p}" for p in netns if cleanup.remove_netns(p)]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from shim.errors import ResourceExhausted
 from shim.handoff import RELAY_START_WAIT
-from shim.restore.relays import Relay
+from shim.restore.relay_processes import Relay
 
 MAX_PENDING = 1024
 

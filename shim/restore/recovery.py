@@ -34,7 +34,7 @@ from shim.errors import Code
 from shim.handoff import RESTORE_DIR, criu_config
 from shim.journal import Journal, Operation, Record
 from shim.restore import lazy
-from shim.restore.relays import remove_files
+from shim.restore.relay_processes import remove_files
 from shim.restore.unseal import plaintext_path
 
 if TYPE_CHECKING:  # the relay imports this module too: no gRPC on its start-up

@@ -61,7 +61,7 @@ from shim.restore.criulogs import LOGS_ANNOTATION
 from shim.restore.image import CheckpointImage, ImageStore, checkpoint_image, export_layer
 from shim.restore.network import TcpRestore, addresses_to_keep, recorded_ips, taken, write_plan
 from shim.restore.pending import PendingRestores
-from shim.restore.relays import Relay, SparePool
+from shim.restore.relay_processes import Relay, SparePool
 from shim.restore.selinux import selinux_enforcing
 from shim.restore.signature import verify_signature
 from shim.sealed import is_encrypted

@@ -38,14 +38,14 @@ def test_containerd_copies_the_hand_off_annotations_into_the_spec() -> None:
 
 def test_python_copies_still_agree_with_the_owner() -> None:
     """Names other modules keep under their own name (aliases of the owner's): pinned equal."""
-    from shim.restore import lazy, relays
+    from shim.restore import lazy, relay_processes
     from shim.runtime import lazy_daemon
 
     assert lazy.PLAN_FILE == lazy_daemon.PLAN_FILE == handoff.LAZY_PLAN
     assert lazy.CRIU_OPTION == lazy_daemon.CRIU_OPTION == handoff.LAZY_CRIU_OPTION
     daemon = lazy_daemon.LazyPages(Path("/w/abc"), Path("/criu"), {})
     assert daemon.criu_config == handoff.criu_config(Path("/w/abc"))
-    relay, files = relays.Relay(Path("/w/abc")), RelayFiles("abc")
+    relay, files = relay_processes.Relay(Path("/w/abc")), RelayFiles("abc")
     assert (relay.socket, relay.upstream_file, relay.pid_file, relay.log_file) == (
         files.socket, files.upstream_file, files.pid_file, files.log_file)
 
