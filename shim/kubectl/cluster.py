@@ -183,7 +183,7 @@ def container_state(pod: dict[str, Any], container: str) -> tuple[str, str, bool
             waiting = state["waiting"] or {}
             reason, message = waiting.get("reason", ""), waiting.get("message", "")
             return "waiting", f"container {container} waiting: {reason}: {message}".rstrip(": "), \
-                reason in _FATAL_WAITING and bool(message or reason != "ImagePullBackOff")
+                reason in _FATAL_WAITING
         if "terminated" in state:
             done = state["terminated"] or {}
             return "terminated", (f"container {container} terminated: {done.get('reason', '')} "
