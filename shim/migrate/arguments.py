@@ -72,12 +72,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     receiver.add_argument("--address-hook", type=Path, metavar="PATH",
                           help="run `PATH claim IP VIA` to route a moved pod IP to the local pod VIA; without it, "
                           "migrations whose TCP connections follow are refused at preflight")
-    receiver.add_argument("--idle-timeout", type=float, default=30.0, metavar="SECONDS",
-                          help="a transfer silent this long is abandoned (default 30)")
     _common(receiver)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--idle-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="a transfer that moves no byte for this long (a cut link) is abandoned (default 30)")
     parser.add_argument("--runtime-endpoint", default=CRI_SOCKET, metavar="unix://PATH",
                         help="this node's criu-shim CRI socket (default: %(default)s)")
     parser.add_argument("--config", type=Path, metavar="FILE", help="this node's criu-shim config (node-wide "
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         channel.parse_address(args.to)
         result = source.run(source.MigrateRequest(
             args.container, args.to, args.to_pod, socket, args.checkpoints_dir, creds, args.address_hook,
-            args.name, args.checkpoint, args.keep_checkpoint, args.timeout, settings.checkpoint))
+            args.name, args.checkpoint, args.keep_checkpoint, args.timeout, args.idle_timeout, settings.checkpoint))
         print(result.lines(), flush=True)
         return 0
     from shim.migrate import receiver

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
 import struct
 from dataclasses import dataclass
@@ -73,12 +74,14 @@ def parse_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def connect(address: str, creds: Credentials, timeout: float) -> tuple[asyncio.StreamReader,
-                                                                              asyncio.StreamWriter]:
+async def connect(address: str, creds: Credentials, timeout: float,
+                  idle: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     host, port = parse_address(address)
     try:
-        return await asyncio.wait_for(asyncio.open_connection(
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
             host, port, ssl=client_context(creds), server_hostname=host, limit=MAX_MESSAGE * 2), timeout)
+        give_up_after(writer, idle)
+        return reader, writer
     except ssl.SSLCertVerificationError as exc:
         raise Unavailable(f"the migration receiver at {address} is not a node of this cluster: "
                           f"{exc.verify_message}") from None
@@ -86,6 +89,14 @@ async def connect(address: str, creds: Credentials, timeout: float) -> tuple[asy
         raise Unavailable(f"cannot reach the migration receiver at {address}: {_reason(exc)} (is "
                           "`criu-shim migrate-receiver` running there, and does it accept this node's "
                           "certificate?)") from None
+
+
+def give_up_after(writer: asyncio.StreamWriter, idle: float) -> None:
+    """Let the kernel end the connection once sent data stays unacknowledged for `idle` seconds
+    (TCP_USER_TIMEOUT): a cut link then fails the transfer instead of hanging it."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(idle * 1000)))
 
 
 def _reason(exc: BaseException) -> str:

@@ -79,6 +79,7 @@ async def _serve(settings: ReceiverSettings) -> int:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peercert") or {}
         who = dict(x[0] for x in peer.get("subject", ())).get("commonName", "?")
+        channel.give_up_after(writer, settings.idle_timeout)
         try:
             async with one_at_a_time:
                 await _session(settings, runtime, reader, writer, who)
@@ -196,10 +197,13 @@ async def _restore(settings: ReceiverSettings, runtime: Runtime, migration: _Mig
     archive = await _receive_archive(settings, reader, size, migration.name)
     received = time.monotonic()
     try:
-        pod = await runtime.pod_by_id(migration.pod.id)  # deleted meanwhile? say so, by name
+        pod = await runtime.pod_by_id(migration.pod.id)  # deleted or stopped meanwhile? say so, by name
     except ShimError:
+        pod = None
+    if pod is None or not pod.ready:
         archive.unlink(missing_ok=True)
-        raise FailedPrecondition(f"target pod {migration.pod.label} was deleted during the migration") from None
+        raise FailedPrecondition(f"target pod {migration.pod.label} was " + ("deleted" if pod is None else "stopped")
+                                 + " during the migration; nothing was restored")
     try:
         container_id = await runtime.restore(pod.id, archive, migration.name, settings.restore_timeout)
     except ShimError:

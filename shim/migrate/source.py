@@ -50,6 +50,7 @@ class MigrateRequest:
     checkpoint: Path | None = None  # retry: send this archive instead of checkpointing again
     keep_checkpoint: bool = False
     timeout: float = 300.0
+    idle_timeout: float = 30.0  # a transfer moving no byte this long (a cut link) is abandoned
     defaults: CheckpointDefaults = CheckpointDefaults()
 
 
@@ -94,7 +95,7 @@ async def _migrate(request: MigrateRequest, runtime: Runtime) -> Migrated:
     options = resolve(request.defaults, pod.annotations, container.name)
     _check_source(container, pod, options, retry=request.checkpoint is not None)
     addresses = await _addresses(runtime, pod) if options.tcp_established else []
-    reader, writer = await channel.connect(request.to, request.creds, CONNECT_TIMEOUT)
+    reader, writer = await channel.connect(request.to, request.creds, CONNECT_TIMEOUT, request.idle_timeout)
     try:
         name = request.name or container.name
         ready = await _ask(reader, writer, {"protocol": channel.PROTOCOL, "op": "preflight", "pod": request.to_pod,
@@ -106,7 +107,7 @@ async def _migrate(request: MigrateRequest, runtime: Runtime) -> Migrated:
         size = archive.stat().st_size
         try:
             await channel.send(writer, {"op": "restore", "size": size})
-            await _stream(archive, writer, size)
+            await _stream(archive, writer, size, request.idle_timeout)
             done = await _ask(reader, writer, None, request.timeout, "the target node could not restore it")
         except ShimError as exc:
             raise MigrationFailed(f"{exc.message}; {_stopped(container, archive, request)}") from None
@@ -171,12 +172,18 @@ def _stopped(container: ContainerView, archive: Path, request: MigrateRequest) -
             "...`, or restore it on this node by creating a container whose image is that path")
 
 
-async def _stream(archive: Path, writer: Any, size: int) -> None:
+async def _stream(archive: Path, writer: Any, size: int, idle: float) -> None:
     sent = 0
     with archive.open("rb") as source:
         while chunk := await asyncio.to_thread(source.read, CHUNK):
             writer.write(chunk)
-            await writer.drain()
+            try:
+                await asyncio.wait_for(writer.drain(), idle)
+            except TimeoutError:
+                raise Unavailable(f"the transfer stalled: the target took no data for {idle:.0f} s after "
+                                  f"{sent} of {size} bytes (a cut link?)") from None
+            except (ConnectionError, OSError) as exc:
+                raise Unavailable(f"the transfer broke after {sent} of {size} bytes: {exc}") from None
             sent += len(chunk)
     if sent != size:
         raise InvalidArgument(f"{archive} changed while it was sent ({sent} of {size} bytes)")

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 IMAGES_INDEX = REPO_ROOT / "build" / "images" / "images.json"
 SHIM_LAUNCHER = REPO_ROOT / "node-config" / "containerd-shim-criu-v2"
 START_TIMEOUT = 60.0
+RECEIVER_IDLE_TIMEOUT = 10.0  # a development node gives up on a cut transfer sooner than a real one
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ def _start_receiver(layout: NodeLayout, host: fabric.NodeHost, proxy_config: Pat
     argv = [*host.enter(), sys.executable, "-m", "shim", "migrate-receiver", "--listen", host.receiver_address,
             "--runtime-endpoint", f"unix://{layout.cri_socket}", "--config", str(proxy_config),
             "--checkpoints-dir", str(layout.checkpoints_dir), "--address-hook", str(host.hook),
+            "--idle-timeout", str(RECEIVER_IDLE_TIMEOUT),
             "--cert", str(host.cert.cert), "--key", str(host.cert.key), "--ca", str(host.ca_cert)]
     log_file = layout.log_dir / "migrate-receiver.log"
     pid = procs.spawn(argv, log_file, layout.pid_dir / "receiver.pid")

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,17 +41,26 @@ class Host:
     env: dict[str, str]  # what `node up --fabric` printed
     cri: Cri
 
-    def migrate(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def migrate_argv(self, *args: str) -> list[str]:
         """`criu-shim migrate` run on this host (in its network namespace), with its credentials."""
         e = self.env
-        argv = ["nsenter", f"--net=/run/netns/{e['NODE_NETNS']}", "--", sys.executable, "-m", "shim", "migrate",
+        return ["nsenter", f"--net=/run/netns/{e['NODE_NETNS']}", "--", sys.executable, "-m", "shim", "migrate",
                 *args, "--runtime-endpoint", e["CRI_ENDPOINT"], "--checkpoints-dir", e["CHECKPOINTS_DIR"],
                 "--cert", e["MIGRATE_CERT"], "--key", e["MIGRATE_KEY"], "--ca", e["MIGRATE_CA"],
                 "--address-hook", e["ADDRESS_HOOK"]]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+    def migrate(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(self.migrate_argv(*args), capture_output=True, text=True, timeout=300, cwd=REPO)
         if check:
             assert proc.returncode == 0, proc.stderr
         return proc
+
+    @property
+    def router_link(self) -> str:
+        return "cf" + self.env["NODE_NETNS"].removeprefix("csh-")  # the router's end of this host's link
+
+    def archives(self) -> set[str]:
+        return {p.name for p in Path(self.env["CHECKPOINTS_DIR"]).iterdir()}
 
     def container_in(self, pod: Pod) -> str:
         listed = self.cri.runtime.ListContainers(cri.ListContainersRequest(
@@ -234,3 +244,79 @@ def test_a_stranger_certificate_is_refused(hosts: tuple[Host, Host], tmp_path: P
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO)
         assert proc.returncode == 1 and "is not a node of this cluster" in proc.stderr, proc.stderr
         assert a.cri.state(ctr) == "CONTAINER_RUNNING"
+
+
+@contextlib.contextmanager
+def _slow_link(host: Host, rate: str = "40mbit") -> Iterator[None]:
+    """Throttle the router's link to `host` (tbf): a transfer then lasts long enough to be hit mid-way."""
+    tc = ["ip", "netns", "exec", f"csr-{FABRIC}", "tc", "qdisc"]
+    subprocess.run([*tc, "add", "dev", host.router_link, "root", "tbf", "rate", rate, "burst", "64kb",
+                    "latency", "500ms"], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run([*tc, "del", "dev", host.router_link, "root"], capture_output=True)
+
+
+def _kept_checkpoint(stderr: str) -> Path:
+    match = re.search(r"its checkpoint is kept at (\S+):", stderr)
+    assert match, stderr
+    path = Path(match.group(1))
+    assert path.is_file() and path.stat().st_mode & 0o777 == 0o600
+    return path
+
+
+def _run_pod(host: Host) -> Pod:
+    """A pod the test removes itself, mid-way (Cri.pod removes its pod only at the end of a with block)."""
+    name = f"p-{uuid.uuid4().hex[:8]}"
+    config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=name, namespace="tests", uid=name),
+                                  log_directory=str(host.cri.log_root / name))
+    reply = host.cri.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config), timeout=60)
+    return Pod(reply.pod_sandbox_id, config)
+
+
+def _remove_pod(host: Host, pod: Pod) -> None:
+    host.cri.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod.id), timeout=60)
+    host.cri.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=60)
+
+
+@pytest.mark.parametrize("fault", ["target pod deleted", "link cut"])
+def test_a_failed_transfer_keeps_the_checkpoint_and_a_retry_completes_it(hosts: tuple[Host, Host], fault: str) -> None:
+    a, b = hosts
+    archives_before = b.archives()
+    with a.cri.pod(STOP_AFTER) as source_pod, b.cri.pod() as retry_pod:
+        ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "64"},
+                              name="counter")
+        wait_for(lambda: a.cri.count(ctr) >= 10)
+        target = _run_pod(b)
+        try:
+            with _slow_link(b):  # about 14 s for the 64 MiB archive
+                proc = subprocess.Popen(a.migrate_argv(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target.id,
+                                                       "--idle-timeout", "5"),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                wait_for(lambda: a.cri.state(ctr) == "CONTAINER_EXITED", timeout=120)  # now the archive flows
+                wait_for(lambda: any(n.endswith(".part") for n in b.archives()), timeout=30)
+                router = ["ip", "-n", f"csr-{FABRIC}", "link", "set", b.router_link]
+                if fault == "target pod deleted":
+                    _remove_pod(b, target)
+                else:
+                    subprocess.run([*router, "down"], check=True)
+                try:
+                    _, stderr = proc.communicate(timeout=180)
+                finally:
+                    subprocess.run([*router, "up"], check=True)
+        finally:
+            with contextlib.suppress(Exception):
+                _remove_pod(b, target)
+        assert proc.returncode == 1, stderr
+        expected = "was deleted during the migration" if fault == "target pod deleted" else "the transfer (stalled|broke)"
+        assert re.search(expected, stderr) and f"the source container {ctr} is stopped" in stderr, stderr
+        kept = _kept_checkpoint(stderr)
+        # The target removes its partial copy (a cut link: once its own idle timeout has passed).
+        wait_for(lambda: b.archives() == archives_before, timeout=60)
+        assert not b.cri.runtime.ListContainers(cri.ListContainersRequest(), timeout=30).containers
+        out = a.migrate(ctr, "--checkpoint", str(kept), "--to", b.env["MIGRATE_ADDRESS"], "--to-pod",
+                        retry_pod.id).stdout
+        assert "migrated to container" in out and not kept.exists()
+        moved = b.container_in(retry_pod)
+        assert b.cri.count(moved) >= 10
