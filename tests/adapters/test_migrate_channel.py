@@ -1,0 +1,178 @@
+"""The migration channel over real TLS sockets on loopback, and the receiver's archive intake."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from shim.errors import InvalidArgument, ShimError, Unavailable
+from shim.migrate import channel, receiver
+from shim.migrate.runtime import PodView
+from shim.node import pki
+
+
+def _node(pki_dir: Path, ca: pki.CertPair, name: str) -> channel.Credentials:
+    pair = pki.issue(ca, pki.CertPair(pki_dir / f"{name}.crt", pki_dir / f"{name}.key"), name, server=True,
+                     client=True, ips=("127.0.0.1",))
+    return channel.Credentials(pair.cert, pair.key, ca.cert)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> tuple[channel.Credentials, channel.Credentials]:
+    ca = pki.create_ca(tmp_path / "ca", "test cluster")
+    return _node(tmp_path, ca, "node-a"), _node(tmp_path, ca, "node-b")
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _with_server(creds: channel.Credentials, handler: Handler,
+                       client: Callable[[str], Awaitable[object]]) -> object:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=channel.server_context(creds))
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        return await client(f"127.0.0.1:{port}")
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        message = await channel.receive(reader)
+        await channel.send(writer, {"echo": message, "peer": writer.get_extra_info("peercert")["subject"]})
+    except ShimError as exc:
+        await channel.send(writer, {"error": exc.message})
+    finally:
+        writer.close()
+
+
+def test_nodes_of_one_cluster_talk_and_see_each_other(cluster: tuple[channel.Credentials, ...]) -> None:
+    a, b = cluster
+
+    async def client(address: str) -> object:
+        reader, writer = await channel.connect(address, a, 5, 5)
+        assert writer.get_extra_info("ssl_object").version() == "TLSv1.3"
+        await channel.send(writer, {"op": "preflight", "n": 1})
+        reply = await channel.receive(reader)
+        writer.close()
+        return reply
+
+    reply = asyncio.run(_with_server(b, _echo, client))
+    assert isinstance(reply, dict) and reply["echo"] == {"op": "preflight", "n": 1}
+    assert "node-a" in str(reply["peer"])  # the receiver knows which node is calling
+
+
+def test_a_client_of_another_cluster_is_refused(cluster: tuple[channel.Credentials, ...], tmp_path: Path) -> None:
+    _, b = cluster
+    other_ca = pki.create_ca(tmp_path / "other", "other cluster")
+    stranger = _node(tmp_path / "s", other_ca, "stranger")
+    # It trusts our CA (it read our ca.crt), but its own certificate is not ours.
+    stranger = channel.Credentials(stranger.cert, stranger.key, b.ca)
+
+    async def client(address: str) -> object:
+        reader, writer = await channel.connect(address, stranger, 5, 5)
+        await channel.send(writer, {"op": "preflight"})
+        return await channel.receive(reader)
+
+    with pytest.raises(Unavailable, match="closed the connection"):
+        asyncio.run(_with_server(b, _echo, client))
+
+
+def test_a_receiver_of_another_cluster_is_refused(cluster: tuple[channel.Credentials, ...], tmp_path: Path) -> None:
+    a, _ = cluster
+    impostor = _node(tmp_path / "i", pki.create_ca(tmp_path / "other", "other cluster"), "impostor")
+
+    async def client(address: str) -> object:
+        return await channel.connect(address, a, 5, 5)
+
+    with pytest.raises(Unavailable, match="is not a node of this cluster"):
+        asyncio.run(_with_server(impostor, _echo, client))
+
+
+@pytest.mark.parametrize(("raw", "error"), [
+    (struct.pack(">I", channel.MAX_MESSAGE + 1), "migration message of 65537 bytes"),
+    (struct.pack(">I", 5) + b"nope!", "not JSON"),
+    (struct.pack(">I", 2) + b"[]", "not a JSON object"),
+])
+def test_garbage_messages_are_refused(raw: bytes, error: str) -> None:
+    async def read() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw)
+        reader.feed_eof()
+        await channel.receive(reader)
+
+    with pytest.raises(InvalidArgument, match=error):
+        asyncio.run(read())
+
+
+def test_fields_are_type_checked() -> None:
+    assert channel.field({"size": 3}, "size", int) == 3
+    for bad in ({"size": "3"}, {"size": True}, {}):
+        with pytest.raises(InvalidArgument, match="field 'size'"):
+            channel.field(bad, "size", int)
+    for address in ("nonsense", "host:", ":80", "h:0", "h:70000"):
+        with pytest.raises(InvalidArgument, match="expected HOST:PORT"):
+            channel.parse_address(address)
+    assert channel.parse_address("[::1]:7543") == ("::1", 7543)
+
+
+def _settings(tmp_path: Path) -> receiver.ReceiverSettings:
+    creds = channel.Credentials(tmp_path / "c", tmp_path / "k", tmp_path / "ca")
+    return receiver.ReceiverSettings("127.0.0.1:1", tmp_path / "cri.sock", tmp_path, creds, None, idle_timeout=0.5)
+
+
+def test_an_archive_arrives_whole_and_private(tmp_path: Path) -> None:
+    async def run() -> Path:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"x" * 3_000_000)
+        return await receiver._receive_archive(_settings(tmp_path), reader, 3_000_000, "server")
+
+    archive = asyncio.run(run())
+    assert archive.read_bytes() == b"x" * 3_000_000 and archive.stat().st_mode & 0o777 == 0o600
+    assert archive.name.startswith("migrate-server-") and [p.name for p in tmp_path.iterdir()] == [archive.name]
+
+
+@pytest.mark.parametrize("eof", [True, False])
+def test_a_cut_archive_leaves_nothing(tmp_path: Path, eof: bool) -> None:
+    async def run() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"x" * 1000)
+        if eof:
+            reader.feed_eof()  # the peer went away; else it fell silent (a cut link)
+        await receiver._receive_archive(_settings(tmp_path), reader, 5000, "server")
+
+    with pytest.raises(Unavailable, match="cut off after 1000 of 5000 bytes" if eof else "stopped arriving"):
+        asyncio.run(run())
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_archive_that_does_not_fit_is_refused_before_a_byte_is_written(tmp_path: Path) -> None:
+    async def run() -> None:
+        await receiver._receive_archive(_settings(tmp_path), asyncio.StreamReader(), 1 << 62, "server")
+
+    with pytest.raises(ShimError, match="does not fit"):
+        asyncio.run(run())
+    assert not list(tmp_path.iterdir())
+
+
+def _pod(annotations: dict[str, str], ips: tuple[str, ...] = ("10.234.9.4",)) -> PodView:
+    return PodView("id", "tests", "web", True, ips, annotations)
+
+
+@pytest.mark.parametrize(("pod", "hook", "live", "error"), [
+    (_pod({}), True, {}, "lacks annotation checkpoint.criu-shim.io/tcp-established"),
+    (_pod({receiver.TCP_ANNOTATION: "true"}), False, {}, "cannot move to this node: it has no address hook"),
+    (_pod({receiver.TCP_ANNOTATION: "true"}), True, {"10.234.1.7": "tests/other"},
+     "pod IP 10.234.1.7 is held by live pod tests/other"),
+    (_pod({receiver.TCP_ANNOTATION: "true"}, ("fd00::4",)), True, {}, "has no IPv4 address to route 10.234.1.7"),
+])
+def test_where_the_address_cannot_move_it_is_said_at_preflight(
+        tmp_path: Path, pod: PodView, hook: bool, live: dict[str, str], error: str) -> None:
+    settings = _settings(tmp_path)
+    if hook:
+        settings = receiver.ReceiverSettings(settings.listen, settings.runtime, tmp_path, settings.creds,
+                                             tmp_path / "hook")
+    with pytest.raises(ShimError, match=error):
+        receiver._check_addresses_can_move(settings, pod, ["10.234.1.7"], live)
