@@ -10,6 +10,7 @@ takes; the original image is not embedded (restore pulls it by reference).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shim import oci
+from shim import oci, signing
 from shim.arch import go_arch
 from shim.archive_layout import CONFIG_DUMP, REQUIRED, SPEC_DUMP
 from shim.errors import InvalidArgument
@@ -95,6 +96,9 @@ def checkpoint_image(archive: Path) -> CheckpointImage:
     """Config and manifest (exact bytes) of the checkpoint image of `archive`."""
     notes = checkpoint_annotations(archive)
     layer_digest, layer_size = _file_digest(archive)  # an uncompressed tar: already a valid layer
+    signature = _archive_signature(archive)
+    if signature is not None:  # ARCHIVE.sig signs the archive's SHA-256, which is the layer's digest
+        notes[oci.ARCHIVE_SIGNATURE] = signature
     config = json.dumps({"architecture": go_arch(), "os": "linux", "config": {},
                          "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}, sort_keys=True).encode()
     manifest = json.dumps({
@@ -105,6 +109,15 @@ def checkpoint_image(archive: Path) -> CheckpointImage:
         "annotations": notes,
     }, sort_keys=True).encode()
     return CheckpointImage(archive, config, manifest, layer_digest, layer_size, notes)
+
+
+def _archive_signature(archive: Path) -> str | None:
+    """ARCHIVE.sig's signature (canonical base64), for the manifest; None when the archive is unsigned."""
+    try:
+        der = signing.read_signature(signing.signature_path(archive))
+    except signing.BadSignature as exc:
+        raise InvalidArgument(f"{archive} has a signature file that is no signature: {exc.message}") from None
+    return base64.b64encode(der).decode("ascii") if der is not None else None
 
 
 def build(archive: Path, ref: str, out: Path) -> str:

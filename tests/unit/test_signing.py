@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import stat
 from pathlib import Path
@@ -222,3 +223,48 @@ def test_restore_check_names_the_checkpoint_and_refuses_loose_trusted_keys(
     with pytest.raises(FailedPrecondition, match="lets others replace a trusted key"):
         verify_signature(config.SigningSettings(None, (pub,), False), archive, str(archive))
     assert not verify_signature(config.SigningSettings(), archive, str(archive)).checked
+
+
+# Made with the real cosign v2.6.5 (`cosign import-key-pair` of a PEM P-256 key, then
+# `cosign sign-blob --key imported.key --tlog-upload=false`): what cosign signs, we verify.
+COSIGN_PUBLIC_KEY = b"""-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEl8qejbsQaMUUqijYTMHufIsZqSoO
+M1SpmiHKvjaV2IUALwwCy1b0NC9lv2IpIxCD2sKLwd+lwYznRKh1hw0X7A==
+-----END PUBLIC KEY-----
+"""
+COSIGN_BLOB = b"criu-shim: a blob signed by cosign v2.6.5 sign-blob\n"
+COSIGN_SIGNATURE = b"MEUCIQCcMbkN7rhdzyms0dB63pCy4Hxj+I7s1mQTroevFGCIxgIgLjl+At0Cir7Yh9AyACKHvLc9fOv0rIguflfyB3ymD6c=\n"
+
+
+def test_cosign_sign_blob_vector_verifies(tmp_path: Path) -> None:
+    pub = tmp_path / "cosign.pub"
+    pub.write_bytes(COSIGN_PUBLIC_KEY)
+    blob = tmp_path / "blob"
+    blob.write_bytes(COSIGN_BLOB)
+    (tmp_path / "blob.sig").write_bytes(COSIGN_SIGNATURE)
+    keys = signing.load_trusted_keys([pub])
+
+    assert signing.check_archive(blob, keys, True, "x").key == pub
+    blob.write_bytes(COSIGN_BLOB.upper())
+    with pytest.raises(signing.SignatureRefused):
+        signing.check_archive(blob, keys, True, "x")
+
+
+def test_checkpoint_image_of_a_signed_archive_carries_a_signature_that_verifies(
+        tmp_path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    from shim.restore.build_image import checkpoint_image
+    from tests.support.archives import write_checkpoint
+
+    archive = write_checkpoint(tmp_path / "ckpt.tar")
+    assert oci.ARCHIVE_SIGNATURE not in checkpoint_image(archive).annotations  # unsigned: no annotation
+    signing.sign_archive(archive, key)
+    built = checkpoint_image(archive)
+    manifest = json.loads(built.manifest)
+    layer = manifest["layers"][0]["digest"]
+    settings = config.SigningSettings(None, (write_public(tmp_path / "a.pub", key),), True)
+
+    image = _image(manifest["annotations"], layer)
+    assert verify_signature(settings, image, "reg/ckpt:1").checked
+    signing.signature_path(archive).write_bytes(b"garbage")
+    with pytest.raises(InvalidArgument, match="has a signature file that is no signature"):
+        checkpoint_image(archive)
