@@ -86,6 +86,11 @@ RECIPES: dict[str, Recipe] = {
          f"-X {CONTAINERD_PKG}/version.Revision=go-module-{{version}}"),
     ) for name, key in (("containerd-2.3", "CONTAINERD_2_3"), ("containerd-2.4", "CONTAINERD_2_4"))},
     "etcd": Recipe("ETCD_BIN_DIR", (Binary("etcd", "."),)),
+    # Test peers of the signatures: cosign verifies criu-shim's archive signatures (verify-blob),
+    # checkpointctl 1.6 runs criu-shim's plugin (the Debian checkpointctl 1.3 has no plugins).
+    "cosign": Recipe("COSIGN_BIN_DIR", (Binary("cosign", "cmd/cosign"),),
+                     ("-X sigs.k8s.io/release-utils/version.gitVersion={version}",)),
+    "checkpointctl": Recipe("CHECKPOINTCTL_PLUGINS_BIN_DIR", (Binary("checkpointctl", "."),)),
 }
 
 
