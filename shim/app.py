@@ -52,7 +52,7 @@ def _publisher(config: Config) -> Callable[[Path, float | None], Awaitable[None]
     still running when the call's deadline nears goes on in its thread; the answer does not wait."""
     if config.export.registry is None:
         return None
-    exporter = Exporter(config.export.registry, config.export.repository)
+    exporter = Exporter(config.export.registry, config.export.repository, signing_key=config.signing.key_file)
     running: set[asyncio.Future[object]] = set()  # pushes that outlived their call: kept until they end
 
     def report(archive: Path, push: asyncio.Future[object]) -> None:

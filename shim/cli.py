@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "HTTP, all others HTTPS.")
     push.add_argument("archive", type=Path, help="checkpoint archive (uncompressed tar)")
     push.add_argument("ref", metavar="REF", help="HOST[:PORT]/REPOSITORY[:TAG]")
+    push.add_argument("--sign-key", type=Path, metavar="KEY",
+                      help="also push a cosign signature of the image made with this PEM EC P-256 key "
+                      "([signing] key_file); `cosign verify --key KEY.pub --insecure-ignore-tlog REF@DIGEST` checks it")
     pull = sub.add_parser("pull", help="fetch the archive of a checkpoint image from a registry",
                           description="Writes the one layer of checkpoint image REF (the checkpoint archive) to OUT "
                           "(0600, must not exist); prints REF@DIGEST.")
@@ -199,7 +202,7 @@ def _run(args: argparse.Namespace) -> int:
         from shim.registry import Reference
 
         if args.command == "push":
-            print(export.push_checkpoint(args.archive, args.ref).pinned)
+            print(export.push_checkpoint(args.archive, args.ref, signing_key=args.sign_key).pinned)
         else:
             ref = Reference.parse(args.ref)
             print(ref.with_digest(export.pull_checkpoint(ref, args.out)))

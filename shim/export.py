@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from shim import oci
+from shim import cosign, oci, signing
 from shim.arch import go_arch
 from shim.config import ExportSettings
 from shim.errors import InvalidArgument
@@ -48,21 +48,26 @@ class Pushed:
         return Reference(self.ref.registry, self.ref.repository, self.ref.tag, self.digest)
 
 
-def push_checkpoint(archive: Path, ref: str | Reference, docker_config: Path | None = None) -> Pushed:
+def push_checkpoint(archive: Path, ref: str | Reference, docker_config: Path | None = None,
+                    signing_key: Path | None = None) -> Pushed:
     """Build the checkpoint image of `archive` and push it as `ref`; returns its manifest digest.
 
     Blobs first, manifest last: a failure leaves at most unreferenced blobs, never a tag naming
-    an incomplete image."""
+    an incomplete image. With `signing_key`, the image's cosign signature follows (shim.cosign),
+    the key loaded (and a bad one refused) before anything is sent."""
     target = ref if isinstance(ref, Reference) else Reference.parse(ref)
     if target.digest is not None:
         raise InvalidArgument(f"push to a tag, not a digest: {target}")
+    key = signing.load_signing_key(signing_key) if signing_key is not None else None
     image = checkpoint_image(archive)
     with RegistryClient(target.registry, docker_config) as client:
         client.push_blob_bytes(target, image.config)
         client.push_blob(target, archive, image.layer_digest, image.layer_size)
         digest = client.push_manifest(target, image.manifest, oci.OCI_MANIFEST)
-    if digest != image.digest:  # push_manifest hashes the bytes it sent: a mismatch is a bug of ours
-        raise AssertionError(f"pushed {digest}, built {image.digest}")
+        if digest != image.digest:  # push_manifest hashes the bytes it sent: a mismatch is a bug of ours
+            raise AssertionError(f"pushed {digest}, built {image.digest}")
+        if key is not None:
+            cosign.push_signature(target, digest, key, client)
     return Pushed(target, digest, image.layer_size)
 
 
@@ -135,12 +140,13 @@ class Exporter:
     registry: str
     repository: str = DEFAULT_REPOSITORY
     docker_config: Path | None = None
+    signing_key: Path | None = None  # [signing] key_file: the image gets a cosign signature
 
     def wants(self, archive: Path) -> bool:
         return KUBELET_ARCHIVE.match(archive.name) is not None
 
     def publish(self, archive: Path) -> Pushed:
         ref = kubelet_reference(archive.name, self.registry, self.repository)
-        pushed = push_checkpoint(archive, ref, self.docker_config)
+        pushed = push_checkpoint(archive, ref, self.docker_config, self.signing_key)
         log.info("published checkpoint %s as %s@%s", archive, ref, pushed.digest)
         return pushed

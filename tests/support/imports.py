@@ -46,6 +46,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("facades", (
         "shim.containerd", "shim.containerd_images", "shim.criu", "shim.ttrpc", "shim.proxy", "shim.cgroup_driver", "shim.freezer",
         "shim.registry",  # OCI distribution, through oras-py
+        "shim.cosign",  # cosign signatures of checkpoint images, pushed through shim.registry
         "shim.sealed",  # encrypted archives: format, keys, reader, writer
     )),
     ("ground", (
