@@ -3,8 +3,9 @@
 Read-only: nothing is written, unpacked or left behind. The signature is judged first, over the
 archive's bytes as they are on disk (an encrypted archive's signature covers its ciphertext, so
 it is checked without the key); the contents are read next, decrypted with the key given.
-Exit status 0 when the archive was shown and its signature (if any) verified or was not
-checked; 1 when it could not be read or its signature does not verify.
+The keys: --trusted-key and --key-file/--key-command, or the node config's [signing] trusted_keys
+and [encryption] keys (--config). Exit status 0 when the archive was shown and its signature (if
+any) verified or was not checked; 1 when it could not be read or its signature does not verify.
 """
 
 from __future__ import annotations
@@ -17,18 +18,22 @@ from pathlib import Path
 from shim import config as config_file
 from shim import signing
 from shim.inspection import contents, facts, render
+from shim.restore import unseal
 from shim.sealed.format import Header
 from shim.sealed.keys import Keyring
 
 
 def run(archive: Path, *, config: Path | None = None, trusted_keys: Sequence[Path] = (),
         key_file: Path | None = None, key_command: str | None = None, as_json: bool = False) -> int:
-    trusted = list(trusted_keys)
+    trusted, configured = list(trusted_keys), None
     if config is not None:
-        trusted += config_file.load(config).signing.trusted_keys
+        configured = config_file.load(config)
+        trusted += configured.signing.trusted_keys
     header = contents.encryption_header(archive)
     signature, verified = signature_status(archive, signing.load_trusted_keys(trusted))
     keyring = _keyring(header, key_file, key_command)
+    if keyring is None and header is not None and configured is not None:
+        keyring = unseal.keyring(configured.encryption)  # the node's own keys ([encryption])
     read = contents.read(archive, keyring)
     found = facts.facts(read)
     encryption = encryption_status(header, read.compression)

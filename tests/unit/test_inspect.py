@@ -215,3 +215,17 @@ def test_plugin_protocol(archive: Path, capsys: pytest.CaptureFixture[str], monk
         monkeypatch.setattr("sys.argv", ["checkpointctl-criu-shim", *argv])
         assert cli.checkpointctl_plugin() == 0
         assert "├── Engine: containerd" in capsys.readouterr().out
+
+
+def test_keys_from_the_node_config(tmp_path: Path, archive: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key_file = tmp_path / "node-a.key"
+    generate_key_file(key_file)
+    sealed = _seal(archive, tmp_path / "sealed.tar", key_file)
+    signer = ec.generate_private_key(ec.SECP256R1())
+    signing.sign_archive(sealed, signer)  # over the ciphertext: checked without the key
+    config = tmp_path / "config.toml"
+    config.write_text(f'[signing]\ntrusted_keys = ["{public_key(tmp_path, signer)}"]\n'
+                      f'[encryption]\nkey_id = "node-a"\nkey_file = "{key_file}"\n')
+    code, out, err = inspect(capsys, sealed, "--config", config)
+    assert code == 0, err
+    assert "├── Signature: verified with" in out and "key id 'node-a'" in out and "[7]  sleep" in out
