@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ from shim import signing
 from shim.paths_env import load_paths
 from tests.node.conftest import Node
 from tests.node.pods import Cri, wait_for
-from tests.node.test_restore import COUNTER, _restore, assert_restore_refused
+from tests.node.test_restore import COUNTER, _restore, _work_dirs, assert_restore_refused
 
 pytestmark = pytest.mark.node
 CRIU_SHIM = Path(__file__).resolve().parents[2] / ".venv" / "bin"
@@ -188,6 +189,73 @@ def test_loose_trusted_key_refuses_the_restore(client: Cri, node: Node, keys: di
             assert_restore_refused(client, node, archive, grpc.StatusCode.FAILED_PRECONDITION,
                                    f"signing.trusted_keys {keys['signing.pub']}: mode 0666 lets others replace a "
                                    "trusted key")
+
+
+@contextmanager
+def imported(node: Node, archive: Path, ref: str, tmp_path: Path) -> Iterator[None]:
+    """`criu-shim checkpoint-image` of `archive` imported into the node's containerd as `ref`; removed after."""
+    layout = tmp_path / f"{archive.name}.oci.tar"
+    build = subprocess.run([sys.executable, "-m", "shim", "checkpoint-image", str(archive), "--name", ref,
+                            "--out", str(layout)], capture_output=True, text=True, check=False)
+    assert build.returncode == 0, build.stderr
+    ctr = Path(load_paths()["CONTAINERD_1_7"]) / "ctr"
+    socket = node.containerd.removeprefix("unix://")
+    subprocess.run([str(ctr), "--address", socket, "-n", "k8s.io", "images", "import", str(layout)],
+                   check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run([str(ctr), "--address", socket, "-n", "k8s.io", "images", "rm", ref], capture_output=True,
+                       check=False)
+
+
+def test_signed_checkpoint_image_restores_and_an_unsigned_one_is_refused(
+        client: Cri, node: Node, keys: dict[str, Path], tmp_path: Path) -> None:
+    section = (f'key_file = "{keys["signing"]}"\ntrusted_keys = ["{keys["signing.pub"]}"]\n'
+               "require_signature = true\n")
+    signed_ref, unsigned_ref = "localhost/criu-shim/signed-ckpt:1", "localhost/criu-shim/unsigned-ckpt:1"
+    with proxy_with(node, section), copies(node) as made:
+        archive, counted = _checkpoint(client, node, "for-image.tar", made)
+        unsigned = _copy(archive, "for-image-unsigned.tar", made, None)
+        with imported(node, unsigned, unsigned_ref, tmp_path):
+            before = _work_dirs(node)
+            with client.pod() as pod, pytest.raises(grpc.RpcError) as caught:
+                _restore(client, pod, Path(unsigned_ref))
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert (f"restore from checkpoint {unsigned_ref} refused by rule signing.require_signature: it is not "
+                    "signed (annotation io.criu-shim.checkpoint.archive-signature of image") in \
+                (caught.value.details() or "")
+            assert _work_dirs(node) == before
+        with imported(node, archive, signed_ref, tmp_path), client.pod() as pod:
+            ctr = _restore(client, pod, Path(signed_ref))
+            assert client.count(ctr) >= counted - 1
+
+
+def test_encrypted_and_signed(client: Cri, node: Node, keys: dict[str, Path], tmp_path: Path) -> None:
+    """An encrypted archive is signed over its ciphertext: verified before it is decrypted, then restored."""
+    from shim.sealed.keys import generate_key_file
+
+    sealing = tmp_path / "sealing.key"
+    generate_key_file(sealing)
+    section = (f'key_file = "{keys["signing"]}"\ntrusted_keys = ["{keys["signing.pub"]}"]\n'
+               f'require_signature = true\n\n[encryption]\nenabled = true\nkey_id = "node-a"\nkey_file = "{sealing}"\n')
+    with proxy_with(node, section), copies(node) as made:
+        archive, counted = _checkpoint(client, node, "sealed-signed.tar", made)
+        shown = _inspect(archive, "--trusted-key", keys["signing.pub"], "--key-file", sealing)
+        assert shown.returncode == 0, shown.stderr
+        assert "Encryption: sealed (AES-256-GCM, key id 'node-a')" in shown.stdout
+        assert f"Signature: verified with {keys['signing.pub']}" in shown.stdout
+        tampered = _copy(archive, "sealed-tampered.tar", made, signing.signature_path(archive).read_bytes())
+        with tampered.open("r+b") as f:
+            f.seek(tampered.stat().st_size // 2)
+            byte = f.read(1)[0]
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte ^ 1]))
+        assert_restore_refused(client, node, tampered, grpc.StatusCode.PERMISSION_DENIED,
+                               "changed after it was signed")
+        with client.pod() as pod:
+            ctr = _restore(client, pod, archive)
+            assert client.count(ctr) >= counted - 1
 
 
 def _peer(key: str, binary: str) -> Path:
