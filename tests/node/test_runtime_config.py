@@ -7,14 +7,13 @@ will. crictl is the one built from cri-tools by `make peers` (scripts/peers.lock
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from shim.node.tools import load_paths
-from tests.node.conftest import Node, node_down, node_up
+from tests.node.conftest import Node, Nodes
 
 pytestmark = pytest.mark.node
 
@@ -42,22 +41,14 @@ def proxy_log(node: Node) -> str:
     return (node.dir / "logs" / "criu-shim.log").read_text()
 
 
-@pytest.fixture(scope="module")
-def node_16(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    directory = tmp_path_factory.mktemp("rc16")
-    try:
-        yield node_up(directory, "1.6")
-    finally:
-        node_down(directory)
+@pytest.fixture
+def node_16(nodes: Nodes) -> Node:
+    return nodes.get("1.6")  # the session's, shared with the containerd matrix
 
 
-@pytest.fixture(scope="module")
-def node_2x(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    directory = tmp_path_factory.mktemp("rc2x")
-    try:
-        yield node_up(directory, "2.x")
-    finally:
-        node_down(directory)
+@pytest.fixture
+def node_2x(nodes: Nodes) -> Node:
+    return nodes.get("2.x")
 
 
 @pytest.mark.parametrize("version", ["1.7", "1.6"])
