@@ -33,6 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import oras.auth
 import oras.container
 import oras.provider
 import oras.utils
@@ -147,8 +148,20 @@ def sha256_file(path: Path) -> tuple[str, int]:
 
 
 class _Oras(oras.provider.Registry):  # type: ignore[misc]
+    config_path: Path = Path()  # the docker config credentials came from, for errors
+
     def do_request(self, url: str, method: str = "GET", data: Any = None, headers: dict[str, str] | None = None,
                    json: Any = None, stream: bool = False) -> requests.Response:
+        response = self._once(url, method, data, headers, json, stream)
+        if response.status_code == 401 and isinstance(self.auth, oras.auth.TokenAuth) and self.auth.token:
+            # oras keeps the first token it got; its scope (pull, for the first blob HEAD) does not cover a
+            # push. Forget it: the retry's challenge names the scope needed and a new token is asked for it.
+            self.auth.token = None
+            response = self._once(url, method, data, headers, json, stream)
+        return response
+
+    def _once(self, url: str, method: str, data: Any, headers: dict[str, str] | None, json: Any,
+              stream: bool) -> requests.Response:
         # Once, without oras' retry loop (module docstring); a transport failure is ours to word.
         undecorated = oras.provider.Registry.do_request.__wrapped__
         try:
@@ -156,8 +169,8 @@ class _Oras(oras.provider.Registry):  # type: ignore[misc]
         except requests.RequestException as exc:
             raise Unavailable(f"registry {self.hostname}: {method} {url}: {exc}") from None
         except ValueError as exc:  # oras: "Cannot respond to request for authentication."
-            raise PermissionDenied(f"registry {self.hostname} asks for credentials that "
-                                   f"{docker_config_path()} does not hold ({exc})") from None
+            raise PermissionDenied(f"registry {self.hostname} refused the credentials of {self.config_path} "
+                                   f"(none there for it, or wrong): {exc}") from None
         return response
 
 
@@ -193,6 +206,7 @@ class RegistryClient:
         challenge = self._ping()
         backend = "basic" if challenge.lower().startswith("basic") else "token"
         client = _Oras(hostname=self.registry, insecure=self.scheme == "http", auth_backend=backend)
+        client.config_path = self._config_path
         # oras reads ~/.docker/config.json only; DOCKER_CONFIG is honoured by handing it ours.
         client.auth._auth_config = load_docker_config(self._config_path)
         for host in oras.utils.iter_localhosts(self.registry):
@@ -245,10 +259,13 @@ class RegistryClient:
             return False
         container = self._container(ref)
         layer = {"digest": digest, "size": size}
-        if size <= CHUNK:
-            response = self._oras().put_upload(str(path), container, layer)
-        else:
-            response = self._oras().chunked_upload(str(path), container, layer, chunk_size=CHUNK)
+        try:
+            if size <= CHUNK:
+                response = self._oras().put_upload(str(path), container, layer)
+            else:
+                response = self._oras().chunked_upload(str(path), container, layer, chunk_size=CHUNK)
+        except ValueError as exc:  # oras: an upload the registry did not open or continue ("session url")
+            raise RegistryError(f"registry: upload of blob {digest} to {ref.repository} refused: {exc}") from None
         _expect(response, (201,), f"upload of blob {digest} to {ref.repository}")
         return True
 
