@@ -218,6 +218,7 @@ def detach(host: NodeHost) -> list[str]:
             if not re.search(r"^\d+: cf", links, re.M):  # no node left on the fabric
                 _ip("netns", "del", host.fabric.router, check=False)
                 shutil.rmtree(host.fabric.dir, ignore_errors=True)
+                (RUN_ROOT / f"fabric-{host.fabric.name}.lock").unlink(missing_ok=True)  # we still hold it
                 done.append(f"removed fabric {host.fabric.name} (router netns {host.fabric.router})")
     shutil.rmtree(host.pki_dir, ignore_errors=True)
     return done

@@ -15,13 +15,14 @@ import re
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
+from shim.node.layout import NodeLayout
 from tests.node import leaks
 from tests.node.conftest import criu_shim
 from tests.node.pods import Cri, Pod, wait_for
@@ -70,9 +71,20 @@ class Host:
 
 
 def _up(directory: Path, log_root: Path) -> Host:
-    out = criu_shim("node", "up", "--dir", str(directory), "--fabric", FABRIC).stdout
+    proc = criu_shim("node", "up", "--dir", str(directory), "--fabric", FABRIC, check=False)
+    assert proc.returncode == 0, f"node up --dir {directory} --fabric {FABRIC}: {proc.stderr}"
+    out = proc.stdout
     env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     return Host(directory, env, Cri(env["CRI_ENDPOINT"], log_root))
+
+
+def distinct_dirs(make: Callable[[str], Path]) -> list[Path]:
+    """Two node directories whose pod subnets differ (the subnet is derived from the directory's hash)."""
+    first = make("host-a")
+    while True:
+        second = make("host-b")
+        if NodeLayout(second).subnet != NodeLayout(first).subnet:
+            return [first, second]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +92,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Host, Host
     if os.geteuid() != 0:
         pytest.skip("node tests need root")
     before = leaks.snapshot()
-    dirs = [tmp_path_factory.mktemp("host-a"), tmp_path_factory.mktemp("host-b")]
+    dirs = distinct_dirs(lambda name: tmp_path_factory.mktemp(name))
     logs = tmp_path_factory.mktemp("pod-logs")
     up: list[Host] = []
     try:
@@ -145,11 +157,12 @@ def _seqs(log: str) -> list[tuple[float, int]]:
 
 
 @contextlib.contextmanager
-def _client_on_router(ip: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def _client_on_router(ip: str, log: Path, interval_ms: int = 20) -> Iterator[subprocess.Popen[bytes]]:
     """tcpclient outside both nodes (in the router's namespace), one connection, a request every 20 ms."""
     with log.open("wb") as out:
         proc = subprocess.Popen(["ip", "netns", "exec", f"csr-{FABRIC}", str(TCPCLIENT), ip, "7000"], stdout=out,
-                                stderr=subprocess.STDOUT, env={"INTERVAL_MS": "20", "REPLY_TIMEOUT_MS": "60000"})
+                                stderr=subprocess.STDOUT,
+                                env={"INTERVAL_MS": str(interval_ms), "REPLY_TIMEOUT_MS": "60000"})
     try:
         yield proc
     finally:
