@@ -33,7 +33,7 @@ from shim import fillspool
 from shim.archive_layout import IMAGES_DIR
 from shim.errors import FailedPrecondition
 from shim.handoff import LAZY_CRIU_OPTION, LAZY_PLAN, criu_config
-from shim.restore import loopdev
+from shim.restore import lazy, loopdev
 
 PLAN_FILE = LAZY_PLAN
 CRIU_OPTION = LAZY_CRIU_OPTION
@@ -50,6 +50,8 @@ class LazyPages:
         self._dir = restore_dir
         self._criu = criu
         self._pages = pages  # image name -> loop device
+        self._released = False
+        self._release_lock = threading.Lock()
         self._daemon: subprocess.Popen[bytes] | None = None
         self._watcher: threading.Thread | None = None
         self._started = 0.0
@@ -141,7 +143,21 @@ class LazyPages:
         self._release_devices()
 
     def _release_devices(self) -> None:
+        """Detach this restore's devices, once, and only a device still tagged with this restore.
+
+        The watcher releases them when the fill is done and `close` again at the end: by then the
+        kernel may have handed the same /dev/loopN to the next restore, and detaching it by name
+        would pull that restore's memory image away from its page daemon (seen in back-to-back
+        restores: "Can't read mapping page 0").
+        """
+        with self._release_lock:
+            if self._released:
+                return
+            self._released = True
+        mine = lazy.tag(self._dir)
         for device in self._pages.values():
+            if loopdev.tag_of(device) != mine:
+                continue  # released already (by the kernel at its last close), maybe someone else's now
             with contextlib.suppress(OSError):
                 loopdev.detach(device)
 
