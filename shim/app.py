@@ -13,7 +13,7 @@ import signal
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
-from shim import fillspool, metrics
+from shim import fillspool, metrics, signing
 from shim.api.cri.v1 import api_pb2 as cri_v1
 from shim.checkpoint.checkpointer import Checkpointer
 from shim.checkpoint.criulog import LOGS
@@ -27,6 +27,7 @@ from shim.journal import Journal
 from shim.proxy.dispatch import Call, Dispatcher, Handler
 from shim.proxy.server import ProxyServer
 from shim.recovery import Reconciler
+from shim.restore import unseal
 from shim.restore.restorer import Restorer
 from shim.retention.collector import ArchiveCollector
 
@@ -52,7 +53,8 @@ def _publisher(config: Config) -> Callable[[Path, float | None], Awaitable[None]
     still running when the call's deadline nears goes on in its thread; the answer does not wait."""
     if config.export.registry is None:
         return None
-    exporter = Exporter(config.export.registry, config.export.repository, signing_key=config.signing.key_file)
+    exporter = Exporter(config.export.registry, config.export.repository, signing_key=config.signing.key_file,
+                        keyring=unseal.keyring(config.encryption))
     running: set[asyncio.Future[object]] = set()  # pushes that outlived their call: kept until they end
 
     def report(archive: Path, push: asyncio.Future[object]) -> None:
@@ -79,11 +81,23 @@ def _publisher(config: Config) -> Callable[[Path, float | None], Awaitable[None]
 
 def serve(listen: Path, upstream: Path, config_file: Path | None, grace: float) -> int:
     config = load_config(config_file)
+    _warn_about_keys(config)
     try:
         import uvloop
     except ImportError:  # the relay works on the stock loop, only slower
         return asyncio.run(_serve(listen, upstream, config, grace))
     return int(uvloop.run(_serve(listen, upstream, config, grace)))
+
+
+def _warn_about_keys(config: Config) -> None:
+    """Say at start-up what a bad [signing] key will refuse later. The proxy serves anyway: the
+    kubelet needs CRI more than checkpoints, and each checkpoint or restore checks its keys again."""
+    try:
+        if config.signing.key_file is not None:
+            signing.load_signing_key(config.signing.key_file)
+        signing.load_trusted_keys(config.signing.trusted_keys)
+    except ShimError as exc:
+        log.error("%s: checkpoints or restores will be refused until it is fixed", exc.message)
 
 
 async def _serve(listen: Path, upstream: Path, config: Config, grace: float) -> int:

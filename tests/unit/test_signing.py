@@ -268,3 +268,17 @@ def test_checkpoint_image_of_a_signed_archive_carries_a_signature_that_verifies(
     signing.signature_path(archive).write_bytes(b"garbage")
     with pytest.raises(InvalidArgument, match="has a signature file that is no signature"):
         checkpoint_image(archive)
+
+
+def test_the_proxy_says_at_start_up_which_key_will_refuse(tmp_path: Path, key: ec.EllipticCurvePrivateKey,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    from shim.app import _warn_about_keys
+
+    path = write_key(tmp_path / "signing.key", key, 0o644)
+    _warn_about_keys(config.parse({"signing": {"key_file": str(path)}}))
+    assert f"signing.key_file {path}: mode 0644 lets others read the private key" in caplog.text
+    assert "checkpoints or restores will be refused until it is fixed" in caplog.text
+    caplog.clear()
+    path.chmod(0o600)
+    _warn_about_keys(config.parse({"signing": {"key_file": str(path)}}))
+    assert caplog.text == ""
