@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from shim import metrics
+from shim import metrics, signing
 from shim.checkpoint import audit
 from shim.config import RetentionSettings
 from shim.retention import archives, inuse, policy
@@ -66,6 +66,7 @@ def _delete(decision: policy.Decision, audit_log: Path) -> str:
         if not archives.still_same(archive, fd):
             return "skipped: replaced or removed since it was judged"
         os.unlink(archive.path.name, dir_fd=fd)
+        _delete_signature(archive.path.name, fd)
     except OSError as exc:
         log.error("retention: could not delete %s: %s", archive.path, exc)
         return f"error: {exc.strerror}"
@@ -75,6 +76,16 @@ def _delete(decision: policy.Decision, audit_log: Path) -> str:
     _audit(audit_log, archive, f"deleted: {decision.reason}: {decision.detail}")
     log.info("retention: deleted %s (%s: %s)", archive.path, decision.reason, decision.detail)
     return "deleted"
+
+
+def _delete_signature(name: str, dir_fd: int) -> None:
+    """ARCHIVE.sig (shim.signing) goes with its archive: alone it signs nothing."""
+    try:
+        os.unlink(name + signing.SIGNATURE_SUFFIX, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # the archive is gone already; a leftover signature is harmless
+        log.warning("retention: could not delete the signature of %s: %s", name, exc)
 
 
 def _audit(audit_log: Path, archive: Archive, result: str) -> None:

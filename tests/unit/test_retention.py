@@ -157,8 +157,12 @@ def test_a_pass_deletes_with_an_audit_line_each_and_a_dry_run_deletes_nothing(di
     [dry] = collect_once(settings, audit_log, dry_run=True, now=NOW)
     assert (dry.done, dry.decision.archive.path, dry.decision.reason) == ("would delete", old, "ttl")
     assert old.exists() and not audit_log.exists()
+    old_sig, new_sig = old.with_name(old.name + ".sig"), new.with_name(new.name + ".sig")
+    old_sig.write_bytes(b"sig")
+    new_sig.write_bytes(b"sig")
     [done] = collect_once(settings, audit_log, now=NOW)
     assert done.done == "deleted" and not old.exists() and new.exists()
+    assert not old_sig.exists() and new_sig.exists()  # a signature goes with its archive
     [line] = [json.loads(raw) for raw in audit_log.read_text().splitlines()]
     assert (line["action"], line["location"], line["pod"], line["container"]) == ("gc", str(old), "web", "app")
     assert line["result"].startswith("deleted: ttl: ")
