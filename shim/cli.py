@@ -8,10 +8,14 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shim.errors import ShimError
 from shim.install import arguments as install_arguments
 from shim.migrate import arguments as migrate_arguments
+
+if TYPE_CHECKING:
+    from shim.sealed import Keyring
 
 DESCRIPTION = """\
 criu-shim: checkpoint/restore for Kubernetes nodes on containerd 1.6/1.7.
@@ -77,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("archive", type=Path, help="checkpoint archive (uncompressed tar)")
     image.add_argument("--name", required=True, metavar="REF", help="image reference, e.g. registry/app:ckpt")
     image.add_argument("--out", type=Path, required=True, help="OCI layout tar to write")
+    image.add_argument("--config", type=Path, metavar="FILE",
+                       help="criu-shim TOML config: its [encryption] keys read an encrypted archive's names")
 
     push = sub.add_parser("push", help="push a checkpoint archive to a registry as a checkpoint image",
                           description="Builds the checkpoint image of ARCHIVE (as checkpoint-image does) and pushes "
@@ -88,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--sign-key", type=Path, metavar="KEY",
                       help="also push a cosign signature of the image made with this PEM EC P-256 key "
                       "([signing] key_file); `cosign verify --key KEY.pub --insecure-ignore-tlog REF@DIGEST` checks it")
+    push.add_argument("--config", type=Path, metavar="FILE",
+                      help="criu-shim TOML config: its [encryption] keys read an encrypted archive's names")
     pull = sub.add_parser("pull", help="fetch the archive of a checkpoint image from a registry",
                           description="Writes the one layer of checkpoint image REF (the checkpoint archive) to OUT "
                           "(0600, must not exist); prints REF@DIGEST.")
@@ -187,6 +195,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _keyring(config: Path | None) -> Keyring | None:
+    """The [encryption] keys of `config` (an encrypted archive's image names come from inside it)."""
+    if config is None:
+        return None
+    from shim.config import load
+    from shim.restore import unseal
+
+    return unseal.keyring(load(config).encryption)
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from shim.app import serve
@@ -195,14 +213,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "checkpoint-image":
         from shim.restore.build_image import build
 
-        print(build(args.archive, args.name, args.out))
+        print(build(args.archive, args.name, args.out, _keyring(args.config)))
         return 0
     if args.command in ("push", "pull"):
         from shim import export
         from shim.registry import Reference
 
         if args.command == "push":
-            print(export.push_checkpoint(args.archive, args.ref, signing_key=args.sign_key).pinned)
+            print(export.push_checkpoint(args.archive, args.ref, signing_key=args.sign_key,
+                                         keyring=_keyring(args.config)).pinned)
         else:
             ref = Reference.parse(args.ref)
             print(ref.with_digest(export.pull_checkpoint(ref, args.out)))

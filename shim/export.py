@@ -26,6 +26,7 @@ from shim.config import ExportSettings
 from shim.errors import InvalidArgument
 from shim.registry import Reference, RegistryClient
 from shim.restore.build_image import checkpoint_image
+from shim.sealed import Keyring
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Pushed:
 
 
 def push_checkpoint(archive: Path, ref: str | Reference, docker_config: Path | None = None,
-                    signing_key: Path | None = None) -> Pushed:
+                    signing_key: Path | None = None, keyring: Keyring | None = None) -> Pushed:
     """Build the checkpoint image of `archive` and push it as `ref`; returns its manifest digest.
 
     Blobs first, manifest last: a failure leaves at most unreferenced blobs, never a tag naming
@@ -59,7 +60,7 @@ def push_checkpoint(archive: Path, ref: str | Reference, docker_config: Path | N
     if target.digest is not None:
         raise InvalidArgument(f"push to a tag, not a digest: {target}")
     key = signing.load_signing_key(signing_key) if signing_key is not None else None
-    image = checkpoint_image(archive)
+    image = checkpoint_image(archive, keyring)  # a sealed archive is pushed sealed; the keys read its names
     with RegistryClient(target.registry, docker_config) as client:
         client.push_blob_bytes(target, image.config)
         client.push_blob(target, archive, image.layer_digest, image.layer_size)
@@ -141,12 +142,13 @@ class Exporter:
     repository: str = DEFAULT_REPOSITORY
     docker_config: Path | None = None
     signing_key: Path | None = None  # [signing] key_file: the image gets a cosign signature
+    keyring: Keyring | None = None  # [encryption]'s keys: a sealed archive's image needs its names
 
     def wants(self, archive: Path) -> bool:
         return KUBELET_ARCHIVE.match(archive.name) is not None
 
     def publish(self, archive: Path) -> Pushed:
         ref = kubelet_reference(archive.name, self.registry, self.repository)
-        pushed = push_checkpoint(archive, ref, self.docker_config, self.signing_key)
+        pushed = push_checkpoint(archive, ref, self.docker_config, self.signing_key, self.keyring)
         log.info("published checkpoint %s as %s@%s", archive, ref, pushed.digest)
         return pushed

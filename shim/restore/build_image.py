@@ -6,6 +6,11 @@ of both families that engines look for: `org.criu.checkpoint.*` (containerd,
 checkpointctl) and `io.kubernetes.cri-o.annotations.checkpoint.*` (CRI-O). The
 output is an OCI layout tar that `ctr images import` or any registry client
 takes; the original image is not embedded (restore pulls it by reference).
+
+A sealed (encrypted) archive is the layer as it is, still sealed: the registry
+and anyone pulling it see only ciphertext, and a restore decrypts it with its
+node's keys. Building the image reads the archive's names for the annotations,
+so it takes the keyring (`--config`: the node's `[encryption]` keys).
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from shim import oci, signing
 from shim.arch import go_arch
 from shim.archive_layout import CONFIG_DUMP, REQUIRED, SPEC_DUMP
 from shim.errors import InvalidArgument
+from shim.sealed import Keyring, is_encrypted, open_decrypted, read_header
+
+_MAX_JSON = 64 << 20  # spec.dump and config.dump are small; a bigger one is no checkpoint of ours
 
 
 def _digest(data: bytes) -> str:
@@ -57,9 +65,43 @@ def _read_json_member(archive: Path, name: str) -> dict[str, Any]:
         return data
 
 
-def checkpoint_annotations(archive: Path) -> dict[str, str]:
-    config = _read_member(archive, CONFIG_DUMP)
-    spec = _read_member(archive, SPEC_DUMP)
+def _read_sealed_members(archive: Path, keyring: Keyring | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """config.dump and spec.dump of a sealed archive, in one pass through the decrypting stream (the
+    whole archive is authenticated on the way)."""
+    try:
+        return _sealed_json_members(archive, keyring)
+    except (tarfile.TarError, ValueError, EOFError) as exc:
+        raise InvalidArgument(f"{archive} is not a readable checkpoint archive: {exc}") from None
+
+
+def _sealed_json_members(archive: Path, keyring: Keyring | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    if keyring is None:
+        raise InvalidArgument(f"{archive} is encrypted (key id {read_header(archive).key_id!r}): building its "
+                              "image needs the key (--config with the node's [encryption] keys)")
+    found: dict[str, Any] = {}
+    names: set[str] = set()
+    with open_decrypted(archive, keyring) as reader, \
+            tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as tar:
+        for member in tar:
+            names.add(member.name)
+            if member.name in (CONFIG_DUMP, SPEC_DUMP) and member.isfile() and member.size <= _MAX_JSON:
+                data = tar.extractfile(member)
+                assert data is not None
+                found[member.name] = json.loads(data.read())
+        reader.verify_to_end()
+    missing = [r for r in REQUIRED if r not in names]
+    config, spec = found.get(CONFIG_DUMP), found.get(SPEC_DUMP)
+    if missing or not isinstance(config, dict) or not isinstance(spec, dict):
+        raise InvalidArgument(f"{archive} has no {', '.join(missing) or 'readable spec/config'}: "
+                              "not a checkpoint archive")
+    return config, spec
+
+
+def checkpoint_annotations(archive: Path, keyring: Keyring | None = None) -> dict[str, str]:
+    if is_encrypted(archive):
+        config, spec = _read_sealed_members(archive, keyring)
+    else:
+        config, spec = _read_member(archive, CONFIG_DUMP), _read_member(archive, SPEC_DUMP)
     spec_notes = spec.get("annotations", {})
     name = str(config.get("name") or spec_notes.get(oci.CRI_CONTAINER_NAME, "container"))
     image = str(config.get("rootfsImageName") or config.get("rootfsImage") or "")
@@ -92,9 +134,9 @@ class CheckpointImage:
         return _digest(self.manifest)
 
 
-def checkpoint_image(archive: Path) -> CheckpointImage:
-    """Config and manifest (exact bytes) of the checkpoint image of `archive`."""
-    notes = checkpoint_annotations(archive)
+def checkpoint_image(archive: Path, keyring: Keyring | None = None) -> CheckpointImage:
+    """Config and manifest (exact bytes) of the checkpoint image of `archive` (`keyring`: to read a sealed one)."""
+    notes = checkpoint_annotations(archive, keyring)
     layer_digest, layer_size = _file_digest(archive)  # an uncompressed tar: already a valid layer
     signature = _archive_signature(archive)
     if signature is not None:  # ARCHIVE.sig signs the archive's SHA-256, which is the layer's digest
@@ -120,9 +162,9 @@ def _archive_signature(archive: Path) -> str | None:
     return base64.b64encode(der).decode("ascii") if der is not None else None
 
 
-def build(archive: Path, ref: str, out: Path) -> str:
+def build(archive: Path, ref: str, out: Path, keyring: Keyring | None = None) -> str:
     """Write the OCI layout tar for `archive` named `ref` to `out`; return the manifest digest."""
-    image = checkpoint_image(archive)
+    image = checkpoint_image(archive, keyring)
     index = json.dumps({"schemaVersion": 2, "manifests": [{
         "mediaType": oci.OCI_MANIFEST, "digest": image.digest,
         "size": len(image.manifest), "annotations": {**image.annotations, oci.CONTAINERD_IMAGE_NAME: ref,

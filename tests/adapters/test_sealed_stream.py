@@ -86,3 +86,26 @@ def test_sealed_archive_without_fifos(tmp_path: Path) -> None:
 
 def test_seal_key_never_shows() -> None:
     assert KEY.hex() not in repr(SealKey("k1", KEY)) and str(KEY) not in repr(SealKey("k1", KEY))
+
+
+def test_checkpoint_image_of_a_sealed_archive(tmp_path: Path) -> None:
+    """The layer is the sealed archive as it is; its names (for the annotations) need the keys."""
+    import hashlib
+    import json
+
+    from shim.errors import InvalidArgument
+    from shim.restore.build_image import checkpoint_image
+
+    archive = tmp_path / "sealed.tar"
+    spec = {"annotations": {"io.kubernetes.cri.sandbox-name": "web", "io.kubernetes.cri.sandbox-namespace": "shop"}}
+    write_sealed_archive(archive, [Member("spec.dump", data=json.dumps(spec).encode()),
+                                   Member("config.dump", data=json.dumps({"name": "app",
+                                                                          "rootfsImageName": "busybox"}).encode()),
+                                   Member("checkpoint", is_dir=True), Member("checkpoint/inventory.img", data=b"i")],
+                         SealKey("k1", KEY), durable=False)
+    with pytest.raises(InvalidArgument, match="is encrypted \\(key id 'k1'\\): building its image needs the key"):
+        checkpoint_image(archive)
+    image = checkpoint_image(archive, keyring(tmp_path))
+    assert image.layer_digest == "sha256:" + hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert image.annotations["org.criu.checkpoint.container.name"] == "app"
+    assert image.annotations["org.criu.checkpoint.pod.namespace"] == "shop"
