@@ -211,10 +211,14 @@ class PageStream:
         if not any(isinstance(entry, Streamed) for _, entry in active.values()):
             header_len = len(aligned_header(name, _HUGE, self._result.end, self._block))
             streamed = Streamed(name, self._result.end, header_len)
-            if self._sealed is not None:
-                streamed.slot = self._sealed.reserve(header_len)
             self._result.end += header_len
             active[fd] = (self._archive, streamed)
+            if self._sealed is not None:
+                try:
+                    streamed.slot = self._sealed.reserve(header_len)
+                except OSError as exc:  # the sealer's writer failed (a full disk): discard, as below
+                    self._error = self._error or exc
+                    active[fd] = (self._sink, streamed)
             return
         path = self._spill_dir / f".spill-{self._fds[fd].name}"
         spill = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
@@ -236,8 +240,12 @@ class PageStream:
         data_end = entry.header_at + entry.header_len + entry.size
         padding = -data_end % _BLOCK
         if self._sealed is not None and entry.slot is not None:
-            self._sealed.fill(entry.slot, header)
-            self._sealed.write(bytes(padding))
+            try:
+                self._sealed.fill(entry.slot, header)
+                self._sealed.write(bytes(padding))
+            except OSError as exc:
+                self._error = exc
+                return
         else:
             os.pwrite(self._archive, header, entry.header_at)
             if padding:

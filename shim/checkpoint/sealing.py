@@ -114,10 +114,13 @@ def write_sealed_archive(location: Path, members: Iterable[Member], seal: SealKe
             os.fchmod(fd, FILE_MODE)
             header, data_key = seal.new_header()
             sealed = SealedFile(fd, header, data_key)
-            writer = SealedTarWriter(sealed)
-            add_members(writer, members)
-            writer.finish()
-            size = sealed.close()
+            try:
+                writer = SealedTarWriter(sealed)
+                add_members(writer, members)
+                writer.finish()
+                size = sealed.close()
+            finally:
+                sealed.abort()  # the writer thread, on every path
             if durable:
                 os.fsync(fd)
         finally:

@@ -48,11 +48,14 @@ class StreamedArchive:
             return None  # e.g. a filesystem without FIFOs: the archive is built the other way
         path = staging / ARCHIVE_NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+        sealed = None
         try:
             sealed = SealedFile(fd, *seal.new_header()) if seal is not None else None
             stream = pagestream.PageStream(fifos, fd, os.statvfs(staging).f_bsize, staging, sealed)
             stream.start()
         except BaseException:
+            if sealed is not None:
+                sealed.abort()
             os.close(fd)
             pagestream.remove_fifos(fifos)
             raise
@@ -95,6 +98,8 @@ class StreamedArchive:
         """Release everything (idempotent); the file itself goes with the staging directory."""
         with contextlib.suppress(OSError):
             self.dump_ended()
+        if self._sealed is not None:
+            self._sealed.abort()  # its writer thread (after complete() it has stopped already)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -180,10 +180,12 @@ class Sealer:
             counter, self.counter = self.counter, self.counter + 1
         return word + self._aead.encrypt(self._nonce(counter), bytes(plaintext), self._digest + word)
 
-    def seal_into(self, plaintext: memoryview, out: bytearray, final: bool = False) -> memoryview:
+    def seal_into(self, plaintext: memoryview, out: bytearray, final: bool = False,
+                  counter: int | None = None) -> memoryview:
         """Like seal, into `out` (at least WORD_SIZE + len + TAG_SIZE bytes): no allocation per chunk."""
         word = WORD.pack(len(plaintext) | (FINAL if final else 0))
-        counter, self.counter = self.counter, self.counter + 1
+        if counter is None:
+            counter, self.counter = self.counter, self.counter + 1
         size = WORD_SIZE + len(plaintext) + TAG_SIZE
         view = memoryview(out)[:size]
         view[:WORD_SIZE] = word

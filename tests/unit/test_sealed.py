@@ -226,3 +226,27 @@ def test_sealer_on_any_stream() -> None:
     frames = [sealer.seal(b"a" * 16), sealer.seal(b"b" * 3, final=True)]
     out = b"".join(opener.open(f[:WORD_SIZE], f[WORD_SIZE:], 0) for f in frames)
     assert out == b"a" * 16 + b"b" * 3 and opener.ended
+
+
+def test_writer_failure_is_raised_and_never_blocks(tmp_path: Path) -> None:
+    """A full disk in the sealer's writer thread: the caller gets ENOSPC soon after, never a hang."""
+    import errno
+
+    header, data_key = new_header("node-key-1", KEY, chunk_size=CHUNK)
+    fd = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as caught:
+            sealed = SealedFile(fd, header, data_key)
+        assert caught.value.errno == errno.ENOSPC  # the header itself
+        fd2 = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+        sealed = SealedFile(fd2, header, data_key)
+        os.dup2(fd, fd2)  # from now on every write of the writer thread fails
+        with pytest.raises(OSError) as caught:
+            for _ in range(100):
+                sealed.write(b"x" * CHUNK)
+            sealed.close()
+        assert caught.value.errno == errno.ENOSPC
+        sealed.abort()
+        os.close(fd2)
+    finally:
+        os.close(fd)
