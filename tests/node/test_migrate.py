@@ -217,6 +217,7 @@ def test_tcp_client_keeps_its_connection_as_the_server_moves_a_to_b_and_back(
 
 def test_refused_before_anything_stops(hosts: tuple[Host, Host]) -> None:
     a, b = hosts
+    archives_before, sources_before = b.archives(), a.archives()
     with a.cri.pod(TCP) as source_pod, b.cri.pod(STOP_AFTER) as no_tcp_pod, a.cri.pod() as plain_pod:
         ip = _pod_ip(a, source_pod)
         server = a.cri.container(source_pod, ["/usr/local/bin/tcpserver"], {"PORT": "7000"}, name="server")
@@ -236,8 +237,8 @@ def test_refused_before_anything_stops(hosts: tuple[Host, Host]) -> None:
             assert a.cri.state(server) == "CONTAINER_RUNNING" and a.cri.state(plain) == "CONTAINER_RUNNING"
         listed = b.cri.runtime.ListContainers(cri.ListContainersRequest(), timeout=30).containers
         assert not listed, "nothing was created on the target"
-        assert not list(Path(b.env["CHECKPOINTS_DIR"]).iterdir()) or all(
-            p.name.startswith("migrate-counter-") for p in Path(b.env["CHECKPOINTS_DIR"]).iterdir())
+        assert b.archives() == archives_before, "no archive reached the target"
+        assert a.archives() == sources_before, "no checkpoint was taken"
         assert ip not in _router_routes()
 
 
