@@ -45,11 +45,6 @@ class SealKey:
         return new_header(self.key_id, self.key, content)
 
 
-def keyring(settings: EncryptionSettings) -> Keyring:
-    """Every key this node knows: key files by id, then the key command (for restore and inspect)."""
-    return Keyring(settings.key_files, settings.key_command)
-
-
 def wanted(settings: EncryptionSettings, annotations: Mapping[str, str], container: str, namespace: str,
            pod: str, container_id: str) -> bool:
     """Whether this checkpoint is sealed: node default, then pod, then container annotation."""
@@ -72,7 +67,7 @@ def wanted(settings: EncryptionSettings, annotations: Mapping[str, str], contain
 
 def load_key(settings: EncryptionSettings) -> SealKey:
     """The key new archives are sealed with (KeyUnavailable: FAILED_PRECONDITION, naming the id)."""
-    return SealKey(settings.key_id, keyring(settings).key(settings.key_id))
+    return SealKey(settings.key_id, Keyring.of(settings).key(settings.key_id))
 
 
 class SealedTarWriter(TarWriter):

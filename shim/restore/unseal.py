@@ -36,7 +36,8 @@ def plaintext_path(work: Path) -> Path:
 
 
 def keyring(settings: EncryptionSettings) -> Keyring:
-    return Keyring(settings.key_files, settings.key_command)
+    """The node's keyring (shim.sealed.Keyring.of)."""
+    return Keyring.of(settings)
 
 
 @contextlib.asynccontextmanager

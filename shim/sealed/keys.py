@@ -27,6 +27,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from shim.config import EncryptionSettings
 from shim.sealed.format import KEY_SIZE, KeyUnavailable, check_key_id
 
 COMMAND_TIMEOUT = 10.0
@@ -39,6 +40,12 @@ class Keyring:
     def __init__(self, files: Mapping[str, Path] | None = None, command: Sequence[str] = ()) -> None:
         self._files = dict(files or {})
         self._command = tuple(command)
+
+    @classmethod
+    def of(cls, settings: EncryptionSettings) -> Keyring:
+        """Every key a node's `[encryption]` names: key files by id (key_file for key_id, keys), then
+        the key command for any id. The one place config becomes a keyring."""
+        return cls(settings.key_files, settings.key_command)
 
     @property
     def empty(self) -> bool:
