@@ -74,15 +74,14 @@ async def _serve(settings: ReceiverSettings) -> int:
     if not settings.checkpoints_dir.is_dir():
         raise FailedPrecondition(f"checkpoints directory {settings.checkpoints_dir} does not exist")
     runtime = Runtime(settings.runtime)
-    one_at_a_time = asyncio.Lock()  # restores of one node queue, as the proxy's would
+    one_at_a_time = asyncio.Lock()  # restores into this node queue (a source's checkpoint does not hold it)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peercert") or {}
         who = dict(x[0] for x in peer.get("subject", ())).get("commonName", "?")
         channel.give_up_after(writer, settings.idle_timeout)
         try:
-            async with one_at_a_time:
-                await _session(settings, runtime, reader, writer, who)
+            await _session(settings, runtime, reader, writer, who, one_at_a_time)
         except Exception:  # one bad session never takes the receiver down
             log.exception("migration session from %s failed", who)
         finally:
@@ -103,7 +102,7 @@ async def _serve(settings: ReceiverSettings) -> int:
 
 
 async def _session(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.StreamReader,
-                   writer: asyncio.StreamWriter, who: str) -> None:
+                   writer: asyncio.StreamWriter, who: str, one_at_a_time: asyncio.Lock) -> None:
     migration: _Migration | None = None
     while True:
         try:
@@ -120,7 +119,8 @@ async def _session(settings: ReceiverSettings, runtime: Runtime, reader: asyncio
                 await channel.send(writer, {"ok": True, "pod": migration.pod.label, "pod_id": migration.pod.id,
                                             "pod_ips": list(migration.pod.ips)})
             elif op == "restore" and migration is not None:
-                reply = await _restore(settings, runtime, migration, message, reader)
+                async with one_at_a_time:
+                    reply = await _restore(settings, runtime, migration, message, reader)
                 await channel.send(writer, {"ok": True, **reply})
                 log.info("migration from %s restored container %s in pod %s", who, reply["container_id"],
                          migration.pod.label)
