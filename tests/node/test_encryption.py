@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
@@ -198,3 +199,42 @@ def test_pod_opts_in_and_out_where_allowed(client: Cri, node: Node, keys: Path) 
     with proxy_with(node, _enabled(keys) + 'opt_out_namespaces = ["tes*"]\n'):
         opted_out, _ = _sealed_checkpoint(client, node, "opted-out", annotations={ENCRYPT: "false"})
         assert not is_encrypted(opted_out)
+
+
+def test_restore_from_a_checkpoint_image_of_a_sealed_archive(client: Cri, node: Node, keys: Path,
+                                                             tmp_path: Path) -> None:
+    """The image's layer is the sealed archive itself (imported blobs hold only ciphertext); the node's
+    keys open it at restore; the build without the keys says what it needs."""
+    from shim.node.layout import NodeLayout
+    from shim.paths_env import load_paths
+
+    ref = "localhost/criu-shim/sealed-counter:1"
+    with proxy_with(node, _enabled(keys)):
+        archive, counted = _sealed_checkpoint(client, node, "sealed-image")
+        layout = tmp_path / "image.tar"
+        build = [sys.executable, "-m", "shim", "checkpoint-image", str(archive), "--name", ref, "--out", str(layout)]
+        refused = subprocess.run(build, capture_output=True, text=True)
+        assert refused.returncode == 1 and f"is encrypted (key id '{KEY_ID}')" in refused.stderr
+        config = NodeLayout(node.dir.resolve()).proxy_config_file
+        built = subprocess.run([*build, "--config", str(config)], capture_output=True, text=True)
+        assert built.returncode == 0, built.stderr
+        with tarfile.open(layout) as image:  # the layer blob is the sealed archive, byte for byte
+            blobs = [m for m in image.getmembers() if m.name.startswith("blobs/") and m.size == archive.stat().st_size]
+            assert len(blobs) == 1 and image.extractfile(blobs[0]).read() == archive.read_bytes()  # type: ignore[union-attr]
+        ctr_bin = Path(load_paths()["CONTAINERD_1_7"]) / "ctr"
+        socket = node.containerd.removeprefix("unix://")
+        imported = subprocess.run([str(ctr_bin), "--address", socket, "-n", "k8s.io", "images", "import", str(layout)],
+                                  capture_output=True, text=True)
+        # containerd unpacks layers on import (and on a pull): a sealed layer is no tar (README says so)
+        assert imported.returncode != 0
+        subprocess.run([str(ctr_bin), "--address", socket, "-n", "k8s.io", "images", "import", "--no-unpack",
+                        str(layout)], check=True, capture_output=True)
+        archive.unlink()  # the image alone must be enough
+        try:
+            with client.pod() as pod:
+                ctr = _restore(client, pod, Path(ref))
+                assert client.count(ctr) >= counted
+        finally:
+            subprocess.run([str(ctr_bin), "--address", socket, "-n", "k8s.io", "images", "rm", ref],
+                           capture_output=True)
+    assert not _leftovers(node)
