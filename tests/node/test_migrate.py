@@ -153,7 +153,8 @@ def test_counter_keeps_its_count_on_the_other_node(hosts: tuple[Host, Host]) -> 
 
 
 def _seqs(log: str) -> list[tuple[float, int]]:
-    return [(float(t), int(s)) for t, s in re.findall(r"^(\d+\.\d+) seq=(\d+)", log, re.M)]
+    # tcpclient's own time stamp (a CRI log line has its own in front)
+    return [(float(t), int(s)) for t, s in re.findall(r"(?:^| )(\d+\.\d+) seq=(\d+)", log, re.M)]
 
 
 @contextlib.contextmanager
@@ -175,27 +176,47 @@ def _largest_gap(log: str) -> float:
     return max(b - a for a, b in zip(times, times[1:], strict=False))
 
 
+@dataclass(frozen=True)
+class Client:
+    text: Callable[[], str]  # its output so far
+    alive: Callable[[], bool]
+
+
+@contextlib.contextmanager
+def _client(where: str, b: Host, ip: str, log: Path) -> Iterator[Client]:
+    """A TCP client outside both nodes (the router's namespace) or in a pod of node B."""
+    if where == "router":
+        with _client_on_router(ip, log) as proc:
+            yield Client(log.read_text, lambda: proc.poll() is None)
+        return
+    with b.cri.pod() as pod:
+        ctr = b.cri.container(pod, ["/usr/local/bin/tcpclient"], {"HOST": ip, "PORT": "7000", "INTERVAL_MS": "20",
+                                                                   "REPLY_TIMEOUT_MS": "60000"}, name="client")
+        yield Client(lambda: b.cri.log(ctr), lambda: b.cri.state(ctr) == "CONTAINER_RUNNING")
+
+
+# The client outside both nodes sees the route move on the router; the client in a pod of node B
+# sees the server arrive on its own node (reached through B's /32 route), then leave it again.
+@pytest.mark.parametrize("where", ["router", "pod on node B"])
 def test_tcp_client_keeps_its_connection_as_the_server_moves_a_to_b_and_back(
-        hosts: tuple[Host, Host], tmp_path: Path) -> None:
+        hosts: tuple[Host, Host], tmp_path: Path, where: str) -> None:
     a, b = hosts
-    log = tmp_path / "client.log"
     with contextlib.ExitStack() as stack:
-        pod_a = a.cri.pod(TCP)
         source_pod = stack.enter_context(contextlib.ExitStack())
-        first_pod = source_pod.enter_context(pod_a)
+        first_pod = source_pod.enter_context(a.cri.pod(TCP))
         ip = _pod_ip(a, first_pod)
         server = a.cri.container(first_pod, ["/usr/local/bin/tcpserver"], {"PORT": "7000", "BIND_ADDR": ip},
                                  name="server")
-        client = stack.enter_context(_client_on_router(ip, log))
-        wait_for(lambda: len(_seqs(log.read_text())) >= 10)
+        client = stack.enter_context(_client(where, b, ip, tmp_path / "client.log"))
+        wait_for(lambda: len(_seqs(client.text())) >= 10)
 
         pod_b = stack.enter_context(b.cri.pod(TCP))
         out = a.migrate(server, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", pod_b.id).stdout
         assert f"pod IPs {ip} now routed" in out
         assert f"{ip} via {b.env['HOST_IP']}" in _router_routes()
-        before = _seqs(log.read_text())[-1][1]
-        wait_for(lambda: _seqs(log.read_text())[-1][1] >= before + 10, timeout=60)
-        gap_ab = _largest_gap(log.read_text())
+        before = _seqs(client.text())[-1][1]
+        wait_for(lambda: _seqs(client.text())[-1][1] >= before + 10, timeout=60)
+        gap_ab = _largest_gap(client.text())
         on_b = b.container_in(pod_b)
         assert f"inet {ip}/32" in b.cri.exec(on_b, "ip", "-4", "addr", "show", "eth0")
 
@@ -203,16 +224,16 @@ def test_tcp_client_keeps_its_connection_as_the_server_moves_a_to_b_and_back(
         pod_a2 = stack.enter_context(a.cri.pod(TCP))
         b.migrate(on_b, "--to", a.env["MIGRATE_ADDRESS"], "--to-pod", f"tests/{pod_a2.config.metadata.name}")
         assert f"{ip} via {a.env['HOST_IP']}" in _router_routes()
-        before = _seqs(log.read_text())[-1][1]
-        wait_for(lambda: _seqs(log.read_text())[-1][1] >= before + 10, timeout=60)
-        text = log.read_text()
+        before = _seqs(client.text())[-1][1]
+        wait_for(lambda: _seqs(client.text())[-1][1] >= before + 10, timeout=60)
+        text = client.text()
         assert text.count("connected ") == 1 and "error" not in text and "reconnect" not in text, text[-2000:]
-        assert client.poll() is None  # never reset
+        assert client.alive()  # never reset
         counts = [int(c) for c in re.findall(r"reply=conn=(\d+)", text)]
         assert counts == sorted(counts) and len(set(counts)) == len(counts)  # one server state throughout
         back = a.container_in(pod_a2)
         assert a.cri.state(back) == "CONTAINER_RUNNING"
-        print(f"largest client gap: A->B {gap_ab:.2f} s, overall {_largest_gap(text):.2f} s")
+        print(f"client in {where}: largest gap A->B {gap_ab:.2f} s, overall {_largest_gap(text):.2f} s")
 
 
 def test_refused_before_anything_stops(hosts: tuple[Host, Host]) -> None:
