@@ -355,3 +355,21 @@ def test_a_failed_transfer_keeps_the_checkpoint_and_a_retry_completes_it(hosts: 
         assert "migrated to container" in out and not kept.exists()
         moved = b.container_in(retry_pod)
         assert b.cri.count(moved) >= 10
+
+
+def test_a_node_whose_subnet_is_taken_on_the_fabric_is_refused_and_leaves_nothing(
+        hosts: tuple[Host, Host], tmp_path: Path) -> None:
+    a, _ = hosts
+    subnet = NodeLayout(a.dir).subnet
+    clash = next(d for d in (tmp_path / f"n{i}" for i in range(10_000)) if NodeLayout(d).subnet == subnet)
+    netns_before = set(Path("/run/netns").iterdir())
+    links_before = subprocess.run(["ip", "-n", f"csr-{FABRIC}", "-o", "link"], capture_output=True, text=True).stdout
+    proc = criu_shim("node", "up", "--dir", str(clash), "--fabric", FABRIC, check=False)
+    assert proc.returncode == 1 and f"pod subnet {subnet}" in proc.stderr and "already routed" in proc.stderr
+    assert set(Path("/run/netns").iterdir()) == netns_before
+    assert subprocess.run(["ip", "-n", f"csr-{FABRIC}", "-o", "link"], capture_output=True,
+                          text=True).stdout == links_before
+    assert not (Path("/run/criu-shim") / NodeLayout(clash).tag).exists()
+    criu_shim("node", "down", "--dir", str(clash), "--purge")
+    with a.cri.pod() as pod:  # the node already there is untouched
+        assert _pod_ip(a, pod)
