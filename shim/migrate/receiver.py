@@ -213,6 +213,7 @@ async def _restore(settings: ReceiverSettings, runtime: Runtime, migration: _Mig
         await _claim(settings, pod, migration.addresses)
     except ShimError:
         await runtime.remove(container_id)
+        archive.unlink(missing_ok=True)  # the source keeps its copy
         raise
     return {"container_id": container_id, "archive": str(archive),
             "transfer_seconds": round(received - started, 3),

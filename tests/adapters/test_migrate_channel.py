@@ -176,3 +176,62 @@ def test_where_the_address_cannot_move_it_is_said_at_preflight(
                                              tmp_path / "hook")
     with pytest.raises(ShimError, match=error):
         receiver._check_addresses_can_move(settings, pod, ["10.234.1.7"], live)
+
+
+class _FakeRuntime:
+    """The receiver's view of its node's CRI: one pod, restores recorded, removals recorded."""
+
+    def __init__(self, pod: PodView | None, restore_error: ShimError | None = None) -> None:
+        self._pod, self._error = pod, restore_error
+        self.restored: list[Path] = []
+        self.removed: list[str] = []
+
+    async def pod_by_id(self, pod_id: str) -> PodView:
+        if self._pod is None:
+            raise ShimError("not found")
+        return self._pod
+
+    async def restore(self, pod_id: str, archive: Path, name: str, timeout: float) -> str:
+        if self._error is not None:
+            raise self._error
+        self.restored.append(archive)
+        return "ctr-1"
+
+    async def remove(self, container_id: str) -> None:
+        self.removed.append(container_id)
+
+
+def _restore_with(tmp_path: Path, runtime: _FakeRuntime, hook_exit: int) -> dict[str, object]:
+    hook = tmp_path / "hook"
+    hook.write_text(f"#!/bin/sh\necho \"hook $*\" >> {tmp_path}/hook.log\nexit {hook_exit}\n")
+    hook.chmod(0o700)
+    archives = tmp_path / "checkpoints"
+    archives.mkdir()
+    settings = receiver.ReceiverSettings("127.0.0.1:1", tmp_path / "cri.sock", archives, _settings(tmp_path).creds,
+                                         hook, idle_timeout=0.5)
+    migration = receiver._Migration(_pod({receiver.TCP_ANNOTATION: "true"}), "server", ["10.234.1.7"])
+
+    async def run() -> dict[str, object]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"a" * 4096)
+        return await receiver._restore(settings, runtime, migration, {"size": 4096}, reader)  # type: ignore[arg-type]
+
+    return asyncio.run(run())
+
+
+def test_the_address_is_claimed_only_after_the_container_runs(tmp_path: Path) -> None:
+    runtime = _FakeRuntime(_pod({receiver.TCP_ANNOTATION: "true"}))
+    reply = _restore_with(tmp_path, runtime, 0)
+    assert reply["container_id"] == "ctr-1" and len(runtime.restored) == 1
+    assert (tmp_path / "hook.log").read_text() == "hook claim 10.234.1.7 10.234.9.4\n"
+
+
+@pytest.mark.parametrize("case", ["hook fails", "restore fails", "pod deleted"])
+def test_a_failed_restore_leaves_nothing_on_the_target(tmp_path: Path, case: str) -> None:
+    pod = None if case == "pod deleted" else _pod({receiver.TCP_ANNOTATION: "true"})
+    runtime = _FakeRuntime(pod, ShimError("CRIU said no") if case == "restore fails" else None)
+    with pytest.raises(ShimError, match={"hook fails": "address hook", "restore fails": "CRIU said no",
+                                         "pod deleted": "was deleted during the migration"}[case]):
+        _restore_with(tmp_path, runtime, 1)
+    assert runtime.removed == (["ctr-1"] if case == "hook fails" else [])  # a restored container is removed
+    assert not list((tmp_path / "checkpoints").iterdir())  # and the archive that arrived
