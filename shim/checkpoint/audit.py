@@ -44,6 +44,7 @@ class AuditRecord:
     dump_s: float
     archive_s: float
     result: str
+    encryption_key_id: str = ""  # the key id a sealed archive names ("" when not encrypted); never the key
 
 
 def append(path: Path, record: AuditRecord) -> None:

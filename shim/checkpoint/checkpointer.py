@@ -344,7 +344,8 @@ class Checkpointer:
             container=target.status.metadata.name if target else "", container_id=request.container_id,
             location=request.location, size=outcome.size, duration_s=round(time.monotonic() - started, 4),
             frozen_s=round(outcome.frozen_s, 4), dump_s=round(outcome.dump_s, 4),
-            archive_s=round(outcome.archive_s, 4), result=result))
+            archive_s=round(outcome.archive_s, 4), result=result,
+            encryption_key_id=target.seal.key_id if target and target.seal else ""))
 
 
 def _signing_key(config: Config) -> SigningKey | None:

@@ -6,6 +6,7 @@ before anything is created, leaving nothing behind."""
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -115,6 +116,8 @@ def test_sealed_checkpoint_restores_and_counts_on(client: Cri, node: Node, keys:
         with pytest.raises(tarfile.TarError):
             tarfile.open(archive)  # not a tar: the memory is not readable without the key
         assert b"count=" not in archive.read_bytes()  # the container's log is sealed too
+        audit = [json.loads(line) for line in (node.dir / "logs" / "audit.log").read_text().splitlines()]
+        assert [r["encryption_key_id"] for r in audit if r["location"] == str(archive)] == [KEY_ID]
         with client.pod({} if lazy else {LAZY_PAGES: "false"}) as pod:
             ctr = _restore(client, pod, archive)
             first = client.count(ctr)
