@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import os
 import stat
@@ -202,10 +203,15 @@ class SignatureRefused(PermissionDenied):
     """A checkpoint refused for its signature: missing where required, unreadable, or not verifying."""
 
 
+# (device, inode, size, mtime in ns) of a file: what "the same bytes as verified" can be checked by.
+Identity = tuple[int, int, int, int]
+
+
 @dataclass(frozen=True)
 class Verdict:
     checked: bool  # trusted keys are configured, so a signature was looked for
     key: Path | None = None  # the trusted key that verified it; None: unsigned (and allowed)
+    identity: Identity | None = None  # of the archive file whose bytes were verified
 
     def describe(self) -> str:
         if not self.checked:
@@ -231,6 +237,10 @@ def check_file(signature: Path, digest_of_checkpoint: Callable[[], bytes], trust
                  subject)
 
 
+def identity(info: os.stat_result) -> Identity:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
 def judge(digest: bytes, der: bytes | None, where: str, trusted: Sequence[TrustedKey], required: bool,
           subject: str) -> Verdict:
     if der is None:
@@ -248,8 +258,26 @@ def judge(digest: bytes, der: bytes | None, where: str, trusted: Sequence[Truste
 
 
 def check_archive(archive: Path, trusted: Sequence[TrustedKey], required: bool, subject: str) -> Verdict:
-    """check_file with ARCHIVE.sig over the archive's bytes (read once, only when it is signed)."""
-    return check_file(signature_path(archive), lambda: archive_sha256(archive), trusted, required, subject)
+    """check_file with ARCHIVE.sig over the archive's bytes (read once, only when it is signed).
+
+    The verdict names the file it judged (`identity`), so that a reader that opens it again later
+    can tell that it still holds the bytes verified."""
+    seen: list[Identity] = []
+
+    def digest() -> bytes:
+        fd = os.open(archive, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            before = identity(os.fstat(fd))
+            digest = file_sha256(fd)
+            if identity(os.fstat(fd)) != before:
+                raise SignatureRefused(f"{subject} refused: {archive} changed while its signature was checked")
+        finally:
+            os.close(fd)
+        seen.append(before)
+        return digest
+
+    verdict = check_file(signature_path(archive), digest, trusted, required, subject)
+    return dataclasses.replace(verdict, identity=seen[0]) if seen else verdict
 
 
 def archive_sha256(archive: Path) -> bytes:

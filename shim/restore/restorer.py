@@ -63,8 +63,9 @@ from shim.restore.network import TcpRestore, addresses_to_keep, recorded_ips, ta
 from shim.restore.pending import PendingRestores
 from shim.restore.relay_processes import Relay, SparePool
 from shim.restore.selinux import selinux_enforcing
-from shim.restore.signature import verify_signature
+from shim.restore.signature import UNCHECKED, check_unchanged, verify_signature
 from shim.sealed import is_encrypted
+from shim.signing import Verdict
 
 log = logging.getLogger(__name__)
 METHOD = "/runtime.v1.RuntimeService/CreateContainer"
@@ -157,9 +158,10 @@ class Restorer:
             await self._admission.pod(request)
             archive = self._admission.source(source)
             # Before anything is created: a refused signature leaves nothing behind.
-            await asyncio.to_thread(verify_signature, self._config.signing, archive, request.config.image.image)
+            verdict = await asyncio.to_thread(verify_signature, self._config.signing, archive,
+                                              request.config.image.image)
             with self._holding(archive):
-                container_id = await self._create(request, archive, metadata, timeout)
+                container_id = await self._create(request, archive, metadata, timeout, verdict)
         except ShimError as exc:
             result = f"error: {exc.code.name}: {exc.message}"
             record_failure("restore", exc)
@@ -217,7 +219,8 @@ class Restorer:
                 self._reading[archive] = count
 
     async def _create(self, request: cri.CreateContainerRequest, source: Path | CheckpointImage,
-                      metadata: tuple[tuple[str, str], ...], timeout: float | None) -> str:
+                      metadata: tuple[tuple[str, str], ...], timeout: float | None,
+                      verdict: Verdict = UNCHECKED) -> str:
         work = self._config.restore.work_dir / uuid.uuid4().hex
         layer = work.parent / f"{work.name}.layer"
         async with AsyncExitStack() as always:
@@ -231,6 +234,7 @@ class Restorer:
                 unpack_started = time.monotonic()
                 archive_path = await self._archive_file(source, layer)
                 archive = await self._unpack(archive_path, work, lazy_wanted(request))
+                await asyncio.to_thread(check_unchanged, verdict, archive_path, source_name(source))
                 await asyncio.to_thread(check_architecture, work)
                 await self._admission.origin(request, archive.spec, source_name(source))
                 unpacked = time.monotonic() - unpack_started

@@ -9,6 +9,7 @@ against that digest when it pulled them, so no second read is needed.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from shim import oci, signing
@@ -16,6 +17,7 @@ from shim.config import SigningSettings
 from shim.restore.image import CheckpointImage
 
 log = logging.getLogger(__name__)
+UNCHECKED = signing.Verdict(checked=False)
 
 
 def verify_signature(settings: SigningSettings, source: Path | CheckpointImage, name: str) -> signing.Verdict:
@@ -30,6 +32,16 @@ def verify_signature(settings: SigningSettings, source: Path | CheckpointImage, 
         verdict = _check_image(source, trusted, settings.require_signature, subject)
     log.info("%s: signature %s", subject, verdict.describe())
     return verdict
+
+
+def check_unchanged(verdict: signing.Verdict, archive: Path, name: str) -> None:
+    """After the unpack: the archive file is still the one whose bytes were verified (same device,
+    inode, size and modification time), so what was unpacked is what was signed."""
+    if verdict.identity is None:
+        return
+    if signing.identity(os.stat(archive)) != verdict.identity:
+        raise signing.SignatureRefused(f"restore from checkpoint {name} refused: {archive} was replaced or "
+                                       "changed after its signature was verified")
 
 
 def _check_image(image: CheckpointImage, trusted: tuple[signing.TrustedKey, ...], required: bool,

@@ -282,3 +282,21 @@ def test_the_proxy_says_at_start_up_which_key_will_refuse(tmp_path: Path, key: e
     path.chmod(0o600)
     _warn_about_keys(config.parse({"signing": {"key_file": str(path)}}))
     assert caplog.text == ""
+
+
+def test_an_archive_replaced_or_changed_after_verification_is_refused(
+        tmp_path: Path, archive: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    from shim.restore.signature import check_unchanged
+
+    signing.sign_archive(archive, key)
+    settings = config.SigningSettings(None, (write_public(tmp_path / "a.pub", key),), True)
+    verdict = verify_signature(settings, archive, str(archive))
+    assert verdict.identity == signing.identity(archive.stat())
+    check_unchanged(verdict, archive, str(archive))  # untouched: fine
+
+    replacement = tmp_path / "replacement"
+    replacement.write_bytes(archive.read_bytes())  # the same bytes, another file
+    replacement.rename(archive)
+    with pytest.raises(signing.SignatureRefused, match="was replaced or changed after its signature was verified"):
+        check_unchanged(verdict, archive, str(archive))
+    check_unchanged(verify_signature(config.SigningSettings(), archive, str(archive)), archive, str(archive))
