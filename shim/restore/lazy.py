@@ -114,6 +114,11 @@ def release(work: Path) -> list[str]:
     return loopdev.release_tagged(tag(work))
 
 
+def attached(work: Path) -> list[str]:
+    """The loop devices still attached for the restore unpacked into `work`."""
+    return loopdev.tagged(tag(work))
+
+
 def release_all(work_root: Path) -> list[str]:
     """Release the loop devices of every restore under `work_root` (a node going down)."""
     return loopdev.release_tagged(tag_prefix(work_root))

@@ -105,6 +105,12 @@ def tag_of(device: str) -> str | None:
     return name[len(TAG_PREFIX):].decode(errors="replace") if name.startswith(TAG_PREFIX) else None
 
 
+def tagged(prefix: str) -> list[str]:
+    """The loop devices whose tag starts with `prefix`."""
+    devices = (f"/dev/{entry.name}" for entry in sorted(Path("/sys/block").glob("loop*")))
+    return [device for device in devices if (tag_of(device) or "\0").startswith(prefix)]
+
+
 def release_tagged(prefix: str) -> list[str]:
     """Detach every loop device whose tag starts with `prefix`; the devices released."""
     released = []

@@ -110,11 +110,16 @@ async def _undo_create(containerd: Containerd, facts: dict[str, Any], work: Path
         return [f"containerd has the container restoring from {work}: its relay owns it"]
     done: list[str] = []
     pid = _relay_pid(Path(str(facts.get(SHIMS, ""))), work)
+    devices = await asyncio.to_thread(lazy.attached, work)
     if pid is not None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)  # it releases the page daemon, devices, files and work dir itself
             done.append(f"stopped relay {pid}")
-    done += await asyncio.to_thread(_remove_restore, work, Path(str(facts.get(SHIMS, ""))), pid is None)
+    removed = await asyncio.to_thread(_remove_restore, work, Path(str(facts.get(SHIMS, ""))), pid is None)
+    # The stopped relay and we race to release its loop devices: say each one went, whoever let it go.
+    still = set(await asyncio.to_thread(lazy.attached, work))
+    done += [line for line in (f"released loop device {d}" for d in devices if d not in still) if line not in removed]
+    done += removed
     conf = criu_config(work)  # no container names it: nothing will read it
     if conf.exists():
         conf.unlink(missing_ok=True)
