@@ -70,8 +70,8 @@ class Host:
         return str(listed[0].id)
 
 
-def _up(directory: Path, log_root: Path) -> Host:
-    proc = criu_shim("node", "up", "--dir", str(directory), "--fabric", FABRIC, check=False)
+def _up(directory: Path, log_root: Path, version: str = "1.7") -> Host:
+    proc = criu_shim("node", "up", "--dir", str(directory), "--fabric", FABRIC, "--containerd", version, check=False)
     assert proc.returncode == 0, f"node up --dir {directory} --fabric {FABRIC}: {proc.stderr}"
     out = proc.stdout
     env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
@@ -87,8 +87,10 @@ def distinct_dirs(make: Callable[[str], Path]) -> list[Path]:
             return [first, second]
 
 
-@pytest.fixture(scope="module")
-def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Host, Host]]:
+# Node B on containerd 1.7, then on 2.4 (a node upgrade: containers move from the old version's node
+# to the new one's, and back).
+@pytest.fixture(scope="module", params=["1.7", "2.4"], ids=["1.7-to-1.7", "1.7-to-2.4"])
+def hosts(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[tuple[Host, Host]]:
     if os.geteuid() != 0:
         pytest.skip("node tests need root")
     before = leaks.snapshot()
@@ -96,7 +98,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Host, Host
     logs = tmp_path_factory.mktemp("pod-logs")
     up: list[Host] = []
     try:
-        up = [_up(d, logs) for d in dirs]
+        up = [_up(dirs[0], logs), _up(dirs[1], logs, request.param)]
         yield up[0], up[1]
     finally:
         for host in up:
