@@ -217,7 +217,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("push", "pull"):
         from shim import export
-        from shim.registry import Reference
+        from shim.image_reference import Reference
 
         if args.command == "push":
             print(export.push_checkpoint(args.archive, args.ref, signing_key=args.sign_key,

@@ -54,7 +54,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import tomllib
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from shim.errors import InvalidArgument
+from shim.image_reference import is_registry_host, is_repository
 from shim.policy import AdmissionSettings, parse_section
 
 DEFAULT_AUDIT_LOG = Path("/var/log/criu-shim/audit.log")
@@ -70,8 +70,6 @@ DEFAULT_RESTORE_DIR = Path("/var/lib/criu-shim/restore")
 DEFAULT_ALLOWED_DIRS = (Path("/var/lib/kubelet/checkpoints"),)
 KUBELET_CHECKPOINTS = Path("/var/lib/kubelet/checkpoints")
 DEFAULT_GC_INTERVAL = 600.0
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPOSITORY = rf"{_COMPONENT}(?:/{_COMPONENT})*"
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _BYTES = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
           "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -224,9 +222,10 @@ def _export(section: Any, origin: str) -> ExportSettings:
     if unknown:
         raise InvalidArgument(f"{origin}: unknown keys in [export]: {', '.join(sorted(unknown))}")
     registry, repository = section.get("registry"), section.get("repository", ExportSettings.repository)
-    if registry is not None and (not isinstance(registry, str) or not registry or "/" in registry):
-        raise InvalidArgument(f"{origin}: export.registry must be a registry host (HOST[:PORT])")
-    if not isinstance(repository, str) or not re.fullmatch(_REPOSITORY, repository):
+    if registry is not None and (not isinstance(registry, str) or not is_registry_host(registry)):
+        raise InvalidArgument(f"{origin}: export.registry must be a registry host (HOST[:PORT], with a dot or a "
+                              f"port, or localhost), got {registry!r}")
+    if not isinstance(repository, str) or not is_repository(repository):
         raise InvalidArgument(f"{origin}: export.repository must be a repository path (lowercase, a/b/c)")
     return ExportSettings(registry, repository)
 

@@ -1,6 +1,6 @@
 """An OCI registry, through oras-py: push and pull blobs and manifests (blocking; call it from a thread).
 
-    ref = Reference.parse("registry.example:5000/ckpt/app:1")
+    ref = Reference.parse("registry.example:5000/ckpt/app:1")  # shim.image_reference
     with RegistryClient(ref.registry) as client:
         client.push_blob(ref, path, digest, size)
         digest = client.push_manifest(ref, manifest_bytes, OCI_MANIFEST)
@@ -23,12 +23,9 @@ What we add to oras-py, and why:
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import os
-import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -40,6 +37,8 @@ import oras.utils
 import requests
 
 from shim.errors import InvalidArgument, NotFound, PermissionDenied, ShimError, Unavailable, Unknown
+from shim.image_reference import Reference as Reference  # re-exported: shim.cosign names it here
+from shim.image_reference import is_loopback, is_registry_host
 from shim.oci import INDEX_TYPES, MANIFEST_TYPES
 
 ACCEPT = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
@@ -47,75 +46,8 @@ CHUNK = 64 << 20  # one PATCH of a chunked upload
 MAX_MANIFEST = 4 << 20  # distribution's own limit on a manifest's size
 TIMEOUT = 60.0  # seconds without a byte from the registry
 
-# distribution's reference grammar
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPO_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-_HOST_RE = re.compile(r"^(?:\[[0-9a-fA-F:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]{1,5})?$")
-
-
 class RegistryError(Unknown):
     """The registry refused or failed a request; its own error text is in the message."""
-
-
-@dataclass(frozen=True)
-class Reference:
-    """HOST[:PORT]/REPO[:TAG][@DIGEST], always naming its registry (never docker.io by default)."""
-
-    registry: str
-    repository: str
-    tag: str | None = None
-    digest: str | None = None
-
-    @classmethod
-    def parse(cls, ref: str) -> Reference:
-        host, slash, rest = ref.partition("/")
-        if not slash or not ("." in host or ":" in host or host == "localhost") or not _HOST_RE.match(host):
-            raise InvalidArgument(f"image reference {ref!r} must name its registry: HOST[:PORT]/REPOSITORY[:TAG]")
-        rest, at, digest = rest.partition("@")
-        name, colon, tag = rest.rpartition(":") if ":" in rest else (rest, "", "")
-        if not colon:
-            name = rest
-        reference = cls(host, name, tag or None, digest or None)
-        if at and not digest:
-            raise InvalidArgument(f"image reference {ref!r}: empty digest")
-        reference.check()
-        if reference.tag is None and reference.digest is None:
-            return cls(host, name, "latest")
-        return reference
-
-    def check(self) -> None:
-        if not _REPO_RE.match(self.repository) or len(self.repository) > 255:
-            raise InvalidArgument(f"invalid repository name {self.repository!r} in {self}")
-        if self.tag is not None and not _TAG_RE.match(self.tag):
-            raise InvalidArgument(f"invalid tag {self.tag!r} in {self}")
-        if self.digest is not None and not _DIGEST_RE.match(self.digest):
-            raise InvalidArgument(f"invalid digest {self.digest!r} in {self} (sha256:<64 hex digits>)")
-
-    @property
-    def reference(self) -> str:
-        """What goes after /manifests/: the digest when there is one, else the tag."""
-        return self.digest or self.tag or "latest"
-
-    def with_digest(self, digest: str) -> Reference:
-        return Reference(self.registry, self.repository, self.tag, digest)
-
-    def __str__(self) -> str:
-        tag = f":{self.tag}" if self.tag else ""
-        digest = f"@{self.digest}" if self.digest else ""
-        return f"{self.registry}/{self.repository}{tag}{digest}"
-
-
-def is_loopback(registry: str) -> bool:
-    host = registry.rsplit(":", 1)[0] if not registry.endswith("]") else registry
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def docker_config_path() -> Path:
@@ -136,15 +68,6 @@ def load_docker_config(path: Path) -> dict[str, Any]:
         raise InvalidArgument(f"docker config {path} is not a JSON object")
     return {"auths": dict(data.get("auths") or {}), "credsStore": data.get("credsStore"),
             "credHelpers": dict(data.get("credHelpers") or {})}
-
-
-def sha256_file(path: Path) -> tuple[str, int]:
-    sha, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-            size += len(chunk)
-    return "sha256:" + sha.hexdigest(), size
 
 
 class _Oras(oras.provider.Registry):  # type: ignore[misc]
@@ -178,8 +101,9 @@ class RegistryClient:
     """One registry host; credentials resolved once, at the first request."""
 
     def __init__(self, registry: str, docker_config: Path | None = None) -> None:
-        if not _HOST_RE.match(registry):
-            raise InvalidArgument(f"invalid registry host {registry!r}")
+        if not is_registry_host(registry):
+            raise InvalidArgument(f"invalid registry host {registry!r} (HOST[:PORT], with a dot or a port, "
+                                  "or localhost)")
         self.registry = registry
         self.scheme = "http" if is_loopback(registry) else "https"
         self._config_path = docker_config or docker_config_path()

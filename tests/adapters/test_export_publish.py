@@ -16,7 +16,7 @@ import pytest
 from shim import app
 from shim.config import Config, ExportSettings
 from shim.export import Exporter, Pushed
-from shim.registry import Reference
+from shim.image_reference import Reference
 
 KUBELET_NAME = "checkpoint-web_shop-app-2026-12-05T00:41:02Z.tar"
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from shim.export import kubelet_reference
-from shim.registry import Reference, RegistryClient
+from shim.image_reference import Reference
+from shim.registry import RegistryClient
 from shim.restore.build_image import checkpoint_image
 from tests.node import kube, leaks
 from tests.node.kube import KubeNode, container_status, count, pod_manifest, running, wait_for

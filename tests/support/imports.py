@@ -53,6 +53,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "shim.errors", "shim.config", "shim.policy", "shim.cleanup", "shim.journal", "shim.faults", "shim.fileio", "shim.arch",
         "shim.peer", "shim.annotations", "shim.handoff", "shim.archive_layout", "shim.oci", "shim.paths_env", "shim.hosttools", "shim.metrics", "shim.fillspool", "shim.api",
         "shim.signing",
+        "shim.image_reference",  # HOST[:PORT]/REPOSITORY[:TAG][@DIGEST]: the grammar's one owner
     )),
 )
 # The development node is a harness, not product: only the CLI's `node` command may reach it.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from shim.config import ExportSettings, parse
@@ -20,9 +22,13 @@ def test_off_by_default_and_read_when_set() -> None:
     ({"registry": ""}, "export.registry must be a registry host"),
     ({"registry": "host/repo"}, "export.registry must be a registry host"),
     ({"registry": 5000}, "export.registry must be a registry host"),
+    ({"registry": "bad host!"}, "export.registry must be a registry host (HOST[:PORT], with a dot or a port, or "
+     "localhost), got 'bad host!'"),
+    ({"registry": "registry"}, "got 'registry'"),  # no dot, no port: docker would read it as a repository
+    ({"registry": "r.example:port"}, "got 'r.example:port'"),
     ({"registry": "r.example", "repository": "Upper/Case"}, "export.repository must be a repository path"),
     ({"registry": "r.example", "repository": "a//b"}, "export.repository must be a repository path"),
 ])
 def test_garbage_is_refused(section: object, text: str) -> None:
-    with pytest.raises(InvalidArgument, match=text.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(InvalidArgument, match=re.escape(text)):
         parse({"export": section})
