@@ -15,6 +15,9 @@ RESTORE_PREFIX = "restore.criu-shim.io/"
 TRUE, FALSE = "true", "false"
 # Pod or container annotation: "false" restores the container's memory before it runs.
 LAZY_PAGES = RESTORE_PREFIX + "lazy-pages"
+# On a pod `kubectl checkpoint` made (for the operator): NAMESPACE/POD/CONTAINER it came from, and the image.
+RESTORED_FROM = CHECKPOINT_PREFIX + "restored-from"
+RESTORED_IMAGE = CHECKPOINT_PREFIX + "checkpoint-image"
 
 
 def boolean(key: str, value: str, *, lenient: bool = False) -> bool:

@@ -24,7 +24,8 @@ from shim import cosign, oci, signing
 from shim.arch import go_arch
 from shim.config import ExportSettings
 from shim.errors import InvalidArgument
-from shim.registry import Reference, RegistryClient
+from shim.image_reference import Reference, is_registry_host, is_repository
+from shim.registry import RegistryClient
 from shim.restore.build_image import checkpoint_image
 from shim.sealed import Keyring
 
@@ -77,6 +78,10 @@ def pull_checkpoint(ref: str | Reference, dest: Path, docker_config: Path | None
     the manifest digest. Refuses images that are not checkpoint images (no annotation family, not
     exactly one layer)."""
     source = ref if isinstance(ref, Reference) else Reference.parse(ref)
+    if dest.exists() or dest.is_symlink():
+        raise InvalidArgument(f"{dest} exists: pull writes a new file and overwrites nothing")
+    if not dest.parent.is_dir():
+        raise InvalidArgument(f"{dest}: directory {dest.parent} does not exist")
     with RegistryClient(source.registry, docker_config) as client:
         body, media_type, digest = client.manifest(source)
         if media_type in oci.INDEX_TYPES:  # a multi-platform image: this machine's manifest, or its only one
@@ -120,6 +125,14 @@ def checkpoint_layer(body: bytes, media_type: str, name: str) -> str:
     if len(layers) != 1 or not isinstance(layers[0], dict) or layers[0].get("mediaType") not in oci.LAYER_TYPES:
         raise InvalidArgument(f"{name} is not a checkpoint image: it must have exactly one tar layer")
     return str(layers[0].get("digest", ""))
+
+
+def check_destination(registry: str, repository: str) -> None:
+    """Where kubelet checkpoints are published: a registry host and a repository path, or InvalidArgument."""
+    if not is_registry_host(registry):
+        raise InvalidArgument(f"invalid registry {registry!r}: HOST[:PORT], with a dot or a port, or localhost")
+    if not is_repository(repository):
+        raise InvalidArgument(f"invalid repository {repository!r}: lowercase path components, a/b/c")
 
 
 def kubelet_reference(archive_name: str, registry: str, repository: str = DEFAULT_REPOSITORY) -> Reference:

@@ -6,17 +6,19 @@ Installed as the console script `kubectl-checkpoint`, which kubectl runs as the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import PurePosixPath
 
-from shim.errors import InvalidArgument, ShimError
-from shim.export import DEFAULT_REPOSITORY, kubelet_reference
+from shim.errors import FailedPrecondition, InvalidArgument, ShimError
+from shim.export import DEFAULT_REPOSITORY, check_destination, kubelet_reference
+from shim.image_reference import Reference
 from shim.kubectl import plan
 from shim.kubectl.cluster import Cluster, Target
-from shim.registry import Reference, RegistryClient
+from shim.registry import RegistryClient
 
 REGISTRY_ENV = "KUBECTL_CHECKPOINT_REGISTRY"
 ACTIONS = ("restore", "migrate")
@@ -37,7 +39,7 @@ examples:
   kubectl checkpoint migrate web --to-node node-2 --registry registry.example:5000
 
 How the archive reaches the registry: criu-shim on each node publishes every kubelet checkpoint
-(config `[export] registry = "HOST:PORT"`) as REGISTRY/criu-shim/checkpoints/<pod>_<ns>-<ctr>:<time>,
+(config `[export] registry = "HOST:PORT"`) as REGISTRY/{DEFAULT_REPOSITORY}/<pod>_<ns>-<ctr>:<time>,
 derived from the archive's file name; this plugin derives the same reference. --registry (or
 ${REGISTRY_ENV}) must name that registry. Credentials for it come from $DOCKER_CONFIG/config.json or
 ~/.docker/config.json; the cluster's from KUBECONFIG / --kubeconfig and --context, as for kubectl.
@@ -50,7 +52,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--namespace", help="the pod's namespace (default: the context's, else default)")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)")
     parser.add_argument("--context", help="kubeconfig context to use")
-    parser.add_argument("--timeout", type=int, default=120, metavar="SECONDS",
+    parser.add_argument("--timeout", type=_positive(int), default=120, metavar="SECONDS",
                         help="how long the kubelet may take to checkpoint (default 120)")
 
 
@@ -66,7 +68,7 @@ def _restoring(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-verify", action="store_true",
                         help="do not look the image up in the registry from here (the node still pulls it); "
                         "the pod then names it by tag instead of digest")
-    parser.add_argument("--wait-timeout", type=float, default=180.0, metavar="SECONDS",
+    parser.add_argument("--wait-timeout", type=_positive(float), default=180.0, metavar="SECONDS",
                         help="how long to wait for the new pod to run (default 180)")
 
 
@@ -86,14 +88,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def restore_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kubectl checkpoint restore", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Restore container CONTAINER of POD into a new pod: from a checkpoint taken now, or --from the "
-        "archive path `kubectl checkpoint` printed, or --from a checkpoint image reference. The new pod copies "
-        "POD's spec and annotations, with the container's image set to the checkpoint image.")
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    def parse(value: str) -> int | float:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+        if not 0 < number < 86400:  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(f"expected seconds between 0 and 86400, got {value!r}")
+        return number
+    return parse
+
+
+def _action_parser(action: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"kubectl checkpoint {action}", description=description, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(parser)
     _restoring(parser)
+    return parser
+
+
+def restore_parser() -> argparse.ArgumentParser:
+    parser = _action_parser("restore", "Restore container CONTAINER of POD into a new pod: from a checkpoint taken "
+                            "now, or --from the archive path `kubectl checkpoint` printed, or --from a checkpoint "
+                            "image reference. The new pod copies POD's spec and annotations, with the container's "
+                            "image set to the checkpoint image.")
     parser.add_argument("--from", dest="source", metavar="ARCHIVE|IMAGE",
                         help="a kubelet archive path (its name gives the published image) or an image reference")
     parser.add_argument("--node", help="node for the new pod (default: POD's node)")
@@ -101,13 +120,9 @@ def restore_parser() -> argparse.ArgumentParser:
 
 
 def migrate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kubectl checkpoint migrate", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Move POD to node NODE: checkpoint its container, restore it into a new pod bound to NODE, "
-        "and once that pod runs delete POD (unless --keep-source). If the new pod does not run, it is deleted "
-        "and POD is left as it is.")
-    _common(parser)
-    _restoring(parser)
+    parser = _action_parser("migrate", "Move POD to node NODE: checkpoint its container, restore it into a new pod "
+                            "bound to NODE, and once that pod runs delete POD (unless --keep-source). If the new pod "
+                            "does not run, it is deleted and POD is left as it is.")
     parser.add_argument("--to-node", required=True, metavar="NODE", help="the node to move to")
     parser.add_argument("--keep-source", action="store_true", help="leave the source pod running")
     return parser
@@ -148,7 +163,7 @@ def _checkpoint(args: argparse.Namespace) -> int:
         path = cluster.checkpoint(plan.node_of(pod), target, container, args.timeout)
     finally:
         cluster.close()
-    print(path if args.output == "path" else f'{{"items": ["{path}"]}}')
+    print(path if args.output == "path" else json.dumps({"items": [path]}))
     return 0
 
 
@@ -157,8 +172,9 @@ def _restore(args: argparse.Namespace, migrate: bool) -> int:
     try:
         source = cluster.pod(target)
         container = plan.choose_container(source, args.container)
-        if args.name:
-            plan.check_name(args.name)
+        if args.name and cluster.pod_or_none(Target(target.namespace, plan.check_name(args.name))) is not None:
+            raise FailedPrecondition(f"pod {args.name} already exists in namespace {target.namespace}: "
+                                     "choose another --name")
         from_ = None if migrate else args.source
         by_archive = from_ is None or from_.startswith("/") or from_.startswith("checkpoint-")
         given = None if by_archive or from_ is None else Reference.parse(from_)
@@ -199,10 +215,12 @@ def _restore(args: argparse.Namespace, migrate: bool) -> int:
 
 
 def _published(args: argparse.Namespace, archive_name: str) -> Reference | None:
-    """The reference the node published `archive_name` under; with no name, only checks a registry is known."""
+    """The reference the node published `archive_name` under; with no name, only checks --registry and
+    --repository (before anything is checkpointed)."""
     if not args.registry:
         raise InvalidArgument(f"which registry do the nodes publish checkpoints to? Pass --registry HOST[:PORT] "
                               f"or set {REGISTRY_ENV} (the nodes' criu-shim [export] registry)")
+    check_destination(args.registry, args.repository)
     return kubelet_reference(archive_name, args.registry, args.repository) if archive_name else None
 
 

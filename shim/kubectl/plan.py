@@ -6,13 +6,11 @@ import copy
 import re
 from typing import Any
 
+from shim.annotations import RESTORED_FROM, RESTORED_IMAGE
 from shim.errors import FailedPrecondition, InvalidArgument
 
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"  # kubectl's own annotation
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
-# Marks a pod this plugin made, naming where its container came from (for the operator).
-RESTORED_FROM = "checkpoint.criu-shim.io/restored-from"
-RESTORED_IMAGE = "checkpoint.criu-shim.io/checkpoint-image"
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import pytest
 
 from shim.errors import FailedPrecondition, InvalidArgument
+from shim import annotations
 from shim.kubectl import cli, plan
 from shim.kubectl.cluster import container_state, status_message
 
@@ -145,7 +146,32 @@ def test_refusals_before_the_kubelet_call_checkpoint_nothing(api: Path, capsys: 
     assert 'node node-9: not found (HTTP 404): pods "node-9" not found' in capsys.readouterr().err
     assert cli.main(["restore", "web", "-c", "app", "--from", "no-registry:1"]) == 1
     assert "must name its registry" in capsys.readouterr().err
-    assert not [s for s in FakeApi.seen if s.startswith("POST")]
+    # A registry or repository that could never name an image, and a --name taken, are refused before the
+    # kubelet is asked: no archive on the node, no pod.
+    for flags, text in ((["--registry", "bad host!"], "invalid registry 'bad host!': HOST[:PORT]"),
+                        (["--registry", "http://r.example"], "invalid registry 'http://r.example'"),
+                        (["--registry", "r.example", "--repository", "Up/Case"], "invalid repository 'Up/Case'"),
+                        (["--registry", "r.example", "--repository", "a//b"], "invalid repository 'a//b'"),
+                        (["--registry", "r.example", "-n", "shop", "--name", "web"],
+                         "pod web already exists in namespace shop: choose another --name"),
+                        (["--registry", "r.example", "--name", "Bad_Name"], "invalid pod name 'Bad_Name'")):
+        assert cli.main(["restore", "web", "-c", "app", *flags]) == 1, flags
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and text in err and "Traceback" not in err, (flags, err)
+    assert cli.main(["restore", "web", "-c", "app", "--registry", "r.example", "--from", "checkpoint-x.tar"]) == 1
+    assert "'checkpoint-x.tar' is not a kubelet checkpoint archive name" in capsys.readouterr().err
+    for flag, value in (("--timeout", "0"), ("--timeout", "-5"), ("--timeout", "x"), ("--wait-timeout", "nan"),
+                        ("--wait-timeout", "inf"), ("--wait-timeout", "-1")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["restore", "web", "-c", "app", "--registry", "r.example", flag, value])
+        assert exit_.value.code == 2 and f"argument {flag}: expected" in capsys.readouterr().err
+    assert not [s for s in FakeApi.seen if s.startswith("POST")] and not FakeApi.created
+
+
+def test_json_output_is_json_whatever_the_path(api: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    FakeApi.checkpoint = (200, json.dumps({"items": ['/var/lib/kubelet/checkpoints/a "b"\\c.tar']}))
+    assert cli.main(["web", "-c", "app", "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"items": ['/var/lib/kubelet/checkpoints/a "b"\\c.tar']}
 
 
 def test_restore_from_an_archive_path_names_the_image_the_node_published(
@@ -196,8 +222,8 @@ def test_an_unreachable_server_or_kubeconfig_is_one_line(tmp_path: Path, monkeyp
 def test_restore_pod_copies_spec_and_annotations_not_labels() -> None:
     pod = plan.restore_pod(POD, "app", "r.example/c:1@sha256:" + "a" * 64, "web-copy", "node-2")
     assert pod["metadata"] == {"name": "web-copy", "namespace": "shop", "annotations": {
-        "checkpoint.criu-shim.io/tcp-established": "true", plan.RESTORED_FROM: "shop/web/app",
-        plan.RESTORED_IMAGE: "r.example/c:1@sha256:" + "a" * 64}}
+        "checkpoint.criu-shim.io/tcp-established": "true", annotations.RESTORED_FROM: "shop/web/app",
+        annotations.RESTORED_IMAGE: "r.example/c:1@sha256:" + "a" * 64}}
     assert pod["spec"]["nodeName"] == "node-2" and "hostname" not in pod["spec"]
     assert pod["spec"]["containers"][0]["image"].startswith("r.example/c:1@")
     assert pod["spec"]["containers"][0]["imagePullPolicy"] == "IfNotPresent"

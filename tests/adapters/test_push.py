@@ -22,10 +22,11 @@ from shim import export
 from shim.arch import go_arch
 from shim.checkpoint.archive import Member, write_archive
 from shim.errors import InvalidArgument, NotFound, Unavailable
+from shim.image_reference import Reference, is_loopback
 from shim.node import procs
 from shim.node import registry as dev_registry
 from shim.oci import CRIO_PREFIX, CRIU_PREFIX, OCI_INDEX, OCI_LAYER_TAR, OCI_MANIFEST
-from shim.registry import Reference, RegistryClient, is_loopback
+from shim.registry import RegistryClient
 from shim.restore.build_image import checkpoint_image
 
 with warnings.catch_warnings():  # crypt (deprecated, in 3.11 still): bcrypt for distribution's htpasswd
@@ -190,6 +191,42 @@ def test_bad_input_is_refused_before_any_request(tmp_path: Path) -> None:
     garbage.write_bytes(b"not a tar" * 10)
     done = _cli("push", str(garbage), "127.0.0.1:1/a:1")
     assert done.returncode == 1 and "is not a readable checkpoint archive" in done.stderr
+
+
+def _repositories(registry: str) -> list[str]:
+    import requests
+
+    listed: list[str] = requests.get(f"http://{registry}/v2/_catalog", timeout=10).json()["repositories"]
+    return listed
+
+
+def test_garbage_leaves_nothing_in_the_registry_or_on_disk(registry: str, tmp_path: Path) -> None:
+    """Each refusal names its cause, sends nothing (no blob, no tag: the catalog lists no new repository)
+    and writes nothing (no OUT, no temporary file)."""
+    archive = _archive(tmp_path / "ckpt.tar", pages=1)
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"not a tar" * 10)
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(archive.read_bytes()[:1500])
+    before = _repositories(registry)
+    for args, text in ((["push", str(garbage), f"{registry}/junk/garbage:1"], "is not a readable checkpoint archive"),
+                       (["push", str(truncated), f"{registry}/junk/truncated:1"], "truncated.tar"),
+                       (["push", str(tmp_path / "none.tar"), f"{registry}/junk/none:1"], "No such file"),
+                       (["push", str(tmp_path), f"{registry}/junk/dir:1"], "Is a directory"),
+                       (["push", str(archive), f"{registry}/junk/d@sha256:" + "a" * 64], "push to a tag, not a digest"),
+                       (["push", str(archive), f"{registry}/junk/x:bad:tag"], "invalid repository name"),
+                       (["pull", f"{registry}/junk/x:1", str(tmp_path / "no-dir" / "out.tar")], "does not exist"),
+                       (["pull", f"{registry}/junk/x:1", str(tmp_path / "out.tar")], "HTTP 404")):
+        done = _cli(*args, env={"TMPDIR": str(tmp_path)})
+        assert done.returncode == 1 and text in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+        assert done.stderr.count("\n") == 1, done.stderr
+    assert _repositories(registry) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.tar", "garbage.tar", "truncated.tar"]
+    # An existing OUT is never touched, and refused before the registry is asked.
+    kept = tmp_path / "kept.tar"
+    kept.write_bytes(b"mine")
+    done = _cli("pull", f"127.0.0.1:{dev_registry.free_port()}/a:1", str(kept))
+    assert done.returncode == 1 and f"{kept} exists" in done.stderr and kept.read_bytes() == b"mine"
 
 
 def test_a_registry_that_is_down_fails_at_once(tmp_path: Path) -> None:
