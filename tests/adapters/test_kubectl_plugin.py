@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-from shim.errors import FailedPrecondition, InvalidArgument
 from shim import annotations
+from shim.errors import FailedPrecondition, InvalidArgument
 from shim.kubectl import cli, plan
 from shim.kubectl.cluster import container_state, status_message
 

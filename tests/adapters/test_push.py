@@ -23,17 +23,17 @@ from shim.arch import go_arch
 from shim.checkpoint.archive import Member, write_archive
 from shim.errors import InvalidArgument, NotFound, Unavailable
 from shim.image_reference import Reference, is_loopback
-from shim.node import procs
 from shim.node import registry as dev_registry
 from shim.oci import CRIO_PREFIX, CRIU_PREFIX, OCI_INDEX, OCI_LAYER_TAR, OCI_MANIFEST
 from shim.registry import RegistryClient
 from shim.restore.build_image import checkpoint_image
+from tests.support import registries
 
 with warnings.catch_warnings():  # crypt (deprecated, in 3.11 still): bcrypt for distribution's htpasswd
     warnings.simplefilter("ignore", DeprecationWarning)
     import crypt
 
-REGISTRY_BIN = Path(dev_registry.load_paths().get("REGISTRY_BIN", "/usr/bin/docker-registry"))
+REGISTRY_BIN = registries.REGISTRY_BIN
 pytestmark = pytest.mark.skipif(not os.access(REGISTRY_BIN, os.X_OK), reason=f"{REGISTRY_BIN} missing")
 
 
@@ -50,12 +50,8 @@ def _archive(path: Path, pages: int = 3000) -> Path:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    directory = tmp_path_factory.mktemp("registry")
-    started = dev_registry.start_registry(directory)
-    try:
-        yield started.host
-    finally:
-        dev_registry.stop_registry(directory)
+    with registries.plain(tmp_path_factory.mktemp("registry")) as host:
+        yield host
 
 
 @pytest.fixture(scope="module")
@@ -63,30 +59,9 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A registry with htpasswd auth (user `ckpt`, password `s3cret`): distribution answers Basic challenges."""
     directory = tmp_path_factory.mktemp("auth-registry")
     (directory / "htpasswd").write_text(f"ckpt:{crypt.crypt('s3cret', crypt.mksalt(crypt.METHOD_BLOWFISH))}\n")
-    port = dev_registry.free_port()
-    config = dev_registry.render_config(directory / "storage", port, "x").replace(
-        "http:", f"auth:\n  htpasswd:\n    realm: test\n    path: {json.dumps(str(directory / 'htpasswd'))}\nhttp:", 1)
-    (directory / "config.yml").write_text(config)
-    pid = procs.spawn([str(REGISTRY_BIN), "serve", str(directory / "config.yml")], directory / "registry.log",
-                      directory / "registry.pid")
-    try:
-        assert procs.wait_until(lambda: _answers(port), 30.0, 0.05), (directory / "registry.log").read_text()
-        yield f"127.0.0.1:{port}"
-    finally:
-        procs.stop(pid, timeout=10.0)
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
-
-
-def _answers(port: int) -> bool:
-    import requests
-
-    try:
-        return requests.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 401
-    except requests.RequestException:
-        return False
+    auth = f"  htpasswd:\n    realm: test\n    path: {registries.yaml_string(str(directory / 'htpasswd'))}"
+    with registries.with_auth(directory, auth, "Basic") as host:
+        yield host
 
 
 def _docker_config(directory: Path, host: str, user: str, password: str) -> Path:
@@ -140,6 +115,8 @@ def test_credentials_come_from_docker_config(auth_registry: str, tmp_path: Path)
     bad = _docker_config(tmp_path / "bad", auth_registry, "ckpt", "wrong")
     refused = _cli("push", str(archive), f"{auth_registry}/secure/ckpt:2", env={"DOCKER_CONFIG": str(bad)})
     assert refused.returncode == 1 and "HTTP 401" in refused.stderr and "Traceback" not in refused.stderr
+    for secret in ("wrong", base64.b64encode(b"ckpt:wrong").decode()):  # credentials are never shown
+        assert secret not in refused.stderr + refused.stdout
     none = _cli("push", str(archive), ref, env={"DOCKER_CONFIG": str(tmp_path / "empty")})
     assert none.returncode == 1 and "asks for a user name and password" in none.stderr
     assert str(tmp_path / "empty" / "config.json") in none.stderr

@@ -19,7 +19,6 @@ from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,10 +27,9 @@ from cryptography.x509.oid import NameOID
 
 from shim import export
 from shim.errors import PermissionDenied
-from shim.node import procs
-from shim.node import registry as dev_registry
 from shim.restore.build_image import checkpoint_image
 from tests.adapters.test_push import REGISTRY_BIN, _archive, _docker_config
+from tests.support import registries
 
 pytestmark = pytest.mark.skipif(not os.access(REGISTRY_BIN, os.X_OK), reason=f"{REGISTRY_BIN} missing")
 
@@ -94,33 +92,15 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     TokenService.granted = []
     tokens = ThreadingHTTPServer(("127.0.0.1", 0), TokenService)
     threading.Thread(target=tokens.serve_forever, daemon=True).start()
-    port = dev_registry.free_port()
-    auth = (f"auth:\n  token:\n    realm: \"http://127.0.0.1:{tokens.server_port}/token\"\n"
+    auth = (f"  token:\n    realm: \"http://127.0.0.1:{tokens.server_port}/token\"\n"
             f"    service: {SERVICE}\n    issuer: {ISSUER}\n"
-            f"    rootcertbundle: {json.dumps(str(directory / 'root.pem'))}\nhttp:")
-    (directory / "config.yml").write_text(
-        dev_registry.render_config(directory / "storage", port, "x").replace("http:", auth, 1))
-    pid = procs.spawn([str(REGISTRY_BIN), "serve", str(directory / "config.yml")], directory / "registry.log",
-                      directory / "registry.pid")
+            f"    rootcertbundle: {registries.yaml_string(str(directory / 'root.pem'))}")
     try:
-        assert procs.wait_until(lambda: _challenges(port), 30.0, 0.05), (directory / "registry.log").read_text()
-        yield f"127.0.0.1:{port}"
+        with registries.with_auth(directory, auth, "Bearer") as host:
+            yield host
     finally:
-        procs.stop(pid, timeout=10.0)
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
         tokens.shutdown()
         tokens.server_close()
-
-
-def _challenges(port: int) -> bool:
-    try:
-        answer = requests.get(f"http://127.0.0.1:{port}/v2/", timeout=1)
-    except requests.RequestException:
-        return False
-    return answer.status_code == 401 and answer.headers.get("WWW-Authenticate", "").startswith("Bearer")
 
 
 def test_push_and_pull_with_token_auth(token_registry: str, tmp_path: Path) -> None:
