@@ -13,6 +13,7 @@ from typing import Any
 
 import urllib3
 from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from shim.errors import (
@@ -80,6 +81,11 @@ class Cluster:
             raise Unavailable(f"cannot reach the API server {self.server}: {reason}") from None
         except urllib3.exceptions.HTTPError as exc:
             raise Unavailable(f"cannot reach the API server {self.server}: {exc}") from None
+        except ApiException as exc:  # the client's own: a TLS failure without retries (status 0), a 429 given up
+            if not exc.status:
+                raise Unavailable(f"cannot reach the API server {self.server}: {' '.join(str(exc.reason).split())}") \
+                    from None
+            raise api_error(int(exc.status), str(exc.body or exc.reason or "").encode(), what or path) from None
         return int(response.status), bytes(response.read() or b"")
 
     def json(self, method: str, path: str, body: Any = None, what: str = "") -> dict[str, Any]:
@@ -120,10 +126,12 @@ class Cluster:
     def events(self, target: Target) -> list[str]:
         query = {"fieldSelector": f"involvedObject.name={target.pod},involvedObject.kind=Pod"}
         status, data = self.request("GET", f"/api/v1/namespaces/{_path(target.namespace)}/events", query=query)
-        if status != 200:
+        try:
+            items = json.loads(data).get("items") or [] if status == 200 else []
+        except (ValueError, AttributeError):  # only a hint for a timeout's message: none rather than a crash
             return []
-        items = json.loads(data).get("items") or []
-        return [f"{e.get('reason', '')}: {e.get('message', '')}" for e in items if e.get("type") == "Warning"]
+        return [f"{e.get('reason', '')}: {e.get('message', '')}" for e in items
+                if isinstance(e, dict) and e.get("type") == "Warning"]
 
     def checkpoint(self, node: str, target: Target, container: str, timeout: int) -> str:
         """The kubelet checkpoint API through the API server's node proxy; the archive's path on the node."""

@@ -217,6 +217,18 @@ def test_an_unreachable_server_or_kubeconfig_is_one_line(tmp_path: Path, monkeyp
     assert "cannot load kubeconfig" in capsys.readouterr().err
 
 
+def test_tls_to_a_plain_http_server_is_one_line(api: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    config = json.loads(api.read_text())
+    config["clusters"][0]["cluster"] = {"server": config["clusters"][0]["cluster"]["server"].replace("http:", "https:"),
+                                        "insecure-skip-tls-verify": True}
+    api.write_text(json.dumps(config))
+    assert cli.main(["web"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot reach the API server https://127.0.0.1:") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
 # ---------------------------------------------------------------- pure parts
 
 def test_restore_pod_copies_spec_and_annotations_not_labels() -> None:
