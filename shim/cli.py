@@ -88,7 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Builds the checkpoint image of ARCHIVE (as checkpoint-image does) and pushes "
                           "it as REF, blobs first, manifest last; prints REF@DIGEST. Credentials come from "
                           "$DOCKER_CONFIG/config.json, else ~/.docker/config.json; loopback registries are plain "
-                          "HTTP, all others HTTPS.")
+                          "HTTP, all others HTTPS.",
+                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""\
+examples:
+  criu-shim push /var/lib/kubelet/checkpoints/checkpoint-web_shop-app-2026-12-05T00:41:02Z.tar \\
+      registry.example:5000/ckpt/web:1      # prints registry.example:5000/ckpt/web:1@sha256:...
+  criu-shim push ckpt.tar registry.example:5000/ckpt/web:1 --sign-key /etc/criu-shim/signing.key
+  DOCKER_CONFIG=/etc/criu-shim/docker criu-shim push ckpt.tar registry.example/team/web:1   # its config.json
+""")
     push.add_argument("archive", type=Path, help="checkpoint archive (uncompressed tar)")
     push.add_argument("ref", metavar="REF", help="HOST[:PORT]/REPOSITORY[:TAG]")
     push.add_argument("--sign-key", type=Path, metavar="KEY",
@@ -98,7 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="criu-shim TOML config: its [encryption] keys read an encrypted archive's names")
     pull = sub.add_parser("pull", help="fetch the archive of a checkpoint image from a registry",
                           description="Writes the one layer of checkpoint image REF (the checkpoint archive) to OUT "
-                          "(0600, must not exist); prints REF@DIGEST.")
+                          "(0600, must not exist); prints REF@DIGEST. A multi-platform index gives this machine's "
+                          "linux manifest. Credentials as for push.",
+                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""\
+examples:
+  criu-shim pull registry.example:5000/ckpt/web:1 web.tar
+  criu-shim pull registry.example:5000/ckpt/web@sha256:<64 hex digits> web.tar   # exactly that image
+""")
     pull.add_argument("ref", metavar="REF", help="HOST[:PORT]/REPOSITORY[:TAG|@DIGEST]")
     pull.add_argument("out", type=Path, metavar="OUT", help="where to write the archive")
 

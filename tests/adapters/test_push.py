@@ -228,3 +228,9 @@ def test_references_and_kubelet_names() -> None:
         "2026-01-01T01-02-03_01-00"
     with pytest.raises(InvalidArgument, match="not a kubelet checkpoint archive name"):
         export.kubelet_reference("checkpoint-../x.tar", "r.example")
+
+
+def test_help_shows_examples() -> None:
+    for command in ("push", "pull"):
+        done = _cli(command, "--help")
+        assert done.returncode == 0 and "examples:" in done.stdout and f"criu-shim {command} " in done.stdout
