@@ -47,7 +47,7 @@ class Pushed:
     @property
     def pinned(self) -> Reference:
         """ref@digest: what a restore pod should name to get exactly this image."""
-        return Reference(self.ref.registry, self.ref.repository, self.ref.tag, self.digest)
+        return self.ref.with_digest(self.digest)
 
 
 def push_checkpoint(archive: Path, ref: str | Reference, docker_config: Path | None = None,

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import requests
 
 from shim import app
 from shim.config import Config, ExportSettings
 from shim.export import Exporter, Pushed
 from shim.image_reference import Reference
+from tests.support import registries
 
 KUBELET_NAME = "checkpoint-web_shop-app-2026-12-05T00:41:02Z.tar"
 
@@ -35,7 +38,21 @@ def test_a_failed_push_is_logged_not_raised(tmp_path: Path, caplog: pytest.LogCa
     archive = tmp_path / KUBELET_NAME
     archive.write_bytes(b"not a tar")
     asyncio.run(_publisher()(archive, 10.0))
-    assert f"checkpoint {archive} not published to 127.0.0.1:1" in caplog.text
+    assert f"checkpoint {archive} not published to 127.0.0.1:1: " in caplog.text
+    assert "is not a readable checkpoint archive" in caplog.text and "Traceback" not in caplog.text
+
+
+@pytest.mark.skipif(not os.access(registries.REGISTRY_BIN, os.X_OK), reason=f"{registries.REGISTRY_BIN} missing")
+def test_a_garbage_archive_leaves_the_registry_as_it_was(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with registries.plain(tmp_path / "registry") as host:
+        for garbage in (b"not a tar", b"\0" * 10240, b"x" * 700):
+            archive = tmp_path / KUBELET_NAME
+            archive.write_bytes(garbage)
+            asyncio.run(_publisher(host)(archive, 10.0))
+            assert f"checkpoint {archive} not published to {host}: " in caplog.text
+            caplog.clear()
+        catalog = requests.get(f"http://{host}/v2/_catalog", timeout=10).json()
+    assert catalog["repositories"] == []  # no blob, no manifest, no tag
 
 
 def test_other_names_are_not_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
