@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch the pinned Debian packages that ship the vendor .proto files (CRI, containerd, gogo),
+# Fetch the pinned Debian packages that ship the vendor .proto files (CRI, containerd, gogo, cgroups),
 # verify their sha256 and extract the .proto files into vendor-protos/src/<go import path>.
 #
 #   scripts/fetch-protos.sh               idempotent: does nothing when src/ matches the lock

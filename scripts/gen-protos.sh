@@ -13,6 +13,8 @@
 #   github.com/containerd/containerd/third_party/k8s.io/cri-api/pkg/apis/runtime/v1alpha2/
 #                                                     -> shim/api/cri/v1alpha2/
 #   github.com/gogo/protobuf/gogoproto/               -> shim/api/gogoproto/
+#   github.com/containerd/cgroups/ (cgroup1|cgroup2/stats/metrics.proto: a task's Stats)
+#                                                     -> shim/api/cgroups/
 #   github.com/containerd/containerd/api/             -> shim/api/containerd/
 #   github.com/containerd/containerd/ (runc options, runtime/v1 shim, runctypes, pkg/...)
 #                                                     -> shim/api/containerd/
@@ -50,6 +52,7 @@ RULES = [
     ("github.com/containerd/containerd/third_party/k8s.io/cri-api/pkg/apis/runtime/v1alpha2/",
      "shim/api/cri/v1alpha2/"),
     ("github.com/gogo/protobuf/gogoproto/", "shim/api/gogoproto/"),
+    ("github.com/containerd/cgroups/", "shim/api/cgroups/"),
     ("github.com/containerd/containerd/api/", "shim/api/containerd/"),
     ("github.com/containerd/containerd/", "shim/api/containerd/"),
 ]
