@@ -24,13 +24,14 @@ from shim.ttrpc.messages import (
     encode_request,
     encode_response,
 )
-from shim.ttrpc.relay import RelayServer, Rewrite, relay, serve_relay
+from shim.ttrpc.relay import Answer, RelayServer, Rewrite, relay, serve_relay
 from shim.ttrpc.splice import RewriteRequested, Splice
 from shim.ttrpc.status import OK, Code, Status
 
 __all__ = [
     "MAX_DATA_LENGTH",
     "OK",
+    "Answer",
     "Client",
     "Code",
     "Connection",

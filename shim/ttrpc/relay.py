@@ -4,7 +4,9 @@ containerd talks to the task through our socket; each connection it opens is
 spliced (`shim.ttrpc.splice`) to a connection of its own to the upstream
 ttrpc server (containerd-shim-runc-v2). Frames pass through unchanged, except
 Requests the caller chose to rewrite: `rewrite(service, method, payload)`
-returns the payload sent upstream in its place, under the same stream id.
+returns the payload sent upstream in its place, under the same stream id, or
+an `Answer`: the reply the relay sends containerd itself (upstream never sees
+that request).
 
 The error edge is here: a `ShimError` from `rewrite` answers that stream with
 its code and message; anything else answers INTERNAL with a fixed message
@@ -21,6 +23,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 from shim.errors import Code, ShimError
@@ -28,7 +31,15 @@ from shim.peer import credentials
 from shim.ttrpc.splice import RewriteRequested, Splice
 from shim.ttrpc.status import Status
 
-Rewrite = Callable[[str, str, bytes], Awaitable[bytes]]
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What a rewrite returns to answer a request itself: `payload` is the successful reply."""
+
+    payload: bytes
+
+
+Rewrite = Callable[[str, str, bytes], Awaitable[bytes | Answer]]
 
 INTERNAL_MESSAGE = "criu-shim: internal error (details are in the criu-shim log)"
 _READ_SIZE = 256 << 10
@@ -120,7 +131,10 @@ class _Link:
         except Exception:
             self._unexpected(event)
         else:
-            self.splice.forward(event.stream_id, payload)
+            if isinstance(payload, Answer):
+                self.splice.answer(event.stream_id, payload.payload)
+            else:
+                self.splice.forward(event.stream_id, payload)
         finally:
             self.rewrites.pop(event.stream_id, None)
         self.flush()

@@ -3,7 +3,8 @@
 Bytes go in through `receive_from_client` and `receive_from_upstream`; bytes
 come out of `data_for_upstream` and `data_for_client`; requests the relay's
 user wants to rewrite come out of `next_event`, and go back in through
-`forward` (with the new payload) or `fail` (answered here, never sent on).
+`forward` (with the new payload), `answer` (a successful Response made here)
+or `fail` (an error Response made here); answered ones are never sent on.
 
 Theory of operation. Frames are relayed whole and unchanged, as the exact
 bytes they arrived as; the only frames decoded are Requests (to learn the
@@ -40,12 +41,12 @@ from shim.ttrpc.messages import (
     encode_response,
     replace_payload,
 )
-from shim.ttrpc.status import Status
+from shim.ttrpc.status import OK, Status
 
 
 @dataclass(frozen=True, slots=True)
 class RewriteRequested:
-    """A Request the user chose to rewrite; answer with `Splice.forward` or `Splice.fail`."""
+    """A Request the user chose to rewrite; end it with `Splice.forward`, `Splice.answer` or `Splice.fail`."""
 
     stream_id: int
     request: Request
@@ -122,14 +123,18 @@ class Splice:
         held.out, held.done = out, True
         self._release()
 
+    def answer(self, stream_id: int, payload: bytes) -> None:
+        """Answer a held Request here with success and `payload` as its reply; upstream never sees it."""
+        try:
+            frame = _response_frame(stream_id, payload, OK)
+        except ShimError as exc:  # a reply over the frame limit: the error the peer would send
+            self.fail(stream_id, Status.of(exc))
+            return
+        self._end_here(stream_id, frame)
+
     def fail(self, stream_id: int, status: Status) -> None:
         """Answer a held Request here with an error `status`; upstream never sees it."""
-        held = self._held.pop(stream_id, None)
-        if held is None:
-            return
-        held.done = True
-        self._answer(stream_id, status)
-        self._release()
+        self._end_here(stream_id, _response_frame(stream_id, b"", status))
 
     @property
     def busy(self) -> bool:
@@ -172,6 +177,19 @@ class Splice:
                 self._to_upstream.append(item)
             self._queue.popleft()
 
+    def _end_here(self, stream_id: int, response: bytes) -> None:
+        held = self._held.pop(stream_id, None)
+        if held is None:
+            return
+        held.done = True
+        self._in_flight.discard(stream_id)
+        self._to_client.append(response)
+        self._release()
+
     def _answer(self, stream_id: int, status: Status) -> None:
         self._in_flight.discard(stream_id)
-        self._to_client.append(encode_frame(stream_id, MessageType.RESPONSE, 0, encode_response(b"", status)))
+        self._to_client.append(_response_frame(stream_id, b"", status))
+
+
+def _response_frame(stream_id: int, payload: bytes, status: Status) -> bytes:
+    return encode_frame(stream_id, MessageType.RESPONSE, 0, encode_response(payload, status))

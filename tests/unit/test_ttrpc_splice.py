@@ -177,3 +177,39 @@ def test_request_ids_upstream_always_increase() -> None:
             rig.answer(stream_id, b"ok")
     assert not any(isinstance(e, StreamRejected) for e in rig.seen_upstream())
     assert len(rig.seen_by_client()) == 5 + sum(range(5))
+
+
+def test_answered_request_gets_the_reply_made_here_and_never_reaches_upstream() -> None:
+    rig = Rig("Stats")
+    stats = rig.call("Stats", b"id")
+    later = rig.call("State")
+    assert rig.seen_upstream() == []  # held behind the Stats
+    rig.splice.answer(stats, b"figures")
+    rig.pump()
+    assert rig.seen_by_client() == [ResponseReceived(stats, Code.OK, "", b"figures")]
+    assert [e.stream_id for e in rig.seen_upstream()] == [later]  # type: ignore[attr-defined]
+    assert rig.splice.busy  # the State is still upstream's
+    rig.answer(later, b"state")
+    assert not rig.splice.busy
+    rig.splice.answer(stats, b"twice")  # already answered: nothing happens
+    rig.splice.forward(stats, b"too late")
+    assert rig.splice.data_for_upstream() == [] and rig.splice.data_for_client() == []
+
+
+def test_answer_is_byte_identical_to_the_upstream_server_s_own() -> None:
+    made_here, from_server = Rig("Stats"), Rig()
+    made_here.splice.answer(made_here.call("Stats"), b"\x0a\x02hi")
+    made_here.pump()
+    from_server.answer(from_server.call("Stats"), b"\x0a\x02hi")
+    assert made_here.down_bytes == from_server.down_bytes  # a success carries no status field, as Go's
+
+
+def test_oversized_answer_fails_the_call() -> None:
+    rig = Rig("Stats")
+    stats = rig.call("Stats")
+    rig.splice.answer(stats, bytes(MAX_DATA_LENGTH))
+    rig.pump()
+    assert rig.up_bytes == b""
+    [answer] = rig.seen_by_client()
+    assert isinstance(answer, ResponseReceived) and answer.status_code == Code.RESOURCE_EXHAUSTED
+    assert not rig.splice.busy
