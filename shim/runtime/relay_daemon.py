@@ -32,6 +32,8 @@ from shim.runtime.bundle import restore_plan
 from shim.runtime.criu_deadline import CriuDeadline
 from shim.runtime.lazy_daemon import LOG as LAZY_LOG
 from shim.runtime.lazy_daemon import LazyPages
+from shim.runtime.task_stats import restored_task_stats
+from shim.ttrpc.relay import Answer
 
 # containerd 1.x speak task API v2 to a shim; 2.x speak v3 to a shim whose bootstrap says version 3
 # (the stock runc shim of 2.x serves v3 only). v3's messages are v2's, field for field
@@ -41,7 +43,7 @@ TASK_SERVICES = frozenset({"containerd.task.v2.Task", "containerd.task.v3.Task"}
 START_WAIT = RELAY_START_WAIT
 # The requests the relay decodes; every other frame is relayed as it came.
 METHODS = frozenset({(service, m) for service in TASK_SERVICES
-                     for m in ("Create", "Start", "Pause", "Checkpoint", "Delete")})
+                     for m in ("Create", "Start", "Pause", "Checkpoint", "Delete", "Stats")})
 log = logging.getLogger(__name__)
 
 
@@ -59,6 +61,7 @@ class RestoreRewriter:
                  note: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.plan = plan
         self.bundle = bundle
+        self.upstream: Callable[[], Path] | None = None  # the runc shim's address, once the relay knows it
         self._note = note  # records what the task is, for the reconciler should the relay die
         self.started = False  # the init process's Start went upstream
         self.lazy: LazyPages | None = None
@@ -71,9 +74,11 @@ class RestoreRewriter:
         except FailedPrecondition as exc:  # tried again at Create, whose caller sees the error
             log.warning("%s", exc.message)
 
-    async def __call__(self, service: str, method: str, payload: bytes) -> bytes:
+    async def __call__(self, service: str, method: str, payload: bytes) -> bytes | Answer:
         if service not in TASK_SERVICES:
             return payload
+        if method == "Stats" and self.upstream is not None:  # 2.x's runc shim has no cgroup for it
+            return await restored_task_stats(service, payload, self.upstream(), self.bundle)
         if method == "Create":
             return self._create(payload)
         if method == "Start":
@@ -313,6 +318,7 @@ async def _serve_hosted(listen: Path, upstream_file: Path, rewriter: RestoreRewr
     from shim.ttrpc.relay import RelayServer, upstream_listening
 
     upstream = _UpstreamAddress(upstream_file, note)
+    rewriter.upstream = upstream
     server = RelayServer(listen, upstream, rewriter, exit_when_idle=True, methods=METHODS,
                          still_needed=lambda: upstream_listening(upstream))
     loop = asyncio.get_running_loop()
@@ -338,5 +344,6 @@ async def _serve_hosted(listen: Path, upstream_file: Path, rewriter: RestoreRewr
 async def _serve(listen: Path, upstream: Path, rewriter: RestoreRewriter) -> None:
     from shim.ttrpc.relay import serve_relay, upstream_listening
 
+    rewriter.upstream = lambda: upstream
     await serve_relay(listen, upstream, rewriter, exit_when_idle=True, methods=METHODS,
                       still_needed=lambda: upstream_listening(upstream))
