@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,9 +49,12 @@ def _unix_path(value: str) -> Path:
 
 
 def _kubelet_duration(value: str) -> str:
-    if not re.fullmatch(r"[1-9][0-9]*(s|m|h)", value) or value == "1s":
-        raise argparse.ArgumentTypeError(f"expected a duration like 30s, 5m or 1h, got {value!r}")
-    return value
+    from shim.node.kube_render import check_gc_age  # the dev node's rule, spelled there
+
+    try:
+        return check_gc_age(value)
+    except ShimError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -149,6 +149,13 @@ def apiserver_argv(apiserver: Path, kube: KubeLayout, ports: Ports) -> list[str]
             "--allow-privileged=true", "--profiling=false"]
 
 
+def check_gc_age(value: str) -> str:
+    """An imageMaximumGCAge the kubelet takes and that is over the 1 s minimum age we set: 30s, 5m, 1h."""
+    if not re.fullmatch(r"[1-9][0-9]*(s|m|h)", value) or value == "1s":
+        raise InvalidArgument(f"image GC age {value!r}: a duration like 30s, 5m or 1h (over 1s)")
+    return value
+
+
 def kubelet_config(kube: KubeLayout, cri_endpoint: str, node_ip: str, port: int,
                    image_gc_max_age: str | None = None) -> str:
     """The KubeletConfiguration: criu-shim as runtime and image service, checkpoints on, cgroup v1.
@@ -182,10 +189,8 @@ def kubelet_config(kube: KubeLayout, cri_endpoint: str, node_ip: str, port: int,
         "nodeStatusUpdateFrequency": "5s",
     }
     if image_gc_max_age is not None:
-        if not re.fullmatch(r"[1-9][0-9]*(s|m|h)", image_gc_max_age) or image_gc_max_age == "1s":
-            raise InvalidArgument(f"image GC age {image_gc_max_age!r}: a duration like 30s, 5m or 1h (over 1s)")
         # The minimum age must be under the maximum; 0 would mean "unset" and default to 2 minutes.
-        config["imageMaximumGCAge"], config["imageMinimumGCAge"] = image_gc_max_age, "1s"
+        config["imageMaximumGCAge"], config["imageMinimumGCAge"] = check_gc_age(image_gc_max_age), "1s"
     return json.dumps(config, indent=2) + "\n"
 
 

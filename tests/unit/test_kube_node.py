@@ -110,3 +110,16 @@ def test_only_tables_left_with_empty_base_chains_may_be_deleted() -> None:
     assert not kubelet_host._only_empty_base_chains([base, {"rule": {"chain": "PREROUTING"}}])
     rule = {"chain": "INPUT", "handle": 7, "expr": [{"counter": None}, {"jump": {"target": "KUBE-FIREWALL"}}]}
     assert kubelet_host._jump_target(rule) == "KUBE-FIREWALL"
+
+
+def test_node_up_refuses_a_bad_gc_age_with_the_same_rule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from shim import cli
+
+    parser = cli.build_parser()
+    assert parser.parse_args(["node", "up", "--dir", str(tmp_path), "--image-gc-max-age", "5m"]).image_gc_max_age == "5m"
+    for bad in ("1s", "30", "1d"):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(["node", "up", "--dir", str(tmp_path), "--image-gc-max-age", bad])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"image GC age '{bad}': a duration like 30s, 5m or 1h" in err
+    assert not list(tmp_path.iterdir())
