@@ -12,6 +12,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import PurePosixPath
+from typing import Any
 
 from shim.errors import FailedPrecondition, InvalidArgument, ShimError
 from shim.export import DEFAULT_REPOSITORY, check_destination, kubelet_reference
@@ -175,43 +176,54 @@ def _restore(args: argparse.Namespace, migrate: bool) -> int:
         if args.name and cluster.pod_or_none(Target(target.namespace, plan.check_name(args.name))) is not None:
             raise FailedPrecondition(f"pod {args.name} already exists in namespace {target.namespace}: "
                                      "choose another --name")
-        from_ = None if migrate else args.source
-        by_archive = from_ is None or from_.startswith("/") or from_.startswith("checkpoint-")
-        given = None if by_archive or from_ is None else Reference.parse(from_)
-        if by_archive:
-            _published(args, "")  # which registry: asked before anything is checkpointed
         node = args.to_node if migrate else (args.node or plan.node_of(source))
-        cluster.node(node)  # a typo in --node is refused before anything is checkpointed
-        if given is None:
-            archive = from_ or cluster.checkpoint(plan.node_of(source), target, container, args.timeout)
-            if from_ is None:
-                print(f"checkpoint: {archive} (node {plan.node_of(source)})")
-            published = _published(args, PurePosixPath(archive).name)
-            assert published is not None
-            ref = published
-        else:
-            ref = given
+        ref = _checkpoint_image(args, cluster, source, target, container, None if migrate else args.source, node)
         image = ref if args.no_verify else _pinned(ref)
         print(f"image: {image}")
         name = args.name or _default_name(target.pod, ref)
-        manifest = plan.restore_pod(source, container, str(image), name, node, args.copy_labels)
-        cluster.create_pod(target.namespace, manifest)
+        cluster.create_pod(target.namespace, plan.restore_pod(source, container, str(image), name, node,
+                                                              args.copy_labels))
         print(f"pod/{name} created on node {node}")
-        new = Target(target.namespace, name)
-        try:
-            cluster.wait_running(new, container, args.wait_timeout)
-        except ShimError:
-            if migrate:  # nothing half-moved: the copy goes, the source stays as it was
-                cluster.delete_pod(new)
-                print(f"pod/{name} deleted; pod/{target.pod} left running", file=sys.stderr)
-            raise
-        print(f"pod/{name} running")
-        if migrate and not args.keep_source:
-            cluster.delete_pod(target)
-            print(f"pod/{target.pod} deleted")
+        _wait_for_copy(args, cluster, target, Target(target.namespace, name), container, migrate)
     finally:
         cluster.close()
     return 0
+
+
+def _checkpoint_image(args: argparse.Namespace, cluster: Cluster, source: dict[str, Any], target: Target,
+                      container: str, from_: str | None, node: str) -> Reference:
+    """The checkpoint image to restore: --from IMAGE as given, else the one the node published for
+    --from ARCHIVE or for a checkpoint taken now. Every refusal comes before that checkpoint."""
+    by_archive = from_ is None or from_.startswith("/") or from_.startswith("checkpoint-")
+    given = None if by_archive or from_ is None else Reference.parse(from_)
+    if by_archive:
+        _published(args, "")  # which registry: asked before anything is checkpointed
+    cluster.node(node)  # a typo in --node is refused before anything is checkpointed
+    if given is not None:
+        return given
+    if from_ is None:
+        from_ = cluster.checkpoint(plan.node_of(source), target, container, args.timeout)
+        print(f"checkpoint: {from_} (node {plan.node_of(source)})")
+    published = _published(args, PurePosixPath(from_).name)
+    assert published is not None  # a name was given
+    return published
+
+
+def _wait_for_copy(args: argparse.Namespace, cluster: Cluster, source: Target, copy: Target, container: str,
+                   migrate: bool) -> None:
+    """Until the copy runs; then a migration deletes the source. A migration whose copy does not run
+    deletes the copy, and the source is left as it was: nothing half-moved."""
+    try:
+        cluster.wait_running(copy, container, args.wait_timeout)
+    except ShimError:
+        if migrate:
+            cluster.delete_pod(copy)
+            print(f"pod/{copy.pod} deleted; pod/{source.pod} left running", file=sys.stderr)
+        raise
+    print(f"pod/{copy.pod} running")
+    if migrate and not args.keep_source:
+        cluster.delete_pod(source)
+        print(f"pod/{source.pod} deleted")
 
 
 def _published(args: argparse.Namespace, archive_name: str) -> Reference | None:

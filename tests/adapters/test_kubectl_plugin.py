@@ -69,6 +69,12 @@ class FakeApi(BaseHTTPRequestHandler):
         self._send(status, body, "application/json" if body.startswith("{") else "text/plain")
 
 
+    def do_DELETE(self) -> None:  # noqa: N802
+        self.seen.append(f"DELETE {self.path}")
+        gone = self.objects.pop(self.path, None)
+        self._send(200 if gone else 404, json.dumps(gone or {"kind": "Status", "code": 404}))
+
+
 @pytest.fixture
 def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     FakeApi.objects = {"/api/v1/namespaces/shop/pods/web": POD, "/api/v1/namespaces/default/pods/web": POD,
@@ -186,6 +192,23 @@ def test_restore_from_an_archive_path_names_the_image_the_node_published(
     assert pod["metadata"]["name"] == "web-20261205t004102z" and pod["spec"]["nodeName"] == "node-1"
     assert pod["spec"]["containers"][0]["image"] == image
     assert not [s for s in FakeApi.seen if "/proxy/checkpoint/" in s]  # an archive given: no new checkpoint
+
+
+def test_migrate_checkpoints_restores_and_then_deletes_the_source(
+        api: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    archive = "/var/lib/kubelet/checkpoints/checkpoint-web_shop-app-2026-12-05T00:41:02Z.tar"
+    FakeApi.checkpoint = (200, json.dumps({"items": [archive]}))
+    assert cli.main(["migrate", "web", "-c", "app", "-n", "shop", "--to-node", "node-1", "--registry",
+                     "r.example:5000", "--no-verify"]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint: {archive} (node node-1)" in out and "pod/web deleted" in out
+    (pod,) = FakeApi.created
+    assert pod["metadata"]["name"] == "web-20261205t004102z"
+    assert pod["spec"]["containers"][0]["image"] == \
+        "r.example:5000/criu-shim/checkpoints/web_shop-app:2026-12-05T00-41-02Z"
+    posts = [s for s in FakeApi.seen if s.startswith(("POST", "DELETE"))]
+    assert posts == ["POST /api/v1/nodes/node-1/proxy/checkpoint/shop/web/app?timeout=120",
+                     "POST /api/v1/namespaces/shop/pods", "DELETE /api/v1/namespaces/shop/pods/web"]
 
 
 def test_missing_flags_and_help(api: Path, capsys: pytest.CaptureFixture[str]) -> None:
