@@ -15,7 +15,8 @@ import hashlib
 import json
 
 from shim import oci, signing
-from shim.registry import Reference, RegistryClient
+from shim.image_reference import Reference
+from shim.registry import RegistryClient
 from shim.signing import SigningKey
 
 SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"

@@ -14,8 +14,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from shim import cosign, export
 from shim.errors import FailedPrecondition
+from shim.image_reference import Reference
 from shim.node import registry as dev_registry
-from shim.registry import Reference, RegistryClient
+from shim.registry import RegistryClient
 from tests.support.archives import write_checkpoint
 
 PATHS = dev_registry.load_paths()
