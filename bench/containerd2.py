@@ -113,7 +113,14 @@ def main() -> int:
         for d in dirs.values():
             subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(d), "--purge"],
                            capture_output=True)
-        shutil.rmtree(args.dir, ignore_errors=True)  # the registry's blobs and logs; the nodes are gone
+        # Only what this run made (the registry's blobs and logs, the work dir; `node down --purge` took
+        # the nodes'): --dir may name a directory that holds other things.
+        for made in (args.dir / "registry", args.dir / "work"):
+            shutil.rmtree(made, ignore_errors=True)
+        try:
+            args.dir.rmdir()
+        except OSError:
+            pass  # not empty: not ours to empty
     report(rows, args.reps)
     return 0
 
