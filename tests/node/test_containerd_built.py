@@ -165,20 +165,39 @@ def test_restored_container_survives_a_containerd_restart(built: tuple[str, Node
         assert stopped.exit_code == 0
 
 
-# Known gap, kept visible (strict: it fails loudly once fixed). The runc shim of containerd 2.x
-# loads a container's cgroup only when its init has a pid at Create (cmd/containerd-shim-runc-v2/
-# runc/container.go, NewContainer); a task created from a checkpoint gets its pid at Start, and
-# 2.x's Container.Start no longer loads it (1.7's did; Container.CgroupSet is never called). Its
-# Stats is then NOT_FOUND "cgroup does not exist", containerd's Metrics leaves the task out, and
-# CRI ContainerStats answers "unexpected metrics response: []" (ListContainerStats lists it with
-# empty figures). The same shim serves containerd's own restore; nothing on the task API makes
-# the shim load the cgroup later.
-@pytest.mark.xfail(strict=True, raises=grpc.RpcError,
-                   reason="containerd 2.x's runc shim never loads a restored task's cgroup (see comment)")
-def test_container_stats_of_a_restored_container(built: tuple[str, Node], client: Cri) -> None:
-    _, node = built
+# The runc shim of containerd 2.x loads a container's cgroup only when its init has a pid at Create
+# (cmd/containerd-shim-runc-v2/runc/container.go, NewContainer); a task created from a checkpoint gets
+# its pid at Start and 2.x's shim never loads it later, so its Stats says NOT_FOUND "cgroup does not
+# exist" and CRI's ContainerStats fails ("unexpected metrics response: []"). The restore relay answers
+# that Stats from the task's cgroup (shim.runtime.task_stats): real figures, and they move. On 1.7
+# the shim has the cgroup and its own answer is relayed; 2.1 (Debian's) has 2.x's shim.
+@pytest.mark.parametrize("version", ["2.3", "2.4", "2.1", "1.7"])
+def test_container_stats_of_a_restored_container(nodes: Nodes, version: str, tmp_path: Path) -> None:
+    node = nodes.get(version)
+    client = Cri(node.cri, tmp_path / "pod-logs")
+    try:
+        _stats_of_a_restored_container(client, node)
+    finally:
+        client.close()
+
+
+def _stats_of_a_restored_container(client: Cri, node: Node) -> None:
     archive, _ = _checkpoint_counter(client, node, 1)
     with client.pod() as pod:
         ctr = _restore(client, pod, archive)
-        stats = client.runtime.ContainerStats(cri.ContainerStatsRequest(container_id=ctr), timeout=30).stats
-        assert stats.memory.working_set_bytes.value > 0
+
+        def stats() -> cri.ContainerStats:
+            return client.runtime.ContainerStats(cri.ContainerStatsRequest(container_id=ctr), timeout=30).stats
+
+        first = stats()
+        assert first.attributes.id == ctr
+        assert first.cpu.usage_core_nano_seconds.value > 0
+        assert first.memory.usage_bytes.value > 0
+        assert 0 < first.memory.working_set_bytes.value <= first.memory.usage_bytes.value
+        # The counter keeps running: its CPU time grows (read from its cgroup at each call, not cached).
+        wait_for(lambda: stats().cpu.usage_core_nano_seconds.value > first.cpu.usage_core_nano_seconds.value)
+        listed = client.runtime.ListContainerStats(cri.ListContainerStatsRequest(
+            filter=cri.ContainerStatsFilter(pod_sandbox_id=pod.id)), timeout=30).stats
+        [mine] = [s for s in listed if s.attributes.id == ctr]
+        assert mine.cpu.usage_core_nano_seconds.value >= first.cpu.usage_core_nano_seconds.value
+        assert mine.memory.working_set_bytes.value > 0
