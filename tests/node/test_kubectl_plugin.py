@@ -187,8 +187,14 @@ def test_errors_say_what_the_cluster_said(cluster: Cluster, pods: list[str]) -> 
     assert bad_node.returncode == 1 and "node no-such-node: not found (HTTP 404)" in bad_node.stderr
     no_registry = _kubectl_checkpoint(cluster, "restore", "errs", env={"KUBECTL_CHECKPOINT_REGISTRY": ""})
     assert no_registry.returncode == 1 and "Pass --registry" in no_registry.stderr
+    bad_registry = _kubectl_checkpoint(cluster, "restore", "errs", "--registry", "bad host!")
+    assert bad_registry.returncode == 1 and "invalid registry 'bad host!'" in bad_registry.stderr
+    taken = _kubectl_checkpoint(cluster, "restore", "errs", "--registry", node.registry, "--name", "errs")
+    assert taken.returncode == 1 and "pod errs already exists in namespace default" in taken.stderr
     before = sorted(node.checkpoints_dir.glob("checkpoint-errs_*"))
     assert before == [], "refusals before the kubelet call checkpoint nothing"
+    names = node.run("get", "pods", "-o", "jsonpath={.items[*].metadata.name}").stdout.split()
+    assert [n for n in names if n.startswith("errs")] == ["errs"], names  # and create no pod
 
     # The kubelet's own 500, with its message: a container that has exited.
     pods.append("gone")
