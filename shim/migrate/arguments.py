@@ -103,12 +103,15 @@ def run(args: argparse.Namespace) -> int:
         channel.parse_address(args.to)
         result = source.run(source.MigrateRequest(
             args.container, args.to, args.to_pod, socket, args.checkpoints_dir, creds, args.address_hook,
-            args.name, args.checkpoint, args.keep_checkpoint, args.timeout, args.idle_timeout, settings.checkpoint))
+            args.name, args.checkpoint, args.keep_checkpoint, args.timeout, args.idle_timeout, settings.criu,
+            settings.checkpoint))
         print(result.lines(), flush=True)
         return 0
     from shim.migrate import receiver
 
     checkpoints = args.checkpoints_dir or (settings.restore.allowed_dirs[0] if settings.restore.allowed_dirs
                                            else Path("/var/lib/kubelet/checkpoints"))
+    from shim.migrate import compat
+
     return receiver.run(receiver.ReceiverSettings(args.listen, socket, checkpoints, creds, args.address_hook,
-                                                  args.idle_timeout))
+                                                  args.idle_timeout, criu=compat.installed(settings.criu)))

@@ -34,7 +34,8 @@ from typing import Any
 
 from shim.annotations import CHECKPOINT_PREFIX, TRUE
 from shim.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ShimError, Unavailable
-from shim.migrate import channel, hook
+from shim.hosttools import Version
+from shim.migrate import channel, compat, hook
 from shim.migrate.runtime import PodView, Runtime
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class ReceiverSettings:
     address_hook: Path | None
     idle_timeout: float = 30.0
     restore_timeout: float = 120.0
+    criu: Version | None = None  # this node's CRIU (compat.installed), compared with the source's
 
 
 @dataclass
@@ -149,6 +151,7 @@ async def _preflight(settings: ReceiverSettings, runtime: Runtime, message: dict
     if not NAME_RE.match(name):
         raise InvalidArgument(f"container name {name!r:.80} is not a valid name")
     addresses = [_address(a) for a in channel.field(message, "addresses", list)]
+    compat.check(compat.parse(message.get("criu_version")), settings.criu)
     pod = await runtime.pod(ref)
     if not pod.ready:
         raise FailedPrecondition(f"target pod {pod.label} is not ready")

@@ -30,7 +30,8 @@ from shim.checkpoint.addresses import pod_addresses
 from shim.checkpoint.options import CheckpointOptions, annotation, resolve
 from shim.config import CheckpointDefaults
 from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unavailable, Upstream
-from shim.migrate import channel, hook
+from shim.hosttools import show
+from shim.migrate import channel, compat, hook
 from shim.migrate.runtime import ContainerView, PodView, Runtime
 
 CHUNK = 1 << 20
@@ -51,6 +52,7 @@ class MigrateRequest:
     keep_checkpoint: bool = False
     timeout: float = 300.0
     idle_timeout: float = 30.0  # a transfer moving no byte this long (a cut link) is abandoned
+    criu: Path | None = None  # this node's CRIU, whose version the target compares with its own
     defaults: CheckpointDefaults = CheckpointDefaults()
 
 
@@ -95,11 +97,13 @@ async def _migrate(request: MigrateRequest, runtime: Runtime) -> Migrated:
     options = resolve(request.defaults, pod.annotations, container.name)
     _check_source(container, pod, options, retry=request.checkpoint is not None)
     addresses = await _addresses(runtime, pod) if options.tcp_established else []
+    criu = await asyncio.to_thread(compat.installed, request.criu)
     reader, writer = await channel.connect(request.to, request.creds, CONNECT_TIMEOUT, request.idle_timeout)
     try:
         name = request.name or container.name
         ready = await _ask(reader, writer, {"protocol": channel.PROTOCOL, "op": "preflight", "pod": request.to_pod,
-                                            "name": name, "addresses": addresses}, CONNECT_TIMEOUT * 3,
+                                            "name": name, "addresses": addresses,
+                                            "criu_version": show(criu) if criu else None}, CONNECT_TIMEOUT * 3,
                            "the target node refused the migration (nothing was stopped)")
         started = time.monotonic()
         archive = request.checkpoint or await _checkpoint(request, runtime, container, writer)

@@ -48,7 +48,7 @@ class Host:
         return ["nsenter", f"--net=/run/netns/{e['NODE_NETNS']}", "--", sys.executable, "-m", "shim", "migrate",
                 *args, "--runtime-endpoint", e["CRI_ENDPOINT"], "--checkpoints-dir", e["CHECKPOINTS_DIR"],
                 "--cert", e["MIGRATE_CERT"], "--key", e["MIGRATE_KEY"], "--ca", e["MIGRATE_CA"],
-                "--address-hook", e["ADDRESS_HOOK"]]
+                "--address-hook", e["ADDRESS_HOOK"], "--config", str(NodeLayout(self.dir).proxy_config_file)]
 
     def migrate(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(self.migrate_argv(*args), capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -375,3 +375,31 @@ def test_a_node_whose_subnet_is_taken_on_the_fabric_is_refused_and_leaves_nothin
     criu_shim("node", "down", "--dir", str(clash), "--purge")
     with a.cri.pod() as pod:  # the node already there is untouched
         assert _pod_ip(a, pod)
+
+
+def test_a_target_whose_criu_is_older_is_refused_before_anything_stops(hosts: tuple[Host, Host],
+                                                                         tmp_path: Path) -> None:
+    a, b = hosts
+    old_criu = tmp_path / "criu"
+    old_criu.write_text("#!/bin/sh\necho 'Version: 4.1'\n")
+    old_criu.chmod(0o755)
+    config = tmp_path / "old.toml"
+    config.write_text(f'[checkpoint]\ncriu = "{old_criu}"\n')
+    e = b.env
+    address = f"{e['HOST_IP']}:7544"
+    argv = ["nsenter", f"--net=/run/netns/{e['NODE_NETNS']}", "--", sys.executable, "-m", "shim",
+            "migrate-receiver", "--listen", address, "--runtime-endpoint", e["CRI_ENDPOINT"], "--config", str(config),
+            "--checkpoints-dir", e["CHECKPOINTS_DIR"], "--address-hook", e["ADDRESS_HOOK"],
+            "--cert", e["MIGRATE_CERT"], "--key", e["MIGRATE_KEY"], "--ca", e["MIGRATE_CA"]]
+    receiver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        listening = ["nsenter", f"--net=/run/netns/{e['NODE_NETNS']}", "ss", "-Hltn", f"src {e['HOST_IP']}"]
+        wait_for(lambda: ":7544" in subprocess.run(listening, capture_output=True, text=True).stdout)
+        with a.cri.pod(STOP_AFTER) as pod, b.cri.pod() as target:
+            ctr = a.cri.container(pod, ["/usr/local/bin/counter"], name="counter")
+            proc = a.migrate(ctr, "--to", address, "--to-pod", target.id, check=False)
+            assert proc.returncode == 1 and "CRIU 4.1 is older than the source's" in proc.stderr, proc.stderr
+            assert "nothing was stopped" in proc.stderr and a.cri.state(ctr) == "CONTAINER_RUNNING"
+    finally:
+        receiver.terminate()
+        receiver.wait(timeout=30)

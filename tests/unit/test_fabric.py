@@ -52,3 +52,19 @@ def test_migrate_help_has_examples_and_required_arguments(capsys: pytest.Capture
     assert "--to-pod" in capsys.readouterr().err
     args = parser.parse_args(["node", "up", "--dir", "/tmp/n", "--fabric", "f1"])
     assert args.fabric == "f1"
+
+
+def test_a_target_with_an_older_or_no_criu_is_refused() -> None:
+    from shim.errors import FailedPrecondition
+    from shim.migrate import compat
+
+    compat.check((4, 2, 1), (4, 2))  # same release line
+    compat.check((4, 1), (4, 2, 1))  # an older source
+    compat.check(None, (4, 2))  # a source that did not say
+    with pytest.raises(FailedPrecondition, match="CRIU 4.1 is older than the source's 4.2.1"):
+        compat.check((4, 2, 1), (4, 1))
+    with pytest.raises(FailedPrecondition, match="no usable CRIU"):
+        compat.check((4, 2), None)
+    assert compat.parse("4.2.1") == (4, 2, 1)
+    for garbage in (None, 42, "", "4.x", "1" * 40, "-1.2"):
+        assert compat.parse(garbage) is None
