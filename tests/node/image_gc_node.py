@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,13 +68,8 @@ def gc_removals(node: KubeNode) -> int:
 
 def _prepare(gc: GcNode) -> None:
     """The test's first half: a node with the age rule on, a checkpoint image used by a pod, then unused."""
-    up = subprocess.run([sys.executable, "-m", "shim", "node", "up", "--dir", str(gc.directory), "--kubernetes",
-                         "--image-gc-max-age", MAX_AGE], capture_output=True, text=True, timeout=300)
-    gc.started = time.monotonic()
-    assert up.returncode == 0, up.stderr
-    values = dict(line.split("=", 1) for line in up.stdout.splitlines() if "=" in line)
-    node = gc.node = KubeNode(gc.directory, values["CRI_ENDPOINT"], Path(values["KUBECONFIG"]),
-                              Path(values["KUBECTL"]), values["NODE_NAME"], values["REGISTRY"], "1.7")
+    node = gc.node = kube.node_up(gc.directory, "1.7", "--image-gc-max-age", MAX_AGE)
+    gc.started = time.monotonic()  # the kubelet's first GC pass was at about this time
     config = json.loads((gc.directory / "kubernetes" / "kubelet-config.json").read_text())
     assert config["imageMaximumGCAge"] == MAX_AGE and config["imageMinimumGCAge"] == "1s"
 
@@ -112,7 +106,5 @@ def image_gc_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcNode]:
     try:
         yield gc
     finally:
-        down = subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(gc.directory), "--purge"],
-                              capture_output=True, text=True, timeout=300)
-        assert down.returncode == 0, down.stderr
+        kube.node_down(gc.directory)
         leaks.assert_nothing_left(before, leaks.settled_snapshot(before), gc.directory)

@@ -58,13 +58,21 @@ class KubeNode:
         self.run("delete", "pod", name, "--ignore-not-found", "--wait=true", "--timeout=60s")
 
 
-def node_up(directory: Path, version: str = "1.7") -> KubeNode:
+def node_up(directory: Path, version: str = "1.7", *options: str) -> KubeNode:
+    """`node up --kubernetes` with `options` (e.g. --image-gc-max-age 30s)."""
     res = subprocess.run([sys.executable, "-m", "shim", "node", "up", "--dir", str(directory), "--containerd",
-                          version, "--kubernetes"], capture_output=True, text=True, timeout=300)
+                          version, "--kubernetes", *options], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     values = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
     return KubeNode(directory, values["CRI_ENDPOINT"], Path(values["KUBECONFIG"]), Path(values["KUBECTL"]),
                     values["NODE_NAME"], values["REGISTRY"], version)
+
+
+def node_down(directory: Path) -> None:
+    """`node down --purge`: everything the node made goes, or the test fails with why."""
+    res = subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(directory), "--purge"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
 
 
 def pod_manifest(node: KubeNode, name: str, image: str, pull: str = "Never",

@@ -28,7 +28,8 @@ def test_kubelet_image_gc_removes_an_unused_checkpoint_image(image_gc_node: GcNo
         raise gc.error
     node = gc.node
     assert node is not None
-    remaining = GC_PERIOD + 90 - (time.monotonic() - gc.started)
+    # In a long session the second pass is long past: then one look decides.
+    remaining = max(GC_PERIOD + 90 - (time.monotonic() - gc.started), 1.0)
     wait_for(lambda: gc.checkpoint_id not in image_ids(node).values(), timeout=remaining,
              what="the kubelet's second image GC pass to remove the checkpoint image")
     log = (gc.directory / "logs" / "kubelet.log").read_text(errors="replace")

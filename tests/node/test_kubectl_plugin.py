@@ -58,9 +58,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield Cluster(first, values["NODE_NAME"], second_dir)
     finally:
         for directory in reversed(dirs):  # the joined kubelet first, while the API server still runs
-            down = subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(directory), "--purge"],
-                                  capture_output=True, text=True, timeout=300)
-            assert down.returncode == 0, down.stderr
+            kube.node_down(directory)
     leaks.assert_nothing_left(before, leaks.settled_snapshot(before), first_dir)
 
 
