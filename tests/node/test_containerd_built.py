@@ -169,8 +169,9 @@ def test_restored_container_survives_a_containerd_restart(built: tuple[str, Node
 # (cmd/containerd-shim-runc-v2/runc/container.go, NewContainer); a task created from a checkpoint gets
 # its pid at Start and 2.x's shim never loads it later, so its Stats says NOT_FOUND "cgroup does not
 # exist" and CRI's ContainerStats fails ("unexpected metrics response: []"). The restore relay answers
-# that Stats from the task's cgroup (shim.runtime.task_stats): real figures, and they move. On 1.7
-# the shim has the cgroup and its own answer is relayed; 2.1 (Debian's) has 2.x's shim.
+# that Stats from the task's cgroup (shim.runtime.task_stats): real figures, and they move (48 MiB
+# restored lazily: the working set climbs past them as the page daemon fills memory in). On 1.7 the
+# shim has the cgroup and its own answer is relayed; 2.1 (Debian's) has 2.x's shim.
 @pytest.mark.parametrize("version", ["2.3", "2.4", "2.1", "1.7"])
 def test_container_stats_of_a_restored_container(nodes: Nodes, version: str, tmp_path: Path) -> None:
     node = nodes.get(version)
@@ -182,7 +183,7 @@ def test_container_stats_of_a_restored_container(nodes: Nodes, version: str, tmp
 
 
 def _stats_of_a_restored_container(client: Cri, node: Node) -> None:
-    archive, _ = _checkpoint_counter(client, node, 1)
+    archive, _ = _checkpoint_counter(client, node, 1, mem_mb=48)
     with client.pod() as pod:
         ctr = _restore(client, pod, archive)
 
@@ -194,8 +195,12 @@ def _stats_of_a_restored_container(client: Cri, node: Node) -> None:
         assert first.cpu.usage_core_nano_seconds.value > 0
         assert first.memory.usage_bytes.value > 0
         assert 0 < first.memory.working_set_bytes.value <= first.memory.usage_bytes.value
-        # The counter keeps running: its CPU time grows (read from its cgroup at each call, not cached).
+        # The counter keeps running: its CPU time grows (read from its cgroup at each call, not cached),
+        # and its 48 MiB, filled in behind it, are counted as its own.
         wait_for(lambda: stats().cpu.usage_core_nano_seconds.value > first.cpu.usage_core_nano_seconds.value)
+        wait_for(lambda: stats().memory.working_set_bytes.value >= 48 << 20, timeout=60)
+        filled = stats().memory
+        assert filled.usage_bytes.value >= filled.working_set_bytes.value >= 48 << 20
         listed = client.runtime.ListContainerStats(cri.ListContainerStatsRequest(
             filter=cri.ContainerStatsFilter(pod_sandbox_id=pod.id)), timeout=30).stats
         [mine] = [s for s in listed if s.attributes.id == ctr]
