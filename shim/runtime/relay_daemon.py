@@ -1,7 +1,8 @@
 """The relay daemon for one restored task: rewrite Create, prepare the rootfs before Start.
 
-Everything else containerd says to the task passes through to the runc shim
-unchanged. Like a shim, the relay outlives containerd: when containerd's
+Stats is answered from the task's cgroup where the runc shim has none
+(`shim.runtime.task_stats`). Everything else containerd says to the task
+passes through to the runc shim unchanged. Like a shim, the relay outlives containerd: when containerd's
 connections close it stays as long as the runc shim behind it does (a
 restarted containerd reconnects to the address it was handed, kept in the
 bundle's `address` file by the launcher), so the page daemon of a lazy restore
