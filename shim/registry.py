@@ -37,8 +37,7 @@ import oras.utils
 import requests
 
 from shim.errors import InvalidArgument, NotFound, PermissionDenied, ShimError, Unavailable, Unknown
-from shim.image_reference import Reference as Reference  # re-exported: shim.cosign names it here
-from shim.image_reference import is_loopback, is_registry_host
+from shim.image_reference import Reference, is_loopback, is_registry_host
 from shim.oci import INDEX_TYPES, MANIFEST_TYPES
 
 ACCEPT = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
