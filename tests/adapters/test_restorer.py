@@ -22,7 +22,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from shim.restore.relay_processes import Relay, SparePool
 
 from shim import archive_layout as layout
 from shim import oci
@@ -43,6 +42,7 @@ from shim.journal import Journal
 from shim.peer import Peer
 from shim.restore.checkpoint_unpack import CheckpointArchive
 from shim.restore.pending import PendingRestores
+from shim.restore.relay_processes import Relay, SparePool
 from shim.restore.restorer import Restorer
 
 CONTAINER = "c0ffee"

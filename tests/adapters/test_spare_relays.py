@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from shim.restore.relay_processes import Relay, SparePool, stop_relay, wait_ready
 
 from shim.api.containerd.runtime.task.v2 import shim_pb2
+from shim.restore.relay_processes import Relay, SparePool, stop_relay, wait_ready
 from shim.ttrpc import Client, Connection, RequestReceived, Role
 from tests.support.procs import alive, cmdline, parent, poll, processes, run
 

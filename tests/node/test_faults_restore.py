@@ -20,7 +20,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from shim.restore.relay_processes import SHIM_DIR
 
 from shim import faults
 from shim.api.cri.v1 import api_pb2 as cri
@@ -29,6 +28,7 @@ from shim.node import procs
 from shim.node.layout import NodeLayout
 from shim.node.tools import load_paths
 from shim.restore import lazy, loopdev
+from shim.restore.relay_processes import SHIM_DIR
 from tests.node.conftest import Node
 from tests.node.pods import Cri, Pod, wait_for
 from tests.node.test_faults_checkpoint import PrivateProxy
