@@ -30,6 +30,15 @@ def is_repository(name: str) -> bool:
     return bool(_REPO_RE.match(name)) and len(name) <= 255
 
 
+def is_tag(tag: str) -> bool:
+    return bool(_TAG_RE.match(tag))
+
+
+def is_digest(digest: str) -> bool:
+    """A sha256 digest, the only algorithm registries and containerd use for checkpoint images."""
+    return bool(_DIGEST_RE.match(digest))
+
+
 @dataclass(frozen=True)
 class Reference:
     """HOST[:PORT]/REPO[:TAG][@DIGEST], always naming its registry (never docker.io by default)."""

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from shim import image_reference
 from shim.errors import FailedPrecondition, InvalidArgument, Unavailable, Unknown
 from shim.node import procs
 from shim.node.tools import REPO_ROOT
@@ -49,11 +50,6 @@ HTTP_TIMEOUT = 30.0
 IMAGES_INDEX = REPO_ROOT / "build" / "images" / "images.json"
 
 ACCEPT = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
-
-# distribution's reference grammar: repository path components and tags
-_REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 # Never send loopback traffic through an HTTP proxy from the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -153,9 +149,9 @@ def repo_and_tag(local_ref: str) -> tuple[str, str]:
 
 
 def check_repo_tag(repo: str, tag: str) -> None:
-    if not _REPO_RE.match(repo) or len(repo) > 255:
+    if not image_reference.is_repository(repo):
         raise InvalidArgument(f"invalid repository name {repo!r}")
-    if not _TAG_RE.match(tag):
+    if not image_reference.is_tag(tag):
         raise InvalidArgument(f"invalid tag {tag!r}")
 
 
@@ -189,7 +185,7 @@ def select_manifest(index: Mapping[str, object], tag: str) -> dict[str, object]:
 
 def _descriptor(value: object) -> dict[str, object]:
     if not isinstance(value, dict) or not isinstance(value.get("digest"), str) \
-            or not _DIGEST_RE.match(value["digest"]) or not isinstance(value.get("mediaType"), str):
+            or not image_reference.is_digest(value["digest"]) or not isinstance(value.get("mediaType"), str):
         raise InvalidArgument(f"bad descriptor: {value!r}")
     return value
 
