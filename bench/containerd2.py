@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 from checkpoint import Counter, criu_shim, timed  # bench/checkpoint.py
-from restore import Node, timed_restore  # bench/restore.py
+from restore import Node, remove_made, timed_restore  # bench/restore.py
 
 OURS, NATIVE = "2.4", "2.3-native"
 
@@ -113,14 +112,7 @@ def main() -> int:
         for d in dirs.values():
             subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(d), "--purge"],
                            capture_output=True)
-        # Only what this run made (the registry's blobs and logs, the work dir; `node down --purge` took
-        # the nodes'): --dir may name a directory that holds other things.
-        for made in (args.dir / "registry", args.dir / "work"):
-            shutil.rmtree(made, ignore_errors=True)
-        try:
-            args.dir.rmdir()
-        except OSError:
-            pass  # not empty: not ours to empty
+        remove_made(args.dir, ("registry", "work"))  # `node down --purge` took the nodes'
     report(rows, args.reps)
     return 0
 

@@ -242,9 +242,23 @@ def main() -> int:
         for d in (ours_dir, native_dir):
             subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(d), "--purge"],
                            capture_output=True)
-        shutil.rmtree(args.dir, ignore_errors=True)  # the registry's blobs; the nodes are gone already
+        remove_made(args.dir, ("registry",))  # the registry's blobs; `node down --purge` took the nodes'
     report(rows, handlers, args.reps)
     return 0
+
+
+def remove_made(directory: Path, made: tuple[str, ...]) -> None:
+    """Remove what a run made under `directory`, then `directory` if that left it empty.
+
+    Never the whole of `--dir`: it may name a directory that holds other things (`--dir /var/tmp`).
+    """
+    for name in made:
+        shutil.rmtree(directory / name, ignore_errors=True)
+    for leftover in (directory / "ours", directory / "native", directory):
+        try:
+            leftover.rmdir()
+        except OSError:
+            pass  # missing, or not empty: not ours to empty
 
 
 def report(rows: list[tuple[int, dict[str, float]]], handlers: dict[str, float], reps: int) -> None:
