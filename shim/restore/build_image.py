@@ -19,6 +19,7 @@ import base64
 import hashlib
 import io
 import json
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,20 @@ def _sealed_json_members(archive: Path, keyring: Keyring | None) -> tuple[dict[s
     return config, spec
 
 
+def _require_archive_file(archive: Path) -> None:
+    """A missing path or a directory says so in words, not as an errno."""
+    try:
+        mode = archive.stat().st_mode
+    except FileNotFoundError:
+        raise InvalidArgument(f"{archive}: no such checkpoint archive") from None
+    except OSError as exc:
+        raise InvalidArgument(f"{archive}: cannot read the checkpoint archive: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise InvalidArgument(f"{archive} is not a checkpoint archive: not a regular file")
+
+
 def checkpoint_annotations(archive: Path, keyring: Keyring | None = None) -> dict[str, str]:
+    _require_archive_file(archive)
     if is_encrypted(archive):
         config, spec = _read_sealed_members(archive, keyring)
     else:

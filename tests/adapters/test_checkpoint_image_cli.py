@@ -43,3 +43,7 @@ def test_garbage_and_missing_input_are_refused_without_output(tmp_path: Path) ->
     assert "Traceback" not in refused.stderr and not out.exists()
     missing = _run(str(tmp_path / "nope.tar"), "--name", "x", "--out", str(out))
     assert missing.returncode == 1 and "Traceback" not in missing.stderr and not out.exists()
+    assert "nope.tar: no such checkpoint archive" in missing.stderr
+    directory = _run(str(tmp_path), "--name", "x", "--out", str(out))
+    assert directory.returncode == 1 and "is not a checkpoint archive: not a regular file" in directory.stderr
+    assert not out.exists()

@@ -188,8 +188,8 @@ def test_garbage_leaves_nothing_in_the_registry_or_on_disk(registry: str, tmp_pa
     before = _repositories(registry)
     for args, text in ((["push", str(garbage), f"{registry}/junk/garbage:1"], "is not a readable checkpoint archive"),
                        (["push", str(truncated), f"{registry}/junk/truncated:1"], "truncated.tar"),
-                       (["push", str(tmp_path / "none.tar"), f"{registry}/junk/none:1"], "No such file"),
-                       (["push", str(tmp_path), f"{registry}/junk/dir:1"], "Is a directory"),
+                       (["push", str(tmp_path / "none.tar"), f"{registry}/junk/none:1"], "none.tar: no such checkpoint archive"),
+                       (["push", str(tmp_path), f"{registry}/junk/dir:1"], "is not a checkpoint archive: not a regular file"),
                        (["push", str(archive), f"{registry}/junk/d@sha256:" + "a" * 64], "push to a tag, not a digest"),
                        (["push", str(archive), f"{registry}/junk/x:bad:tag"], "invalid repository name"),
                        (["pull", f"{registry}/junk/x:1", str(tmp_path / "no-dir" / "out.tar")], "does not exist"),
