@@ -139,6 +139,24 @@ def wait_held(cgroup: Path, stop: threading.Event, timeout: float) -> int:
     raise GateError("the dump ended before CRIU held the container")
 
 
+def wait_at_gate(criu_pid: int, timeout: float) -> bool:
+    """Block until CRIU waits for the gate's reader (its open of the FIFO sleeps in the kernel's
+    `wait_for_partner`: every page is written), or has ended; whether it was seen waiting.
+
+    Only the fault tests need this: their "dumped" point means memory on disk and CRIU waiting for
+    us, not CRIU still streaming pages (the engine itself opens the gate as soon as its diff is taken).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{criu_pid}/wchan").read_text().strip() == "wait_for_partner":
+                return True
+        except OSError:
+            return False  # CRIU has ended
+        time.sleep(POLL_S)
+    return False
+
+
 def _holder(cgroup: Path) -> int | None:
     tasks = _tasks(cgroup)
     if not tasks:

@@ -23,7 +23,7 @@ from shim.archive_layout import IMAGES_DIR
 from shim.checkpoint import dumpgate, options, recovery
 from shim.containerd import Containerd
 from shim.errors import Internal
-from shim.faults import Point, reached
+from shim.faults import Point, armed, reached
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,11 +78,13 @@ async def _while_held(gate: dumpgate.Gate, cgroup: Path, stop: threading.Event,
                       snapshot: Callable[[], Awaitable[T]]) -> T:
     try:
         try:
-            await asyncio.to_thread(dumpgate.wait_held, cgroup, stop, HOLD_TIMEOUT)
+            criu_pid = await asyncio.to_thread(dumpgate.wait_held, cgroup, stop, HOLD_TIMEOUT)
         except dumpgate.GateError as exc:
             raise Internal(f"checkpoint failed: {exc}") from None
         reached(Point.CHECKPOINT_FROZEN)
         result = await snapshot()
+        if armed(Point.CHECKPOINT_DUMPED):  # the point means: every page written, CRIU waiting at the gate
+            await asyncio.to_thread(dumpgate.wait_at_gate, criu_pid, HOLD_TIMEOUT)
         reached(Point.CHECKPOINT_DUMPED)
         return result
     finally:
