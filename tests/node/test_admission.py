@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -15,6 +14,7 @@ from shim.api.cri.v1 import api_pb2 as cri
 from shim.policy import EXCLUDE_ANNOTATION
 from tests.node.conftest import Node
 from tests.node.pods import Cri, wait_for
+from tests.node.proxy_config import proxy_with
 from tests.node.test_restore import COUNTER, _checkpoint_counter, _restore, assert_restore_refused
 
 pytestmark = pytest.mark.node
@@ -27,29 +27,6 @@ def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
     c.close()
 
 
-@contextmanager
-def proxy_with(node: Node, admission: str) -> Iterator[None]:
-    """The node's proxy restarted with an [admission] table added to its config; put back afterwards."""
-    from shim.node import local, procs
-    from shim.node.layout import NodeLayout
-
-    layout = NodeLayout(node.dir.resolve())
-    original = layout.proxy_config_file.read_text()
-
-    def restart(text: str) -> None:
-        pid = procs.read_pid(layout.pid_dir / "proxy.pid")
-        assert pid is not None
-        procs.stop(pid)
-        layout.proxy_config_file.write_text(text)
-        local._start_proxy(layout, layout.proxy_config_file)
-
-    restart(original + "\n[admission]\n" + admission)
-    try:
-        yield
-    finally:
-        restart(original)
-
-
 def _audit(node: Node, action: str) -> list[dict[str, object]]:
     lines = (node.dir / "logs" / "audit.log").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["action"] == action]
@@ -57,20 +34,20 @@ def _audit(node: Node, action: str) -> list[dict[str, object]]:
 
 def test_restore_refused_by_namespace_then_admitted(client: Cri, node: Node) -> None:
     archive, counted = _checkpoint_counter(client, node, 5)
-    with proxy_with(node, 'restore_namespaces = ["prod-*"]\n'):
+    with proxy_with(node, "admission", 'restore_namespaces = ["prod-*"]\n'):
         assert_restore_refused(client, node, archive, grpc.StatusCode.PERMISSION_DENIED,
                                "refused by rule admission.restore_namespaces", "namespace 'tests'", '"prod-*"')
         assert _audit(node, "restore")[-1]["result"].startswith(  # type: ignore[union-attr]
             "error: PERMISSION_DENIED: restore from checkpoint")
     # The pods here run without a RuntimeClass: their handler is "".
-    with proxy_with(node, 'restore_namespaces = ["tests"]\nrestore_runtime_handlers = [""]\n'), client.pod() as pod:
+    with proxy_with(node, "admission", 'restore_namespaces = ["tests"]\nrestore_runtime_handlers = [""]\n'), client.pod() as pod:
         ctr = _restore(client, pod, archive)
         assert client.count(ctr) >= counted - 1
 
 
 def test_restore_refused_by_runtime_handler(client: Cri, node: Node) -> None:
     archive, _ = _checkpoint_counter(client, node, 1)
-    with proxy_with(node, 'restore_runtime_handlers = ["kata*"]\n'):
+    with proxy_with(node, "admission", 'restore_runtime_handlers = ["kata*"]\n'):
         assert_restore_refused(client, node, archive, grpc.StatusCode.PERMISSION_DENIED,
                                "refused by rule admission.restore_runtime_handlers", "runtime handler ''")
 
@@ -88,7 +65,7 @@ def _refused_checkpoint(client: Cri, ctr: str, archive: Path) -> str:
 
 def test_checkpoint_refused_for_an_excluded_namespace(client: Cri, node: Node) -> None:
     archive = node.dir / "checkpoints" / "excluded-namespace.tar"
-    with proxy_with(node, 'checkpoint_excluded_namespaces = ["te*"]\n'), client.pod() as pod:
+    with proxy_with(node, "admission", 'checkpoint_excluded_namespaces = ["te*"]\n'), client.pod() as pod:
         ctr = client.container(pod, COUNTER, {"INTERVAL_MS": "50"})
         wait_for(lambda: client.count(ctr) >= 1)
         details = _refused_checkpoint(client, ctr, archive)
@@ -132,6 +109,6 @@ def test_a_checkpoint_goes_back_into_its_own_namespace_only(client: Cri, node: N
         assert not client.runtime.ListContainers(cri.ListContainersRequest(
             filter=cri.ContainerFilter(pod_sandbox_id=pod.id))).containers
     assert _work_dirs(node) == before  # the unpacked archive is gone again
-    with proxy_with(node, "restore_from_other_namespaces = true\n"), client.pod(namespace="tenant-b") as pod:
+    with proxy_with(node, "admission", "restore_from_other_namespaces = true\n"), client.pod(namespace="tenant-b") as pod:
         ctr = _restore(client, pod, archive)
         assert client.count(ctr) >= counted - 1

@@ -5,14 +5,12 @@ before anything is created, leaving nothing behind."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -24,6 +22,7 @@ from shim.handoff import RESTORE_DIR
 from shim.sealed import is_encrypted, read_header
 from tests.node.conftest import Node
 from tests.node.pods import Cri, wait_for
+from tests.node.proxy_config import proxy_with
 from tests.node.test_restore import COUNTER, _restore, _work_dirs, assert_restore_refused
 
 pytestmark = pytest.mark.node
@@ -58,31 +57,6 @@ def keys(node: Node) -> Iterator[Path]:
     directory.rmdir()
 
 
-@contextmanager
-def proxy_with(node: Node, section: str) -> Iterator[None]:
-    """The node's proxy restarted with an [encryption] table added to its config; put back afterwards."""
-    from shim.node import local, procs
-    from shim.node.layout import NodeLayout
-
-    layout = NodeLayout(node.dir.resolve())
-    original = layout.proxy_config_file.read_text()
-
-    def restart(text: str) -> None:
-        pid = procs.read_pid(layout.pid_dir / "proxy.pid")
-        assert pid is not None
-        procs.stop(pid)
-        layout.proxy_config_file.write_text(text)
-        start = inspect.signature(local._start_proxy).parameters.get("enter")
-        # A node's proxy may run in a network namespace of its own (`enter`); this node's runs on the host.
-        local._start_proxy(layout, layout.proxy_config_file, *([[]] if start and start.default is start.empty else []))
-
-    restart(original + "\n[encryption]\n" + section)
-    try:
-        yield
-    finally:
-        restart(original)
-
-
 def _enabled(keys: Path, key: str = "good") -> str:
     return f'enabled = true\nkey_id = "{KEY_ID}"\nkey_file = "{keys / key}"\n'
 
@@ -109,7 +83,7 @@ def _leftovers(node: Node) -> list[str]:
 def test_sealed_checkpoint_restores_and_counts_on(client: Cri, node: Node, keys: Path, mode: str) -> None:
     lazy = mode.startswith("lazy")
     section = _enabled(keys) if lazy else f'enabled = true\nkey_id = "{KEY_ID}"\nkey_command = ["{keys / "kms"}"]\n'
-    with proxy_with(node, section):
+    with proxy_with(node, "encryption", section):
         archive, counted = _sealed_checkpoint(client, node, f"sealed-{mode}", mem_mb=48)
         assert (archive.stat().st_mode & 0o777) == 0o600 and archive.stat().st_uid == 0
         assert is_encrypted(archive) and read_header(archive).key_id == KEY_ID
@@ -145,7 +119,7 @@ def _flipped(archive: Path, at: int) -> Path:
 
 
 def test_bad_sealed_archives_and_keys_leave_nothing(client: Cri, node: Node, keys: Path) -> None:
-    with proxy_with(node, _enabled(keys)):
+    with proxy_with(node, "encryption", _enabled(keys)):
         archive, _ = _sealed_checkpoint(client, node, "sealed-bad-input")
         size = archive.stat().st_size
         for damaged, fragments in (
@@ -156,14 +130,14 @@ def test_bad_sealed_archives_and_keys_leave_nothing(client: Cri, node: Node, key
                 (_flipped(archive, size - 5), ("fails authentication",))):
             assert_restore_refused(client, node, damaged, grpc.StatusCode.INVALID_ARGUMENT, str(damaged), *fragments)
             assert not _leftovers(node)
-    with proxy_with(node, _enabled(keys, "other")):
+    with proxy_with(node, "encryption", _enabled(keys, "other")):
         assert_restore_refused(client, node, archive, grpc.StatusCode.FAILED_PRECONDITION, "wrong key",
                                f"'{KEY_ID}'")
-    with proxy_with(node, 'key_id = "node-key-2"\n' + f'key_file = "{keys / "other"}"\n'):
+    with proxy_with(node, "encryption", 'key_id = "node-key-2"\n' + f'key_file = "{keys / "other"}"\n'):
         assert_restore_refused(client, node, archive, grpc.StatusCode.FAILED_PRECONDITION,
                                f"no key for key id '{KEY_ID}' is configured")
     (keys / "good").chmod(0o640)
-    with proxy_with(node, f'key_id = "{KEY_ID}"\nkey_file = "{keys / "good"}"\n'):
+    with proxy_with(node, "encryption", f'key_id = "{KEY_ID}"\nkey_file = "{keys / "good"}"\n'):
         assert_restore_refused(client, node, archive, grpc.StatusCode.FAILED_PRECONDITION,
                                "accessible by group or others (mode 0640)", f"chmod 600 {keys / 'good'}")
     assert not _leftovers(node)
@@ -181,7 +155,7 @@ def test_checkpoint_refused_before_the_container_is_touched(client: Cri, node: N
         section, pod_annotations = _enabled(keys, "loose"), {}
         code, fragment = grpc.StatusCode.FAILED_PRECONDITION, "accessible by group or others"
     archive = node.dir / "checkpoints" / "refused.tar"
-    with proxy_with(node, section), client.pod(pod_annotations) as pod:
+    with proxy_with(node, "encryption", section), client.pod(pod_annotations) as pod:
         ctr = client.container(pod, COUNTER, {"INTERVAL_MS": "50"})
         wait_for(lambda: client.count(ctr) >= 1)
         with pytest.raises(grpc.RpcError) as caught:
@@ -194,12 +168,12 @@ def test_checkpoint_refused_before_the_container_is_touched(client: Cri, node: N
 
 def test_pod_opts_in_and_out_where_allowed(client: Cri, node: Node, keys: Path) -> None:
     section = f'key_id = "{KEY_ID}"\nkey_file = "{keys / "good"}"\nopt_out_namespaces = ["tes*"]\n'
-    with proxy_with(node, section):
+    with proxy_with(node, "encryption", section):
         sealed, _ = _sealed_checkpoint(client, node, "opted-in", annotations={ENCRYPT: "true"})
         plain, _ = _sealed_checkpoint(client, node, "default-off")
         assert is_encrypted(sealed) and not is_encrypted(plain)
         tarfile.open(plain).close()
-    with proxy_with(node, _enabled(keys) + 'opt_out_namespaces = ["tes*"]\n'):
+    with proxy_with(node, "encryption", _enabled(keys) + 'opt_out_namespaces = ["tes*"]\n'):
         opted_out, _ = _sealed_checkpoint(client, node, "opted-out", annotations={ENCRYPT: "false"})
         assert not is_encrypted(opted_out)
 
@@ -212,7 +186,7 @@ def test_restore_from_a_checkpoint_image_of_a_sealed_archive(client: Cri, node: 
     from shim.paths_env import load_paths
 
     ref = "localhost/criu-shim/sealed-counter:1"
-    with proxy_with(node, _enabled(keys)):
+    with proxy_with(node, "encryption", _enabled(keys)):
         archive, counted = _sealed_checkpoint(client, node, "sealed-image")
         layout = tmp_path / "image.tar"
         build = [sys.executable, "-m", "shim", "checkpoint-image", str(archive), "--name", ref, "--out", str(layout)]

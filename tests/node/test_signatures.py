@@ -5,7 +5,6 @@ criu-shim inspect (and checkpointctl 1.6 through its plugin) shows the real arch
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import stat
@@ -24,6 +23,7 @@ from shim import signing
 from shim.paths_env import load_paths
 from tests.node.conftest import Node
 from tests.node.pods import Cri, wait_for
+from tests.node.proxy_config import proxy_with
 from tests.node.test_restore import COUNTER, _restore, _work_dirs, assert_restore_refused
 
 pytestmark = pytest.mark.node
@@ -53,31 +53,6 @@ def keys(tmp_path: Path) -> dict[str, Path]:
         public.chmod(0o644)
         made[name], made[f"{name}.pub"] = private, public
     return made
-
-
-@contextmanager
-def proxy_with(node: Node, signing_section: str) -> Iterator[None]:
-    """The node's proxy restarted with a [signing] table added to its config; put back afterwards."""
-    from shim.node import local, procs
-    from shim.node.layout import NodeLayout
-
-    layout = NodeLayout(node.dir.resolve())
-    original = layout.proxy_config_file.read_text()
-
-    def restart(text: str) -> None:
-        pid = procs.read_pid(layout.pid_dir / "proxy.pid")
-        assert pid is not None
-        procs.stop(pid)
-        layout.proxy_config_file.write_text(text)
-        enter = inspect.signature(local._start_proxy).parameters.get("enter")
-        # A node's proxy may run in a network namespace of its own (`enter`); this node's runs on the host.
-        local._start_proxy(layout, layout.proxy_config_file, *([[]] if enter and enter.default is enter.empty else []))
-
-    restart(original + "\n[signing]\n" + signing_section)
-    try:
-        yield
-    finally:
-        restart(original)
 
 
 @contextmanager
@@ -123,7 +98,7 @@ def test_signed_checkpoint_restores_and_every_bad_signature_is_refused(
         client: Cri, node: Node, keys: dict[str, Path]) -> None:
     section = (f'key_file = "{keys["signing"]}"\ntrusted_keys = ["{keys["signing.pub"]}"]\n'
                "require_signature = true\n")
-    with proxy_with(node, section), copies(node) as made:
+    with proxy_with(node, "signing", section), copies(node) as made:
         archive, counted = _checkpoint(client, node, "signed.tar", made)
         sig = signing.signature_path(archive)
         assert stat.S_IMODE(sig.stat().st_mode) == 0o600
@@ -164,7 +139,7 @@ def test_signed_checkpoint_restores_and_every_bad_signature_is_refused(
 def test_loose_signing_key_refuses_the_checkpoint_before_freezing(client: Cri, node: Node,
                                                                   keys: dict[str, Path]) -> None:
     keys["signing"].chmod(0o644)
-    with proxy_with(node, f'key_file = "{keys["signing"]}"\n'), copies(node) as made, client.pod() as pod:
+    with proxy_with(node, "signing", f'key_file = "{keys["signing"]}"\n'), copies(node) as made, client.pod() as pod:
         archive = node.dir / "checkpoints" / "loose-key.tar"
         made.append(archive)
         ctr = client.container(pod, COUNTER, {"INTERVAL_MS": "50"})
@@ -185,7 +160,7 @@ def test_loose_trusted_key_refuses_the_restore(client: Cri, node: Node, keys: di
     with copies(node) as made:
         archive, _ = _checkpoint(client, node, "for-loose-trust.tar", made)
         keys["signing.pub"].chmod(0o666)
-        with proxy_with(node, f'trusted_keys = ["{keys["signing.pub"]}"]\n'):
+        with proxy_with(node, "signing", f'trusted_keys = ["{keys["signing.pub"]}"]\n'):
             assert_restore_refused(client, node, archive, grpc.StatusCode.FAILED_PRECONDITION,
                                    f"signing.trusted_keys {keys['signing.pub']}: mode 0666 lets others replace a "
                                    "trusted key")
@@ -214,7 +189,7 @@ def test_signed_checkpoint_image_restores_and_an_unsigned_one_is_refused(
     section = (f'key_file = "{keys["signing"]}"\ntrusted_keys = ["{keys["signing.pub"]}"]\n'
                "require_signature = true\n")
     signed_ref, unsigned_ref = "localhost/criu-shim/signed-ckpt:1", "localhost/criu-shim/unsigned-ckpt:1"
-    with proxy_with(node, section), copies(node) as made:
+    with proxy_with(node, "signing", section), copies(node) as made:
         archive, counted = _checkpoint(client, node, "for-image.tar", made)
         unsigned = _copy(archive, "for-image-unsigned.tar", made, None)
         with imported(node, unsigned, unsigned_ref, tmp_path):
@@ -239,7 +214,7 @@ def test_encrypted_and_signed(client: Cri, node: Node, keys: dict[str, Path], tm
     generate_key_file(sealing)
     section = (f'key_file = "{keys["signing"]}"\ntrusted_keys = ["{keys["signing.pub"]}"]\n'
                f'require_signature = true\n\n[encryption]\nenabled = true\nkey_id = "node-a"\nkey_file = "{sealing}"\n')
-    with proxy_with(node, section), copies(node) as made:
+    with proxy_with(node, "signing", section), copies(node) as made:
         archive, counted = _checkpoint(client, node, "sealed-signed.tar", made)
         shown = _inspect(archive, "--trusted-key", keys["signing.pub"], "--key-file", sealing)
         assert shown.returncode == 0, shown.stderr
@@ -268,7 +243,7 @@ def _peer(key: str, binary: str) -> Path:
 def test_cosign_and_checkpointctl_read_the_real_archive(client: Cri, node: Node, keys: dict[str, Path]) -> None:
     cosign = _peer("COSIGN_BIN_DIR", "cosign")
     checkpointctl = _peer("CHECKPOINTCTL_PLUGINS_BIN_DIR", "checkpointctl")
-    with proxy_with(node, f'key_file = "{keys["signing"]}"\n'), copies(node) as made:
+    with proxy_with(node, "signing", f'key_file = "{keys["signing"]}"\n'), copies(node) as made:
         archive, _ = _checkpoint(client, node, "for-cosign.tar", made)
 
         def verify_blob(public: Path) -> subprocess.CompletedProcess[str]:

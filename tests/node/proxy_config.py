@@ -1,0 +1,30 @@
+"""A node's proxy restarted with one more config table, for the tests of a config section."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from shim.node import local, procs
+from shim.node.layout import NodeLayout
+from tests.node.conftest import Node
+
+
+@contextmanager
+def proxy_with(node: Node, table: str, body: str) -> Iterator[None]:
+    """The node's proxy restarted with `[table]` + `body` added to its config; put back afterwards."""
+    layout = NodeLayout(node.dir.resolve())
+    original = layout.proxy_config_file.read_text()
+
+    def restart(text: str) -> None:
+        pid = procs.read_pid(layout.pid_dir / "proxy.pid")
+        assert pid is not None
+        procs.stop(pid)
+        layout.proxy_config_file.write_text(text)
+        local._start_proxy(layout, layout.proxy_config_file)  # a plain node's proxy runs on the host
+
+    restart(f"{original}\n[{table}]\n{body}")
+    try:
+        yield
+    finally:
+        restart(original)
