@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from shim.sealed import Keyring
 
 DESCRIPTION = """\
-criu-shim: checkpoint/restore for Kubernetes nodes on containerd 1.6/1.7.
+criu-shim: checkpoint, restore and migration for Kubernetes nodes on containerd 1.6 to 2.4.
 
 It sits between the kubelet and containerd as a CRI proxy: every CRI call it
 does not handle itself is relayed to containerd unchanged. It answers
@@ -25,8 +25,8 @@ CheckpointContainer itself, and restores a container at CreateContainer when
 the image is a checkpoint archive or checkpoint image (opt-in, see README).
 
 examples:
-  criu-shim serve --listen unix:///run/criu-shim/cri.sock \
-                  --runtime-endpoint unix:///run/containerd/containerd.sock \
+  criu-shim serve --listen unix:///run/criu-shim/cri.sock \\
+                  --runtime-endpoint unix:///run/containerd/containerd.sock \\
                   --config /etc/criu-shim/config.toml
   criu-shim check                      # can this node checkpoint and restore?
   criu-shim node up --dir /tmp/node1   # a local containerd 1.7 node with the proxy
