@@ -85,7 +85,20 @@ class NodeLayout:
         return f"criu-shim-{self.tag}"
 
     @property
+    def subnet_claim(self) -> Path:
+        """The pod subnet `node up` chose for this node (a host node: see `subnet_candidates`)."""
+        return self.run_dir / "subnet"
+
+    @property
     def subnet(self) -> str:
-        # 10.234.0.0/16 split into /24s by tag: distinct nodes rarely collide, and
-        # `node up` refuses a subnet already routed on the host.
-        return f"10.234.{int(self.tag, 16) % 250 + 1}.0/24"
+        try:
+            return self.subnet_claim.read_text().strip()
+        except OSError:
+            return self.subnet_candidates()[0]
+
+    def subnet_candidates(self) -> list[str]:
+        """10.234.0.0/16 split into /24s, starting at the one the tag picks: the first is the node's
+        unless another live node has claimed it (a test session keeps a dozen nodes up, and 250
+        subnets picked by hash then collide one session in four)."""
+        first = int(self.tag, 16) % 250
+        return [f"10.234.{(first + i) % 250 + 1}.0/24" for i in range(250)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from shim.errors import FailedPrecondition, Unavailable
 from shim.node import cleanup, fabric, procs, render
-from shim.node.layout import NodeLayout
+from shim.node.layout import RUN_ROOT, NodeLayout
 from shim.node.tools import REPO_ROOT, Tools, tools_for
 from shim.restore import lazy, relay_processes
 
@@ -84,10 +85,16 @@ def up(directory: Path, version: str = "1.7", proxy_config: Path | None = None,
 
 
 def _prepare(layout: NodeLayout, version: str, tools: Tools, fabric_name: str | None = None) -> None:
-    if (dev := cleanup.subnet_in_use(layout.subnet, layout.bridge)) is not None:
-        raise FailedPrecondition(f"subnet {layout.subnet} for {layout.dir} is already routed via {dev}")
+    # A fabric node's bridge lives in its own namespace, and the fabric refuses a subnet its router
+    # already routes: it keeps the subnet its tag picks. A host node takes the first one no other
+    # live host node has claimed and the host does not route.
+    subnet = layout.subnet if fabric_name is not None else _free_subnet(layout)
+    if (dev := cleanup.subnet_in_use(subnet, layout.bridge)) is not None:
+        raise FailedPrecondition(f"subnet {subnet} for {layout.dir} is already routed via {dev}")
     for path in (layout.dir, layout.run_dir, layout.cni_conf_dir, layout.log_dir, layout.pid_dir, layout.bin_dir):
         path.mkdir(parents=True, exist_ok=True)
+    if fabric_name is None:
+        layout.subnet_claim.write_text(subnet + "\n")
     layout.checkpoints_dir.mkdir(mode=0o700, exist_ok=True)
     text = render.shim_launcher(SHIM_LAUNCHER.read_text(), sys.executable,
                                 tools.containerd_bin_dir / "containerd-shim-runc-v2")
@@ -127,6 +134,20 @@ def _recorded_fabric(layout: NodeLayout) -> str | None:
 def _running(layout: NodeLayout) -> bool:
     pids = [procs.read_pid(layout.pid_dir / n) for n in ("containerd.pid", "proxy.pid")]
     return all(p is not None and procs.alive(p) for p in pids)
+
+
+def _free_subnet(layout: NodeLayout) -> str:
+    """This node's claimed subnet, or the first candidate neither claimed by another live node nor routed."""
+    if layout.subnet_claim.is_file():
+        return layout.subnet
+    claimed = set()
+    for claim in RUN_ROOT.glob(f"*/{layout.subnet_claim.name}"):
+        with contextlib.suppress(OSError):
+            claimed.add(claim.read_text().strip())
+    for subnet in layout.subnet_candidates():
+        if subnet not in claimed and cleanup.subnet_in_use(subnet, layout.bridge) is None:
+            return subnet
+    raise FailedPrecondition(f"no free pod subnet in 10.234.0.0/16 for {layout.dir}: {len(claimed)} nodes are up")
 
 
 def _start_containerd(layout: NodeLayout, tools: Tools, enter: Sequence[str] = ()) -> None:

@@ -55,6 +55,26 @@ def test_two_nodes_side_by_side_and_nothing_left(tmp_path: Path) -> None:
     assert node_down(dirs[0]) == ""  # idempotent: nothing left to do
 
 
+def test_two_nodes_whose_tags_pick_one_subnet_get_two(tmp_path: Path) -> None:
+    """A test session keeps a dozen nodes up: the second of two nodes whose tags pick the same /24 takes
+    the next free one (it failed at up, or its pods later, before)."""
+    first = tmp_path / "a"
+    preferred = NodeLayout(first.resolve()).subnet_candidates()[0]
+    second = next(d for d in (tmp_path / f"b{i}" for i in range(10_000))
+                  if NodeLayout(d.resolve()).subnet_candidates()[0] == preferred)
+    before = leaks.snapshot()
+    try:
+        nodes = [node_up(d) for d in (first, second)]
+        subnets = [NodeLayout(d.resolve()).subnet for d in (first, second)]
+        assert subnets[0] == preferred and subnets[1] != preferred
+        ips = [_run_pod(n.cri, f"pod-{i}", n.dir / "logs-pods") for i, n in enumerate(nodes)]
+        assert [ip.rsplit(".", 1)[0] for ip in ips] == [s.rsplit(".", 1)[0] for s in subnets]
+    finally:
+        for d in (first, second):
+            node_down(d)
+    leaks.assert_nothing_left(before, leaks.settled_snapshot(before), tmp_path)
+
+
 def test_bad_input_is_refused_and_changes_nothing(tmp_path: Path) -> None:
     bad_version = criu_shim("node", "up", "--dir", str(tmp_path / "x"), "--containerd", "9.9", check=False)
     assert bad_version.returncode == 2 and "invalid choice: '9.9'" in bad_version.stderr
