@@ -21,33 +21,33 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from tests.node.pods import wait_for  # noqa: E402
-from tests.node.test_migrate import (  # noqa: E402
+from tests.node.fabric_pods import (  # noqa: E402
     FABRIC,
     TCP,
     Host,
-    _client_on_router,
-    _largest_gap,
-    _pod_ip,
-    _seqs,
-    _up,
+    client_on_router,
     distinct_dirs,
+    largest_gap,
+    pod_ip,
+    seqs,
+    up,
 )
+from tests.node.pods import wait_for  # noqa: E402
 
 
 def one(a: Host, b: Host, mem_mb: int, log: Path) -> tuple[float, str]:
     with a.cri.pod(TCP) as pod_a, b.cri.pod(TCP) as pod_b:
-        ip = _pod_ip(a, pod_a)
+        ip = pod_ip(a, pod_a)
         server = a.cri.container(pod_a, ["/usr/local/bin/tcpserver"],
                                  {"PORT": "7000", "BIND_ADDR": ip, "MEM_MB": str(mem_mb)}, name="server")
-        with _client_on_router(ip, log, interval_ms=10):
-            wait_for(lambda: len(_seqs(log.read_text())) >= 20, timeout=60)
+        with client_on_router(ip, log, interval_ms=10):
+            wait_for(lambda: len(seqs(log.read_text())) >= 20, timeout=60)
             out = a.migrate(server, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", pod_b.id).stdout
-            last = _seqs(log.read_text())[-1][1]
-            wait_for(lambda: _seqs(log.read_text())[-1][1] >= last + 20, timeout=120)
+            last = seqs(log.read_text())[-1][1]
+            wait_for(lambda: seqs(log.read_text())[-1][1] >= last + 20, timeout=120)
         text = log.read_text()
         assert text.count("connected ") == 1 and "error" not in text, text[-1000:]
-        return _largest_gap(text), out.strip().splitlines()[-1]
+        return largest_gap(text), out.strip().splitlines()[-1]
 
 
 def main() -> int:
@@ -60,7 +60,7 @@ def main() -> int:
         dirs = distinct_dirs(lambda name: Path(tmp) / f"{name}{next(made)}")
         hosts: list[Host] = []
         try:
-            hosts = [_up(d, Path(tmp) / "logs") for d in dirs]
+            hosts = [up(d, Path(tmp) / "logs") for d in dirs]
             for size in args.sizes:
                 gaps = []
                 for rep in range(args.reps):
