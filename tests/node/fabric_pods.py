@@ -172,6 +172,7 @@ def kept_checkpoint(stderr: str) -> Path:
 def run_pod(host: Host, annotations: dict[str, str] | None = None) -> Pod:
     """A pod the test removes itself, mid-way (Cri.pod removes its pod only at the end of a with block)."""
     name = f"p-{uuid.uuid4().hex[:8]}"
+    (host.cri.log_root / name).mkdir(parents=True, exist_ok=True)
     config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=name, namespace="tests", uid=name),
                                   log_directory=str(host.cri.log_root / name), annotations=annotations or {})
     reply = host.cri.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config), timeout=60)
