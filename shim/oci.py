@@ -29,6 +29,12 @@ LAYER_TYPES = frozenset({
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
 })
 
+# criu-shim's own: a sealed (encrypted, shim.sealed) checkpoint archive in a checkpoint image. No layer
+# type to containerd (its images.IsLayerType: the "application/vnd.oci.image.layer." prefix and the Docker
+# rootfs.diff types), so a pull or import fetches and keeps the blob but never unpacks it: under a tar
+# type the unpacker met ciphertext and every CRI PullImage of the image failed.
+SEALED_CHECKPOINT = "application/vnd.criu-shim.checkpoint.sealed.v1"
+
 # Image annotations naming an image (the OCI layout's index, containerd's import).
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_IMAGE_NAME = "io.containerd.image.name"
