@@ -75,6 +75,11 @@ _BYTES = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 
           "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 
 
+COMPRESSION_NONE, COMPRESSION_ZSTD = "none", "zstd"
+COMPRESSIONS = (COMPRESSION_NONE, COMPRESSION_ZSTD)
+ZSTD_LEVELS = range(1, 20)  # zstd's normal levels (20-22 "ultra" need a huge window to decompress)
+
+
 @dataclass(frozen=True)
 class CheckpointDefaults:
     tcp_established: bool = False
@@ -83,6 +88,9 @@ class CheckpointDefaults:
     # fsync archives before answering: durable across a node crash, but a full
     # write-back of the memory image (about 1-2 s per GiB on these disks).
     fsync: bool = False
+    # Archives written as a zstd stream (shim.checkpoint.compression); a pod may choose per annotation.
+    compression: str = COMPRESSION_NONE
+    compression_level: int = 3  # zstd's own default
 
 
 @dataclass(frozen=True)
@@ -188,7 +196,8 @@ def parse(raw: dict[str, Any], origin: str = "config") -> Config:
     section = raw.get("checkpoint", {})
     if not isinstance(section, dict):
         raise InvalidArgument(f"{origin}: [checkpoint] must be a table")
-    unknown = set(section) - {"tcp_established", "file_locks", "ext_unix_sockets", "fsync", "criu", "audit_log"}
+    unknown = set(section) - {"tcp_established", "file_locks", "ext_unix_sockets", "fsync", "criu", "audit_log",
+                              "compression", "compression_level"}
     if unknown:
         raise InvalidArgument(f"{origin}: unknown keys in [checkpoint]: {', '.join(sorted(unknown))}")
     flags = {k: section.get(k, False) for k in ("tcp_established", "file_locks", "ext_unix_sockets", "fsync")}
@@ -206,13 +215,24 @@ def parse(raw: dict[str, Any], origin: str = "config") -> Config:
     state = raw.get("state_dir", str(DEFAULT_STATE_DIR))
     if not isinstance(state, str) or not Path(state).is_absolute():
         raise InvalidArgument(f"{origin}: state_dir must be an absolute path")
-    return Config(CheckpointDefaults(**flags), Path(criu) if criu else _which_criu(), Path(audit),
+    defaults = CheckpointDefaults(**flags, **_compression(section, origin))
+    return Config(defaults, Path(criu) if criu else _which_criu(), Path(audit),
                   _restore(raw.get("restore", {}), origin), Path(state),
                   _retention(raw.get("retention", {}), origin), _metrics(raw.get("metrics", {}), origin),
                   admission=parse_section(raw.get("admission", {}), origin),
                   encryption=_encryption(raw.get("encryption", {}), origin),
                   signing=_signing(raw.get("signing", {}), origin),
                   export=_export(raw.get("export", {}), origin))
+
+
+def _compression(section: dict[str, Any], origin: str) -> dict[str, Any]:
+    kind, level = section.get("compression", COMPRESSION_NONE), section.get("compression_level", 3)
+    if kind not in COMPRESSIONS:
+        raise InvalidArgument(f"{origin}: checkpoint.compression must be one of {list(COMPRESSIONS)}, got {kind!r}")
+    if not isinstance(level, int) or isinstance(level, bool) or level not in ZSTD_LEVELS:
+        raise InvalidArgument(f"{origin}: checkpoint.compression_level must be a zstd level "
+                              f"{ZSTD_LEVELS.start}..{ZSTD_LEVELS.stop - 1}, got {level!r}")
+    return {"compression": kind, "compression_level": level}
 
 
 def _export(section: Any, origin: str) -> ExportSettings:

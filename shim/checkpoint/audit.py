@@ -45,6 +45,7 @@ class AuditRecord:
     archive_s: float
     result: str
     encryption_key_id: str = ""  # the key id a sealed archive names ("" when not encrypted); never the key
+    compression: str = ""  # "zstd" for a compressed archive; a restore of one: "zstd (eager: not lazy)"
 
 
 def append(path: Path, record: AuditRecord) -> None:

@@ -36,7 +36,20 @@ from shim import freezer, policy, signing
 from shim.api.containerd.runtime.v2.runc.options import oci_pb2 as runc_options
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.arch import go_arch
-from shim.checkpoint import addresses, audit, criu, criulog, devshm, held, location, netlock, options, recovery, sealing
+from shim.checkpoint import (
+    addresses,
+    audit,
+    compression,
+    criu,
+    criulog,
+    devshm,
+    held,
+    location,
+    netlock,
+    options,
+    recovery,
+    sealing,
+)
 from shim.checkpoint.adopt import write_archive_in_place
 from shim.checkpoint.archive import Member, directory_members
 from shim.checkpoint.metadata import config_dump, spec_dump, status_dump
@@ -80,6 +93,7 @@ class Target:
     pod_ips: tuple[str, ...] = ()
     netns: Path | None = None  # the pod's network namespace
     seal: sealing.SealKey | None = None  # encryption at rest: the archive is sealed with this key
+    compression: compression.Compression | None = None  # zstd: the archive is a compressed tar
 
 
 @dataclass
@@ -136,6 +150,7 @@ class Checkpointer:
             sandbox.metadata.namespace, sandbox.metadata.name, sandbox.runtime_handler, dict(sandbox.annotations)),
             request.container_id)
         opts = options.resolve(self._config.checkpoint, sandbox.annotations, status.metadata.name)
+        packing = compression.wanted(self._config.checkpoint, sandbox.annotations, status.metadata.name)
         ips = tuple(i for i in (sandbox.network.ip, *(i.ip for i in sandbox.network.additional_ips)) if i)
         netns = _network_namespace(info)
         if opts.tcp_established and netns is not None:
@@ -145,7 +160,7 @@ class Checkpointer:
         if sealing.wanted(self._config.encryption, sandbox.annotations, status.metadata.name,
                           sandbox.metadata.namespace, sandbox.metadata.name, request.container_id):
             seal = await asyncio.to_thread(sealing.load_key, self._config.encryption)
-        return Target(status, sandbox.metadata.name, sandbox.metadata.namespace, opts, ips, netns, seal)
+        return Target(status, sandbox.metadata.name, sandbox.metadata.namespace, opts, ips, netns, seal, packing)
 
     async def _until_exited(self, container_id: str) -> None:
         """Answer a stop-after checkpoint only once ContainerStatus says EXITED.
@@ -191,7 +206,7 @@ class Checkpointer:
             # Before the freeze, so as not to lengthen it: what the pod's nftables held before us and CRIU.
             tables = sorted(await netlock.tables(target.netns)) if locking and target.netns else []
             async with AsyncExitStack() as streaming, AsyncExitStack() as frozen:
-                streamed = await self._stream_pages(container_id, staging, streaming, target.seal)
+                streamed = await self._stream_pages(container_id, staging, streaming, target)
                 if locking and target.netns is not None:
                     self._tidy_tables_at_exit(target.netns, set(tables), frozen)  # exits last: after the thaw
                 cgroup = await recovery.freezer_dir(self._containerd, container_id)
@@ -234,21 +249,21 @@ class Checkpointer:
                 reached(Point.CHECKPOINT_ARCHIVE)
                 archive_started = time.monotonic()
                 try:
-                    outcome.size = await asyncio.to_thread(self._write_archive, streamed, path, members, target.seal)
+                    outcome.size = await asyncio.to_thread(self._write_archive, streamed, path, members, target)
                     await asyncio.to_thread(_sign, path, key)
                 except OSError as exc:
                     raise _storage_error(path, exc) from None
                 outcome.archive_s = time.monotonic() - archive_started
 
     async def _stream_pages(self, container_id: str, staging: Path, stack: AsyncExitStack,
-                            seal: sealing.SealKey | None) -> StreamedArchive | None:
+                            target: Target) -> StreamedArchive | None:
         """Memory straight into the archive during the dump (pagestream); None: built afterwards."""
         directory = await recovery.freezer_dir(self._containerd, container_id)
         try:
             count = await asyncio.to_thread(freezer.processes, directory) if directory else 1
         except freezer.FreezerError:
             count = 1
-        streamed = await asyncio.to_thread(StreamedArchive.open, staging, count, seal)
+        streamed = await asyncio.to_thread(StreamedArchive.open, staging, count, target.seal, target.compression)
         if streamed is not None:
             stack.push_async_callback(undo, asyncio.to_thread(streamed.close), None, "close the page stream")
         return streamed
@@ -269,11 +284,12 @@ class Checkpointer:
                 raise _storage_error(path, exc) from None
 
     def _write_archive(self, streamed: StreamedArchive | None, path: Path, members: list[Member],
-                       seal: sealing.SealKey | None) -> int:
+                       target: Target) -> int:
         if streamed is not None:
             return streamed.complete(path, members, self._config.checkpoint.fsync)
-        if seal is not None:
-            return sealing.write_sealed_archive(path, members, seal, self._config.checkpoint.fsync)
+        if target.seal is not None or target.compression is not None:
+            return sealing.write_sealed_archive(path, members, target.seal, self._config.checkpoint.fsync,
+                                                target.compression)
         return write_archive_in_place(path, members, self._config.checkpoint.fsync)
 
     async def _freeze(self, container_id: str, stack: AsyncExitStack, outcome: Outcome) -> None:
@@ -345,7 +361,8 @@ class Checkpointer:
             location=request.location, size=outcome.size, duration_s=round(time.monotonic() - started, 4),
             frozen_s=round(outcome.frozen_s, 4), dump_s=round(outcome.dump_s, 4),
             archive_s=round(outcome.archive_s, 4), result=result,
-            encryption_key_id=target.seal.key_id if target and target.seal else ""))
+            encryption_key_id=target.seal.key_id if target and target.seal else "",
+            compression="zstd" if target and target.compression else ""))
 
 
 def _signing_key(config: Config) -> SigningKey | None:

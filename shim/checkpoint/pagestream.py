@@ -13,6 +13,8 @@ and network transfer of checkpoints plug in: with a `SealedFile` (shim.sealed)
 the pages are read from the pipe straight into its chunk buffer and sealed
 there (a copy through user space is what encryption costs; still one pass,
 nothing read back), and each tar header's slot is sealed once its size is known.
+A `ZstdFile` (shim.checkpoint.compression) compresses the same way, alone or
+in front of a SealedFile (compress, then seal).
 
 Why FIFOs and not CRIU's page server: containerd's checkpoint options carry
 no page-server address (and runc's CRIU configuration file is per node or per
@@ -47,7 +49,7 @@ from pathlib import Path
 
 from shim.archive_layout import IMAGES_DIR
 from shim.checkpoint.archive import FILE_MODE, root_entry
-from shim.sealed import SealedFile, Slot
+from shim.checkpoint.compression import ArchiveStream
 
 PAGES_PATTERN = "pages-{}.img"  # CRIU's page image names (criu/image-desc.c)
 PAGES_GLOB = PAGES_PATTERN.format("*")
@@ -66,7 +68,7 @@ class Streamed:
     header_at: int
     header_len: int
     size: int = 0
-    slot: Slot | None = None  # sealed archives: where the header goes once the size is known
+    slot: object | None = None  # sealed or compressed archives: where the header goes once the size is known
 
 
 @dataclass
@@ -98,13 +100,14 @@ class PageStream:
     """Runs in a thread during the dump: FIFO data -> archive (or spill files); start/finish in pairs."""
 
     def __init__(self, fifos: list[Path], archive_fd: int, block: int, spill_dir: Path,
-                 sealed: SealedFile | None = None) -> None:
-        """`sealed`: write the archive through it (encrypted); offsets are then the plaintext's."""
+                 through: ArchiveStream | None = None) -> None:
+        """`through`: write the archive through it (sealed, compressed); offsets are then the tar's."""
         self._fifos = fifos
         self._archive = archive_fd
-        self._sealed = sealed
-        # Block alignment is for the loop device of a lazy restore, which a sealed archive never gets.
-        self._block = _BLOCK if sealed is not None else block
+        self._through = through
+        # Block alignment is for the loop device of a lazy restore, which a sealed or compressed archive
+        # never gets (its pages are not in place).
+        self._block = _BLOCK if through is not None else block
         self._spill_dir = spill_dir
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._result = Result(end=_BLOCK)  # block 0: the `checkpoint/` directory header
@@ -114,8 +117,8 @@ class PageStream:
         self._sink = -1  # /dev/null, where an image goes once writing it failed
 
     def start(self) -> None:
-        if self._sealed is not None:
-            self._sealed.write(_directory_header(IMAGES_DIR))
+        if self._through is not None:
+            self._through.write(_directory_header(IMAGES_DIR))
         else:
             os.pwrite(self._archive, _directory_header(IMAGES_DIR), 0)
         self._fds = {os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC): p for p in self._fifos}
@@ -195,8 +198,8 @@ class PageStream:
                 entry.size += moved
 
     def _splice(self, fd: int, target: int, entry: Streamed | Spilled) -> int:
-        if self._sealed is not None and isinstance(entry, Streamed) and target != self._sink:
-            return self._sealed.read_from(fd, SPLICE_CHUNK)
+        if self._through is not None and isinstance(entry, Streamed) and target != self._sink:
+            return self._through.read_from(fd, SPLICE_CHUNK)
         if isinstance(entry, Streamed) and target != self._sink:
             offset = entry.header_at + entry.header_len + entry.size
             return os.splice(fd, target, SPLICE_CHUNK, offset_dst=offset, flags=os.SPLICE_F_NONBLOCK)
@@ -213,9 +216,9 @@ class PageStream:
             streamed = Streamed(name, self._result.end, header_len)
             self._result.end += header_len
             active[fd] = (self._archive, streamed)
-            if self._sealed is not None:
+            if self._through is not None:
                 try:
-                    streamed.slot = self._sealed.reserve(header_len)
+                    streamed.slot = self._through.reserve(header_len)
                 except OSError as exc:  # the sealer's writer failed (a full disk): discard, as below
                     self._error = self._error or exc
                     active[fd] = (self._sink, streamed)
@@ -239,10 +242,10 @@ class PageStream:
         header = aligned_header(entry.name, entry.size, entry.header_at, self._block, entry.header_len)
         data_end = entry.header_at + entry.header_len + entry.size
         padding = -data_end % _BLOCK
-        if self._sealed is not None and entry.slot is not None:
+        if self._through is not None and entry.slot is not None:
             try:
-                self._sealed.fill(entry.slot, header)
-                self._sealed.write(bytes(padding))
+                self._through.fill(entry.slot, header)
+                self._through.write(bytes(padding))
             except OSError as exc:
                 self._error = exc
                 return

@@ -27,10 +27,11 @@ from pathlib import Path
 
 from shim.annotations import boolean
 from shim.checkpoint.archive import FILE_MODE, Member, SourceChangedError, TarWriter, add_members
+from shim.checkpoint.compression import ArchiveStream, ByteSink, Compression, FileSink, ZstdFile
 from shim.checkpoint.options import annotation
 from shim.config import EncryptionSettings
 from shim.errors import FailedPrecondition, PermissionDenied
-from shim.sealed import CONTENT_TAR, Header, Keyring, SealedFile, new_header
+from shim.sealed import CONTENT_TAR, CONTENT_TAR_ZSTD, Header, Keyring, SealedFile, new_header
 
 OPTION = "encrypt"  # checkpoint.criu-shim.io/encrypt: "true" | "false"
 _COPY_CHUNK = 1 << 20
@@ -70,10 +71,28 @@ def load_key(settings: EncryptionSettings) -> SealKey:
     return SealKey(settings.key_id, Keyring.of(settings).key(settings.key_id))
 
 
-class SealedTarWriter(TarWriter):
-    """A TarWriter whose bytes go through a SealedFile (plaintext offsets, one pass)."""
+def open_through(fd: int, seal: SealKey | None, compression: Compression | None,
+                 start: int = 0) -> ArchiveStream | None:
+    """What an archive's tar stream is written through: compressed, then sealed; None for neither.
 
-    def __init__(self, sealed: SealedFile, start: int = 0) -> None:
+    The sealed header says whether the plaintext is a tar or a zstd stream of one.
+    """
+    sealed = None
+    if seal is not None:
+        content = CONTENT_TAR_ZSTD if compression is not None else CONTENT_TAR
+        sealed = SealedFile(fd, *seal.new_header(content), start=start)
+        if compression is None:
+            return sealed
+    if compression is None:
+        return None
+    sink: ByteSink = sealed if sealed is not None else FileSink(fd, start)
+    return ZstdFile(sink, compression)
+
+
+class SealedTarWriter(TarWriter):
+    """A TarWriter whose bytes go through a SealedFile or a ZstdFile (tar offsets, one pass)."""
+
+    def __init__(self, sealed: ByteSink, start: int = 0) -> None:
         super().__init__(-1, start)
         self._sealed = sealed
 
@@ -96,8 +115,9 @@ class SealedTarWriter(TarWriter):
         self._pending.clear()
 
 
-def write_sealed_archive(location: Path, members: Iterable[Member], seal: SealKey, durable: bool) -> int:
-    """The whole archive sealed, written beside `location` and renamed onto it; return its size.
+def write_sealed_archive(location: Path, members: Iterable[Member], seal: SealKey | None, durable: bool,
+                         compression: Compression | None = None) -> int:
+    """The whole archive sealed and/or compressed, written beside `location` and renamed onto it; its size.
 
     For where the page stream cannot run (no FIFOs): the memory images are read
     from CRIU's files, a copy the streamed path avoids.
@@ -107,8 +127,8 @@ def write_sealed_archive(location: Path, members: Iterable[Member], seal: SealKe
     try:
         try:
             os.fchmod(fd, FILE_MODE)
-            header, data_key = seal.new_header()
-            sealed = SealedFile(fd, header, data_key)
+            sealed = open_through(fd, seal, compression)
+            assert sealed is not None, "neither sealed nor compressed: write_archive_in_place"
             try:
                 writer = SealedTarWriter(sealed)
                 add_members(writer, members)

@@ -5,7 +5,7 @@ Life cycle, all blocking (call from a worker thread), in pairs:
 running) before the freeze; `dump_ended` once runc's dump returned, whatever
 its outcome; `complete` to append every other member and rename the file onto
 the location; `close` on every path (idempotent). With a SealKey the archive
-is sealed (encrypted) as it is written: same steps, same file, one pass. The file lives in the
+is sealed (encrypted) and/or compressed as it is written: same steps, same file, one pass. The file lives in the
 private staging directory until the rename, so a failure or a crash leaves
 nothing beside it that recovery does not delete with the staging directory.
 """
@@ -20,15 +20,15 @@ from pathlib import Path
 from shim.archive_layout import IMAGES_DIR
 from shim.checkpoint import pagestream
 from shim.checkpoint.archive import FILE_MODE, Member, TarWriter, add_members
-from shim.checkpoint.sealing import SealedTarWriter, SealKey
-from shim.sealed import SealedFile
+from shim.checkpoint.compression import ArchiveStream, Compression
+from shim.checkpoint.sealing import SealedTarWriter, SealKey, open_through
 
 ARCHIVE_NAME = "archive.tar"  # inside the staging directory, until renamed onto the location
 
 
 class StreamedArchive:
     def __init__(self, staging: Path, fifos: list[Path], fd: int, stream: pagestream.PageStream,
-                 sealed: SealedFile | None = None) -> None:
+                 sealed: ArchiveStream | None = None) -> None:
         self._staging = staging
         self._sealed = sealed
         self._fifos = fifos
@@ -37,7 +37,8 @@ class StreamedArchive:
         self._result: pagestream.Result | None = None
 
     @classmethod
-    def open(cls, staging: Path, processes: int, seal: SealKey | None = None) -> StreamedArchive | None:
+    def open(cls, staging: Path, processes: int, seal: SealKey | None = None,
+             compression: Compression | None = None) -> StreamedArchive | None:
         """Prepare the stream for a container of `processes` processes; None where FIFOs can't be made."""
         images = staging / IMAGES_DIR
         images.mkdir(mode=0o700, exist_ok=True)
@@ -50,7 +51,7 @@ class StreamedArchive:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
         sealed = None
         try:
-            sealed = SealedFile(fd, *seal.new_header()) if seal is not None else None
+            sealed = open_through(fd, seal, compression)
             stream = pagestream.PageStream(fifos, fd, os.statvfs(staging).f_bsize, staging, sealed)
             stream.start()
         except BaseException:

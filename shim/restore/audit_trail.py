@@ -27,14 +27,14 @@ class RestoreAudits:
         self._held: dict[str, tuple[audit.AuditRecord, float]] = {}
 
     def create_ended(self, request: cri.CreateContainerRequest, peer: Peer, container_id: str, started: float,
-                     result: str) -> None:
+                     result: str, compression: str = "") -> None:
         """A failed Create ends the attempt; a created restore is audited when its Start ends (`start_ended`)."""
         sandbox = request.sandbox_config.metadata
         record = audit.AuditRecord(
             action=audit.Action.RESTORE, caller_uid=peer.uid, caller_pid=peer.pid, pod=sandbox.name,
             namespace=sandbox.namespace, container=request.config.metadata.name, container_id=container_id,
             location=request.config.image.image, size=0, duration_s=round(time.monotonic() - started, 4),
-            frozen_s=0.0, dump_s=0.0, archive_s=0.0, result=result)
+            frozen_s=0.0, dump_s=0.0, archive_s=0.0, result=result, compression=compression)
         if result == "ok" and container_id:
             self._held[container_id] = (record, started)
         else:

@@ -31,7 +31,15 @@ from shim.restore.checkpoint_spec import Producer, detect_producer
 from shim.restore.dirfd import DIR_FLAGS, NEW_FILE, close_unless, remove_entry, replace_fd
 from shim.restore.lazy import Deferred
 from shim.restore.rootfs_diff import deleted_path_parts
-from shim.restore.tar_reader import DEFAULT_MAX_SIZE, Budget, TarInput, count_members, member_kind, member_parts
+from shim.restore.tar_reader import (
+    DEFAULT_MAX_SIZE,
+    Budget,
+    TarInput,
+    count_members,
+    member_kind,
+    member_parts,
+    stream_limit,
+)
 
 # A checkpoint archive holds CRIU's images (a handful per process), a few side files and one
 # rootfs-diff.tar (whose own members have DEFAULT_MAX_MEMBERS): far fewer entries than this.
@@ -57,6 +65,7 @@ class CheckpointArchive:
     producer: Producer
     # Members left in the archive (created sparse here): see shim.restore.lazy.
     deferred: tuple[Deferred, ...] = ()
+    compression: str = "none"  # of the archive file: "gzip", "zstd" (then nothing can be deferred)
 
 
 def open_checkpoint(path: Path, dest: Path, *, max_size: int = DEFAULT_MAX_SIZE,
@@ -78,9 +87,10 @@ def open_checkpoint(path: Path, dest: Path, *, max_size: int = DEFAULT_MAX_SIZE,
         try:
             count_members(path, label, max_members)  # before anything is written
             unpacker = _Unpacker(label, dest_fd, Budget(label, max_size, max_members), defer, dest)
-            with TarInput(path, label) as tar:
+            with TarInput(path, label, stream_limit(max_size, max_members)) as tar:
                 unpacker.run(tar)
-            return dataclasses.replace(_load(label, dest, dest_fd), deferred=tuple(unpacker.deferred))
+            return dataclasses.replace(_load(label, dest, dest_fd), deferred=tuple(unpacker.deferred),
+                                       compression=tar.compression)
         except OSError as exc:
             _empty(dest_fd)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from shim.checkpoint.devshm import MAX_DEPTH, MAX_ENTRIES, MAX_SIZE, MEMBER, pod_shm_dir
 from shim.errors import InvalidArgument, ResourceExhausted
-from shim.restore.tar_reader import Budget, TarInput, member_kind, member_parts
+from shim.restore.tar_reader import Budget, TarInput, member_kind, member_parts, stream_limit
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -80,12 +80,12 @@ def apply_devshm(tar_path: Path, target: Path, *, max_size: int = MAX_SIZE,
                  max_entries: int = MAX_ENTRIES) -> Outcome:
     """Check the whole tar at `tar_path`, then add what `target` lacks; see the module doc."""
     label = f"the checkpoint's /dev/shm ({MEMBER})"
-    with TarInput(tar_path, label) as tar:
+    with TarInput(tar_path, label, stream_limit(max_size, max_entries)) as tar:
         _check(label, tar, Budget(label, max_size, max_entries))
     root_fd = os.open(target, _DIR_FLAGS)
     outcome = Outcome()
     try:
-        with TarInput(tar_path, label) as tar:
+        with TarInput(tar_path, label, stream_limit(max_size, max_entries)) as tar:
             for member in tar.members():
                 _apply(label, root_fd, member, tar, outcome)
     except BaseException as exc:

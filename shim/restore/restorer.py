@@ -151,6 +151,7 @@ class Restorer:
     async def create(self, request: cri.CreateContainerRequest, source: Path | CheckpointImage, peer: Peer,
                      metadata: tuple[tuple[str, str], ...], timeout: float | None) -> cri.CreateContainerResponse:
         started, result, container_id = time.monotonic(), "ok", ""
+        notes: dict[str, str] = {}  # what the audit line says about the archive
         try:
             self._admission.require_enabled(request.config.image.image)
             self._collect_pending()
@@ -161,7 +162,7 @@ class Restorer:
             verdict = await asyncio.to_thread(verify_signature, self._config.signing, archive,
                                               request.config.image.image)
             with self._holding(archive):
-                container_id = await self._create(request, archive, metadata, timeout, verdict)
+                container_id = await self._create(request, archive, metadata, timeout, verdict, notes)
         except ShimError as exc:
             result = f"error: {exc.code.name}: {exc.message}"
             record_failure("restore", exc)
@@ -171,7 +172,7 @@ class Restorer:
             record_failure("restore", exc)
             raise
         finally:
-            self._audits.create_ended(request, peer, container_id, started, result)
+            self._audits.create_ended(request, peer, container_id, started, result, notes.get("compression", ""))
         record_restore(time.monotonic() - started)
         return cri.CreateContainerResponse(container_id=container_id)
 
@@ -220,7 +221,7 @@ class Restorer:
 
     async def _create(self, request: cri.CreateContainerRequest, source: Path | CheckpointImage,
                       metadata: tuple[tuple[str, str], ...], timeout: float | None,
-                      verdict: Verdict = UNCHECKED) -> str:
+                      verdict: Verdict = UNCHECKED, notes: dict[str, str] | None = None) -> str:
         work = self._config.restore.work_dir / uuid.uuid4().hex
         layer = work.parent / f"{work.name}.layer"
         async with AsyncExitStack() as always:
@@ -234,6 +235,8 @@ class Restorer:
                 unpack_started = time.monotonic()
                 archive_path = await self._archive_file(source, layer)
                 archive = await self._unpack(archive_path, work, lazy_wanted(request))
+                if notes is not None and archive.compression != "none":
+                    notes["compression"] = f"{archive.compression} (eager: lazy pages need an uncompressed archive)"
                 await asyncio.to_thread(check_unchanged, verdict, archive_path, source_name(source))
                 await asyncio.to_thread(check_architecture, work)
                 await self._admission.origin(request, archive.spec, source_name(source))
@@ -331,6 +334,11 @@ class Restorer:
                 return await self._unpack(plain, work, lazy_wanted)
         defer = lazy.deferrable if lazy_wanted and await self._lazy_possible() else None
         archive = await to_thread_to_end(self._unpack_archive, archive_path, work, defer=defer)
+        if archive.compression != "none":
+            # Lazy restore serves pages from the archive in place (a loop device over the member):
+            # a compressed member has no such place, so its memory is unpacked before CRIU runs.
+            log.info("restore of %s: the archive is %s-compressed: restored eagerly%s", archive_path,
+                     archive.compression, " (lazy pages need an uncompressed archive)" if defer else "")
         await to_thread_to_end(lazy.check_memory_images, work, archive.deferred)  # before CRIU ever reads them
         if archive.deferred:
             assert self._config.criu is not None  # _lazy_possible() checked it

@@ -22,7 +22,7 @@ from pathlib import Path
 from shim.errors import InvalidArgument
 from shim.restore.dirfd import DIR_FLAGS, NEW_FILE, close_unless, remove_entry, walk
 from shim.restore.rootfs_diff_plan import DiffPlan, Entry, classify
-from shim.restore.tar_reader import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_SIZE, Budget, TarInput
+from shim.restore.tar_reader import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_SIZE, Budget, TarInput, stream_limit
 
 _CAPABILITY = "SCHILY.xattr.security.capability"
 
@@ -40,11 +40,11 @@ def apply_rootfs_diff(diff_tar: Path, rootfs: Path, *, max_size: int = DEFAULT_M
     root_fd = os.open(rootfs, DIR_FLAGS)
     try:
         plan = DiffPlan(label, root_fd, Budget(label, max_size, max_members))
-        with TarInput(diff_tar, label) as tar:
+        with TarInput(diff_tar, label, stream_limit(max_size, max_members)) as tar:
             for member in tar.members():
                 plan.check(member)
         applier = _DiffApplier(label, root_fd)
-        with TarInput(diff_tar, label) as tar:
+        with TarInput(diff_tar, label, stream_limit(max_size, max_members)) as tar:
             for member in tar.members():
                 applier.apply(member, tar)
     finally:

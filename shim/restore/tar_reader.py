@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import importlib
+import io
 import os
 import stat
 import tarfile
@@ -41,6 +42,9 @@ PATH_MAX = 4095
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _READ_CHUNK = 1 << 20
+_HEADER_ALLOWANCE = 4096
+_TAIL_ALLOWANCE = 1 << 20  # end marker and a writer's record padding
+_MAX_ZSTD_WINDOW = 128 << 20  # zstd's own default limit (ZSTD_WINDOWLOG_LIMIT_DEFAULT), said explicitly
 # pax and GNU long-name/long-link headers: they describe the member after them.
 _EXTENDED_TYPE_FLAGS = (b"x", b"g", b"L", b"K")
 # pax and GNU long-name headers are read whole into memory by tarfile.
@@ -85,13 +89,16 @@ class _TarFile(tarfile.TarFile):
 class TarInput:
     """A tar file, plain, gzip or zstd, read as a stream of members; data copied out on demand."""
 
-    def __init__(self, path: Path, label: str) -> None:
+    def __init__(self, path: Path, label: str, max_stream: int | None = None) -> None:
+        """`max_stream`: the most bytes a compressed archive may unpack to (a bomb is refused there)."""
         self._path = path
+        self._max_stream = max_stream
         self._label = label
         self._stack = contextlib.ExitStack()
         self._fd = -1
         self._tar: _TarFile | None = None
         self._compressed = False
+        self.compression = "none"  # "gzip", "zstd" (by the file's magic)
         self._errors: tuple[type[BaseException], ...] = (tarfile.TarError, _CorruptTar, EOFError,
                                                          zlib.error, gzip.BadGzipFile)
 
@@ -120,15 +127,20 @@ class TarInput:
         os.set_blocking(self._fd, True)
         raw = self._stack.enter_context(os.fdopen(self._fd, "rb", closefd=False))
         magic = os.pread(self._fd, 4, 0)
-        stream: IO[bytes] | gzip.GzipFile = raw
+        stream: IO[bytes] | gzip.GzipFile | _Bounded = raw
         if magic.startswith(_GZIP_MAGIC):
             stream = self._stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
+            self.compression = "gzip"
         elif magic == _ZSTD_MAGIC:
             zstd = _zstandard(self._label)
             self._errors += (zstd.ZstdError,)
+            # A frame may ask for any window; zstd's default cap (128 MiB) bounds the memory a hostile one takes.
             stream = self._stack.enter_context(
-                zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+                zstd.ZstdDecompressor(max_window_size=_MAX_ZSTD_WINDOW).stream_reader(raw, read_across_frames=True))
+            self.compression = "zstd"
         self._compressed = stream is not raw
+        if self._compressed and self._max_stream is not None:
+            stream = _Bounded(stream, self._max_stream, self._label)
         with self._translated():
             # Random access for a plain tar (member data skipped by seeking); a stream otherwise.
             self._tar = self._stack.enter_context(_TarFile.open(
@@ -183,6 +195,50 @@ class TarInput:
             yield
         except self._errors as exc:
             raise InvalidArgument(f"{self._label} is truncated or corrupt: {exc or type(exc).__name__}") from None
+
+
+class _Bounded(io.RawIOBase):
+    """A decompressed stream that ends in an error past `limit` bytes: a compression bomb stops there.
+
+    The budget caps the member data a tar may hold, but a compressed tar is read
+    through whatever it holds between members (skipped data of refused members,
+    headers, padding): this caps all of it, before the bytes are produced.
+    """
+
+    def __init__(self, inner: IO[bytes] | gzip.GzipFile | io.RawIOBase, limit: int, label: str) -> None:
+        super().__init__()
+        self._inner = inner
+        self._left = limit
+        self._limit = limit
+        self._label = label
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        if self._left <= 0:
+            if self._inner.read(1):
+                raise InvalidArgument(f"{self._label} decompresses to more than {self._limit} bytes, the limit "
+                                      "for its kind of archive (a compression bomb?)")
+            return 0
+        data = self._inner.read(min(len(view), self._left))
+        view[:len(data)] = data
+        self._left -= len(data)
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = _READ_CHUNK
+        buffer = bytearray(size)
+        count = self.readinto(buffer)
+        return bytes(buffer[:count])
+
+
+def stream_limit(max_size: int, max_members: int) -> int:
+    """The most bytes a compressed tar within these limits unpacks to: member data, then per member
+    its headers (a pax header and padding are well under 4 KiB in any real archive), then the end."""
+    return max_size + max_members * _HEADER_ALLOWANCE + _TAIL_ALLOWANCE
 
 
 def _zstandard(label: str) -> ModuleType:
