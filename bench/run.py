@@ -32,6 +32,10 @@ def main() -> int:
           flush=True)
     sizes = ["--sizes", "64,512", "--reps", "1"] if args.quick else []
     subprocess.run([sys.executable, str(HERE / "checkpoint.py"), *sizes], check=True)
+    print("\n== zstd archives against uncompressed ones: size, checkpoint and restore, text and random memory",
+          flush=True)
+    subprocess.run([sys.executable, str(HERE / "compression.py"), *(["--sizes", "64", "--reps", "1"] if args.quick
+                                                                   else [])], check=True)
     print("\n== Restore: criu-shim on containerd 1.7 vs containerd 2.x native vs CRIU's own restore vs cold start",
           flush=True)
     subprocess.run([sys.executable, str(HERE / "restore.py"), *sizes], check=True)
