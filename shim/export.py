@@ -26,7 +26,7 @@ from shim.config import ExportSettings
 from shim.errors import InvalidArgument
 from shim.image_reference import Reference, is_registry_host, is_repository
 from shim.registry import RegistryClient
-from shim.restore.build_image import checkpoint_image
+from shim.restore.build_image import archive_blob, checkpoint_image
 from shim.sealed import Keyring
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ def push_checkpoint(archive: Path, ref: str | Reference, docker_config: Path | N
     key = signing.load_signing_key(signing_key) if signing_key is not None else None
     image = checkpoint_image(archive, keyring)  # a sealed archive is pushed sealed; the keys read its names
     with RegistryClient(target.registry, docker_config) as client:
-        client.push_blob_bytes(target, image.config)
+        for small in (image.config, *image.small_blobs):
+            client.push_blob_bytes(target, small)
         client.push_blob(target, archive, image.layer_digest, image.layer_size)
         digest = client.push_manifest(target, image.manifest, oci.OCI_MANIFEST)
         if digest != image.digest:  # push_manifest hashes the bytes it sent: a mismatch is a bug of ours
@@ -110,7 +111,7 @@ def platform_manifest(body: bytes, name: str) -> str:
 
 
 def checkpoint_layer(body: bytes, media_type: str, name: str) -> str:
-    """The digest of the one layer of a checkpoint image manifest."""
+    """The digest of the blob holding the archive in a checkpoint image manifest (a tar layer, or a sealed blob)."""
     try:
         doc = json.loads(body)
     except ValueError:
@@ -122,9 +123,9 @@ def checkpoint_layer(body: bytes, media_type: str, name: str) -> str:
     if not any(key in notes for _, keys in oci.MARKERS for key in keys):
         raise InvalidArgument(f"{name} is not a checkpoint image: no checkpoint annotation")
     layers = doc.get("layers") or []
-    if len(layers) != 1 or not isinstance(layers[0], dict) or layers[0].get("mediaType") not in oci.LAYER_TYPES:
-        raise InvalidArgument(f"{name} is not a checkpoint image: it must have exactly one tar layer")
-    return str(layers[0].get("digest", ""))
+    if not isinstance(layers, list):
+        raise InvalidArgument(f"{name} is not an image manifest: its layers are not a list")
+    return str(archive_blob(layers, name).get("digest", ""))
 
 
 def check_destination(registry: str, repository: str) -> None:

@@ -7,10 +7,16 @@ checkpointctl) and `io.kubernetes.cri-o.annotations.checkpoint.*` (CRI-O). The
 output is an OCI layout tar that `ctr images import` or any registry client
 takes; the original image is not embedded (restore pulls it by reference).
 
-A sealed (encrypted) archive is the layer as it is, still sealed: the registry
-and anyone pulling it see only ciphertext, and a restore decrypts it with its
-node's keys. Building the image reads the archive's names for the annotations,
-so it takes the keyring (`--config`: the node's `[encryption]` keys).
+A sealed (encrypted) archive goes in as it is, still sealed: the registry and
+anyone pulling it see only ciphertext, and a restore decrypts it with its node's
+keys. Its blob has our media type (`oci.SEALED_CHECKPOINT`), which containerd
+never unpacks, beside one empty tar layer (1024 zero bytes, config diff_ids
+naming it): containerd 1.6's pull, when its unpacker found no layer, unpacks
+the image again with a rule that counts every manifest layer against the
+diff_ids ("mismatched image rootfs and manifest layers"); one real layer keeps
+every version on the unpacker's path, which skips non-layer blobs. Building the
+image reads the archive's names for the annotations, so it takes the keyring
+(`--config`: the node's `[encryption]` keys).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from shim.errors import InvalidArgument
 from shim.sealed import Keyring, is_encrypted, open_decrypted, read_header
 
 _MAX_JSON = 64 << 20  # spec.dump and config.dump are small; a bigger one is no checkpoint of ours
+# An empty tar stream (two zero blocks), uncompressed: its digest is its diff_id (module docstring).
+EMPTY_LAYER = bytes(1024)
 
 
 def _digest(data: bytes) -> str:
@@ -138,9 +146,10 @@ class CheckpointImage:
     archive: Path
     config: bytes
     manifest: bytes
-    layer_digest: str
+    layer_digest: str  # the archive's blob (a tar layer, or the sealed blob)
     layer_size: int
     annotations: dict[str, str]
+    small_blobs: tuple[bytes, ...] = ()  # besides config and archive: a sealed image's empty layer
 
     @property
     def digest(self) -> str:
@@ -155,16 +164,54 @@ def checkpoint_image(archive: Path, keyring: Keyring | None = None) -> Checkpoin
     signature = _archive_signature(archive)
     if signature is not None:  # ARCHIVE.sig signs the archive's SHA-256, which is the layer's digest
         notes[oci.ARCHIVE_SIGNATURE] = signature
+    blob: dict[str, Any] = {"mediaType": oci.OCI_LAYER_TAR, "digest": layer_digest, "size": layer_size}
+    layers: list[dict[str, Any]] = [blob]
+    small: tuple[bytes, ...] = ()
+    if is_encrypted(archive):  # ciphertext is no layer: our type, beside the empty layer (module docstring)
+        layers = [{"mediaType": oci.OCI_LAYER_TAR, "digest": _digest(EMPTY_LAYER), "size": len(EMPTY_LAYER)},
+                  {**blob, "mediaType": oci.SEALED_CHECKPOINT}]
+        small = (EMPTY_LAYER,)
+    diff_ids = [str(layer["digest"]) for layer in layers if layer["mediaType"] != oci.SEALED_CHECKPOINT]
     config = json.dumps({"architecture": go_arch(), "os": "linux", "config": {},
-                         "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}, sort_keys=True).encode()
+                         "rootfs": {"type": "layers", "diff_ids": diff_ids}}, sort_keys=True).encode()
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
         "config": {"mediaType": oci.OCI_CONFIG, "digest": _digest(config),
                    "size": len(config)},
-        "layers": [{"mediaType": oci.OCI_LAYER_TAR, "digest": layer_digest, "size": layer_size}],
+        "layers": layers,
         "annotations": notes,
     }, sort_keys=True).encode()
-    return CheckpointImage(archive, config, manifest, layer_digest, layer_size, notes)
+    return CheckpointImage(archive, config, manifest, layer_digest, layer_size, notes, small)
+
+
+def archive_blob(layers: list[Any], image: str) -> dict[str, Any]:
+    """The descriptor, among a checkpoint image manifest's `layers`, of the blob holding the archive.
+
+    The one sealed blob (`oci.SEALED_CHECKPOINT`), with at most one tar layer beside it (the empty
+    one `checkpoint_image` adds; never read); else the one tar layer (plain, gzip or zstd: an
+    unencrypted archive, any engine's, or a sealed one from before the sealed type, which the
+    archive reader tells by its magic bytes). Anything else is InvalidArgument.
+    """
+    if not all(isinstance(layer, dict) for layer in layers):
+        raise InvalidArgument(f"checkpoint image {image}: a layer descriptor is not an object")
+    sealed = [layer for layer in layers if layer.get("mediaType") == oci.SEALED_CHECKPOINT]
+    others = [layer for layer in layers if layer.get("mediaType") != oci.SEALED_CHECKPOINT]
+    if len(sealed) > 1:
+        raise InvalidArgument(f"checkpoint image {image} has {len(sealed)} sealed archives ({oci.SEALED_CHECKPOINT}); "
+                              "a checkpoint image has one")
+    if sealed:
+        if len(others) > 1 or any(layer.get("mediaType") not in oci.LAYER_TYPES for layer in others):
+            kinds = ", ".join(repr(layer.get("mediaType")) for layer in others)
+            raise InvalidArgument(f"checkpoint image {image}: beside its sealed archive it may have one empty tar "
+                                  f"layer, it has {len(others)} ({kinds})")
+        return dict(sealed[0])
+    if len(layers) != 1:
+        raise InvalidArgument(f"checkpoint image {image} has {len(layers)} layers; a checkpoint image has exactly "
+                              "one, holding the checkpoint archive's contents (or one sealed archive)")
+    if layers[0].get("mediaType") not in oci.LAYER_TYPES:
+        raise InvalidArgument(f"checkpoint image {image}: layer media type {layers[0].get('mediaType')!r} is not a "
+                              f"tar layer (plain, gzip or zstd) nor a sealed archive ({oci.SEALED_CHECKPOINT})")
+    return dict(layers[0])
 
 
 def _archive_signature(archive: Path) -> str | None:
@@ -184,7 +231,7 @@ def build(archive: Path, ref: str, out: Path, keyring: Keyring | None = None) ->
         "size": len(image.manifest), "annotations": {**image.annotations, oci.CONTAINERD_IMAGE_NAME: ref,
                                                      oci.REF_NAME: ref.rsplit(":", 1)[-1]}}]})
     _write_layout(out, {"oci-layout": b'{"imageLayoutVersion": "1.0.0"}', "index.json": index.encode()},
-                  [image.config, image.manifest], archive, image.layer_digest)
+                  [image.config, image.manifest, *image.small_blobs], archive, image.layer_digest)
     return image.digest
 
 

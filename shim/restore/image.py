@@ -2,8 +2,9 @@
 
 A checkpoint can travel as an OCI image instead of a tar file (anchors 1.8):
 `FROM scratch`, a single layer holding the archive's contents at its root
-(`checkpoint/`, `config.dump`, `spec.dump`...), and annotations that say what
-it is. Three families of annotations exist, and each engine recognises only
+(`checkpoint/`, `config.dump`, `spec.dump`...), or criu-shim's sealed archive
+as a blob of its own media type (shim.restore.build_image), and annotations
+that say what it is. Three families of annotations exist, and each engine recognises only
 its own; we recognise all three by their marker keys:
 
 | family              | marker key(s)                                                  | written by           |
@@ -46,7 +47,8 @@ from typing import Any, Protocol
 from shim.arch import go_name
 from shim.containerd_images import ImageRecord
 from shim.errors import AlreadyExists, InvalidArgument, NotFound, ShimError
-from shim.oci import INDEX_TYPES, LAYER_TYPES, MANIFEST_TYPES, MARKERS, Family
+from shim.oci import INDEX_TYPES, MANIFEST_TYPES, MARKERS, Family
+from shim.restore.build_image import archive_blob
 
 log = logging.getLogger(__name__)
 
@@ -296,16 +298,8 @@ def _pick_manifest(index: dict[str, Any], arch: str, what: str) -> _Descriptor |
 
 
 def _single_layer(manifest: dict[str, Any], image: str) -> Layer:
-    layers = manifest["layers"]
-    if len(layers) != 1:
-        raise InvalidArgument(f"checkpoint image {image} has {len(layers)} layers; a checkpoint image has exactly "
-                              "one, holding the checkpoint archive's contents")
-    if not isinstance(layers[0], dict):
-        raise InvalidArgument(f"checkpoint image {image}: its layer descriptor is not an object")
-    layer = _descriptor_from_json(layers[0], f"checkpoint image {image}: layer")
-    if layer.media_type not in LAYER_TYPES:
-        raise InvalidArgument(f"checkpoint image {image}: layer media type {layer.media_type!r} is not a tar "
-                              "layer (plain, gzip or zstd)")
+    """The blob holding the archive (build_image.archive_blob says which), its descriptor checked."""
+    layer = _descriptor_from_json(archive_blob(manifest["layers"], image), f"checkpoint image {image}: layer")
     return Layer(layer.digest, layer.media_type, layer.size)
 
 

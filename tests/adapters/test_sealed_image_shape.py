@@ -1,0 +1,170 @@
+"""The shape of a checkpoint image (shim.restore.build_image): a sealed archive is a blob of criu-shim's
+media type beside one empty tar layer that the config's diff_ids name (so containerd 1.6, 1.7 and 2.x
+pull it through CRI: tests/node/test_sealed_image.py); an unencrypted archive's image is exactly as
+before (one tar layer that is the archive). The readers (the restore's, through containerd's image
+store, and `criu-shim pull`'s) find the archive's blob in both shapes and in the sealed shape of before
+(the sealed file as the one tar layer), and refuse anything else in words."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shim import export
+from shim.checkpoint.archive import Member, write_archive
+from shim.checkpoint.sealing import SealKey, write_sealed_archive
+from shim.containerd_images import ContainerdImages
+from shim.errors import InvalidArgument
+from shim.oci import CRIU_PREFIX, OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_MANIFEST, SEALED_CHECKPOINT
+from shim.restore.build_image import EMPTY_LAYER, archive_blob, build, checkpoint_image
+from shim.restore.image import Layer, export_layer
+from shim.restore.image import checkpoint_image as find_checkpoint_image
+from shim.sealed import is_encrypted
+from tests.adapters.test_restore_image import FakeImageService, digest_of, run
+from tests.adapters.test_sealed_stream import KEY, keyring
+
+MEMBERS = [Member("spec.dump", data=json.dumps({"annotations": {"io.kubernetes.cri.sandbox-name": "web"}}).encode()),
+           Member("config.dump", data=json.dumps({"name": "app", "rootfsImageName": "busybox"}).encode()),
+           Member("checkpoint", is_dir=True), Member("checkpoint/inventory.img", data=b"i")]
+
+
+def sealed_archive(tmp_path: Path) -> Path:
+    archive = tmp_path / "sealed.tar"
+    write_sealed_archive(archive, MEMBERS, SealKey("k1", KEY), durable=False)
+    return archive
+
+
+def plain_archive(tmp_path: Path) -> Path:
+    archive = tmp_path / "plain.tar"
+    write_archive(archive, MEMBERS)
+    return archive
+
+
+def file_digest(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_sealed_archive_is_a_blob_of_our_type_beside_one_empty_layer(tmp_path: Path) -> None:
+    archive = sealed_archive(tmp_path)
+    image = checkpoint_image(archive, keyring(tmp_path))
+    manifest = json.loads(image.manifest)
+    empty = {"mediaType": OCI_LAYER_TAR, "digest": digest_of(EMPTY_LAYER), "size": 1024}
+    assert manifest["layers"] == [empty, {"mediaType": SEALED_CHECKPOINT, "digest": file_digest(archive),
+                                          "size": archive.stat().st_size}]
+    config = json.loads(image.config)
+    assert config["rootfs"] == {"type": "layers", "diff_ids": [digest_of(EMPTY_LAYER)]}  # the sealed blob is none
+    assert manifest["config"] == {"mediaType": OCI_CONFIG, "digest": digest_of(image.config), "size": len(image.config)}
+    assert image.small_blobs == (EMPTY_LAYER,) and image.layer_digest == file_digest(archive)
+    assert manifest["annotations"][CRIU_PREFIX + "container.name"] == "app"
+    empty_tar = tmp_path / "empty.tar"
+    empty_tar.write_bytes(EMPTY_LAYER)
+    with tarfile.open(empty_tar) as tar:  # a real (empty) tar stream: containerd's differ applies it
+        assert tar.getmembers() == []
+    # not a layer type to containerd's images.IsLayerType
+    assert not SEALED_CHECKPOINT.startswith("application/vnd.oci.image.layer.")
+    assert not SEALED_CHECKPOINT.startswith("application/vnd.docker.image.rootfs.")
+    assert archive_blob(manifest["layers"], "x")["digest"] == file_digest(archive)
+
+
+def test_unencrypted_archive_image_is_unchanged(tmp_path: Path) -> None:
+    archive = plain_archive(tmp_path)
+    assert not is_encrypted(archive)
+    image = checkpoint_image(archive)
+    manifest = json.loads(image.manifest)
+    assert manifest["layers"] == [{"mediaType": OCI_LAYER_TAR, "digest": file_digest(archive),
+                                   "size": archive.stat().st_size}]
+    assert json.loads(image.config)["rootfs"]["diff_ids"] == [file_digest(archive)]
+    assert image.small_blobs == ()
+
+
+def test_layout_of_a_sealed_archive_holds_every_blob(tmp_path: Path) -> None:
+    archive = sealed_archive(tmp_path)
+    out = tmp_path / "image.tar"
+    digest = build(archive, "localhost/ckpt/sealed:1", out, keyring(tmp_path))
+    with tarfile.open(out) as tar:
+        names = {m.name for m in tar.getmembers()}
+        manifest = json.loads(tar.extractfile(f"blobs/sha256/{digest.removeprefix('sha256:')}").read())  # type: ignore[union-attr]
+    wanted = [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
+    assert {f"blobs/sha256/{d.removeprefix('sha256:')}" for d in wanted} <= names
+
+
+def _descriptor(media_type: str, data: bytes = b"x") -> dict[str, Any]:
+    return {"mediaType": media_type, "digest": digest_of(data), "size": len(data)}
+
+
+@pytest.mark.parametrize("layers", [
+    [_descriptor(OCI_LAYER_TAR, EMPTY_LAYER), _descriptor(SEALED_CHECKPOINT)],  # ours
+    [_descriptor(SEALED_CHECKPOINT), _descriptor(OCI_LAYER_GZIP, b"gz")],  # another order, a gzip empty layer
+    [_descriptor(SEALED_CHECKPOINT)],  # the blob alone (pulls on 1.7 and 2.x only)
+])
+def test_the_sealed_blob_is_found(layers: list[dict[str, Any]]) -> None:
+    assert archive_blob(layers, "x")["mediaType"] == SEALED_CHECKPOINT
+
+
+@pytest.mark.parametrize(("layers", "match"), [
+    ([_descriptor(SEALED_CHECKPOINT), _descriptor(SEALED_CHECKPOINT, b"y")], "has 2 sealed archives"),
+    ([_descriptor(SEALED_CHECKPOINT), _descriptor(OCI_LAYER_TAR), _descriptor(OCI_LAYER_TAR, b"y")],
+     "may have one empty tar layer, it has 2"),
+    ([_descriptor(SEALED_CHECKPOINT), _descriptor("application/x-evil")], "it has 1 ('application/x-evil')"),
+    ([], "has 0 layers"),
+    ([_descriptor(OCI_LAYER_TAR), _descriptor(OCI_LAYER_TAR, b"y")], "has 2 layers"),
+    ([_descriptor("application/vnd.criu-shim.checkpoint.sealed.v2")], "is not a tar layer (plain, gzip or zstd) "
+                                                                       "nor a sealed archive"),
+    (["not an object"], "a layer descriptor is not an object"),
+])
+def test_other_shapes_are_refused_in_words(layers: list[Any], match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match.replace("(", r"\(").replace(")", r"\)")):
+        archive_blob(layers, "x")
+
+
+def _stored(fake: FakeImageService, image: Any, archive: Path, notes: dict[str, str]) -> None:
+    """`image` (build_image's) in the fake containerd store under localhost/ckpt:1."""
+    for blob in (image.config, *image.small_blobs, archive.read_bytes()):
+        fake.add_blob(blob)
+    manifest = json.loads(image.manifest)
+    manifest["annotations"] = notes
+    fake.add_image("localhost/ckpt:1", OCI_MANIFEST, manifest)
+
+
+def test_restore_reads_the_sealed_blob_from_containerds_store(tmp_path: Path) -> None:
+    archive = sealed_archive(tmp_path)
+    image = checkpoint_image(archive, keyring(tmp_path))
+    fake = FakeImageService()
+    _stored(fake, image, archive, image.annotations)
+
+    async def test(channel: ContainerdImages) -> Path:
+        found = await find_checkpoint_image(channel, "localhost/ckpt:1")
+        assert found is not None
+        assert found.layer == Layer(file_digest(archive), SEALED_CHECKPOINT, archive.stat().st_size)
+        return await export_layer(channel, found.layer, tmp_path / "layer")
+
+    exported = run(tmp_path, fake, test)
+    assert exported.read_bytes() == archive.read_bytes() and is_encrypted(exported)
+
+
+def test_a_sealed_image_of_before_still_reads(tmp_path: Path) -> None:
+    """The sealed file as the image's one tar layer (what checkpoint-image and push wrote before the
+    sealed type): found as that layer; the archive reader tells it is sealed by its magic bytes."""
+    archive = sealed_archive(tmp_path)
+    fake = FakeImageService()
+    config = b'{"architecture":"amd64","os":"linux"}'
+    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, "digest": fake.add_blob(config), "size": len(config)},
+                "layers": [{"mediaType": OCI_LAYER_TAR, "digest": fake.add_blob(archive.read_bytes()),
+                            "size": archive.stat().st_size}],
+                "annotations": {CRIU_PREFIX + "container.name": "app"}}
+    fake.add_image("localhost/old:1", OCI_MANIFEST, manifest)
+    found = run(tmp_path, fake, lambda ch: find_checkpoint_image(ch, "localhost/old:1", arch="amd64"))
+    assert found is not None and found.layer.digest == file_digest(archive)
+    assert export.checkpoint_layer(json.dumps(manifest).encode(), OCI_MANIFEST, "old") == file_digest(archive)
+
+
+def test_pull_finds_the_sealed_blob(tmp_path: Path) -> None:
+    archive = sealed_archive(tmp_path)
+    image = checkpoint_image(archive, keyring(tmp_path))
+    assert export.checkpoint_layer(image.manifest, OCI_MANIFEST, "x") == file_digest(archive)
