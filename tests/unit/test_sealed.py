@@ -250,3 +250,19 @@ def test_writer_failure_is_raised_and_never_blocks(tmp_path: Path) -> None:
         os.close(fd2)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("length", [0, 1, 4096, (1 << 20)])
+def test_sealing_in_place_is_the_same_chunk(length: int) -> None:
+    # SealedFile encrypts each chunk where it was read (OpenSSL's GCM takes overlapping input and
+    # output); if a cryptography release stopped allowing that, this fails rather than the archives.
+    header, data_key = new_header("k1", KEY)
+    raw = header.encode()
+    plaintext = os.urandom(length)
+    frame = bytearray(WORD_SIZE + length + TAG_SIZE)
+    frame[WORD_SIZE:WORD_SIZE + length] = plaintext
+    in_place = Sealer(raw, header.nonce_prefix, data_key).seal_in_place(frame, length, final=True, counter=7)
+    assert bytes(in_place) == Sealer(raw, header.nonce_prefix, data_key).seal(plaintext, final=True, counter=7)
+    opener = Opener(raw, header, data_key, "x")
+    opener.counter = 7
+    assert opener.open(bytes(in_place[:WORD_SIZE]), bytes(in_place[WORD_SIZE:]), 0) == plaintext
