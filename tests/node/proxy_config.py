@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from shim.node import local, procs
@@ -11,8 +11,9 @@ from tests.node.conftest import Node
 
 
 @contextmanager
-def proxy_with(node: Node, table: str, body: str) -> Iterator[None]:
-    """The node's proxy restarted with `[table]` + `body` added to its config; put back afterwards."""
+def proxy_with(node: Node, table: str, body: str, edit: Callable[[str], str] = str) -> Iterator[None]:
+    """The node's proxy restarted with `[table]` + `body` added to its config (and the rest passed
+    through `edit`, for a key of a table the node's config has already); put back afterwards."""
     layout = NodeLayout(node.dir.resolve())
     original = layout.proxy_config_file.read_text()
 
@@ -23,7 +24,7 @@ def proxy_with(node: Node, table: str, body: str) -> Iterator[None]:
         layout.proxy_config_file.write_text(text)
         local._start_proxy(layout, layout.proxy_config_file)  # a plain node's proxy runs on the host
 
-    restart(f"{original}\n[{table}]\n{body}")
+    restart(f"{edit(original)}\n[{table}]\n{body}")
     try:
         yield
     finally:

@@ -200,12 +200,11 @@ def test_restore_from_a_checkpoint_image_of_a_sealed_archive(client: Cri, node: 
             assert len(blobs) == 1 and image.extractfile(blobs[0]).read() == archive.read_bytes()  # type: ignore[union-attr]
         ctr_bin = Path(load_paths()["CONTAINERD_1_7"]) / "ctr"
         socket = node.containerd.removeprefix("unix://")
+        # containerd unpacks layers on import: the sealed blob is of criu-shim's type, which it never
+        # unpacks (1.7's import unpacks the empty layer beside it; test_sealed_image pulls through CRI)
         imported = subprocess.run([str(ctr_bin), "--address", socket, "-n", "k8s.io", "images", "import", str(layout)],
                                   capture_output=True, text=True)
-        # containerd unpacks layers on import (and on a pull): a sealed layer is no tar (README says so)
-        assert imported.returncode != 0
-        subprocess.run([str(ctr_bin), "--address", socket, "-n", "k8s.io", "images", "import", "--no-unpack",
-                        str(layout)], check=True, capture_output=True)
+        assert imported.returncode == 0, imported.stderr
         archive.unlink()  # the image alone must be enough
         try:
             with client.pod() as pod:
