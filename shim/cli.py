@@ -106,7 +106,8 @@ examples:
     push.add_argument("--config", type=Path, metavar="FILE",
                       help="criu-shim TOML config: its [encryption] keys read an encrypted archive's names")
     pull = sub.add_parser("pull", help="fetch the archive of a checkpoint image from a registry",
-                          description="Writes the one layer of checkpoint image REF (the checkpoint archive) to OUT "
+                          description="Writes the checkpoint archive of checkpoint image REF (its tar layer, or its "
+                          "sealed blob, still sealed) to OUT "
                           "(0600, must not exist); prints REF@DIGEST. A multi-platform index gives this machine's "
                           "linux manifest. Credentials as for push.",
                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""\
