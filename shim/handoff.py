@@ -35,6 +35,11 @@ RELAY_START_WAIT = 15 * 60.0
 # from it and, once the daemon is done, takes LAZY_CRIU_OPTION out of the CRIU config.
 LAZY_PLAN = "lazy-pages.json"
 LAZY_CRIU_OPTION = "lazy-pages"
+# A lazy migration's archive holds no lazy memory: its pages stay with the source node, served
+# through the migration receiver's tunnel. The receiver writes ARCHIVE + this suffix beside the
+# archive (root's, 0600, JSON {"port": N}): the loopback port where the restore's page daemon
+# asks for them. Only a file of root's in the restore's allowed dirs can name one.
+REMOTE_PAGES_SUFFIX = ".page-server"
 
 
 class RelayCommand(enum.StrEnum):

@@ -23,6 +23,8 @@ examples:
       --runtime-endpoint unix:///run/criu-shim/ab12cd34/cri.sock --checkpoints-dir /tmp/n1/checkpoints \\
       --cert /tmp/n1/migrate/node.crt --key /tmp/n1/migrate/node.key --ca /tmp/n1/migrate/ca.crt \\
       --address-hook /tmp/n1/bin/address-hook
+  # lazy (post-copy): the target runs it at once, its memory follows from here
+  criu-shim migrate 3f2a9c1d --to 10.0.0.12:7543 --to-pod shop/web-2 --mode lazy
   # after a failed transfer: send the checkpoint that was kept, without checkpointing again
   criu-shim migrate 3f2a9c1d --checkpoint /var/lib/kubelet/checkpoints/migrate-3f2a9c1d-....tar \\
       --to 10.0.0.12:7543 --to-pod shop/web-2
@@ -59,6 +61,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                          help="run `PATH release IP` here once the target has claimed the pod IP")
     migrate.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                          help="for the checkpoint, and for the transfer and restore (default 300)")
+    migrate.add_argument("--mode", choices=("eager", "lazy"), default="eager",
+                         help="eager: the whole checkpoint crosses before the target starts (default); lazy: the "
+                         "target starts at once and the memory follows from the source over the same mutual TLS "
+                         "(the pause does not grow with memory; the source must live until it has all crossed)")
+    migrate.add_argument("--runc", type=Path, metavar="PATH", help="lazy: the runc of containerd's runc shim "
+                         "(default: runc on PATH, else the one beside the configured CRIU)")
     _common(migrate)
 
     receiver = sub.add_parser(
@@ -104,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         result = source.run(source.MigrateRequest(
             args.container, args.to, args.to_pod, socket, args.checkpoints_dir, creds, args.address_hook,
             args.name, args.checkpoint, args.keep_checkpoint, args.timeout, args.idle_timeout, settings.criu,
-            settings.checkpoint))
+            settings.checkpoint, args.mode, args.runc))
         print(result.lines(), flush=True)
         return 0
     from shim.migrate import receiver
@@ -114,4 +122,5 @@ def run(args: argparse.Namespace) -> int:
     from shim.migrate import compat
 
     return receiver.run(receiver.ReceiverSettings(args.listen, socket, checkpoints, creds, args.address_hook,
-                                                  args.idle_timeout, criu=compat.installed(settings.criu)))
+                                                  args.idle_timeout, criu=compat.installed(settings.criu),
+                                                  criu_path=settings.criu))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -35,8 +36,9 @@ from typing import Any
 from shim.annotations import CHECKPOINT_PREFIX, TRUE
 from shim.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ShimError, Unavailable
 from shim.hosttools import Version
-from shim.migrate import channel, compat, hook
+from shim.migrate import channel, compat, hook, tunnel
 from shim.migrate.runtime import PodView, Runtime
+from shim.restore.lazy import remote_pages_file as lazy_pages_file
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class ReceiverSettings:
     idle_timeout: float = 30.0
     restore_timeout: float = 120.0
     criu: Version | None = None  # this node's CRIU (compat.installed), compared with the source's
+    criu_path: Path | None = None  # for lazy migrations: can it run a page daemon (userfaultfd)?
 
 
 @dataclass
@@ -63,6 +66,17 @@ class _Migration:
     pod: PodView
     name: str
     addresses: list[str]
+    pages: _PageEnd | None = None  # a lazy migration's page tunnel, target end
+
+
+@dataclass
+class _PageEnd:
+    """The target's end of a lazy migration's page tunnel: the page daemon's loopback listener,
+    joined to the source's second TLS connection, which names the migration by its token."""
+
+    token: str
+    loopback: tunnel.LoopbackEnd
+    pumped: asyncio.Future[tunnel.Pumped]
 
 
 def run(settings: ReceiverSettings) -> int:
@@ -77,13 +91,14 @@ async def _serve(settings: ReceiverSettings) -> int:
         raise FailedPrecondition(f"checkpoints directory {settings.checkpoints_dir} does not exist")
     runtime = Runtime(settings.runtime)
     one_at_a_time = asyncio.Lock()  # restores into this node queue (a source's checkpoint does not hold it)
+    page_ends: dict[str, _PageEnd] = {}  # lazy migrations under way, by token
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peercert") or {}
         who = dict(x[0] for x in peer.get("subject", ())).get("commonName", "?")
         channel.give_up_after(writer, settings.idle_timeout)
         try:
-            await _session(settings, runtime, reader, writer, who, one_at_a_time)
+            await _session(settings, runtime, reader, writer, who, one_at_a_time, page_ends)
         except Exception:  # one bad session never takes the receiver down
             log.exception("migration session from %s failed", who)
         finally:
@@ -104,37 +119,65 @@ async def _serve(settings: ReceiverSettings) -> int:
 
 
 async def _session(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.StreamReader,
-                   writer: asyncio.StreamWriter, who: str, one_at_a_time: asyncio.Lock) -> None:
+                   writer: asyncio.StreamWriter, who: str, one_at_a_time: asyncio.Lock,
+                   page_ends: dict[str, _PageEnd]) -> None:
     migration: _Migration | None = None
-    while True:
-        try:
-            message = await asyncio.wait_for(channel.receive(reader), settings.idle_timeout * 20)
-        except (Unavailable, TimeoutError):
-            return
-        except ShimError as exc:
-            await _answer_error(writer, exc)
-            return
-        op = message.get("op")
-        try:
-            if op == "preflight":
-                migration = await _preflight(settings, runtime, message)
-                await channel.send(writer, {"ok": True, "pod": migration.pod.label, "pod_id": migration.pod.id,
-                                            "pod_ips": list(migration.pod.ips)})
-            elif op == "restore" and migration is not None:
-                async with one_at_a_time:
-                    reply = await _restore(settings, runtime, migration, message, reader)
-                await channel.send(writer, {"ok": True, **reply})
-                log.info("migration from %s restored container %s in pod %s", who, reply["container_id"],
-                         migration.pod.label)
+    made: list[_Migration] = []
+    try:
+        while True:
+            migration = await _step(settings, runtime, reader, writer, who, one_at_a_time, page_ends, migration)
+            if migration is None:
                 return
-            elif op == "abort":
-                return
-            else:
-                raise InvalidArgument(f"unexpected migration message {op!r:.40}")
-        except ShimError as exc:
-            log.warning("migration from %s refused: %s", who, exc.message)
-            await _answer_error(writer, exc)
-            return
+            made.append(migration)
+    finally:
+        for ended in made:  # a lazy migration's tunnel listener goes with its session
+            if ended.pages is not None:
+                ended.pages.loopback.close()
+                page_ends.pop(ended.pages.token, None)
+
+
+async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.StreamReader,
+                writer: asyncio.StreamWriter, who: str, one_at_a_time: asyncio.Lock,
+                page_ends: dict[str, _PageEnd], migration: _Migration | None) -> _Migration | None:
+    """One message of a session; the migration it goes on with, or None when the session is over."""
+    try:
+        message = await asyncio.wait_for(channel.receive(reader), settings.idle_timeout * 20)
+    except (Unavailable, TimeoutError):
+        return None
+    except ShimError as exc:
+        await _answer_error(writer, exc)
+        return None
+    op = message.get("op")
+    try:
+        if op == "preflight":
+            migration = await _preflight(settings, runtime, message)
+            answer = {"ok": True, "pod": migration.pod.label, "pod_id": migration.pod.id,
+                      "pod_ips": list(migration.pod.ips)}
+            if message.get("mode") == "lazy":
+                migration.pages = await _page_end(page_ends)
+                answer["pages_token"] = migration.pages.token
+            await channel.send(writer, answer)
+            return migration
+        if op == "pages":
+            await _carry_pages(page_ends, channel.field(message, "token", str), reader, writer)
+            return None
+        if op == "restore" and migration is not None:
+            async with one_at_a_time:
+                reply = await _restore(settings, runtime, migration, message, reader)
+            await channel.send(writer, {"ok": True, **reply})
+            log.info("migration from %s restored container %s in pod %s", who, reply["container_id"],
+                     migration.pod.label)
+            if migration.pages is not None:
+                await _follow_fill(settings, runtime, migration, migration.pages, reply["container_id"],
+                                   reader, writer)
+            return None
+        if op == "abort":
+            return None
+        raise InvalidArgument(f"unexpected migration message {op!r:.40}")
+    except ShimError as exc:
+        log.warning("migration from %s refused: %s", who, exc.message)
+        await _answer_error(writer, exc)
+        return None
 
 
 async def _answer_error(writer: asyncio.StreamWriter, exc: ShimError) -> None:
@@ -152,6 +195,11 @@ async def _preflight(settings: ReceiverSettings, runtime: Runtime, message: dict
         raise InvalidArgument(f"container name {name!r:.80} is not a valid name")
     addresses = [_address(a) for a in channel.field(message, "addresses", list)]
     compat.check(compat.parse(message.get("criu_version")), settings.criu)
+    mode = message.get("mode", "eager")
+    if mode not in ("eager", "lazy"):
+        raise InvalidArgument(f"unknown migration mode {mode!r:.40}; this node knows eager and lazy")
+    if mode == "lazy":
+        await asyncio.to_thread(_check_lazy_here, settings.criu_path)
     pod = await runtime.pod(ref)
     if not pod.ready:
         raise FailedPrecondition(f"target pod {pod.label} is not ready")
@@ -207,11 +255,18 @@ async def _restore(settings: ReceiverSettings, runtime: Runtime, migration: _Mig
         archive.unlink(missing_ok=True)
         raise FailedPrecondition(f"target pod {migration.pod.label} was " + ("deleted" if pod is None else "stopped")
                                  + " during the migration; nothing was restored")
+    page_server = lazy_pages_file(archive)
     try:
+        if migration.pages is not None:  # the restore's page daemon asks the tunnel for the lazy memory
+            _write_private(page_server, json.dumps({"port": migration.pages.loopback.port}).encode())
         container_id = await runtime.restore(pod.id, archive, migration.name, settings.restore_timeout)
     except ShimError:
         archive.unlink(missing_ok=True)  # the source keeps its copy
         raise
+    finally:
+        if migration.pages is not None:  # read at CreateContainer; without its memory the archive restores nowhere
+            page_server.unlink(missing_ok=True)
+            archive.unlink(missing_ok=True)
     try:
         await _claim(settings, pod, migration.addresses)
     except ShimError:
@@ -266,3 +321,83 @@ async def _copy(reader: asyncio.StreamReader, write: Callable[[bytes], Any], siz
         await asyncio.to_thread(write, chunk)  # a slow disk never stalls the event loop
         left -= len(chunk)
 
+
+
+def _check_lazy_here(criu: Path | None) -> None:
+    from shim.criu import probe_feature
+
+    if criu is None:
+        raise FailedPrecondition("this node has no CRIU configured: it cannot restore lazily; use --mode eager")
+    probe = probe_feature(str(criu), "uffd-noncoop")
+    if not probe.supported:
+        raise FailedPrecondition(f"this node's CRIU cannot run a page daemon ({probe.detail}): it cannot restore "
+                                 "lazily; use --mode eager")
+
+
+async def _page_end(page_ends: dict[str, _PageEnd]) -> _PageEnd:
+    loopback = tunnel.LoopbackEnd()
+    await loopback.open()
+    end = _PageEnd(secrets.token_hex(16), loopback, asyncio.get_running_loop().create_future())
+    page_ends[end.token] = end
+    return end
+
+
+async def _carry_pages(page_ends: dict[str, _PageEnd], token: str, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
+    """The source's page connection: joined to the page daemon's once it connects, until either ends."""
+    end = page_ends.get(token)
+    if end is None or end.pumped.done():
+        raise FailedPrecondition("no lazy migration under way here has that pages token")
+    try:
+        local = await end.loopback.accepted(15 * 60.0)
+        pumped = await tunnel.pump(local, (reader, writer))
+    except BaseException as exc:
+        if not end.pumped.done():
+            end.pumped.set_result(tunnel.Pumped(ended_by=f"error: {exc.__class__.__name__}"))
+        raise
+    log.info("lazy migration page stream ended by %s: %d bytes of pages in, %d bytes of requests out%s",
+             pumped.ended_by, pumped.to_local, pumped.to_remote, f" ({pumped.errors})" if pumped.errors else "")
+    if not end.pumped.done():
+        end.pumped.set_result(pumped)
+
+
+async def _follow_fill(settings: ReceiverSettings, runtime: Runtime, migration: _Migration, end: _PageEnd,
+                       container_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Until the source says how the fill ended. Anything but "complete" (its word, a broken page stream,
+    its silence) ends the restored task unless its memory is whole: never a process on missing pages."""
+    try:
+        message = await asyncio.wait_for(channel.receive(reader), settings.idle_timeout * 40)
+        complete = message.get("op") == "finished" and message.get("ok") is True
+    except (ShimError, TimeoutError):
+        complete = False
+    if complete:
+        with contextlib.suppress(Exception):
+            await channel.send(writer, {"ok": True, "target": "running with all its memory"})
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(end.pumped), 10.0)
+    pumped = end.pumped.result() if end.pumped.done() else None
+    what = "left as it was (its memory was complete)"
+    if pumped is None or pumped.ended_by != "local":
+        with contextlib.suppress(ShimError):
+            await runtime.stop(container_id)
+        await _unclaim(settings, migration.addresses)
+        what = "ended (its memory was not complete)"
+    log.warning("lazy migration into %s did not complete: the restored container %s was %s", migration.pod.label,
+                container_id, what)
+    with contextlib.suppress(Exception):
+        await channel.send(writer, {"ok": True, "target": what})
+
+
+async def _unclaim(settings: ReceiverSettings, addresses: list[str]) -> None:
+    if settings.address_hook is None:
+        return
+    for ip in addresses:
+        with contextlib.suppress(ShimError):
+            await hook.run(settings.address_hook, "release", ip)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)

@@ -71,6 +71,21 @@ class Runtime:
         pod_id = listed.containers[0].pod_sandbox_id if listed.containers else ""
         return ContainerView(status.id, status.metadata.name, cri.ContainerState.Name(status.state), pod_id)
 
+    async def verbose(self, container_id: str) -> tuple[cri.ContainerStatus, dict[str, Any]]:
+        """The container's CRI status and its runtime's verbose info (pid, runtime spec, runtime type)."""
+        reply = await _call(self._cri.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id,
+                                                                                 verbose=True),
+                                                      timeout=self._timeout))
+        try:
+            info: Any = json.loads(reply.info.get("info", "{}") or "{}")
+        except ValueError:
+            info = {}
+        return reply.status, info if isinstance(info, dict) else {}
+
+    async def stop(self, container_id: str) -> None:
+        await _call(self._cri.StopContainer(cri.StopContainerRequest(container_id=container_id, timeout=0),
+                                            timeout=self._timeout))
+
     async def pod(self, ref: str) -> PodView:
         """A pod by id (or unique id prefix) or NAMESPACE/NAME; NotFound naming the reference."""
         listed = await _call(self._cri.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=self._timeout))

@@ -31,7 +31,7 @@ from shim.checkpoint.options import CheckpointOptions, annotation, resolve
 from shim.config import CheckpointDefaults
 from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unavailable, Upstream
 from shim.hosttools import show
-from shim.migrate import channel, compat, hook
+from shim.migrate import channel, compat, hook, lazy
 from shim.migrate.runtime import ContainerView, PodView, Runtime
 
 CHUNK = 1 << 20
@@ -54,6 +54,8 @@ class MigrateRequest:
     idle_timeout: float = 30.0  # a transfer moving no byte this long (a cut link) is abandoned
     criu: Path | None = None  # this node's CRIU, whose version the target compares with its own
     defaults: CheckpointDefaults = CheckpointDefaults()
+    mode: str = "eager"  # or "lazy": memory follows from the source after the restore (shim.migrate.lazy)
+    runc: Path | None = None  # lazy: the runc of containerd's runc shim (default: PATH, else beside CRIU)
 
 
 @dataclass(frozen=True)
@@ -66,13 +68,20 @@ class Migrated:
     transfer_seconds: float
     restore_seconds: float
     pause_seconds: float  # checkpoint start to the restored container running (and routed)
+    pages_bytes: int = -1  # lazy: memory served after the restore (-1: an eager migration)
+    fill_seconds: float = 0.0  # lazy: the restored container running to its memory complete
 
     def lines(self) -> str:
         moved = f"; pod IPs {', '.join(self.addresses)} now routed to the target" if self.addresses else ""
-        return (f"migrated to container {self.container_id} in pod {self.pod}{moved}\n"
+        text = (f"migrated to container {self.container_id} in pod {self.pod}{moved}\n"
                 f"archive {self.archive_bytes / (1 << 20):.1f} MiB; checkpoint {self.checkpoint_seconds:.2f} s, "
                 f"transfer and restore {self.transfer_seconds + self.restore_seconds:.2f} s "
                 f"(restore {self.restore_seconds:.2f} s); pause {self.pause_seconds:.2f} s")
+        if self.pages_bytes >= 0:
+            rate = self.pages_bytes / max(self.fill_seconds, 1e-3) / 1e6
+            text += (f"\nmemory {self.pages_bytes / (1 << 20):.1f} MiB served lazily in {self.fill_seconds:.2f} s "
+                     f"after the restore ({rate:.0f} MB/s); the source was ended by CRIU")
+        return text
 
 
 class MigrationFailed(ShimError):
@@ -98,21 +107,26 @@ async def _migrate(request: MigrateRequest, runtime: Runtime) -> Migrated:
     _check_source(container, pod, options, retry=request.checkpoint is not None)
     addresses = await _addresses(runtime, pod) if options.tcp_established else []
     criu = await asyncio.to_thread(compat.installed, request.criu)
+    if request.mode == "lazy":
+        await asyncio.to_thread(lazy.check_source, request.criu, request.checkpoint)
     reader, writer = await channel.connect(request.to, request.creds, CONNECT_TIMEOUT, request.idle_timeout)
     try:
         name = request.name or container.name
-        ready = await _ask(reader, writer, {"protocol": channel.PROTOCOL, "op": "preflight", "pod": request.to_pod,
-                                            "name": name, "addresses": addresses,
+        ready = await ask(reader, writer, {"protocol": channel.PROTOCOL, "op": "preflight", "pod": request.to_pod,
+                                            "name": name, "addresses": addresses, "mode": request.mode,
                                             "criu_version": show(criu) if criu else None}, CONNECT_TIMEOUT * 3,
                            "the target node refused the migration (nothing was stopped)")
+        if request.mode == "lazy":
+            return await lazy.migrate(lazy.Session(request, runtime, container, pod, options, addresses, reader,
+                                                   writer, ready))
         started = time.monotonic()
         archive = request.checkpoint or await _checkpoint(request, runtime, container, writer)
         checkpointed = time.monotonic()
         size = archive.stat().st_size
         try:
             await channel.send(writer, {"op": "restore", "size": size})
-            await _stream(archive, writer, size, request.idle_timeout)
-            done = await _ask(reader, writer, None, request.timeout, "the target node could not restore it")
+            await stream(archive, writer, size, request.idle_timeout)
+            done = await ask(reader, writer, None, request.timeout, "the target node could not restore it")
         except ShimError as exc:
             raise MigrationFailed(f"{exc.message}; {_stopped(container, archive, request)}") from None
         finished = time.monotonic()
@@ -120,7 +134,7 @@ async def _migrate(request: MigrateRequest, runtime: Runtime) -> Migrated:
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
-    await _release(request, addresses)
+    await release(request, addresses)
     if not request.keep_checkpoint:
         archive.unlink(missing_ok=True)
     return Migrated(str(done.get("container_id")), str(ready.get("pod")), tuple(addresses), size,
@@ -157,13 +171,13 @@ async def _checkpoint(request: MigrateRequest, runtime: Runtime, container: Cont
     except ShimError as exc:
         with contextlib.suppress(Exception):
             await channel.send(writer, {"op": "abort"})
-        state = await _state(runtime, container.id)
+        now = await state(runtime, container.id)
         raise Upstream(exc.code, f"checkpoint failed: {exc.message}; the source container {container.id} is "
-                       f"{state}; nothing was sent") from None
+                       f"{now}; nothing was sent") from None
     return location
 
 
-async def _state(runtime: Runtime, container_id: str) -> str:
+async def state(runtime: Runtime, container_id: str) -> str:
     try:
         return (await runtime.container(container_id)).state.removeprefix("CONTAINER_").lower()
     except ShimError:
@@ -176,7 +190,7 @@ def _stopped(container: ContainerView, archive: Path, request: MigrateRequest) -
             "...`, or restore it on this node by creating a container whose image is that path")
 
 
-async def _stream(archive: Path, writer: Any, size: int, idle: float) -> None:
+async def stream(archive: Path, writer: Any, size: int, idle: float) -> None:
     sent = 0
     with archive.open("rb") as source:
         while chunk := await asyncio.to_thread(source.read, CHUNK):
@@ -193,7 +207,7 @@ async def _stream(archive: Path, writer: Any, size: int, idle: float) -> None:
         raise InvalidArgument(f"{archive} changed while it was sent ({sent} of {size} bytes)")
 
 
-async def _ask(reader: Any, writer: Any, message: dict[str, Any] | None, timeout: float,
+async def ask(reader: Any, writer: Any, message: dict[str, Any] | None, timeout: float,
                what: str) -> dict[str, Any]:
     if message is not None:
         await channel.send(writer, message)
@@ -207,7 +221,7 @@ async def _ask(reader: Any, writer: Any, message: dict[str, Any] | None, timeout
     raise FailedPrecondition(f"{what}: {reply.get('code', 'UNKNOWN')}: {error}")
 
 
-async def _release(request: MigrateRequest, addresses: list[str]) -> None:
+async def release(request: MigrateRequest, addresses: list[str]) -> None:
     if request.address_hook is None:
         return
     for ip in addresses:

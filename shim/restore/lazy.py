@@ -21,13 +21,14 @@ import hashlib
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from shim.archive_layout import IMAGES_DIR
 from shim.errors import InvalidArgument
 from shim.fileio import kernel_copy
-from shim.handoff import LAZY_CRIU_OPTION, LAZY_PLAN
+from shim.handoff import LAZY_CRIU_OPTION, LAZY_PLAN, REMOTE_PAGES_SUFFIX
 from shim.restore import loopdev, pagemap
 
 PLAN_FILE = LAZY_PLAN
@@ -38,6 +39,8 @@ _PAGES = re.compile(re.escape(IMAGES_DIR) + r"/pages-([0-9]{1,9})\.img")
 # A task's pagemap, and a shared memory segment's (its pages in their own pages-N.img, all eager).
 _PAGEMAP = re.compile(r"pagemap-(?:shmem-)?[0-9]{1,20}\.img")
 _MAX_PAGEMAP = 64 << 20
+# A lazy migration's tunnel listens on the node's loopback only (shim.migrate.receiver).
+PAGE_SERVER_ADDRESS = "127.0.0.1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,14 +79,66 @@ def prepare(archive: Path, work: Path, deferred: tuple[Deferred, ...], criu: Pat
             _read_ahead(archive, member)
             device = loopdev.attach_read_only(archive, member.offset, member.size, tag(work))
             pages.append({"image": Path(member.name).name, "device": device})
-        plan = {"criu": str(criu), "pages": pages}
-        # Atomic: a relay may read it at any time.
-        temp = work / f"{PLAN_FILE}.tmp"
-        temp.write_text(json.dumps(plan))
-        os.replace(temp, work / PLAN_FILE)
+        _write_plan(work, {"criu": str(criu), "pages": pages})
     except BaseException:
         release(work)
         raise
+
+
+def _write_plan(work: Path, plan: dict[str, object]) -> None:
+    temp = work / f"{PLAN_FILE}.tmp"  # atomic: a relay may read it at any time
+    temp.write_text(json.dumps(plan))
+    os.replace(temp, work / PLAN_FILE)
+
+
+def remote_pages_file(archive: Path) -> Path:
+    """Where the migration receiver names the port serving a lazy migration's memory (shim.handoff)."""
+    return archive.with_name(archive.name + REMOTE_PAGES_SUFFIX)
+
+
+def plan_remote(archive: Path, work: Path, criu: Path | None) -> bool:
+    """A lazy migration's restore: plan a page daemon that asks the source's page server (through the
+    receiver's tunnel) for the memory no image holds. False when every page is in the images.
+
+    A dump of CRIU's `--lazy-pages` leaves lazy runs without data (PE_LAZY, not PE_PRESENT): restored
+    without their page server they would read as zeros, so such an archive is refused unless the
+    receiver named one beside it.
+    """
+    if not any(r.lazy and not r.present for m in _pagemaps(work / IMAGES_DIR).values() for r in m.runs):
+        return False
+    port = _remote_port(remote_pages_file(archive))
+    if criu is None:
+        raise InvalidArgument("a lazy migration's checkpoint needs CRIU's lazy-pages daemon; no CRIU is configured")
+    _write_plan(work, {"criu": str(criu), "pages": [],
+                       "page_server": {"address": PAGE_SERVER_ADDRESS, "port": port}})
+    return True
+
+
+def remote(work: Path) -> bool:
+    """Whether the plan in `work` asks a page server (a lazy migration's restore)."""
+    try:
+        return "page_server" in json.loads((work / PLAN_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _remote_port(path: Path) -> int:
+    missing = InvalidArgument(
+        "the checkpoint's memory is not in it (a lazy migration's dump: its pages are served by the source "
+        "node during that migration only); it can be restored only by `criu-shim migrate-receiver`")
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise missing from None
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+        raise InvalidArgument(f"{path} is not root's private file: refusing the page server it names")
+    try:
+        port = json.loads(path.read_text()).get("port")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InvalidArgument(f"{path} is malformed: {exc}") from None
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise InvalidArgument(f"{path}: port {port!r:.20} out of range")
+    return port
 
 
 def check_memory_images(work: Path, deferred: tuple[Deferred, ...] = ()) -> None:

@@ -317,7 +317,7 @@ class Restorer:
         new = restore_request(request, archive, image, work, source_name(source))
         # Where the relay keeps CRIU's logs should the restore fail (the task takes its own along).
         new.config.annotations[LOGS_ANNOTATION] = str(self._config.state_dir / LOGS)
-        write_criu_config(work, self._config, request, label, tcp, bool(archive.deferred))
+        write_criu_config(work, self._config, request, label, tcp, bool(archive.deferred) or lazy.remote(work))
         await to_thread_to_end(copy_log, archive.log, request)
         create_started = time.monotonic()
         reply = await self._containerd.forward(METHOD, new.SerializeToString(), metadata, timeout)
@@ -343,6 +343,8 @@ class Restorer:
         if archive.deferred:
             assert self._config.criu is not None  # _lazy_possible() checked it
             await to_thread_to_end(lazy.prepare, archive_path, work, archive.deferred, self._config.criu)
+        else:  # a lazy migration's dump: the memory it lacks comes from the source node
+            await to_thread_to_end(lazy.plan_remote, archive_path, work, self._config.criu)
         return archive
 
     async def _lazy_possible(self) -> bool:

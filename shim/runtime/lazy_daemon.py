@@ -46,10 +46,15 @@ log = logging.getLogger(__name__)
 class LazyPages:
     """One restore's page daemon, from start to release."""
 
-    def __init__(self, restore_dir: Path, criu: Path, pages: dict[str, str]) -> None:
+    def __init__(self, restore_dir: Path, criu: Path, pages: dict[str, str],
+                 page_server: tuple[str, int] | None = None) -> None:
         self._dir = restore_dir
         self._criu = criu
         self._pages = pages  # image name -> loop device
+        # A lazy migration: the pages no image holds come from the source's page server, through
+        # the migration receiver's tunnel on this address. If the source (or the link) dies before
+        # memory is complete, the daemon fails and `on_failure` ends the task, as for a local fill.
+        self._page_server = page_server
         self._released = False
         self._release_lock = threading.Lock()
         self._daemon: subprocess.Popen[bytes] | None = None
@@ -66,7 +71,9 @@ class LazyPages:
         try:
             plan = json.loads((restore_dir / PLAN_FILE).read_text())
             pages = {str(p["image"]): str(p["device"]) for p in plan["pages"]}
-            return cls(restore_dir, Path(plan["criu"]), pages)
+            server = plan.get("page_server")
+            remote = (str(server["address"]), int(server["port"])) if server is not None else None
+            return cls(restore_dir, Path(plan["criu"]), pages, remote)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -89,10 +96,12 @@ class LazyPages:
         view = self._image_view()
         self.work.mkdir(mode=0o700, exist_ok=True)
         self._started = time.monotonic()
+        remote = ["--page-server", "--address", self._page_server[0], "--port", str(self._page_server[1])] \
+            if self._page_server else []
         try:
             self._daemon = subprocess.Popen(
                 [str(self._criu), "lazy-pages", "--images-dir", str(view), "--work-dir", str(self.work),
-                 "--log-file", str(self.work / LOG), "-v2"],
+                 "--log-file", str(self.work / LOG), "-v2", *remote],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         except OSError as exc:
             raise FailedPrecondition(f"cannot start CRIU's lazy-pages daemon {self._criu}: {exc}") from None

@@ -1,0 +1,194 @@
+"""`criu-shim migrate --mode lazy`: the target runs the container at once, its memory follows.
+
+After the same preflight as an eager migration (and the target's own check that its CRIU can run
+a page daemon), in this order:
+
+1. the lazy dump (shim.migrate.lazy_dump): CRIU holds the container and writes everything but the
+   lazy memory; our TCP lock is on the pod as for a stop-after checkpoint;
+2. the source takes CRIU's page server (one client) and opens the page tunnel, a second mutual-TLS
+   connection to the receiver (shim.migrate.tunnel);
+3. the small archive goes to the target, which restores it (its page daemon asks for pages through
+   the tunnel), starts it and claims the pod IPs; the source releases them;
+4. the fill: pages the process touches first, the rest in the background; when the daemon has them
+   all, CRIU ends the source container and runc returns;
+5. the source tells the target how it ended; the target ends the restored task if its memory is
+   not complete (its relay does too, when the page daemon fails).
+
+A failure before 3 ends the dump: CRIU lets the container run again, nothing moved. A failure from
+3 on: the target's task is ended (never left running on missing pages) and the error says what
+state the source is in, read from containerd after runc returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shim.checkpoint.checkpointer import Target
+from shim.checkpoint.options import CheckpointOptions
+from shim.errors import FailedPrecondition, InvalidArgument, ShimError
+from shim.migrate import channel, source, tunnel
+from shim.migrate.lazy_dump import LazyDump, runc_beside, source_from, staging_name
+from shim.migrate.runtime import ContainerView, PodView, Runtime
+
+EXIT_SEEN_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class Session:
+    request: source.MigrateRequest
+    runtime: Runtime
+    container: ContainerView
+    pod: PodView
+    options: CheckpointOptions
+    addresses: list[str]
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    ready: dict[str, Any]  # the target's preflight answer (its pages token)
+
+
+def check_source(criu: Path | None, checkpoint: Path | None) -> None:
+    """Refused before anything stops: a kept archive to resend, or a CRIU that cannot serve lazy pages."""
+    if checkpoint is not None:
+        raise InvalidArgument("--checkpoint resends a kept archive, and a lazy migration keeps none (its memory "
+                              "stays with the source until the target has it): use --mode eager")
+    from shim.criu import probe_feature
+
+    probe = probe_feature(str(criu or "criu"), "uffd-noncoop")
+    if not probe.supported:
+        raise FailedPrecondition(f"this node's CRIU cannot serve lazy pages ({probe.detail}); use --mode eager")
+    check_pipe_size()
+
+
+# CRIU's page server reads pages through a pipe of PIPE_MAX_SIZE pages (criu/include/page-pipe.h:
+# 8 pages of pipe_buffer structs, 819 pages on x86_64). Over fs.pipe-max-size that needs
+# CAP_SYS_RESOURCE; without it CRIU ignores the failure and its first page read fails (EBADF on
+# fd 0), the transfer breaks, the target's task is ended. Refused up front instead.
+PAGE_SERVER_PIPE = 819 * 4096
+PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
+CAP_SYS_RESOURCE = 24
+
+
+def check_pipe_size() -> None:
+    status = Path("/proc/self/status").read_text()
+    effective = int(next((line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), "0"), 16)
+    if effective >> CAP_SYS_RESOURCE & 1:
+        return
+    limit = int(PIPE_MAX_SIZE.read_text())
+    if limit < PAGE_SERVER_PIPE:
+        raise FailedPrecondition(
+            f"CRIU's lazy page server needs pipes of {PAGE_SERVER_PIPE} bytes, over fs.pipe-max-size ({limit}), and "
+            f"this node lacks CAP_SYS_RESOURCE: raise it (sysctl -w fs.pipe-max-size=4194304) or use --mode eager")
+
+
+async def migrate(s: Session) -> source.Migrated:
+    request, cid = s.request, s.container.id
+    token = channel.field(s.ready, "pages_token", str)
+    status, info = await s.runtime.verbose(cid)
+    netns = await s.runtime.pod_netns(s.pod.id)
+    ips = tuple(s.addresses) if s.options.tcp_established else s.pod.ips
+    dumped = source_from(status, info, Target(status, s.pod.name, s.pod.namespace, s.options, ips, netns))
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    location = request.checkpoints_dir / f"migrate-{cid[:12]}-{stamp}.tar"
+    dump = LazyDump(dumped, request.checkpoints_dir / staging_name(cid, stamp),
+                    request.runc or runc_beside(request.criu), request.criu)
+    started = time.monotonic()
+    async with AsyncExitStack() as stack:
+        try:
+            await dump.start(stack)
+            criu_end = await dump.page_server()  # at once: CRIU serves the first client that connects
+            stack.callback(location.unlink, missing_ok=True)  # without its memory it restores nowhere: not kept
+            size = await asyncio.to_thread(dump.write_archive, location)
+        except (ShimError, OSError) as exc:
+            with contextlib.suppress(Exception):
+                await channel.send(s.writer, {"op": "abort"})
+            await dump.end()
+            raise FailedPrecondition(f"the lazy dump failed: {_message(exc)}; the source container {cid} is "
+                                     f"{await source.state(s.runtime, cid)}; nothing was sent") from None
+        checkpointed = time.monotonic()
+        pages = await channel.connect(request.to, request.creds, source.CONNECT_TIMEOUT, request.idle_timeout)
+        await channel.send(pages[1], {"protocol": channel.PROTOCOL, "op": "pages", "token": token})
+        pumping = asyncio.ensure_future(tunnel.pump(criu_end, pages))
+        stack.push_async_callback(_settle, pumping)
+        try:
+            await channel.send(s.writer, {"op": "restore", "size": size})
+            await source.stream(location, s.writer, size, request.idle_timeout)
+            done = await source.ask(s.reader, s.writer, None, request.timeout, "the target node could not restore it")
+        except ShimError as exc:
+            await dump.end()
+            raise source.MigrationFailed(f"{exc.message}; nothing moved: the source container {cid} is "
+                                         f"{await _source_state(s.runtime, cid)}") from None
+        restored = time.monotonic()
+        await source.release(request, s.addresses)
+        code = await _fill(dump, request.timeout)
+        pumped = await pumping
+        filled = time.monotonic()
+        target = await _tell_target(s, code == 0)
+        if code != 0:
+            raise source.MigrationFailed(
+                f"the memory did not reach the target ({_broken(pumped)}, after {pumped.to_remote} bytes); the "
+                f"restored container there was {target}; the source container {cid} is "
+                f"{await _source_state(s.runtime, cid)}")
+        await _until_exited(s.runtime, cid)
+    return source.Migrated(str(done.get("container_id")), str(s.ready.get("pod")), tuple(s.addresses), size,
+                           checkpointed - started, float(done.get("transfer_seconds", 0.0)),
+                           float(done.get("restore_seconds", 0.0)), restored - started,
+                           pumped.to_remote, filled - restored)
+
+
+async def _fill(dump: LazyDump, timeout: float) -> int:
+    try:
+        return await dump.wait(timeout)
+    except TimeoutError:
+        await dump.end()
+        return -1
+
+
+async def _settle(pumping: asyncio.Future[tunnel.Pumped]) -> None:
+    if not pumping.done():
+        pumping.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await pumping
+
+
+async def _tell_target(s: Session, complete: bool) -> str:
+    """Tell the receiver how the fill ended; its answer says what became of the restored task."""
+    try:
+        reply = await source.ask(s.reader, s.writer, {"op": "finished", "ok": complete}, 60.0, "the target")
+        return str(reply.get("target", "in an unknown state"))
+    except ShimError as exc:
+        return f"in an unknown state (the target did not say: {exc.message}); its page daemon ends it once the " \
+               "page stream is gone"
+
+
+async def _source_state(runtime: Runtime, cid: str) -> str:
+    state = await source.state(runtime, cid)
+    if state == "running":
+        return ("running again (CRIU let it go when the page stream broke; what the copy did meanwhile is lost, "
+                "and TCP peers it answered may reset)")
+    if state == "exited":
+        return "ended"
+    return state
+
+
+def _broken(pumped: tunnel.Pumped) -> str:
+    if pumped.ended_by.startswith("error"):
+        return f"the page stream broke: {pumped.ended_by.removeprefix('error: ')}"
+    return f"the page stream was closed by the {'target' if pumped.ended_by == 'remote' else 'source'}"
+
+
+async def _until_exited(runtime: Runtime, cid: str) -> None:
+    """CRIU ended the source: wait until containerd says so (as a stop-after checkpoint does)."""
+    deadline = time.monotonic() + EXIT_SEEN_TIMEOUT
+    while time.monotonic() < deadline and await source.state(runtime, cid) == "running":
+        await asyncio.sleep(0.02)
+
+
+def _message(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, ShimError) else f"{exc.__class__.__name__}: {exc}"
+

@@ -1,0 +1,229 @@
+"""The source of a lazy migration: runc dumps everything but the lazy memory, CRIU serves the rest.
+
+containerd's task Checkpoint API carries no lazy-pages or page-server option, so the source runs
+runc itself on the task's own state (`runc --root /run/containerd/runc/k8s.io checkpoint
+--lazy-pages --page-server 127.0.0.1:PORT --status-fd FD`), exactly the runc the task's shim runs.
+containerd's view stays true: CRIU ends the process once every page was served, the runc shim
+reaps it and containerd records the exit (EXITED in CRI), as after its own stop-after checkpoint.
+
+The order (criu/cr-dump.c): CRIU freezes and seizes the tasks, writes every image except the lazy
+pages, says so on the status fd, then serves pages to one client on its page server, holding the
+tasks all the while. Only when the client closes the session properly are the tasks killed; if the
+session breaks first ("Lazy pages transfer FAILED"), CRIU lets the tasks run again (and runc does
+not remove the container). So the source is ended after a complete transfer, and running again
+after a broken one: `state` says which, from containerd.
+
+While CRIU holds the tasks, the rootfs diff and the archive (without the lazy memory) are written
+with the proxy's own members, so the target restores it through its proxy like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from shim import archive_layout as layout
+from shim.checkpoint import devshm, netlock
+from shim.checkpoint.archive import write_archive
+from shim.checkpoint.checkpointer import Target, _members
+from shim.checkpoint.options import CheckpointOptions
+from shim.checkpoint.rootfs import write_rootfs_diff
+from shim.cleanup import undo
+from shim.containerd import NAMESPACE
+from shim.errors import FailedPrecondition
+from shim.migrate.tunnel import LOOPBACK
+
+# Where containerd's runc shim keeps its containers' state (its default root, per namespace).
+RUNC_ROOT = Path("/run/containerd/runc") / NAMESPACE
+READY_TIMEOUT = 120.0
+CRIU_WORK = "criu-work"  # not the proxy's "work": CRIU still writes its log there while serving pages
+
+
+@dataclass(frozen=True)
+class Source:
+    """What the dump needs to know about the container (from the proxy's CRI, verbose)."""
+
+    target: Target  # status, pod, options, pod IPs, netns: as the proxy's checkpoint sees them
+    spec: bytes  # the OCI spec, JSON
+    pid: int
+    runtime: str
+
+
+class LazyDump:
+    """One lazy dump, from runc's start to its end (page server done or broken)."""
+
+    def __init__(self, source: Source, staging: Path, runc: Path, criu: Path | None) -> None:
+        self.source = source
+        self.staging = staging
+        self._runc = runc
+        self._criu = criu
+        self.port = 0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._ended: int | None = None
+
+    @property
+    def container_id(self) -> str:
+        return str(self.source.target.status.id)
+
+    async def start(self, stack: AsyncExitStack) -> None:
+        """runc dumping; returns once CRIU's page server listens (every other image written)."""
+        state = RUNC_ROOT / self.container_id / "state.json"
+        if not state.is_file():
+            raise FailedPrecondition(f"runc has no state for container {self.container_id} under {RUNC_ROOT}: a "
+                                     "lazy migration drives runc itself and needs containerd's runc shim there")
+        _sweep(self.staging.parent)
+        self.staging.mkdir(mode=0o700)
+        stack.callback(shutil.rmtree, self.staging, ignore_errors=True)
+        netns = self.source.target.netns
+        if self.source.target.options.tcp_established and netns is not None:
+            await netlock.run_nft(netns, netlock.lock_script())
+            stack.push_async_exit(self._unlock_unless_moved)
+        self.port = _free_port()
+        read_end, write_end = os.pipe()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self._argv(write_end), pass_fds=(write_end,), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        finally:
+            os.close(write_end)
+        stack.push_async_callback(self.end)
+        try:
+            ready = await asyncio.wait_for(asyncio.to_thread(os.read, read_end, 1), READY_TIMEOUT)
+        except TimeoutError:
+            raise FailedPrecondition(f"CRIU's lazy dump did not get ready in {READY_TIMEOUT:.0f} s") from None
+        finally:
+            os.close(read_end)
+        if not ready:
+            await self._proc.wait()
+            raise FailedPrecondition(f"the lazy dump failed: {await self._why()}")
+
+    def _argv(self, status_fd: int) -> list[str]:
+        opts: CheckpointOptions = self.source.target.options
+        flags = [f for f, on in (("--tcp-established", opts.tcp_established), ("--file-locks", opts.file_locks),
+                                 ("--ext-unix-sk", opts.ext_unix_sockets)) if on]
+        criu = ["--criu", str(self._criu)] if self._criu else []
+        return [str(self._runc), "--root", str(RUNC_ROOT), *criu, "checkpoint",
+                "--image-path", str(self.staging / layout.IMAGES_DIR), "--work-path", str(self.staging / CRIU_WORK),
+                "--lazy-pages", "--page-server", f"{LOOPBACK}:{self.port}", "--status-fd", str(status_fd),
+                *flags, self.container_id]
+
+    def write_archive(self, location: Path) -> int:
+        """The archive without the lazy memory (blocking), while CRIU still holds the container."""
+        upper = _upperdir(self.source.pid)
+        deleted = write_rootfs_diff(upper, self.staging / layout.ROOTFS_DIFF).deleted if upper else None
+        devshm.save(self.source.spec, self.staging / devshm.MEMBER)
+        members = _members(self.staging, self.source.spec, self.source.target, self.source.runtime,
+                           datetime.now(UTC), deleted)
+        return write_archive(location, members, durable=False)
+
+    async def page_server(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to CRIU's page server (it serves one client: ours, taken the moment it listens)."""
+        return await asyncio.open_connection(LOOPBACK, self.port)
+
+    async def wait(self, timeout: float | None = None) -> int:
+        """runc's exit status: 0 once every page was served and CRIU ended the tasks."""
+        assert self._proc is not None
+        self._ended = await asyncio.wait_for(self._proc.wait(), timeout)
+        return self._ended
+
+    async def end(self) -> None:
+        """Make sure the dump is over (idempotent): a page server nobody uses is given a client that
+        closes at once, so CRIU ends its session as broken and lets the tasks run again."""
+        if self._proc is None or self._proc.returncode is not None:
+            return
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.wait_for(self.page_server(), 5)
+            writer.close()
+        try:
+            await asyncio.wait_for(self._proc.wait(), 30)
+        except TimeoutError:
+            self._proc.kill()
+            await self._proc.wait()
+
+    async def _why(self) -> str:
+        assert self._proc is not None and self._proc.stderr is not None
+        text = (await self._proc.stderr.read()).decode(errors="replace").strip()
+        return text[-800:] or f"runc exited {self._proc.returncode}; see {self.staging / CRIU_WORK}"
+
+    async def _unlock_unless_moved(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        """Our TCP lock: narrowed to the dumped connections once they live on the target (peers see
+        silence, not resets from the ended source), removed if the source runs on."""
+        netns = self.source.target.netns
+        assert netns is not None
+        if self._ended == 0:
+            connections = await asyncio.to_thread(netlock.dumped_connections, self.staging / layout.IMAGES_DIR)
+            await undo(netlock.run_nft(netns, netlock.narrow_script(connections)), exc, "narrow the TCP lock")
+        else:
+            await undo(netlock.run_nft(netns, netlock.unlock_script(), missing_ok=True), exc, "remove the TCP lock")
+        return False
+
+
+def source_from(status: Any, info: dict[str, Any], target: Target) -> Source:
+    pid = info.get("pid")
+    spec = info.get("runtimeSpec")
+    if not isinstance(pid, int) or pid <= 0 or not isinstance(spec, dict):
+        raise FailedPrecondition(f"container {status.id}: its runtime reports no process or spec")
+    return Source(target, json.dumps(spec).encode(), pid, str(info.get("runtimeType", "io.containerd.runc.v2")))
+
+
+def _upperdir(pid: int) -> Path | None:
+    """The overlayfs upper directory of the container's root (its mountinfo, seen from the host)."""
+    try:
+        lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        head, _, tail = line.partition(" - ")
+        fields, rest = head.split(), tail.split()
+        if len(fields) > 4 and fields[4] == "/" and rest and rest[0] == "overlay" and len(rest) > 2:
+            for option in rest[2].split(","):
+                if option.startswith("upperdir="):
+                    return Path(option.removeprefix("upperdir="))
+    return None
+
+
+def _free_port() -> int:
+    """A loopback port for CRIU's page server (CRIU binds it itself a moment later)."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
+
+
+def runc_beside(criu: Path | None) -> Path:
+    """The runc to run: on PATH, else next to the configured CRIU (the node's tools live together)."""
+    found = shutil.which("runc")
+    if found:
+        return Path(found)
+    if criu is not None and (criu.parent / "runc").is_file():
+        return criu.parent / "runc"
+    raise FailedPrecondition("no runc found on PATH or beside the configured CRIU: pass --runc")
+
+
+def elapsed(since: float) -> float:
+    return round(time.monotonic() - since, 3)
+
+
+STAGING_SUFFIX = ".lazy"
+
+
+def staging_name(container_id: str, stamp: str) -> str:
+    """Private, and naming its owner: a migrate process killed mid-way leaves it for the next to sweep."""
+    return f".migrate-{container_id[:12]}-{stamp}-{os.getpid()}{STAGING_SUFFIX}"
+
+
+def _sweep(directory: Path) -> None:
+    """Remove the staging dirs of lazy dumps whose migrate process is gone (their images are secrets)."""
+    for entry in directory.glob(f".migrate-*{STAGING_SUFFIX}"):
+        owner = entry.name.removesuffix(STAGING_SUFFIX).rpartition("-")[2]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(entry, ignore_errors=True)
