@@ -102,6 +102,7 @@ async def migrate(s: Session) -> source.Migrated:
         try:
             await dump.start(stack)
             criu_end = await dump.page_server()  # at once: CRIU serves the first client that connects
+            tunnel.abort_on_close(criu_end[1])  # our death must fail CRIU's transfer, not complete it
             stack.callback(location.unlink, missing_ok=True)  # without its memory it restores nowhere: not kept
             size = await asyncio.to_thread(dump.write_archive, location)
         except (ShimError, OSError) as exc:
@@ -113,7 +114,7 @@ async def migrate(s: Session) -> source.Migrated:
         checkpointed = time.monotonic()
         pages = await channel.connect(request.to, request.creds, source.CONNECT_TIMEOUT, request.idle_timeout)
         await channel.send(pages[1], {"protocol": channel.PROTOCOL, "op": "pages", "token": token})
-        pumping = asyncio.ensure_future(tunnel.pump(criu_end, pages))
+        pumping = asyncio.ensure_future(tunnel.pump(criu_end, pages, lambda: _target_has_it_all(s)))
         stack.push_async_callback(_settle, pumping)
         try:
             await channel.send(s.writer, {"op": "restore", "size": size})
@@ -139,6 +140,16 @@ async def migrate(s: Session) -> source.Migrated:
                            checkpointed - started, float(done.get("transfer_seconds", 0.0)),
                            float(done.get("restore_seconds", 0.0)), restored - started,
                            pumped.to_remote, filled - restored)
+
+
+async def _target_has_it_all(s: Session) -> bool:
+    """The page stream ended from the target's side: did its page daemon finish (then CRIU may end the
+    source), or did the stream break? Only the receiver knows: it says so on the control connection."""
+    try:
+        message = await asyncio.wait_for(channel.receive(s.reader), 30.0)
+    except (ShimError, TimeoutError):
+        return False
+    return message.get("op") == "pages" and message.get("complete") is True
 
 
 async def _fill(dump: LazyDump, timeout: float) -> int:

@@ -365,8 +365,15 @@ async def _follow_fill(settings: ReceiverSettings, runtime: Runtime, migration: 
                        container_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Until the source says how the fill ended. Anything but "complete" (its word, a broken page stream,
     its silence) ends the restored task unless its memory is whole: never a process on missing pages."""
+    receiving = asyncio.ensure_future(asyncio.wait_for(channel.receive(reader), settings.idle_timeout * 40))
+    either: set[asyncio.Future[Any]] = {receiving, end.pumped}
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    if end.pumped.done() and not receiving.done():
+        # The source closes CRIU's end in order (CRIU then ends the source) only if this says complete.
+        with contextlib.suppress(Exception):
+            await channel.send(writer, {"op": "pages", "complete": end.pumped.result().ended_by == "local"})
     try:
-        message = await asyncio.wait_for(channel.receive(reader), settings.idle_timeout * 40)
+        message = await receiving
         complete = message.get("op") == "finished" and message.get("ok") is True
     except (ShimError, TimeoutError):
         complete = False

@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,9 +42,26 @@ class Pumped:
     errors: list[str] = field(default_factory=list)
 
 
+def abort_on_close(writer: asyncio.StreamWriter, abort: bool = True) -> None:
+    """SO_LINGER 0: closing the socket, also by our death, sends a reset instead of an orderly end.
+
+    On the source this matters: CRIU's lazy page server takes an orderly end of its client's
+    connection for a finished transfer and ends the container (criu/page-xfer.c: "Session over",
+    then the tasks are killed); a reset fails the transfer and CRIU lets the container run again.
+    So the source's end of the page server resets unless the target said its memory is complete.
+    """
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", int(abort), 0))
+
+
 async def pump(local: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-               remote: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> Pumped:
-    """Copy both ways until one side ends (EOF or error), then close both; return what moved."""
+               remote: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+               orderly: Callable[[], Awaitable[bool]] | None = None) -> Pumped:
+    """Copy both ways until one side ends (EOF or error), then close both; return what moved.
+
+    With `orderly`, the local socket is closed in order only when the remote side ended with an
+    EOF and `orderly()` then says so; otherwise it is reset (see abort_on_close)."""
     result = Pumped()
 
     async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, side: str, inbound: bool) -> None:
@@ -63,6 +82,9 @@ async def pump(local: tuple[asyncio.StreamReader, asyncio.StreamWriter],
              asyncio.ensure_future(copy(local[0], remote[1], "local", False))]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if orderly is not None:
+            calm = result.ended_by == "remote" and await orderly()
+            abort_on_close(local[1], abort=not calm)
     finally:
         for task in tasks:
             task.cancel()

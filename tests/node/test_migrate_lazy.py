@@ -1,0 +1,208 @@
+"""Lazy (post-copy) live migration between two fabric hosts: `criu-shim migrate --mode lazy`.
+
+The source's runc dumps everything but the lazy memory; the target restores at once and its page
+daemon pulls the memory from the source's CRIU page server through a mutual-TLS tunnel. Checked
+with real containerd, runc, CRIU and CNI on both hosts: memory arrives whole (the counter checks a
+pattern in every page on every tick and exits 70 on a wrong one), a TCP client keeps its
+connection, a source that dies mid-fill ends the target's task, refusals stop nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shim.api.cri.v1 import api_pb2 as cri
+from tests.node.fabric_pods import (
+    REPO,
+    STOP_AFTER,
+    TCP,
+    Host,
+    client_on_router,
+    fabric_hosts,
+    largest_gap,
+    pod_ip,
+    router_routes,
+    seqs,
+    slow_link,
+)
+from tests.node.pods import wait_for
+
+pytestmark = pytest.mark.node
+
+
+PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
+
+
+@contextlib.contextmanager
+def pipe_max_size(value: int) -> Iterator[None]:
+    """This machine's root lacks CAP_SYS_RESOURCE: CRIU's page server needs pipes over the default 1 MiB."""
+    before = PIPE_MAX_SIZE.read_text()
+    PIPE_MAX_SIZE.write_text(str(max(value, int(before))))
+    try:
+        yield
+    finally:
+        PIPE_MAX_SIZE.write_text(before)
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Host, Host]]:
+    with fabric_hosts(tmp_path_factory, ["1.7", "1.7"]) as up, pipe_max_size(4 << 20):
+        yield up[0], up[1]
+
+
+def _exit_status(host: Host, ctr: str) -> int:
+    status = host.cri.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr), timeout=30).status
+    return int(status.exit_code)
+
+
+def _no_lazy_leftovers(host: Host) -> None:
+    """No page daemon, runc dump or tunnel of a migration is left on the host, and no staging dir."""
+    procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert not [p for p in procs.splitlines() if "lazy-pages" in p and host.env["CHECKPOINTS_DIR"] in p], procs
+    assert not [n for n in host.archives() if n.endswith((".lazy", ".page-server", ".part"))], host.archives()
+
+
+def test_lazy_migration_moves_memory_whole_and_ends_the_source(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    with a.cri.pod(STOP_AFTER) as source_pod, b.cri.pod() as target_pod:
+        ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "128"},
+                              name="counter")
+        wait_for(lambda: a.cri.count(ctr) >= 20, timeout=60)
+        out = a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy").stdout
+        assert "migrated to container" in out and "served lazily" in out, out
+        served = float(re.search(r"memory ([\d.]+) MiB served lazily", out).group(1))  # type: ignore[union-attr]
+        assert served >= 100, out  # the 128 MiB crossed as pages, not in the archive
+        assert float(re.search(r"archive ([\d.]+) MiB", out).group(1)) < 32, out  # type: ignore[union-attr]
+        assert a.cri.state(ctr) == "CONTAINER_EXITED"  # CRIU ended it once every page was served
+        moved = b.container_in(target_pod)
+        first = b.cri.count(moved)
+        assert first >= 20, "the count restarted instead of resuming"
+        wait_for(lambda: b.cri.count(moved) > first + 10, timeout=60)  # each tick checks every page
+        assert b.cri.state(moved) == "CONTAINER_RUNNING", b.cri.log(moved)[-500:]
+        assert not list(Path(a.env["CHECKPOINTS_DIR"]).glob("migrate-*")), "the source keeps nothing"
+        assert not list(Path(b.env["CHECKPOINTS_DIR"]).glob("migrate-*")), "a memoryless archive is not kept"
+        _no_lazy_leftovers(a)
+        _no_lazy_leftovers(b)
+
+
+def test_lazy_migration_keeps_the_tcp_client_connection(hosts: tuple[Host, Host], tmp_path: Path) -> None:
+    a, b = hosts
+    log = tmp_path / "client.log"
+    with a.cri.pod(TCP) as source_pod, b.cri.pod(TCP) as target_pod:
+        ip = pod_ip(a, source_pod)
+        server = a.cri.container(source_pod, ["/usr/local/bin/tcpserver"],
+                                 {"PORT": "7000", "BIND_ADDR": ip, "MEM_MB": "64"}, name="server")
+        with client_on_router(ip, log, interval_ms=10) as client:
+            wait_for(lambda: len(seqs(log.read_text())) >= 20, timeout=60)
+            out = a.migrate(server, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id,
+                            "--mode", "lazy").stdout
+            assert f"pod IPs {ip} now routed" in out and f"{ip} via {b.env['HOST_IP']}" in router_routes()
+            last = seqs(log.read_text())[-1][1]
+            wait_for(lambda: seqs(log.read_text())[-1][1] >= last + 20, timeout=60)
+            assert client.poll() is None
+        text = log.read_text()
+        assert text.count("connected ") == 1 and "error" not in text and "reconnect" not in text, text[-1000:]
+        assert a.cri.state(server) == "CONTAINER_EXITED"
+        assert b.cri.state(b.container_in(target_pod)) == "CONTAINER_RUNNING"
+        print(f"lazy, 64 MiB: the client's largest gap {largest_gap(text):.3f} s\n{out}")
+
+
+def test_the_source_killed_mid_fill_ends_the_target_task(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    with a.cri.pod(STOP_AFTER) as source_pod, b.cri.pod() as target_pod:
+        ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "256"},
+                              name="counter")
+        wait_for(lambda: a.cri.count(ctr) >= 5, timeout=60)
+        with slow_link(b, "20mbit"):  # 256 MiB at 20 Mbit/s: about 100 s of fill to be cut into
+            proc = subprocess.Popen(a.migrate_argv(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id,
+                                                   "--mode", "lazy"),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+            try:
+                wait_for(lambda: bool(b.containers()) and b.cri.state(b.containers()[0]) == "CONTAINER_RUNNING",
+                         timeout=120)
+                moved = b.containers()[0]
+                proc.send_signal(signal.SIGKILL)  # the source's criu-shim dies mid-fill
+                proc.communicate(timeout=30)
+                # Its page stream is gone: the target's page daemon fails and the task is ended.
+                wait_for(lambda: b.cri.state(moved) == "CONTAINER_EXITED", timeout=90)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
+        assert _exit_status(b, moved) != 0
+        # The source: CRIU's page server lost its client, so the dump failed and CRIU let it run again.
+        wait_for(lambda: a.cri.state(ctr) == "CONTAINER_RUNNING", timeout=60)
+        count = a.cri.count(ctr)
+        wait_for(lambda: a.cri.count(ctr) > count, timeout=30)
+        # And it can be migrated again (the dead migration's staging dir is swept on the way).
+        with b.cri.pod() as retry_pod:
+            out = a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", retry_pod.id, "--mode", "lazy").stdout
+            assert "served lazily" in out
+            moved = b.container_in(retry_pod)
+            assert b.cri.count(moved) >= count
+    _no_lazy_leftovers(a)
+    _no_lazy_leftovers(b)
+
+
+def test_lazy_refusals_stop_nothing(hosts: tuple[Host, Host], tmp_path: Path) -> None:
+    a, b = hosts
+    no_uffd = tmp_path / "criu"  # a CRIU new enough by version, without userfaultfd
+    no_uffd.write_text("#!/bin/sh\ncase \"$1\" in --version) echo 'Version: 4.2.1';; "
+                       "*) echo 'Error (criu/cr-check.c:1): UFFD is not supported'; exit 1;; esac\n")
+    no_uffd.chmod(0o755)
+    config = tmp_path / "no-uffd.toml"
+    config.write_text(f'[checkpoint]\ncriu = "{no_uffd}"\n')
+    e = b.env
+    address = f"{e['HOST_IP']}:7545"
+    receiver = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{e['NODE_NETNS']}", "--", sys.executable, "-m", "shim", "migrate-receiver",
+         "--listen", address, "--runtime-endpoint", e["CRI_ENDPOINT"], "--config", str(config),
+         "--checkpoints-dir", e["CHECKPOINTS_DIR"], "--address-hook", e["ADDRESS_HOOK"],
+         "--cert", e["MIGRATE_CERT"], "--key", e["MIGRATE_KEY"], "--ca", e["MIGRATE_CA"]],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        listening = ["nsenter", f"--net=/run/netns/{e['NODE_NETNS']}", "ss", "-Hltn", f"src {e['HOST_IP']}"]
+        wait_for(lambda: ":7545" in subprocess.run(listening, capture_output=True, text=True).stdout)
+        with a.cri.pod(STOP_AFTER) as pod, b.cri.pod() as target, _archives_unchanged(a, b):
+            ctr = a.cri.container(pod, ["/usr/local/bin/counter"], name="counter")
+            to = ["--to-pod", target.id, "--mode", "lazy"]
+            cases = [
+                (a.migrate_argv(ctr, "--to", address, *to), "cannot run a page daemon (UFFD is not supported)"),
+                (a.migrate_argv(ctr, "--to", b.env["MIGRATE_ADDRESS"], *to, "--checkpoint", "/nonexistent.tar"),
+                 "a lazy migration keeps none"),
+                ([*a.migrate_argv(ctr, "--to", b.env["MIGRATE_ADDRESS"], *to), "--config", str(config)],
+                 "this node's CRIU cannot serve lazy pages"),
+                (a.migrate_argv(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target.id, "--mode", "later"),
+                 "invalid choice: 'later'"),
+            ]
+            for argv, expected in cases:
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO)
+                assert proc.returncode != 0 and expected in proc.stderr, (argv[-6:], proc.stderr)
+                assert a.cri.state(ctr) == "CONTAINER_RUNNING"
+            before = PIPE_MAX_SIZE.read_text()
+            PIPE_MAX_SIZE.write_text("1048576")  # the kernel's default, and no CAP_SYS_RESOURCE here
+            try:
+                proc = a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], *to, check=False)
+            finally:
+                PIPE_MAX_SIZE.write_text(before)
+            assert proc.returncode != 0 and "sysctl -w fs.pipe-max-size=4194304" in proc.stderr, proc.stderr
+            assert a.cri.state(ctr) == "CONTAINER_RUNNING"
+            assert not b.containers(), "nothing was created on the target"
+    finally:
+        receiver.terminate()
+        receiver.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def _archives_unchanged(a: Host, b: Host) -> Iterator[None]:
+    before = (a.archives(), b.archives())
+    yield
+    assert (a.archives(), b.archives()) == before, "nothing was written on either node"
