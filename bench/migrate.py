@@ -1,12 +1,14 @@
-"""Live migration between two nodes (`node up --fabric`): the client's largest gap, direct eager.
+"""Live migration between two nodes (`node up --fabric`): the client's largest gap, eager and lazy.
 
 A tcpserver holding MEM_MB of touched memory runs in a pod of node A (tcp-established +
 stop-after); a tcpclient outside both nodes (the fabric's router namespace) sends a request
 every 10 ms on one connection; `criu-shim migrate` moves the server into a prepared pod of
-node B. Reported per size: the largest gap between two answers the client saw, and the
-migration's own split (checkpoint, transfer + restore, the pause it measured).
+node B, direct eager (the whole checkpoint crosses, then the restore) or direct lazy (the
+target restores at once, the memory follows from the source's page server). The modes are
+interleaved rep by rep on the same two hosts. Reported per size and mode: the largest gap
+between two answers the client saw (median and worst), and the migration's own split.
 
-    sudo .venv/bin/python bench/migrate.py --sizes 64 512 --reps 2
+    sudo flock /tmp/criu-shim-node.lock .venv/bin/python bench/migrate.py --sizes 64 512 --reps 3
 """
 
 from __future__ import annotations
@@ -34,41 +36,54 @@ from tests.node.fabric_pods import (  # noqa: E402
 )
 from tests.node.pods import wait_for  # noqa: E402
 
+PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
+LAZY_PIPE = 4 << 20  # CRIU's lazy page server pipe, over the default without CAP_SYS_RESOURCE (shim.migrate.lazy)
 
-def one(a: Host, b: Host, mem_mb: int, log: Path) -> tuple[float, str]:
+
+def one(a: Host, b: Host, mem_mb: int, mode: str, log: Path) -> tuple[float, str]:
     with a.cri.pod(TCP) as pod_a, b.cri.pod(TCP) as pod_b:
         ip = pod_ip(a, pod_a)
         server = a.cri.container(pod_a, ["/usr/local/bin/tcpserver"],
                                  {"PORT": "7000", "BIND_ADDR": ip, "MEM_MB": str(mem_mb)}, name="server")
         with client_on_router(ip, log, interval_ms=10):
-            wait_for(lambda: len(seqs(log.read_text())) >= 20, timeout=60)
-            out = a.migrate(server, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", pod_b.id).stdout
+            wait_for(lambda: len(seqs(log.read_text())) >= 20, timeout=120)
+            out = a.migrate(server, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", pod_b.id, "--mode", mode).stdout
             last = seqs(log.read_text())[-1][1]
             wait_for(lambda: seqs(log.read_text())[-1][1] >= last + 20, timeout=120)
         text = log.read_text()
         assert text.count("connected ") == 1 and "error" not in text, text[-1000:]
-        return largest_gap(text), out.strip().splitlines()[-1]
+        return largest_gap(text), " | ".join(out.strip().splitlines()[1:])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 512], metavar="MiB")
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", choices=("eager", "lazy"), default=["eager", "lazy"])
     args = parser.parse_args()
+    pipe_before = PIPE_MAX_SIZE.read_text()
+    if "lazy" in args.modes and int(pipe_before) < LAZY_PIPE:
+        PIPE_MAX_SIZE.write_text(str(LAZY_PIPE))
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as tmp:
         made = iter(range(100))
         dirs = distinct_dirs(lambda name: Path(tmp) / f"{name}{next(made)}")
         hosts: list[Host] = []
         try:
             hosts = [up(d, Path(tmp) / "logs") for d in dirs]
+            table = []
             for size in args.sizes:
-                gaps = []
+                gaps: dict[str, list[float]] = {mode: [] for mode in args.modes}
                 for rep in range(args.reps):
-                    gap, split = one(hosts[0], hosts[1], size, Path(tmp) / f"client-{size}-{rep}.log")
-                    gaps.append(gap)
-                    print(f"{size} MiB rep {rep}: client gap {gap:.2f} s; {split}", flush=True)
-                print(f"{size} MiB: median client gap {statistics.median(gaps):.2f} s", flush=True)
+                    for mode in args.modes:  # interleaved: a drift of the machine hits both modes alike
+                        gap, split = one(hosts[0], hosts[1], size, mode, Path(tmp) / f"client-{size}-{mode}-{rep}.log")
+                        gaps[mode].append(gap)
+                        print(f"{size} MiB {mode} rep {rep}: client gap {gap:.3f} s; {split}", flush=True)
+                for mode, values in gaps.items():
+                    table.append(f"| {size} MiB | {mode} | {statistics.median(values):.2f} s | {max(values):.2f} s |")
+            print("| memory | mode | client gap, median | worst |\n|---|---|---|---|\n" + "\n".join(table), flush=True)
+            print(f"load average: {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
         finally:
+            PIPE_MAX_SIZE.write_text(pipe_before)
             for host in hosts:
                 host.cri.close()
             for d in dirs:
