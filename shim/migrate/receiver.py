@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from shim.annotations import CHECKPOINT_PREFIX, TRUE
-from shim.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ShimError, Unavailable
+from shim.errors import Code, FailedPrecondition, InvalidArgument, ResourceExhausted, ShimError, Unavailable, Upstream
 from shim.hosttools import Version
 from shim.migrate import channel, compat, hook, tunnel
 from shim.migrate.runtime import PodView, Runtime
@@ -89,7 +89,6 @@ async def _serve(settings: ReceiverSettings) -> int:
     context = channel.server_context(settings.creds)
     if not settings.checkpoints_dir.is_dir():
         raise FailedPrecondition(f"checkpoints directory {settings.checkpoints_dir} does not exist")
-    runtime = Runtime(settings.runtime)
     one_at_a_time = asyncio.Lock()  # restores into this node queue (a source's checkpoint does not hold it)
     page_ends: dict[str, _PageEnd] = {}  # lazy migrations under way, by token
 
@@ -97,11 +96,15 @@ async def _serve(settings: ReceiverSettings) -> int:
         peer = writer.get_extra_info("peercert") or {}
         who = dict(x[0] for x in peer.get("subject", ())).get("commonName", "?")
         channel.give_up_after(writer, settings.idle_timeout)
+        # A channel of its own per migration: a shared one that saw the proxy or containerd restart stays in
+        # gRPC's reconnect back-off for a while and fails the next migration's calls at once.
+        runtime = Runtime(settings.runtime)
         try:
             await _session(settings, runtime, reader, writer, who, one_at_a_time, page_ends)
         except Exception:  # one bad session never takes the receiver down
             log.exception("migration session from %s failed", who)
         finally:
+            await runtime.close()
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -114,7 +117,6 @@ async def _serve(settings: ReceiverSettings) -> int:
     log.info("migration receiver listening on %s:%d", host, port)
     async with server:
         await stop.wait()
-    await runtime.close()
     return 0
 
 
@@ -249,7 +251,11 @@ async def _restore(settings: ReceiverSettings, runtime: Runtime, migration: _Mig
     received = time.monotonic()
     try:
         pod = await runtime.pod_by_id(migration.pod.id)  # deleted or stopped meanwhile? say so, by name
-    except ShimError:
+    except ShimError as exc:
+        if exc.code != Code.NOT_FOUND:  # the node's criu-shim or containerd down: not a deleted pod
+            archive.unlink(missing_ok=True)
+            raise Upstream(exc.code, f"this node's criu-shim could not look up target pod {migration.pod.label} "
+                           f"({exc.message}); nothing was restored") from None
         pod = None
     if pod is None or not pod.ready:
         archive.unlink(missing_ok=True)

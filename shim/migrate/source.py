@@ -115,7 +115,7 @@ async def _migrate(request: MigrateRequest, runtime: Runtime) -> Migrated:
         ready = await ask(reader, writer, {"protocol": channel.PROTOCOL, "op": "preflight", "pod": request.to_pod,
                                             "name": name, "addresses": addresses, "mode": request.mode,
                                             "criu_version": show(criu) if criu else None}, CONNECT_TIMEOUT * 3,
-                           "the target node refused the migration (nothing was stopped)")
+                          _refused(request))
         if request.mode == "lazy":
             return await lazy.migrate(lazy.Session(request, runtime, container, pod, options, addresses, reader,
                                                    writer, ready))
@@ -177,11 +177,19 @@ async def _checkpoint(request: MigrateRequest, runtime: Runtime, container: Cont
     return location
 
 
+def _refused(request: MigrateRequest) -> str:
+    if request.checkpoint is None:
+        return "the target node refused the migration (nothing was stopped)"
+    # a retry: the source was stopped by the first attempt, and it must not read as if it ran
+    return (f"the target node refused the migration (the source container stays stopped; its checkpoint is kept at "
+            f"{request.checkpoint})")
+
+
 async def state(runtime: Runtime, container_id: str) -> str:
     try:
         return (await runtime.container(container_id)).state.removeprefix("CONTAINER_").lower()
-    except ShimError:
-        return "in an unknown state"
+    except ShimError as exc:  # e.g. this node's criu-shim died mid-checkpoint: say so, not just "unknown"
+        return f"in an unknown state (this node's criu-shim at {runtime.socket} does not answer: {exc.message})"
 
 
 def _stopped(container: ContainerView, archive: Path, request: MigrateRequest) -> str:

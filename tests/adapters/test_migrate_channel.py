@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shim.errors import InvalidArgument, ShimError, Unavailable
+from shim.errors import InvalidArgument, NotFound, ShimError, Unavailable
 from shim.migrate import channel, receiver
 from shim.migrate.runtime import PodView
 from shim.node import pki
@@ -181,14 +181,17 @@ def test_where_the_address_cannot_move_it_is_said_at_preflight(
 class _FakeRuntime:
     """The receiver's view of its node's CRI: one pod, restores recorded, removals recorded."""
 
-    def __init__(self, pod: PodView | None, restore_error: ShimError | None = None) -> None:
-        self._pod, self._error = pod, restore_error
+    def __init__(self, pod: PodView | None, restore_error: ShimError | None = None,
+                 lookup_error: ShimError | None = None) -> None:
+        self._pod, self._error, self._lookup_error = pod, restore_error, lookup_error
         self.restored: list[Path] = []
         self.removed: list[str] = []
 
     async def pod_by_id(self, pod_id: str) -> PodView:
+        if self._lookup_error is not None:
+            raise self._lookup_error
         if self._pod is None:
-            raise ShimError("not found")
+            raise NotFound(f"pod {pod_id} not found")  # what CRI answers for a removed pod
         return self._pod
 
     async def restore(self, pod_id: str, archive: Path, name: str, timeout: float) -> str:
@@ -226,12 +229,16 @@ def test_the_address_is_claimed_only_after_the_container_runs(tmp_path: Path) ->
     assert (tmp_path / "hook.log").read_text() == "hook claim 10.234.1.7 10.234.9.4\n"
 
 
-@pytest.mark.parametrize("case", ["hook fails", "restore fails", "pod deleted"])
+@pytest.mark.parametrize("case", ["hook fails", "restore fails", "pod deleted", "runtime down"])
 def test_a_failed_restore_leaves_nothing_on_the_target(tmp_path: Path, case: str) -> None:
     pod = None if case == "pod deleted" else _pod({receiver.TCP_ANNOTATION: "true"})
-    runtime = _FakeRuntime(pod, ShimError("CRIU said no") if case == "restore fails" else None)
+    down = Unavailable("containerd at /run/x.sock is unavailable") if case == "runtime down" else None
+    runtime = _FakeRuntime(pod, ShimError("CRIU said no") if case == "restore fails" else None, down)
+    # a runtime that does not answer is said as such, never as a deleted pod
     with pytest.raises(ShimError, match={"hook fails": "address hook", "restore fails": "CRIU said no",
-                                         "pod deleted": "was deleted during the migration"}[case]):
+                                         "pod deleted": "was deleted during the migration",
+                                         "runtime down": r"could not look up target pod tests/web \(containerd at "
+                                                         "/run/x.sock is unavailable"}[case]):
         _restore_with(tmp_path, runtime, 1)
     assert runtime.removed == (["ctr-1"] if case == "hook fails" else [])  # a restored container is removed
     assert not list((tmp_path / "checkpoints").iterdir())  # and the archive that arrived
