@@ -102,7 +102,6 @@ async def migrate(s: Session) -> source.Migrated:
         try:
             await dump.start(stack)
             criu_end = await dump.page_server()  # at once: CRIU serves the first client that connects
-            tunnel.abort_on_close(criu_end[1])  # our death must fail CRIU's transfer, not complete it
             stack.callback(location.unlink, missing_ok=True)  # without its memory it restores nowhere: not kept
             size = await asyncio.to_thread(dump.write_archive, location)
         except (ShimError, OSError) as exc:
@@ -121,6 +120,7 @@ async def migrate(s: Session) -> source.Migrated:
             await source.stream(location, s.writer, size, request.idle_timeout)
             done = await source.ask(s.reader, s.writer, None, request.timeout, "the target node could not restore it")
         except ShimError as exc:
+            await _settle(pumping)  # our end of CRIU's page server resets: CRIU lets the container go
             await dump.end()
             raise source.MigrationFailed(f"{exc.message}; nothing moved: the source container {cid} is "
                                          f"{await _source_state(s.runtime, cid)}") from None
@@ -170,8 +170,12 @@ async def _settle(pumping: asyncio.Future[tunnel.Pumped]) -> None:
 async def _tell_target(s: Session, complete: bool) -> str:
     """Tell the receiver how the fill ended; its answer says what became of the restored task."""
     try:
-        reply = await source.ask(s.reader, s.writer, {"op": "finished", "ok": complete}, 60.0, "the target")
+        await channel.send(s.writer, {"op": "finished", "ok": complete})
+        while (reply := await asyncio.wait_for(channel.receive(s.reader), 60.0)).get("op") == "pages":
+            pass  # the target's word on the page stream, unread when CRIU ended it first
         return str(reply.get("target", "in an unknown state"))
+    except TimeoutError:
+        return "in an unknown state (the target did not answer); its page daemon ends it once the page stream is gone"
     except ShimError as exc:
         return f"in an unknown state (the target did not say: {exc.message}); its page daemon ends it once the " \
                "page stream is gone"

@@ -41,7 +41,7 @@ from shim.checkpoint.rootfs import write_rootfs_diff
 from shim.cleanup import undo
 from shim.containerd import NAMESPACE
 from shim.errors import FailedPrecondition
-from shim.migrate.tunnel import LOOPBACK
+from shim.migrate.tunnel import LOOPBACK, abort_on_close
 
 # Where containerd's runc shim keeps its containers' state (its default root, per namespace).
 RUNC_ROOT = Path("/run/containerd/runc") / NAMESPACE
@@ -70,6 +70,7 @@ class LazyDump:
         self.port = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._ended: int | None = None
+        self._client: asyncio.StreamWriter | None = None  # our connection to CRIU's page server
 
     @property
     def container_id(self) -> str:
@@ -127,8 +128,14 @@ class LazyDump:
         return write_archive(location, members, durable=False)
 
     async def page_server(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Connect to CRIU's page server (it serves one client: ours, taken the moment it listens)."""
-        return await asyncio.open_connection(LOOPBACK, self.port)
+        """Connect to CRIU's page server (it serves one client: ours, taken the moment it listens).
+
+        The socket resets when closed, also by our death: CRIU takes an orderly end for a complete
+        transfer and would end the container (see shim.migrate.tunnel.abort_on_close)."""
+        reader, writer = await asyncio.open_connection(LOOPBACK, self.port)
+        abort_on_close(writer)
+        self._client = writer
+        return reader, writer
 
     async def wait(self, timeout: float | None = None) -> int:
         """runc's exit status: 0 once every page was served and CRIU ended the tasks."""
@@ -141,9 +148,12 @@ class LazyDump:
         closes at once, so CRIU ends its session as broken and lets the tasks run again."""
         if self._proc is None or self._proc.returncode is not None:
             return
-        with contextlib.suppress(OSError):
-            _, writer = await asyncio.wait_for(self.page_server(), 5)
-            writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            if self._client is None:
+                await asyncio.wait_for(self.page_server(), 5)
+            assert self._client is not None
+            abort_on_close(self._client)
+            self._client.close()  # a reset: CRIU fails the transfer and lets the container run
         try:
             await asyncio.wait_for(self._proc.wait(), 30)
         except TimeoutError:

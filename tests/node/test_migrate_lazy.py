@@ -152,6 +152,26 @@ def test_the_source_killed_mid_fill_ends_the_target_task(hosts: tuple[Host, Host
     _no_lazy_leftovers(b)
 
 
+def test_a_restore_refused_on_the_target_lets_the_source_run_on(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    with a.cri.pod(STOP_AFTER) as source_pod, b.cri.pod() as target_pod:
+        ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "32"},
+                              name="counter")
+        taken = b.cri.container(target_pod, ["/usr/local/bin/counter"], name="counter")  # the name is taken there
+        wait_for(lambda: a.cri.count(ctr) >= 5, timeout=60)
+        proc = a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy",
+                         check=False)
+        assert proc.returncode == 1 and "the target node could not restore it" in proc.stderr, proc.stderr
+        assert f"nothing moved: the source container {ctr} is running again" in proc.stderr, proc.stderr
+        # CRIU had it frozen, serving pages: the broken session let it go, and it goes on counting.
+        count = a.cri.count(ctr)
+        wait_for(lambda: a.cri.count(ctr) > count, timeout=30)
+        assert a.cri.state(ctr) == "CONTAINER_RUNNING"
+        assert b.containers() == [taken]
+    _no_lazy_leftovers(a)
+    _no_lazy_leftovers(b)
+
+
 def test_lazy_refusals_stop_nothing(hosts: tuple[Host, Host], tmp_path: Path) -> None:
     a, b = hosts
     no_uffd = tmp_path / "criu"  # a CRIU new enough by version, without userfaultfd
