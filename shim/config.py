@@ -16,6 +16,7 @@
     allowed_registries = []     # checkpoint images are taken only from these registries
     work_dir = "/var/lib/criu-shim/restore"           # where archives are unpacked (private)
     lazy_pages = true           # memory filled in after the process runs (userfaultfd), when CRIU can
+    page_daemon = "criu-shim"   # who fills it in: "criu-shim" (our own daemon) or "criu" (criu lazy-pages)
 
     [retention]                 # off unless a limit is set (see README: deleting is irreversible)
     dirs = ["/var/lib/kubelet/checkpoints"]   # where checkpoint archives are collected
@@ -93,6 +94,10 @@ class CheckpointDefaults:
     compression_level: int = 3  # zstd's own default
 
 
+PAGE_DAEMON_OURS, PAGE_DAEMON_CRIU = "criu-shim", "criu"
+PAGE_DAEMONS = (PAGE_DAEMON_OURS, PAGE_DAEMON_CRIU)
+
+
 @dataclass(frozen=True)
 class RestoreSettings:
     enabled: bool = False
@@ -100,8 +105,10 @@ class RestoreSettings:
     allowed_registries: tuple[str, ...] = ()
     work_dir: Path = DEFAULT_RESTORE_DIR
     # Lazy restore (shim.restore.lazy): the process runs before its memory is all
-    # in place; CRIU's page daemon fills it in. Used where CRIU supports uffd.
+    # in place; a page daemon fills it in. Used where CRIU supports uffd.
     lazy_pages: bool = True
+    # Which page daemon: criu-shim's own (shim.runtime.page_daemon) or CRIU's `criu lazy-pages`.
+    page_daemon: str = PAGE_DAEMON_OURS
 
 
 @dataclass(frozen=True)
@@ -285,7 +292,8 @@ def _encryption(section: Any, origin: str) -> EncryptionSettings:
 def _restore(section: Any, origin: str) -> RestoreSettings:
     if not isinstance(section, dict):
         raise InvalidArgument(f"{origin}: [restore] must be a table")
-    unknown = set(section) - {"enabled", "allowed_dirs", "allowed_registries", "work_dir", "lazy_pages"}
+    unknown = set(section) - {"enabled", "allowed_dirs", "allowed_registries", "work_dir", "lazy_pages",
+                              "page_daemon"}
     if unknown:
         raise InvalidArgument(f"{origin}: unknown keys in [restore]: {', '.join(sorted(unknown))}")
     enabled, lazy = section.get("enabled", False), section.get("lazy_pages", True)
@@ -301,7 +309,10 @@ def _restore(section: Any, origin: str) -> RestoreSettings:
     registries = section.get("allowed_registries", [])
     if not isinstance(registries, list) or not all(isinstance(r, str) and r and "/" not in r for r in registries):
         raise InvalidArgument(f"{origin}: restore.allowed_registries must be a list of registry hosts")
-    return RestoreSettings(enabled, tuple(Path(d) for d in dirs), tuple(registries), Path(work), lazy)
+    daemon = section.get("page_daemon", PAGE_DAEMON_OURS)
+    if daemon not in PAGE_DAEMONS:
+        raise InvalidArgument(f"{origin}: restore.page_daemon must be one of {list(PAGE_DAEMONS)}, got {daemon!r:.40}")
+    return RestoreSettings(enabled, tuple(Path(d) for d in dirs), tuple(registries), Path(work), lazy, daemon)
 
 
 def _signing(section: Any, origin: str) -> SigningSettings:

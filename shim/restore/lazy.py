@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shim.archive_layout import IMAGES_DIR
+from shim.config import PAGE_DAEMON_CRIU, PAGE_DAEMON_OURS
 from shim.errors import InvalidArgument
 from shim.fileio import kernel_copy
 from shim.handoff import LAZY_CRIU_OPTION, LAZY_PLAN, REMOTE_PAGES_SUFFIX
 from shim.restore import loopdev, pagemap
+from shim.restore.unseal import PLAIN_SUFFIX, plaintext_path
 
 PLAN_FILE = LAZY_PLAN
 CRIU_OPTION = LAZY_CRIU_OPTION
@@ -66,20 +68,26 @@ def tag(work: Path) -> str:
     return tag_prefix(work.parent) + work.name
 
 
-def prepare(archive: Path, work: Path, deferred: tuple[Deferred, ...], criu: Path) -> None:
-    """Copy the eager runs of each deferred image, attach its loop device, write the relay's plan.
+def prepare(archive: Path, work: Path, deferred: tuple[Deferred, ...], criu: Path,
+            daemon: str = PAGE_DAEMON_CRIU) -> None:
+    """Copy the eager runs of each deferred image, say where the rest is, write the relay's plan.
 
+    Our page daemon (`daemon` "criu-shim", shim.runtime.page_daemon) maps each image where it
+    lies in the archive; CRIU's reads it through a read-only loop device attached here.
     `work` is the unpacked checkpoint; on failure every device attached here is released.
     """
     maps = _pagemaps(work / IMAGES_DIR)
-    pages: list[dict[str, str]] = []
+    pages: list[dict[str, object]] = []
     try:
         for member in deferred:
             _fill_eager(archive, work, member, maps)
             _read_ahead(archive, member)
+            if daemon == PAGE_DAEMON_OURS:
+                pages.append(_in_place(archive, work, member))
+                continue
             device = loopdev.attach_read_only(archive, member.offset, member.size, tag(work))
             pages.append({"image": Path(member.name).name, "device": device})
-        _write_plan(work, {"criu": str(criu), "pages": pages})
+        _write_plan(work, {"criu": str(criu), "daemon": daemon, "pages": pages})
     except BaseException:
         release(work)
         raise
@@ -139,6 +147,21 @@ def _remote_port(path: Path) -> int:
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         raise InvalidArgument(f"{path}: port {port!r:.20} out of range")
     return port
+
+
+def _in_place(archive: Path, work: Path, member: Deferred) -> dict[str, object]:
+    """Where our page daemon finds a memory image: its bytes in the archive.
+
+    A sealed archive's decrypted copy is removed as soon as it is unpacked; the daemon gets a
+    link of its own in the private work dir, which it removes once it has the file open, so
+    the plaintext lives exactly as long as the daemon needs it.
+    """
+    name = Path(member.name).name
+    source, unlink = archive, False
+    if archive == plaintext_path(work):
+        source, unlink = work / f"{name}{PLAIN_SUFFIX}", True
+        os.link(archive, source)
+    return {"image": name, "archive": str(source), "offset": member.offset, "size": member.size, "unlink": unlink}
 
 
 def check_memory_images(work: Path, deferred: tuple[Deferred, ...] = ()) -> None:

@@ -33,11 +33,12 @@ _U32 = struct.Struct("<I")
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """A run of pages: how many, whether their data is in the pages file, whether lazy."""
+    """A run of pages: how many, whether their data is in the pages file, whether lazy; where it was mapped."""
 
     nr_pages: int
     present: bool
     lazy: bool
+    vaddr: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,22 @@ def eager_ranges(pagemap: Pagemap) -> list[tuple[int, int]]:
     return ranges
 
 
+def lazy_runs(pagemap: Pagemap) -> list[tuple[int, int, int]]:
+    """(address, bytes, offset in the pages file) of the runs a lazy restore leaves to the page daemon, adjacent ones merged."""
+    runs: list[tuple[int, int, int]] = []
+    offset = 0
+    for run in pagemap.runs:
+        length = run.nr_pages * PAGE_SIZE
+        if run.present and run.lazy:
+            if runs and runs[-1][0] + runs[-1][1] == run.vaddr and runs[-1][2] + runs[-1][1] == offset:
+                runs[-1] = (runs[-1][0], runs[-1][1] + length, runs[-1][2])
+            else:
+                runs.append((run.vaddr, length, offset))
+        if run.present:
+            offset += length
+    return runs
+
+
 def _records(data: bytes, label: str) -> list[bytes]:
     if len(data) < 8 or _U32.unpack_from(data, 0)[0] != IMG_COMMON_MAGIC \
             or _U32.unpack_from(data, 4)[0] != PAGEMAP_MAGIC:
@@ -120,4 +137,4 @@ def _run(entry: Any, label: str) -> Run:
                               "an archive")
     # Images without flags (old CRIU) have every listed page present and eager.
     present = bool(flags & PE_PRESENT) or not entry.HasField("flags")
-    return Run(nr_pages, present, bool(flags & PE_LAZY))
+    return Run(nr_pages, present, bool(flags & PE_LAZY), int(entry.vaddr))

@@ -342,7 +342,8 @@ class Restorer:
         await to_thread_to_end(lazy.check_memory_images, work, archive.deferred)  # before CRIU ever reads them
         if archive.deferred:
             assert self._config.criu is not None  # _lazy_possible() checked it
-            await to_thread_to_end(lazy.prepare, archive_path, work, archive.deferred, self._config.criu)
+            await to_thread_to_end(lazy.prepare, archive_path, work, archive.deferred, self._config.criu,
+                                   self._config.restore.page_daemon)
         else:  # a lazy migration's dump: the memory it lacks comes from the source node
             await to_thread_to_end(lazy.plan_remote, archive_path, work, self._config.criu)
         return archive

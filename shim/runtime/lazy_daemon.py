@@ -2,9 +2,11 @@
 
 The proxy left `lazy-pages.json` in the unpacked checkpoint (shim.restore.lazy)
 and `lazy-pages` in the task's CRIU config. As soon as the relay has its
-restore it starts `criu lazy-pages` (in a work dir of its own, on a view of the
-images in which each large `pages-N.img` is the loop device over the archive),
-so the daemon's start-up overlaps containerd's work. CRIU's restore looks for
+restore it starts the page daemon the plan names: criu-shim's own
+(shim.runtime.page_daemon, `[restore] page_daemon = "criu-shim"`, which maps
+each large `pages-N.img` where it lies in the archive) or `criu lazy-pages`
+(on a view of the images in which each such image is a loop device over the
+archive), in a work dir of its own, so that its start-up overlaps containerd's work. CRIU's restore looks for
 the daemon's socket in runc's work dir, known at task Create: the relay links
 it there (`expose`), and at Start waits until the daemon listens. From then on
 the daemon owns the memory: it answers the process's page faults and copies
@@ -24,6 +26,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +34,7 @@ from pathlib import Path
 
 from shim import fillspool
 from shim.archive_layout import IMAGES_DIR
+from shim.config import PAGE_DAEMON_CRIU, PAGE_DAEMON_OURS
 from shim.errors import FailedPrecondition
 from shim.handoff import LAZY_CRIU_OPTION, LAZY_PLAN, criu_config
 from shim.restore import lazy, loopdev
@@ -47,10 +51,11 @@ class LazyPages:
     """One restore's page daemon, from start to release."""
 
     def __init__(self, restore_dir: Path, criu: Path, pages: dict[str, str],
-                 page_server: tuple[str, int] | None = None) -> None:
+                 page_server: tuple[str, int] | None = None, daemon: str = PAGE_DAEMON_CRIU) -> None:
         self._dir = restore_dir
         self._criu = criu
-        self._pages = pages  # image name -> loop device
+        self._pages = pages  # image name -> loop device (CRIU's daemon only)
+        self.daemon = daemon  # ours (shim.runtime.page_daemon) maps the images in the archive itself
         # A lazy migration: the pages no image holds come from the source's page server, through
         # the migration receiver's tunnel on this address. If the source (or the link) dies before
         # memory is complete, the daemon fails and `on_failure` ends the task, as for a local fill.
@@ -70,10 +75,10 @@ class LazyPages:
         """The daemon the proxy planned for this restore, or None for an eager restore."""
         try:
             plan = json.loads((restore_dir / PLAN_FILE).read_text())
-            pages = {str(p["image"]): str(p["device"]) for p in plan["pages"]}
+            pages = {str(p["image"]): str(p["device"]) for p in plan["pages"] if "device" in p}
             server = plan.get("page_server")
             remote = (str(server["address"]), int(server["port"])) if server is not None else None
-            return cls(restore_dir, Path(plan["criu"]), pages, remote)
+            return cls(restore_dir, Path(plan["criu"]), pages, remote, str(plan.get("daemon", PAGE_DAEMON_CRIU)))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -93,9 +98,14 @@ class LazyPages:
         """Start the daemon (idempotent)."""
         if self._daemon is not None:
             return
-        view = self._image_view()
         self.work.mkdir(mode=0o700, exist_ok=True)
         self._started = time.monotonic()
+        if self.daemon == PAGE_DAEMON_OURS and self._page_server is None:
+            self._daemon = self._start_ours()
+            self._watcher = threading.Thread(target=self._watch, name="lazy-pages-watcher", daemon=True)
+            self._watcher.start()
+            return
+        view = self._image_view()
         remote = ["--page-server", "--address", self._page_server[0], "--port", str(self._page_server[1])] \
             if self._page_server else []
         try:
@@ -107,6 +117,17 @@ class LazyPages:
             raise FailedPrecondition(f"cannot start CRIU's lazy-pages daemon {self._criu}: {exc}") from None
         self._watcher = threading.Thread(target=self._watch, name="lazy-pages-watcher", daemon=True)
         self._watcher.start()
+
+    def _start_ours(self) -> subprocess.Popen[bytes]:
+        """criu-shim's page daemon: a child process (the relay's event loop never waits on a copy)."""
+        try:
+            with open(self.work / LOG, "ab") as errors:  # what dies before its own logging starts
+                return subprocess.Popen(
+                    [sys.executable, "-m", "shim.runtime.page_daemon", "lazy-pages", "--images-dir",
+                     str(self._dir / IMAGES_DIR), "--work-dir", str(self.work), "--plan", str(self._dir / PLAN_FILE)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot start the page daemon: {exc}") from None
 
     def expose(self, task_work: Path) -> None:
         """Link the daemon's socket into runc's work dir `task_work`, where CRIU's restore connects."""

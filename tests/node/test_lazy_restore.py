@@ -24,12 +24,14 @@ from shim.node import procs
 from shim.restore import lazy, loopdev
 from tests.node.conftest import FULL, Node, node_down, node_up, on
 from tests.node.pods import Cri, Pod, wait_for
+from tests.node.proxy_config import proxy_with
 from tests.node.test_restore import _restore, assert_restore_refused
 
 pytestmark = pytest.mark.node
 
 COUNTER = ["/usr/local/bin/counter"]
 MEM_MB = 48
+CRIUS = 'page_daemon = "criu"'
 
 
 @pytest.fixture
@@ -59,6 +61,16 @@ def _criu_config(work: Path) -> Path:
 
 def _our_loop_devices(work: Path) -> list[str]:
     return [f"/dev/{d.name}" for d in Path("/sys/block").glob("loop*") if loopdev.tag_of(f"/dev/{d.name}") == lazy.tag(work)]
+
+
+def criu_page_daemon(node: Node) -> contextlib.AbstractContextManager[None]:
+    """The node's proxy with `[restore] page_daemon = "criu"`: CRIU's own daemon over a loop device."""
+    return proxy_with(node, "admission", "", edit=lambda text: text.replace("[restore]\n", f"[restore]\n{CRIUS}\n"))
+
+
+def _page_daemons(work: Path) -> list[int]:
+    """The page daemon of the restore in `work` (both kinds run in <work>/lazy-work)."""
+    return procs.processes_mentioning(str(work / "lazy-work"))
 
 
 def _pages_size(archive: Path) -> int:
@@ -116,20 +128,24 @@ def test_memory_image_inconsistent_with_its_pagemap_is_refused(client: Cri, node
 
 
 def test_node_down_releases_what_a_dead_relay_left(node: Node, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """A relay killed mid-restore leaves its page daemon and loop device behind: `node down` takes both."""
+    """A relay killed mid-restore leaves CRIU's page daemon and its loop device behind: `node down` takes both.
+
+    (criu-shim's own daemon needs no loop device; it ends itself once memory is complete.)
+    """
     directory = tmp_path_factory.mktemp("lazy-node")
     other = node_up(directory)
     client = Cri(other.cri, directory / "pod-logs")
     try:
-        archive = _checkpoint(client, other, "orphan", mem_mb=256)
-        pod_config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name="orphan", namespace="tests",
-                                                                          uid="orphan"))
-        pod_id = client.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
-        # The pod is left to `node down`, which removes every pod.
-        work = _restore_dir(client, _restore(client, Pod(pod_id, pod_config), archive))
-        relay = int((SHIM_DIR / f"{work.name}.pid").read_text())
-        os.kill(relay, signal.SIGKILL)  # no clean-up of its own; containerd's task stays
-        assert _our_loop_devices(work), "the restore's loop device should still be attached"
+        with criu_page_daemon(other):
+            archive = _checkpoint(client, other, "orphan", mem_mb=256)
+            pod_config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name="orphan", namespace="tests",
+                                                                              uid="orphan"))
+            pod_id = client.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
+            # The pod is left to `node down`, which removes every pod.
+            work = _restore_dir(client, _restore(client, Pod(pod_id, pod_config), archive))
+            relay = int((SHIM_DIR / f"{work.name}.pid").read_text())
+            os.kill(relay, signal.SIGKILL)  # no clean-up of its own; containerd's task stays
+            assert _our_loop_devices(work), "the restore's loop device should still be attached"
     finally:
         client.close()
         report = node_down(directory)
@@ -150,7 +166,7 @@ def test_containerd_restart_in_the_middle_of_the_lazy_fill_is_survived(client: C
         with client.pod() as pod:
             ctr = _restore(client, pod, archive)
             work = _restore_dir(client, ctr)
-            daemons = procs.processes_mentioning(str(work / "lazy-images"))
+            daemons = _page_daemons(work)
             assert len(daemons) == 1, "the page daemon should still be filling in memory"
             with _held(daemons[0]), _containerd_restarted(node) as restart:
                 assert "lazy-pages" in _criu_config(work).read_text(), "the fill ended before it could be held"

@@ -19,6 +19,7 @@ from shim.restore.pagemap import (
     Pagemap,
     Run,
     eager_ranges,
+    lazy_runs,
     parse,
 )
 
@@ -41,7 +42,10 @@ def head(pages_id: int = 1) -> bytes:
     return bytes(message.SerializeToString())
 
 
-def entry(nr_pages: int, flags: int | None = EAGER, *, vaddr: int = 0x400000,
+VADDR = 0x400000
+
+
+def entry(nr_pages: int, flags: int | None = EAGER, *, vaddr: int = VADDR,
           in_parent: bool | None = None) -> bytes:
     """A pagemap entry as CRIU writes it today: nr_pages set, compat_nr_pages 0."""
     message: Any = pb.pagemap_entry()
@@ -71,8 +75,8 @@ def refused(data: bytes, *fragments: str) -> str:
 
 def test_runs_in_order_with_their_flags() -> None:
     parsed = parse(image(entry(2, EAGER), entry(3, LAZY), entry(1, 0), entry(4, EAGER), pages_id=7), LABEL)
-    assert parsed == Pagemap(7, (Run(2, True, False), Run(3, True, True), Run(1, False, False),
-                                 Run(4, True, False)))
+    assert parsed == Pagemap(7, (Run(2, True, False, VADDR), Run(3, True, True, VADDR), Run(1, False, False, VADDR),
+                                 Run(4, True, False, VADDR)))
 
 
 def test_header_only_is_an_empty_pagemap() -> None:
@@ -89,7 +93,7 @@ def test_data_size_counts_present_pages_only() -> None:
 
 def test_entry_without_flags_is_present_and_eager() -> None:
     parsed = parse(image(entry(3, flags=None)), LABEL)
-    assert parsed.runs == (Run(3, True, False),)
+    assert parsed.runs == (Run(3, True, False, VADDR),)
     assert eager_ranges(parsed) == [(0, 3 * PAGE_SIZE)]
 
 
@@ -98,18 +102,18 @@ def test_old_entry_counting_pages_in_compat_nr_pages() -> None:
     message: Any = pb.pagemap_entry()
     message.vaddr, message.compat_nr_pages = 0x7F0000000000, 5
     parsed = parse(image(bytes(message.SerializeToString())), LABEL)
-    assert parsed.runs == (Run(5, True, False),)
+    assert parsed.runs == (Run(5, True, False, 0x7F0000000000),)
     assert parsed.data_size == 5 * PAGE_SIZE
 
 
 def test_nr_pages_wins_over_compat_nr_pages() -> None:
     message: Any = pb.pagemap_entry()
     message.vaddr, message.compat_nr_pages, message.nr_pages, message.flags = 0, 9, 2, EAGER
-    assert parse(image(bytes(message.SerializeToString())), LABEL).runs == (Run(2, True, False),)
+    assert parse(image(bytes(message.SerializeToString())), LABEL).runs == (Run(2, True, False, 0),)
 
 
 def test_in_parent_false_is_fine() -> None:
-    assert parse(image(entry(1, EAGER, in_parent=False)), LABEL).runs == (Run(1, True, False),)
+    assert parse(image(entry(1, EAGER, in_parent=False)), LABEL).runs == (Run(1, True, False, VADDR),)
 
 
 # --- eager_ranges ---------------------------------------------------------------------
@@ -217,3 +221,11 @@ def test_entry_without_any_page_count() -> None:
 ])
 def test_pages_in_a_parent_image_refused(raw: bytes) -> None:
     refused(image(entry(1), raw), "pages in a parent image (incremental dump)", "not restorable from an archive")
+
+
+def test_lazy_runs_give_address_length_and_offset_in_the_pages_file() -> None:
+    # pages file: [eager 2 @0][lazy 3 @2p][hole][lazy 1 right after the 3 in memory and in the file][lazy 2 far]
+    p = PAGE_SIZE
+    parsed = parse(image(entry(2, EAGER, vaddr=0x10000), entry(3, LAZY, vaddr=0x20000), entry(4, 0, vaddr=0x40000),
+                         entry(1, LAZY, vaddr=0x23000), entry(2, LAZY, vaddr=0x90000)), LABEL)
+    assert lazy_runs(parsed) == [(0x20000, 4 * p, 2 * p), (0x90000, 2 * p, 6 * p)]

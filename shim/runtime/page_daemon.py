@@ -1,0 +1,355 @@
+"""criu-shim's page daemon: the lazy restore's memory, copied in large runs straight from the archive.
+
+It stands where `criu lazy-pages` would, speaking the same protocol to the
+restoring CRIU (criu/uffd.c): CRIU connects to `lazy-pages.socket` in its work
+dir and, for each process it restores, sends the process's pid (an int) and
+then its userfaultfd (SCM_RIGHTS; a zombie is sent as -pid, without a
+descriptor); when the restore is done it sends RESTORE_FINISHED and closes.
+
+From then on the daemon owns that memory (shim.restore.fillplan decides, this
+module does the I/O): a page fault is answered first, with the run from the
+faulting page on; between faults the rest is copied in runs of up to 4 MiB
+from where the process last faulted, with UFFDIO_COPY straight out of an mmap
+of the memory image inside the archive (shim.restore.page_source), read ahead
+of the fill. Forks, remaps and removals move the plan along. It exits 0 once
+every process's memory is in place (the relay then lets checkpoints through),
+non-zero if it cannot finish (the relay then ends the restored task: a closed
+userfaultfd would hand out zero pages). The run's timings go to its log.
+
+Usage (the relay starts it; it never enters another namespace):
+    python -m shim.runtime.page_daemon lazy-pages --images-dir DIR --work-dir DIR --plan FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import faulthandler
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shim.restore import pagemap
+from shim.restore.fillplan import BACKGROUND_RUN, Copy, FillPlan, Zero
+from shim.restore.page_source import MappedImage, PageSource
+from shim.runtime import uffd
+
+SOCKET = "lazy-pages.socket"
+LOG = "lazy-pages.log"
+RESTORE_FINISHED = 0x52535446  # "ReSTore Finished", after the last process (never a pid: above pid_max)
+READ_AHEAD = 64 << 20  # of the image, ahead of the background fill
+log = logging.getLogger("criu-shim.page-daemon")
+
+
+@dataclass
+class Stats:
+    """Where the time goes, reported at the end."""
+
+    started: float = field(default_factory=time.monotonic)
+    connected: float = 0.0
+    finished: float = 0.0
+    copies: int = 0
+    copied: int = 0
+    copy_s: float = 0.0  # in UFFDIO_COPY
+    read_s: float = 0.0  # making the image's bytes addressable (page cache, disk)
+    faults: int = 0
+    fault_copies: int = 0
+    zero_pages: int = 0
+    exists: int = 0
+    again: int = 0
+    forks: int = 0
+
+
+class Task:
+    """One process's userfaultfd, its plan and its image."""
+
+    def __init__(self, pid: int, fd: int, plan: FillPlan, source: PageSource) -> None:
+        self.pid, self.fd, self.plan, self.source = pid, fd, plan, source
+        self.gone = False
+        self._ahead = (0, 0)
+
+    def read_ahead(self, offset: int, length: int) -> None:
+        """Keep the image READ_AHEAD ahead of the fill (posix_fadvise: the kernel reads it in the background)."""
+        lo, hi = self._ahead
+        if lo <= offset and offset + length + READ_AHEAD // 2 <= hi:
+            return
+        self.source.prefetch(offset, length + READ_AHEAD)
+        self._ahead = (offset, offset + length + READ_AHEAD)
+
+
+class Daemon:
+    def __init__(self, images: Path, plan_file: Path, listener: socket.socket) -> None:
+        self.images = images
+        self.listener = listener
+        self.stats = Stats()
+        self.tasks: list[Task] = []
+        self.sources: dict[int, PageSource] = {}
+        self.restore_finished = False
+        self._deferred = _deferred_images(plan_file)
+        self._conn: socket.socket | None = None
+        self._next_bg = 0
+
+    def run(self) -> int:
+        self._conn, _ = self.listener.accept()
+        self.listener.close()
+        self.stats.connected = time.monotonic()
+        poller = select.poll()
+        poller.register(self._conn, select.POLLIN)
+        while True:
+            if self.restore_finished:
+                self.tasks = [t for t in self.tasks if not self._retire(poller, t)]
+                if not self.tasks:
+                    self._report()
+                    return 0
+            busy = any(t.plan.has_faults for t in self.tasks) or self.restore_finished
+            for fd, _ in poller.poll(0 if busy else None):
+                if self._conn is not None and fd == self._conn.fileno():
+                    self._from_restore(poller)
+                else:
+                    self._from_uffd(poller, fd)
+            self._serve_faults()
+            if self.restore_finished:
+                self._background()
+
+    # The restore's socket
+
+    def _from_restore(self, poller: select.poll) -> None:
+        assert self._conn is not None
+        raw, fds = _recv(self._conn, 4)
+        if not raw:
+            if not self.restore_finished:
+                raise RuntimeError("the restoring CRIU closed its connection before the restore finished")
+            poller.unregister(self._conn)
+            self._conn.close()
+            self._conn = None
+            return
+        (value,) = struct.unpack("=i", raw)
+        if value == RESTORE_FINISHED:
+            self.restore_finished = True
+            self.stats.finished = time.monotonic()
+            log.info("restore finished %.3fs after the daemon started: filling in the rest",
+                     self.stats.finished - self.stats.started)
+            return
+        if value < 0:  # a zombie: no memory, no descriptor
+            log.info("process %d is a zombie", -value)
+            return
+        if not fds:
+            _, fds = _recv(self._conn, 1)
+        if len(fds) != 1:
+            raise RuntimeError(f"expected the userfaultfd of process {value}, got {len(fds)} descriptors")
+        found = self._pagemap(value)
+        task = Task(value, fds[0], FillPlan.from_runs(pagemap.lazy_runs(found), _vmas(self.images / f"mm-{value}.img")),
+                    self._source_of(found.pages_id))
+        self.tasks.append(task)
+        poller.register(task.fd, select.POLLIN)
+        log.info("process %d: %d MiB to fill in", value, task.plan.missing_bytes >> 20)
+
+    def _pagemap(self, pid: int) -> pagemap.Pagemap:
+        name = f"pagemap-{pid}.img"
+        return pagemap.parse((self.images / name).read_bytes(), f"checkpoint image {name}")
+
+    def _source_of(self, pages_id: int) -> PageSource:
+        if pages_id not in self.sources:
+            name = f"pages-{pages_id}.img"
+            where = self._deferred.get(name)
+            if where is not None:  # in the archive
+                self.sources[pages_id] = MappedImage(Path(where["archive"]), int(where["offset"]),
+                                                     int(where["size"]), unlink=bool(where.get("unlink")))
+            else:  # unpacked whole (a small image)
+                path = self.images / name
+                self.sources[pages_id] = MappedImage(path, 0, max(path.stat().st_size, 1))
+        return self.sources[pages_id]
+
+    # userfaultfd events
+
+    def _from_uffd(self, poller: select.poll, fd: int) -> None:
+        task = next((t for t in self.tasks if t.fd == fd), None)
+        if task is None:
+            return
+        for event in uffd.read_events(fd):
+            if event.kind == uffd.EVENT_PAGEFAULT:
+                self.stats.faults += 1
+                task.plan.fault(event.args[1])
+            elif event.kind == uffd.EVENT_FORK:
+                self.stats.forks += 1
+                child = Task(task.pid, event.args[0] & 0xFFFFFFFF, task.plan.forked(), task.source)
+                self.tasks.append(child)
+                poller.register(child.fd, select.POLLIN)
+                log.info("process %d forked: its child gets its own fill (%d MiB)", task.pid,
+                         child.plan.missing_bytes >> 20)
+            elif event.kind == uffd.EVENT_REMAP:
+                task.plan.remapped(*event.args)
+            elif event.kind in (uffd.EVENT_REMOVE, uffd.EVENT_UNMAP):
+                start, end = event.args[0], event.args[1]
+                # REMOVE leaves the VMA: stop handling its faults there (they are plain zero pages now).
+                if event.kind == uffd.EVENT_REMOVE and uffd.unregister(fd, start, end - start) == errno.ENOMEM:
+                    task.gone = True
+                task.plan.removed(start, end)
+            else:
+                raise RuntimeError(f"process {task.pid}: unexpected userfaultfd event {event.kind:#x}")
+
+    # Copies
+
+    def _serve_faults(self) -> None:
+        for task in self.tasks:
+            while not task.gone and task.plan.has_faults:
+                action = task.plan.next(background=False)
+                if action is None:
+                    break
+                self._act(task, action)
+
+    def _background(self) -> None:
+        """One background copy, taking the processes in turn."""
+        pending = [t for t in self.tasks if not t.gone and not t.plan.complete]
+        if not pending:
+            return
+        task = pending[self._next_bg % len(pending)]
+        self._next_bg += 1
+        ahead = task.plan.peek_background(BACKGROUND_RUN)
+        if ahead is not None:
+            task.read_ahead(*ahead)
+        action = task.plan.next()
+        if action is not None:
+            self._act(task, action)
+
+    def _act(self, task: Task, action: Copy | Zero) -> None:
+        if isinstance(action, Zero):
+            outcome = uffd.zeropage(task.fd, action.start, action.length)
+            self.stats.zero_pages += outcome.done // 4096
+            if outcome.error == errno.EEXIST:  # landed meanwhile: make sure its waiter runs
+                uffd.wake(task.fd, action.start, action.length)
+            elif outcome.error in uffd.GONE:
+                task.gone = True
+            elif outcome.error not in (0, errno.EAGAIN, errno.ENOENT):
+                raise OSError(outcome.error, f"process {task.pid}: UFFDIO_ZEROPAGE at {action.start:#x}")
+            if outcome.error == errno.EAGAIN:
+                task.plan.fault(action.start)  # after the events that changed the address space
+            return
+        began = time.monotonic()
+        src = task.source.span(action.offset, action.length)
+        copying = time.monotonic()
+        outcome = uffd.copy(task.fd, action.start, src, action.length)
+        self.stats.read_s += copying - began
+        self.stats.copy_s += time.monotonic() - copying
+        self.stats.copies += 1
+        self.stats.fault_copies += action.fault
+        self.stats.copied += outcome.done
+        error = outcome.error
+        if error in uffd.GONE:
+            task.gone = True
+            return
+        if error == errno.ENOENT:  # nothing registered there any more (an unmap raced us): not ours to fill
+            task.plan.finished(action, action.length)
+            return
+        if error not in (0, errno.EEXIST, errno.EAGAIN):
+            raise OSError(error, f"process {task.pid}: UFFDIO_COPY of {action.length} bytes at {action.start:#x}")
+        exists = error == errno.EEXIST and outcome.done < action.length
+        if exists:
+            self.stats.exists += 1
+            uffd.wake(task.fd, action.start + outcome.done, 4096)
+        self.stats.again += error == errno.EAGAIN
+        task.plan.finished(action, outcome.done, exists=exists)
+
+    def _retire(self, poller: select.poll, task: Task) -> bool:
+        """A task whose memory is complete (or whose process is gone) is done with: its descriptor closed."""
+        if not (task.gone or task.plan.complete):
+            return False
+        poller.unregister(task.fd)
+        os.close(task.fd)
+        if task.gone:
+            log.info("process %d exited before its memory was complete", task.pid)
+        return True
+
+    def _report(self) -> None:
+        s, now = self.stats, time.monotonic()
+        fill = now - (s.finished or now)
+        rate = s.copied / fill / (1 << 20) if fill > 0 else 0.0
+        log.info("memory in place: %d MiB in %.3fs after the restore finished (%.0f MiB/s), %.3fs after start; "
+                 "%d copies (%d for %d faults) taking %.3fs in UFFDIO_COPY and %.3fs reading the image; "
+                 "%d zero pages, %d already there, %d interrupted, %d forks; connected after %.3fs",
+                 s.copied >> 20, fill, rate, now - s.started, s.copies, s.fault_copies, s.faults, s.copy_s,
+                 s.read_s, s.zero_pages, s.exists, s.again, s.forks, s.connected - s.started)
+
+
+def _recv(conn: socket.socket, size: int) -> tuple[bytes, list[int]]:
+    """Exactly `size` bytes (b"" at end of stream) and any descriptors that came with them."""
+    data, fds = b"", []
+    while len(data) < size:
+        chunk, ancillary, _, _ = conn.recvmsg(size - len(data), socket.CMSG_SPACE(4 * 4))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += list(struct.unpack(f"={len(payload) // 4}i", payload[:len(payload) - len(payload) % 4]))
+        if not chunk:
+            if data:
+                raise RuntimeError("the restoring CRIU sent a truncated message")
+            return b"", fds
+        data += chunk
+    return data, fds
+
+
+def _vmas(path: Path) -> list[tuple[int, int]]:
+    """(start, end) of each VMA in an mm-<pid>.img."""
+    from pycriu.images import pb
+
+    raw = path.read_bytes()
+    magic = struct.unpack_from("=I", raw, 0)[0]
+    pos = 8 if magic in (0x54564319, 0x55105940) else 4  # a common/service magic comes first
+    (size,) = struct.unpack_from("=I", raw, pos)
+    mm = pb.mm_entry()
+    mm.ParseFromString(raw[pos + 4:pos + 4 + size])
+    return [(int(v.start), int(v.end)) for v in mm.vmas]
+
+
+def _deferred_images(plan_file: Path) -> dict[str, dict[str, Any]]:
+    """The memory images the plan left in the archive: name -> {archive, offset, size, unlink}."""
+    plan = json.loads(plan_file.read_text())
+    return {str(p["image"]): p for p in plan["pages"]}
+
+
+def _listen(work: Path) -> socket.socket:
+    """Listen at work/lazy-pages.socket; the name appears only once it accepts (bound elsewhere, renamed).
+
+    Bound relative to the work dir, as CRIU does: a socket's path is limited to 107 bytes.
+    """
+    os.chdir(work)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    temp = f".{SOCKET}.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp)
+    sock.bind(temp)
+    sock.listen(1)
+    os.replace(temp, SOCKET)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="criu-shim page daemon")
+    parser.add_argument("mode", choices=["lazy-pages"])
+    parser.add_argument("--images-dir", type=Path, required=True)
+    parser.add_argument("--work-dir", type=Path, required=True)
+    parser.add_argument("--plan", type=Path, required=True)
+    args = parser.parse_args(argv)
+    images, plan = args.images_dir.absolute(), args.plan.absolute()
+    listener = _listen(args.work_dir)  # first: the restore may connect while the rest is imported
+    logging.basicConfig(filename=LOG, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s page-daemon: %(message)s")
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr)  # where it is, on demand (stderr: the log)
+    try:
+        return Daemon(images, plan, listener).run()
+    except Exception as exc:
+        log.error("Error: %s", exc, exc_info=not isinstance(exc, OSError | RuntimeError | ValueError))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
