@@ -31,12 +31,12 @@ from pathlib import Path
 
 import grpc
 
+from shim.annotations import COMPRESSION, LAZY_PAGES
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.api.cri.v1 import api_pb2_grpc
 
 BUSYBOX = "localhost/criu-shim/busybox:1"
-COMPRESSION = "checkpoint.criu-shim.io/compression"
-LAZY = "restore.criu-shim.io/lazy-pages"
+LAZY = LAZY_PAGES
 SOURCES = {"text": "seq 1 999999999", "random": "cat /dev/urandom"}
 HOLD = ("{source} | dd bs={mib}M count=1 iflag=fullblock 2>/dev/null"
         " | {{ head -c 1 >/dev/null; echo ready; exec sleep 1000000; }}")

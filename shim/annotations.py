@@ -15,6 +15,8 @@ RESTORE_PREFIX = "restore.criu-shim.io/"
 TRUE, FALSE = "true", "false"
 # Pod or container annotation: "false" restores the container's memory before it runs.
 LAZY_PAGES = RESTORE_PREFIX + "lazy-pages"
+# Pod or container annotation ("<container>." in front for one container): "zstd" or "none" archives.
+COMPRESSION = CHECKPOINT_PREFIX + "compression"
 # On a pod `kubectl checkpoint` made (for the operator): NAMESPACE/POD/CONTAINER it came from, and the image.
 RESTORED_FROM = CHECKPOINT_PREFIX + "restored-from"
 RESTORED_IMAGE = CHECKPOINT_PREFIX + "checkpoint-image"

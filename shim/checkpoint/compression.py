@@ -36,11 +36,12 @@ from typing import Any, Protocol
 
 import zstandard
 
+from shim.annotations import CHECKPOINT_PREFIX, COMPRESSION
 from shim.checkpoint.options import annotation
 from shim.config import COMPRESSION_NONE, COMPRESSION_ZSTD, COMPRESSIONS, CheckpointDefaults
 from shim.errors import InvalidArgument
 
-OPTION = "compression"  # checkpoint.criu-shim.io/compression: "zstd" | "none"
+OPTION = COMPRESSION.removeprefix(CHECKPOINT_PREFIX)  # the option's name, for per-container keys
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # RFC 8878, 3.1.1
 _SKIPPABLE = struct.Struct("<II")  # magic, payload size (RFC 8878, 3.1.2)
 _SKIPPABLE_MAGIC = 0x184D2A50

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shim.annotations import COMPRESSION
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.handoff import RESTORE_DIR
 from shim.sealed import CONTENT_TAR_ZSTD, is_encrypted, read_header
@@ -25,7 +26,7 @@ from tests.node.test_restore import COUNTER, _restore, _work_dirs, assert_restor
 
 pytestmark = pytest.mark.node
 
-ZSTD = {"checkpoint.criu-shim.io/compression": "zstd"}
+ZSTD = {COMPRESSION: "zstd"}
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
