@@ -173,6 +173,22 @@ async def export_layer(store: ImageStore, layer: Layer, dest: Path) -> Path:
     return dest
 
 
+async def read_head(store: ImageStore, layer: Layer, limit: int) -> bytes:
+    """The first `limit` bytes of the layer blob (fewer if it is shorter); the rest is never read."""
+    if limit > MAX_MANIFEST_SIZE:
+        raise ValueError(f"read_head reads at most {MAX_MANIFEST_SIZE} bytes")
+    head = bytearray()
+    async with contextlib.aclosing(store.read(layer.digest)) as chunks:
+        async for offset, data in chunks:
+            if offset != len(head):
+                raise InvalidArgument(f"layer {layer.digest}: content store sent offset {offset}, expected "
+                                      f"{len(head)}")
+            head += data
+            if len(head) >= limit:
+                break
+    return bytes(head[:limit])
+
+
 # -- finding the image ----------------------------------------------------------------
 
 

@@ -41,6 +41,7 @@ from shim.errors import FailedPrecondition, ShimError
 from shim.handoff import CRIU_CONFIG_ANNOTATION, CRIU_CONFIG_SUFFIX, SHIM_DIR, criu_config
 from shim.journal import Journal, Operation
 from shim.metrics import record_failure, record_restore, record_restore_stage
+from shim.oci import SEALED_CHECKPOINT
 from shim.peer import Peer
 from shim.restore import lazy, recovery, unseal
 from shim.restore.admission import RestoreAdmission
@@ -58,7 +59,7 @@ from shim.restore.create_request import (
     write_criu_config,
 )
 from shim.restore.criulogs import LOGS_ANNOTATION
-from shim.restore.image import CheckpointImage, ImageStore, checkpoint_image, export_layer
+from shim.restore.image import CheckpointImage, ImageStore, checkpoint_image, export_layer, read_head
 from shim.restore.network import TcpRestore, addresses_to_keep, recorded_ips, taken, write_plan
 from shim.restore.pending import PendingRestores
 from shim.restore.relay_processes import Relay, SparePool
@@ -302,6 +303,10 @@ class Restorer:
     async def _archive_file(self, source: Path | CheckpointImage, layer: Path) -> Path:
         """The archive to unpack: the file itself, or a checkpoint image's layer exported to `layer`."""
         if isinstance(source, CheckpointImage):
+            if source.layer.media_type == SEALED_CHECKPOINT:  # the key first: never copy a blob we cannot open
+                head = await read_head(self._images(), source.layer, unseal.HEADER_BYTES)
+                await asyncio.to_thread(unseal.check_key_opens, head, f"checkpoint image {source.name}",
+                                        self._config.encryption)
             return await export_layer(self._images(), source.layer, layer)
         return source
 

@@ -26,6 +26,10 @@ from pathlib import Path
 from shim.config import EncryptionSettings
 from shim.errors import ResourceExhausted, ShimError
 from shim.sealed import Keyring, decrypt_to
+from shim.sealed.format import MAGIC, MAX_HEADER, WORD_SIZE, parse_header, unwrap
+
+# A sealed archive's header is at most this long: what check_key_opens needs of it.
+HEADER_BYTES = len(MAGIC) + WORD_SIZE + MAX_HEADER
 
 PLAIN_SUFFIX = ".plain"
 
@@ -38,6 +42,17 @@ def plaintext_path(work: Path) -> Path:
 def keyring(settings: EncryptionSettings) -> Keyring:
     """The node's keyring (shim.sealed.Keyring.of)."""
     return Keyring.of(settings)
+
+
+def check_key_opens(head: bytes, label: str, settings: EncryptionSettings) -> None:
+    """The node has the key that opens the sealed archive whose first bytes are `head` (its header
+    whole, or all of a shorter file): KeyUnavailable, WrongKey or CorruptSealedArchive otherwise.
+
+    For a sealed checkpoint image, before its blob is copied out of containerd's store (a missing key
+    then costs a header's read, not a copy of gigabytes); the decryption checks everything again.
+    """
+    header, _ = parse_header(head, label)
+    unwrap(header, keyring(settings).key(header.key_id), label)  # the data key is dropped at once
 
 
 @contextlib.asynccontextmanager

@@ -18,13 +18,16 @@ import pytest
 from shim import export
 from shim.checkpoint.archive import Member, write_archive
 from shim.checkpoint.sealing import SealKey, write_sealed_archive
+from shim.config import EncryptionSettings
 from shim.containerd_images import ContainerdImages
 from shim.errors import InvalidArgument
 from shim.oci import CRIU_PREFIX, OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_MANIFEST, SEALED_CHECKPOINT
 from shim.restore.build_image import EMPTY_LAYER, archive_blob, build, checkpoint_image
-from shim.restore.image import Layer, export_layer
+from shim.restore.image import Layer, export_layer, read_head
 from shim.restore.image import checkpoint_image as find_checkpoint_image
+from shim.restore.unseal import HEADER_BYTES, check_key_opens
 from shim.sealed import is_encrypted
+from shim.sealed.format import KeyUnavailable, WrongKey
 from tests.adapters.test_restore_image import FakeImageService, digest_of, run
 from tests.adapters.test_sealed_stream import KEY, keyring
 
@@ -168,3 +171,40 @@ def test_pull_finds_the_sealed_blob(tmp_path: Path) -> None:
     archive = sealed_archive(tmp_path)
     image = checkpoint_image(archive, keyring(tmp_path))
     assert export.checkpoint_layer(image.manifest, OCI_MANIFEST, "x") == file_digest(archive)
+
+
+# -- the key is checked before a sealed blob is copied out of containerd's store ----------------
+
+
+def _settings(tmp_path: Path, key: bytes | None, key_id: str = "k1") -> EncryptionSettings:
+    if key is None:
+        return EncryptionSettings()
+    path = tmp_path / f"key-{key.hex()[:8]}"
+    path.write_text(key.hex())
+    path.chmod(0o600)
+    return EncryptionSettings(key_id=key_id, key_file=path)
+
+
+def test_the_key_is_checked_from_the_header_alone(tmp_path: Path) -> None:
+    archive = sealed_archive(tmp_path)
+    head = archive.read_bytes()[:HEADER_BYTES]
+    check_key_opens(head, "checkpoint image x", _settings(tmp_path, KEY))  # the node's key: no error
+    with pytest.raises(KeyUnavailable, match="no key for key id 'k1' is configured"):
+        check_key_opens(head, "checkpoint image x", _settings(tmp_path, None))
+    with pytest.raises(KeyUnavailable, match="no key for key id 'k1' is configured"):
+        check_key_opens(head, "checkpoint image x", _settings(tmp_path, KEY, key_id="k2"))
+    with pytest.raises(WrongKey, match="checkpoint image x: wrong key"):
+        check_key_opens(head, "checkpoint image x", _settings(tmp_path, bytes(32)))
+    with pytest.raises(InvalidArgument, match="checkpoint image x is not an encrypted checkpoint archive"):
+        check_key_opens(b"PK\x03\x04 not ours", "checkpoint image x", _settings(tmp_path, KEY))
+    with pytest.raises(InvalidArgument, match="truncated inside its header"):
+        check_key_opens(head[:30], "checkpoint image x", _settings(tmp_path, KEY))
+
+
+def test_read_head_reads_the_beginning_only(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB, in many chunks of the fake store
+    fake = FakeImageService()
+    layer = Layer(fake.add_blob(data), SEALED_CHECKPOINT, len(data))
+    assert run(tmp_path, fake, lambda ch: read_head(ch, layer, 1000)) == data[:1000]
+    assert run(tmp_path, fake, lambda ch: read_head(ch, Layer(fake.add_blob(b"abc"), SEALED_CHECKPOINT, 3), 1000)) \
+        == b"abc"

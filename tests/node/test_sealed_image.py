@@ -221,11 +221,15 @@ def test_sealed_checkpoint_image_pulled_through_cri_restores(client: Cri, node: 
             wait_for(lambda: client.count(ctr) > first)
         assert not _leftovers(node)
 
-    # without its key: refused before anything is created
+    # without its key, or with another key under its id: refused from the blob's header, before the blob
+    # is copied out of containerd's store (the message names the image, not a copy) or anything is created
     no_key = 'key_id = "node-key-2"\n' + f'key_file = "{keys / "other"}"\n'
     with proxy_with(node, "encryption", no_key, edit=_allowing(registry.host)):
         assert_restore_refused(client, node, Path(f"{repo}:2"), grpc.StatusCode.FAILED_PRECONDITION,
                                f"no key for key id '{KEY_ID}' is configured")
+    with proxy_with(node, "encryption", _enabled(keys, "other"), edit=_allowing(registry.host)):
+        assert_restore_refused(client, node, Path(f"{repo}:2"), grpc.StatusCode.FAILED_PRECONDITION,
+                               f"checkpoint image {repo}:2: wrong key", f"'{KEY_ID}'")
     assert not _leftovers(node)
 
 
