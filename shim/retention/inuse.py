@@ -1,7 +1,8 @@
 """Which files a restore still reads, seen from outside any process: loop devices and open descriptors.
 
-A lazy restore reads its archive through read-only loop devices until memory
-is complete (shim.restore.loopdev); the kernel names each device's backing
+A lazy restore reads its archive until memory is complete: criu-shim's page
+daemon and its relay hold it open (below); CRIU's reads it through read-only
+loop devices (shim.restore.loopdev), and the kernel names each device's backing
 file in /sys/block/loopN/loop/backing_file (its current path, " (deleted)"
 once unlinked). An unpack in progress holds the archive open: any process's
 /proc/PID/fd links to it. The proxy's own Restorer adds the archives it has

@@ -61,6 +61,7 @@ class LazyPages:
         # memory is complete, the daemon fails and `on_failure` ends the task, as for a local fill.
         self._page_server = page_server
         self._released = False
+        self._held: list[int] = []  # descriptors of the archives our daemon reads
         self._release_lock = threading.Lock()
         self._daemon: subprocess.Popen[bytes] | None = None
         self._watcher: threading.Thread | None = None
@@ -101,6 +102,7 @@ class LazyPages:
         self.work.mkdir(mode=0o700, exist_ok=True)
         self._started = time.monotonic()
         if self.daemon == PAGE_DAEMON_OURS and self._page_server is None:
+            self._hold_archives()
             self._daemon = self._start_ours()
             self._watcher = threading.Thread(target=self._watch, name="lazy-pages-watcher", daemon=True)
             self._watcher.start()
@@ -117,6 +119,15 @@ class LazyPages:
             raise FailedPrecondition(f"cannot start CRIU's lazy-pages daemon {self._criu}: {exc}") from None
         self._watcher = threading.Thread(target=self._watch, name="lazy-pages-watcher", daemon=True)
         self._watcher.start()
+
+    def _hold_archives(self) -> None:
+        """Keep the archives open until memory is complete: retention (shim.retention.inuse) sees a
+        restore's archive as in use by its open descriptors, from here (before Start, before our daemon
+        has opened it) to the end of the fill. CRIU's daemon has its loop devices for that."""
+        plan = json.loads((self._dir / PLAN_FILE).read_text())
+        for path in {str(p["archive"]) for p in plan["pages"] if "archive" in p}:
+            with contextlib.suppress(FileNotFoundError):  # a second start: a private link already taken
+                self._held.append(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
 
     def _start_ours(self) -> subprocess.Popen[bytes]:
         """criu-shim's page daemon: a child process (the relay's event loop never waits on a copy)."""
@@ -184,6 +195,8 @@ class LazyPages:
             if self._released:
                 return
             self._released = True
+        for fd in self._held:
+            os.close(fd)
         mine = lazy.tag(self._dir)
         for device in self._pages.values():
             if loopdev.tag_of(device) != mine:

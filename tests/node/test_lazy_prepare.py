@@ -130,6 +130,35 @@ def unpack(archive: Path, root: Path) -> tuple[Path, CheckpointArchive]:
 # --- prepare / release ---------------------------------------------------------------------
 
 
+def test_prepare_for_our_daemon_names_the_member_in_place_and_attaches_nothing(tmp_path: Path,
+                                                                               restore_root: Path) -> None:
+    archive = write_archive(tmp_path / "checkpoint.tar", {"pagemap-1.img": pagemap_image(1, *RUNS), "pages-1.img": PAGES})
+    work, unpacked = unpack(archive, restore_root)
+    [member] = unpacked.deferred
+    lazy.prepare(archive, work, unpacked.deferred, CRIU, "criu-shim")
+    plan = json.loads((work / lazy.PLAN_FILE).read_text())
+    assert plan == {"criu": str(CRIU), "daemon": "criu-shim", "pages": [
+        {"image": "pages-1.img", "archive": str(archive), "offset": member.offset, "size": PAGES_SIZE, "unlink": False}]}
+    assert archive.read_bytes()[member.offset:member.offset + PAGES_SIZE] == PAGES  # what the daemon maps
+    assert lazy.attached(work) == []
+
+
+def test_prepare_for_our_daemon_links_a_decrypted_copy_for_it_alone(tmp_path: Path, restore_root: Path) -> None:
+    from shim.restore.unseal import plaintext_path
+
+    work = restore_root / uuid.uuid4().hex
+    work.mkdir(mode=0o700)
+    plain = write_archive(plaintext_path(work), {"pagemap-1.img": pagemap_image(1, *RUNS), "pages-1.img": PAGES})
+    unpacked = open_checkpoint(plain, work, defer=lazy.deferrable)
+    lazy.prepare(plain, work, unpacked.deferred, CRIU, "criu-shim")
+    data = plain.read_bytes()
+    plain.unlink()  # as unseal.decrypted does once unpacked
+    [entry] = json.loads((work / lazy.PLAN_FILE).read_text())["pages"]
+    link = Path(entry["archive"])
+    assert link.parent == work and entry["unlink"] is True
+    assert link.read_bytes() == data  # in the private work dir only; the daemon unlinks it once open
+
+
 def test_prepare_copies_eager_runs_and_attaches_the_archive(tmp_path: Path, restore_root: Path) -> None:
     archive = write_archive(tmp_path / "checkpoint.tar", {"pagemap-1.img": pagemap_image(1, *RUNS), "pages-1.img": PAGES})
     work, unpacked = unpack(archive, restore_root)
@@ -148,7 +177,7 @@ def test_prepare_copies_eager_runs_and_attaches_the_archive(tmp_path: Path, rest
 
     plan = json.loads((work / lazy.PLAN_FILE).read_text())
     [entry] = plan["pages"]
-    assert plan == {"criu": str(CRIU), "pages": [{"image": "pages-1.img", "device": entry["device"]}]}
+    assert plan == {"criu": str(CRIU), "daemon": "criu", "pages": [{"image": "pages-1.img", "device": entry["device"]}]}
     device = entry["device"]
     assert loopdev.tag_of(device) == lazy.tag(work)
     assert device_bytes(device) == PAGES  # exactly the member: no byte before, none after

@@ -188,7 +188,7 @@ def test_a_lazy_restore_is_measured_stage_by_stage(node: Node, restoring_proxy: 
                                          image=cri.ImageSpec(image=str(archive)), log_path="restored.log")
             restored = proxy.cri.runtime.CreateContainer(cri.CreateContainerRequest(
                 pod_sandbox_id=pod_b.id, config=config, sandbox_config=pod_b.config), timeout=120).container_id
-            # Created, not started: the lazy restore's loop device reads the archive, retention keeps it.
+            # Created, not started: the lazy restore holds the archive (its relay, for the page daemon), retention keeps it.
             assert f"kept: in use by a restore\t{archive}\tttl: " in gc_dry_run()
             proxy.cri.runtime.StartContainer(cri.StartContainerRequest(container_id=restored), timeout=120)
             wait_for(lambda: proxy.cri.count(restored) >= 4)
