@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ from shim.checkpoint.sealing import SealKey, write_sealed_archive
 from shim.config import EncryptionSettings
 from shim.containerd_images import ContainerdImages
 from shim.errors import InvalidArgument
+from shim.image_reference import Reference
 from shim.oci import CRIU_PREFIX, OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_MANIFEST, SEALED_CHECKPOINT
+from shim.registry import RegistryClient
 from shim.restore.build_image import EMPTY_LAYER, archive_blob, build, checkpoint_image
 from shim.restore.image import Layer, export_layer, read_head
 from shim.restore.image import checkpoint_image as find_checkpoint_image
@@ -30,6 +33,7 @@ from shim.sealed import is_encrypted
 from shim.sealed.format import KeyUnavailable, WrongKey
 from tests.adapters.test_restore_image import FakeImageService, digest_of, run
 from tests.adapters.test_sealed_stream import KEY, keyring
+from tests.support import registries
 
 MEMBERS = [Member("spec.dump", data=json.dumps({"annotations": {"io.kubernetes.cri.sandbox-name": "web"}}).encode()),
            Member("config.dump", data=json.dumps({"name": "app", "rootfsImageName": "busybox"}).encode()),
@@ -208,3 +212,17 @@ def test_read_head_reads_the_beginning_only(tmp_path: Path) -> None:
     assert run(tmp_path, fake, lambda ch: read_head(ch, layer, 1000)) == data[:1000]
     assert run(tmp_path, fake, lambda ch: read_head(ch, Layer(fake.add_blob(b"abc"), SEALED_CHECKPOINT, 3), 1000)) \
         == b"abc"
+
+
+@pytest.mark.skipif(not os.access(registries.REGISTRY_BIN, os.X_OK), reason=f"{registries.REGISTRY_BIN} missing")
+def test_push_and_pull_of_a_sealed_archive_through_a_real_registry(tmp_path: Path) -> None:
+    """distribution takes the sealed blob's media type; pull writes the sealed file back, byte for byte."""
+    archive = sealed_archive(tmp_path)
+    with registries.plain(tmp_path / "registry") as host:
+        pushed = export.push_checkpoint(archive, f"{host}/ckpt/sealed:1", keyring=keyring(tmp_path))
+        with RegistryClient(host) as client:
+            body, _, digest = client.manifest(Reference.parse(f"{host}/ckpt/sealed:1"))
+        assert digest == pushed.digest
+        assert [layer["mediaType"] for layer in json.loads(body)["layers"]] == [OCI_LAYER_TAR, SEALED_CHECKPOINT]
+        export.pull_checkpoint(f"{host}/ckpt/sealed:1", tmp_path / "back.tar")
+    assert (tmp_path / "back.tar").read_bytes() == archive.read_bytes()
