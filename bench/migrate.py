@@ -6,7 +6,9 @@ every 10 ms on one connection; `criu-shim migrate` moves the server into a prepa
 node B, direct eager (the whole checkpoint crosses, then the restore) or direct lazy (the
 target restores at once, the memory follows from the source's page server). The modes are
 interleaved rep by rep on the same two hosts. Reported per size and mode: the largest gap
-between two answers the client saw (median and worst), and the migration's own split.
+between two answers the client saw (median and worst), and the migration's own split; next to
+it, in the same run and interleaved, the CRIU floor: the same server dumped and restored by hand
+on one machine (bench/criu_floor.py), CRIU's dump + restore time and its client's gap.
 
     sudo flock /tmp/criu-shim-node.lock .venv/bin/python bench/migrate.py --sizes 64 512 --reps 3
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from bench.criu_floor import one as criu_floor  # noqa: E402
 from tests.node.fabric_pods import (  # noqa: E402
     FABRIC,
     TCP,
@@ -60,6 +63,7 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 512], metavar="MiB")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--modes", nargs="+", choices=("eager", "lazy"), default=["eager", "lazy"])
+    parser.add_argument("--no-floor", action="store_true", help="skip the CRIU floor (dump + restore by hand)")
     args = parser.parse_args()
     pipe_before = PIPE_MAX_SIZE.read_text()
     if "lazy" in args.modes and int(pipe_before) < LAZY_PIPE:
@@ -73,13 +77,23 @@ def main() -> int:
             table = []
             for size in args.sizes:
                 gaps: dict[str, list[float]] = {mode: [] for mode in args.modes}
+                floors: list[tuple[float, float]] = []  # (dump + restore, client gap)
                 for rep in range(args.reps):
+                    if not args.no_floor:
+                        floor = criu_floor(size, Path(tmp))
+                        floors.append((floor.dump_s + floor.restore_s, floor.client_gap_s))
+                        print(f"{size} MiB CRIU floor rep {rep}: dump {floor.dump_s:.3f} s + restore "
+                              f"{floor.restore_s:.3f} s; client gap {floor.client_gap_s:.3f} s", flush=True)
                     for mode in args.modes:  # interleaved: a drift of the machine hits both modes alike
                         gap, split = one(hosts[0], hosts[1], size, mode, Path(tmp) / f"client-{size}-{mode}-{rep}.log")
                         gaps[mode].append(gap)
                         print(f"{size} MiB {mode} rep {rep}: client gap {gap:.3f} s; {split}", flush=True)
                 for mode, values in gaps.items():
                     table.append(f"| {size} MiB | {mode} | {statistics.median(values):.2f} s | {max(values):.2f} s |")
+                if floors:
+                    table.append(f"| {size} MiB | CRIU floor: dump + restore by hand, "
+                                 f"{statistics.median(f for f, _ in floors):.2f} s | "
+                                 f"{statistics.median(g for _, g in floors):.2f} s | {max(g for _, g in floors):.2f} s |")
             print("| memory | mode | client gap, median | worst |\n|---|---|---|---|\n" + "\n".join(table), flush=True)
             print(f"load average: {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
         finally:

@@ -46,6 +46,10 @@ def main() -> int:
           flush=True)
     gap = ["--sizes", "64", "--reps", "1"] if args.quick else []
     subprocess.run([sys.executable, str(HERE / "tcp_gap.py"), *gap], check=True)
+    print("\n== Live migration between two nodes (fabric hosts): the client's largest gap, direct eager and lazy, "
+          "next to the CRIU floor", flush=True)
+    hops = ["--sizes", "64", "--reps", "1"] if args.quick else ["--sizes", "64", "512", "2048", "--reps", "3"]
+    subprocess.run([sys.executable, str(HERE / "migrate.py"), *hops], check=True)
     print("\n== Real applications (Debian builds) moved into a new pod with a client connection open, vs the CRIU floor",
           flush=True)
     subprocess.run([sys.executable, str(HERE / "apps.py"), *(["--reps", "1"] if args.quick else [])], check=True)
