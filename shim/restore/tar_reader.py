@@ -222,10 +222,9 @@ class _Bounded(io.RawIOBase):
                 raise InvalidArgument(f"{self._label} decompresses to more than {self._limit} bytes, the limit "
                                       "for its kind of archive (a compression bomb?)")
             return 0
-        data = self._inner.read(min(len(view), self._left))
-        view[:len(data)] = data
-        self._left -= len(data)
-        return len(data)
+        count = self._inner.readinto(view[:min(len(view), self._left)])  # type: ignore[union-attr]
+        self._left -= count
+        return int(count)
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
