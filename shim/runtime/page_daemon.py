@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(filename=LOG, level=logging.INFO,
                         format="%(asctime)s %(levelname)s page-daemon: %(message)s")
     faulthandler.register(signal.SIGUSR1, file=sys.stderr)  # where it is, on demand (stderr: the log)
+    from pycriu.images import pb  # noqa: F401  now, while containerd starts the task: not at the first fault
     try:
         return Daemon(images, plan, listener).run()
     except Exception as exc:
