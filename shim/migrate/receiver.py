@@ -46,6 +46,7 @@ MAX_ARCHIVE = 64 << 30  # the restore's own limit on an archive's data
 CHUNK = 1 << 20
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 TCP_ANNOTATION = f"{CHECKPOINT_PREFIX}tcp-established"
+RELAY_GRACE = 5.0  # a lazy restore whose page stream broke: its relay's own kill comes first
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class _PageEnd:
     token: str
     loopback: tunnel.LoopbackEnd
     pumped: asyncio.Future[tunnel.Pumped]
+    container_id: str | None = None  # the restored container, once it runs
 
 
 def run(settings: ReceiverSettings) -> int:
@@ -161,11 +163,13 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
             await channel.send(writer, answer)
             return migration
         if op == "pages":
-            await _carry_pages(page_ends, channel.field(message, "token", str), reader, writer)
+            await _carry_pages(runtime, page_ends, channel.field(message, "token", str), reader, writer)
             return None
         if op == "restore" and migration is not None:
             async with one_at_a_time:
                 reply = await _restore(settings, runtime, migration, message, reader)
+            if migration.pages is not None:
+                migration.pages.container_id = str(reply["container_id"])
             await channel.send(writer, {"ok": True, **reply})
             log.info("migration from %s restored container %s in pod %s", who, reply["container_id"],
                      migration.pod.label)
@@ -348,15 +352,26 @@ async def _page_end(page_ends: dict[str, _PageEnd]) -> _PageEnd:
     return end
 
 
-async def _carry_pages(page_ends: dict[str, _PageEnd], token: str, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter) -> None:
-    """The source's page connection: joined to the page daemon's once it connects, until either ends."""
+async def _carry_pages(runtime: Runtime, page_ends: dict[str, _PageEnd], token: str,
+                       reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The source's page connection: joined to the page daemon's once it connects, until either ends.
+
+    If the source's side ends first, the restored task is ended before the daemon's connection is
+    closed: a page daemon that dies releases its userfaultfd, and the kernel then fills what was
+    missing with zeros (seen: the test counter, which checks its pages, exited 70 before its relay
+    could end it). While the daemon waits on us, the task's faults wait too."""
     end = page_ends.get(token)
     if end is None or end.pumped.done():
         raise FailedPrecondition("no lazy migration under way here has that pages token")
+
+    async def end_task_first(pumped: tunnel.Pumped) -> None:
+        if pumped.ended_by != "local" and end.container_id is not None:
+            with contextlib.suppress(ShimError):
+                await runtime.stop(end.container_id)
+
     try:
         local = await end.loopback.accepted(15 * 60.0)
-        pumped = await tunnel.pump(local, (reader, writer))
+        pumped = await tunnel.pump(local, (reader, writer), before_close=end_task_first)
     except BaseException as exc:
         if not end.pumped.done():
             end.pumped.set_result(tunnel.Pumped(ended_by=f"error: {exc.__class__.__name__}"))
@@ -392,14 +407,29 @@ async def _follow_fill(settings: ReceiverSettings, runtime: Runtime, migration: 
     pumped = end.pumped.result() if end.pumped.done() else None
     what = "left as it was (its memory was complete)"
     if pumped is None or pumped.ended_by != "local":
-        with contextlib.suppress(ShimError):
-            await runtime.stop(container_id)
+        # Its relay ends it first when the page daemon fails (and keeps the daemon's log); this is
+        # the second line, for a daemon that hangs instead of failing.
+        if not await _exits_within(runtime, container_id, RELAY_GRACE):
+            with contextlib.suppress(ShimError):
+                await runtime.stop(container_id)
         await _unclaim(settings, migration.addresses)
         what = "ended (its memory was not complete)"
     log.warning("lazy migration into %s did not complete: the restored container %s was %s", migration.pod.label,
                 container_id, what)
     with contextlib.suppress(Exception):
         await channel.send(writer, {"ok": True, "target": what})
+
+
+async def _exits_within(runtime: Runtime, container_id: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if (await runtime.container(container_id)).state != "CONTAINER_RUNNING":
+                return True
+        except ShimError:
+            return True
+        await asyncio.sleep(0.1)
+    return False
 
 
 async def _unclaim(settings: ReceiverSettings, addresses: list[str]) -> None:

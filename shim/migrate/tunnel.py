@@ -57,11 +57,13 @@ def abort_on_close(writer: asyncio.StreamWriter, abort: bool = True) -> None:
 
 async def pump(local: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                remote: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-               orderly: Callable[[], Awaitable[bool]] | None = None) -> Pumped:
+               orderly: Callable[[], Awaitable[bool]] | None = None,
+               before_close: Callable[[Pumped], Awaitable[None]] | None = None) -> Pumped:
     """Copy both ways until one side ends (EOF or error), then close both; return what moved.
 
     With `orderly`, the local socket is closed in order only when the remote side ended with an
-    EOF and `orderly()` then says so; otherwise it is reset (see abort_on_close)."""
+    EOF and `orderly()` then says so; otherwise it is reset (see abort_on_close). `before_close`
+    runs first, while the local end still waits on us."""
     result = Pumped()
 
     async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, side: str, inbound: bool) -> None:
@@ -82,6 +84,8 @@ async def pump(local: tuple[asyncio.StreamReader, asyncio.StreamWriter],
              asyncio.ensure_future(copy(local[0], remote[1], "local", False))]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if before_close is not None:
+            await before_close(result)
         if orderly is not None:
             calm = result.ended_by == "remote" and await orderly()
             abort_on_close(local[1], abort=not calm)
@@ -147,6 +151,10 @@ class LoopbackEnd:
             raise FailedPrecondition(f"the restore's page daemon did not connect within {timeout:.0f} s") from None
 
     def close(self) -> None:
+        """Stop listening; a page connection still waiting for the daemon gives up (idempotent)."""
         if self._server is not None:
             self._server.close()
             self._server = None
+        if not self._accepted.done():
+            self._accepted.set_exception(FailedPrecondition("the migration ended before its page daemon connected"))
+            self._accepted.exception()  # retrieved: nobody may be waiting
