@@ -25,6 +25,7 @@ from shim.arch import go_arch
 from shim.image_reference import Reference
 from shim.node import registry as dev_registry
 from shim.node.layout import NodeLayout
+from shim.node.tools import tools_for
 from shim.oci import OCI_LAYER_TAR, OCI_MANIFEST, SEALED_CHECKPOINT
 from shim.paths_env import load_paths
 from shim.registry import RegistryClient
@@ -158,14 +159,13 @@ def _push_old_shape(ref: str, manifest: dict[str, Any], blob: Path) -> None:
     _push_manifest(parsed, {**manifest, "layers": [layer], "config": _push_config(parsed, manifest, [layer["digest"]])})
 
 
-def _ctr_import(node: Node, archive: Path, ref: str) -> subprocess.CompletedProcess[str]:
-    """`criu-shim checkpoint-image` of `archive` imported by containerd 1.6's own ctr; removed after."""
+def _ctr_import(node: Node, version: str, archive: Path, ref: str) -> subprocess.CompletedProcess[str]:
+    """`criu-shim checkpoint-image` of `archive` imported by the node's own ctr (it unpacks); removed after."""
     config = NodeLayout(node.dir.resolve()).proxy_config_file
     layout = node.dir / "sealed-image.oci.tar"
     subprocess.run([sys.executable, "-m", "shim", "checkpoint-image", str(archive), "--name", ref, "--out",
                     str(layout), "--config", str(config)], check=True, capture_output=True, timeout=300)
-    ctr = [str(Path(load_paths()["CONTAINERD_1_6"]) / "ctr"), "--address", node.containerd.removeprefix("unix://"),
-           "-n", "k8s.io", "images"]
+    ctr = [str(tools_for(version).ctr), "--address", node.containerd.removeprefix("unix://"), "-n", "k8s.io", "images"]
     try:
         return subprocess.run([*ctr, "import", str(layout)], capture_output=True, text=True, timeout=300)
     finally:
@@ -176,8 +176,10 @@ def _ctr_import(node: Node, archive: Path, ref: str) -> subprocess.CompletedProc
 @on("1.6", "1.7", "2.1", "2.4")
 def test_sealed_checkpoint_image_pulled_through_cri_restores(client: Cri, node: Node, keys: Path,  # noqa: F811
                                                              registry: dev_registry.Registry,
-                                                             images: tuple[Images, Images]) -> None:
+                                                             images: tuple[Images, Images],
+                                                             request: pytest.FixtureRequest) -> None:
     direct, proxied = images
+    version = str(request.node.callspec.params["node"])
     repo = f"{registry.host}/ckpt/sealed-{node.dir.name}"
     with proxy_with(node, "encryption", _enabled(keys), edit=_allowing(registry.host)):
         archive, counted = _sealed_checkpoint(client, node, f"sealed-image-{node.dir.name}")
@@ -203,15 +205,16 @@ def test_sealed_checkpoint_image_pulled_through_cri_restores(client: Cri, node: 
         assert "archive/tar: invalid tar header" in (old.value.details() or "")
         # why the empty layer: without it, 1.6's pull unpacks once more and counts every manifest layer
         _push_sealed_only(f"{repo}:bare", manifest, archive)
-        if node.dir.name.startswith("node-1.6"):
+        imported = _ctr_import(node, version, archive, f"{repo}:imported")  # `ctr images import`, unpacking
+        if version == "1.6":
             with pytest.raises(grpc.RpcError) as bare:
                 direct.pull(f"{repo}:bare")
             assert "mismatched image rootfs and manifest layers" in (bare.value.details() or "")
-            # and 1.6's `ctr images import` unpacks with that rule: our image needs --no-unpack there
-            imported = _ctr_import(node, archive, f"{repo}:imported")
+            # and 1.6's import unpacks with that rule: our image needs --no-unpack there
             assert imported.returncode != 0 and "mismatched image rootfs and manifest layers" in imported.stderr
         else:
             direct.pull(f"{repo}:bare")
+            assert imported.returncode == 0, imported.stderr
 
         archive.unlink()  # the image alone must be enough
         with client.pod() as pod:  # by image ID, as the kubelet creates containers
