@@ -5,7 +5,9 @@ tar *is* that layer, uncompressed, so nothing is repacked) and the annotations
 of both families that engines look for: `org.criu.checkpoint.*` (containerd,
 checkpointctl) and `io.kubernetes.cri-o.annotations.checkpoint.*` (CRI-O). The
 output is an OCI layout tar that `ctr images import` or any registry client
-takes; the original image is not embedded (restore pulls it by reference).
+takes; the original image is not embedded (restore pulls it by reference). A
+zstd archive (`[checkpoint] compression`) is likewise its own layer, of type
+`tar+zstd`, its diff_id the digest of the tar inside (one decompressing pass).
 
 A sealed (encrypted) archive goes in as it is, still sealed: the registry and
 anyone pulling it see only ciphertext, and a restore decrypts it with its node's
@@ -22,18 +24,23 @@ image reads the archive's names for the annotations, so it takes the keyring
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
 import stat
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import zstandard
+
 from shim import oci, signing
 from shim.arch import go_arch
 from shim.archive_layout import CONFIG_DUMP, REQUIRED, SPEC_DUMP
+from shim.checkpoint.compression import ZSTD_MAGIC
 from shim.errors import InvalidArgument
 from shim.sealed import Keyring, is_encrypted, open_decrypted, read_header
 
@@ -62,6 +69,39 @@ def _read_member(archive: Path, name: str) -> dict[str, Any]:
         raise InvalidArgument(f"{archive} is not a readable checkpoint archive: {exc}") from None
 
 
+def _is_zstd(archive: Path) -> bool:
+    with open(archive, "rb") as f:
+        return f.read(len(ZSTD_MAGIC)) == ZSTD_MAGIC
+
+
+@contextlib.contextmanager
+def _zstd_stream(archive: Path) -> Iterator[Any]:
+    """The decompressed tar of a zstd archive (its window capped as the restore's reader caps it)."""
+    with open(archive, "rb") as f, zstandard.ZstdDecompressor(max_window_size=128 << 20).stream_reader(
+            f, read_across_frames=True) as stream:
+        yield stream
+
+
+def _zstd_json_members(archive: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    try:
+        with _zstd_stream(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            return _json_members(tar, archive)
+    except (tarfile.TarError, ValueError, EOFError, zstandard.ZstdError) as exc:
+        raise InvalidArgument(f"{archive} is not a readable checkpoint archive: {exc}") from None
+
+
+def _decompressed_digest(archive: Path) -> str:
+    """The diff_id of a zstd layer: the digest of the tar inside."""
+    sha = hashlib.sha256()
+    try:
+        with _zstd_stream(archive) as stream:
+            while chunk := stream.read(1 << 20):
+                sha.update(chunk)
+    except zstandard.ZstdError as exc:
+        raise InvalidArgument(f"{archive} is not a readable checkpoint archive: {exc}") from None
+    return "sha256:" + sha.hexdigest()
+
+
 def _read_json_member(archive: Path, name: str) -> dict[str, Any]:
     with tarfile.open(archive, "r:") as tar:
         names = set(tar.getnames())
@@ -87,17 +127,23 @@ def _sealed_json_members(archive: Path, keyring: Keyring | None) -> tuple[dict[s
     if keyring is None:
         raise InvalidArgument(f"{archive} is encrypted (key id {read_header(archive).key_id!r}): building its "
                               "image needs the key (--config with the node's [encryption] keys)")
-    found: dict[str, Any] = {}
-    names: set[str] = set()
     with open_decrypted(archive, keyring) as reader, \
             tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as tar:
-        for member in tar:
-            names.add(member.name)
-            if member.name in (CONFIG_DUMP, SPEC_DUMP) and member.isfile() and member.size <= _MAX_JSON:
-                data = tar.extractfile(member)
-                assert data is not None
-                found[member.name] = json.loads(data.read())
+        members = _json_members(tar, archive)
         reader.verify_to_end()
+    return members
+
+
+def _json_members(tar: tarfile.TarFile, archive: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """config.dump and spec.dump from a tar read as a stream."""
+    found: dict[str, Any] = {}
+    names: set[str] = set()
+    for member in tar:
+        names.add(member.name)
+        if member.name in (CONFIG_DUMP, SPEC_DUMP) and member.isfile() and member.size <= _MAX_JSON:
+            data = tar.extractfile(member)
+            assert data is not None
+            found[member.name] = json.loads(data.read())
     missing = [r for r in REQUIRED if r not in names]
     config, spec = found.get(CONFIG_DUMP), found.get(SPEC_DUMP)
     if missing or not isinstance(config, dict) or not isinstance(spec, dict):
@@ -122,6 +168,8 @@ def checkpoint_annotations(archive: Path, keyring: Keyring | None = None) -> dic
     _require_archive_file(archive)
     if is_encrypted(archive):
         config, spec = _read_sealed_members(archive, keyring)
+    elif _is_zstd(archive):
+        config, spec = _zstd_json_members(archive)
     else:
         config, spec = _read_member(archive, CONFIG_DUMP), _read_member(archive, SPEC_DUMP)
     spec_notes = spec.get("annotations", {})
@@ -172,6 +220,9 @@ def checkpoint_image(archive: Path, keyring: Keyring | None = None) -> Checkpoin
                   {**blob, "mediaType": oci.SEALED_CHECKPOINT}]
         small = (EMPTY_LAYER,)
     diff_ids = [str(layer["digest"]) for layer in layers if layer["mediaType"] != oci.SEALED_CHECKPOINT]
+    if not is_encrypted(archive) and _is_zstd(archive):  # a zstd archive is a zstd layer as it is
+        blob["mediaType"] = oci.OCI_LAYER_ZSTD
+        diff_ids = [_decompressed_digest(archive)]
     config = json.dumps({"architecture": go_arch(), "os": "linux", "config": {},
                          "rootfs": {"type": "layers", "diff_ids": diff_ids}}, sort_keys=True).encode()
     manifest = json.dumps({

@@ -4,7 +4,9 @@ then sealed; the fallback writer (no FIFOs) agrees; restore unpacks each."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import shutil
 import stat
@@ -127,3 +129,22 @@ def test_failed_compressed_write_leaves_nothing(tmp_path: Path) -> None:
                                         Member("checkpoint/pages-1.img", source=tmp_path / "gone")],
                              None, durable=False, compression=ZSTD)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_zstd_archive_is_a_zstd_layer(tmp_path: Path) -> None:
+    from shim import oci
+    from shim.restore.build_image import checkpoint_image
+
+    spec = {"annotations": {oci.CRI_SANDBOX_NAME: "web", oci.CRI_SANDBOX_NAMESPACE: "shop"}}
+    members = [Member("spec.dump", data=json.dumps(spec).encode()),
+               Member("config.dump", data=json.dumps({"name": "app", "rootfsImageName": "img:1"}).encode()),
+               Member("checkpoint", is_dir=True), Member("checkpoint/inventory.img", data=b"inv" * 1000)]
+    location = tmp_path / "out.tar"
+    write_sealed_archive(location, members, None, durable=False, compression=ZSTD)
+    image = checkpoint_image(location)
+    manifest, config = json.loads(image.manifest), json.loads(image.config)
+    assert [layer["mediaType"] for layer in manifest["layers"]] == [oci.OCI_LAYER_ZSTD]
+    tar = zstandard.ZstdDecompressor().stream_reader(location.read_bytes(), read_across_frames=True).read()
+    assert config["rootfs"]["diff_ids"] == ["sha256:" + hashlib.sha256(tar).hexdigest()]
+    assert manifest["layers"][0]["digest"] == "sha256:" + hashlib.sha256(location.read_bytes()).hexdigest()
+    assert image.annotations[oci.CRIU_PREFIX + "pod.name"] == "web"
