@@ -63,6 +63,8 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 512], metavar="MiB")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--modes", nargs="+", choices=("eager", "lazy"), default=["eager", "lazy"])
+    parser.add_argument("--target-containerd", default="1.7", metavar="VERSION",
+                        help="node B's containerd (node A runs 1.7): 1.7 or 2.4 (default %(default)s)")
     parser.add_argument("--no-floor", action="store_true", help="skip the CRIU floor (dump + restore by hand)")
     args = parser.parse_args()
     pipe_before = PIPE_MAX_SIZE.read_text()
@@ -73,7 +75,7 @@ def main() -> int:
         dirs = distinct_dirs(lambda name: Path(tmp) / f"{name}{next(made)}")
         hosts: list[Host] = []
         try:
-            hosts = [up(d, Path(tmp) / "logs") for d in dirs]
+            hosts = [up(dirs[0], Path(tmp) / "logs"), up(dirs[1], Path(tmp) / "logs", args.target_containerd)]
             table = []
             for size in args.sizes:
                 gaps: dict[str, list[float]] = {mode: [] for mode in args.modes}
