@@ -90,10 +90,15 @@ def one(mem_mb: int, work: Path) -> Floor:
                             *CRIU_OPTIONS], check=True, capture_output=True)
             dumped = time.monotonic()
             server.wait(timeout=30)  # CRIU ended it after the dump
-            subprocess.run([*enter, criu, "restore", "-D", str(images), "-o", "restore.log", "-d",
-                            "--pidfile", str(work / "restored.pid"), *CRIU_OPTIONS], check=True, capture_output=True)
+            pidfile = work / "restored.pid"
+            pidfile.unlink(missing_ok=True)  # CRIU refuses to write over the last rep's
+            restore = subprocess.run([*enter, criu, "restore", "-D", str(images), "-o", "restore.log", "-d",
+                                      "--pidfile", str(pidfile), *CRIU_OPTIONS], capture_output=True)
+            if restore.returncode != 0:
+                tail = (images / "restore.log").read_text(errors="replace").splitlines()[-15:]
+                raise RuntimeError("CRIU restore failed:\n" + "\n".join(tail))
             restored = time.monotonic()
-            restored_pid = int((work / "restored.pid").read_text())
+            restored_pid = int(pidfile.read_text())
             seen = _answers(client_log)
             _wait(lambda: _answers(client_log) >= seen + 20)
             return Floor(dumped - started, restored - dumped, _gap(client_log))
