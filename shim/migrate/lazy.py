@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from typing import Any
 from shim.checkpoint.checkpointer import Target
 from shim.checkpoint.options import CheckpointOptions
 from shim.errors import FailedPrecondition, InvalidArgument, ShimError
-from shim.migrate import channel, source, tunnel
+from shim.migrate import channel, hook, source, tunnel
 from shim.migrate.lazy_dump import LazyDump, runc_beside, source_from, staging_name
 from shim.migrate.runtime import ContainerView, PodView, Runtime
 
@@ -131,6 +132,7 @@ async def migrate(s: Session) -> source.Migrated:
         filled = time.monotonic()
         target = await _tell_target(s, code == 0)
         if code != 0:
+            await _claim_back(s)
             raise source.MigrationFailed(
                 f"the memory did not reach the target ({_broken(pumped)}, after {pumped.to_remote} bytes); the "
                 f"restored container there was {target}; the source container {cid} is "
@@ -179,6 +181,21 @@ async def _tell_target(s: Session, complete: bool) -> str:
     except ShimError as exc:
         return f"in an unknown state (the target did not say: {exc.message}); its page daemon ends it once the " \
                "page stream is gone"
+
+
+async def _claim_back(s: Session) -> None:
+    """The source runs on (CRIU let it go) and the target released the pod IPs: route them here again."""
+    if s.request.address_hook is None:
+        return
+    for ip in s.addresses:
+        family = ipaddress.ip_address(ip).version
+        via = next((p for p in s.pod.ips if ipaddress.ip_address(p).version == family), None)
+        if via is None:
+            continue
+        try:
+            await hook.run(s.request.address_hook, "claim", ip, via)
+        except ShimError as exc:
+            print(f"criu-shim: warning: {exc.message}")
 
 
 async def _source_state(runtime: Runtime, cid: str) -> str:

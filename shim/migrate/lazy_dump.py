@@ -87,6 +87,7 @@ class LazyDump:
         stack.callback(shutil.rmtree, self.staging, ignore_errors=True)
         netns = self.source.target.netns
         if self.source.target.options.tcp_established and netns is not None:
+            await self._guard_lock(netns, stack)
             await netlock.run_nft(netns, netlock.lock_script())
             stack.push_async_exit(self._unlock_unless_moved)
         self.port = _free_port()
@@ -107,6 +108,25 @@ class LazyDump:
         if not ready:
             await self._proc.wait()
             raise FailedPrecondition(f"the lazy dump failed: {await self._why()}")
+
+    async def _guard_lock(self, netns: Path, stack: AsyncExitStack) -> None:
+        """A process of its own that removes our TCP lock if this one dies holding it: CRIU then lets
+        the source run again (a reset on its page server), and it must not find its connections
+        locked. It waits on a pipe from us; our word `keep` once we have dealt with the lock ourselves."""
+        guard = await asyncio.create_subprocess_exec(
+            "nsenter", f"--net={netns}", "sh", "-c", 'read -r word; [ "$word" = keep ] || printf %s "$1" | nft -f -',
+            "lock-guard", netlock.unlock_script(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+
+        async def release() -> None:
+            assert guard.stdin is not None
+            with contextlib.suppress(OSError):
+                guard.stdin.write(b"keep\n")
+                await guard.stdin.drain()
+                guard.stdin.close()
+            await guard.wait()
+
+        stack.push_async_callback(release)  # runs after the lock's own exit (pushed later, unwound first)
 
     def _argv(self, status_fd: int) -> list[str]:
         opts: CheckpointOptions = self.source.target.options

@@ -10,6 +10,7 @@ connection, a source that dies mid-fill ends the target's task, refusals stop no
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
+from shim.checkpoint.netlock import TABLE
 from tests.node.fabric_pods import (
     REPO,
     STOP_AFTER,
@@ -116,9 +118,23 @@ def test_lazy_migration_keeps_the_tcp_client_connection(hosts: tuple[Host, Host]
         print(f"lazy, 64 MiB: the client's largest gap {largest_gap(text):.3f} s\n{out}")
 
 
-def test_the_source_killed_mid_fill_ends_the_target_task(hosts: tuple[Host, Host]) -> None:
+def _pod_nft_tables(host: Host, pod_id: str) -> str:
+    """`nft list tables` in the pod's network namespace (its path from the runtime spec)."""
+    reply = host.cri.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True),
+                                              timeout=30)
+    spec = json.loads(reply.info["info"])["runtimeSpec"]
+    netns = next(n["path"] for n in spec["linux"]["namespaces"] if n["type"] == "network")
+    return subprocess.run(["nsenter", f"--net={netns}", "nft", "list", "tables"], capture_output=True,
+                          text=True).stdout
+
+
+# With tcp-established, our TCP lock is on the source pod while CRIU holds it: the dead migrate
+# process's guard must remove it, or the source would run on with its connections locked.
+@pytest.mark.parametrize("annotations", [STOP_AFTER, TCP], ids=["plain", "tcp-established"])
+def test_the_source_killed_mid_fill_ends_the_target_task(hosts: tuple[Host, Host],
+                                                         annotations: dict[str, str]) -> None:
     a, b = hosts
-    with a.cri.pod(STOP_AFTER) as source_pod, b.cri.pod() as target_pod:
+    with a.cri.pod(annotations) as source_pod, b.cri.pod(annotations) as target_pod:
         ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "256"},
                               name="counter")
         wait_for(lambda: a.cri.count(ctr) >= 5, timeout=60)
@@ -143,10 +159,11 @@ def test_the_source_killed_mid_fill_ends_the_target_task(hosts: tuple[Host, Host
         assert _exit_status(b, moved) == 137, b.cri.log(moved)[-500:]
         # The source: CRIU's page server lost its client, so the dump failed and CRIU let it run again.
         wait_for(lambda: a.cri.state(ctr) == "CONTAINER_RUNNING", timeout=60)
+        wait_for(lambda: TABLE not in _pod_nft_tables(a, source_pod.id), timeout=30)
         count = a.cri.count(ctr)
         wait_for(lambda: a.cri.count(ctr) > count, timeout=30)
         # And it can be migrated again (the dead migration's staging dir is swept on the way).
-        with b.cri.pod() as retry_pod:
+        with b.cri.pod(annotations) as retry_pod:
             out = a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", retry_pod.id, "--mode", "lazy").stdout
             assert "served lazily" in out
             moved = b.container_in(retry_pod)
