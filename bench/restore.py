@@ -7,7 +7,10 @@ through criu-shim on containerd 1.7; then, repeatedly and interleaved:
            until StartContainer returns: the process runs again; under the default
            lazy restore its memory is still being filled in (userfaultfd)
   resident the same restore until all its memory is in place (the page daemon is
-           done: it takes "lazy-pages" out of the task's CRIU config)
+           done: it takes "lazy-pages" out of the task's CRIU config), with criu-shim's
+           own page daemon (the default)
+  resident-criu the same with CRIU's `criu lazy-pages` (`[restore] page_daemon = "criu"`:
+           the proxy is restarted with it for these runs, then back)
   eager    our restore with lazy pages off (pod annotation
            restore.criu-shim.io/lazy-pages=false): memory in place before it runs
   criu     CRIU's own restore time of those images in the eager restore (its
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -62,6 +66,25 @@ class Node:
         self.stub = api_pb2_grpc.RuntimeServiceStub(channel)
         self.images = api_pb2_grpc.ImageServiceStub(channel)
         self.created_s = 0.0
+        self.warm_up: Path | None = None  # a tiny checkpoint restored once after a proxy restart
+
+    def use_page_daemon(self, kind: str) -> None:
+        """Restart this node's proxy with `[restore] page_daemon = kind` (a no-op if it has it already)."""
+        from shim.node import local, procs
+        from shim.node.layout import NodeLayout
+
+        layout = NodeLayout(self.dir)
+        text = layout.proxy_config_file.read_text()
+        wanted = re.sub(r'(?m)^page_daemon = .*\n', "", text).replace("[restore]\n", f'[restore]\npage_daemon = "{kind}"\n')
+        if wanted == text:
+            return
+        pid = procs.read_pid(layout.pid_dir / "proxy.pid")
+        assert pid is not None
+        procs.stop(pid)
+        layout.proxy_config_file.write_text(wanted)
+        local._start_proxy(layout, layout.proxy_config_file)
+        if self.warm_up is not None:  # a restarted proxy has no spare relay yet: not what a node sees
+            timed_restore(self, self.warm_up, lazy=False)
 
     def pull(self, image: str) -> None:
         self.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)), timeout=300)
@@ -171,25 +194,33 @@ def wait_resident(node: Node, container_id: str, start: float, timeout: float = 
     return time.perf_counter() - start
 
 
-def one_size(node: Node, native: Node, mem_mb: int, reps: int) -> dict[str, float]:
+def one_size(node: Node, native: Node, mem_mb: int, reps: int, fill_only: bool = False) -> dict[str, float]:
     archive = node.dir / "checkpoints" / f"bench-{mem_mb}.tar"
     native_archive = native.dir / f"bench-{mem_mb}.tar"
     checkpointed(node, mem_mb, archive)
     checkpointed(native, mem_mb, native_archive)
-    times: dict[str, list[float]] = {k: [] for k in ("ours", "resident", "eager", "criu", "criu_lazy", "cold",
-                                                      "native", "ours_create", "native_create", "dd_cold",
-                                                      "dd_hot")}
+    times: dict[str, list[float]] = {k: [] for k in ("ours", "resident", "resident_criu", "running_criu", "eager", "criu",
+                                                      "criu_lazy", "cold", "native", "ours_create",
+                                                      "native_create", "dd_cold", "dd_hot", "load")}
     os.sync()  # the archive on disk, so that "cold" reads the disk
     for _ in range(reps):
+        times["load"].append(os.getloadavg()[0])
         times["dd_cold"].append(timed_dd(archive, cold=True))
         times["dd_hot"].append(timed_dd(archive, cold=False))
         times["native"].append(timed_restore(native, native_archive, lazy=False)[0])
         times["native_create"].append(native.created_s)
+        node.use_page_daemon("criu")
+        running_criu, resident_criu, _ = timed_restore(node, archive)
+        times["running_criu"].append(running_criu)
+        times["resident_criu"].append(resident_criu)
+        node.use_page_daemon("criu-shim")
         elapsed, resident, criu_lazy = timed_restore(node, archive)
         times["ours_create"].append(node.created_s)
         times["ours"].append(elapsed)
         times["criu_lazy"].append(criu_lazy)
         times["resident"].append(resident)
+        if fill_only:
+            continue
         eager, _, criu = timed_restore(node, archive, lazy=False)
         times["eager"].append(eager)
         times["criu"].append(criu)
@@ -201,7 +232,7 @@ def one_size(node: Node, native: Node, mem_mb: int, reps: int) -> dict[str, floa
         node.remove(pod)
     archive.unlink()
     native_archive.unlink()
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items() if v}
 
 
 def handler_cost(node: Node, reps: int) -> dict[str, float]:
@@ -224,6 +255,8 @@ def main() -> int:
     parser.add_argument("--sizes", default="64,512,1024,4096")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp/criu-shim-bench-restore"))
+    parser.add_argument("--fill-only", action="store_true",
+                        help="only the lazy fill: both page daemons, 2.x's eager restore and dd (no eager, cold, handler rows)")
     args = parser.parse_args()
     ours_dir, native_dir = args.dir / "ours", args.dir / "native"
     try:
@@ -235,8 +268,10 @@ def main() -> int:
         other = Node(native_dir.resolve(), native["CONTAINERD_ENDPOINT"], image)  # 2.x itself, no proxy
         for n in (node, other):
             n.pull(image)
-        rows = [(int(s), one_size(node, other, int(s), args.reps)) for s in args.sizes.split(",")]
-        handlers = handler_cost(node, max(args.reps, 5))
+        node.warm_up = node.dir / "checkpoints" / "bench-warm-up.tar"
+        checkpointed(node, 0, node.warm_up)
+        rows = [(int(s), one_size(node, other, int(s), args.reps, args.fill_only)) for s in args.sizes.split(",")]
+        handlers = {} if args.fill_only else handler_cost(node, max(args.reps, 5))
     finally:
         registry.stop_registry(args.dir / "registry")
         for d in (ours_dir, native_dir):
@@ -262,6 +297,9 @@ def remove_made(directory: Path, made: tuple[str, ...]) -> None:
 
 
 def report(rows: list[tuple[int, dict[str, float]]], handlers: dict[str, float], reps: int) -> None:
+    fill_report(rows, reps)
+    if not handlers:
+        return
     print(f"{'memory':>7} {'ours':>8} {'resident':>8} {'eager':>8} {'2.x':>8} {'CRIU':>8} {'CRIU lazy':>9} "
           f"{'dd hot':>8} {'dd cold':>8} {'cold':>8} {'ours/2.x':>8} {'resident/2.x':>12} {'eager/2.x':>9} "
           f"{'eager/CRIU':>10}")
@@ -279,6 +317,21 @@ def report(rows: list[tuple[int, dict[str, float]]], handlers: dict[str, float],
     added = (handlers["criu"] - handlers["runc"]) * 1e3
     print(f"a container that is not restored: create+start {handlers['runc'] * 1e3:.1f} ms with handler runc, "
           f"{handlers['criu'] * 1e3:.1f} ms with handler criu ({added:+.1f} ms)")
+
+
+def fill_report(rows: list[tuple[int, dict[str, float]]], reps: int) -> None:
+    """Until all memory is in place: our page daemon, CRIU's, containerd 2.x's eager restore, and dd."""
+    print(f"{'memory':>7} {'ours':>8} {'CRIU daemon':>11} {'2.x eager':>9} {'dd hot':>8} {'dd cold':>8} "
+          f"{'ours/2.x':>8} {'ours/CRIU':>9} {'running':>8} {'(CRIU)':>7} {'load':>5}")
+    for mem_mb, t in rows:
+        print(f"{mem_mb:>5}Mi {t['resident']:>7.3f}s {t['resident_criu']:>10.3f}s {t['native']:>8.3f}s "
+              f"{t['dd_hot']:>7.3f}s {t['dd_cold']:>7.3f}s {t['resident'] / t['native']:>7.2f}x "
+              f"{t['resident'] / t['resident_criu']:>8.2f}x {t['ours']:>7.3f}s {t['running_criu']:>6.3f}s "
+              f"{t['load']:>5.2f}")
+    print(f"(until all memory is in place, CreateContainer to the page daemon's end; median of {reps}, interleaved; "
+          "ours = criu-shim's page daemon, CRIU daemon = criu lazy-pages over a loop device; 2.x eager = containerd "
+          "2.x's own restore (all in place when it runs); dd = reading the memory image out of the archive, page "
+          "cache / disk; running = ours until the process runs (with CRIU's daemon in brackets); load = 1-min load average at each rep's start)")
 
 
 if __name__ == "__main__":
