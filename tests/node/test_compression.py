@@ -21,6 +21,7 @@ from shim.sealed import CONTENT_TAR_ZSTD, is_encrypted, read_header
 from tests.node.conftest import Node, on
 from tests.node.pods import Cri, wait_for
 from tests.node.proxy_config import proxy_with
+from tests.node.test_checkpoint import _checkpointctl
 from tests.node.test_encryption import KEY_ID, _enabled, keys  # noqa: F401
 from tests.node.test_restore import COUNTER, _restore, _work_dirs, assert_restore_refused
 
@@ -82,6 +83,7 @@ def test_zstd_checkpoint_restores_into_a_new_pod(client: Cri, node: Node) -> Non
         shown = subprocess.run([sys.executable, "-m", "shim", "inspect", str(archive)], capture_output=True,
                                text=True, check=True).stdout
         assert "zstd" in shown and "counter" in shown
+        assert "main" in _checkpointctl(archive)  # checkpointctl decompresses it too (the container name)
         _restores_and_counts_on(client, node, archive, counted)
         assert not _leftovers(node)
     finally:
