@@ -98,8 +98,12 @@ async def migrate(s: Session) -> source.Migrated:
     location = request.checkpoints_dir / f"migrate-{cid[:12]}-{stamp}.tar"
     dump = LazyDump(dumped, request.checkpoints_dir / staging_name(cid, stamp),
                     request.runc or runc_beside(request.criu), request.criu)
+    # The page connection first: its TLS handshake is not part of the container's pause.
+    pages = await channel.connect(request.to, request.creds, source.CONNECT_TIMEOUT, request.idle_timeout)
+    await channel.send(pages[1], {"protocol": channel.PROTOCOL, "op": "pages", "token": token})
     started = time.monotonic()
     async with AsyncExitStack() as stack:
+        stack.callback(pages[1].close)  # idempotent: the pump closes it too
         try:
             await dump.start(stack)
             criu_end = await dump.page_server()  # at once: CRIU serves the first client that connects
@@ -112,8 +116,6 @@ async def migrate(s: Session) -> source.Migrated:
             raise FailedPrecondition(f"the lazy dump failed: {_message(exc)}; the source container {cid} is "
                                      f"{await source.state(s.runtime, cid)}; nothing was sent") from None
         checkpointed = time.monotonic()
-        pages = await channel.connect(request.to, request.creds, source.CONNECT_TIMEOUT, request.idle_timeout)
-        await channel.send(pages[1], {"protocol": channel.PROTOCOL, "op": "pages", "token": token})
         pumping = asyncio.ensure_future(tunnel.pump(criu_end, pages, lambda: _target_has_it_all(s)))
         stack.push_async_callback(_settle, pumping)
         try:

@@ -29,7 +29,7 @@ import secrets
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,9 @@ class _PageEnd:
     loopback: tunnel.LoopbackEnd
     pumped: asyncio.Future[tunnel.Pumped]
     container_id: str | None = None  # the restored container, once it runs
+    # Set once CreateContainer + StartContainer returned (either way): until then a broken stream
+    # waits, so that a task that has just started is ended before its daemon's stream closes.
+    restore_over: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def run(settings: ReceiverSettings) -> int:
@@ -168,8 +171,6 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
         if op == "restore" and migration is not None:
             async with one_at_a_time:
                 reply = await _restore(settings, runtime, migration, message, reader)
-            if migration.pages is not None:
-                migration.pages.container_id = str(reply["container_id"])
             await channel.send(writer, {"ok": True, **reply})
             log.info("migration from %s restored container %s in pod %s", who, reply["container_id"],
                      migration.pod.label)
@@ -270,11 +271,14 @@ async def _restore(settings: ReceiverSettings, runtime: Runtime, migration: _Mig
         if migration.pages is not None:  # the restore's page daemon asks the tunnel for the lazy memory
             _write_private(page_server, json.dumps({"port": migration.pages.loopback.port}).encode())
         container_id = await runtime.restore(pod.id, archive, migration.name, settings.restore_timeout)
+        if migration.pages is not None:
+            migration.pages.container_id = container_id
     except ShimError:
         archive.unlink(missing_ok=True)  # the source keeps its copy
         raise
     finally:
         if migration.pages is not None:  # read at CreateContainer; without its memory the archive restores nowhere
+            migration.pages.restore_over.set()
             page_server.unlink(missing_ok=True)
             archive.unlink(missing_ok=True)
     try:
@@ -365,7 +369,11 @@ async def _carry_pages(runtime: Runtime, page_ends: dict[str, _PageEnd], token: 
         raise FailedPrecondition("no lazy migration under way here has that pages token")
 
     async def end_task_first(pumped: tunnel.Pumped) -> None:
-        if pumped.ended_by != "local" and end.container_id is not None:
+        if pumped.ended_by == "local":
+            return
+        with contextlib.suppress(TimeoutError):  # a restore under way: its task may be running already
+            await asyncio.wait_for(end.restore_over.wait(), 300.0)
+        if end.container_id is not None:
             with contextlib.suppress(ShimError):
                 await runtime.stop(end.container_id)
 
