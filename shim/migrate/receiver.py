@@ -36,7 +36,7 @@ from typing import Any
 from shim.annotations import CHECKPOINT_PREFIX, TRUE
 from shim.errors import Code, FailedPrecondition, InvalidArgument, ResourceExhausted, ShimError, Unavailable, Upstream
 from shim.hosttools import Version
-from shim.migrate import channel, compat, hook, tunnel
+from shim.migrate import channel, claims, compat, hook, tunnel
 from shim.migrate.runtime import PodView, Runtime
 from shim.restore.lazy import remote_pages_file as lazy_pages_file
 
@@ -59,6 +59,7 @@ class ReceiverSettings:
     idle_timeout: float = 30.0
     restore_timeout: float = 120.0
     criu: Version | None = None  # this node's CRIU (compat.installed), compared with the source's
+    claims_interval: float = 10.0  # how often claimed pod IPs of removed containers are released (claims.py)
     criu_path: Path | None = None  # for lazy migrations: can it run a page daemon (userfaultfd)?
 
 
@@ -96,6 +97,7 @@ async def _serve(settings: ReceiverSettings) -> int:
         raise FailedPrecondition(f"checkpoints directory {settings.checkpoints_dir} does not exist")
     one_at_a_time = asyncio.Lock()  # restores into this node queue (a source's checkpoint does not hold it)
     page_ends: dict[str, _PageEnd] = {}  # lazy migrations under way, by token
+    watcher = claims.ClaimWatcher(settings.runtime, settings.address_hook, settings.claims_interval)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peercert") or {}
@@ -105,7 +107,7 @@ async def _serve(settings: ReceiverSettings) -> int:
         # gRPC's reconnect back-off for a while and fails the next migration's calls at once.
         runtime = Runtime(settings.runtime)
         try:
-            await _session(settings, runtime, reader, writer, who, one_at_a_time, page_ends)
+            await _session(settings, runtime, reader, writer, who, one_at_a_time, page_ends, watcher)
         except Exception:  # one bad session never takes the receiver down
             log.exception("migration session from %s failed", who)
         finally:
@@ -120,19 +122,21 @@ async def _serve(settings: ReceiverSettings) -> int:
         loop.add_signal_handler(sig, stop.set)
     server = await asyncio.start_server(handle, host, port, ssl=context, limit=channel.MAX_MESSAGE * 2)
     log.info("migration receiver listening on %s:%d", host, port)
-    async with server:
+    async with server, asyncio.TaskGroup() as tasks:
+        tasks.create_task(watcher.run(stop))  # ends with the receiver
         await stop.wait()
     return 0
 
 
 async def _session(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.StreamReader,
                    writer: asyncio.StreamWriter, who: str, one_at_a_time: asyncio.Lock,
-                   page_ends: dict[str, _PageEnd]) -> None:
+                   page_ends: dict[str, _PageEnd], watcher: claims.ClaimWatcher) -> None:
     migration: _Migration | None = None
     made: list[_Migration] = []
     try:
         while True:
-            migration = await _step(settings, runtime, reader, writer, who, one_at_a_time, page_ends, migration)
+            migration = await _step(settings, runtime, reader, writer, who, one_at_a_time, page_ends, migration,
+                                    watcher)
             if migration is None:
                 return
             made.append(migration)
@@ -145,7 +149,8 @@ async def _session(settings: ReceiverSettings, runtime: Runtime, reader: asyncio
 
 async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.StreamReader,
                 writer: asyncio.StreamWriter, who: str, one_at_a_time: asyncio.Lock,
-                page_ends: dict[str, _PageEnd], migration: _Migration | None) -> _Migration | None:
+                page_ends: dict[str, _PageEnd], migration: _Migration | None,
+                watcher: claims.ClaimWatcher) -> _Migration | None:
     """One message of a session; the migration it goes on with, or None when the session is over."""
     try:
         message = await asyncio.wait_for(channel.receive(reader), settings.idle_timeout * 20)
@@ -171,6 +176,7 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
         if op == "restore" and migration is not None:
             async with one_at_a_time:
                 reply = await _restore(settings, runtime, migration, message, reader)
+            watcher.add(str(reply["container_id"]), migration.addresses)  # restored and claimed
             await channel.send(writer, {"ok": True, **reply})
             log.info("migration from %s restored container %s in pod %s", who, reply["container_id"],
                      migration.pod.label)

@@ -187,17 +187,19 @@ def _issue_certificate(host: NodeHost) -> None:
 
 def hook_script(host: NodeHost) -> str:
     """The node's address hook: `claim IP VIA` routes a migrated pod IP to the local pod VIA (on
-    this host and on the router); `release IP` drops this host's route for it."""
+    this host and on the router); `release IP` drops this host's route for it and the router's, if
+    that still leads here (once the next node has claimed the IP, the router's route is that node's)."""
     ipaddress.ip_address(host.host_ip)  # all values below are ours, checked, and safe to quote
     return f"""#!/bin/sh
 # criu-shim address hook of node {host.layout.tag} on fabric {host.fabric.name} (written by node up).
 # claim IP VIA: a container keeping pod IP IP now runs in the local pod whose IP is VIA.
-# release IP: the container with IP left this node.
+# release IP: the container with IP left this node (or was removed here).
 set -eu
 case "${{1:-}}" in
   claim)   ip route replace "$2/32" via "$3" dev {host.layout.bridge}
            ip -n {host.fabric.router} route replace "$2/32" via {host.host_ip} ;;
-  release) ip route del "$2/32" 2>/dev/null || true ;;
+  release) ip route del "$2/32" 2>/dev/null || true
+           ip -n {host.fabric.router} route del "$2/32" via {host.host_ip} 2>/dev/null || true ;;
   check)   ip -n {host.fabric.router} route show >/dev/null ;;
   *) echo "usage: $0 claim IP VIA | release IP | check" >&2; exit 2 ;;
 esac

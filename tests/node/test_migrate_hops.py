@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.node.fabric_pods import (
+    FABRIC,
     TCP,
     Host,
     client_on_router,
@@ -72,12 +73,14 @@ def test_a_server_moved_a_to_b_to_c_and_back_keeps_its_state_and_its_client(thre
         wait_for(lambda: len(seqs(log.read_text())) >= 10)
 
         where, pod, ctr = a, first, server
+        moved_ips: set[str] = set()
         for hop, target in enumerate((b, c, a), start=1):
             target_pod = pod_on(target)
             out = where.migrate(ctr, "--to", target.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id).stdout
             # the first pod's IP, and from the second hop on also the pod IPs of the nodes passed through
             routed = re.search(r"pod IPs (.*) now routed", out)
             assert routed and ip in routed.group(1).split(", "), out
+            moved_ips |= set(routed.group(1).split(", "))
             # stop-after: the source reads EXITED as soon as migrate returned, not a moment later
             assert where.cri.state(ctr) == "CONTAINER_EXITED", f"hop {hop}"
             assert f"{ip} via {target.env['HOST_IP']}" in router_routes(), f"hop {hop}"
@@ -102,6 +105,18 @@ def test_a_server_moved_a_to_b_to_c_and_back_keeps_its_state_and_its_client(thre
         for host in three:
             assert not list(Path(host.env["CHECKPOINTS_DIR"]).glob(".*.part")), "a partial archive was left"
         print(f"A -> B -> C -> A: {len(replies)} answers on one connection, count {conns[0]}..{conns[-1]}")
+
+        # The server ends here for good: once its pod is removed, A's receiver releases what it claimed
+        # (claims.py), so no /32 of the addresses it carried stays routed, on the router or any host.
+        assert all(_router_route(m) for m in moved_ips)
+        remove_pod(a, pod)
+        wait_for(lambda: not any(_router_route(m) or _host_route(h, m) for m in moved_ips for h in three),
+                 timeout=60)
+
+
+def _router_route(ip: str) -> str:
+    argv = ["ip", "-n", f"csr-{FABRIC}", "route", "show", "exact", f"{ip}/32"]
+    return subprocess.run(argv, capture_output=True, text=True).stdout.strip()
 
 
 def _wait_answers(log: Path, more: int) -> None:

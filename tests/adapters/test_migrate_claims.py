@@ -1,0 +1,73 @@
+"""The receiver's claimed pod IPs are released once their container is removed, never before."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from shim.errors import NotFound, Unavailable
+from shim.migrate import claims
+
+
+class _FakeRuntime:
+    """A node's CRI as the watcher sees it: containers that exist, or a proxy that does not answer."""
+
+    existing: set[str] = set()
+    down = False
+
+    def __init__(self, socket: Path) -> None:
+        pass
+
+    async def container(self, container_id: str) -> object:
+        if _FakeRuntime.down:
+            raise Unavailable("criu-shim is restarting")
+        if container_id not in _FakeRuntime.existing:
+            raise NotFound(f"container {container_id} not found")
+        return object()
+
+    async def close(self) -> None:
+        pass
+
+
+def test_released_once_removed_and_not_while_it_exists_or_the_proxy_is_down(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(claims, "Runtime", _FakeRuntime)
+    hook = tmp_path / "hook"
+    hook.write_text(f"#!/bin/sh\necho \"$*\" >> {tmp_path}/hook.log\n")
+    hook.chmod(0o700)
+    log = tmp_path / "hook.log"
+    watcher = claims.ClaimWatcher(tmp_path / "cri.sock", hook, interval=0.01)
+    watcher.add("ctr-1", ["10.234.1.7", "10.234.2.9"])
+    watcher.add("ctr-2", [])  # nothing claimed, nothing to release
+    _FakeRuntime.existing, _FakeRuntime.down = {"ctr-1"}, False
+    asyncio.run(watcher.sweep())
+    assert not log.exists()  # still there (exited or running): its addresses stay
+    _FakeRuntime.existing, _FakeRuntime.down = set(), True
+    asyncio.run(watcher.sweep())
+    assert not log.exists()  # no answer is not "removed"
+    _FakeRuntime.down = False
+    asyncio.run(watcher.sweep())
+    assert log.read_text() == "release 10.234.1.7\nrelease 10.234.2.9\n"
+    asyncio.run(watcher.sweep())
+    assert log.read_text().count("release") == 2  # once
+
+
+def test_no_hook_no_claims(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(claims, "Runtime", _FakeRuntime)
+    watcher = claims.ClaimWatcher(tmp_path / "cri.sock", None, interval=0.01)
+    watcher.add("ctr-1", ["10.234.1.7"])
+    _FakeRuntime.existing, _FakeRuntime.down = set(), False
+    asyncio.run(watcher.sweep())  # nothing recorded, nothing run
+
+
+def test_run_stops_with_the_receiver(tmp_path: Path) -> None:
+    async def main() -> None:
+        stop = asyncio.Event()
+        watcher = claims.ClaimWatcher(tmp_path / "cri.sock", None, interval=10.0)
+        task = asyncio.create_task(watcher.run(stop))
+        stop.set()
+        await asyncio.wait_for(task, 2)
+
+    asyncio.run(main())
