@@ -38,6 +38,7 @@ from shim.config import PAGE_DAEMON_CRIU, PAGE_DAEMON_OURS
 from shim.errors import FailedPrecondition
 from shim.handoff import LAZY_CRIU_OPTION, LAZY_PLAN, criu_config
 from shim.restore import lazy, loopdev
+from shim.runtime.page_daemon import listen_at
 
 PLAN_FILE = LAZY_PLAN
 CRIU_OPTION = LAZY_CRIU_OPTION
@@ -130,13 +131,28 @@ class LazyPages:
                 self._held.append(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
 
     def _start_ours(self) -> subprocess.Popen[bytes]:
-        """criu-shim's page daemon: a child process (the relay's event loop never waits on a copy)."""
+        """criu-shim's page daemon: a child process (the relay's event loop never waits on a copy).
+
+        The relay makes its listening socket and hands it over: CRIU may connect at once, while the
+        daemon is still starting (its interpreter and imports are off the restore's critical path).
+        """
         try:
-            with open(self.work / LOG, "ab") as errors:  # what dies before its own logging starts
-                return subprocess.Popen(
-                    [sys.executable, "-m", "shim.runtime.page_daemon", "lazy-pages", "--images-dir",
-                     str(self._dir / IMAGES_DIR), "--work-dir", str(self.work), "--plan", str(self._dir / PLAN_FILE)],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
+            listener = listen_at(self.work, SOCKET)
+            try:
+                with open(self.work / LOG, "ab") as errors:  # what dies before its own logging starts
+                    daemon = subprocess.Popen(
+                        [sys.executable, "-m", "shim.runtime.page_daemon", "lazy-pages", "--images-dir",
+                         str(self._dir / IMAGES_DIR), "--work-dir", str(self.work), "--plan",
+                         str(self._dir / PLAN_FILE), "--listen-fd", str(listener.fileno())],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
+                        pass_fds=(listener.fileno(),))
+            finally:
+                listener.close()  # the daemon has its own
+            # Its start-up must not take CPU from the restore on a 2-core node: idle until CRIU
+            # connects (it then takes normal priority itself).
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(daemon.pid, os.SCHED_IDLE, os.sched_param(0))
+            return daemon
         except OSError as exc:
             raise FailedPrecondition(f"cannot start the page daemon: {exc}") from None
 

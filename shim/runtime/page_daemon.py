@@ -101,6 +101,8 @@ class Daemon:
 
     def run(self) -> int:
         self._conn, _ = self.listener.accept()
+        # Started idle (its relay's doing: start-up must not slow the restore); the restore needs it now.
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         self.listener.close()
         self.stats.connected = time.monotonic()
         poller = select.poll()
@@ -316,20 +318,27 @@ def _deferred_images(plan_file: Path) -> dict[str, dict[str, Any]]:
     return {str(p["image"]): p for p in plan["pages"]}
 
 
-def _listen(work: Path) -> socket.socket:
-    """Listen at work/lazy-pages.socket; the name appears only once it accepts (bound elsewhere, renamed).
+def listen_at(directory: Path, name: str) -> socket.socket:
+    """A socket listening at directory/name; the name appears only once it accepts (bound, then renamed).
 
-    Bound relative to the work dir, as CRIU does: a socket's path is limited to 107 bytes.
+    Bound through the directory's descriptor: a socket's path is limited to 107 bytes, a work dir's is not.
     """
-    os.chdir(work)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    temp = f".{SOCKET}.{os.getpid()}"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(temp)
-    sock.bind(temp)
-    sock.listen(1)
-    os.replace(temp, SOCKET)
-    return sock
+    dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        temp = f".{name}.{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=dirfd)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(f"/proc/self/fd/{dirfd}/{temp}")
+            sock.listen(1)
+            os.replace(temp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    finally:
+        os.close(dirfd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,9 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images-dir", type=Path, required=True)
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--plan", type=Path, required=True)
+    parser.add_argument("--listen-fd", type=int, help="a socket already listening at WORK_DIR/lazy-pages.socket")
     args = parser.parse_args(argv)
     images, plan = args.images_dir.absolute(), args.plan.absolute()
-    listener = _listen(args.work_dir)  # first: the restore may connect while the rest is imported
+    # First: the restore may connect while the rest is imported.
+    listener = socket.socket(fileno=args.listen_fd) if args.listen_fd is not None else listen_at(args.work_dir, SOCKET)
+    os.chdir(args.work_dir)
     logging.basicConfig(filename=LOG, level=logging.INFO,
                         format="%(asctime)s %(levelname)s page-daemon: %(message)s")
     faulthandler.register(signal.SIGUSR1, file=sys.stderr)  # where it is, on demand (stderr: the log)
