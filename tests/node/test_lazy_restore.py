@@ -32,6 +32,7 @@ pytestmark = pytest.mark.node
 COUNTER = ["/usr/local/bin/counter"]
 MEM_MB = 48
 CRIUS = 'page_daemon = "criu"'
+OURS = 'page_daemon = "criu-shim"'
 
 
 @pytest.fixture
@@ -66,6 +67,11 @@ def _our_loop_devices(work: Path) -> list[str]:
 def criu_page_daemon(node: Node) -> contextlib.AbstractContextManager[None]:
     """The node's proxy with `[restore] page_daemon = "criu"`: CRIU's own daemon over a loop device."""
     return proxy_with(node, "admission", "", edit=lambda text: text.replace("[restore]\n", f"[restore]\n{CRIUS}\n"))
+
+
+def our_page_daemon(node: Node) -> contextlib.AbstractContextManager[None]:
+    """The node's proxy with `[restore] page_daemon = "criu-shim"`: criu-shim's own daemon."""
+    return proxy_with(node, "admission", "", edit=lambda text: text.replace("[restore]\n", f"[restore]\n{OURS}\n"))
 
 
 def _page_daemons(work: Path) -> list[int]:

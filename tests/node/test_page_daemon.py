@@ -1,7 +1,8 @@
 """criu-shim's own page daemon (shim.runtime.page_daemon) under real CRIU, containerd and runc.
 
-The lazy restore tests (test_lazy_restore.py, test_restore.py) run with it as
-the default; these add what only it does or must survive: a forking workload
+The lazy restore tests (test_lazy_restore.py, test_restore.py) passed with it
+as the default (it is opt-in for now); these run with it and add what only it
+does or must survive: a forking workload
 that checksums every byte of its memory while the fill goes on, the daemon
 dying mid-fill (the task must end, never run on zero pages), and the
 `[restore] page_daemon = "criu"` fallback.
@@ -23,7 +24,13 @@ from shim.handoff import RESTORE_DIR, criu_config
 from shim.node import procs
 from tests.node.conftest import Node
 from tests.node.pods import Cri, wait_for
-from tests.node.test_lazy_restore import _our_loop_devices, _page_daemons, _pages_size, criu_page_daemon
+from tests.node.test_lazy_restore import (
+    _our_loop_devices,
+    _page_daemons,
+    _pages_size,
+    criu_page_daemon,
+    our_page_daemon,
+)
 from tests.node.test_restore import _restore
 
 pytestmark = pytest.mark.node
@@ -52,6 +59,13 @@ def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
     c.close()
 
 
+@pytest.fixture
+def ours(node: Node) -> Iterator[None]:
+    """The node's proxy with `[restore] page_daemon = "criu-shim"` (opt-in for now: see the README)."""
+    with our_page_daemon(node):
+        yield
+
+
 def _work(client: Cri, ctr: str) -> Path:
     status = client.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr)).status
     return Path(status.annotations[RESTORE_DIR])
@@ -65,6 +79,7 @@ def _filled(work: Path) -> bool:
     return "lazy-pages" not in criu_config(work).read_text()
 
 
+@pytest.mark.usefixtures("ours")
 def test_forking_workload_checksums_all_its_memory_during_and_after_the_fill(client: Cri, node: Node) -> None:
     archive = node.dir / "checkpoints" / "forker.tar"
     try:
@@ -100,6 +115,7 @@ def _pages_size_any(archive: Path) -> int:
         return max(m.size for m in tar if m.name.startswith("checkpoint/pages-"))
 
 
+@pytest.mark.usefixtures("ours")
 def test_page_daemon_killed_mid_fill_ends_the_restored_task(client: Cri, node: Node) -> None:
     """Pages the daemon never filled would read as zeros: the relay kills the task instead, and says so."""
     archive = node.dir / "checkpoints" / "daemon-dies.tar"
@@ -130,7 +146,7 @@ def test_page_daemon_killed_mid_fill_ends_the_restored_task(client: Cri, node: N
         archive.unlink(missing_ok=True)
 
 
-def test_criu_page_daemon_is_the_fallback(client: Cri, node: Node) -> None:
+def test_criu_page_daemon_still_serves_when_chosen(client: Cri, node: Node) -> None:
     """`[restore] page_daemon = "criu"`: CRIU's own daemon over a loop device, released when memory is complete."""
     archive = node.dir / "checkpoints" / "criu-daemon.tar"
     try:
