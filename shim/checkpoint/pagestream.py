@@ -44,6 +44,7 @@ import stat
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,8 +269,11 @@ def remove_fifos(fifos: list[Path]) -> None:
             pass
 
 
-def drain(images: Path, timeout: float = 60.0) -> int:
-    """Read every FIFO in `images` to its end, discarding: a dump whose reader died can then finish."""
+def drain(images: Path, timeout: float = 60.0, done: Callable[[], bool] = lambda: False) -> int:
+    """Read every FIFO in `images` to its end, discarding: a dump whose reader died can then finish.
+
+    Ends when every FIFO a writer opened is at its end and `done()` says so (CRIU is past its pages)
+    or no process names `images` any more (FIFOs CRIU never opened report nothing to wait for)."""
     fifos = [p for p in sorted(images.glob(PAGES_GLOB)) if stat.S_ISFIFO(os.lstat(p).st_mode)]
     deadline = time.monotonic() + timeout
     drained = 0
@@ -288,7 +292,7 @@ def drain(images: Path, timeout: float = 60.0) -> int:
                     if moved == 0:
                         open_fds.discard(fd)
                     drained += moved
-                if not ready and not _any_writer(images):
+                if not ready and (done() or not _any_writer(images)):
                     break
         finally:
             os.close(sink)
