@@ -134,6 +134,15 @@ async def checkpoint_image(store: ImageStore, image: str, *, arch: str | None = 
                            layer=_single_layer(manifest, record.name), manifest_digest=manifest_desc.digest)
 
 
+LAYER_SUFFIX = ".layer"
+
+
+def layer_path(work: Path) -> Path:
+    """Where a checkpoint image's layer is exported for the restore unpacked into `work`: beside it,
+    deleted once unpacked (recovery deletes one a crash left)."""
+    return work.parent / f"{work.name}{LAYER_SUFFIX}"
+
+
 async def export_layer(store: ImageStore, layer: Layer, dest: Path) -> Path:
     """Stream the layer blob into the new file `dest` (0600, must not exist), checking digest and size.
 

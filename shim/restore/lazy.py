@@ -31,6 +31,7 @@ from shim.errors import InvalidArgument
 from shim.fileio import kernel_copy
 from shim.handoff import LAZY_CRIU_OPTION, LAZY_PLAN, REMOTE_PAGES_SUFFIX
 from shim.restore import loopdev, pagemap
+from shim.restore.image import LAYER_SUFFIX, layer_path
 from shim.restore.unseal import PLAIN_SUFFIX, plaintext_path
 
 PLAN_FILE = LAZY_PLAN
@@ -152,14 +153,20 @@ def _remote_port(path: Path) -> int:
 def _in_place(archive: Path, work: Path, member: Deferred) -> dict[str, object]:
     """Where our page daemon finds a memory image: its bytes in the archive.
 
-    A sealed archive's decrypted copy is removed as soon as it is unpacked; the daemon gets a
-    link of its own in the private work dir, which it removes once it has the file open, so
-    the plaintext lives exactly as long as the daemon needs it.
+    The restore's own temporary archives (a sealed archive's decrypted copy, a checkpoint image's
+    exported layer) are removed as soon as they are unpacked, before the daemon opens them; the
+    daemon gets a link of its own in the private work dir, which it removes once it has the file
+    open, so the file lives exactly as long as the daemon needs it (and a crash's leftover goes
+    with the work dir).
     """
     name = Path(member.name).name
     source, unlink = archive, False
     if archive == plaintext_path(work):
         source, unlink = work / f"{name}{PLAIN_SUFFIX}", True
+    elif archive == layer_path(work):
+        source, unlink = work / f"{name}{LAYER_SUFFIX}", True
+    if unlink:
+        source.unlink(missing_ok=True)  # a second prepare of the same work dir
         os.link(archive, source)
     return {"image": name, "archive": str(source), "offset": member.offset, "size": member.size, "unlink": unlink}
 

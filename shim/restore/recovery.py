@@ -34,6 +34,7 @@ from shim.errors import Code
 from shim.handoff import RESTORE_DIR, criu_config
 from shim.journal import Journal, Operation, Record
 from shim.restore import lazy
+from shim.restore.image import layer_path
 from shim.restore.relay_processes import remove_files
 from shim.restore.unseal import plaintext_path
 
@@ -148,7 +149,7 @@ def _remove_restore(work: Path, shims: Path, relay_gone: bool) -> list[str]:
         shutil.rmtree(work, ignore_errors=True)
         done.append(f"deleted work dir {work}")
     # The exported layer, and the decrypted copy of a sealed archive (plaintext memory: a secret).
-    for leftover in (work.parent / f"{work.name}.layer", plaintext_path(work)):
+    for leftover in (layer_path(work), plaintext_path(work)):
         if leftover.exists():
             leftover.unlink(missing_ok=True)
             done.append(f"deleted {leftover}")

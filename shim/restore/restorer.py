@@ -59,7 +59,7 @@ from shim.restore.create_request import (
     write_criu_config,
 )
 from shim.restore.criulogs import LOGS_ANNOTATION
-from shim.restore.image import CheckpointImage, ImageStore, checkpoint_image, export_layer, read_head
+from shim.restore.image import CheckpointImage, ImageStore, checkpoint_image, export_layer, layer_path, read_head
 from shim.restore.network import TcpRestore, addresses_to_keep, recorded_ips, taken, write_plan
 from shim.restore.pending import PendingRestores
 from shim.restore.relay_processes import Relay, SparePool
@@ -224,7 +224,7 @@ class Restorer:
                       metadata: tuple[tuple[str, str], ...], timeout: float | None,
                       verdict: Verdict = UNCHECKED, notes: dict[str, str] | None = None) -> str:
         work = self._config.restore.work_dir / uuid.uuid4().hex
-        layer = work.parent / f"{work.name}.layer"
+        layer = layer_path(work)
         async with AsyncExitStack() as always:
             self._journal_create(request, work, always)
             self._creating.add(work.name)

@@ -31,7 +31,8 @@ from tests.node.test_lazy_restore import (
     criu_page_daemon,
     our_page_daemon,
 )
-from tests.node.test_restore import _restore
+from tests.node.test_restore import _restore, _work_dirs
+from tests.node.test_signatures import imported
 
 pytestmark = pytest.mark.node
 
@@ -142,6 +143,34 @@ def test_page_daemon_killed_mid_fill_ends_the_restored_task(client: Cri, node: N
             assert kept, "the dead daemon's log should be kept for the operator"
             assert not procs.alive(daemons[0])
         wait_for(lambda: not work.exists(), timeout=30)
+    finally:
+        archive.unlink(missing_ok=True)
+
+
+@pytest.mark.usefixtures("ours")
+def test_checkpoint_image_is_restored_lazily_from_its_exported_layer(client: Cri, node: Node, tmp_path: Path) -> None:
+    """A plain checkpoint image: its layer is exported beside the work dir and deleted once unpacked,
+    long before CRIU hands the daemon a process; the daemon serves memory from a link of its own."""
+    archive = node.dir / "checkpoints" / "for-lazy-image.tar"
+    ref = "localhost/criu-shim/lazy-image:1"
+    try:
+        with client.pod() as pod:
+            ctr = client.container(pod, ["/usr/local/bin/counter"], {"MEM_MB": "64", "INTERVAL_MS": "50"})
+            wait_for(lambda: client.count(ctr) >= 3)
+            client.checkpoint(ctr, str(archive))
+            counted = client.count(ctr)
+        with imported(node, archive, ref, tmp_path), client.pod() as pod:
+            ctr = _restore(client, pod, Path(ref))
+            work = _work(client, ctr)
+            assert (work / "lazy-pages.json").exists(), "the image's memory should be restored lazily"
+            assert not work.with_name(f"{work.name}.layer").exists(), "the exported layer is deleted once unpacked"
+            wait_for(lambda: _filled(work), timeout=60)
+            report = (work / "lazy-work" / "lazy-pages.log").read_text()
+            assert "Error" not in report and "memory in place" in report, report
+            assert not list(work.glob("*.layer")), "the daemon's link to the layer is gone with the fill"
+            wait_for(lambda: client.count(ctr) >= counted + 3)  # every tick re-checks every page
+            assert client.state(ctr) == "CONTAINER_RUNNING"
+        assert not [p for p in _work_dirs(node) if p.endswith(".layer")]
     finally:
         archive.unlink(missing_ok=True)
 
