@@ -13,6 +13,7 @@ import pytest
 
 from tests.node import leaks
 from tests.node.image_gc_node import image_gc_node  # noqa: F401 - a fixture, used by name
+from tests.node.pods import Cri
 
 pytestmark = pytest.mark.node
 
@@ -111,3 +112,11 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
 def node(request: pytest.FixtureRequest, nodes: Nodes) -> Node:
     """The session's node of containerd 1.7, or of the variant a test is parametrised with (`on`)."""
     return nodes.get(getattr(request, "param", "1.7"))
+
+
+@pytest.fixture
+def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
+    """A CRI client of the node's proxy, its pods' logs under the test's own directory."""
+    c = Cri(node.cri, tmp_path / "pod-logs")
+    yield c
+    c.close()

@@ -4,7 +4,6 @@ refused for excluded namespaces and opted-out pods; PERMISSION_DENIED naming the
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -18,13 +17,6 @@ from tests.node.proxy_config import proxy_with
 from tests.node.test_restore import COUNTER, _checkpoint_counter, _restore, assert_restore_refused
 
 pytestmark = pytest.mark.node
-
-
-@pytest.fixture
-def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
-    c = Cri(node.cri, tmp_path / "pod-logs")
-    yield c
-    c.close()
 
 
 def _audit(node: Node, action: str) -> list[dict[str, object]]:

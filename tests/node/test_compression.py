@@ -8,7 +8,6 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -29,13 +28,6 @@ pytestmark = pytest.mark.node
 
 ZSTD = {COMPRESSION: "zstd"}
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-@pytest.fixture
-def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
-    c = Cri(node.cri, tmp_path / "pod-logs")
-    yield c
-    c.close()
 
 
 def _checkpoint(client: Cri, node: Node, name: str, annotations: dict[str, str]) -> tuple[Path, int]:

@@ -6,7 +6,6 @@ import io
 import re
 import stat
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -21,13 +20,6 @@ pytestmark = pytest.mark.node
 
 SHMCOUNTER = ["/usr/local/bin/shmcounter"]
 NAME = "travel"
-
-
-@pytest.fixture
-def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
-    c = Cri(node.cri, tmp_path / "pod-logs")
-    yield c
-    c.close()
 
 
 def restore(client: Cri, pod: Pod, archive: Path, name: str = "restored") -> str:

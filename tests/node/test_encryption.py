@@ -32,13 +32,6 @@ ENCRYPT = "checkpoint.criu-shim.io/encrypt"
 
 
 @pytest.fixture
-def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
-    c = Cri(node.cri, tmp_path / "pod-logs")
-    yield c
-    c.close()
-
-
-@pytest.fixture
 def keys(node: Node) -> Iterator[Path]:
     directory = node.dir / "keys"
     directory.mkdir(mode=0o700, exist_ok=True)

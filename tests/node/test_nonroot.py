@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -25,13 +24,6 @@ from tests.node.test_check import prlimit_on_another_user
 pytestmark = pytest.mark.node
 
 UID = 1000
-
-
-@pytest.fixture
-def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
-    c = Cri(node.cri, tmp_path / "pod-logs")
-    yield c
-    c.close()
 
 
 def non_root_counter(client: Cri, pod: Pod) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +28,6 @@ pytestmark = [
 
 COUNTER = ["/usr/local/bin/counter"]
 LEVEL = "s0:c123,c456"
-
-
-@pytest.fixture
-def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
-    c = Cri(node.cri, tmp_path / "pod-logs")
-    yield c
-    c.close()
 
 
 def _pid(client: Cri, ctr: str) -> int:

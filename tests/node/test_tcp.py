@@ -7,7 +7,6 @@ import json
 import re
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -21,13 +20,6 @@ from tests.node.test_restore import _restore
 pytestmark = pytest.mark.node
 
 MIGRATE = {"checkpoint.criu-shim.io/tcp-established": "true", "checkpoint.criu-shim.io/stop-after": "true"}
-
-
-@pytest.fixture
-def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
-    c = Cri(node.cri, tmp_path / "pod-logs")
-    yield c
-    c.close()
 
 
 def _seqs(log: str) -> list[int]:
