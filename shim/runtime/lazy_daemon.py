@@ -46,6 +46,29 @@ SOCKET = "lazy-pages.socket"
 LOG = "lazy-pages.log"
 LISTEN_TIMEOUT = 10.0
 log = logging.getLogger(__name__)
+# A spare relay's page daemon, started ahead of need with its imports done (see `start_spare`).
+_spare: subprocess.Popen[bytes] | None = None
+
+
+def start_spare() -> None:
+    """Start our page daemon ahead of need (a spare relay does, at its own idle priority, which the
+    child inherits): its Python start-up then runs between restores, not beside CRIU's restore."""
+    global _spare
+    try:
+        _spare = subprocess.Popen([sys.executable, "-m", "shim.runtime.page_daemon", "spare"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError as exc:  # not fatal: a daemon is started on demand instead
+        log.warning("cannot start a spare page daemon: %s", exc)
+
+
+def discard_spare() -> None:
+    """End the spare page daemon if no restore took it; idempotent. Killed, not asked: it may still be
+    importing at idle priority, and nobody should wait for that; reaped by a thread of its own."""
+    global _spare
+    spare, _spare = _spare, None
+    if spare is not None:
+        spare.kill()
+        threading.Thread(target=spare.wait, name="spare-page-daemon-reaper", daemon=True).start()
 
 
 class LazyPages:
@@ -136,6 +159,9 @@ class LazyPages:
         The relay makes its listening socket and hands it over: CRIU may connect at once, while the
         daemon is still starting (its interpreter and imports are off the restore's critical path).
         """
+        daemon = self._hand_to_spare()
+        if daemon is not None:
+            return daemon
         try:
             listener = listen_at(self.work, SOCKET)
             try:
@@ -155,6 +181,26 @@ class LazyPages:
             return daemon
         except OSError as exc:
             raise FailedPrecondition(f"cannot start the page daemon: {exc}") from None
+
+    def _hand_to_spare(self) -> subprocess.Popen[bytes] | None:
+        """The spare page daemon with this restore, or None if there is none (or it died)."""
+        global _spare
+        spare, _spare = _spare, None
+        if spare is None or spare.stdin is None:
+            return None
+        given = {"images": str(self._dir / IMAGES_DIR), "work": str(self.work), "plan": str(self._dir / PLAN_FILE)}
+        try:
+            spare.stdin.write(f"{json.dumps(given)}\n".encode())
+            spare.stdin.close()
+        except OSError as exc:
+            log.warning("the spare page daemon is gone (%s): starting one", exc)
+            spare.kill()
+            spare.wait()
+            return None
+        # Idle until now; its start-up is done, and binding the socket must not wait behind the restore.
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(spare.pid, os.SCHED_OTHER, os.sched_param(0))
+        return spare
 
     def expose(self, task_work: Path) -> None:
         """Link the daemon's socket into runc's work dir `task_work`, where CRIU's restore connects."""

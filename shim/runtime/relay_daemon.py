@@ -32,7 +32,7 @@ from shim.restore import recovery
 from shim.runtime.bundle import restore_plan
 from shim.runtime.criu_deadline import CriuDeadline
 from shim.runtime.lazy_daemon import LOG as LAZY_LOG
-from shim.runtime.lazy_daemon import LazyPages
+from shim.runtime.lazy_daemon import LazyPages, discard_spare, start_spare
 from shim.runtime.task_stats import restored_task_stats
 from shim.ttrpc.relay import Answer
 
@@ -233,6 +233,7 @@ def run_hosted(listen: Path, upstream_file: Path, work: Path, journal: Path | No
     pid_file = listen.with_suffix(".pid")
     pid_file.write_text(f"{os.getpid()}\n")
     rewriter = RestoreRewriter(RestorePlan(work), note=note)
+    discard_spare()  # a spare relay's page daemon that this restore did not take (eager, CRIU's daemon)
     try:
         asyncio.run(_serve_hosted(listen, upstream_file, rewriter, note))
         if rewriter.bundle is not None and not rewriter.started:
@@ -273,8 +274,10 @@ def run_spare(directory: Path, work_root: Path, journal: Path | None = None) -> 
     import shim.restore.rootfs_diff
     import shim.ttrpc.relay  # noqa: F401
 
+    start_spare()  # our page daemon's start-up too, now, at this relay's idle priority
     line = sys.stdin.readline().strip()
     if not line:
+        discard_spare()
         return 0
     os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # on a restore's critical path now
     work = Path(line)
