@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from shim.config import PAGE_DAEMON_OURS
 from shim.errors import FailedPrecondition
 from shim.runtime import lazy_daemon
 from shim.runtime.lazy_daemon import LazyPages
@@ -320,3 +323,64 @@ def test_a_daemon_done_is_no_failure(restore: Restore, daemons: list[LazyPages])
     lazy.on_failure = failures.append
     run(lazy.settled())
     assert failures == []
+
+
+# --- our daemon, started ahead of need by a spare relay ------------------------------------
+
+
+def _ours(restore: Restore) -> LazyPages:
+    plan = {"criu": str(restore.criu), "daemon": PAGE_DAEMON_OURS, "pages": []}
+    (restore.dir / lazy_daemon.PLAN_FILE).write_text(json.dumps(plan))
+    planned = LazyPages.planned(restore.dir)
+    assert planned is not None
+    return planned
+
+
+def _spare_pid() -> int:
+    assert lazy_daemon._spare is not None
+    return lazy_daemon._spare.pid
+
+
+def test_a_spare_page_daemon_takes_the_restore_and_listens(restore: Restore, daemons: list[LazyPages]) -> None:
+    lazy_daemon.start_spare()
+    spare = _spare_pid()
+    lazy = _ours(restore)
+    daemons.append(lazy)
+    lazy.start()
+    assert lazy_daemon._spare is None, "the spare is taken: one restore only"
+    assert lazy._daemon is not None and lazy._daemon.pid == spare
+    run(lazy.listening())  # it binds the socket itself, in the restore's daemon work dir
+    log = wait_for_file(restore.daemon_work / lazy_daemon.LOG)
+    assert "ready for the restore" in log
+    lazy.close()
+    assert not alive(spare)
+
+
+def test_an_unused_spare_page_daemon_is_discarded() -> None:
+    lazy_daemon.start_spare()
+    spare = _spare_pid()
+    lazy_daemon.discard_spare()
+    lazy_daemon.discard_spare()  # idempotent
+    deadline = time.monotonic() + 10
+    while alive(spare):
+        assert time.monotonic() < deadline, "the discarded spare page daemon is still running"
+        time.sleep(0.01)
+
+
+def test_a_spare_page_daemon_without_a_restore_ends_quietly() -> None:
+    done = subprocess.run([sys.executable, "-m", "shim.runtime.page_daemon", "spare"], input=b"",
+                          capture_output=True, timeout=60, check=False)
+    assert (done.returncode, done.stderr) == (0, b"")
+
+
+def test_a_dead_spare_page_daemon_falls_back_to_a_fresh_one(restore: Restore, daemons: list[LazyPages]) -> None:
+    lazy_daemon.start_spare()
+    assert lazy_daemon._spare is not None
+    lazy_daemon._spare.kill()
+    lazy_daemon._spare.wait()
+    dead = lazy_daemon._spare.pid
+    lazy = _ours(restore)
+    daemons.append(lazy)
+    lazy.start()
+    assert lazy._daemon is not None and lazy._daemon.pid != dead
+    run(lazy.listening())
