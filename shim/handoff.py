@@ -35,6 +35,9 @@ RELAY_START_WAIT = 15 * 60.0
 # from it and, once the daemon is done, takes LAZY_CRIU_OPTION out of the CRIU config.
 LAZY_PLAN = "lazy-pages.json"
 LAZY_CRIU_OPTION = "lazy-pages"
+# The page daemon's own work dir inside the restore dir, and its working directory: a daemon a
+# spare relay started ahead of need has no restore in its command line, so it is found by its cwd.
+LAZY_WORK = "lazy-work"
 # A lazy migration's archive holds no lazy memory: its pages stay with the source node, served
 # through the migration receiver's tunnel. The receiver writes ARCHIVE + this suffix beside the
 # archive (root's, 0600, JSON {"port": N}): the loopback port where the restore's page daemon

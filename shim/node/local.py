@@ -239,7 +239,9 @@ def down(directory: Path, purge: bool = False) -> list[str]:
     for pid in relay_pids & set(procs.processes_mentioning(str(layout.dir))):  # this node's restore relays only
         procs.stop(pid, timeout=5)
         report.append(f"stopped leftover restore relay {pid}")
-    for pid in set(procs.processes_mentioning("lazy-pages")) & set(procs.processes_mentioning(str(layout.dir))):
+    ours = {pid for pid in procs.processes_mentioning("shim.runtime.page_daemon")  # found by its cwd (spare)
+            if procs.cwd_under(pid, layout.dir)}
+    for pid in set(procs.processes_mentioning("lazy-pages")) & set(procs.processes_mentioning(str(layout.dir))) | ours:
         procs.stop(pid, timeout=5)  # a lazy restore's page daemon whose relay is gone
         report.append(f"stopped leftover lazy-pages daemon {pid}")
     report += [f"released loop device {d}" for d in lazy.release_all(layout.dir / "restore")]

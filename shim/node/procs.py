@@ -72,6 +72,14 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
         time.sleep(interval)
 
 
+def cwd_under(pid: int, directory: Path) -> bool:
+    """Whether the process works inside `directory` (False if it is gone)."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")).is_relative_to(directory.resolve())
+    except OSError:
+        return False
+
+
 def processes_mentioning(text: str) -> list[int]:
     """Pids whose command line contains `text` (to find a node's containerd shims)."""
     found = []

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shim.errors import Code
-from shim.handoff import RESTORE_DIR, criu_config
+from shim.handoff import LAZY_WORK, RESTORE_DIR, criu_config
 from shim.journal import Journal, Operation, Record
 from shim.restore import lazy
 from shim.restore.image import layer_path
@@ -130,8 +130,8 @@ async def _undo_create(containerd: Containerd, facts: dict[str, Any], work: Path
 
 async def _undo_relay(facts: dict[str, Any], work: Path) -> list[str]:
     done: list[str] = []
-    # `criu lazy-pages --images-dir <work>/...`: the page daemon, which outlives a killed relay.
-    for pid in await asyncio.to_thread(_processes_mentioning, f"{work}/", b"lazy-pages"):
+    # `criu lazy-pages --images-dir <work>/...`, or ours (by its cwd): the page daemon, which outlives a killed relay.
+    for pid in await asyncio.to_thread(_page_daemons, work):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
             done.append(f"stopped page daemon {pid}")
@@ -227,14 +227,17 @@ def _relay_pid(shims: Path, work: Path) -> int | None:
     return pid if b"shim.runtime" in cmdline else None
 
 
-def _processes_mentioning(text: str, also: bytes) -> list[int]:
-    needle, found = text.encode(), []
+def _page_daemons(work: Path) -> list[int]:
+    """The restore's page daemons: CRIU's names the work dir in its command line; ours (started by a
+    spare relay before its restore was known) works in <work>/lazy-work."""
+    needle, cwd, found = f"{work}/".encode(), str(work / LAZY_WORK), []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
                 with open(f"/proc/{entry.name}/cmdline", "rb") as f:
                     cmdline = f.read()
-                if needle in cmdline and also in cmdline:
+                if b"lazy-pages" in cmdline and needle in cmdline or \
+                        b"shim.runtime.page_daemon" in cmdline and os.readlink(f"/proc/{entry.name}/cwd") == cwd:
                     found.append(int(entry.name))
             except OSError:
                 continue

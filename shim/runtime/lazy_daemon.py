@@ -36,7 +36,7 @@ from shim import fillspool
 from shim.archive_layout import IMAGES_DIR
 from shim.config import PAGE_DAEMON_CRIU, PAGE_DAEMON_OURS
 from shim.errors import FailedPrecondition
-from shim.handoff import LAZY_CRIU_OPTION, LAZY_PLAN, criu_config
+from shim.handoff import LAZY_CRIU_OPTION, LAZY_PLAN, LAZY_WORK, criu_config
 from shim.restore import lazy, loopdev
 from shim.runtime.page_daemon import listen_at
 
@@ -117,7 +117,7 @@ class LazyPages:
     @property
     def work(self) -> Path:
         """The daemon's own work dir: its socket and log."""
-        return self._dir / "lazy-work"
+        return self._dir / LAZY_WORK
 
     def start(self) -> None:
         """Start the daemon (idempotent)."""

@@ -367,17 +367,26 @@ def _spare() -> int:
     Measured: a daemon started only once the restore is unpacked spends its Python start-up (~0.15 s of
     CPU) while CRIU restores, and on 2 cores that made the restore until the process runs ~65 ms slower.
     """
+    _die_with_parent(signal.SIGKILL)  # an unused spare goes with its relay, even a killed one
     from pycriu.images import pb  # noqa: F401
 
     line = sys.stdin.readline()
     if not line.strip():
         return 0
+    _die_with_parent(0)  # from here it owns a restore's memory: it must outlive a relay that dies
     given = json.loads(line)
     work = Path(given["work"])
     errors = os.open(work / LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     os.dup2(errors, 2)  # what dies before its own logging starts, as for a daemon started on demand
     os.close(errors)
     return _serve(Path(given["images"]), work, Path(given["plan"]), listen_at(work, SOCKET))
+
+
+def _die_with_parent(sig: int) -> None:
+    """prctl(PR_SET_PDEATHSIG, sig): 0 clears it."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0)
 
 
 def _serve(images: Path, work: Path, plan: Path, listener: socket.socket) -> int:

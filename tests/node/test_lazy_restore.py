@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
-from shim.handoff import RESTORE_DIR, SHIM_DIR, criu_config
+from shim.handoff import LAZY_WORK, RESTORE_DIR, SHIM_DIR, criu_config
 from shim.node import procs
 from shim.restore import lazy, loopdev
 from tests.node.conftest import FULL, Node, node_down, node_up, on
@@ -75,8 +75,18 @@ def our_page_daemon(node: Node) -> contextlib.AbstractContextManager[None]:
 
 
 def _page_daemons(work: Path) -> list[int]:
-    """The page daemon of the restore in `work` (both kinds run in <work>/lazy-work)."""
-    return procs.processes_mentioning(str(work / "lazy-work"))
+    """The page daemon of the restore in `work`: CRIU's names <work>/lazy-work in its command line;
+    ours, started ahead of need by a spare relay, works in it (its cwd)."""
+    mine = work / LAZY_WORK
+    return [pid for pid in set(procs.processes_mentioning(str(mine))) | set(procs.processes_mentioning("page_daemon"))
+            if str(mine) in _cmdline(pid) or procs.cwd_under(pid, mine)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _pages_size(archive: Path) -> int:
