@@ -16,7 +16,7 @@
     allowed_registries = []     # checkpoint images are taken only from these registries
     work_dir = "/var/lib/criu-shim/restore"           # where archives are unpacked (private)
     lazy_pages = true           # memory filled in after the process runs (userfaultfd), when CRIU can
-    page_daemon = "criu"        # who fills it in: "criu" (criu lazy-pages) or "criu-shim" (our own, faster fill)
+    page_daemon = "criu-shim"   # who fills it in: "criu-shim" (our own, faster fill) or "criu" (criu lazy-pages)
 
     [retention]                 # off unless a limit is set (see README: deleting is irreversible)
     dirs = ["/var/lib/kubelet/checkpoints"]   # where checkpoint archives are collected
@@ -108,7 +108,7 @@ class RestoreSettings:
     # in place; a page daemon fills it in. Used where CRIU supports uffd.
     lazy_pages: bool = True
     # Which page daemon: criu-shim's own (shim.runtime.page_daemon) or CRIU's `criu lazy-pages`.
-    page_daemon: str = PAGE_DAEMON_CRIU  # ours stays opt-in until its ~70 ms on "until running" is found
+    page_daemon: str = PAGE_DAEMON_OURS
 
 
 @dataclass(frozen=True)
@@ -309,7 +309,7 @@ def _restore(section: Any, origin: str) -> RestoreSettings:
     registries = section.get("allowed_registries", [])
     if not isinstance(registries, list) or not all(isinstance(r, str) and r and "/" not in r for r in registries):
         raise InvalidArgument(f"{origin}: restore.allowed_registries must be a list of registry hosts")
-    daemon = section.get("page_daemon", PAGE_DAEMON_CRIU)
+    daemon = section.get("page_daemon", PAGE_DAEMON_OURS)
     if daemon not in PAGE_DAEMONS:
         raise InvalidArgument(f"{origin}: restore.page_daemon must be one of {list(PAGE_DAEMONS)}, got {daemon!r:.40}")
     return RestoreSettings(enabled, tuple(Path(d) for d in dirs), tuple(registries), Path(work), lazy, daemon)

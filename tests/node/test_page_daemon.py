@@ -1,8 +1,7 @@
 """criu-shim's own page daemon (shim.runtime.page_daemon) under real CRIU, containerd and runc.
 
-The lazy restore tests (test_lazy_restore.py, test_restore.py) passed with it
-as the default (it is opt-in for now); these run with it and add what only it
-does or must survive: a forking workload
+The lazy restore tests (test_lazy_restore.py, test_restore.py) run with it, the
+default; these add what only it does or must survive: a forking workload
 that checksums every byte of its memory while the fill goes on, the daemon
 dying mid-fill (the task must end, never run on zero pages), and the
 `[restore] page_daemon = "criu"` fallback.
@@ -62,7 +61,7 @@ def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
 
 @pytest.fixture
 def ours(node: Node) -> Iterator[None]:
-    """The node's proxy with `[restore] page_daemon = "criu-shim"` (opt-in for now: see the README)."""
+    """The node's proxy with `[restore] page_daemon = "criu-shim"` (the default, said explicitly)."""
     with our_page_daemon(node):
         yield
 

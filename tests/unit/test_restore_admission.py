@@ -68,9 +68,9 @@ def test_bad_restore_config_is_refused(section: dict[str, object], text: str) ->
     assert text in caught.value.message
 
 
-def test_page_daemon_is_criu_by_default_ours_on_request_and_nothing_else() -> None:
-    assert parse({}).restore.page_daemon == "criu"
-    assert parse({"restore": {"page_daemon": "criu-shim"}}).restore.page_daemon == "criu-shim"
+def test_page_daemon_is_ours_by_default_criu_on_request_and_nothing_else() -> None:
+    assert parse({}).restore.page_daemon == "criu-shim"
+    assert parse({"restore": {"page_daemon": "criu"}}).restore.page_daemon == "criu"
     for bad in ("CRIU", "", 1, ["criu"]):
         with pytest.raises(InvalidArgument, match=r"restore.page_daemon must be one of \['criu-shim', 'criu'\]"):
             parse({"restore": {"page_daemon": bad}})
