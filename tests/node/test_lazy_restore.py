@@ -35,13 +35,6 @@ CRIUS = 'page_daemon = "criu"'
 OURS = 'page_daemon = "criu-shim"'
 
 
-@pytest.fixture
-def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
-    c = Cri(node.cri, tmp_path / "pod-logs")
-    yield c
-    c.close()
-
-
 def _checkpoint(client: Cri, node: Node, name: str, mem_mb: int = MEM_MB) -> Path:
     archive = node.dir / "checkpoints" / f"{name}.tar"
     with client.pod() as pod:

@@ -53,13 +53,6 @@ done
 
 
 @pytest.fixture
-def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
-    c = Cri(node.cri, tmp_path / "pod-logs")
-    yield c
-    c.close()
-
-
-@pytest.fixture
 def ours(node: Node) -> Iterator[None]:
     """The node's proxy with `[restore] page_daemon = "criu-shim"` (the default, said explicitly)."""
     with our_page_daemon(node):

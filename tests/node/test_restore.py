@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tarfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -26,13 +25,6 @@ from tests.node.pods import Cri, Pod, wait_for
 pytestmark = pytest.mark.node
 
 COUNTER = ["/usr/local/bin/counter"]
-
-
-@pytest.fixture
-def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
-    c = Cri(node.cri, tmp_path / "pod-logs")
-    yield c
-    c.close()
 
 
 def _restore(client: Cri, pod: Pod, archive: Path, name: str = "restored") -> str:

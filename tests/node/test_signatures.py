@@ -31,13 +31,6 @@ CRIU_SHIM = Path(__file__).resolve().parents[2] / ".venv" / "bin"
 
 
 @pytest.fixture
-def client(node: Node, tmp_path: Path) -> Iterator[Cri]:
-    c = Cri(node.cri, tmp_path / "pod-logs")
-    yield c
-    c.close()
-
-
-@pytest.fixture
 def keys(tmp_path: Path) -> dict[str, Path]:
     """signing.key (0600) with its trusted.pub, and a stranger's key with its public key."""
     made = {}
