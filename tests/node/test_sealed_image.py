@@ -33,7 +33,7 @@ from shim.restore.build_image import EMPTY_LAYER
 from tests.node.conftest import Node, on
 from tests.node.pods import Cri, wait_for
 from tests.node.proxy_config import proxy_with
-from tests.node.test_encryption import KEY_ID, _enabled, _leftovers, _sealed_checkpoint, client, keys  # noqa: F401
+from tests.node.test_encryption import KEY_ID, _enabled, _leftovers, _sealed_checkpoint, keys  # noqa: F401
 from tests.node.test_restore import _restore, assert_restore_refused
 
 pytestmark = pytest.mark.node
