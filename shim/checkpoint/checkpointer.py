@@ -235,7 +235,6 @@ class Checkpointer:
                 if gate is not None and cgroup is not None:
                     diff = await held.dump_holding(gate, cgroup, dump, snapshot)
                     outcome.dump_s = time.monotonic() - dump_started
-                    outcome.stopped = target.options.stop_after
                     outcome.frozen_s = await asyncio.to_thread(held.criu_frozen_s, staging / "work")
                 else:
                     reached(Point.CHECKPOINT_FROZEN)

@@ -30,24 +30,21 @@ checkpoint and restore if the script goes missing, and a handshake with
 criu-shim in sh. The gate needs no node configuration, costs nothing to
 anyone else, and works on a node where `criu-shim install` never ran.
 
-A good dump opens the gate (`open`, then `finish`). Every other path makes
-CRIU's dump fail there (`failing`): the engine when its diff failed or it was
-cancelled, and recovery for a dead criu-shim (around draining the page FIFOs),
-so CRIU is never left holding a container for a reader that is gone, and a
-stop-after dump never ends a container whose archive will not be written.
-Blocking calls: run them in a worker thread.
+Every path opens the gate: the engine's clean-up (`open` is idempotent), and
+recovery for a dead criu-shim (`held_open` around draining the page FIFOs), so
+CRIU is never left holding a container for a reader that is gone. Blocking
+calls: run them in a worker thread.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import select
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from shim import freezer
@@ -56,10 +53,6 @@ GATE = "inventory.img"  # CRIU's image written last before it releases the tasks
 FILE_MODE = 0o600
 POLL_S = 0.002  # how often the hold is looked for: CRIU seizes in a few milliseconds
 CRIU_COMM = "criu"
-ABORT_TIMEOUT = 60.0  # how long a failing gate waits for CRIU to reach it (its page stream is drained meanwhile)
-ABORT_POLL_S = 0.01
-F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named in Python 3.10+ only on some builds
-PAGE = 4096
 
 
 class GateError(Exception):
@@ -89,14 +82,6 @@ class Gate:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             self.opened_at = time.monotonic()
-
-    def abort(self, ended: Callable[[], bool], timeout: float = ABORT_TIMEOUT) -> None:
-        """Fail the dump at the gate, so CRIU lets the tasks run on (a stop-after dump too). Blocking.
-
-        After `open` CRIU is through already: nothing to do then."""
-        if self._fd is None:
-            with failing(self.path, ended, timeout):
-                pass
 
     def finish(self, timeout: float = 30.0) -> None:
         """After a successful dump: the inventory out of the pipe into a plain file of the same name."""
@@ -242,69 +227,15 @@ def _read(fd: int) -> bytes | None:
 
 
 @contextlib.contextmanager
-def failing(path: Path, ended: Callable[[], bool], timeout: float = ABORT_TIMEOUT) -> Iterator[None]:
-    """Make CRIU's dump fail at the gate: CRIU then unlocks the network and lets the tasks run on.
-
-    Opening the gate instead would let a stop-after dump end the container
-    although no archive will be written (criu-shim died, or its diff failed).
-    How: the FIFO is opened read-write (so CRIU's open for writing finds a
-    reader and returns) and the pipe filled (so CRIU's write of the inventory
-    cannot land); once CRIU holds the FIFO, the last reader goes with our
-    close and CRIU's write fails with EPIPE. CRIU 4.2 then logs "Error
-    flushing image: Broken pipe", unlocks the network, unseizes the tasks
-    alive and exits 1 (checked here with `criu dump` of a plain process and
-    through runc). The body runs with the gate so held: recovery drains the
-    page FIFOs there, so that CRIU reaches the gate at all. On exit we wait
-    until CRIU holds the FIFO or `ended()` says the dump is over; past
-    `timeout` we let go anyway (CRIU then waits for a reader: never seen).
-    """
+def held_open(images: Path) -> Iterator[None]:
+    """Recovery of a dead criu-shim's dump: keep the gate open (discarding) while the rest is drained."""
+    path = images / GATE
     fd: int | None = None
-    fifo: os.stat_result | None = None
     with contextlib.suppress(OSError):
-        fifo = os.lstat(path)
-        if stat.S_ISFIFO(fifo.st_mode):
-            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-            _fill(fd)
+        if stat.S_ISFIFO(os.lstat(path).st_mode):
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         yield
     finally:
-        if fd is not None and fifo is not None:
-            try:
-                deadline = time.monotonic() + timeout
-                while not _criu_holds(fifo) and not ended() and time.monotonic() < deadline:
-                    time.sleep(ABORT_POLL_S)
-            finally:
-                os.close(fd)
-
-
-def criu_reached(path: Path) -> bool:
-    """Whether CRIU has opened the gate's FIFO (its pages are all written). Blocking (scans /proc)."""
-    try:
-        fifo = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISFIFO(fifo.st_mode) and _criu_holds(fifo)
-
-
-def _fill(fd: int) -> None:
-    """Fill the pipe to the brim: a write of the inventory (under a page, atomic) must block."""
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, F_SETPIPE_SZ, PAGE)  # the smallest pipe: less to fill
-    block = bytes(PAGE)
-    with contextlib.suppress(BlockingIOError):
-        while os.write(fd, block):
-            pass
-
-
-def _criu_holds(fifo: os.stat_result) -> bool:
-    """Whether a process named criu has this FIFO open (CRIU's open of the gate returned)."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or _comm(int(entry.name)) != CRIU_COMM:
-            continue
-        with contextlib.suppress(OSError):
-            for fd in os.scandir(f"/proc/{entry.name}/fd"):
-                with contextlib.suppress(OSError):
-                    held = os.stat(fd.path)
-                    if (held.st_dev, held.st_ino) == (fifo.st_dev, fifo.st_ino):
-                        return True
-    return False
+        if fd is not None:
+            os.close(fd)

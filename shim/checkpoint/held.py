@@ -4,14 +4,9 @@ The engine's alternative to pausing the container around the whole dump
 (runc's and CRIU's start-up included): the container is stopped only while
 CRIU holds it, and the filesystem side of the checkpoint (rootfs diff, the
 pod's /dev/shm) is taken in that window, kept open by the gate (see
-`dumpgate`). The pause remains for what the gate cannot serve: a node where
+`dumpgate`). The pause remains for what the gate cannot serve: a stop-after
+dump (CRIU ends the container right after; nothing to shorten), a node where
 the image directory takes no FIFO, or a container whose cgroup is not found.
-
-A stop-after dump goes through the gate too, not for its frozen time (CRIU
-ends the container right after) but for the workload: until the gate opens,
-any failure of ours (the diff, a cancellation, criu-shim killed) makes CRIU's
-dump fail and the container run on, where a paused dump that CRIU finished
-would have ended the container with no archive written.
 """
 
 from __future__ import annotations
@@ -42,7 +37,7 @@ STATS_DUMP = "stats-dump"  # CRIU's statistics, in its work directory
 async def make_gate(staging: Path, opts: options.CheckpointOptions, cgroup: Path | None,
                     stack: AsyncExitStack) -> dumpgate.Gate | None:
     """The gate for this dump, released with `stack`; None where the engine must pause instead."""
-    if cgroup is None:
+    if opts.stop_after or cgroup is None:
         return None
     images = staging / IMAGES_DIR
     images.mkdir(mode=0o700, exist_ok=True)
@@ -56,22 +51,17 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
                        snapshot: Callable[[], Awaitable[T]]) -> T:
     """Run `dump`; take `snapshot()` while CRIU holds the container; return the snapshot.
 
-    The holder's `finally` opens the gate after a good snapshot and otherwise
-    makes the dump fail there, so CRIU is never left holding the container for
-    us, and a snapshot that fails, or a hold never seen, fails the checkpoint
-    with the container running (a stop-after one too).
+    The gate opens on every path (the holder's `finally`), so CRIU is never
+    left holding the container for us. A snapshot that fails, or a hold never
+    seen, fails the checkpoint after CRIU has let the container go.
     """
     stop = threading.Event()
-    failed: list[BaseException] = []  # the snapshot's error, for which the dump was made to fail
-    holder = asyncio.ensure_future(_while_held(gate, cgroup, stop, snapshot, failed))
+    holder = asyncio.ensure_future(_while_held(gate, cgroup, stop, snapshot))
     try:
         await dump
-    except BaseException as exc:
+    except BaseException:
         stop.set()
-        await asyncio.wait([holder])  # it has opened or failed the gate on its way out
-        if failed and not isinstance(exc, asyncio.CancelledError):
-            log.info("CRIU's dump was failed at the gate after the snapshot failed; CRIU said: %s", exc)
-            raise failed[0] from None  # the cause, not CRIU's broken pipe
+        await asyncio.wait([holder])  # it has opened the gate on its way out
         if not holder.cancelled() and holder.exception() is not None:
             log.info("the snapshot beside a failed dump ended with: %s", holder.exception())
         raise
@@ -85,29 +75,20 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
 
 
 async def _while_held(gate: dumpgate.Gate, cgroup: Path, stop: threading.Event,
-                      snapshot: Callable[[], Awaitable[T]], failed: list[BaseException]) -> T:
-    taken = False
+                      snapshot: Callable[[], Awaitable[T]]) -> T:
     try:
         try:
             criu_pid = await asyncio.to_thread(dumpgate.wait_held, cgroup, stop, HOLD_TIMEOUT)
         except dumpgate.GateError as exc:
             raise Internal(f"checkpoint failed: {exc}") from None
         reached(Point.CHECKPOINT_FROZEN)
-        try:
-            result = await snapshot()
-        except Exception as exc:
-            failed.append(exc)
-            raise
+        result = await snapshot()
         if armed(Point.CHECKPOINT_DUMPED):  # the point means: every page written, CRIU waiting at the gate
             await asyncio.to_thread(dumpgate.wait_at_gate, criu_pid, HOLD_TIMEOUT)
         reached(Point.CHECKPOINT_DUMPED)
-        taken = True
         return result
     finally:
-        if taken:
-            await asyncio.shield(asyncio.to_thread(gate.open))
-        else:
-            await asyncio.shield(asyncio.to_thread(gate.abort, stop.is_set))
+        await asyncio.shield(asyncio.to_thread(gate.open))
 
 
 def keep_running_on_failure(containerd: Containerd, container_id: str, stack: AsyncExitStack) -> None:

@@ -44,7 +44,6 @@ import stat
 import tarfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -269,11 +268,8 @@ def remove_fifos(fifos: list[Path]) -> None:
             pass
 
 
-def drain(images: Path, timeout: float = 60.0, done: Callable[[], bool] = lambda: False) -> int:
-    """Read every FIFO in `images` to its end, discarding: a dump whose reader died can then finish.
-
-    Ends when every FIFO a writer opened is at its end and `done()` says so (CRIU is past its pages)
-    or no process names `images` any more (FIFOs CRIU never opened report nothing to wait for)."""
+def drain(images: Path, timeout: float = 60.0) -> int:
+    """Read every FIFO in `images` to its end, discarding: a dump whose reader died can then finish."""
     fifos = [p for p in sorted(images.glob(PAGES_GLOB)) if stat.S_ISFIFO(os.lstat(p).st_mode)]
     deadline = time.monotonic() + timeout
     drained = 0
@@ -292,7 +288,7 @@ def drain(images: Path, timeout: float = 60.0, done: Callable[[], bool] = lambda
                     if moved == 0:
                         open_fds.discard(fd)
                     drained += moved
-                if not ready and (done() or not _any_writer(images)):
+                if not ready and not _any_writer(images):
                     break
         finally:
             os.close(sink)

@@ -73,19 +73,16 @@ def busy(facts: dict[str, Any]) -> bool:
 
     A dump streaming its memory into FIFOs (pagestream) would wait forever for
     the reader that died with its criu-shim, the container frozen, and so
-    would CRIU at the gate of its last image (dumpgate): read the FIFOs to
-    their end (discarding) so CRIU reaches the gate, and make the dump fail
-    there, so CRIU lets the tasks run on (a stop-after dump would otherwise
-    end the container with no archive ever written). Blocking.
+    would CRIU at the gate of its last image (dumpgate): open the gate and read
+    the FIFOs to their end (discarding) so the dump can finish. Blocking.
     """
     staging = facts.get(STAGING)
     if not staging or not _process_mentions(str(staging)):
         return False
     images = Path(str(staging)) / IMAGES_DIR
     if images.is_dir():
-        gate = images / dumpgate.GATE
-        with dumpgate.failing(gate, lambda: not _process_mentions(str(staging))):
-            drained = pagestream.drain(images, done=lambda: dumpgate.criu_reached(gate))
+        with dumpgate.held_open(images):
+            drained = pagestream.drain(images)
         log.warning("drained %d bytes a dead criu-shim's dump was streaming to %s", drained, images)
     return _process_mentions(str(staging))
 
