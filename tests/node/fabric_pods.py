@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
+from shim.node import cleanup
 from shim.node.layout import NodeLayout
 from tests.node import leaks
 from tests.node.conftest import criu_shim
@@ -83,11 +84,17 @@ def up(directory: Path, log_root: Path, version: str = "1.7") -> Host:
 
 
 def distinct_dirs(make: Callable[[str], Path], count: int = 2) -> list[Path]:
-    """Node directories whose pod subnets all differ (a fabric node's subnet comes from its directory's hash)."""
+    """Node directories whose pod subnets all differ and none of which the host routes already.
+
+    A fabric node's subnet comes from its directory's hash, and `node up` refuses one another live
+    node holds (a host node up for the whole session takes the first free subnet, so any hash can
+    meet it)."""
     dirs: list[Path] = []
     while len(dirs) < count:
         candidate = make(f"host-{chr(ord('a') + len(dirs))}")
-        if NodeLayout(candidate).subnet not in {NodeLayout(d).subnet for d in dirs}:
+        layout = NodeLayout(candidate.resolve())
+        taken = {NodeLayout(d.resolve()).subnet for d in dirs}
+        if layout.subnet not in taken and cleanup.subnet_in_use(layout.subnet, layout.bridge) is None:
             dirs.append(candidate)
     return dirs
 
