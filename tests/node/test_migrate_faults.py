@@ -145,6 +145,17 @@ def _migrating(a: Host, b: Host, ctr: str, to_pod: Pod, *extra: str) -> subproce
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
+@contextlib.contextmanager
+def _target_containerd_stopped_mid_transfer(a: Host, b: Host, ctr: str, target: Pod) -> Iterator[subprocess.Popen[str]]:
+    """A migration under way through a slow link, with the target's containerd down while the body
+    runs (started again after it)."""
+    with slow_link(b):
+        proc = _migrating(a, b, ctr, target)
+        _wait_mid_transfer(a, b, ctr)
+        with _stopped(b, "containerd", lambda: _start_containerd(b, VERSIONS[1])):
+            yield proc
+
+
 def _wait_mid_transfer(a: Host, b: Host, ctr: str) -> None:
     """The source is checkpointed and stopped, and the archive is arriving on B."""
     wait_for(lambda: a.cri.state(ctr) == "CONTAINER_EXITED", timeout=120)
@@ -244,12 +255,9 @@ def test_target_containerd_restarted_mid_transfer(hosts: tuple[Host, Host]) -> N
     follows finds it back, and the migration completes."""
     a, b = hosts
     with _nothing_left(a, b), _counter(a) as (_, ctr), b.cri.pod() as target:
-        with slow_link(b):
-            proc = _migrating(a, b, ctr, target)
-            _wait_mid_transfer(a, b, ctr)
-            with _stopped(b, "containerd", lambda: _start_containerd(b, VERSIONS[1])):
-                pass
-            out, err = proc.communicate(timeout=180)
+        with _target_containerd_stopped_mid_transfer(a, b, ctr, target) as proc:
+            pass
+        out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
         assert "migrated to container" in out
         _arrived(b, target, 10)
@@ -261,11 +269,8 @@ def test_target_containerd_down_at_restore_keeps_the_checkpoint_and_the_retry_wo
     keeps nothing (no container, no archive), the source says it is stopped and where its checkpoint is."""
     a, b = hosts
     with _nothing_left(a, b), _counter(a) as (_, ctr), b.cri.pod() as target:
-        with slow_link(b):
-            proc = _migrating(a, b, ctr, target)
-            _wait_mid_transfer(a, b, ctr)
-            with _stopped(b, "containerd", lambda: _start_containerd(b, VERSIONS[1])):
-                _, err = proc.communicate(timeout=240)
+        with _target_containerd_stopped_mid_transfer(a, b, ctr, target) as proc:
+            _, err = proc.communicate(timeout=240)
         assert proc.returncode == 1, err
         assert "the target node could not restore it" in err and f"the source container {ctr} is stopped" in err, err
         assert "could not look up target pod" in err and "was deleted" not in err, err  # said as it is
