@@ -245,7 +245,7 @@ class Checkpointer:
                     diff = await snapshot()
                 await frozen.aclose()  # thawed (and unlocked) before the archive is written
                 checkpointed = datetime.now(UTC)
-                members = _members(staging, record.spec.value, target, record.runtime.name, checkpointed, diff)
+                members = archive_members(staging, record.spec.value, target, record.runtime.name, checkpointed, diff)
                 reached(Point.CHECKPOINT_ARCHIVE)
                 archive_started = time.monotonic()
                 try:
@@ -425,8 +425,10 @@ def _rootfs_diff(upperdir: Path | None, staging: Path) -> list[str] | None:
     return write_rootfs_diff(upperdir, staging / layout.ROOTFS_DIFF).deleted
 
 
-def _members(staging: Path, spec: bytes, target: Target, runtime: str, checkpointed: datetime,
-             deleted: list[str] | None) -> list[Member]:
+def archive_members(staging: Path, spec: bytes, target: Target, runtime: str, checkpointed: datetime,
+                    deleted: list[str] | None) -> list[Member]:
+    """The archive's members: checkpointctl's dump files, our facts, CRIU's image directory as staged,
+    CRIU's log and statistics, the rootfs diff and /dev/shm (a lazy migration's small archive too)."""
     status = target.status
     created = datetime.fromtimestamp(status.created_at / 1e9, UTC)
     members = [

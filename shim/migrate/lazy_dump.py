@@ -35,7 +35,7 @@ from typing import Any
 from shim import archive_layout as layout
 from shim.checkpoint import devshm, netlock
 from shim.checkpoint.archive import write_archive
-from shim.checkpoint.checkpointer import Target, _members
+from shim.checkpoint.checkpointer import Target, archive_members
 from shim.checkpoint.options import CheckpointOptions
 from shim.checkpoint.rootfs import write_rootfs_diff
 from shim.cleanup import undo
@@ -143,8 +143,8 @@ class LazyDump:
         upper = _upperdir(self.source.pid)
         deleted = write_rootfs_diff(upper, self.staging / layout.ROOTFS_DIFF).deleted if upper else None
         devshm.save(self.source.spec, self.staging / devshm.MEMBER)
-        members = _members(self.staging, self.source.spec, self.source.target, self.source.runtime,
-                           datetime.now(UTC), deleted)
+        members = archive_members(self.staging, self.source.spec, self.source.target, self.source.runtime,
+                                   datetime.now(UTC), deleted)
         return write_archive(location, members, durable=False)
 
     async def page_server(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
