@@ -9,7 +9,7 @@ travels once, page cache to process, with no loop device and no buffer.
 
 Other sources fit the same two calls (see the README, "Lazy restore"): a sealed
 archive decrypts the chunk holding the range into a buffer it owns and returns
-that buffer's address; a network stream returns the address once the bytes
+that buffer's address (`shim.restore.sealed_pages.SealedImage`); a network stream returns the address once the bytes
 arrived, and tells the plan (shim.restore.fillplan) which claims are in flight.
 """
 
@@ -39,7 +39,11 @@ class PageSource(Protocol):
     size: int
 
     def span(self, offset: int, length: int) -> int:
-        """The address of image bytes [offset, offset + length), valid until `close`; waits for them if needed."""
+        """The address of image bytes [offset, offset + length); waits for them if needed.
+
+        Valid until the next `span` or `close` (a source may reuse one buffer: the sealed source
+        decrypts into a window of its own, shim.restore.sealed_pages); use it before asking again.
+        """
         ...
 
     def prefetch(self, offset: int, length: int) -> None:

@@ -1,10 +1,18 @@
-"""The sealed (encrypted) archive format, version 1: header and chunk framing (pure, no I/O).
+"""The sealed (encrypted) archive format, version 2: header and chunk framing (pure, no I/O).
 
     file   = MAGIC | u32 header length | header JSON | chunk* (the last one flagged final)
     chunk  = u32 word (bit 31: final, bits 0-30: plaintext length n <= chunk_size)
              | AES-256-GCM(data key, nonce, plaintext, aad) (n bytes) | tag (16 bytes)
     nonce  = 4-byte random per-archive prefix | u64 chunk counter (0, 1, 2, ... in file order)
-    aad    = SHA-256(MAGIC | u32 | header JSON) | u32 word
+    aad    = SHA-256(MAGIC | u32 | header JSON) | u32 word | u64 plaintext offset of the chunk
+             (version 1, still read: without the plaintext offset)
+
+Version 2 binds each chunk's plaintext offset into its AAD, which is what makes random access
+safe (shim.sealed.chunks): a reader that locates chunk k by walking the words, without having
+opened chunks 0..k-1, computes where k's plaintext lies from their *unauthenticated* lengths; with
+version 1 a shortened earlier chunk (word and body cut alike) would shift every later chunk's
+plaintext unnoticed until that earlier chunk is opened. In version 2 the shifted chunk fails its
+own tag. A sequential reader checks the same (it counts the offset as it goes).
 
 The header (readable without a key) names format, version, cipher, chunk size,
 key id, the nonce prefix and the per-archive data key wrapped with the key
@@ -34,7 +42,9 @@ from shim.errors import FailedPrecondition, InvalidArgument
 
 MAGIC = b"CRIU-SHIM-SEALED\n"
 FORMAT = "criu-shim-sealed"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)  # read; new archives are written as VERSION
+OFFSET = struct.Struct(">Q")
 CIPHER = "AES-256-GCM"
 KEY_WRAP = "AES-256-KW"  # RFC 3394
 CONTENT_TAR = "application/x-tar"
@@ -73,10 +83,16 @@ class Header:
     nonce_prefix: bytes
     chunk_size: int = DEFAULT_CHUNK
     content: str = CONTENT_TAR
+    version: int = VERSION
+
+    @property
+    def random_access(self) -> bool:
+        """Whether a chunk may be opened without its predecessors (its plaintext offset is authenticated)."""
+        return self.version >= 2
 
     def encode(self) -> bytes:
         body = json.dumps({
-            "format": FORMAT, "version": VERSION, "cipher": CIPHER, "chunk_size": self.chunk_size,
+            "format": FORMAT, "version": self.version, "cipher": CIPHER, "chunk_size": self.chunk_size,
             "key_id": self.key_id, "key_wrap": KEY_WRAP, "wrapped_key": self.wrapped_key.hex(),
             "nonce_prefix": self.nonce_prefix.hex(), "content": self.content,
         }, sort_keys=True, separators=(",", ":")).encode()
@@ -139,9 +155,10 @@ def _header_from(fields: object, label: str) -> Header:
 
     if not isinstance(fields, dict) or set(fields) != _FIELDS:
         raise bad(f"expected exactly the fields {sorted(_FIELDS)}")
-    if fields["format"] != FORMAT or fields["version"] != VERSION:
-        raise bad(f"format {fields['format']!r} version {fields['version']!r} is not {FORMAT} {VERSION} "
-                  "(written by a newer criu-shim?)")
+    version = fields["version"]
+    if fields["format"] != FORMAT or isinstance(version, bool) or version not in VERSIONS:
+        raise bad(f"format {fields['format']!r} version {version!r} is not {FORMAT} "
+                  f"{' or '.join(map(str, VERSIONS))} (written by a newer criu-shim?)")
     if fields["cipher"] != CIPHER or fields["key_wrap"] != KEY_WRAP:
         raise bad(f"cipher {fields['cipher']!r} / key wrap {fields['key_wrap']!r} not supported")
     chunk = fields["chunk_size"]
@@ -160,40 +177,49 @@ def _header_from(fields: object, label: str) -> Header:
         raise bad(str(exc)) from None
     if len(wrapped) != KEY_SIZE + 8 or len(prefix) != PREFIX_SIZE:
         raise bad("wrapped key or nonce prefix of the wrong length")
-    return Header(key_id, wrapped, prefix, chunk, str(fields["content"]))
+    return Header(key_id, wrapped, prefix, chunk, str(fields["content"]), int(version))
+
+
+def aad(digest: bytes, word: bytes, plain_offset: int, version: int) -> bytes:
+    """A chunk's associated data: the header's digest, its word and (version 2) its plaintext offset."""
+    return digest + word + OFFSET.pack(plain_offset) if version >= 2 else digest + word
 
 
 class Sealer:
-    """Seals a byte stream chunk by chunk, in order: usable on any stream (file, pipe, socket)."""
+    """Seals a byte stream chunk by chunk, in order: usable on any stream (file, pipe, socket).
 
-    def __init__(self, header_bytes: bytes, nonce_prefix: bytes, data_key: bytes) -> None:
+    `plaintext` counts the bytes sealed so far: a chunk's plaintext offset (in its AAD) is that
+    count unless given (a reserved slot, sealed out of order, passes its own).
+    """
+
+    def __init__(self, header_bytes: bytes, nonce_prefix: bytes, data_key: bytes, version: int = VERSION) -> None:
         self._aead = AESGCM(data_key)
         self._digest = hashlib.sha256(header_bytes).digest()
         self._prefix = nonce_prefix
+        self._version = version
         self.counter = 0
+        self.plaintext = 0
 
     def seal(self, plaintext: bytes | bytearray | memoryview, final: bool = False,
-             counter: int | None = None) -> bytes:
+             counter: int | None = None, plain_offset: int | None = None) -> bytes:
         """One chunk as it goes on the wire: word, ciphertext, tag. `counter` for a reserved slot."""
         word = WORD.pack(len(plaintext) | (FINAL if final else 0))
-        if counter is None:
-            counter, self.counter = self.counter, self.counter + 1
-        return word + self._aead.encrypt(self._nonce(counter), bytes(plaintext), self._digest + word)
+        counter, where = self._place(counter, plain_offset, len(plaintext))
+        return word + self._aead.encrypt(self._nonce(counter), bytes(plaintext), self._aad(word, where))
 
     def seal_into(self, plaintext: memoryview, out: bytearray, final: bool = False,
-                  counter: int | None = None) -> memoryview:
+                  counter: int | None = None, plain_offset: int | None = None) -> memoryview:
         """Like seal, into `out` (at least WORD_SIZE + len + TAG_SIZE bytes): no allocation per chunk."""
         word = WORD.pack(len(plaintext) | (FINAL if final else 0))
-        if counter is None:
-            counter, self.counter = self.counter, self.counter + 1
+        counter, where = self._place(counter, plain_offset, len(plaintext))
         size = WORD_SIZE + len(plaintext) + TAG_SIZE
         view = memoryview(out)[:size]
         view[:WORD_SIZE] = word
-        self._aead.encrypt_into(self._nonce(counter), plaintext, self._digest + word, view[WORD_SIZE:])
+        self._aead.encrypt_into(self._nonce(counter), plaintext, self._aad(word, where), view[WORD_SIZE:])
         return view
 
     def seal_in_place(self, frame: bytearray, length: int, final: bool = False,
-                      counter: int | None = None) -> memoryview:
+                      counter: int | None = None, plain_offset: int | None = None) -> memoryview:
         """Seal the plaintext at frame[WORD_SIZE:WORD_SIZE + length] where it lies; return the chunk.
 
         `frame` has room for the word before and the tag after. AES-GCM is a stream cipher with the
@@ -201,13 +227,23 @@ class Sealer:
         the CPU cache between the read from CRIU's pipe, the encryption and the write).
         """
         word = WORD.pack(length | (FINAL if final else 0))
-        if counter is None:
-            counter, self.counter = self.counter, self.counter + 1
+        counter, where = self._place(counter, plain_offset, length)
         view = memoryview(frame)[:WORD_SIZE + length + TAG_SIZE]
         view[:WORD_SIZE] = word
-        self._aead.encrypt_into(self._nonce(counter), view[WORD_SIZE:WORD_SIZE + length], self._digest + word,
+        self._aead.encrypt_into(self._nonce(counter), view[WORD_SIZE:WORD_SIZE + length], self._aad(word, where),
                                 view[WORD_SIZE:])
         return view
+
+    def _place(self, counter: int | None, plain_offset: int | None, length: int) -> tuple[int, int]:
+        """The chunk's counter and plaintext offset: the next in order unless given."""
+        if counter is None:
+            counter, self.counter = self.counter, self.counter + 1
+        if plain_offset is None:
+            plain_offset, self.plaintext = self.plaintext, self.plaintext + length
+        return counter, plain_offset
+
+    def _aad(self, word: bytes, plain_offset: int) -> bytes:
+        return aad(self._digest, word, plain_offset, self._version)
 
     def _nonce(self, counter: int) -> bytes:
         return self._prefix + counter.to_bytes(8, "big")
@@ -221,8 +257,10 @@ class Opener:
         self._digest = hashlib.sha256(header_bytes).digest()
         self._prefix = header.nonce_prefix
         self._chunk_size = header.chunk_size
+        self._version = header.version
         self._label = label
         self.counter = 0
+        self.plaintext = 0  # the plaintext offset of the next chunk
         self.ended = False
 
     def length(self, word_bytes: bytes, offset: int) -> tuple[int, bool]:
@@ -242,11 +280,12 @@ class Opener:
         _, final = self.length(word_bytes, offset)
         nonce = self._prefix + self.counter.to_bytes(8, "big")
         try:
-            plaintext = self._aead.decrypt(nonce, sealed, self._digest + word_bytes)
+            plaintext = self._aead.decrypt(nonce, sealed, aad(self._digest, word_bytes, self.plaintext, self._version))
         except InvalidTag:
             raise CorruptSealedArchive(f"{self._label}: chunk {self.counter} at byte {offset} fails authentication: "
                                        "the archive was modified or is corrupt") from None
         self.counter += 1
+        self.plaintext += len(plaintext)
         self.ended = final
         return plaintext
 

@@ -39,6 +39,7 @@ class Slot:
     counter: int
     offset: int
     length: int
+    plain_offset: int = 0  # where its plaintext lies in the stream (in the chunk's AAD, format version 2)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class _Job:
     length: int
     counter: int
     offset: int
+    plain_offset: int
     final: bool
     recycle: bool  # a chunk buffer of the pool (returned after use), not a slot's own bytes
     sealed: bool  # sealed already (a full chunk, by the caller's thread); a slot is sealed by the writer
@@ -58,8 +60,8 @@ class SealedFile:
         _pwrite_all(fd, raw, start)
         self._fd = fd
         # One cipher context per thread: the caller's seals chunks, the writer's seals filled slots.
-        self._sealer = Sealer(raw, header.nonce_prefix, data_key)
-        writer_sealer = Sealer(raw, header.nonce_prefix, data_key)
+        self._sealer = Sealer(raw, header.nonce_prefix, data_key, header.version)
+        writer_sealer = Sealer(raw, header.nonce_prefix, data_key, header.version)
         self._chunk = header.chunk_size
         self._next_counter = 0
         self._offset = start + len(raw)  # where the next chunk goes
@@ -112,7 +114,7 @@ class SealedFile:
         self._check()
         if self._fill:
             self._hand_off(final=False)
-        slot = Slot(self._take_counter(), self._offset, length)
+        slot = Slot(self._take_counter(), self._offset, length, self.plaintext)
         self._offset += WORD_SIZE + length + TAG_SIZE
         self.plaintext += length
         self._open_slots.add(slot.counter)
@@ -124,7 +126,8 @@ class SealedFile:
         self._check()
         frame = bytearray(WORD_SIZE + len(data) + TAG_SIZE)
         frame[WORD_SIZE:WORD_SIZE + len(data)] = data
-        self._jobs.put(_Job(frame, len(data), slot.counter, slot.offset, False, recycle=False, sealed=False))
+        self._jobs.put(_Job(frame, len(data), slot.counter, slot.offset, slot.plain_offset, False, recycle=False,
+                            sealed=False))
         self._open_slots.discard(slot.counter)
 
     def close(self) -> int:
@@ -159,8 +162,10 @@ class SealedFile:
 
     def _hand_off(self, final: bool, last: bool = False) -> None:
         length, counter = self._fill, self._take_counter()
-        self._sealer.seal_in_place(self._buffer, length, final, counter)
-        self._jobs.put(_Job(self._buffer, length, counter, self._offset, final, recycle=True, sealed=True))
+        plain_offset = self.plaintext - length  # self.plaintext counted this chunk's bytes as they came
+        self._sealer.seal_in_place(self._buffer, length, final, counter, plain_offset)
+        self._jobs.put(_Job(self._buffer, length, counter, self._offset, plain_offset, final, recycle=True,
+                            sealed=True))
         self._offset += WORD_SIZE + length + TAG_SIZE
         self._fill = 0
         if not last:
@@ -183,7 +188,8 @@ class SealedFile:
                     if job.sealed:
                         frame = memoryview(job.frame)[:WORD_SIZE + job.length + TAG_SIZE]
                     else:
-                        frame = sealer.seal_in_place(job.frame, job.length, job.final, job.counter)
+                        frame = sealer.seal_in_place(job.frame, job.length, job.final, job.counter,
+                                                     job.plain_offset)
                     _pwrite_all(self._fd, frame, job.offset)
             except BaseException as exc:  # raised by the caller's next call
                 self._error = exc

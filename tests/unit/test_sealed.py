@@ -212,7 +212,7 @@ def test_not_sealed_and_bad_headers(tmp_path: Path) -> None:
         _plain(huge, _keyring(tmp_path))
     path = _seal(tmp_path, b"secret")
     raw = path.read_bytes()
-    for old, new in ((b'"version":1', b'"version":2'), (b'"chunk_size":1000', b'"chunk_size":99999999')):
+    for old, new in ((b'"version":2', b'"version":3'), (b'"chunk_size":1000', b'"chunk_size":99999999')):
         path.write_bytes(raw.replace(old, new))
         with pytest.raises(CorruptSealedArchive, match="encrypted archive header"):
             _plain(path, _keyring(tmp_path))
