@@ -33,6 +33,7 @@ from shim.handoff import LAZY_CRIU_OPTION, LAZY_PLAN, REMOTE_PAGES_SUFFIX
 from shim.restore import loopdev, pagemap
 from shim.restore.image import LAYER_SUFFIX, layer_path
 from shim.restore.unseal import PLAIN_SUFFIX, plaintext_path
+from shim.restore.unseal_lazy import PartlyDecrypted
 
 PLAN_FILE = LAZY_PLAN
 CRIU_OPTION = LAZY_CRIU_OPTION
@@ -70,18 +71,25 @@ def tag(work: Path) -> str:
 
 
 def prepare(archive: Path, work: Path, deferred: tuple[Deferred, ...], criu: Path,
-            daemon: str = PAGE_DAEMON_CRIU) -> None:
+            daemon: str = PAGE_DAEMON_CRIU, sealed: PartlyDecrypted | None = None) -> None:
     """Copy the eager runs of each deferred image, say where the rest is, write the relay's plan.
 
     Our page daemon (`daemon` "criu-shim", shim.runtime.page_daemon) maps each image where it
     lies in the archive; CRIU's reads it through a read-only loop device attached here.
     `work` is the unpacked checkpoint; on failure every device attached here is released.
+    `sealed`: `archive` is the partly decrypted copy of a sealed archive (shim.restore.unseal_lazy),
+    whose images our daemon serves by decrypting the sealed archive's chunks.
     """
     maps = _pagemaps(work / IMAGES_DIR)
     pages: list[dict[str, object]] = []
     try:
+        if sealed is not None:
+            sealed.check_holes((m.name, m.offset, m.size) for m in deferred)
         for member in deferred:
-            _fill_eager(archive, work, member, maps)
+            _fill_eager(archive, work, member, maps, sealed)
+            if sealed is not None:
+                pages.append(_in_sealed(sealed, work, member))
+                continue
             _read_ahead(archive, member)
             if daemon == PAGE_DAEMON_OURS:
                 pages.append(_in_place(archive, work, member))
@@ -172,6 +180,14 @@ def _in_place(archive: Path, work: Path, member: Deferred) -> dict[str, object]:
 
 
 def check_memory_images(work: Path, deferred: tuple[Deferred, ...] = ()) -> None:
+def _in_sealed(sealed: PartlyDecrypted, work: Path, member: Deferred) -> dict[str, object]:
+    """Where our page daemon finds a memory image of a sealed archive: its plaintext offset in the
+    sealed archive itself, and the node's key sources to open it with (shim.restore.sealed_pages)."""
+    where = _in_place(sealed.archive, work, member)
+    where["sealed"] = sealed.key_sources()
+    return where
+
+
     """Every memory image unpacked whole holds exactly the bytes its pagemap accounts for.
 
     CRIU does not check: a pages-N.img shorter than its pagemap says makes an
@@ -236,7 +252,8 @@ def _pagemaps(images: Path) -> dict[int, pagemap.Pagemap]:
     return maps
 
 
-def _fill_eager(archive: Path, work: Path, member: Deferred, maps: dict[int, pagemap.Pagemap]) -> None:
+def _fill_eager(archive: Path, work: Path, member: Deferred, maps: dict[int, pagemap.Pagemap],
+                sealed: PartlyDecrypted | None = None) -> None:
     match = _PAGES.fullmatch(member.name.removeprefix("./"))
     assert match is not None  # deferrable() let only these through
     found = maps.get(int(match.group(1)))
@@ -250,6 +267,8 @@ def _fill_eager(archive: Path, work: Path, member: Deferred, maps: dict[int, pag
         try:
             for offset, length in pagemap.eager_ranges(found):
                 os.lseek(dst, offset, os.SEEK_SET)
+                if sealed is not None:  # the copy has holes where the image is: decrypt these runs' chunks
+                    sealed.fill(member.offset + offset, length)
                 if short := kernel_copy(src, dst, length, member.offset + offset):
                     raise InvalidArgument(f"checkpoint image {member.name} ends {short} bytes early")
         finally:

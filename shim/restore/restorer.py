@@ -34,7 +34,7 @@ from shim.api.cri.v1 import api_pb2 as cri
 from shim.checkpoint import options
 from shim.checkpoint.criulog import LOGS
 from shim.cleanup import join, release_at_exit, to_thread_to_end
-from shim.config import Config
+from shim.config import PAGE_DAEMON_OURS, Config
 from shim.containerd import Containerd
 from shim.containerd_images import ContainerdImages
 from shim.errors import FailedPrecondition, ShimError
@@ -43,7 +43,7 @@ from shim.journal import Journal, Operation
 from shim.metrics import record_failure, record_restore, record_restore_stage
 from shim.oci import SEALED_CHECKPOINT
 from shim.peer import Peer
-from shim.restore import lazy, recovery, unseal
+from shim.restore import lazy, recovery, unseal, unseal_lazy
 from shim.restore.admission import RestoreAdmission
 from shim.restore.audit_trail import RestoreAudits
 from shim.restore.base_image import resolve_base_image
@@ -332,9 +332,14 @@ class Restorer:
         record_restore_stage("create", time.monotonic() - create_started)
         return str(cri.CreateContainerResponse.FromString(reply).container_id)
 
-    async def _unpack(self, archive_path: Path, work: Path, lazy_wanted: bool) -> CheckpointArchive:
+    async def _unpack(self, archive_path: Path, work: Path, lazy_wanted: bool,
+                      sealed: unseal_lazy.PartlyDecrypted | None = None) -> CheckpointArchive:
         """Unpack the archive; under a lazy restore its large page images stay in it (shim.restore.lazy)."""
         if await asyncio.to_thread(is_encrypted, archive_path):  # sealed: unpacked from its decrypted copy
+            if await self._sealed_lazily(archive_path, lazy_wanted):  # its memory decrypted by the page daemon
+                async with unseal_lazy.decrypted_partly(archive_path, work, self._config.encryption,
+                                                        lazy.deferrable) as partial:
+                    return await self._unpack(partial.plain, work, lazy_wanted, partial)
             async with unseal.decrypted(archive_path, work, self._config.encryption) as plain:
                 return await self._unpack(plain, work, lazy_wanted)
         defer = lazy.deferrable if lazy_wanted and await self._lazy_possible() else None
@@ -348,12 +353,17 @@ class Restorer:
         if archive.deferred:
             assert self._config.criu is not None  # _lazy_possible() checked it
             await to_thread_to_end(lazy.prepare, archive_path, work, archive.deferred, self._config.criu,
-                                   self._config.restore.page_daemon)
+                                   self._config.restore.page_daemon, sealed)
         else:  # a lazy migration's dump: the memory it lacks comes from the source node
             await to_thread_to_end(lazy.plan_remote, archive_path, work, self._config.criu)
         return archive
 
     async def _lazy_possible(self) -> bool:
+    async def _sealed_lazily(self, archive_path: Path, lazy_wanted: bool) -> bool:
+        """A sealed archive whose memory our page daemon can serve chunk by chunk (shim.restore.unseal_lazy)."""
+        return (lazy_wanted and self._config.restore.page_daemon == PAGE_DAEMON_OURS and await self._lazy_possible()
+                and await asyncio.to_thread(unseal_lazy.servable, archive_path))
+
         """Lazy restore is on in the config and CRIU can do it here (userfaultfd, fork events)."""
         criu = self._config.criu
         if not self._config.restore.lazy_pages or criu is None:

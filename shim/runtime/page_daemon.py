@@ -43,7 +43,9 @@ from typing import Any
 from shim.restore import pagemap
 from shim.restore.fillplan import BACKGROUND_RUN, Copy, FillPlan, Zero
 from shim.restore.page_source import MappedImage, PageSource
+from shim.restore.sealed_pages import SealedImage
 from shim.runtime import uffd
+from shim.sealed import Keyring
 
 SOCKET = "lazy-pages.socket"
 LOG = "lazy-pages.log"
@@ -143,6 +145,7 @@ class Daemon:
             self.stats.finished = time.monotonic()
             log.info("restore finished %.3fs after the daemon started: filling in the rest",
                      self.stats.finished - self.stats.started)
+            self._log_sealed("when the restore finished")
             return
         if value < 0:  # a zombie: no memory, no descriptor
             log.info("process %d is a zombie", -value)
@@ -166,7 +169,9 @@ class Daemon:
         if pages_id not in self.sources:
             name = f"pages-{pages_id}.img"
             where = self._deferred.get(name)
-            if where is not None:  # in the archive
+            if where is not None and "sealed" in where:  # in a sealed archive: opened chunk by chunk
+                self.sources[pages_id] = _sealed_source(where)
+            elif where is not None:  # in the archive
                 self.sources[pages_id] = MappedImage(Path(where["archive"]), int(where["offset"]),
                                                      int(where["size"]), unlink=bool(where.get("unlink")))
             else:  # unpacked whole (a small image)
@@ -274,15 +279,34 @@ class Daemon:
             log.info("process %d exited before its memory was complete", task.pid)
         return True
 
+    def _log_sealed(self, when: str) -> None:
+        """How much of each sealed image was decrypted (the fill's counters: a test reads them)."""
+        for pages_id, source in sorted(self.sources.items()):
+            if isinstance(source, SealedImage):
+                log.info("sealed pages-%d.img: %d of %d chunks decrypted %s (%d MiB)", pages_id,
+                         source.chunks_opened, source.chunks_total, when, source.decrypted >> 20)
+
     def _report(self) -> None:
         s, now = self.stats, time.monotonic()
         fill = now - (s.finished or now)
         rate = s.copied / fill / (1 << 20) if fill > 0 else 0.0
+        self._log_sealed("with memory in place")
         log.info("memory in place: %d MiB in %.3fs after the restore finished (%.0f MiB/s), %.3fs after start; "
                  "%d copies (%d for %d faults) taking %.3fs in UFFDIO_COPY and %.3fs reading the image; "
                  "%d zero pages, %d already there, %d interrupted, %d forks; connected after %.3fs",
                  s.copied >> 20, fill, rate, now - s.started, s.copies, s.fault_copies, s.faults, s.copy_s,
                  s.read_s, s.zero_pages, s.exists, s.again, s.forks, s.connected - s.started)
+
+
+def _sealed_source(where: dict[str, Any]) -> SealedImage:
+    """A memory image in a sealed archive, opened with the node's key sources the plan names."""
+    keys = where["sealed"]
+    keyring = Keyring({str(k): Path(v) for k, v in keys["key_files"].items()}, [str(c) for c in keys["key_command"]])
+    path = Path(where["archive"])
+    source = SealedImage(path, int(where["offset"]), int(where["size"]), keyring)
+    if where.get("unlink"):  # our own link to a temporary archive: gone with our descriptor
+        path.unlink(missing_ok=True)
+    return source
 
 
 def _recv(conn: socket.socket, size: int) -> tuple[bytes, list[int]]:
