@@ -2,13 +2,15 @@
 
 Order matters. Everything that can be refused is checked before the container
 is touched. CRIU dumps it through containerd's runc shim straight into our
-staging dir (leave-running); CRIU itself stops the container for the dump, and
-the rootfs diff and the pod's /dev/shm are taken while CRIU still holds it
-(`held`, `dumpgate`), so the memory image and the filesystem describe one
-instant and the container is stopped no longer than CRIU needs. (Where that
-cannot be done, a stop-after dump or no FIFOs, the container is paused through
-containerd around the dump instead.) Only then, with the container running
-again, is the archive written. Every step
+staging dir (leave-running or stop-after); CRIU itself stops the container for
+the dump, and the rootfs diff and the pod's /dev/shm are taken while CRIU still
+holds it (`held`, `dumpgate`), so the memory image and the filesystem describe
+one instant, the container is stopped no longer than CRIU needs, and any
+failure of ours before CRIU's last image makes the dump fail with the
+container running (a stop-after one too). (Where that cannot be done, no FIFOs
+or no cgroup, the container is paused through containerd around the dump
+instead.) Only then, with the container running again (or, stop-after, ended
+by CRIU), is the archive written. Every step
 that acquires something registers its undo on an AsyncExitStack, so a failure
 or a deadline at any point leaves the container running and thawed and no
 file behind.
@@ -235,6 +237,7 @@ class Checkpointer:
                 if gate is not None and cgroup is not None:
                     diff = await held.dump_holding(gate, cgroup, dump, snapshot)
                     outcome.dump_s = time.monotonic() - dump_started
+                    outcome.stopped = target.options.stop_after
                     outcome.frozen_s = await asyncio.to_thread(held.criu_frozen_s, staging / "work")
                 else:
                     reached(Point.CHECKPOINT_FROZEN)

@@ -17,6 +17,29 @@ inventory into the pipe and goes on, and `finish` puts the inventory in place
 as a plain file. CRIU cannot let the tasks go before the gate opens, except
 when its dump fails (then there is no checkpoint to be consistent with).
 
+Held full, so that every failure of ours fails the dump. Before the dump
+starts, `make` opens the FIFO for reading and for writing (neither blocks:
+each end finds the other) and fills the pipe with bytes of ours. CRIU's open
+of the gate then never waits (there is a reader), and its write of the
+inventory (a few hundred bytes, under PIPE_BUF, so all or nothing) blocks on
+the full pipe. To open the gate we read exactly our filler back out (FIFO
+order: it comes first) and close our write end; the reader stays, so there is
+always a reader while CRIU's write is pending. Any other end (the diff failed,
+a deadline, the request cancelled: `abort`; criu-shim killed: the kernel closes
+our descriptors) leaves no reader behind a full pipe, so CRIU's write fails
+with EPIPE: CRIU 4.2.1 logs "Error flushing image: Broken pipe", unlocks the
+network, lets the tasks go alive and exits 1, with or without
+--leave-running. A stop-after dump would otherwise end the container with no
+archive ever written. Nothing here races CRIU: our reader exists before CRIU
+can reach the gate, and the pipe is full before the dump is asked for. (The
+older way, a reader opened only at the end, woke a CRIU asleep in its open,
+which could then write before any filler landed.)
+
+A criu-shim killed while CRIU was still on its pages leaves a CRIU that later
+opens a FIFO with no reader at all and sleeps in the kernel's
+`wait_for_partner`; recovery makes that CRIU fail too (`orphandump`), never
+by a plain reader, which would let it finish.
+
 Why not a CRIU action script (`post-dump` runs exactly there, before the
 unseize). CRIU 4.2.1 does run one from runc's CRIU configuration beside runc's
 own RPC notifications (checked with `criu swrk`, notify_scripts on, config
@@ -30,21 +53,18 @@ checkpoint and restore if the script goes missing, and a handshake with
 criu-shim in sh. The gate needs no node configuration, costs nothing to
 anyone else, and works on a node where `criu-shim install` never ran.
 
-Every path opens the gate: the engine's clean-up (`open` is idempotent), and
-recovery for a dead criu-shim (`held_open` around draining the page FIFOs), so
-CRIU is never left holding a container for a reader that is gone. Blocking
-calls: run them in a worker thread.
+Blocking calls: run them in a worker thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
-import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from shim import freezer
@@ -53,6 +73,13 @@ GATE = "inventory.img"  # CRIU's image written last before it releases the tasks
 FILE_MODE = 0o600
 POLL_S = 0.002  # how often the hold is looked for: CRIU seizes in a few milliseconds
 CRIU_COMM = "criu"
+# The kernel's wait of a writer on a full pipe (fs/pipe.c), as /proc/PID/wchan names it: CRIU at the gate
+# (pipe_write; anon_pipe_write in newer kernels, as 6.18 here).
+WRITING = ("pipe_write", "anon_pipe_write")
+# How long a failing gate waits for CRIU to reach it (its pages still streaming) before letting go.
+ABORT_TIMEOUT = 60.0
+ABORT_POLL_S = 0.005
+PAGE = 4096
 
 
 class GateError(Exception):
@@ -60,43 +87,89 @@ class GateError(Exception):
 
 
 class Gate:
-    """The FIFO `inventory.img` in CRIU's image directory; make, wait_held, open, finish, close."""
+    """The FIFO `inventory.img` in CRIU's image directory, held full; make, wait_held, open, finish, close."""
 
     def __init__(self, images: Path) -> None:
         self.path = images / GATE
-        self._fd: int | None = None
+        self._reader: int | None = None
+        self._filler: int | None = None  # our write end: the pipe is full of our bytes until `open`
+        self._filled = 0
         self.opened_at: float | None = None  # time.monotonic() of `open`
 
     @classmethod
     def make(cls, images: Path) -> Gate | None:
-        """Make the FIFO before the dump; None where FIFOs cannot be made (the caller pauses instead)."""
+        """The FIFO, held full, before the dump; None where that cannot be (the caller pauses instead)."""
         gate = cls(images)
         try:
             os.mkfifo(gate.path, FILE_MODE)
         except OSError:
             return None
+        try:
+            # Reader first: an O_NONBLOCK open for writing fails with ENXIO while there is none.
+            gate._reader = os.open(gate.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            gate._filler = os.open(gate.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            gate._filled = fill(gate._filler)
+        except OSError:
+            gate.close()
+            with contextlib.suppress(OSError):
+                gate.path.unlink()  # a FIFO left with no reader would stop CRIU at its open
+            return None
         return gate
 
+    @property
+    def opened(self) -> bool:
+        return self.opened_at is not None
+
     def open(self) -> None:
-        """Let CRIU write the inventory (and so finish and release the tasks). Idempotent, never blocks."""
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            self.opened_at = time.monotonic()
+        """Let CRIU write the inventory (and so finish, and release or end the tasks). Idempotent, never blocks."""
+        if self.opened:
+            return
+        if self._reader is None or self._filler is None:
+            raise GateError("the gate was closed before it opened: CRIU's dump has failed")
+        left = self._filled
+        while left:  # our filler is first in the pipe and all there: these reads never wait
+            try:
+                chunk = os.read(self._reader, min(left, 1 << 16))
+            except BlockingIOError:
+                chunk = b""
+            if not chunk:
+                raise GateError(f"the filler of {GATE} went missing ({left} bytes short)")
+            left -= len(chunk)
+        os.close(self._filler)  # after the read-out: the reader stays, CRIU's write lands
+        self._filler = None
+        self.opened_at = time.monotonic()
+
+    def abort(self, ended: Callable[[], bool], timeout: float = ABORT_TIMEOUT) -> None:
+        """Fail the dump at the gate, so CRIU lets the tasks run on (a stop-after dump too). Blocking.
+
+        Our descriptors go once CRIU has the FIFO open (its write then fails, blocked or not yet
+        made), or once `ended()` says the dump is over. Letting go earlier would leave a CRIU still
+        on its pages to sleep at its open of a FIFO nobody will read. After `open`: nothing to do."""
+        if self.opened or self._reader is None:
+            self.close()
+            return
+        try:
+            fifo = os.fstat(self._reader)
+            deadline = time.monotonic() + timeout
+            while not ended() and not criu_holds(fifo) and time.monotonic() < deadline:
+                time.sleep(ABORT_POLL_S)
+        finally:
+            self.close()
 
     def finish(self, timeout: float = 30.0) -> None:
         """After a successful dump: the inventory out of the pipe into a plain file of the same name."""
         self.open()
-        assert self._fd is not None
+        assert self._reader is not None
         data = bytearray()
         poller = select.poll()
-        poller.register(self._fd, select.POLLIN)
+        poller.register(self._reader, select.POLLIN)
         deadline = time.monotonic() + timeout
         while True:
-            # Linux reports nothing on a FIFO no writer ever opened: CRIU did open it (the dump
-            # succeeded), so POLLIN/POLLHUP come; the deadline only guards against a stranger.
+            # CRIU did write and close (the dump succeeded), so POLLIN/POLLHUP come; the deadline
+            # only guards against a stranger holding the FIFO open.
             if not poller.poll(max(0, int((deadline - time.monotonic()) * 1000))):
                 raise GateError(f"CRIU's {GATE} did not arrive within {timeout:.0f}s of the dump")
-            chunk = _read(self._fd)
+            chunk = _read(self._reader)
             if chunk is None:
                 continue
             if not chunk:
@@ -114,10 +187,54 @@ class Gate:
         self.close()
 
     def close(self) -> None:
-        """Release the reader (idempotent). An unfinished gate leaves its FIFO to the staging dir's removal."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Let go of the FIFO (idempotent). Unopened, that fails CRIU's write of the inventory."""
+        for name in ("_filler", "_reader"):
+            fd = getattr(self, name)
+            if fd is not None:
+                setattr(self, name, None)
+                os.close(fd)
+
+
+def fill(fd: int) -> int:
+    """Fill the pipe behind `fd` (non-blocking, for writing) to the brim; the bytes written.
+
+    Page-sized writes take a whole slot each, so none is left part-full for a small write to be
+    merged into; single bytes then take whatever room is left. A pipe not full afterwards is
+    refused (GateError): CRIU's inventory would land in it."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PAGE)  # the smallest pipe: the least to fill and read back
+    size = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    filled = 0
+    for block in (bytes(PAGE), b"\0"):
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                filled += os.write(fd, block)
+    if filled < size:
+        raise GateError(f"the pipe of {GATE} took {filled} of {size} bytes")
+    return filled
+
+
+def criu_pids() -> list[int]:
+    """The processes named criu (CRIU's own name for itself, whatever started it)."""
+    return [int(e.name) for e in os.scandir("/proc") if e.name.isdigit() and _comm(int(e.name)) == CRIU_COMM]
+
+
+def criu_holds(fifo: os.stat_result) -> bool:
+    """Whether a process named criu has this FIFO open."""
+    return any(fifo_open_in(pid, [fifo]) for pid in criu_pids())
+
+
+def fifo_open_in(pid: int, fifos: list[os.stat_result]) -> set[tuple[int, int]]:
+    """Which of `fifos` (device, inode) process `pid` has open."""
+    wanted = {(f.st_dev, f.st_ino) for f in fifos}
+    found: set[tuple[int, int]] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.scandir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                held = os.stat(fd.path)
+                if (held.st_dev, held.st_ino) in wanted:
+                    found.add((held.st_dev, held.st_ino))
+    return found
 
 
 def wait_held(cgroup: Path, stop: threading.Event, timeout: float) -> int:
@@ -140,21 +257,29 @@ def wait_held(cgroup: Path, stop: threading.Event, timeout: float) -> int:
 
 
 def wait_at_gate(criu_pid: int, timeout: float) -> bool:
-    """Block until CRIU waits for the gate's reader (its open of the FIFO sleeps in the kernel's
-    `wait_for_partner`: every page is written), or has ended; whether it was seen waiting.
+    """Block until CRIU waits at the gate (its write of the inventory sleeps on the full pipe in
+    the kernel's `pipe_write`: every page is written), or has ended; whether it was seen waiting.
 
     Only the fault tests need this: their "dumped" point means memory on disk and CRIU waiting for
     us, not CRIU still streaming pages (the engine itself opens the gate as soon as its diff is taken).
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{criu_pid}/wchan").read_text().strip() == "wait_for_partner":
-                return True
-        except OSError:
+        wchan = wait_channel(criu_pid)
+        if wchan is None:
             return False  # CRIU has ended
+        if wchan in WRITING:
+            return True
         time.sleep(POLL_S)
     return False
+
+
+def wait_channel(pid: int) -> str | None:
+    """Where in the kernel `pid` sleeps (/proc/PID/wchan, "0" when running); None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text().strip()
+    except OSError:
+        return None
 
 
 def _holder(cgroup: Path) -> int | None:
@@ -224,18 +349,3 @@ def _read(fd: int) -> bytes | None:
         return os.read(fd, 1 << 16)
     except BlockingIOError:
         return None
-
-
-@contextlib.contextmanager
-def held_open(images: Path) -> Iterator[None]:
-    """Recovery of a dead criu-shim's dump: keep the gate open (discarding) while the rest is drained."""
-    path = images / GATE
-    fd: int | None = None
-    with contextlib.suppress(OSError):
-        if stat.S_ISFIFO(os.lstat(path).st_mode):
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)

@@ -4,9 +4,14 @@ The engine's alternative to pausing the container around the whole dump
 (runc's and CRIU's start-up included): the container is stopped only while
 CRIU holds it, and the filesystem side of the checkpoint (rootfs diff, the
 pod's /dev/shm) is taken in that window, kept open by the gate (see
-`dumpgate`). The pause remains for what the gate cannot serve: a stop-after
-dump (CRIU ends the container right after; nothing to shorten), a node where
+`dumpgate`). The pause remains for what the gate cannot serve: a node where
 the image directory takes no FIFO, or a container whose cgroup is not found.
+
+A stop-after dump goes through the gate too: for its diff inside CRIU's hold,
+and for the workload. Until the gate opens, every failure of ours (the diff,
+a cancelled request, criu-shim killed) makes CRIU's dump fail, so the
+container runs on; a dump that CRIU finished would have ended it with no
+archive written.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ STATS_DUMP = "stats-dump"  # CRIU's statistics, in its work directory
 async def make_gate(staging: Path, opts: options.CheckpointOptions, cgroup: Path | None,
                     stack: AsyncExitStack) -> dumpgate.Gate | None:
     """The gate for this dump, released with `stack`; None where the engine must pause instead."""
-    if opts.stop_after or cgroup is None:
+    if cgroup is None:
         return None
     images = staging / IMAGES_DIR
     images.mkdir(mode=0o700, exist_ok=True)
@@ -51,17 +56,29 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
                        snapshot: Callable[[], Awaitable[T]]) -> T:
     """Run `dump`; take `snapshot()` while CRIU holds the container; return the snapshot.
 
-    The gate opens on every path (the holder's `finally`), so CRIU is never
-    left holding the container for us. A snapshot that fails, or a hold never
-    seen, fails the checkpoint after CRIU has let the container go.
+    The holder opens the gate only after a good snapshot, and only if the
+    request was not cancelled meanwhile (the dump itself outlives a
+    cancellation: checkpointer's `_outlive_cancellation`); on every other path
+    it fails the dump at the gate (`Gate.abort`), so CRIU is never left holding
+    the container for us and lets it run on, a stop-after one too. The failed
+    snapshot's own error is raised, not CRIU's broken pipe.
     """
     stop = threading.Event()
-    holder = asyncio.ensure_future(_while_held(gate, cgroup, stop, snapshot))
+    task = asyncio.current_task()
+
+    def cancelled() -> bool:
+        return task is not None and task.cancelling() > 0
+
+    failed: list[BaseException] = []  # the snapshot's error, for which the dump was made to fail
+    holder = asyncio.ensure_future(_while_held(gate, cgroup, stop, snapshot, cancelled, failed))
     try:
         await dump
-    except BaseException:
+    except BaseException as exc:
         stop.set()
-        await asyncio.wait([holder])  # it has opened the gate on its way out
+        await asyncio.wait([holder])  # it has opened or failed the gate on its way out
+        if failed and not isinstance(exc, asyncio.CancelledError):
+            log.info("CRIU's dump was failed at the gate after the snapshot failed; CRIU said: %s", exc)
+            raise failed[0] from None
         if not holder.cancelled() and holder.exception() is not None:
             log.info("the snapshot beside a failed dump ended with: %s", holder.exception())
         raise
@@ -75,20 +92,30 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
 
 
 async def _while_held(gate: dumpgate.Gate, cgroup: Path, stop: threading.Event,
-                      snapshot: Callable[[], Awaitable[T]]) -> T:
+                      snapshot: Callable[[], Awaitable[T]], cancelled: Callable[[], bool],
+                      failed: list[BaseException]) -> T:
+    taken = False
     try:
         try:
             criu_pid = await asyncio.to_thread(dumpgate.wait_held, cgroup, stop, HOLD_TIMEOUT)
         except dumpgate.GateError as exc:
             raise Internal(f"checkpoint failed: {exc}") from None
         reached(Point.CHECKPOINT_FROZEN)
-        result = await snapshot()
+        try:
+            result = await snapshot()
+        except Exception as exc:
+            failed.append(exc)
+            raise
         if armed(Point.CHECKPOINT_DUMPED):  # the point means: every page written, CRIU waiting at the gate
             await asyncio.to_thread(dumpgate.wait_at_gate, criu_pid, HOLD_TIMEOUT)
         reached(Point.CHECKPOINT_DUMPED)
+        taken = not cancelled()
         return result
     finally:
-        await asyncio.shield(asyncio.to_thread(gate.open))
+        if taken:
+            await asyncio.shield(asyncio.to_thread(gate.open))
+        else:
+            await asyncio.shield(asyncio.to_thread(gate.abort, stop.is_set))
 
 
 def keep_running_on_failure(containerd: Containerd, container_id: str, stack: AsyncExitStack) -> None:

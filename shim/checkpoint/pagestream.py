@@ -31,8 +31,9 @@ data arriving on another FIFO meanwhile is spilled to a private file and
 archived by copy: CRIU's order can never deadlock us. A FIFO that no writer
 ever opened is removed before the archive is built. The thread ends when it
 is told the dump is over and every opened FIFO is drained. If criu-shim dies
-mid-dump, CRIU would block on a FIFO nobody reads: recovery drains them
-(`drain`), so the dump ends and the container can be thawed.
+mid-dump, CRIU's write into a FIFO gets EPIPE and the dump fails (the tasks run
+on); a CRIU that opens its next FIFO only afterwards is made to fail by
+recovery (`orphandump`), never let through by a reader.
 """
 
 from __future__ import annotations
@@ -266,48 +267,6 @@ def remove_fifos(fifos: list[Path]) -> None:
                 path.unlink()
         except FileNotFoundError:
             pass
-
-
-def drain(images: Path, timeout: float = 60.0) -> int:
-    """Read every FIFO in `images` to its end, discarding: a dump whose reader died can then finish."""
-    fifos = [p for p in sorted(images.glob(PAGES_GLOB)) if stat.S_ISFIFO(os.lstat(p).st_mode)]
-    deadline = time.monotonic() + timeout
-    drained = 0
-    fds = [os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) for p in fifos]
-    try:
-        sink = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            open_fds = set(fds)
-            while open_fds and time.monotonic() < deadline:
-                ready = select.select(list(open_fds), [], [], 0.5)[0]
-                for fd in ready:
-                    try:
-                        moved = os.splice(fd, sink, SPLICE_CHUNK)
-                    except BlockingIOError:
-                        continue
-                    if moved == 0:
-                        open_fds.discard(fd)
-                    drained += moved
-                if not ready and not _any_writer(images):
-                    break
-        finally:
-            os.close(sink)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    return drained
-
-
-def _any_writer(images: Path) -> bool:
-    needle = str(images).encode()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if needle in Path(f"/proc/{entry.name}/cmdline").read_bytes():
-                    return True
-            except OSError:
-                continue
-    return False
 
 
 def aligned_header(name: str, size: int, offset: int, block: int, length: int | None = None) -> bytes:

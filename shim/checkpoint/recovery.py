@@ -18,7 +18,7 @@ from typing import Any
 
 from shim import freezer
 from shim.archive_layout import IMAGES_DIR
-from shim.checkpoint import dumpgate, netlock, pagestream
+from shim.checkpoint import netlock, orphandump
 from shim.containerd import Containerd
 from shim.errors import ShimError
 
@@ -71,19 +71,19 @@ async def resume(containerd: Containerd, container_id: str) -> None:
 def busy(facts: dict[str, Any]) -> bool:
     """A dump may outlive its criu-shim (runc goes on): wait until no process works in its staging dir.
 
-    A dump streaming its memory into FIFOs (pagestream) would wait forever for
-    the reader that died with its criu-shim, the container frozen, and so
-    would CRIU at the gate of its last image (dumpgate): open the gate and read
-    the FIFOs to their end (discarding) so the dump can finish. Blocking.
+    The dump must fail, never finish: a stop-after dump that finished would end
+    the container with no archive ever written. CRIU writing pages or waiting at
+    the gate got EPIPE when the kernel closed the dead criu-shim's descriptors;
+    a CRIU that opened a FIFO (a page image, the gate) only afterwards sleeps in
+    its open holding the container: `orphandump` makes it fail there. Blocking.
     """
     staging = facts.get(STAGING)
     if not staging or not _process_mentions(str(staging)):
         return False
     images = Path(str(staging)) / IMAGES_DIR
-    if images.is_dir():
-        with dumpgate.held_open(images):
-            drained = pagestream.drain(images)
-        log.warning("drained %d bytes a dead criu-shim's dump was streaming to %s", drained, images)
+    failed = orphandump.fail_waiting(images)
+    if failed:
+        log.warning("failed the dump of CRIU %s, left waiting at a FIFO in %s by a dead criu-shim", failed, images)
     return _process_mentions(str(staging))
 
 

@@ -179,7 +179,6 @@ def _in_place(archive: Path, work: Path, member: Deferred) -> dict[str, object]:
     return {"image": name, "archive": str(source), "offset": member.offset, "size": member.size, "unlink": unlink}
 
 
-def check_memory_images(work: Path, deferred: tuple[Deferred, ...] = ()) -> None:
 def _in_sealed(sealed: PartlyDecrypted, work: Path, member: Deferred) -> dict[str, object]:
     """Where our page daemon finds a memory image of a sealed archive: its plaintext offset in the
     sealed archive itself, and the node's key sources to open it with (shim.restore.sealed_pages)."""
@@ -188,6 +187,7 @@ def _in_sealed(sealed: PartlyDecrypted, work: Path, member: Deferred) -> dict[st
     return where
 
 
+def check_memory_images(work: Path, deferred: tuple[Deferred, ...] = ()) -> None:
     """Every memory image unpacked whole holds exactly the bytes its pagemap accounts for.
 
     CRIU does not check: a pages-N.img shorter than its pagemap says makes an
@@ -266,9 +266,9 @@ def _fill_eager(archive: Path, work: Path, member: Deferred, maps: dict[int, pag
         dst = os.open(work / member.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             for offset, length in pagemap.eager_ranges(found):
-                os.lseek(dst, offset, os.SEEK_SET)
                 if sealed is not None:  # the copy has holes where the image is: decrypt these runs' chunks
                     sealed.fill(member.offset + offset, length)
+                os.lseek(dst, offset, os.SEEK_SET)
                 if short := kernel_copy(src, dst, length, member.offset + offset):
                     raise InvalidArgument(f"checkpoint image {member.name} ends {short} bytes early")
         finally:

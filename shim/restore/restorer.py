@@ -358,12 +358,12 @@ class Restorer:
             await to_thread_to_end(lazy.plan_remote, archive_path, work, self._config.criu)
         return archive
 
-    async def _lazy_possible(self) -> bool:
     async def _sealed_lazily(self, archive_path: Path, lazy_wanted: bool) -> bool:
         """A sealed archive whose memory our page daemon can serve chunk by chunk (shim.restore.unseal_lazy)."""
         return (lazy_wanted and self._config.restore.page_daemon == PAGE_DAEMON_OURS and await self._lazy_possible()
                 and await asyncio.to_thread(unseal_lazy.servable, archive_path))
 
+    async def _lazy_possible(self) -> bool:
         """Lazy restore is on in the config and CRIU can do it here (userfaultfd, fork events)."""
         criu = self._config.criu
         if not self._config.restore.lazy_pages or criu is None:

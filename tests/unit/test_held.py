@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 import threading
@@ -15,20 +16,29 @@ from shim.errors import Internal, ResourceExhausted
 
 
 class FakeCriu:
-    """Holds the container (sets `holding`), then waits at the gate, writes its inventory, lets go."""
+    """Holds the container (sets `holding`), then writes its inventory at the gate (blocks until it
+    opens) and lets go; a write that fails with EPIPE fails the dump, the tasks running on."""
 
     def __init__(self, gate: dumpgate.Gate, fail_before_hold: bool = False) -> None:
         self.gate = gate
         self.fail_before_hold = fail_before_hold
         self.holding = threading.Event()
+        self.at_gate = threading.Event()  # its open of the gate returned
         self.released = threading.Event()
+        self.failed = threading.Event()
 
     def _run(self) -> None:
         self.holding.set()
-        fd = os.open(self.gate.path, os.O_WRONLY)  # blocks until the gate opens
-        os.write(fd, b"inventory")
-        os.close(fd)
-        self.holding.clear()
+        fd = os.open(self.gate.path, os.O_WRONLY)  # never waits: the gate's reader is there
+        self.at_gate.set()
+        try:
+            os.write(fd, b"inventory")  # waits on the full pipe until the gate opens
+        except BrokenPipeError:  # the gate was failed: CRIU's dump fails, the tasks run on
+            self.failed.set()
+            raise Internal("runc: criu failed: type NOTIFY errno 0 (Broken pipe)") from None
+        finally:
+            os.close(fd)
+            self.holding.clear()
         self.released.set()
 
     async def dump(self) -> None:
@@ -58,6 +68,8 @@ class Proc:
 def proc(monkeypatch: pytest.MonkeyPatch) -> Proc:
     seen = Proc()
     monkeypatch.setattr(dumpgate, "wait_held", seen.wait_held)
+    # The fake CRIU is a thread of this process, not a process named criu.
+    monkeypatch.setattr(dumpgate, "criu_holds", lambda fifo: seen.criu is not None and seen.criu.at_gate.is_set())
     return seen
 
 
@@ -86,9 +98,39 @@ def test_a_failed_snapshot_still_lets_criu_go_and_fails_the_checkpoint(tmp_path:
     async def snapshot() -> str:
         raise ResourceExhausted("no space left writing checkpoint /x.tar")
 
-    with pytest.raises(ResourceExhausted, match="no space left"):
+    with pytest.raises(ResourceExhausted, match="no space left"):  # the cause, not CRIU's broken pipe
         asyncio.run(held.dump_holding(gate, tmp_path, criu.dump(), snapshot))
-    assert criu.released.is_set()  # the container was let go: never left held for a reader that is gone
+    # CRIU's dump failed at the gate: it lets the tasks run on (a stop-after dump would otherwise end the
+    # container with no archive written), and it is never left held for a reader that is gone.
+    assert criu.failed.is_set() and not criu.released.is_set() and not criu.holding.is_set()
+
+
+def test_a_cancelled_checkpoint_fails_the_dump_at_the_gate(tmp_path: Path, proc: Proc) -> None:
+    gate = dumpgate.Gate.make(tmp_path)
+    assert gate is not None
+    criu = proc.criu_for(gate)
+
+    async def cancelled_while_held() -> None:
+        async def snapshot() -> str:
+            assert me is not None
+            me.cancel()  # the deadline passes while the diff is taken; the dump outlives it
+            return "diff"
+
+        async def dump() -> None:  # as checkpointer's _outlive_cancellation: the dump runs on, then re-raises
+            task = asyncio.ensure_future(criu.dump())
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Internal):
+                    await task
+                raise
+
+        me = asyncio.current_task()
+        await held.dump_holding(gate, tmp_path, dump(), snapshot)
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(cancelled_while_held())
+    assert criu.failed.is_set() and not criu.released.is_set()  # the gate never opened for a cancelled request
 
 
 def test_a_dump_that_fails_before_the_hold_ends_the_wait(tmp_path: Path, proc: Proc) -> None:
@@ -106,15 +148,17 @@ def test_a_dump_that_fails_before_the_hold_ends_the_wait(tmp_path: Path, proc: P
     assert taken == []  # nothing is taken outside CRIU's hold
 
 
-def test_no_gate_for_stop_after_or_without_a_cgroup(tmp_path: Path) -> None:
+def test_a_gate_for_stop_after_too_none_without_a_cgroup(tmp_path: Path) -> None:
     from contextlib import AsyncExitStack
 
     from shim.checkpoint.options import CheckpointOptions
 
     async def make(opts: CheckpointOptions, cgroup: Path | None) -> dumpgate.Gate | None:
+        staging = tmp_path / f"staging-{len(list(tmp_path.iterdir()))}"
+        staging.mkdir()
         async with AsyncExitStack() as stack:
-            return await held.make_gate(tmp_path, opts, cgroup, stack)
+            return await held.make_gate(staging, opts, cgroup, stack)
 
-    assert asyncio.run(make(CheckpointOptions(stop_after=True), tmp_path)) is None
+    assert asyncio.run(make(CheckpointOptions(stop_after=True), tmp_path)) is not None
     assert asyncio.run(make(CheckpointOptions(), None)) is None
     assert asyncio.run(make(CheckpointOptions(), tmp_path)) is not None
