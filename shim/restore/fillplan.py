@@ -102,6 +102,11 @@ class FillPlan:
         return sum(s.end - s.start for s in self._missing)
 
     @property
+    def has_missing(self) -> bool:
+        """Something is neither in place nor in flight: a background copy can be claimed."""
+        return bool(self._missing)
+
+    @property
     def in_flight(self) -> bool:
         return bool(self._flight)
 

@@ -113,9 +113,10 @@ def remote_pages_file(archive: Path) -> Path:
     return archive.with_name(archive.name + REMOTE_PAGES_SUFFIX)
 
 
-def plan_remote(archive: Path, work: Path, criu: Path | None) -> bool:
+def plan_remote(archive: Path, work: Path, criu: Path | None, daemon: str = PAGE_DAEMON_CRIU) -> bool:
     """A lazy migration's restore: plan a page daemon that asks the source's page server (through the
     receiver's tunnel) for the memory no image holds. False when every page is in the images.
+    `daemon`: ours (shim.runtime.page_daemon with shim.restore.remote_pages) or `criu lazy-pages --page-server`.
 
     A dump of CRIU's `--lazy-pages` leaves lazy runs without data (PE_LAZY, not PE_PRESENT): restored
     without their page server they would read as zeros, so such an archive is refused unless the
@@ -126,7 +127,7 @@ def plan_remote(archive: Path, work: Path, criu: Path | None) -> bool:
     port = _remote_port(remote_pages_file(archive))
     if criu is None:
         raise InvalidArgument("a lazy migration's checkpoint needs CRIU's lazy-pages daemon; no CRIU is configured")
-    _write_plan(work, {"criu": str(criu), "pages": [],
+    _write_plan(work, {"criu": str(criu), "daemon": daemon, "pages": [],
                        "page_server": {"address": PAGE_SERVER_ADDRESS, "port": port}})
     return True
 

@@ -97,6 +97,17 @@ def lazy_runs(pagemap: Pagemap) -> list[tuple[int, int, int]]:
     return runs
 
 
+def remote_runs(pagemap: Pagemap) -> list[tuple[int, int, int]]:
+    """(address, bytes, address) of a lazy migration's lazy runs, whose data the source's page server holds.
+
+    Such a run has no data in the pages file (PE_LAZY without PE_PRESENT): its "image offset" is its
+    dump-time address, what the page server is asked for. Not merged: each entry is one iovec of the
+    source's page pipe, and the server answers a request up to the end of its iovec only.
+    """
+    return [(run.vaddr, run.nr_pages * PAGE_SIZE, run.vaddr) for run in pagemap.runs
+            if run.lazy and not run.present]
+
+
 def _records(data: bytes, label: str) -> list[bytes]:
     if len(data) < 8 or _U32.unpack_from(data, 0)[0] != IMG_COMMON_MAGIC \
             or _U32.unpack_from(data, 4)[0] != PAGEMAP_MAGIC:

@@ -322,7 +322,8 @@ class Restorer:
         new = restore_request(request, archive, image, work, source_name(source))
         # Where the relay keeps CRIU's logs should the restore fail (the task takes its own along).
         new.config.annotations[LOGS_ANNOTATION] = str(self._config.state_dir / LOGS)
-        write_criu_config(work, self._config, request, label, tcp, bool(archive.deferred) or lazy.remote(work))
+        migrated = lazy.remote(work)
+        write_criu_config(work, self._config, request, label, tcp, bool(archive.deferred) or migrated, migrated)
         await to_thread_to_end(copy_log, archive.log, request)
         create_started = time.monotonic()
         reply = await self._containerd.forward(METHOD, new.SerializeToString(), metadata, timeout)
@@ -355,7 +356,8 @@ class Restorer:
             await to_thread_to_end(lazy.prepare, archive_path, work, archive.deferred, self._config.criu,
                                    self._config.restore.page_daemon, sealed)
         else:  # a lazy migration's dump: the memory it lacks comes from the source node
-            await to_thread_to_end(lazy.plan_remote, archive_path, work, self._config.criu)
+            await to_thread_to_end(lazy.plan_remote, archive_path, work, self._config.criu,
+                                   self._config.restore.page_daemon)
         return archive
 
     async def _sealed_lazily(self, archive_path: Path, lazy_wanted: bool) -> bool:

@@ -125,7 +125,7 @@ class LazyPages:
             return
         self.work.mkdir(mode=0o700, exist_ok=True)
         self._started = time.monotonic()
-        if self.daemon == PAGE_DAEMON_OURS and self._page_server is None:
+        if self.daemon == PAGE_DAEMON_OURS:  # from the archive, or a lazy migration's source node (the plan says)
             self._hold_archives()
             self._daemon = self._start_ours()
             self._watcher = threading.Thread(target=self._watch, name="lazy-pages-watcher", daemon=True)

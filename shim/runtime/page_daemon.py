@@ -43,6 +43,7 @@ from typing import Any
 from shim.restore import pagemap
 from shim.restore.fillplan import BACKGROUND_RUN, Copy, FillPlan, Zero
 from shim.restore.page_source import MappedImage, PageSource
+from shim.restore.remote_pages import RemotePages
 from shim.restore.sealed_pages import SealedImage
 from shim.runtime import uffd
 from shim.sealed import Keyring
@@ -74,9 +75,9 @@ class Stats:
 
 
 class Task:
-    """One process's userfaultfd, its plan and its image."""
+    """One process's userfaultfd, its plan and its image (None: the source node's, through `Daemon.remote`)."""
 
-    def __init__(self, pid: int, fd: int, plan: FillPlan, source: PageSource) -> None:
+    def __init__(self, pid: int, fd: int, plan: FillPlan, source: PageSource | None) -> None:
         self.pid, self.fd, self.plan, self.source = pid, fd, plan, source
         self.gone = False
         self._ahead = (0, 0)
@@ -84,7 +85,7 @@ class Task:
     def read_ahead(self, offset: int, length: int) -> None:
         """Keep the image READ_AHEAD ahead of the fill (posix_fadvise: the kernel reads it in the background)."""
         lo, hi = self._ahead
-        if lo <= offset and offset + length + READ_AHEAD // 2 <= hi:
+        if self.source is None or lo <= offset and offset + length + READ_AHEAD // 2 <= hi:
             return
         self.source.prefetch(offset, length + READ_AHEAD)
         self._ahead = (offset, offset + length + READ_AHEAD)
@@ -101,6 +102,10 @@ class Daemon:
         self._deferred = _deferred_images(plan_file)
         self._conn: socket.socket | None = None
         self._next_bg = 0
+        # A lazy migration: the memory comes from the source node's page server (connected now, before
+        # the restore needs it), each copy asked for and copied once its bytes landed.
+        server = _page_server(plan_file)
+        self.remote: RemotePages[tuple[Task, Copy]] | None = RemotePages(*server) if server else None
 
     def run(self) -> int:
         self._conn, _ = self.listener.accept()
@@ -111,16 +116,22 @@ class Daemon:
         log.info("the restore connected")
         poller = select.poll()
         poller.register(self._conn, select.POLLIN)
+        if self.remote is not None:
+            poller.register(self.remote.fileno(), select.POLLIN)
         while True:
             if self.restore_finished:
                 self.tasks = [t for t in self.tasks if not self._retire(poller, t)]
                 if not self.tasks:
+                    if self.remote is not None:  # in order: the source's CRIU may end the source now
+                        self.remote.finish()
                     self._report()
                     return 0
-            busy = any(t.plan.has_faults for t in self.tasks) or self.restore_finished
+            busy = any(t.plan.has_faults for t in self.tasks) or self.restore_finished and self._background_ready()
             for fd, _ in poller.poll(0 if busy else None):
                 if self._conn is not None and fd == self._conn.fileno():
                     self._from_restore(poller)
+                elif self.remote is not None and fd == self.remote.fileno():
+                    self.remote.receive(self._landed)
                 else:
                     self._from_uffd(poller, fd)
             self._serve_faults()
@@ -155,8 +166,12 @@ class Daemon:
         if len(fds) != 1:
             raise RuntimeError(f"expected the userfaultfd of process {value}, got {len(fds)} descriptors")
         found = self._pagemap(value)
-        task = Task(value, fds[0], FillPlan.from_runs(pagemap.lazy_runs(found), _vmas(self.images / f"mm-{value}.img")),
-                    self._source_of(found.pages_id))
+        vmas = _vmas(self.images / f"mm-{value}.img")
+        if self.remote is not None:  # a run's image offset is its dump-time address, what the source is asked for
+            task = Task(value, fds[0], FillPlan.from_runs(pagemap.remote_runs(found), vmas), None)
+        else:
+            task = Task(value, fds[0], FillPlan.from_runs(pagemap.lazy_runs(found), vmas),
+                        self._source_of(found.pages_id))
         self.tasks.append(task)
         poller.register(task.fd, select.POLLIN)
         log.info("process %d: %d MiB to fill in", value, task.plan.missing_bytes >> 20)
@@ -217,8 +232,26 @@ class Daemon:
                     break
                 self._act(task, action)
 
+    def _background_ready(self) -> bool:
+        """Whether a background copy can start now: always from a local image; from the source node while
+        the requests on the way leave room and something is still to be asked for."""
+        if self.remote is None:
+            return True
+        return self.remote.room and any(not t.gone and t.plan.has_missing for t in self.tasks)
+
     def _background(self) -> None:
-        """One background copy, taking the processes in turn."""
+        """One background copy, taking the processes in turn (from the source node: asked for until the
+        requests on the way fill the window, so that the link, not the round trips, sets the rate)."""
+        if self.remote is not None:
+            while self._background_ready():
+                pending = [t for t in self.tasks if not t.gone and t.plan.has_missing]
+                task = pending[self._next_bg % len(pending)]
+                self._next_bg += 1
+                action = task.plan.next()
+                if action is None:
+                    return
+                self._act(task, action)
+            return
         pending = [t for t in self.tasks if not t.gone and not t.plan.complete]
         if not pending:
             return
@@ -244,11 +277,25 @@ class Daemon:
             if outcome.error == errno.EAGAIN:
                 task.plan.fault(action.start)  # after the events that changed the address space
             return
+        if task.source is None:  # from the source node: copied once it has landed (_landed)
+            assert self.remote is not None
+            self.remote.request(task.pid, action.offset, action.length, (task, action))
+            return
         began = time.monotonic()
         src = task.source.span(action.offset, action.length)
         copying = time.monotonic()
-        outcome = uffd.copy(task.fd, action.start, src, action.length)
         self.stats.read_s += copying - began
+        self._copy(task, action, src, action.length)
+
+    def _landed(self, tag: tuple[Task, Copy], address: int, length: int) -> None:
+        """A reply from the source node: `length` bytes (the copy's or fewer) at `address`, copied in now."""
+        task, action = tag
+        if not task.gone:  # else its process exited meanwhile: the bytes are dropped
+            self._copy(task, action, address, length)
+
+    def _copy(self, task: Task, action: Copy, src: int, length: int) -> None:
+        copying = time.monotonic()
+        outcome = uffd.copy(task.fd, action.start, src, length)
         self.stats.copy_s += time.monotonic() - copying
         self.stats.copies += 1
         self.stats.fault_copies += action.fault
@@ -258,16 +305,19 @@ class Daemon:
             task.gone = True
             return
         if error == errno.ENOENT:  # nothing registered there any more (an unmap raced us): not ours to fill
-            task.plan.finished(action, action.length)
+            if task.source is None:  # bytes that waited on the network: what the unmap left is in flight still
+                task.plan.finished(action, outcome.done, exists=True)
+            else:
+                task.plan.finished(action, action.length)
             return
         if error not in (0, errno.EEXIST, errno.EAGAIN):
-            raise OSError(error, f"process {task.pid}: UFFDIO_COPY of {action.length} bytes at {action.start:#x}")
-        exists = error == errno.EEXIST and outcome.done < action.length
+            raise OSError(error, f"process {task.pid}: UFFDIO_COPY of {length} bytes at {action.start:#x}")
+        exists = error == errno.EEXIST and outcome.done < length
         if exists:
             self.stats.exists += 1
             uffd.wake(task.fd, action.start + outcome.done, 4096)
         self.stats.again += error == errno.EAGAIN
-        task.plan.finished(action, outcome.done, exists=exists)
+        task.plan.finished(action, outcome.done, exists=exists)  # a short reply: the rest is asked for again
 
     def _retire(self, poller: select.poll, task: Task) -> bool:
         """A task whose memory is complete (or whose process is gone) is done with: its descriptor closed."""
@@ -296,6 +346,9 @@ class Daemon:
                  "%d zero pages, %d already there, %d interrupted, %d forks; connected after %.3fs",
                  s.copied >> 20, fill, rate, now - s.started, s.copies, s.fault_copies, s.faults, s.copy_s,
                  s.read_s, s.zero_pages, s.exists, s.again, s.forks, s.connected - s.started)
+        if self.remote is not None:
+            log.info("from the source node: %d requests, %d MiB received", self.remote.requests,
+                     self.remote.received >> 20)
 
 
 def _sealed_source(where: dict[str, Any]) -> SealedImage:
@@ -336,6 +389,12 @@ def _vmas(path: Path) -> list[tuple[int, int]]:
     mm = pb.mm_entry()
     mm.ParseFromString(raw[pos + 4:pos + 4 + size])
     return [(int(v.start), int(v.end)) for v in mm.vmas]
+
+
+def _page_server(plan_file: Path) -> tuple[str, int] | None:
+    """(address, port) of a lazy migration's page tunnel (shim.restore.lazy.plan_remote), or None."""
+    server = json.loads(plan_file.read_text()).get("page_server")
+    return None if server is None else (str(server["address"]), int(server["port"]))
 
 
 def _deferred_images(plan_file: Path) -> dict[str, dict[str, Any]]:

@@ -22,6 +22,8 @@ import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.checkpoint.netlock import TABLE
+from shim.handoff import LAZY_WORK, RESTORE_DIR
+from shim.node import local, procs
 from tests.node.fabric_pods import (
     REPO,
     STOP_AFTER,
@@ -73,9 +75,41 @@ def _no_lazy_leftovers(host: Host) -> None:
     assert not [n for n in host.archives() if n.endswith((".lazy", ".page-server", ".part"))], host.archives()
 
 
-def test_lazy_migration_moves_memory_whole_and_ends_the_source(hosts: tuple[Host, Host]) -> None:
+@contextlib.contextmanager
+def target_page_daemon(host: Host, daemon: str) -> Iterator[None]:
+    """The host's proxy (in the host's network namespace) restarted with `[restore] page_daemon = DAEMON`;
+    put back afterwards. The proxy plans the restore's page daemon at CreateContainer."""
+    layout = host.layout
+    original = layout.proxy_config_file.read_text()
+
+    def restart(text: str) -> None:
+        pid = procs.read_pid(layout.pid_dir / "proxy.pid")
+        assert pid is not None
+        procs.stop(pid)
+        layout.proxy_config_file.write_text(text)
+        local._start_proxy(layout, layout.proxy_config_file, ["nsenter", f"--net=/run/netns/{host.env['NODE_NETNS']}",
+                                                              "--"])
+
+    restart(original.replace("[restore]\n", f'[restore]\npage_daemon = "{daemon}"\n'))
+    try:
+        yield
+    finally:
+        restart(original)
+
+
+def _page_daemon_log(host: Host, ctr: str) -> str:
+    """The restored container's page daemon log (its restore's work dir, kept while the container is)."""
+    status = host.cri.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr), timeout=30).status
+    return (Path(status.annotations[RESTORE_DIR]) / LAZY_WORK / "lazy-pages.log").read_text(errors="replace")
+
+
+# The target's page daemon: criu-shim's own (the default: it asks the source's page server itself,
+# pipelined) and CRIU's `criu lazy-pages --page-server` ([restore] page_daemon = "criu").
+@pytest.mark.parametrize("daemon", ["criu-shim", "criu"])
+def test_lazy_migration_moves_memory_whole_and_ends_the_source(hosts: tuple[Host, Host], daemon: str) -> None:
     a, b = hosts
-    with a.cri.pod(STOP_AFTER) as source_pod, b.cri.pod() as target_pod:
+    with (target_page_daemon(b, daemon) if daemon == "criu" else contextlib.nullcontext(),
+          a.cri.pod(STOP_AFTER) as source_pod, b.cri.pod() as target_pod):
         ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "128"},
                               name="counter")
         wait_for(lambda: a.cri.count(ctr) >= 20, timeout=60)
@@ -90,6 +124,11 @@ def test_lazy_migration_moves_memory_whole_and_ends_the_source(hosts: tuple[Host
         assert first >= 20, "the count restarted instead of resuming"
         wait_for(lambda: b.cri.count(moved) > first + 10, timeout=60)  # each tick checks every page
         assert b.cri.state(moved) == "CONTAINER_RUNNING", b.cri.log(moved)[-500:]
+        daemon_log = _page_daemon_log(b, moved)
+        if daemon == "criu-shim":  # ours asked the source itself, and had it all
+            assert "memory in place" in daemon_log and "from the source node" in daemon_log, daemon_log[-2000:]
+        else:  # CRIU's own (its log at -v2 may be empty; ours always says it was ready)
+            assert "page-daemon:" not in daemon_log, daemon_log[-2000:]
         assert not list(Path(a.env["CHECKPOINTS_DIR"]).glob("migrate-*")), "the source keeps nothing"
         assert not list(Path(b.env["CHECKPOINTS_DIR"]).glob("migrate-*")), "a memoryless archive is not kept"
         _no_lazy_leftovers(a)

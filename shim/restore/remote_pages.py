@@ -1,0 +1,147 @@
+"""A lazy migration's memory from the source node: the page daemon's network page source.
+
+The target's page daemon (shim.runtime.page_daemon) connects to the migration receiver's
+loopback end of the page tunnel (shim.migrate.tunnel: CRIU's page-server TCP inside the nodes'
+mutual TLS) and speaks CRIU's page-server protocol itself (shim.restore.pageserver, the codec;
+this module is its thin transport). Unlike a local image, bytes here arrive later than they are
+asked for, so the source is driven by the plan's claims (shim.restore.fillplan keeps them in
+flight): the daemon asks (`request`) for each copy it claims, faults at once and the background
+fill while less than WINDOW bytes are on the way, and copies each reply into the process when
+it has landed (`receive`), straight from one receive buffer. With several large requests on the
+wire the link sets the rate, not the round trips through both tunnel ends.
+
+Why a page daemon that asks, and not a source node that pushes: CRIU's page server already
+takes pipelined requests of up to one page-pipe iovec (819 pages) and answers them in order, so
+the target alone decides the order (faults first) with no change to the source, and the source's
+end keeps CRIU's own meaning of a session's end (PS_IOV_CLOSE: transfer complete, the source's
+tasks end; a reset: failed, CRIU lets them run again). The socket resets on close (SO_LINGER 0,
+also when the daemon dies) unless `finish` ended the session in order.
+
+In a lazy migration's images the lazy runs have no data (PE_LAZY without PE_PRESENT): a run's
+"image offset" here is its dump-time address, which is what the page server is asked for (an
+mremap on the target moves the plan's addresses, not the offsets).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from shim.restore.pageserver import Closed, Pages, PageServerClient, ProtocolError
+
+WINDOW = 8 << 20  # bytes asked for and not yet landed: two background runs (the link's rate, a fault's wait)
+BUFFER = 4 << 20  # the largest request (fillplan.BACKGROUND_RUN)
+CONNECT_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 30.0
+
+T = TypeVar("T")
+
+
+class RemotePages(Generic[T]):
+    """One page-server connection, shared by every process of the restore (requests name the pid)."""
+
+    def __init__(self, address: str, port: int) -> None:
+        self._sock = socket.create_connection((address, port), timeout=CONNECT_TIMEOUT)
+        try:
+            # Reset unless ended in order (finish): CRIU takes an orderly end for a finished transfer.
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock.settimeout(None)
+            self._buffer = mmap.mmap(-1, BUFFER)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._buffer.write(bytes(BUFFER))  # faulted in once, not during the first receives
+        self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(self._buffer)
+        self._address = ctypes.addressof(self._anchor)
+        self._view = memoryview(self._buffer)
+        self._codec: PageServerClient[T] = PageServerClient()
+        self._filled = 0  # bytes of the current reply in the buffer
+        self._status: int | None = None
+        self.requests = 0
+        self.received = 0
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def room(self) -> bool:
+        """Whether the background fill may ask for more now (faults always may)."""
+        return self._codec.in_flight < WINDOW
+
+    @property
+    def in_flight(self) -> int:
+        return self._codec.in_flight
+
+    def request(self, pid: int, vaddr: int, length: int, tag: T) -> None:
+        """Ask for `length` bytes of process `pid` from dump-time address `vaddr`; `tag` comes back with them."""
+        if length > BUFFER:
+            raise ValueError(f"a request of {length} bytes is over the receive buffer ({BUFFER})")
+        self._sock.sendall(self._codec.get(pid, vaddr, length, tag))
+        self.requests += 1
+
+    def receive(self, landed: Callable[[T, int, int], None], budget: int = WINDOW) -> None:
+        """Read what has arrived, without waiting; `landed(tag, address, length)` for each complete reply, its
+        bytes at `address` until it returns. ConnectionError when the stream ends, ProtocolError for nonsense."""
+        while budget > 0:
+            want = self._codec.wanted()
+            try:
+                if want.size == 0:  # nothing owed: the server may only end the stream now
+                    count = len(self._sock.recv(1, socket.MSG_DONTWAIT))
+                    if count:
+                        raise ProtocolError("the page server sent bytes nobody asked for")
+                elif want.pages:
+                    count = self._sock.recv_into(self._view[self._filled:self._filled + want.size], want.size,
+                                                 socket.MSG_DONTWAIT)
+                else:
+                    data = self._sock.recv(want.size, socket.MSG_DONTWAIT)
+                    count = len(data)
+            except BlockingIOError:
+                return
+            if count == 0:
+                raise ConnectionError("the page stream from the source node ended before memory was complete")
+            self.received += count
+            budget -= count
+            if want.pages:
+                self._filled += count
+                done = self._codec.landed(count)
+                if done is not None:
+                    self._filled = 0
+                    landed(done.request.tag, self._address, done.length)
+                continue
+            for event in self._codec.feed(data):
+                if isinstance(event, Closed):
+                    self._status = event.status
+                elif isinstance(event, Pages) and event.length > BUFFER:  # cannot be: length <= asked <= BUFFER
+                    raise ProtocolError(f"a reply of {event.length} bytes")
+
+    def finish(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """End the session in order (memory complete): PS_IOV_CLOSE, the replies still owed are read and
+        dropped, the server's status, then an orderly close. Raises if the server does not say 0."""
+        self._sock.sendall(self._codec.close())
+        deadline = time.monotonic() + timeout
+        while self._status is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._sock], [], [], left)[0]:
+                raise TimeoutError(f"the source's page server did not answer the end of the session in {timeout:.0f} s")
+            self.receive(lambda tag, address, length: None)
+        if self._status != 0:
+            raise ProtocolError(f"the source's page server ended the session with status {self._status}")
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 0, 0))
+        self.close()
+
+    def close(self) -> None:
+        """Close (a reset, unless `finish` ended the session in order); idempotent."""
+        self._sock.close()
+        if self._anchor is not None:
+            self._anchor = None
+            self._view.release()
+            with contextlib.suppress(BufferError):
+                self._buffer.close()
