@@ -322,8 +322,7 @@ class Restorer:
         new = restore_request(request, archive, image, work, source_name(source))
         # Where the relay keeps CRIU's logs should the restore fail (the task takes its own along).
         new.config.annotations[LOGS_ANNOTATION] = str(self._config.state_dir / LOGS)
-        migrated = lazy.remote(work)
-        write_criu_config(work, self._config, request, label, tcp, bool(archive.deferred) or migrated, migrated)
+        write_criu_config(work, self._config, request, label, tcp, bool(archive.deferred) or lazy.remote(work))
         await to_thread_to_end(copy_log, archive.log, request)
         create_started = time.monotonic()
         reply = await self._containerd.forward(METHOD, new.SerializeToString(), metadata, timeout)
