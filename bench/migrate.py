@@ -33,6 +33,7 @@ from tests.node.fabric_pods import (  # noqa: E402
     client_on_router,
     distinct_dirs,
     largest_gap,
+    page_daemon,
     pod_ip,
     seqs,
     up,
@@ -43,8 +44,8 @@ PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
 LAZY_PIPE = 4 << 20  # CRIU's lazy page server pipe, over the default without CAP_SYS_RESOURCE (shim.migrate.lazy)
 
 
-def one(a: Host, b: Host, mem_mb: int, mode: str, log: Path) -> tuple[float, str]:
-    with a.cri.pod(TCP) as pod_a, b.cri.pod(TCP) as pod_b:
+def one(a: Host, b: Host, mem_mb: int, mode: str, log: Path, daemon: str = "criu-shim") -> tuple[float, str]:
+    with page_daemon(b, daemon), a.cri.pod(TCP) as pod_a, b.cri.pod(TCP) as pod_b:
         ip = pod_ip(a, pod_a)
         server = a.cri.container(pod_a, ["/usr/local/bin/tcpserver"],
                                  {"PORT": "7000", "BIND_ADDR": ip, "MEM_MB": str(mem_mb)}, name="server")
@@ -58,6 +59,20 @@ def one(a: Host, b: Host, mem_mb: int, mode: str, log: Path) -> tuple[float, str
         return largest_gap(text), " | ".join(out.strip().splitlines()[1:])
 
 
+def fill_rate(split: str) -> float | None:
+    """The lazy fill's MB/s from migrate's line `memory ... served lazily in S s after the restore (R MB/s)`."""
+    for part in split.split(" | "):
+        if "served lazily" in part and "(" in part:
+            return float(part.split("(", 1)[1].split(" MB/s", 1)[0])
+    return None
+
+
+def runs(modes: list[str], daemons: list[str]) -> list[tuple[str, str, str]]:
+    """(label, mode, node B's page daemon) of each migration a rep makes: lazy once per page daemon."""
+    return [(f"lazy, {d} daemon" if mode == "lazy" and len(daemons) > 1 else mode, mode, d)
+            for mode in modes for d in (daemons if mode == "lazy" else ["criu-shim"])]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 512], metavar="MiB")
@@ -66,6 +81,9 @@ def main() -> int:
     parser.add_argument("--target-containerd", default="1.7", metavar="VERSION",
                         help="node B's containerd (node A runs 1.7): 1.7 or 2.4 (default %(default)s)")
     parser.add_argument("--no-floor", action="store_true", help="skip the CRIU floor (dump + restore by hand)")
+    parser.add_argument("--page-daemons", nargs="+", choices=("criu-shim", "criu"), default=["criu-shim"],
+                        help="node B's page daemon for lazy mode ([restore] page_daemon), each interleaved: "
+                             "criu-shim's own or CRIU's criu lazy-pages (default %(default)s)")
     args = parser.parse_args()
     pipe_before = PIPE_MAX_SIZE.read_text()
     if "lazy" in args.modes and int(pipe_before) < LAZY_PIPE:
@@ -78,7 +96,8 @@ def main() -> int:
             hosts = [up(dirs[0], Path(tmp) / "logs"), up(dirs[1], Path(tmp) / "logs", args.target_containerd)]
             table = []
             for size in args.sizes:
-                gaps: dict[str, list[float]] = {mode: [] for mode in args.modes}
+                gaps: dict[str, list[float]] = {label: [] for label, _, _ in runs(args.modes, args.page_daemons)}
+                fills: dict[str, list[float]] = {label: [] for label in gaps}
                 floors: list[tuple[float, float]] = []  # (dump + restore, client gap)
                 for rep in range(args.reps):
                     if not args.no_floor:
@@ -86,17 +105,25 @@ def main() -> int:
                         floors.append((floor.dump_s + floor.restore_s, floor.client_gap_s))
                         print(f"{size} MiB CRIU floor rep {rep}: dump {floor.dump_s:.3f} s + restore "
                               f"{floor.restore_s:.3f} s; client gap {floor.client_gap_s:.3f} s", flush=True)
-                    for mode in args.modes:  # interleaved: a drift of the machine hits both modes alike
-                        gap, split = one(hosts[0], hosts[1], size, mode, Path(tmp) / f"client-{size}-{mode}-{rep}.log")
-                        gaps[mode].append(gap)
-                        print(f"{size} MiB {mode} rep {rep}: client gap {gap:.3f} s; {split}", flush=True)
-                for mode, values in gaps.items():
-                    table.append(f"| {size} MiB | {mode} | {statistics.median(values):.2f} s | {max(values):.2f} s |")
+                    # interleaved: a drift of the machine hits every mode alike
+                    for label, mode, daemon in runs(args.modes, args.page_daemons):
+                        gap, split = one(hosts[0], hosts[1], size, mode,
+                                         Path(tmp) / f"client-{size}-{mode}-{daemon}-{rep}.log", daemon)
+                        gaps[label].append(gap)
+                        if (rate := fill_rate(split)) is not None:
+                            fills[label].append(rate)
+                        print(f"{size} MiB {label} rep {rep}: client gap {gap:.3f} s; {split}", flush=True)
+                for label, values in gaps.items():
+                    fill = f"{statistics.median(fills[label]):.0f} MB/s" if fills[label] else "-"
+                    table.append(f"| {size} MiB | {label} | {statistics.median(values):.2f} s | {max(values):.2f} s "
+                                 f"| {fill} |")
                 if floors:
                     table.append(f"| {size} MiB | CRIU floor: dump + restore by hand, "
                                  f"{statistics.median(f for f, _ in floors):.2f} s | "
-                                 f"{statistics.median(g for _, g in floors):.2f} s | {max(g for _, g in floors):.2f} s |")
-            print("| memory | mode | client gap, median | worst |\n|---|---|---|---|\n" + "\n".join(table), flush=True)
+                                 f"{statistics.median(g for _, g in floors):.2f} s | {max(g for _, g in floors):.2f} s "
+                                 "| - |")
+            print("| memory | mode | client gap, median | worst | lazy fill, median |\n|---|---|---|---|---|\n"
+                  + "\n".join(table), flush=True)
             print(f"load average: {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
         finally:
             PIPE_MAX_SIZE.write_text(pipe_before)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
-from shim.node import cleanup
+from shim.node import cleanup, local, procs
 from shim.node.layout import NodeLayout
 from tests.node import leaks
 from tests.node.conftest import criu_shim
@@ -74,6 +74,32 @@ class Host:
             filter=cri.ContainerFilter(pod_sandbox_id=pod.id)), timeout=30).containers
         assert len(listed) == 1, listed
         return str(listed[0].id)
+
+
+@contextlib.contextmanager
+def page_daemon(host: Host, daemon: str) -> Iterator[None]:
+    """The host's proxy (in the host's network namespace) restarted with `[restore] page_daemon = DAEMON`
+    (the proxy plans a restore's page daemon at CreateContainer), put back afterwards; the default
+    ("criu-shim") leaves it alone."""
+    if daemon == "criu-shim":
+        yield
+        return
+    layout = host.layout
+    original = layout.proxy_config_file.read_text()
+
+    def restart(text: str) -> None:
+        pid = procs.read_pid(layout.pid_dir / "proxy.pid")
+        assert pid is not None
+        procs.stop(pid)
+        layout.proxy_config_file.write_text(text)
+        local._start_proxy(layout, layout.proxy_config_file, ["nsenter", f"--net=/run/netns/{host.env['NODE_NETNS']}",
+                                                              "--"])
+
+    restart(original.replace("[restore]\n", f'[restore]\npage_daemon = "{daemon}"\n'))
+    try:
+        yield
+    finally:
+        restart(original)
 
 
 def up(directory: Path, log_root: Path, version: str = "1.7") -> Host:

@@ -23,7 +23,6 @@ import pytest
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.checkpoint.netlock import TABLE
 from shim.handoff import LAZY_WORK, RESTORE_DIR
-from shim.node import local, procs
 from tests.node.fabric_pods import (
     REPO,
     STOP_AFTER,
@@ -32,6 +31,7 @@ from tests.node.fabric_pods import (
     client_on_router,
     fabric_hosts,
     largest_gap,
+    page_daemon,
     pod_ip,
     router_routes,
     seqs,
@@ -75,28 +75,6 @@ def _no_lazy_leftovers(host: Host) -> None:
     assert not [n for n in host.archives() if n.endswith((".lazy", ".page-server", ".part"))], host.archives()
 
 
-@contextlib.contextmanager
-def target_page_daemon(host: Host, daemon: str) -> Iterator[None]:
-    """The host's proxy (in the host's network namespace) restarted with `[restore] page_daemon = DAEMON`;
-    put back afterwards. The proxy plans the restore's page daemon at CreateContainer."""
-    layout = host.layout
-    original = layout.proxy_config_file.read_text()
-
-    def restart(text: str) -> None:
-        pid = procs.read_pid(layout.pid_dir / "proxy.pid")
-        assert pid is not None
-        procs.stop(pid)
-        layout.proxy_config_file.write_text(text)
-        local._start_proxy(layout, layout.proxy_config_file, ["nsenter", f"--net=/run/netns/{host.env['NODE_NETNS']}",
-                                                              "--"])
-
-    restart(original.replace("[restore]\n", f'[restore]\npage_daemon = "{daemon}"\n'))
-    try:
-        yield
-    finally:
-        restart(original)
-
-
 def _page_daemon_log(host: Host, ctr: str) -> str:
     """The restored container's page daemon log (its restore's work dir, kept while the container is)."""
     status = host.cri.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr), timeout=30).status
@@ -108,7 +86,7 @@ def _page_daemon_log(host: Host, ctr: str) -> str:
 @pytest.mark.parametrize("daemon", ["criu-shim", "criu"])
 def test_lazy_migration_moves_memory_whole_and_ends_the_source(hosts: tuple[Host, Host], daemon: str) -> None:
     a, b = hosts
-    with (target_page_daemon(b, daemon) if daemon == "criu" else contextlib.nullcontext(),
+    with (page_daemon(b, daemon),
           a.cri.pod(STOP_AFTER) as source_pod, b.cri.pod() as target_pod):
         ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "128"},
                               name="counter")
