@@ -36,6 +36,9 @@ def main() -> int:
           flush=True)
     subprocess.run([sys.executable, str(HERE / "compression.py"), *(["--sizes", "64", "--reps", "1"] if args.quick
                                                                    else [])], check=True)
+    print("\n== Lazy restore of a sealed archive vs an unencrypted one: until running and until all in place",
+          flush=True)
+    subprocess.run([sys.executable, str(HERE / "sealed_restore.py"), *sizes], check=True)
     print("\n== Restore: criu-shim on containerd 1.7 vs containerd 2.x native vs CRIU's own restore vs cold start",
           flush=True)
     subprocess.run([sys.executable, str(HERE / "restore.py"), *sizes], check=True)
