@@ -38,15 +38,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shim.restore import pagemap
 from shim.restore.fillplan import BACKGROUND_RUN, Copy, FillPlan, Zero
 from shim.restore.page_source import MappedImage, PageSource
 from shim.restore.remote_pages import RemotePages
-from shim.restore.sealed_pages import SealedImage
 from shim.runtime import uffd
-from shim.sealed import Keyring
+
+if TYPE_CHECKING:
+    from shim.restore.sealed_pages import SealedImage
 
 SOCKET = "lazy-pages.socket"
 LOG = "lazy-pages.log"
@@ -98,6 +99,7 @@ class Daemon:
         self.stats = Stats()
         self.tasks: list[Task] = []
         self.sources: dict[int, PageSource] = {}
+        self.sealed: dict[int, SealedImage] = {}  # those of `sources` in a sealed archive
         self.restore_finished = False
         self._deferred = _deferred_images(plan_file)
         self._conn: socket.socket | None = None
@@ -185,7 +187,7 @@ class Daemon:
             name = f"pages-{pages_id}.img"
             where = self._deferred.get(name)
             if where is not None and "sealed" in where:  # in a sealed archive: opened chunk by chunk
-                self.sources[pages_id] = _sealed_source(where)
+                self.sources[pages_id] = self.sealed[pages_id] = _sealed_source(where)
             elif where is not None:  # in the archive
                 self.sources[pages_id] = MappedImage(Path(where["archive"]), int(where["offset"]),
                                                      int(where["size"]), unlink=bool(where.get("unlink")))
@@ -331,10 +333,9 @@ class Daemon:
 
     def _log_sealed(self, when: str) -> None:
         """How much of each sealed image was decrypted (the fill's counters: a test reads them)."""
-        for pages_id, source in sorted(self.sources.items()):
-            if isinstance(source, SealedImage):
-                log.info("sealed pages-%d.img: %d of %d chunks decrypted %s (%d MiB)", pages_id,
-                         source.chunks_opened, source.chunks_total, when, source.decrypted >> 20)
+        for pages_id, source in sorted(self.sealed.items()):
+            log.info("sealed pages-%d.img: %d of %d chunks decrypted %s (%d MiB)", pages_id,
+                     source.chunks_opened, source.chunks_total, when, source.decrypted >> 20)
 
     def _report(self) -> None:
         s, now = self.stats, time.monotonic()
@@ -352,7 +353,13 @@ class Daemon:
 
 
 def _sealed_source(where: dict[str, Any]) -> SealedImage:
-    """A memory image in a sealed archive, opened with the node's key sources the plan names."""
+    """A memory image in a sealed archive, opened with the node's key sources the plan names.
+
+    Imported here: `cryptography` costs ~65 ms of start-up a daemon for a plain archive need not
+    pay (a spare daemon imports it ahead of need)."""
+    from shim.restore.sealed_pages import SealedImage
+    from shim.sealed import Keyring
+
     keys = where["sealed"]
     keyring = Keyring({str(k): Path(v) for k, v in keys["key_files"].items()}, [str(c) for c in keys["key_command"]])
     path = Path(where["archive"])
@@ -452,6 +459,8 @@ def _spare() -> int:
     """
     _die_with_parent(signal.SIGKILL)  # an unused spare goes with its relay, even a killed one
     from pycriu.images import pb  # noqa: F401
+
+    import shim.restore.sealed_pages  # noqa: F401  (a sealed archive's source: cryptography)
 
     line = sys.stdin.readline()
     if not line.strip():
