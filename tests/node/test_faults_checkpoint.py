@@ -175,14 +175,26 @@ def test_proxy_killed_while_the_container_is_frozen(node: Node, direct: Cri, pro
         assert proxy.process is not None
         assert proxy.process.wait(timeout=60) == -signal.SIGKILL
         call.join(timeout=60)
-        # The fault hit: CRIU holds the container at the gate of its last image (no pause of ours:
-        # containerd never saw PAUSED), and nobody is left to open the gate.
-        held, counting, journal = held_by_criu(direct, ctr), counts_on(direct, ctr), proxy.journal()
+        # The fault hit while CRIU held the container (no pause of ours: containerd never saw PAUSED).
+        # At the gate ("dumped": every page written, CRIU's write of its last image asleep on the gate's
+        # full pipe) the kernel closing the dead proxy's descriptors fails that write (EPIPE): CRIU lets
+        # the container run on before any recovery, and never finishes the dump. Earlier ("frozen", CRIU
+        # still on its pages) it fails on a page FIFO, or sleeps opening the next one until recovery.
+        journal = proxy.journal()
+        released = fault is not faults.Point.CHECKPOINT_DUMPED or _released_without_recovery(direct, ctr)
         proxy.start()  # first: CRIU must not be left holding the container if an assertion fails
-        assert held and not counting, (held, counting)
+        assert released, "CRIU still holds the container at the gate of a dead proxy"
         assert journal, "the interrupted checkpoint left no journal record"
         assert_recovered(node, direct, proxy, ctr, out)
         assert not (out / "x.tar").exists()
+
+
+def _released_without_recovery(direct: Cri, ctr: str) -> bool:
+    try:
+        wait_for(lambda: not held_by_criu(direct, ctr), timeout=30)
+    except AssertionError:
+        return False
+    return counts_on(direct, ctr, within=10)
 
 
 def test_proxy_killed_in_the_archive_phase_leaves_no_memory_image(node: Node, direct: Cri, proxy: PrivateProxy,
