@@ -78,13 +78,12 @@ def prepare(archive: Path, work: Path, deferred: tuple[Deferred, ...], criu: Pat
     lies in the archive; CRIU's reads it through a read-only loop device attached here.
     `work` is the unpacked checkpoint; on failure every device attached here is released.
     `sealed`: `archive` is the partly decrypted copy of a sealed archive (shim.restore.unseal_lazy),
-    whose images our daemon serves by decrypting the sealed archive's chunks.
+    whose images our daemon serves by decrypting the sealed archive's chunks (the restorer checked its
+    holes against `deferred`).
     """
     maps = _pagemaps(work / IMAGES_DIR)
     pages: list[dict[str, object]] = []
     try:
-        if sealed is not None:
-            sealed.check_holes((m.name, m.offset, m.size) for m in deferred)
         for member in deferred:
             _fill_eager(archive, work, member, maps, sealed)
             if sealed is not None:

@@ -344,6 +344,8 @@ class Restorer:
                 return await self._unpack(plain, work, lazy_wanted)
         defer = lazy.deferrable if lazy_wanted and await self._lazy_possible() else None
         archive = await to_thread_to_end(self._unpack_archive, archive_path, work, defer=defer)
+        if sealed is not None:  # what the unpacker copied out lies outside every hole (it read no zeros)
+            sealed.check_holes((m.name, m.offset, m.size) for m in archive.deferred)
         if archive.compression != "none":
             # Lazy restore serves pages from the archive in place (a loop device over the member):
             # a compressed member has no such place, so its memory is unpacked before CRIU runs.
