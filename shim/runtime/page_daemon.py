@@ -30,6 +30,7 @@ import faulthandler
 import json
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -110,6 +111,7 @@ class Daemon:
         self.remote: RemotePages[tuple[Task, Copy]] | None = RemotePages(*server) if server else None
 
     def run(self) -> int:
+        self._open_sealed_ahead()
         self._conn, _ = self.listener.accept()
         # Started idle (its relay's doing: start-up must not slow the restore); the restore needs it now.
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
@@ -330,6 +332,14 @@ class Daemon:
         if task.gone:
             log.info("process %d exited before its memory was complete", task.pid)
         return True
+
+    def _open_sealed_ahead(self) -> None:
+        """Open the sealed images before the restore connects (still at idle priority): reading the chunk
+        index and the key (a key command runs) is then not on the restore's critical path."""
+        for name, where in self._deferred.items():
+            match = re.fullmatch(r"pages-([0-9]+)\.img", name)
+            if match and "sealed" in where:
+                self._source_of(int(match.group(1)))
 
     def _log_sealed(self, when: str) -> None:
         """How much of each sealed image was decrypted (the fill's counters: a test reads them)."""

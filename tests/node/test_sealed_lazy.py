@@ -22,7 +22,7 @@ from shim.sealed.chunks import ChunkIndex
 from tests.node.conftest import Node
 from tests.node.pods import Cri, wait_for
 from tests.node.proxy_config import proxy_with
-from tests.node.test_encryption import _enabled, _leftovers, keys  # noqa: F401  (keys: a fixture)
+from tests.node.test_encryption import KEY_ID, _enabled, _leftovers, keys  # noqa: F401  (keys: a fixture)
 from tests.node.test_lazy_restore import OURS, _our_loop_devices, _page_daemons
 from tests.node.test_page_daemon import FORKER, _filled, _lines, _work
 from tests.node.test_restore import _restore, assert_restore_refused
@@ -34,9 +34,11 @@ _DECRYPTED = re.compile(r"sealed pages-\d+\.img: (\d+) of (\d+) chunks decrypted
 
 
 @contextlib.contextmanager
-def _sealing_node(node: Node, keys: Path) -> Iterator[None]:  # noqa: F811
-    """Archives sealed, restores lazy with our page daemon (the default, said explicitly)."""
-    with proxy_with(node, "encryption", _enabled(keys),
+def _sealing_node(node: Node, keys: Path, command: bool = False) -> Iterator[None]:  # noqa: F811
+    """Archives sealed, restores lazy with our page daemon (the default, said explicitly); the key from
+    its file or from the key-provider command (the page daemon then runs the command itself)."""
+    section = f'enabled = true\nkey_id = "{KEY_ID}"\nkey_command = ["{keys / "kms"}"]\n' if command else _enabled(keys)
+    with proxy_with(node, "encryption", section,
                     edit=lambda text: text.replace("[restore]\n", f"[restore]\n{OURS}\n")):
         yield
 
@@ -59,11 +61,12 @@ def _decrypted(report: str, when: str) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b, w in _DECRYPTED.findall(report) if w == when]
 
 
-def test_sealed_archive_is_served_chunk_by_chunk_and_memory_is_intact(client: Cri, node: Node,
-                                                                     keys: Path) -> None:  # noqa: F811
-    archive = node.dir / "checkpoints" / "sealed-lazy-forker.tar"
+@pytest.mark.parametrize("key", ["key-file", "key-command"])
+def test_sealed_archive_is_served_chunk_by_chunk_and_memory_is_intact(client: Cri, node: Node, keys: Path,  # noqa: F811
+                                                                     key: str) -> None:
+    archive = node.dir / "checkpoints" / f"sealed-lazy-forker-{key}.tar"
     try:
-        with _sealing_node(node, keys):
+        with _sealing_node(node, keys, command=key == "key-command"):
             with client.pod() as pod:
                 ctr = client.container(pod, ["sh", "-c", FORKER])
                 wait_for(lambda: len(_lines(client, ctr, "sum")) >= 2, timeout=120)
