@@ -57,9 +57,7 @@ def push_checkpoint(archive: Path, ref: str | Reference, docker_config: Path | N
     Blobs first, manifest last: a failure leaves at most unreferenced blobs, never a tag naming
     an incomplete image. With `signing_key`, the image's cosign signature follows (shim.cosign),
     the key loaded (and a bad one refused) before anything is sent."""
-    target = ref if isinstance(ref, Reference) else Reference.parse(ref)
-    if target.digest is not None:
-        raise InvalidArgument(f"push to a tag, not a digest: {target}")
+    target = push_target(ref)
     key = signing.load_signing_key(signing_key) if signing_key is not None else None
     image = checkpoint_image(archive, keyring)  # a sealed archive is pushed sealed; the keys read its names
     with RegistryClient(target.registry, docker_config) as client:
@@ -72,6 +70,14 @@ def push_checkpoint(archive: Path, ref: str | Reference, docker_config: Path | N
         if key is not None:
             cosign.push_signature(target, digest, key, client)
     return Pushed(target, digest, image.layer_size)
+
+
+def push_target(ref: str | Reference) -> Reference:
+    """Where a push may go: a reference naming its registry and a tag (InvalidArgument otherwise)."""
+    target = ref if isinstance(ref, Reference) else Reference.parse(ref)
+    if target.digest is not None:
+        raise InvalidArgument(f"push to a tag, not a digest: {target}")
+    return target
 
 
 def pull_checkpoint(ref: str | Reference, dest: Path, docker_config: Path | None = None) -> str:

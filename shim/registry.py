@@ -192,6 +192,19 @@ class RegistryClient:
         _expect(response, (201,), f"upload of blob {digest} to {ref.repository}")
         return True
 
+    def check_push(self, ref: Reference) -> None:
+        """That a push to `ref`'s repository would be accepted, sending nothing: an upload is opened
+        (what needs the push scope, or Basic credentials with write access) and cancelled at once.
+        For a caller that must learn of a registry that is down or refuses it before it does
+        something it cannot take back (a migration stops its source)."""
+        container = self._container(ref)
+        response = self._oras().do_request(self._url(container.upload_blob_url()), "POST")
+        _expect(response, (202,), f"start of an upload to {ref.repository}")
+        location = response.headers.get("Location", "")
+        if location:  # an upload left open expires on its own (distribution: after a week): cancel it
+            url = location if "://" in location else f"{self.scheme}://{self.registry}{location}"
+            self._oras().do_request(url, "DELETE")
+
     def push_blob_bytes(self, ref: Reference, data: bytes) -> str:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         with tempfile.NamedTemporaryFile(prefix="criu-shim-blob-") as f:

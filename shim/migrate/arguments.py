@@ -25,6 +25,9 @@ examples:
       --address-hook /tmp/n1/bin/address-hook
   # lazy (post-copy): the target runs it at once, its memory follows from here
   criu-shim migrate 3f2a9c1d --to 10.0.0.12:7543 --to-pod shop/web-2 --mode lazy
+  # through a registry: the checkpoint is pushed as an image, the target pulls it (CRI PullImage)
+  criu-shim migrate 3f2a9c1d --to 10.0.0.12:7543 --to-pod shop/web-2 --mode registry \\
+      --image registry.example:5000/migrations/web
   # after a failed transfer: send the checkpoint that was kept, without checkpointing again
   criu-shim migrate 3f2a9c1d --checkpoint /var/lib/kubelet/checkpoints/migrate-3f2a9c1d-....tar \\
       --to 10.0.0.12:7543 --to-pod shop/web-2
@@ -61,10 +64,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                          help="run `PATH release IP` here once the target has claimed the pod IP")
     migrate.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                          help="for the checkpoint, and for the transfer and restore (default 300)")
-    migrate.add_argument("--mode", choices=("eager", "lazy"), default="eager",
+    migrate.add_argument("--mode", choices=("eager", "lazy", "registry"), default="eager",
                          help="eager: the whole checkpoint crosses before the target starts (default); lazy: the "
                          "target starts at once and the memory follows from the source over the same mutual TLS "
-                         "(the pause does not grow with memory; the source must live until it has all crossed)")
+                         "(the pause does not grow with memory; the source must live until it has all crossed); "
+                         "registry: the checkpoint is pushed as an image to --image and the target pulls it")
+    migrate.add_argument("--image", metavar="REGISTRY/REPOSITORY[:TAG]",
+                         help="registry mode: where the checkpoint image is pushed (credentials from the docker "
+                         "config; without a tag: migrate-<container>-<UTC time>); the target pulls it by digest")
     migrate.add_argument("--runc", type=Path, metavar="PATH", help="lazy: the runc of containerd's runc shim "
                          "(default: runc on PATH, else the one beside the configured CRIU)")
     _common(migrate)
@@ -106,13 +113,16 @@ def run(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
     creds = channel.Credentials(args.cert, args.key, args.ca)
     if args.command == "migrate":
-        from shim.migrate import source
+        from shim.migrate import registry_mode, source
+        from shim.restore import unseal
 
         channel.parse_address(args.to)
+        image = registry_mode.image_target(args.mode, args.image, settings.signing.key_file,
+                                           unseal.keyring(settings.encryption))
         result = source.run(source.MigrateRequest(
             args.container, args.to, args.to_pod, socket, args.checkpoints_dir, creds, args.address_hook,
             args.name, args.checkpoint, args.keep_checkpoint, args.timeout, args.idle_timeout, settings.criu,
-            settings.checkpoint, args.mode, args.runc))
+            settings.checkpoint, args.mode, args.runc, image))
         print(result.lines(), flush=True)
         return 0
     from shim.migrate import receiver
@@ -123,4 +133,5 @@ def run(args: argparse.Namespace) -> int:
 
     return receiver.run(receiver.ReceiverSettings(args.listen, socket, checkpoints, creds, args.address_hook,
                                                   args.idle_timeout, criu=compat.installed(settings.criu),
-                                                  criu_path=settings.criu))
+                                                  criu_path=settings.criu,
+                                                  allowed_registries=settings.restore.allowed_registries))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -36,7 +37,7 @@ from typing import Any
 from shim.annotations import CHECKPOINT_PREFIX, TRUE
 from shim.errors import Code, FailedPrecondition, InvalidArgument, ResourceExhausted, ShimError, Unavailable, Upstream
 from shim.hosttools import Version
-from shim.migrate import channel, claims, compat, hook, tunnel
+from shim.migrate import channel, claims, compat, hook, registry_restore, tunnel
 from shim.migrate.runtime import PodView, Runtime
 from shim.restore.lazy import remote_pages_file as lazy_pages_file
 
@@ -61,6 +62,7 @@ class ReceiverSettings:
     criu: Version | None = None  # this node's CRIU (compat.installed), compared with the source's
     claims_interval: float = 10.0  # how often claimed pod IPs of removed containers are released (claims.py)
     criu_path: Path | None = None  # for lazy migrations: can it run a page daemon (userfaultfd)?
+    allowed_registries: tuple[str, ...] | None = None  # its proxy's restore.allowed_registries (registry mode)
 
 
 @dataclass
@@ -173,9 +175,14 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
         if op == "pages":
             await _carry_pages(runtime, page_ends, channel.field(message, "token", str), reader, writer)
             return None
-        if op == "restore" and migration is not None:
+        if op in ("restore", "restore_image") and migration is not None:
             async with one_at_a_time:
-                reply = await _restore(settings, runtime, migration, message, reader)
+                if op == "restore":
+                    reply = await _restore(settings, runtime, migration, message, reader)
+                else:  # registry mode: the checkpoint image is pulled, not sent
+                    reply = await registry_restore.restore(
+                        runtime, migration.pod, migration.name, message, settings.restore_timeout,
+                        functools.partial(_claim, settings, addresses=migration.addresses))
             watcher.add(str(reply["container_id"]), migration.addresses)  # restored and claimed
             await channel.send(writer, {"ok": True, **reply})
             log.info("migration from %s restored container %s in pod %s", who, reply["container_id"],
@@ -209,10 +216,12 @@ async def _preflight(settings: ReceiverSettings, runtime: Runtime, message: dict
     addresses = [_address(a) for a in channel.field(message, "addresses", list)]
     compat.check(compat.parse(message.get("criu_version")), settings.criu)
     mode = message.get("mode", "eager")
-    if mode not in ("eager", "lazy"):
-        raise InvalidArgument(f"unknown migration mode {mode!r:.40}; this node knows eager and lazy")
+    if mode not in ("eager", "lazy", "registry"):
+        raise InvalidArgument(f"unknown migration mode {mode!r:.40}; this node knows eager, lazy and registry")
     if mode == "lazy":
         await asyncio.to_thread(_check_lazy_here, settings.criu_path)
+    if mode == "registry":
+        registry_restore.check_preflight(message, settings.allowed_registries)
     pod = await runtime.pod(ref)
     if not pod.ready:
         raise FailedPrecondition(f"target pod {pod.label} is not ready")

@@ -24,7 +24,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shim.checkpoint.addresses import pod_addresses
 from shim.checkpoint.options import CheckpointOptions, annotation, resolve
@@ -33,6 +33,9 @@ from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unavaila
 from shim.hosttools import show
 from shim.migrate import channel, compat, hook, lazy
 from shim.migrate.runtime import ContainerView, PodView, Runtime
+
+if TYPE_CHECKING:
+    from shim.migrate.registry_mode import ImageTarget
 
 CHUNK = 1 << 20
 CONNECT_TIMEOUT = 10.0
@@ -56,6 +59,7 @@ class MigrateRequest:
     defaults: CheckpointDefaults = CheckpointDefaults()
     mode: str = "eager"  # or "lazy": memory follows from the source after the restore (shim.migrate.lazy)
     runc: Path | None = None  # lazy: the runc of containerd's runc shim (default: PATH, else beside CRIU)
+    image: ImageTarget | None = None  # mode "registry": where the checkpoint image goes (registry_mode.py)
 
 
 @dataclass(frozen=True)
@@ -109,16 +113,24 @@ async def _migrate(request: MigrateRequest, runtime: Runtime) -> Migrated:
     criu = await asyncio.to_thread(compat.installed, request.criu)
     if request.mode == "lazy":
         await asyncio.to_thread(lazy.check_source, request.criu, request.checkpoint)
+    from shim.migrate import registry_mode  # it builds on this module
+
+    if request.image is not None:  # the registry answers and takes a push from us, or nothing stops
+        await asyncio.to_thread(registry_mode.check, request.image)
     reader, writer = await channel.connect(request.to, request.creds, CONNECT_TIMEOUT, request.idle_timeout)
     try:
         name = request.name or container.name
         ready = await ask(reader, writer, {"protocol": channel.PROTOCOL, "op": "preflight", "pod": request.to_pod,
                                             "name": name, "addresses": addresses, "mode": request.mode,
-                                            "criu_version": show(criu) if criu else None}, CONNECT_TIMEOUT * 3,
+                                            "criu_version": show(criu) if criu else None,
+                                            **registry_mode.preflight_fields(request.image)}, CONNECT_TIMEOUT * 3,
                           _refused(request))
         if request.mode == "lazy":
             return await lazy.migrate(lazy.Session(request, runtime, container, pod, options, addresses, reader,
                                                    writer, ready))
+        if request.image is not None:
+            return await registry_mode.migrate(request, request.image, runtime, container, addresses, reader,
+                                               writer, ready)
         started = time.monotonic()
         archive = request.checkpoint or await _checkpoint(request, runtime, container, writer)
         checkpointed = time.monotonic()
