@@ -33,6 +33,12 @@ from shim.node.layout import RUN_ROOT, NodeLayout
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,11}$")  # csr-NAME stays short, and safe in a shell script
 RECEIVER_PORT = 7543
 NODE_LINK = "fab0"  # the node's end, inside its own namespace (each node has its own)
+# The fabric's registry (shim.node.fabric_registry): HTTPS on an address of the router's own, outside
+# every link's 10.235.X.0/30 (X is 1-250), which each host reaches through its default route.
+REGISTRY_IP = "10.235.255.1"
+REGISTRY_PORT = 5000
+REGISTRY_HOST = f"{REGISTRY_IP}:{REGISTRY_PORT}"
+HOSTS_DIR = "certs.d"  # under the node's directory: containerd's registry config_path
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,21 @@ def _issue_certificate(host: NodeHost) -> None:
               ips=(host.host_ip,))
     host.ca_cert.write_bytes(host.fabric.ca.cert.read_bytes())
     host.ca_cert.chmod(0o600)
+
+
+def registry_hosts_toml(fabric: Fabric) -> str:
+    """containerd's hosts.toml for the fabric's registry: HTTPS, its certificate issued by the fabric's CA."""
+    url = f"https://{REGISTRY_HOST}"
+    return (f'server = "{url}"\n\n[host."{url}"]\n  capabilities = ["pull", "resolve"]\n'
+            f'  ca = "{fabric.ca.cert}"\n')
+
+
+def write_registry_hosts(host: NodeHost) -> Path:
+    """The node's containerd pulls from the fabric's registry (its config_path is DIR/certs.d)."""
+    target = host.layout.dir / HOSTS_DIR / REGISTRY_HOST / "hosts.toml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(registry_hosts_toml(host.fabric))
+    return target
 
 
 def hook_script(host: NodeHost) -> str:

@@ -66,12 +66,15 @@ def up(directory: Path, version: str = "1.7", proxy_config: Path | None = None,
     _prepare(layout, version, tools, fabric_name)
     if proxy_config is None:
         proxy_config = layout.proxy_config_file
-        proxy_config.write_text(render.proxy_config(layout, tools.criu))
+        # a fabric node restores checkpoint images of its fabric's registry (migrate --mode registry)
+        registries = (fabric.REGISTRY_HOST,) if host is not None else ()
+        proxy_config.write_text(render.proxy_config(layout, tools.criu, extra_registries=registries))
     try:
         if host is not None:
             fabric.attach(host)
             host.hook.write_text(fabric.hook_script(host))
             host.hook.chmod(0o700)
+            fabric.write_registry_hosts(host)
         enter = host.enter() if host is not None else []
         _start_containerd(layout, tools, enter)
         _import_images(layout, tools)
@@ -111,7 +114,8 @@ def _prepare(layout: NodeLayout, version: str, tools: Tools, fabric_name: str | 
     # stay root's (0660).
     os.chmod(layout.run_dir, 0o711)
     layout.config_file.write_text(render.containerd_config(
-        layout, version, tools.runc, tools.cni_bin_dir, restrict_oom=not cleanup.has_cap_sys_resource()))
+        layout, version, tools.runc, tools.cni_bin_dir, restrict_oom=not cleanup.has_cap_sys_resource(),
+        hosts_dir=layout.dir / fabric.HOSTS_DIR if fabric_name is not None else None))
     (layout.cni_conf_dir / "10-criu-shim.conflist").write_text(render.cni_conflist(layout))
     (layout.dir / "node.json").write_text(json.dumps({"containerd": version, "fabric": fabric_name}) + "\n")
 

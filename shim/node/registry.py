@@ -92,13 +92,16 @@ class PushedImage:
 
 # ---------------------------------------------------------------- pure parts
 
-def render_config(storage_dir: Path, port: int, secret: str) -> str:
+def render_config(storage_dir: Path, port: int, secret: str, host: str = "127.0.0.1",
+                  tls: tuple[Path, Path] | None = None) -> str:
     """config.yml for `docker-registry serve`: filesystem storage, loopback HTTP, no auth.
+    With `host` and `tls` (certificate, key): HTTPS on that address (the fabric's registry).
 
     Strings are JSON-quoted (valid YAML double-quoted scalars). Logs go to stderr, which
     `start_registry` sends to registry.log.
     """
     q = json.dumps
+    https = ["  tls:", f"    certificate: {q(str(tls[0]))}", f"    key: {q(str(tls[1]))}"] if tls else []
     return "\n".join([
         "version: 0.1",
         "log:",
@@ -113,8 +116,9 @@ def render_config(storage_dir: Path, port: int, secret: str) -> str:
         "    uploadpurging:",
         "      enabled: false",
         "http:",
-        f"  addr: {q(f'127.0.0.1:{port}')}",
+        f"  addr: {q(f'{host}:{port}')}",
         f"  secret: {q(secret)}",
+        *https,
         "  headers:",
         "    X-Content-Type-Options: [nosniff]",
         "health:",

@@ -19,15 +19,22 @@ _DISABLED = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1
 
 
 def containerd_config(layout: NodeLayout, version: str, runc: Path, cni_bin_dir: Path,
-                      restrict_oom: bool) -> str:
-    """The containerd config file for `version` (shim.node.tools.CONTAINERD_VERSIONS)."""
+                      restrict_oom: bool, hosts_dir: Path | None = None) -> str:
+    """The containerd config file for `version` (shim.node.tools.CONTAINERD_VERSIONS); with
+    `hosts_dir`, registries are configured by hosts.toml files there (a fabric node's registry)."""
     if version == "2.x":  # the native reference: containerd's own handler only
-        return _v3(layout, runc, cni_bin_dir, restrict_oom, criu_handler=False)
-    if version == "2.3-native":  # the same, with 2.3's own restore through CreateContainer on
-        return _v3(layout, runc, cni_bin_dir, restrict_oom, criu_handler=False, native_restore=True)
-    if version in ("2.1", "2.3", "2.4"):
-        return _v3(layout, runc, cni_bin_dir, restrict_oom, criu_handler=True)
-    return _v2(layout, runc, cni_bin_dir, restrict_oom, runtime_path=version != "1.6")
+        text = _v3(layout, runc, cni_bin_dir, restrict_oom, criu_handler=False)
+    elif version == "2.3-native":  # the same, with 2.3's own restore through CreateContainer on
+        text = _v3(layout, runc, cni_bin_dir, restrict_oom, criu_handler=False, native_restore=True)
+    elif version in ("2.1", "2.3", "2.4"):
+        text = _v3(layout, runc, cni_bin_dir, restrict_oom, criu_handler=True)
+    else:
+        text = _v2(layout, runc, cni_bin_dir, restrict_oom, runtime_path=version != "1.6")
+    if hosts_dir is None:
+        return text
+    images = 'plugins."io.containerd.grpc.v1.cri"' if text.startswith("version = 2") else \
+        "plugins.'io.containerd.cri.v1.images'"
+    return text + f'\n[{images}.registry]\n  config_path = "{hosts_dir}"\n'
 
 
 def _common(layout: NodeLayout, version: int) -> str:
