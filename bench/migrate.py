@@ -1,10 +1,12 @@
-"""Live migration between two nodes (`node up --fabric`): the client's largest gap, eager and lazy.
+"""Live migration between two nodes (`node up --fabric`): the client's largest gap, eager, lazy and registry.
 
 A tcpserver holding MEM_MB of touched memory runs in a pod of node A (tcp-established +
 stop-after); a tcpclient outside both nodes (the fabric's router namespace) sends a request
 every 10 ms on one connection; `criu-shim migrate` moves the server into a prepared pod of
 node B, direct eager (the whole checkpoint crosses, then the restore) or direct lazy (the
-target restores at once, the memory follows from the source's page server). The modes are
+target restores at once, the memory follows from the source's page server) or through the
+fabric's registry (the checkpoint pushed as an image, the target's containerd pulls it: docker-registry
+in the router's namespace, HTTPS, on the same fabric links). The modes are
 interleaved rep by rep on the same two hosts. Reported per size and mode: the largest gap
 between two answers the client saw (median and worst), and the migration's own split; next to
 it, in the same run and interleaved, the CRIU floor: the same server dumped and restored by hand
@@ -16,6 +18,7 @@ on one machine (bench/criu_floor.py), CRIU's dump + restore time and its client'
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -26,6 +29,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from bench.criu_floor import one as criu_floor  # noqa: E402
+from shim.api.cri.v1 import api_pb2 as cri  # noqa: E402
+from shim.api.cri.v1 import api_pb2_grpc  # noqa: E402
+from shim.node import fabric, fabric_registry  # noqa: E402
 from tests.node.fabric_pods import (  # noqa: E402
     FABRIC,
     TCP,
@@ -51,12 +57,23 @@ def one(a: Host, b: Host, mem_mb: int, mode: str, log: Path, daemon: str = "criu
                                  {"PORT": "7000", "BIND_ADDR": ip, "MEM_MB": str(mem_mb)}, name="server")
         with client_on_router(ip, log, interval_ms=10):
             wait_for(lambda: len(seqs(log.read_text())) >= 20, timeout=120)
-            out = a.migrate(server, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", pod_b.id, "--mode", mode).stdout
+            image = ["--image", f"{fabric.REGISTRY_HOST}/bench/server"] if mode == "registry" else []
+            out = a.migrate(server, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", pod_b.id, "--mode", mode,
+                            *image).stdout
             last = seqs(log.read_text())[-1][1]
             wait_for(lambda: seqs(log.read_text())[-1][1] >= last + 20, timeout=120)
         text = log.read_text()
         assert text.count("connected ") == 1 and "error" not in text, text[-1000:]
+        if mode == "registry":  # node B's pulled checkpoint images (content and snapshot) would fill its disk
+            remove_pulled(b)
         return largest_gap(text), " | ".join(out.strip().splitlines()[1:])
+
+
+def remove_pulled(host: Host) -> None:
+    images = api_pb2_grpc.ImageServiceStub(host.cri.channel)
+    for image in images.ListImages(cri.ListImagesRequest(), timeout=30).images:
+        if any(d.startswith(fabric.REGISTRY_HOST + "/") for d in image.repo_digests):
+            images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=image.id)), timeout=60)
 
 
 def fill_rate(split: str) -> float | None:
@@ -77,7 +94,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 512], metavar="MiB")
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--modes", nargs="+", choices=("eager", "lazy"), default=["eager", "lazy"])
+    parser.add_argument("--modes", nargs="+", choices=("eager", "lazy", "registry"),
+                        default=["eager", "lazy", "registry"])
     parser.add_argument("--target-containerd", default="1.7", metavar="VERSION",
                         help="node B's containerd (node A runs 1.7): 1.7 or 2.4 (default %(default)s)")
     parser.add_argument("--no-floor", action="store_true", help="skip the CRIU floor (dump + restore by hand)")
@@ -94,6 +112,9 @@ def main() -> int:
         hosts: list[Host] = []
         try:
             hosts = [up(dirs[0], Path(tmp) / "logs"), up(dirs[1], Path(tmp) / "logs", args.target_containerd)]
+            if "registry" in args.modes:  # migrate's push trusts the registry's certificate (the fabric's CA)
+                fabric_registry.start(fabric.Fabric(FABRIC), Path(tmp) / "registry")
+                os.environ.update(fabric_registry.client_env(fabric.Fabric(FABRIC)))
             table = []
             for size in args.sizes:
                 gaps: dict[str, list[float]] = {label: [] for label, _, _ in runs(args.modes, args.page_daemons)}
@@ -127,6 +148,7 @@ def main() -> int:
             print(f"load average: {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
         finally:
             PIPE_MAX_SIZE.write_text(pipe_before)
+            fabric_registry.stop(fabric.Fabric(FABRIC), Path(tmp) / "registry")  # before the fabric goes
             for host in hosts:
                 host.cri.close()
             for d in dirs:
