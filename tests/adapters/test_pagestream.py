@@ -7,11 +7,12 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
-from shim.checkpoint import pagestream
+from shim.checkpoint import dumpgate, orphandump, pagestream
 from shim.checkpoint.archive import Member
 from shim.checkpoint.stream_archive import ARCHIVE_NAME, StreamedArchive
 
@@ -117,13 +118,22 @@ def test_unused_fifos_never_reach_the_archive_and_close_is_idempotent(tmp_path: 
     assert list((tmp_path / "checkpoint").iterdir()) == []
 
 
-def test_drain_lets_an_orphaned_writer_finish(tmp_path: Path) -> None:
+def test_an_orphaned_writer_of_pages_is_made_to_fail_never_let_through(tmp_path: Path) -> None:
+    """criu-shim died: CRIU opening its next page FIFO sleeps with no reader; recovery fails its write
+    (a reader that drained it would let a stop-after dump finish and end the container)."""
     images = tmp_path / "checkpoint"
     images.mkdir()
     pagestream.prepare(images, 0)
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, f"{images / 'pages-1.img'}:{4 << 20}"])
+    criu = ("import ctypes, os, sys; ctypes.CDLL(None).prctl(15, b'criu', 0, 0, 0); "
+            "d = os.open(sys.argv[1], os.O_RDONLY); fd = os.open(sys.argv[2], os.O_WRONLY)\n"
+            "try:\n    os.write(fd, bytes(1 << 20))\nexcept BrokenPipeError:\n    sys.exit(41)")
+    writer = subprocess.Popen([sys.executable, "-c", criu, str(images), str(images / "pages-1.img")])
     try:
-        assert pagestream.drain(images, timeout=30) == 4 << 20
-        assert writer.wait(timeout=30) == 0
+        deadline = time.monotonic() + 10
+        while dumpgate.wait_channel(writer.pid) != orphandump.WAITING_FOR_READER:
+            assert time.monotonic() < deadline, "the writer never slept in its open"
+        assert orphandump.fail_waiting(images) == [writer.pid]
+        assert writer.wait(timeout=30) == 41
     finally:
         writer.kill()
+        writer.wait()
