@@ -101,6 +101,7 @@ class Target:
 @dataclass
 class Outcome:
     stopped: bool = False  # a stop-after dump succeeded: CRIU ended the container, nothing to thaw
+    committed: bool = False  # a stop-after dump passed the gate: CRIU ends the container, only the archive is left
     size: int = 0
     freeze_s: float = 0.0  # the pause itself
     frozen_s: float = 0.0
@@ -126,7 +127,8 @@ class Checkpointer:
             # A key that cannot sign refuses the checkpoint before the container is touched.
             key = await asyncio.to_thread(_signing_key, self._config)
             async with self._lock(request.container_id):
-                await self._checkpoint(request.container_id, path, target, outcome, key)
+                await held.complete_once_committed(self._checkpoint(request.container_id, path, target, outcome, key),
+                                                   lambda: outcome.committed)
                 if outcome.stopped:
                     await self._until_exited(request.container_id)
         except ShimError as exc:
@@ -235,7 +237,10 @@ class Checkpointer:
                 dump_started = time.monotonic()
                 dump = self._dump_streamed(container_id, staging, target.options, streamed, path)
                 if gate is not None and cgroup is not None:
-                    diff = await held.dump_holding(gate, cgroup, dump, snapshot)
+                    def committing() -> None:
+                        outcome.committed = target.options.stop_after
+
+                    diff = await held.dump_holding(gate, cgroup, dump, snapshot, committing)
                     outcome.dump_s = time.monotonic() - dump_started
                     outcome.stopped = target.options.stop_after
                     outcome.frozen_s = await asyncio.to_thread(held.criu_frozen_s, staging / "work")
@@ -257,6 +262,10 @@ class Checkpointer:
                 except OSError as exc:
                     raise _storage_error(path, exc) from None
                 outcome.archive_s = time.monotonic() - archive_started
+                if outcome.committed and gate is not None and gate.opened_at is not None:
+                    # The window in which a crash of ours loses a stop-after container (README "Checkpointing").
+                    log.info("container %s: stop-after archive complete %.3f s after CRIU's gate opened",
+                             container_id, time.monotonic() - gate.opened_at)
 
     async def _stream_pages(self, container_id: str, staging: Path, stack: AsyncExitStack,
                             target: Target) -> StreamedArchive | None:

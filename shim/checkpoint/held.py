@@ -17,6 +17,7 @@ archive written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -53,7 +54,7 @@ async def make_gate(staging: Path, opts: options.CheckpointOptions, cgroup: Path
 
 
 async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, Any, None],
-                       snapshot: Callable[[], Awaitable[T]]) -> T:
+                       snapshot: Callable[[], Awaitable[T]], committing: Callable[[], None] = lambda: None) -> T:
     """Run `dump`; take `snapshot()` while CRIU holds the container; return the snapshot.
 
     The holder opens the gate only after a good snapshot, and only if the
@@ -61,7 +62,9 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
     cancellation: checkpointer's `_outlive_cancellation`); on every other path
     it fails the dump at the gate (`Gate.abort`), so CRIU is never left holding
     the container for us and lets it run on, a stop-after one too. The failed
-    snapshot's own error is raised, not CRIU's broken pipe.
+    snapshot's own error is raised, not CRIU's broken pipe. `committing()` is
+    called on the event loop the moment the gate is decided to open, so that
+    `complete_once_committed` can never see a cancellation race that decision.
     """
     stop = threading.Event()
     task = asyncio.current_task()
@@ -70,7 +73,7 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
         return task is not None and task.cancelling() > 0
 
     failed: list[BaseException] = []  # the snapshot's error, for which the dump was made to fail
-    holder = asyncio.ensure_future(_while_held(gate, cgroup, stop, snapshot, cancelled, failed))
+    holder = asyncio.ensure_future(_while_held(gate, cgroup, stop, snapshot, cancelled, committing, failed))
     try:
         await dump
     except BaseException as exc:
@@ -93,7 +96,7 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
 
 async def _while_held(gate: dumpgate.Gate, cgroup: Path, stop: threading.Event,
                       snapshot: Callable[[], Awaitable[T]], cancelled: Callable[[], bool],
-                      failed: list[BaseException]) -> T:
+                      committing: Callable[[], None], failed: list[BaseException]) -> T:
     taken = False
     try:
         try:
@@ -110,12 +113,42 @@ async def _while_held(gate: dumpgate.Gate, cgroup: Path, stop: threading.Event,
             await asyncio.to_thread(dumpgate.wait_at_gate, criu_pid, HOLD_TIMEOUT)
         reached(Point.CHECKPOINT_DUMPED)
         taken = not cancelled()
+        if taken:
+            committing()  # same loop step as the check: no cancellation can come in between
         return result
     finally:
         if taken:
             await asyncio.shield(asyncio.to_thread(gate.open))
         else:
             await asyncio.shield(asyncio.to_thread(gate.abort, stop.is_set))
+
+
+async def complete_once_committed(call: Coroutine[Any, Any, None], committed: Callable[[], bool]) -> None:
+    """Run the checkpoint `call`; cancelled once `committed()`, let it reach its archive first.
+
+    Committed: the gate opened for a stop-after dump, so CRIU ends the
+    container and the archive is all that will be left of the workload; a
+    deadline or a client gone then must not delete the staging directory
+    half-way (the archive is written, then the cancellation is raised). Before
+    that, the cancellation goes through at once, and the gate fails CRIU's dump
+    with the container running.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task.done():
+            raise
+        if not committed():
+            task.cancel()
+        else:
+            log.warning("checkpoint cancelled after CRIU's stop-after dump went through: writing the archive first")
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("the cancelled checkpoint ended with: %s", task.exception())
+        raise
 
 
 def keep_running_on_failure(containerd: Containerd, container_id: str, stack: AsyncExitStack) -> None:

@@ -162,3 +162,41 @@ def test_a_gate_for_stop_after_too_none_without_a_cgroup(tmp_path: Path) -> None
     assert asyncio.run(make(CheckpointOptions(stop_after=True), tmp_path)) is not None
     assert asyncio.run(make(CheckpointOptions(), None)) is None
     assert asyncio.run(make(CheckpointOptions(), tmp_path)) is not None
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_a_cancellation_after_the_gate_committed_lets_the_archive_be_written_first(committed: bool) -> None:
+    """Stop-after: once the gate opened, CRIU ends the container and only the archive keeps the workload."""
+    archive: list[str] = []
+    seen_cancel: list[bool] = []
+
+    async def run() -> None:
+        writing = asyncio.Event()
+        proceed = asyncio.Event()
+
+        async def checkpoint() -> None:
+            writing.set()
+            try:
+                await proceed.wait()  # the archive being written
+            except asyncio.CancelledError:
+                seen_cancel.append(True)
+                raise
+            archive.append("written")
+
+        consulted = asyncio.Event()  # the cancellation has reached the decision
+
+        def is_committed() -> bool:
+            consulted.set()
+            return committed
+
+        outer = asyncio.ensure_future(held.complete_once_committed(checkpoint(), is_committed))
+        await writing.wait()
+        outer.cancel()  # the deadline passes
+        await consulted.wait()
+        proceed.set()
+        with pytest.raises(asyncio.CancelledError):
+            await outer
+
+    asyncio.run(run())
+    assert archive == (["written"] if committed else [])
+    assert seen_cancel == ([] if committed else [True])
