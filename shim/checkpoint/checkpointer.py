@@ -240,7 +240,16 @@ class Checkpointer:
                     def committing() -> None:
                         outcome.committed = target.options.stop_after
 
-                    diff = await held.dump_holding(gate, cgroup, dump, snapshot, committing)
+                    async def settle() -> None:
+                        """Stop-after, CRIU at the gate: every page kept (a full disk fails the dump there)."""
+                        if streamed is not None:
+                            try:
+                                await asyncio.to_thread(streamed.dump_ended)
+                            except OSError as exc:
+                                raise _storage_error(path, exc) from None
+
+                    diff = await held.dump_holding(gate, cgroup, dump, snapshot, committing,
+                                                   settle if target.options.stop_after else None)
                     outcome.dump_s = time.monotonic() - dump_started
                     outcome.stopped = target.options.stop_after
                     outcome.frozen_s = await asyncio.to_thread(held.criu_frozen_s, staging / "work")

@@ -156,6 +156,10 @@ class Gate:
         finally:
             self.close()
 
+    def fifo(self) -> os.stat_result | None:
+        """The FIFO we hold (its device and inode), None once let go."""
+        return os.fstat(self._reader) if self._reader is not None else None
+
     def finish(self, timeout: float = 30.0) -> None:
         """After a successful dump: the inventory out of the pipe into a plain file of the same name."""
         self.open()
@@ -272,6 +276,22 @@ def wait_at_gate(criu_pid: int, timeout: float) -> bool:
             return True
         time.sleep(POLL_S)
     return False
+
+
+def wait_arrival(gate: Gate, criu_pid: int, stop: threading.Event, timeout: float) -> None:
+    """Block until CRIU has the gate open (every page written: the gate is its last image).
+
+    Raises GateError when the dump ends first (`stop`) or past `timeout`."""
+    fifo = gate.fifo()
+    if fifo is None:
+        raise GateError("the gate was let go before CRIU reached it")
+    deadline = time.monotonic() + timeout
+    while not fifo_open_in(criu_pid, [fifo]):
+        if stop.is_set():
+            raise GateError("the dump ended before CRIU reached the gate")
+        if time.monotonic() > deadline:
+            raise GateError(f"CRIU did not reach the gate within {timeout:.0f}s")
+        time.sleep(POLL_S)
 
 
 def wait_channel(pid: int) -> str | None:

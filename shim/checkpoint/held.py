@@ -54,7 +54,8 @@ async def make_gate(staging: Path, opts: options.CheckpointOptions, cgroup: Path
 
 
 async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, Any, None],
-                       snapshot: Callable[[], Awaitable[T]], committing: Callable[[], None] = lambda: None) -> T:
+                       snapshot: Callable[[], Awaitable[T]], committing: Callable[[], None] = lambda: None,
+                       settle: Callable[[], Awaitable[None]] | None = None) -> T:
     """Run `dump`; take `snapshot()` while CRIU holds the container; return the snapshot.
 
     The holder opens the gate only after a good snapshot, and only if the
@@ -65,6 +66,11 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
     snapshot's own error is raised, not CRIU's broken pipe. `committing()` is
     called on the event loop the moment the gate is decided to open, so that
     `complete_once_committed` can never see a cancellation race that decision.
+
+    `settle` (a stop-after dump: opening the gate ends the container) is
+    awaited once CRIU waits at the gate, every page written, before the gate
+    opens: the page stream's outcome (a full disk) is known then, and its
+    error fails the dump at the gate, the container running.
     """
     stop = threading.Event()
     task = asyncio.current_task()
@@ -73,7 +79,8 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
         return task is not None and task.cancelling() > 0
 
     failed: list[BaseException] = []  # the snapshot's error, for which the dump was made to fail
-    holder = asyncio.ensure_future(_while_held(gate, cgroup, stop, snapshot, cancelled, committing, failed))
+    holder = asyncio.ensure_future(_while_held(gate, cgroup, stop, snapshot, cancelled, committing, settle,
+                                                     failed))
     try:
         await dump
     except BaseException as exc:
@@ -96,7 +103,8 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
 
 async def _while_held(gate: dumpgate.Gate, cgroup: Path, stop: threading.Event,
                       snapshot: Callable[[], Awaitable[T]], cancelled: Callable[[], bool],
-                      committing: Callable[[], None], failed: list[BaseException]) -> T:
+                      committing: Callable[[], None], settle: Callable[[], Awaitable[None]] | None,
+                      failed: list[BaseException]) -> T:
     taken = False
     try:
         try:
@@ -109,6 +117,8 @@ async def _while_held(gate: dumpgate.Gate, cgroup: Path, stop: threading.Event,
         except Exception as exc:
             failed.append(exc)
             raise
+        if settle is not None:
+            await _settle_at_gate(gate, criu_pid, stop, settle, failed)
         if armed(Point.CHECKPOINT_DUMPED):  # the point means: every page written, CRIU waiting at the gate
             await asyncio.to_thread(dumpgate.wait_at_gate, criu_pid, HOLD_TIMEOUT)
         reached(Point.CHECKPOINT_DUMPED)
@@ -121,6 +131,23 @@ async def _while_held(gate: dumpgate.Gate, cgroup: Path, stop: threading.Event,
             await asyncio.shield(asyncio.to_thread(gate.open))
         else:
             await asyncio.shield(asyncio.to_thread(gate.abort, stop.is_set))
+
+
+async def _settle_at_gate(gate: dumpgate.Gate, criu_pid: int, stop: threading.Event,
+                          settle: Callable[[], Awaitable[None]], failed: list[BaseException]) -> None:
+    """Wait for CRIU at the gate, then `settle()`; a failure of ours goes to `failed` (the cause to raise)."""
+    try:
+        await asyncio.to_thread(dumpgate.wait_arrival, gate, criu_pid, stop, HOLD_TIMEOUT)
+    except dumpgate.GateError as exc:
+        error = Internal(f"checkpoint failed: {exc}")
+        if not stop.is_set():  # else the dump ended on its own, and its error is the one to raise
+            failed.append(error)
+        raise error from None
+    try:
+        await settle()
+    except Exception as exc:
+        failed.append(exc)
+        raise
 
 
 async def complete_once_committed(call: Coroutine[Any, Any, None], committed: Callable[[], bool]) -> None:

@@ -136,6 +136,26 @@ def test_abort_waits_for_criu_still_on_its_pages_then_fails_its_write(
     assert stat.S_ISFIFO(os.lstat(gate.path).st_mode)  # no inventory kept: no checkpoint
 
 
+def test_wait_arrival_returns_once_criu_has_the_gate_open_and_ends_with_the_dump(
+        tmp_path: Path, processes: list[subprocess.Popen[str]]) -> None:
+    gate = _gate(tmp_path)
+    criu = _criu(tmp_path, gate.path, wait=True)  # still on its pages
+    processes.append(criu)
+    ended = threading.Event()
+    ended.set()
+    with pytest.raises(dumpgate.GateError, match="ended before CRIU reached the gate"):
+        dumpgate.wait_arrival(gate, criu.pid, ended, 10)
+    with pytest.raises(dumpgate.GateError, match="did not reach the gate"):
+        dumpgate.wait_arrival(gate, criu.pid, threading.Event(), 0.05)
+    assert criu.stdin is not None
+    criu.stdin.write("go\n")
+    criu.stdin.flush()
+    dumpgate.wait_arrival(gate, criu.pid, threading.Event(), 10)
+    assert criu.poll() is None  # there, and held
+    gate.open()
+    assert criu.wait(10) == WROTE
+
+
 def test_abort_lets_go_at_once_once_the_dump_has_ended(tmp_path: Path) -> None:
     gate = _gate(tmp_path)
     gate.abort(lambda: True, timeout=600)  # returns: nothing to wait for

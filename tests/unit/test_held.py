@@ -59,6 +59,12 @@ class Proc:
                 raise dumpgate.GateError("the dump ended before CRIU held the container")
         return 4242
 
+    def wait_arrival(self, gate: dumpgate.Gate, criu_pid: int, stop: threading.Event, timeout: float) -> None:
+        assert self.criu is not None
+        while not self.criu.at_gate.wait(0.01):
+            if stop.is_set():
+                raise dumpgate.GateError("the dump ended before CRIU reached the gate")
+
     def criu_for(self, gate: dumpgate.Gate, fail_before_hold: bool = False) -> FakeCriu:
         self.criu = FakeCriu(gate, fail_before_hold)
         return self.criu
@@ -68,6 +74,7 @@ class Proc:
 def proc(monkeypatch: pytest.MonkeyPatch) -> Proc:
     seen = Proc()
     monkeypatch.setattr(dumpgate, "wait_held", seen.wait_held)
+    monkeypatch.setattr(dumpgate, "wait_arrival", seen.wait_arrival)
     # The fake CRIU is a thread of this process, not a process named criu.
     monkeypatch.setattr(dumpgate, "criu_holds", lambda fifo: seen.criu is not None and seen.criu.at_gate.is_set())
     return seen
@@ -200,3 +207,30 @@ def test_a_cancellation_after_the_gate_committed_lets_the_archive_be_written_fir
     asyncio.run(run())
     assert archive == (["written"] if committed else [])
     assert seen_cancel == ([] if committed else [True])
+
+
+@pytest.mark.parametrize("disk_full", [False, True])
+def test_stop_after_settles_the_page_stream_with_criu_at_the_gate_before_it_opens(
+        tmp_path: Path, proc: Proc, disk_full: bool) -> None:
+    gate = dumpgate.Gate.make(tmp_path)
+    assert gate is not None
+    criu = proc.criu_for(gate)
+    seen: list[bool] = []
+
+    async def snapshot() -> str:
+        return "diff"
+
+    async def settle() -> None:  # the page stream's end, known only once CRIU has written every page
+        seen.append(criu.at_gate.is_set() and not criu.released.is_set())
+        if disk_full:
+            raise ResourceExhausted("no space left on the filesystem of /x for the checkpoint images")
+
+    run = held.dump_holding(gate, tmp_path, criu.dump(), snapshot, settle=settle)
+    if disk_full:
+        with pytest.raises(ResourceExhausted, match="no space left"):
+            asyncio.run(run)
+        # A stop-after dump must not finish: it would end the container with no archive written.
+        assert criu.failed.is_set() and not criu.released.is_set()
+    else:
+        assert asyncio.run(run) == "diff" and criu.released.is_set()
+    assert seen == [True]
