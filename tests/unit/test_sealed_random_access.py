@@ -165,3 +165,29 @@ def test_open_sealed_closes_on_a_bad_header(tmp_path: Path) -> None:
     with pytest.raises(CorruptSealedArchive, match="not an encrypted checkpoint archive"):
         open_sealed(tmp_path / "a", _keyring(tmp_path), "x")
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_in_order_runs_over_a_tampered_chunk_fail_at_it(tmp_path: Path, ahead: bool) -> None:
+    """The worker opening chunks ahead of the fill meets the tampered chunk first: nothing of it is
+    served; the run that needs it fails, every run before it is intact."""
+    data = _data()
+    _seal(tmp_path / "a", data)
+    index = _index(tmp_path / "a")
+    raw = bytearray((tmp_path / "a").read_bytes())
+    raw[index.words[9] + WORD_SIZE + 1] ^= 1
+    (tmp_path / "a").write_bytes(raw)
+    image = SealedImage(tmp_path / "a", 0, len(data), _keyring(tmp_path), ahead=ahead)
+    run = 2 * CHUNK + 700
+    try:
+        for offset in range(0, len(data), run):
+            length = min(run, len(data) - offset)
+            if offset + length > 9 * CHUNK:
+                with pytest.raises(CorruptSealedArchive, match="chunk 9 at byte"):
+                    image.span(offset, length)
+                break
+            assert ctypes_read(image.span(offset, length), length) == data[offset:offset + length]
+        else:
+            raise AssertionError("no run reached the tampered chunk")
+    finally:
+        image.close()
