@@ -44,7 +44,12 @@ def fail_waiting(images: Path, timeout: float = STEP_TIMEOUT) -> list[int]:
         return []
     failed = []
     for pid in dumpgate.criu_pids():
-        if dumpgate.wait_channel(pid) == WAITING_FOR_READER and _works_in(pid, images):
+        if not _works_in(pid, images):
+            continue
+        if _state(pid) == "T":  # stopped by a recovery that died before it let it go on: next pass
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        elif dumpgate.wait_channel(pid) == WAITING_FOR_READER:
             _fail(pid, fifos, timeout)
             failed.append(pid)
     return failed

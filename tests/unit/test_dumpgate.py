@@ -194,6 +194,20 @@ def test_recovery_fails_a_criu_asleep_in_its_open_and_never_lets_it_write(
     assert orphandump.fail_waiting(tmp_path) == []  # nothing left waiting
 
 
+def test_recovery_lets_go_on_a_criu_a_dead_recovery_left_stopped(
+        tmp_path: Path, processes: list[subprocess.Popen[str]]) -> None:
+    os.mkfifo(tmp_path / dumpgate.GATE, 0o600)
+    criu = _criu(tmp_path, tmp_path / dumpgate.GATE)
+    processes.append(criu)
+    assert _until(lambda: dumpgate.wait_channel(criu.pid) == orphandump.WAITING_FOR_READER)
+    os.kill(criu.pid, signal.SIGSTOP)
+    assert _until(lambda: orphandump._state(criu.pid) == "T")
+    assert orphandump.fail_waiting(tmp_path) == []  # continued, to be failed on the next pass
+    assert _until(lambda: dumpgate.wait_channel(criu.pid) == orphandump.WAITING_FOR_READER)
+    assert orphandump.fail_waiting(tmp_path) == [criu.pid]
+    assert criu.wait(10) == BROKEN_PIPE
+
+
 def test_recovery_leaves_alone_a_criu_of_another_directory_and_one_not_waiting(
         tmp_path: Path, processes: list[subprocess.Popen[str]]) -> None:
     mine, other = tmp_path / "mine", tmp_path / "other"
