@@ -15,6 +15,7 @@ import pytest
 
 from shim.errors import ShimError
 from shim.migrate import registry_mode
+from tests.adapters.test_push_token import TokenService, token_registry  # noqa: F401 (a fixture)
 from tests.support import registries
 
 with warnings.catch_warnings():  # crypt (deprecated, in 3.11 still): bcrypt for distribution's htpasswd
@@ -75,3 +76,19 @@ def test_credentials_of_the_docker_config_are_checked_before_anything_stops(basi
         _check(f"{basic}/migrations/web", missing)
     assert none.value.message == (f"registry {basic} asks for a user name and password (Basic) and {missing} has none "
                                   "for it; nothing was stopped")
+
+
+def test_a_token_service_grants_the_push_scope_before_anything_stops(
+        token_registry: str, tmp_path: Path) -> None:  # noqa: F811 (the fixture imported above)
+    """Docker Hub's, GHCR's, Harbor's way: the check's upload asks for (and gets) pull,push on the repository;
+    a wrong password is the token service's refusal, with push's words."""
+    TokenService.granted.clear()
+    _check(f"{token_registry}/migrations/web", _config(tmp_path / "good", token_registry, "ckpt", "s3cret"))
+    scopes = [(scope.rsplit(":", 1)[0], set(scope.rsplit(":", 1)[1].split(","))) for scope in TokenService.granted]
+    assert ("repository:migrations/web", {"pull", "push"}) in scopes, TokenService.granted
+
+    bad = _config(tmp_path / "bad", token_registry, "ckpt", "wrong")
+    with pytest.raises(ShimError) as refused:
+        _check(f"{token_registry}/migrations/web", bad)
+    assert f"refused the credentials of {bad}" in refused.value.message
+    assert refused.value.message.endswith("; nothing was stopped")
