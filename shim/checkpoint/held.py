@@ -78,16 +78,16 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
     def cancelled() -> bool:
         return task is not None and task.cancelling() > 0
 
-    failed: list[BaseException] = []  # the snapshot's error, for which the dump was made to fail
-    holder = asyncio.ensure_future(_while_held(gate, cgroup, stop, snapshot, cancelled, committing, settle,
-                                                     failed))
+    failed: list[BaseException] = []  # our error (snapshot, settle), for which the dump was made to fail
+    holder = asyncio.ensure_future(
+        _while_held(gate, cgroup, stop, snapshot, cancelled, committing, settle, failed))
     try:
         await dump
     except BaseException as exc:
         stop.set()
         await asyncio.wait([holder])  # it has opened or failed the gate on its way out
         if failed and not isinstance(exc, asyncio.CancelledError):
-            log.info("CRIU's dump was failed at the gate after the snapshot failed; CRIU said: %s", exc)
+            log.info("CRIU's dump was failed at the gate after our part failed; CRIU said: %s", exc)
             raise failed[0] from None
         if not holder.cancelled() and holder.exception() is not None:
             log.info("the snapshot beside a failed dump ended with: %s", holder.exception())
