@@ -86,11 +86,12 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
     except BaseException as exc:
         stop.set()
         await asyncio.wait([holder])  # it has opened or failed the gate on its way out
+        ours = None if holder.cancelled() else holder.exception()  # retrieved, whichever error is raised
         if failed and not isinstance(exc, asyncio.CancelledError):
             log.info("CRIU's dump was failed at the gate after our part failed; CRIU said: %s", exc)
             raise failed[0] from None
-        if not holder.cancelled() and holder.exception() is not None:
-            log.info("the snapshot beside a failed dump ended with: %s", holder.exception())
+        if ours is not None:
+            log.info("the snapshot beside a failed dump ended with: %s", ours)
         raise
     stop.set()
     result = await holder  # done, or about to be: CRIU could not finish before the gate opened
