@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def one(a: Host, b: Host, mem_mb: int, mode: str, log: Path, daemon: str = "criu
         assert text.count("connected ") == 1 and "error" not in text, text[-1000:]
         if mode == "registry":  # node B's pulled checkpoint images (content and snapshot) would fill its disk
             remove_pulled(b)
-        return largest_gap(text), " | ".join(out.strip().splitlines()[1:])
+        return largest_gap(text), " | ".join(out.strip().splitlines()[1:]) + client_stages(out, text)
 
 
 def remove_pulled(host: Host) -> None:
@@ -74,6 +75,18 @@ def remove_pulled(host: Host) -> None:
     for image in images.ListImages(cri.ListImagesRequest(), timeout=30).images:
         if any(d.startswith(fabric.REGISTRY_HOST + "/") for d in image.repo_digests):
             images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=image.id)), timeout=60)
+
+
+def client_stages(out: str, log: str) -> str:
+    """The client's side of the pause on the stages' clock: its last answer before the largest gap
+    and its first after it, in seconds from the dump's start (`migrate` prints its wall-clock time)."""
+    found = re.search(r"stages \(s from the dump's start, ([\d.]+)\)", out)
+    times = [t for t, _ in seqs(log)]
+    if not found or len(times) < 2:
+        return ""
+    start = float(found.group(1))
+    before, after = max(zip(times, times[1:], strict=False), key=lambda ab: ab[1] - ab[0])
+    return f"; client: last answer {before - start:+.3f}, first answer after {after - start:.3f}"
 
 
 def fill_rate(split: str) -> float | None:

@@ -109,6 +109,7 @@ async def migrate(s: Session) -> source.Migrated:
             criu_end = await dump.page_server()  # at once: CRIU serves the first client that connects
             stack.callback(location.unlink, missing_ok=True)  # without its memory it restores nowhere: not kept
             size = await asyncio.to_thread(dump.write_archive, location)
+            dump.stamps["archive"] = time.monotonic()
         except (ShimError, OSError) as exc:
             with contextlib.suppress(Exception):
                 await channel.send(s.writer, {"op": "abort"})
@@ -121,6 +122,7 @@ async def migrate(s: Session) -> source.Migrated:
         try:
             await channel.send(s.writer, {"op": "restore", "size": size})
             await source.stream(location, s.writer, size, request.idle_timeout)
+            dump.stamps["sent"] = time.monotonic()
             done = await source.ask(s.reader, s.writer, None, request.timeout, "the target node could not restore it")
         except ShimError as exc:
             await _settle(pumping)  # our end of CRIU's page server resets: CRIU lets the container go
@@ -143,7 +145,7 @@ async def migrate(s: Session) -> source.Migrated:
     return source.Migrated(str(done.get("container_id")), str(s.ready.get("pod")), tuple(s.addresses), size,
                            checkpointed - started, float(done.get("transfer_seconds", 0.0)),
                            float(done.get("restore_seconds", 0.0)), restored - started,
-                           pumped.to_remote, filled - restored)
+                           pumped.to_remote, filled - restored, _stages(dump.stamps, done, restored), dump.started_wall)
 
 
 async def _target_has_it_all(s: Session) -> bool:
@@ -221,6 +223,19 @@ async def _until_exited(runtime: Runtime, cid: str) -> None:
     deadline = time.monotonic() + EXIT_SEEN_TIMEOUT
     while time.monotonic() < deadline and await source.state(runtime, cid) == "running":
         await asyncio.sleep(0.02)
+
+
+def _stages(stamps: dict[str, float], done: dict[str, Any], restored: float) -> tuple[tuple[str, float], ...]:
+    """The pause's anatomy: this node's steps, then the target's (its durations from when the archive
+    began to go, which is when it began to receive it), from the dump's start."""
+    origin = stamps.get("start", restored)
+    ours = [(k, v - origin) for k, v in stamps.items() if k != "start"]
+    theirs = done.get("stages")
+    sent = stamps.get("archive", restored)
+    if isinstance(theirs, dict):
+        ours += [(f"target {k}", sent - origin + float(v)) for k, v in theirs.items() if isinstance(v, int | float)]
+    ours.append(("answered", restored - origin))
+    return tuple(sorted(ours, key=lambda kv: kv[1]))
 
 
 def _message(exc: BaseException) -> str:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -71,6 +72,8 @@ class LazyDump:
         self._proc: asyncio.subprocess.Process | None = None
         self._ended: int | None = None
         self._client: asyncio.StreamWriter | None = None  # our connection to CRIU's page server
+        self.stamps: dict[str, float] = {}  # monotonic times of the dump's steps (the pause's anatomy)
+        self.started_wall = 0.0
 
     @property
     def container_id(self) -> str:
@@ -86,10 +89,13 @@ class LazyDump:
         self.staging.mkdir(mode=0o700)
         stack.callback(shutil.rmtree, self.staging, ignore_errors=True)
         netns = self.source.target.netns
+        self.stamps["start"] = time.monotonic()
+        self.started_wall = time.time()  # to line the stages up with a client's wall-clock log
         if self.source.target.options.tcp_established and netns is not None:
             await self._guard_lock(netns, stack)
             await netlock.run_nft(netns, netlock.lock_script())
             stack.push_async_exit(self._unlock_unless_moved)
+            self.stamps["locked"] = time.monotonic()
         self.port = _free_port()
         read_end, write_end = os.pipe()
         try:
@@ -98,6 +104,7 @@ class LazyDump:
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         finally:
             os.close(write_end)
+        self.stamps["runc"] = time.monotonic()
         stack.push_async_callback(self.end)
         try:
             ready = await asyncio.wait_for(asyncio.to_thread(os.read, read_end, 1), READY_TIMEOUT)
@@ -105,6 +112,9 @@ class LazyDump:
             raise FailedPrecondition(f"CRIU's lazy dump did not get ready in {READY_TIMEOUT:.0f} s") from None
         finally:
             os.close(read_end)
+        self.stamps["dumped"] = time.monotonic()
+        if ready:
+            self.stamps["frozen"] = self.stamps["dumped"] - _frozen_for(self.staging / CRIU_WORK / DUMP_LOG)
         if not ready:
             await self._proc.wait()
             raise FailedPrecondition(f"the lazy dump failed: {await self._why()}")
@@ -220,6 +230,25 @@ def _upperdir(pid: int) -> Path | None:
                 if option.startswith("upperdir="):
                     return Path(option.removeprefix("upperdir="))
     return None
+
+
+DUMP_LOG = "dump.log"  # runc's name for CRIU's log in the work path
+_STAMP = re.compile(rb"^\((\d+\.\d+)\)", re.M)
+
+
+def _frozen_for(log: Path) -> float:
+    """How long CRIU had held the tasks when it said it was ready: from its log's first line about
+    freezing them to its last line so far (CRIU stamps each line with its time since start)."""
+    try:
+        text = log.read_bytes()
+    except OSError:
+        return 0.0
+    at = text.lower().find(b"freez")
+    stamps = _STAMP.findall(text)
+    frozen = _STAMP.findall(text[:at]) if at >= 0 else []
+    if not stamps or not frozen:
+        return 0.0
+    return max(0.0, float(stamps[-1]) - float(frozen[-1]))
 
 
 def _free_port() -> int:

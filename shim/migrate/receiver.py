@@ -285,7 +285,10 @@ async def _restore(settings: ReceiverSettings, runtime: Runtime, migration: _Mig
     try:
         if migration.pages is not None:  # the restore's page daemon asks the tunnel for the lazy memory
             _write_private(page_server, json.dumps({"port": migration.pages.loopback.port}).encode())
-        container_id = await runtime.restore(pod.id, archive, migration.name, settings.restore_timeout)
+        container_id = await runtime.create_restored(pod.id, archive, migration.name, settings.restore_timeout)
+        created = time.monotonic()
+        await runtime.start_restored(container_id, settings.restore_timeout)
+        running = time.monotonic()
         if migration.pages is not None:
             migration.pages.container_id = container_id
     except ShimError:
@@ -302,9 +305,13 @@ async def _restore(settings: ReceiverSettings, runtime: Runtime, migration: _Mig
         await runtime.remove(container_id)
         archive.unlink(missing_ok=True)  # the source keeps its copy
         raise
+    claimed = time.monotonic()
     return {"container_id": container_id, "archive": str(archive),
             "transfer_seconds": round(received - started, 3),
-            "restore_seconds": round(time.monotonic() - received, 3)}
+            "restore_seconds": round(claimed - received, 3),
+            # where the target's part of the pause goes (the source prints it: `stages`)
+            "stages": {"received": round(received - started, 3), "created": round(created - started, 3),
+                       "started": round(running - started, 3), "claimed": round(claimed - started, 3)}}
 
 
 async def _claim(settings: ReceiverSettings, pod: PodView, addresses: list[str]) -> None:

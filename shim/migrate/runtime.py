@@ -145,19 +145,27 @@ class Runtime:
 
     async def restore(self, pod_id: str, archive: Path, name: str, timeout: float) -> str:
         """Create the container from `archive` in the pod and start it (the proxy restores it)."""
+        container_id = await self.create_restored(pod_id, archive, name, timeout)
+        await self.start_restored(container_id, timeout)
+        return container_id
+
+    async def create_restored(self, pod_id: str, archive: Path, name: str, timeout: float) -> str:
+        """CreateContainer with `archive` as image: the proxy unpacks it; its container id."""
         config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name),
                                      image=cri.ImageSpec(image=str(archive)), log_path=f"{name}.log")
         sandbox = await self.sandbox_config(pod_id)
         created = await _call(self._cri.CreateContainer(cri.CreateContainerRequest(
             pod_sandbox_id=pod_id, config=config, sandbox_config=sandbox), timeout=timeout))
-        container_id = str(created.container_id)
+        return str(created.container_id)
+
+    async def start_restored(self, container_id: str, timeout: float) -> None:
+        """StartContainer (CRIU's restore, through the proxy's relay); the container is removed on failure."""
         try:
             await _call(self._cri.StartContainer(cri.StartContainerRequest(container_id=container_id),
                                                  timeout=timeout))
         except ShimError:
             await self.remove(container_id)
             raise
-        return container_id
 
     async def remove(self, container_id: str) -> None:
         """Stop and remove a container (best effort: a failed restore must not leave it behind)."""

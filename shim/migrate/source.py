@@ -74,6 +74,8 @@ class Migrated:
     pause_seconds: float  # checkpoint start to the restored container running (and routed)
     pages_bytes: int = -1  # lazy: memory served after the restore (-1: an eager migration)
     fill_seconds: float = 0.0  # lazy: the restored container running to its memory complete
+    stages: tuple[tuple[str, float], ...] = ()  # lazy: the pause's steps, seconds from its start
+    started_wall: float = 0.0  # lazy: the dump's start, wall clock
 
     def lines(self) -> str:
         moved = f"; pod IPs {', '.join(self.addresses)} now routed to the target" if self.addresses else ""
@@ -85,6 +87,9 @@ class Migrated:
             rate = self.pages_bytes / max(self.fill_seconds, 1e-3) / 1e6
             text += (f"\nmemory {self.pages_bytes / (1 << 20):.1f} MiB served lazily in {self.fill_seconds:.2f} s "
                      f"after the restore ({rate:.0f} MB/s); the source was ended by CRIU")
+        if self.stages:
+            steps = ", ".join(f"{k} {v:.3f}" for k, v in self.stages)
+            text += f"\nstages (s from the dump's start, {self.started_wall:.3f}): {steps}"
         return text
 
 
