@@ -162,3 +162,21 @@ def test_peek_names_what_the_fill_reads_next() -> None:
     assert p.peek_background(BACKGROUND_RUN) == (4 * MiB, BACKGROUND_RUN)
     drain(p)
     assert p.peek_background(BACKGROUND_RUN) is None
+
+
+def test_claims_pipelined_from_a_network_source_land_later_and_short_replies_are_asked_again() -> None:
+    # A network source (shim.restore.remote_pages) claims several background copies before any lands.
+    p = plan((BASE, 3 * MiB, BASE), (BASE + 8 * MiB, 2 * MiB, BASE + 8 * MiB))  # offsets: dump-time addresses
+    first, second = p.next(), p.next()
+    assert isinstance(first, Copy) and isinstance(second, Copy) and first.claim != second.claim
+    assert not p.has_missing and not p.complete and p.in_flight  # all asked for, nothing in place yet
+    p.fault(BASE + 8 * MiB + PAGE)  # a page on its way: waits for it, nothing asked twice
+    assert p.next() is None
+    p.finished(second, 1 * MiB)  # the reply was shorter (the end of the source's iovec): the rest is missing
+    assert p.has_missing
+    again = p.next()
+    assert isinstance(again, Copy) and (again.start, again.length, again.offset) == (
+        BASE + 9 * MiB, 1 * MiB, BASE + 9 * MiB)
+    p.finished(first, first.length)
+    p.finished(again, again.length)
+    assert p.complete

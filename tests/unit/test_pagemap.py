@@ -21,6 +21,7 @@ from shim.restore.pagemap import (
     eager_ranges,
     lazy_runs,
     parse,
+    remote_runs,
 )
 
 LABEL = "checkpoint image pagemap-1.img"
@@ -229,3 +230,14 @@ def test_lazy_runs_give_address_length_and_offset_in_the_pages_file() -> None:
     parsed = parse(image(entry(2, EAGER, vaddr=0x10000), entry(3, LAZY, vaddr=0x20000), entry(4, 0, vaddr=0x40000),
                          entry(1, LAZY, vaddr=0x23000), entry(2, LAZY, vaddr=0x90000)), LABEL)
     assert lazy_runs(parsed) == [(0x20000, 4 * p, 2 * p), (0x90000, 2 * p, 6 * p)]
+
+
+def test_remote_runs_of_a_lazy_migration_are_its_entries_at_their_addresses() -> None:
+    # A lazy dump for a page server: lazy runs have no data here (PE_LAZY without PE_PRESENT). Each entry
+    # is one iovec of the source's page pipe, so adjacent ones stay apart; the offset is the address.
+    p = PAGE_SIZE
+    parsed = parse(image(entry(2, EAGER, vaddr=0x10000), entry(3, PE_LAZY, vaddr=0x20000),
+                         entry(1, PE_LAZY, vaddr=0x23000), entry(4, 0, vaddr=0x40000), entry(2, LAZY, vaddr=0x90000)),
+                   LABEL)
+    assert remote_runs(parsed) == [(0x20000, 3 * p, 0x20000), (0x23000, p, 0x23000)]
+    assert lazy_runs(parsed) == [(0x90000, 2 * p, 2 * p)]  # with data here: the local daemon's, not the source's
