@@ -74,6 +74,7 @@ class Stats:
     exists: int = 0
     again: int = 0
     forks: int = 0
+    waited_s: float = 0.0  # with nothing to do but wait for the source node's bytes
 
 
 class Task:
@@ -131,7 +132,11 @@ class Daemon:
                     self._report()
                     return 0
             busy = any(t.plan.has_faults for t in self.tasks) or self.restore_finished and self._background_ready()
-            for fd, _ in poller.poll(0 if busy else None):
+            waiting = time.monotonic()
+            ready = poller.poll(0 if busy else None)
+            if not busy and self.remote is not None and self.remote.in_flight:
+                self.stats.waited_s += time.monotonic() - waiting
+            for fd, _ in ready:
                 if self._conn is not None and fd == self._conn.fileno():
                     self._from_restore(poller)
                 elif self.remote is not None and fd == self.remote.fileno():
@@ -358,8 +363,8 @@ class Daemon:
                  s.copied >> 20, fill, rate, now - s.started, s.copies, s.fault_copies, s.faults, s.copy_s,
                  s.read_s, s.zero_pages, s.exists, s.again, s.forks, s.connected - s.started)
         if self.remote is not None:
-            log.info("from the source node: %d requests, %d MiB received", self.remote.requests,
-                     self.remote.received >> 20)
+            log.info("from the source node: %d requests, %d MiB received, %.3fs waiting for them with nothing else "
+                     "to do", self.remote.requests, self.remote.received >> 20, s.waited_s)
 
 
 def _sealed_source(where: dict[str, Any]) -> SealedImage:
