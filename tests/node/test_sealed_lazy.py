@@ -29,7 +29,7 @@ from tests.node.test_restore import _restore, assert_restore_refused
 
 pytestmark = pytest.mark.node
 
-_DECRYPTED = re.compile(r"sealed pages-\d+\.img: (\d+) of (\d+) chunks decrypted (when the restore finished|"
+_DECRYPTED = re.compile(r"sealed (pages-\d+\.img): (\d+) of (\d+) chunks decrypted (when the restore finished|"
                         r"with memory in place)")
 
 
@@ -57,8 +57,9 @@ def _flip(archive: Path, at: int, name: str) -> Path:
     return damaged
 
 
-def _decrypted(report: str, when: str) -> list[tuple[int, int]]:
-    return [(int(a), int(b)) for a, b, w in _DECRYPTED.findall(report) if w == when]
+def _decrypted(report: str, when: str) -> dict[str, tuple[int, int]]:
+    """Per sealed memory image, the daemon's counters: (chunks decrypted, chunks in all)."""
+    return {image: (int(a), int(b)) for image, a, b, w in _DECRYPTED.findall(report) if w == when}
 
 
 @pytest.mark.parametrize("key", ["key-file", "key-command"])
@@ -86,14 +87,15 @@ def test_sealed_archive_is_served_chunk_by_chunk_and_memory_is_intact(client: Cr
                 sums = _lines(client, ctr, "sum")
                 assert set(sums) == {want}, "a checksum after the restore differs from the checkpointed memory's"
                 assert not _lines(client, ctr, "BAD")
-                # The process ran (CRIU's "restore finished") with most chunks of its memory still sealed,
-                # and every chunk was decrypted by the time memory was complete.
+                # The processes ran (CRIU's "restore finished") with most chunks of their memory still
+                # sealed, and a process that lives on had every chunk decrypted when memory was complete
+                # (the shell's children, md5sum and usleep, exit before theirs is: their rest is never opened).
                 at_run = _decrypted(report, "when the restore finished")
                 at_end = _decrypted(report, "with memory in place")
                 assert at_run and at_end, report
-                opened, total = at_run[0]
-                assert total >= 32 and opened < total // 2, f"{opened} of {total} chunks decrypted before it ran"
-                assert all(o == t for o, t in at_end), report
+                assert any(total >= 32 and at_run[image][0] < total // 2 and at_end[image][0] == total
+                           for image, (_, total) in at_end.items()), \
+                    f"no image ran with most chunks still sealed and ended decrypted whole: {at_run} / {at_end}"
                 assert not _leftovers(node)  # no decrypted copy: the memory never was on disk in the clear
         assert not _leftovers(node)
     finally:
