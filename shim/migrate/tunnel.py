@@ -1,7 +1,8 @@
 """The page stream of a lazy migration: CRIU's page-server TCP carried inside the nodes' mutual TLS.
 
-CRIU's lazy page server (source: `criu dump --lazy-pages`, through runc) and its page daemon
-(target: `criu lazy-pages --page-server`, started by the restore relay) speak plain TCP. Neither
+CRIU's lazy page server (source: `criu dump --lazy-pages`, through runc) and the target's page
+daemon (started by the restore relay: criu-shim's own, shim.restore.remote_pages, or
+`criu lazy-pages --page-server`, per the node's `[restore] page_daemon`) speak plain TCP. Neither
 end leaves its node's loopback: on each node criu-shim connects the local CRIU end to a second
 TLS 1.3 connection between the two nodes (the same node certificates and CA as the migration's
 control connection), so the memory crosses the network authenticated and encrypted, and a cut
