@@ -182,7 +182,8 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
                 else:  # registry mode: the checkpoint image is pulled, not sent
                     reply = await registry_restore.restore(
                         runtime, migration.pod, migration.name, message, settings.restore_timeout,
-                        functools.partial(_claim, settings, addresses=migration.addresses))
+                        functools.partial(_claim, settings, addresses=migration.addresses),
+                        settings.allowed_registries)
             watcher.add(str(reply["container_id"]), migration.addresses)  # restored and claimed
             await channel.send(writer, {"ok": True, **reply})
             log.info("migration from %s restored container %s in pod %s", who, reply["container_id"],

@@ -103,9 +103,13 @@ async def current_pod(runtime: Runtime, pod: PodView) -> PodView:
 
 
 async def restore(runtime: Runtime, pod: PodView, name: str, message: dict[str, Any], timeout: float,
-                  claim: Callable[[PodView], Awaitable[None]]) -> dict[str, Any]:
+                  claim: Callable[[PodView], Awaitable[None]],
+                  allowed_registries: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Pull, create, start, claim (module docstring); the answer for the source."""
     image = pinned_image(message)
+    # Again, on the name this node is asked to pull (a peer's message is input, whatever its preflight said):
+    # this node's containerd contacts no registry its criu-shim would not restore from.
+    check_preflight(message, allowed_registries)
     started = time.monotonic()
     pod = await current_pod(runtime, pod)
     images = Images(runtime)

@@ -3,6 +3,7 @@ that a refusal comes before anything is contacted (the CLI never reaches the nod
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -125,3 +126,19 @@ def test_the_receiver_restores_only_an_image_pinned_by_digest() -> None:
         registry_restore.pinned_image({"image": f"{HOST}/migrations/web:1"})
     assert refused.value.message == f"checkpoint image {HOST}/migrations/web:1 is not pinned by digest (REF@sha256:...)"
     assert registry_restore.pinned_image({"image": f"{HOST}/m/web:1@{DIGEST}"}).digest == DIGEST
+
+
+def test_the_restore_refuses_a_registry_it_does_not_admit_before_any_cri_call() -> None:
+    """A peer may name another image at restore than at preflight: checked again, before anything is pulled."""
+    class NoRuntime:
+        def __getattr__(self, name: str) -> object:
+            raise AssertionError(f"the runtime was used: {name}")
+
+    async def claim(pod: object) -> None:
+        raise AssertionError("claimed")
+
+    message = {"image": f"other.example:5000/m/web:1@{DIGEST}"}
+    with pytest.raises(PermissionDenied) as refused:
+        asyncio.run(registry_restore.restore(NoRuntime(), None, "web", message, 5.0, claim,  # type: ignore[arg-type]
+                                             (HOST,)))
+    assert "refused by rule restore.allowed_registries" in refused.value.message
