@@ -9,8 +9,9 @@ travels once, page cache to process, with no loop device and no buffer.
 
 Other sources fit the same two calls (see the README, "Lazy restore"): a sealed
 archive decrypts the chunk holding the range into a buffer it owns and returns
-that buffer's address (`shim.restore.sealed_pages.SealedImage`); a network stream returns the address once the bytes
-arrived, and tells the plan (shim.restore.fillplan) which claims are in flight.
+that buffer's address (`shim.restore.sealed_pages.SealedImage`). A lazy migration's network
+stream does not fit `span` (its bytes arrive later than asked): the daemon drives it by the plan's
+claims instead, asking for each and copying it in once it has landed (shim.restore.remote_pages).
 """
 
 from __future__ import annotations
