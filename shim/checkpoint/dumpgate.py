@@ -109,7 +109,7 @@ class Gate:
             gate._reader = os.open(gate.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             gate._filler = os.open(gate.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             gate._filled = fill(gate._filler)
-        except OSError:
+        except (OSError, GateError):
             gate.close()
             with contextlib.suppress(OSError):
                 gate.path.unlink()  # a FIFO left with no reader would stop CRIU at its open
