@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from shim import archive_layout as layout
+from shim import freezer
 from shim.checkpoint import devshm, netlock
 from shim.checkpoint.archive import write_archive
 from shim.checkpoint.checkpointer import Target, archive_members
@@ -47,6 +48,7 @@ from shim.migrate.tunnel import LOOPBACK, abort_on_close
 # Where containerd's runc shim keeps its containers' state (its default root, per namespace).
 RUNC_ROOT = Path("/run/containerd/runc") / NAMESPACE
 READY_TIMEOUT = 120.0
+FREEZE_TIMEOUT = 10.0  # CRIU's own default for freezing (opts.timeout)
 CRIU_WORK = "criu-work"  # not the proxy's "work": CRIU still writes its log there while serving pages
 
 
@@ -91,11 +93,25 @@ class LazyDump:
         netns = self.source.target.netns
         self.stamps["start"] = time.monotonic()
         self.started_wall = time.time()  # to line the stages up with a client's wall-clock log
-        if self.source.target.options.tcp_established and netns is not None:
-            await self._guard_lock(netns, stack)
+        locking = self.source.target.options.tcp_established and netns is not None
+        frozen = _freezer_of(self.source.spec)
+        await self._guard(netns if locking else None, frozen, stack)
+        if locking:
+            assert netns is not None
             await netlock.run_nft(netns, netlock.lock_script())
             stack.push_async_exit(self._unlock_unless_moved)
             self.stamps["locked"] = time.monotonic()
+        if frozen is not None:
+            # Frozen here, in a few ms: CRIU, finding it frozen, does not freeze it itself, which on a
+            # cgroup v1 freezer cost ~100 ms of the pause (it polls the state every 100 ms, criu/seize.c).
+            # CRIU thaws it once it holds the tasks, and lets them run on a failed dump; `_thaw_unless_ended`
+            # (and the guard, should we die) thaws it on the paths where CRIU never took it.
+            stack.push_async_callback(self._thaw_unless_ended, frozen)
+            try:
+                await asyncio.to_thread(_freeze, frozen)
+            except freezer.FreezerError as exc:  # CRIU could not have frozen it either: nothing was dumped
+                raise FailedPrecondition(f"cannot freeze the container for the dump: {exc}") from None
+            self.stamps["frozen by us"] = time.monotonic()
         self.port = _free_port()
         read_end, write_end = os.pipe()
         try:
@@ -119,14 +135,21 @@ class LazyDump:
             await self._proc.wait()
             raise FailedPrecondition(f"the lazy dump failed: {await self._why()}")
 
-    async def _guard_lock(self, netns: Path, stack: AsyncExitStack) -> None:
-        """A process of its own that removes our TCP lock if this one dies holding it: CRIU then lets
-        the source run again (a reset on its page server), and it must not find its connections
-        locked. It waits on a pipe from us; our word `keep` once we have dealt with the lock ourselves."""
+    async def _guard(self, netns: Path | None, frozen: Path | None, stack: AsyncExitStack) -> None:
+        """A process of its own that removes our TCP lock and thaws the container if this one dies
+        holding them: CRIU then lets the source run again (a reset on its page server), and it must not
+        find its connections locked nor stay frozen. It waits on a pipe from us; our word `keep` once we
+        have dealt with both ourselves. (Thawing while CRIU holds the tasks is harmless: it has thawed
+        the cgroup itself by then.)"""
+        if netns is None and frozen is None:
+            return
+        thaw = _thaw_file(frozen) if frozen is not None else ("", "")
+        script = ('read -r word; [ "$word" = keep ] && exit 0; [ -z "$2" ] || printf %s "$3" > "$2"; '
+                  '[ -z "$1" ] || printf %s "$1" | nft -f -')
+        argv = ["sh", "-c", script, "migrate-guard", netlock.unlock_script() if netns is not None else "", *thaw]
         guard = await asyncio.create_subprocess_exec(
-            "nsenter", f"--net={netns}", "sh", "-c", 'read -r word; [ "$word" = keep ] || printf %s "$1" | nft -f -',
-            "lock-guard", netlock.unlock_script(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+            *(["nsenter", f"--net={netns}", *argv] if netns is not None else argv), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
 
         async def release() -> None:
             assert guard.stdin is not None
@@ -137,6 +160,18 @@ class LazyDump:
             await guard.wait()
 
         stack.push_async_callback(release)  # runs after the lock's own exit (pushed later, unwound first)
+
+    async def _thaw_unless_ended(self, frozen: Path) -> None:
+        """After runc returned: unless CRIU ended the tasks (a complete dump), they must run (idempotent)."""
+        if self._ended == 0:
+            return
+        try:
+            await asyncio.to_thread(freezer.set_state, frozen, freezer.State.THAWED)
+        except freezer.FreezerError as exc:
+            if frozen.is_dir():  # gone with its container is fine; a frozen container is not
+                raise FailedPrecondition(f"the source container {self.container_id} could not be thawed after "
+                                         f"the lazy dump: {exc}; thaw it: echo THAWED > {frozen}/freezer.state "
+                                         "(cgroup v1) or echo 0 > cgroup.freeze (v2)") from None
 
     def _argv(self, status_fd: int) -> list[str]:
         opts: CheckpointOptions = self.source.target.options
@@ -206,6 +241,37 @@ class LazyDump:
         else:
             await undo(netlock.run_nft(netns, netlock.unlock_script(), missing_ok=True), exc, "remove the TCP lock")
         return False
+
+
+def _freezer_of(spec: bytes) -> Path | None:
+    """The container's freezer cgroup directory (from its OCI spec), or None where there is none."""
+    try:
+        path = json.loads(spec).get("linux", {}).get("cgroupsPath")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(path, str) or not path:
+        return None
+    directory = freezer.cgroup_dir(path)
+    return directory if directory.is_dir() else None
+
+
+def _thaw_file(directory: Path) -> tuple[str, str]:
+    """The file and word that thaw it, for the guard's shell (v1 or v2)."""
+    v1 = directory / "freezer.state"
+    return (str(v1), "THAWED") if v1.exists() else (str(directory / "cgroup.freeze"), "0")
+
+
+def _freeze(directory: Path) -> None:
+    """Freeze, and wait until every task is (v2: cgroup.events says `frozen 1`), as CRIU would."""
+    freezer.set_state(directory, freezer.State.FROZEN, timeout=FREEZE_TIMEOUT)
+    events = directory / "cgroup.events"
+    if (directory / "freezer.state").exists() or not events.exists():
+        return
+    deadline = time.monotonic() + FREEZE_TIMEOUT
+    while "frozen 1" not in events.read_text():
+        if time.monotonic() > deadline:
+            raise freezer.FreezerError(f"{directory} did not freeze within {FREEZE_TIMEOUT:.0f} s")
+        time.sleep(0.001)
 
 
 def source_from(status: Any, info: dict[str, Any], target: Target) -> Source:
