@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from shim.annotations import CHECKPOINT_PREFIX, TRUE
+from shim.api.cri.v1 import api_pb2 as cri
 from shim.errors import Code, FailedPrecondition, InvalidArgument, ResourceExhausted, ShimError, Unavailable, Upstream
 from shim.hosttools import Version
 from shim.migrate import channel, claims, compat, hook, registry_restore, tunnel
@@ -71,6 +72,8 @@ class _Migration:
     name: str
     addresses: list[str]
     pages: _PageEnd | None = None  # a lazy migration's page tunnel, target end
+    # The pod's config for CreateContainer, read at preflight: one CRI round trip less in the pause.
+    sandbox: cri.PodSandboxConfig | None = None
 
 
 @dataclass
@@ -230,7 +233,7 @@ async def _preflight(settings: ReceiverSettings, runtime: Runtime, message: dict
         _check_addresses_can_move(settings, pod, addresses, await runtime.live_pod_ips())
         assert settings.address_hook is not None  # checked just above
         await hook.run(settings.address_hook, "check")
-    return _Migration(pod, name, addresses)
+    return _Migration(pod, name, addresses, sandbox=await runtime.sandbox_config(pod.id))
 
 
 def _address(value: Any) -> str:
@@ -286,7 +289,8 @@ async def _restore(settings: ReceiverSettings, runtime: Runtime, migration: _Mig
     try:
         if migration.pages is not None:  # the restore's page daemon asks the tunnel for the lazy memory
             _write_private(page_server, json.dumps({"port": migration.pages.loopback.port}).encode())
-        container_id = await runtime.create_restored(pod.id, archive, migration.name, settings.restore_timeout)
+        container_id = await runtime.create_restored(pod.id, archive, migration.name, settings.restore_timeout,
+                                                     migration.sandbox)
         created = time.monotonic()
         await runtime.start_restored(container_id, settings.restore_timeout)
         running = time.monotonic()

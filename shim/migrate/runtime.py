@@ -149,11 +149,14 @@ class Runtime:
         await self.start_restored(container_id, timeout)
         return container_id
 
-    async def create_restored(self, pod_id: str, archive: Path, name: str, timeout: float) -> str:
-        """CreateContainer with `archive` as image: the proxy unpacks it; its container id."""
+    async def create_restored(self, pod_id: str, archive: Path, name: str, timeout: float,
+                              sandbox: cri.PodSandboxConfig | None = None) -> str:
+        """CreateContainer with `archive` as image: the proxy unpacks it; its container id.
+        `sandbox`: the pod's config when the caller read it already (else read now)."""
         config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name),
                                      image=cri.ImageSpec(image=str(archive)), log_path=f"{name}.log")
-        sandbox = await self.sandbox_config(pod_id)
+        if sandbox is None:
+            sandbox = await self.sandbox_config(pod_id)
         created = await _call(self._cri.CreateContainer(cri.CreateContainerRequest(
             pod_sandbox_id=pod_id, config=config, sandbox_config=sandbox), timeout=timeout))
         return str(created.container_id)

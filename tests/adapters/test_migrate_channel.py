@@ -194,11 +194,14 @@ class _FakeRuntime:
             raise NotFound(f"pod {pod_id} not found")  # what CRI answers for a removed pod
         return self._pod
 
-    async def restore(self, pod_id: str, archive: Path, name: str, timeout: float) -> str:
-        if self._error is not None:
-            raise self._error
-        self.restored.append(archive)
+    async def create_restored(self, pod_id: str, archive: Path, name: str, timeout: float,
+                              sandbox: object = None) -> str:
         return "ctr-1"
+
+    async def start_restored(self, container_id: str, timeout: float) -> None:
+        if self._error is not None:  # the real one removes what it created before raising
+            raise self._error
+        self.restored.append(Path(container_id))
 
     async def remove(self, container_id: str) -> None:
         self.removed.append(container_id)
