@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import select
 import threading
@@ -76,8 +77,6 @@ CRIU_COMM = "criu"
 # The kernel's wait of a writer on a full pipe (fs/pipe.c), as /proc/PID/wchan names it: CRIU at the gate
 # (pipe_write; anon_pipe_write in newer kernels, as 6.18 here).
 WRITING = ("pipe_write", "anon_pipe_write")
-# How long a failing gate waits for CRIU to reach it (its pages still streaming) before letting go.
-ABORT_TIMEOUT = 60.0
 ABORT_POLL_S = 0.005
 PAGE = 4096
 
@@ -139,12 +138,13 @@ class Gate:
         self._filler = None
         self.opened_at = time.monotonic()
 
-    def abort(self, ended: Callable[[], bool], timeout: float = ABORT_TIMEOUT) -> None:
+    def abort(self, ended: Callable[[], bool], timeout: float = math.inf) -> None:
         """Fail the dump at the gate, so CRIU lets the tasks run on (a stop-after dump too). Blocking.
 
         Our descriptors go once CRIU has the FIFO open (its write then fails, blocked or not yet
-        made), or once `ended()` says the dump is over. Letting go earlier would leave a CRIU still
-        on its pages to sleep at its open of a FIFO nobody will read. After `open`: nothing to do."""
+        made), or once `ended()` says the dump is over: no deadline by default, since letting go
+        earlier would leave a CRIU still on its pages (minutes for a big container) to sleep at
+        its open of a FIFO nobody will read, holding the container. After `open`: nothing to do."""
         if self.opened or self._reader is None:
             self.close()
             return

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
@@ -138,7 +139,9 @@ async def _settle_at_gate(gate: dumpgate.Gate, criu_pid: int, stop: threading.Ev
                           settle: Callable[[], Awaitable[None]], failed: list[BaseException]) -> None:
     """Wait for CRIU at the gate, then `settle()`; a failure of ours goes to `failed` (the cause to raise)."""
     try:
-        await asyncio.to_thread(dumpgate.wait_arrival, gate, criu_pid, stop, HOLD_TIMEOUT)
+        # No deadline of ours: CRIU writes every page first (minutes for a big container); the dump's
+        # own end (`stop`) ends the wait.
+        await asyncio.to_thread(dumpgate.wait_arrival, gate, criu_pid, stop, math.inf)
     except dumpgate.GateError as exc:
         error = Internal(f"checkpoint failed: {exc}")
         if not stop.is_set():  # else the dump ended on its own, and its error is the one to raise
