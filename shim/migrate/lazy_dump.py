@@ -111,7 +111,7 @@ class LazyDump:
                 await asyncio.to_thread(_freeze, frozen)
             except freezer.FreezerError as exc:  # CRIU could not have frozen it either: nothing was dumped
                 raise FailedPrecondition(f"cannot freeze the container for the dump: {exc}") from None
-            self.stamps["frozen by us"] = time.monotonic()
+            self.stamps["frozen"] = time.monotonic()
         self.port = _free_port()
         read_end, write_end = os.pipe()
         try:
@@ -130,7 +130,7 @@ class LazyDump:
             os.close(read_end)
         self.stamps["dumped"] = time.monotonic()
         if ready:
-            self.stamps["frozen"] = self.stamps["dumped"] - _frozen_for(self.staging / CRIU_WORK / DUMP_LOG)
+            self.stamps["criu freezing"] = self.stamps["dumped"] - _frozen_for(self.staging / CRIU_WORK / DUMP_LOG)
         if not ready:
             await self._proc.wait()
             raise FailedPrecondition(f"the lazy dump failed: {await self._why()}")
