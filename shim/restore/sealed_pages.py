@@ -14,7 +14,10 @@ inside it: no chunk is decrypted twice on the way through.
 Ahead of the fill: after each run, a worker thread opens the chunks of the
 next run in order into a second window while the daemon copies the current
 one into the process (UFFDIO_COPY and the file read release the GIL), and the
-next `span` takes that window if it asked for what was opened. The thread is
+next `span` takes that window if it asked for what was opened. It starts with
+the background fill (the first `prefetch`), not before: during CRIU's restore
+the daemon serves only faults, and decrypting ahead then would take CPU from
+the restore the process waits for. The thread is
 the source's own (started and joined by it); only one thread opens chunks at a
 time, and a chunk the worker could not authenticate is never handed out: the
 window is dropped and the chunk opened again, and refused, when asked for.
@@ -90,6 +93,7 @@ class SealedImage:
         self._worker = concurrent.futures.ThreadPoolExecutor(1, "sealed-ahead") if ahead else None
         self._pending: concurrent.futures.Future[int] | None = None  # the worker, filling `_spare`...
         self._pending_chunks = range(0)  # ...with these chunks
+        self._filling = False  # the background fill has begun (the first prefetch): open ahead from now on
         self._opened = bytearray(self._index.count)
         self.chunks_opened = 0  # distinct chunks opened so far
         self.chunks_total = len(mine)
@@ -112,6 +116,7 @@ class SealedImage:
         return window.address + start - self._index.starts[window.first]
 
     def prefetch(self, offset: int, length: int) -> None:
+        self._filling = True
         length = min(length, self.size - offset)
         if length <= 0:
             return
@@ -155,7 +160,7 @@ class SealedImage:
         """Start the worker, if idle, on the chunks from `after` on (the fill's next run begins inside
         the last chunk of this one), `after` copied from the current window."""
         window = self._current
-        if self._worker is None or self._pending is not None or after >= self._last:
+        if self._worker is None or not self._filling or self._pending is not None or after >= self._last:
             return
         chunks = range(after, min(after + AHEAD_CHUNKS, self._last + 1))
         if self._spare.holds(chunks):

@@ -77,6 +77,7 @@ def test_in_order_runs_open_each_chunk_once(tmp_path: Path) -> None:
     data = _data()
     _seal(tmp_path / "a", data)
     image = SealedImage(tmp_path / "a", 0, len(data), _keyring(tmp_path))
+    image.prefetch(0, len(data))
     try:
         for offset in range(0, len(data), 3 * CHUNK + 512):  # runs that begin inside a chunk already opened
             length = min(3 * CHUNK + 512, len(data) - offset)
@@ -178,6 +179,7 @@ def test_in_order_runs_over_a_tampered_chunk_fail_at_it(tmp_path: Path, ahead: b
     raw[index.words[9] + WORD_SIZE + 1] ^= 1
     (tmp_path / "a").write_bytes(raw)
     image = SealedImage(tmp_path / "a", 0, len(data), _keyring(tmp_path), ahead=ahead)
+    image.prefetch(0, len(data))  # the background fill began: the worker opens ahead
     run = 2 * CHUNK + 700
     try:
         for offset in range(0, len(data), run):
