@@ -9,6 +9,7 @@ container is created with that image. Node B runs containerd 1.7, then 2.4.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -32,7 +33,9 @@ from tests.node.fabric_pods import (
     kept_checkpoint,
     largest_gap,
     pod_ip,
+    remove_pod,
     router_routes,
+    run_pod,
     seqs,
 )
 from tests.node.pods import wait_for
@@ -171,3 +174,45 @@ def test_bad_input_and_an_unreachable_registry_are_refused_before_anything_stops
         assert a.archives() == sources_before and b.archives() == targets_before
         assert ip not in router_routes()
         assert not (registry_repositories / "migrations" / "s").exists(), "nothing was pushed"
+
+
+def test_the_target_pod_deleted_during_the_push_restores_nothing_and_keeps_the_checkpoint(
+        hosts: tuple[Host, Host]) -> None:
+    """The push is slowed (node A's uplink throttled) so that the target pod goes while it runs: the
+    target refuses the restore by name, creates and pulls nothing; the source says it is stopped, with
+    its archive and the pushed image; a retry into another pod completes it."""
+    a, b = hosts
+    images_before = _images(b)
+    shape = ["nsenter", f"--net=/run/netns/{a.env['NODE_NETNS']}", "tc", "qdisc"]
+    with a.cri.pod(STOP_AFTER) as source_pod, b.cri.pod() as retry_pod:
+        ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "32"},
+                              name="counter")
+        wait_for(lambda: a.cri.count(ctr) >= 10)
+        target = run_pod(b)
+        try:
+            subprocess.run([*shape, "add", "dev", fabric.NODE_LINK, "root", "tbf", "rate", "40mbit", "burst", "64kb",
+                            "latency", "500ms"], check=True, capture_output=True)
+            try:
+                proc = subprocess.Popen(a.migrate_argv(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target.id,
+                                                       "--mode", "registry", "--image", f"{REPOSITORY}/counter:gone"),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                        env={**os.environ, **fabric_registry.client_env(FAB)})
+                wait_for(lambda: a.cri.state(ctr) == "CONTAINER_EXITED", timeout=120)  # now the push runs
+                remove_pod(b, target)
+                _, stderr = proc.communicate(timeout=240)
+            finally:
+                subprocess.run([*shape, "del", "dev", fabric.NODE_LINK, "root"], capture_output=True)
+        finally:
+            with contextlib.suppress(Exception):
+                remove_pod(b, target)
+        assert proc.returncode == 1, stderr
+        assert f"target pod tests/{target.config.metadata.name} was deleted during the migration; nothing was " \
+            "restored" in stderr, stderr
+        assert f"its checkpoint image is {REPOSITORY}/counter:gone@sha256:" in stderr
+        kept = kept_checkpoint(stderr)
+        assert not b.cri.runtime.ListContainers(cri.ListContainersRequest(), timeout=30).containers
+        assert _images(b) == images_before, "nothing was pulled for a pod that is gone"
+        done = _migrate(a, ctr, "--checkpoint", str(kept), "--to", b.env["MIGRATE_ADDRESS"], "--to-pod",
+                        retry_pod.id, "--mode", "registry", "--image", f"{REPOSITORY}/counter:gone")
+        assert done.returncode == 0, done.stderr
+        assert b.cri.count(b.container_in(retry_pod)) >= 10
