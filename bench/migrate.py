@@ -56,13 +56,14 @@ def one(a: Host, b: Host, mem_mb: int, mode: str, log: Path, daemon: str = "criu
         ip = pod_ip(a, pod_a)
         server = a.cri.container(pod_a, ["/usr/local/bin/tcpserver"],
                                  {"PORT": "7000", "BIND_ADDR": ip, "MEM_MB": str(mem_mb)}, name="server")
-        with client_on_router(ip, log, interval_ms=10):
+        # a registry migration of gigabytes pauses longer than the client's usual 60 s patience
+        with client_on_router(ip, log, interval_ms=10, reply_timeout_ms=600_000):
             wait_for(lambda: len(seqs(log.read_text())) >= 20, timeout=120)
             image = ["--image", f"{fabric.REGISTRY_HOST}/bench/server"] if mode == "registry" else []
             out = a.migrate(server, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", pod_b.id, "--mode", mode,
                             *image).stdout
             last = seqs(log.read_text())[-1][1]
-            wait_for(lambda: seqs(log.read_text())[-1][1] >= last + 20, timeout=120)
+            wait_for(lambda: seqs(log.read_text())[-1][1] >= last + 20, timeout=300)  # TCP's backoff after a long pause
         text = log.read_text()
         assert text.count("connected ") == 1 and "error" not in text, text[-1000:]
         if mode == "registry":  # node B's pulled checkpoint images (content and snapshot) would fill its disk

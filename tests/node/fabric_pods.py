@@ -163,12 +163,13 @@ def seqs(log: str) -> list[tuple[float, int]]:
 
 
 @contextlib.contextmanager
-def client_on_router(ip: str, log: Path, interval_ms: int = 20) -> Iterator[subprocess.Popen[bytes]]:
+def client_on_router(ip: str, log: Path, interval_ms: int = 20,
+                     reply_timeout_ms: int = 60000) -> Iterator[subprocess.Popen[bytes]]:
     """tcpclient outside every node (in the router's namespace), one connection, a request every 20 ms."""
     with log.open("wb") as out:
         proc = subprocess.Popen(["ip", "netns", "exec", f"csr-{FABRIC}", str(TCPCLIENT), ip, "7000"], stdout=out,
                                 stderr=subprocess.STDOUT,
-                                env={"INTERVAL_MS": str(interval_ms), "REPLY_TIMEOUT_MS": "60000"})
+                                env={"INTERVAL_MS": str(interval_ms), "REPLY_TIMEOUT_MS": str(reply_timeout_ms)})
     try:
         yield proc
     finally:
