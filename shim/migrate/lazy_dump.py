@@ -76,6 +76,7 @@ class LazyDump:
         self._client: asyncio.StreamWriter | None = None  # our connection to CRIU's page server
         self.stamps: dict[str, float] = {}  # monotonic times of the dump's steps (the pause's anatomy)
         self.started_wall = 0.0
+        self._guard_in: asyncio.StreamWriter | None = None  # the guard's stdin (see _guard)
 
     @property
     def container_id(self) -> str:
@@ -121,6 +122,9 @@ class LazyDump:
         finally:
             os.close(write_end)
         self.stamps["runc"] = time.monotonic()
+        if self._guard_in is not None:  # should we die, the guard waits for runc before it thaws
+            with contextlib.suppress(OSError):
+                self._guard_in.write(f"pid {self._proc.pid}\n".encode())
         stack.push_async_callback(self.end)
         try:
             ready = await asyncio.wait_for(asyncio.to_thread(os.read, read_end, 1), READY_TIMEOUT)
@@ -138,18 +142,22 @@ class LazyDump:
     async def _guard(self, netns: Path | None, frozen: Path | None, stack: AsyncExitStack) -> None:
         """A process of its own that removes our TCP lock and thaws the container if this one dies
         holding them: CRIU then lets the source run again (a reset on its page server), and it must not
-        find its connections locked nor stay frozen. It waits on a pipe from us; our word `keep` once we
-        have dealt with both ourselves. (Thawing while CRIU holds the tasks is harmless: it has thawed
-        the cgroup itself by then.)"""
+        find its connections locked nor stay frozen. It reads lines from a pipe of ours: `pid N` once runc
+        runs, `keep` once we have dealt with both ourselves. Without `keep` it first waits for runc (and
+        CRIU under it) to end: CRIU has the last word on the freezer (after a failed dump it puts the
+        cgroup back as it found it, frozen by us), so the thaw must come after it."""
         if netns is None and frozen is None:
             return
         thaw = _thaw_file(frozen) if frozen is not None else ("", "")
-        script = ('read -r word; [ "$word" = keep ] && exit 0; [ -z "$2" ] || printf %s "$3" > "$2"; '
-                  '[ -z "$1" ] || printf %s "$1" | nft -f -')
+        script = ('pid=; while read -r word arg; do case $word in pid) pid=$arg;; keep) exit 0;; esac; done; '
+                  'n=0; while [ -n "$pid" ] && [ $n -lt 1200 ] && read -r _ _ st _ 2>/dev/null '
+                  '< "/proc/$pid/stat" && [ "$st" != Z ]; do sleep 0.1; n=$((n+1)); done; '
+                  '[ -z "$2" ] || printf %s "$3" > "$2"; [ -z "$1" ] || printf %s "$1" | nft -f -')
         argv = ["sh", "-c", script, "migrate-guard", netlock.unlock_script() if netns is not None else "", *thaw]
         guard = await asyncio.create_subprocess_exec(
             *(["nsenter", f"--net={netns}", *argv] if netns is not None else argv), stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+        self._guard_in = guard.stdin
 
         async def release() -> None:
             assert guard.stdin is not None
