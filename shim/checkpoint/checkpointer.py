@@ -55,6 +55,7 @@ from shim.checkpoint import (
 from shim.checkpoint.adopt import write_archive_in_place
 from shim.checkpoint.archive import Member, directory_members
 from shim.checkpoint.metadata import config_dump, spec_dump, status_dump
+from shim.checkpoint.prefreeze import PreFreeze
 from shim.checkpoint.rootfs import deleted_files_json, write_rootfs_diff
 from shim.checkpoint.stream_archive import StreamedArchive
 from shim.cleanup import undo
@@ -214,12 +215,15 @@ class Checkpointer:
                 if locking and target.netns is not None:
                     self._tidy_tables_at_exit(target.netns, set(tables), frozen)  # exits last: after the thaw
                 cgroup = await recovery.freezer_dir(self._containerd, container_id)
+                prefreeze: PreFreeze | None = None
                 gate = await held.make_gate(staging, target.options, cgroup, streaming)
                 if gate is None:  # paused by us around the dump
                     journal.note(**{recovery.PAUSED: True})
                     await self._freeze(container_id, frozen, outcome)
                 else:
                     journal.note(**{recovery.DUMPING: True})
+                    if target.options.stop_after and cgroup is not None:  # its guard goes after the thaw below
+                        prefreeze = await PreFreeze.start(cgroup, staging / "work" / layout.DUMP_LOG, frozen)
                     held.keep_running_on_failure(self._containerd, container_id, frozen)
                 if locking and target.netns is not None:
                     journal.note(**{recovery.NETNS: str(target.netns), recovery.NETNS_TABLES: tables})
@@ -249,7 +253,7 @@ class Checkpointer:
                                 raise _storage_error(path, exc) from None
 
                     diff = await held.dump_holding(gate, cgroup, dump, snapshot, committing,
-                                                   settle if target.options.stop_after else None)
+                                                   settle if target.options.stop_after else None, prefreeze)
                     outcome.dump_s = time.monotonic() - dump_started
                     outcome.stopped = target.options.stop_after
                     outcome.frozen_s = await asyncio.to_thread(held.criu_frozen_s, staging / "work")

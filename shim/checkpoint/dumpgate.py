@@ -286,7 +286,9 @@ def wait_arrival(gate: Gate, criu_pid: int, stop: threading.Event, timeout: floa
     if fifo is None:
         raise GateError("the gate was let go before CRIU reached it")
     deadline = time.monotonic() + timeout
-    while not fifo_open_in(criu_pid, [fifo]):
+    # CRIU at the gate sleeps in the kernel's pipe_write: one read of its wchan per poll, and the fd scan
+    # (a stat per descriptor) only to confirm it is our pipe, not the page stream's, it waits on.
+    while wait_channel(criu_pid) not in WRITING or not fifo_open_in(criu_pid, [fifo]):
         if stop.is_set():
             raise GateError("the dump ended before CRIU reached the gate")
         if time.monotonic() > deadline:

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from shim.archive_layout import IMAGES_DIR
 from shim.checkpoint import dumpgate, options, recovery
+from shim.checkpoint.prefreeze import PreFreeze
 from shim.containerd import Containerd
 from shim.errors import Internal
 from shim.faults import Point, armed, reached
@@ -56,7 +57,8 @@ async def make_gate(staging: Path, opts: options.CheckpointOptions, cgroup: Path
 
 async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, Any, None],
                        snapshot: Callable[[], Awaitable[T]], committing: Callable[[], None] = lambda: None,
-                       settle: Callable[[], Awaitable[None]] | None = None) -> T:
+                       settle: Callable[[], Awaitable[None]] | None = None,
+                       prefreeze: PreFreeze | None = None) -> T:
     """Run `dump`; take `snapshot()` while CRIU holds the container; return the snapshot.
 
     The holder opens the gate only after a good snapshot, and only if the
@@ -72,6 +74,9 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
     awaited once CRIU waits at the gate, every page written, before the gate
     opens: the page stream's outcome (a full disk) is known then, and its
     error fails the dump at the gate, the container running.
+
+    `prefreeze` (a stop-after dump) freezes the cgroup the moment CRIU starts,
+    so that CRIU skips its own, slow, freeze (see `prefreeze`).
     """
     stop = threading.Event()
     task = asyncio.current_task()
@@ -81,7 +86,7 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
 
     failed: list[BaseException] = []  # our error (snapshot, settle), for which the dump was made to fail
     holder = asyncio.ensure_future(
-        _while_held(gate, cgroup, stop, snapshot, cancelled, committing, settle, failed))
+        _while_held(gate, cgroup, stop, snapshot, cancelled, committing, settle, failed, prefreeze))
     try:
         await dump
     except BaseException as exc:
@@ -106,9 +111,11 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
 async def _while_held(gate: dumpgate.Gate, cgroup: Path, stop: threading.Event,
                       snapshot: Callable[[], Awaitable[T]], cancelled: Callable[[], bool],
                       committing: Callable[[], None], settle: Callable[[], Awaitable[None]] | None,
-                      failed: list[BaseException]) -> T:
+                      failed: list[BaseException], prefreeze: PreFreeze | None = None) -> T:
     taken = False
     try:
+        if prefreeze is not None:
+            await asyncio.to_thread(prefreeze.freeze_at_start, stop, HOLD_TIMEOUT)
         try:
             criu_pid = await asyncio.to_thread(dumpgate.wait_held, cgroup, stop, HOLD_TIMEOUT)
         except dumpgate.GateError as exc:
