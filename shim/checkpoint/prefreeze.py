@@ -20,7 +20,10 @@ failed dump (`held.keep_running_on_failure`) and then tells the guard `keep`.
 
 Only a cgroup found THAWED is frozen (a container paused by its user stays
 as it is). Should CRIU look at the freezer first, it freezes it itself: slower,
-never wrong.
+never wrong. What is not covered: a freeze of ours landing after CRIU had
+frozen, seized and thawed the cgroup, between our read of THAWED and our write
+of FROZEN; CRIU's freeze finds the cgroup FREEZING at its first look and then
+sleeps 100 ms, so that needs a stall of ours of that order in two lines.
 """
 
 from __future__ import annotations
