@@ -89,3 +89,24 @@ def processes(directory: Path) -> int:
         return len((directory / "cgroup.procs").read_text().split())
     except OSError as exc:
         raise FreezerError(f"cannot list the processes of {directory}: {exc}") from None
+
+
+def freeze(directory: Path, timeout: float = SETTLE_TIMEOUT) -> None:
+    """Freeze, and wait until every task is, as CRIU would (v2: `cgroup.freeze` says what was asked,
+    `cgroup.events` says `frozen 1` once it is done)."""
+    set_state(directory, State.FROZEN, timeout=timeout)
+    events = directory / "cgroup.events"
+    if (directory / "freezer.state").exists() or not events.exists():
+        return
+    deadline = time.monotonic() + timeout
+    while "frozen 1" not in events.read_text():
+        if time.monotonic() > deadline:
+            raise FreezerError(f"{directory} did not freeze within {timeout:.0f} s")
+        time.sleep(0.001)
+
+
+def thaw_file(directory: Path) -> tuple[str, str]:
+    """The file and the word that thaw it (v1 or v2): for a guard process's shell, which must thaw
+    without this module."""
+    v1 = directory / "freezer.state"
+    return (str(v1), State.THAWED.value) if v1.exists() else (str(directory / "cgroup.freeze"), "0")

@@ -68,7 +68,7 @@ class PreFreeze:
                 return None
         except freezer.FreezerError:
             return None
-        thaw = _thaw_file(cgroup)
+        thaw = freezer.thaw_file(cgroup)
         guard = await asyncio.to_thread(
             subprocess.Popen, ["sh", "-c", GUARD_SCRIPT, "checkpoint-guard", *thaw], stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -92,7 +92,7 @@ class PreFreeze:
             self._guard.stdin.flush()  # before the freeze: from here on a death of ours is the guard's
             if freezer.state(self.cgroup) is not freezer.State.THAWED:
                 return False  # CRIU got there first: its freeze, not ours
-            _freeze(self.cgroup)
+            freezer.freeze(self.cgroup, FREEZE_TIMEOUT)
         except (OSError, freezer.FreezerError) as exc:
             log.info("no freeze before CRIU's (CRIU freezes itself): %s", exc)
             return False
@@ -120,22 +120,3 @@ def _release(guard: subprocess.Popen[bytes]) -> None:
             guard.stdin.write(b"keep\n")
             guard.stdin.close()
     guard.wait()
-
-
-def _freeze(directory: Path) -> None:
-    """Freeze, and wait until every task is (v2: cgroup.events says `frozen 1`), as CRIU would."""
-    freezer.set_state(directory, freezer.State.FROZEN, timeout=FREEZE_TIMEOUT)
-    events = directory / "cgroup.events"
-    if (directory / "freezer.state").exists() or not events.exists():
-        return
-    deadline = time.monotonic() + FREEZE_TIMEOUT
-    while "frozen 1" not in events.read_text():
-        if time.monotonic() > deadline:
-            raise freezer.FreezerError(f"{directory} did not freeze within {FREEZE_TIMEOUT:.0f} s")
-        time.sleep(0.001)
-
-
-def _thaw_file(directory: Path) -> tuple[str, str]:
-    """The file and word that thaw it, for the guard's shell (v1 or v2)."""
-    v1 = directory / "freezer.state"
-    return (str(v1), "THAWED") if v1.exists() else (str(directory / "cgroup.freeze"), "0")

@@ -109,7 +109,7 @@ class LazyDump:
             # (and the guard, should we die) thaws it on the paths where CRIU never took it.
             stack.push_async_callback(self._thaw_unless_ended, frozen)
             try:
-                await asyncio.to_thread(_freeze, frozen)
+                await asyncio.to_thread(freezer.freeze, frozen, FREEZE_TIMEOUT)
             except freezer.FreezerError as exc:  # CRIU could not have frozen it either: nothing was dumped
                 raise FailedPrecondition(f"cannot freeze the container for the dump: {exc}") from None
             self.stamps["frozen"] = time.monotonic()
@@ -148,7 +148,7 @@ class LazyDump:
         cgroup back as it found it, frozen by us), so the thaw must come after it."""
         if netns is None and frozen is None:
             return
-        thaw = _thaw_file(frozen) if frozen is not None else ("", "")
+        thaw = freezer.thaw_file(frozen) if frozen is not None else ("", "")
         script = ('pid=; while read -r word arg; do case $word in pid) pid=$arg;; keep) exit 0;; esac; done; '
                   'n=0; while [ -n "$pid" ] && [ $n -lt 1200 ] && read -r _ _ st _ 2>/dev/null '
                   '< "/proc/$pid/stat" && [ "$st" != Z ]; do sleep 0.1; n=$((n+1)); done; '
@@ -261,25 +261,6 @@ def _freezer_of(spec: bytes) -> Path | None:
         return None
     directory = freezer.cgroup_dir(path)
     return directory if directory.is_dir() else None
-
-
-def _thaw_file(directory: Path) -> tuple[str, str]:
-    """The file and word that thaw it, for the guard's shell (v1 or v2)."""
-    v1 = directory / "freezer.state"
-    return (str(v1), "THAWED") if v1.exists() else (str(directory / "cgroup.freeze"), "0")
-
-
-def _freeze(directory: Path) -> None:
-    """Freeze, and wait until every task is (v2: cgroup.events says `frozen 1`), as CRIU would."""
-    freezer.set_state(directory, freezer.State.FROZEN, timeout=FREEZE_TIMEOUT)
-    events = directory / "cgroup.events"
-    if (directory / "freezer.state").exists() or not events.exists():
-        return
-    deadline = time.monotonic() + FREEZE_TIMEOUT
-    while "frozen 1" not in events.read_text():
-        if time.monotonic() > deadline:
-            raise freezer.FreezerError(f"{directory} did not freeze within {FREEZE_TIMEOUT:.0f} s")
-        time.sleep(0.001)
 
 
 def source_from(status: Any, info: dict[str, Any], target: Target) -> Source:

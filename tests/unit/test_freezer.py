@@ -48,3 +48,25 @@ def test_a_freezer_that_never_settles_times_out(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(freezer, "state", lambda d: freezer.State.FREEZING)  # a kernel that stays put
     with pytest.raises(freezer.FreezerError, match="FREEZING after 0s"):
         freezer.set_state(tmp_path, freezer.State.FROZEN, timeout=0.05)
+
+
+def test_thaw_file_v1_and_v2(tmp_path: Path) -> None:
+    v1 = tmp_path / "freezer" / "k8s.io" / "abc"
+    v1.mkdir(parents=True)
+    (v1 / "freezer.state").write_text("THAWED")
+    assert freezer.thaw_file(v1) == (str(tmp_path / "freezer/k8s.io/abc/freezer.state"), "THAWED")
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    assert freezer.thaw_file(v2) == (str(v2 / "cgroup.freeze"), "0")
+
+
+def test_v2_freeze_waits_for_the_kernel_to_say_frozen(tmp_path: Path) -> None:
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cgroup.freeze").write_text("0")
+    (v2 / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    with pytest.raises(freezer.FreezerError, match="did not freeze"):
+        freezer.freeze(v2, timeout=0.05)
+    (v2 / "cgroup.events").write_text("populated 1\nfrozen 1\n")
+    freezer.freeze(v2, timeout=0.05)
+    assert (v2 / "cgroup.freeze").read_text() == "1"

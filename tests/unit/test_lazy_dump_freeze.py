@@ -11,8 +11,7 @@ import pytest
 
 from shim import freezer
 from shim.errors import FailedPrecondition
-from shim.migrate import lazy_dump
-from shim.migrate.lazy_dump import LazyDump, _freeze, _freezer_of, _thaw_file
+from shim.migrate.lazy_dump import LazyDump, _freezer_of
 
 
 def _v1(tmp_path: Path, state: str = "THAWED") -> Path:
@@ -36,26 +35,6 @@ def test_the_freezer_comes_from_the_spec_and_only_where_it_exists(tmp_path: Path
     assert _freezer_of(json.dumps({"linux": {"cgroupsPath": "/k8s.io/gone"}}).encode()) is None
     assert _freezer_of(json.dumps({"linux": {}}).encode()) is None
     assert _freezer_of(b"not json") is None
-
-
-def test_thaw_file_v1_and_v2(tmp_path: Path) -> None:
-    assert _thaw_file(_v1(tmp_path)) == (str(tmp_path / "freezer/k8s.io/abc/freezer.state"), "THAWED")
-    v2 = tmp_path / "v2"
-    v2.mkdir()
-    assert _thaw_file(v2) == (str(v2 / "cgroup.freeze"), "0")
-
-
-def test_v2_freeze_waits_for_the_kernel_to_say_frozen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    v2 = tmp_path / "v2"
-    v2.mkdir()
-    (v2 / "cgroup.freeze").write_text("0")
-    (v2 / "cgroup.events").write_text("populated 1\nfrozen 0\n")
-    monkeypatch.setattr(lazy_dump, "FREEZE_TIMEOUT", 0.05)
-    with pytest.raises(freezer.FreezerError, match="did not freeze"):
-        _freeze(v2)
-    (v2 / "cgroup.events").write_text("populated 1\nfrozen 1\n")
-    _freeze(v2)
-    assert (v2 / "cgroup.freeze").read_text() == "1"
 
 
 @pytest.mark.parametrize("ended", [None, 1, -9])
