@@ -95,15 +95,29 @@ async def drop_new_empty_tables(netns: Path, before: set[str]) -> list[str]:
     CRIU locks each dumped connection with iptables; through iptables-nft that
     creates `ip filter` / `ip6 filter` tables in the pod, and CRIU's unlock
     removes its rules but not the tables. Only what was not there before and is
-    empty now goes: nobody else's rules are touched.
+    empty now goes: nobody else's rules are touched. Two nft runs whatever the
+    number of tables (one listing of the ruleset, one batch of deletions): each
+    run costs a process start inside a stop-after checkpoint's answer.
     """
-    dropped = []
-    for table in sorted(await tables(netns) - before - {f"inet {TABLE}"}):
-        listing = json.loads(await _nft_output(netns, "-j", "list", "table", *table.split(maxsplit=1)))
-        if not any("rule" in item for item in listing.get("nftables", [])):
-            await run_nft(netns, f"delete table {table}\n", missing_ok=True)
-            dropped.append(table)
-    return dropped
+    ruleset = json.loads(await _nft_output(netns, "-j", "list", "ruleset"))
+    doomed = empty_new_tables(ruleset, before)
+    if doomed:
+        await run_nft(netns, "".join(f"delete table {table}\n" for table in doomed), missing_ok=True)
+    return doomed
+
+
+def empty_new_tables(ruleset: object, before: set[str]) -> list[str]:
+    """From `nft -j list ruleset`: the tables ("family name") not in `before`, not ours, with no rule."""
+    items = ruleset.get("nftables", []) if isinstance(ruleset, dict) else []
+    named: set[str] = set()
+    ruled: set[str] = set()
+    for item in items if isinstance(items, list) else []:
+        for kind, into in (("table", named), ("rule", ruled)):
+            body = item.get(kind) if isinstance(item, dict) else None
+            if isinstance(body, dict):
+                table = body.get("name") if kind == "table" else body.get("table")
+                into.add(f"{body.get('family')} {table}")
+    return sorted(named - ruled - before - {f"inet {TABLE}"})
 
 
 async def _nft_output(netns: Path, *argv: str) -> str:

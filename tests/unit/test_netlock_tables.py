@@ -1,0 +1,39 @@
+"""Which tables the checkpoint tidies after CRIU's iptables lock (shim.checkpoint.netlock.empty_new_tables):
+only tables that are new, empty and not our lock's, read from `nft -j list ruleset`."""
+
+from __future__ import annotations
+
+from shim.checkpoint import netlock
+
+# What iptables-nft leaves after CRIU's unlock: `ip filter` with its base chains and no rule, and the
+# pod's own table with a rule; our lock table; a table that was there before the dump.
+RULESET = {"nftables": [
+    {"metainfo": {"version": "1.1.3", "json_schema_version": 1}},
+    {"table": {"family": "ip", "name": "filter", "handle": 1}},
+    {"chain": {"family": "ip", "table": "filter", "name": "INPUT", "handle": 1, "type": "filter"}},
+    {"table": {"family": "ip6", "name": "filter", "handle": 2}},
+    {"table": {"family": "inet", "name": "app", "handle": 3}},
+    {"chain": {"family": "inet", "table": "app", "name": "in", "handle": 1}},
+    {"rule": {"family": "inet", "table": "app", "chain": "in", "handle": 2, "expr": []}},
+    {"table": {"family": "inet", "name": netlock.TABLE, "handle": 4}},
+    {"table": {"family": "ip", "name": "nat", "handle": 5}},
+]}
+
+
+def test_new_empty_tables_go_and_nothing_else() -> None:
+    assert netlock.empty_new_tables(RULESET, before={"ip nat"}) == ["ip filter", "ip6 filter"]
+
+
+def test_a_table_there_before_the_dump_stays_even_when_empty() -> None:
+    assert netlock.empty_new_tables(RULESET, before={"ip nat", "ip filter"}) == ["ip6 filter"]
+
+
+def test_a_table_with_a_rule_stays() -> None:
+    with_rule = {"nftables": [*RULESET["nftables"],
+                              {"rule": {"family": "ip6", "table": "filter", "chain": "INPUT", "expr": []}}]}
+    assert netlock.empty_new_tables(with_rule, before={"ip nat"}) == ["ip filter"]
+
+
+def test_garbage_listings_name_nothing() -> None:
+    for garbage in (None, [], "x", {"nftables": "x"}, {"nftables": [1, "a", {"table": "x"}, {"rule": None}]}, {}):
+        assert netlock.empty_new_tables(garbage, before=set()) == []
