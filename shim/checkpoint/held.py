@@ -36,7 +36,8 @@ from shim.faults import Point, armed, reached
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 # How long CRIU may take to seize the container after the dump was asked for (runc's and CRIU's
-# start-up on a loaded node); past it the gate opens and the checkpoint fails, container running.
+# start-up on a loaded node); past it the gate is let go unopened (CRIU's dump fails there) and the checkpoint
+# fails, the container running.
 HOLD_TIMEOUT = 60.0
 THAW_TIMEOUT = 30.0
 STATS_DUMP = "stats-dump"  # CRIU's statistics, in its work directory
