@@ -17,15 +17,17 @@ def proxy_with(node: Node, table: str, body: str, edit: Callable[[str], str] = s
     layout = NodeLayout(node.dir.resolve())
     original = layout.proxy_config_file.read_text()
 
-    def restart(text: str) -> None:
-        pid = procs.read_pid(layout.pid_dir / "proxy.pid")
-        assert pid is not None
-        procs.stop(pid)
-        layout.proxy_config_file.write_text(text)
-        local._start_proxy(layout, layout.proxy_config_file)  # a plain node's proxy runs on the host
-
-    restart(f"{edit(original)}\n[{table}]\n{body}")
+    restart_proxy(layout, f"{edit(original)}\n[{table}]\n{body}")
     try:
         yield
     finally:
-        restart(original)
+        restart_proxy(layout, original)
+
+
+def restart_proxy(layout: NodeLayout, config: str) -> None:
+    """The node's proxy stopped and started again with `config` as its whole config file."""
+    pid = procs.read_pid(layout.pid_dir / "proxy.pid")
+    assert pid is not None
+    procs.stop(pid)
+    layout.proxy_config_file.write_text(config)
+    local._start_proxy(layout, layout.proxy_config_file)  # a plain node's proxy runs on the host

@@ -21,7 +21,9 @@ import pytest
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.handoff import LAZY_WORK, RESTORE_DIR, SHIM_DIR, criu_config
 from shim.node import procs
+from shim.node.layout import NodeLayout
 from shim.restore import lazy, loopdev
+from tests.node import proxy_config
 from tests.node.conftest import FULL, Node, node_down, node_up, on
 from tests.node.pods import Cri, Pod, wait_for
 from tests.node.proxy_config import proxy_with
@@ -140,25 +142,39 @@ def test_node_down_releases_what_a_dead_relay_left(node: Node, tmp_path_factory:
     """A relay killed mid-restore leaves CRIU's page daemon and its loop device behind: `node down` takes both.
 
     (criu-shim's own daemon needs no loop device; it ends itself once memory is complete.)
+    On a node whose proxy lives, the proxy's recovery undoes the dead relay's restore (its journal
+    record) first; `node down` is the line behind it, for a node whose proxy is gone too. So the
+    proxy is killed here, and the page daemon held so the fill cannot finish and let go on its own.
     """
     directory = tmp_path_factory.mktemp("lazy-node")
     other = node_up(directory)
     client = Cri(other.cri, directory / "pod-logs")
     try:
-        with criu_page_daemon(other):
-            archive = _checkpoint(client, other, "orphan", mem_mb=256)
-            pod_config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name="orphan", namespace="tests",
-                                                                              uid="orphan"))
-            pod_id = client.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
-            # The pod is left to `node down`, which removes every pod.
-            work = _restore_dir(client, _restore(client, Pod(pod_id, pod_config), archive))
-            relay = int((SHIM_DIR / f"{work.name}.pid").read_text())
-            os.kill(relay, signal.SIGKILL)  # no clean-up of its own; containerd's task stays
-            assert _our_loop_devices(work), "the restore's loop device should still be attached"
+        # Not `criu_page_daemon(other)`: it would start the proxy again on the way out, before `node down`.
+        layout = NodeLayout(directory.resolve())
+        proxy_config.restart_proxy(layout, layout.proxy_config_file.read_text().replace("[restore]\n",
+                                                                                         f"[restore]\n{CRIUS}\n"))
+        archive = _checkpoint(client, other, "orphan", mem_mb=256)
+        pod_config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name="orphan", namespace="tests",
+                                                                          uid="orphan"))
+        pod_id = client.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
+        # The pod is left to `node down`, which removes every pod.
+        work = _restore_dir(client, _restore(client, Pod(pod_id, pod_config), archive))
+        daemons = _page_daemons(work)
+        assert len(daemons) == 1, "the page daemon should still be filling in memory"
+        os.kill(daemons[0], signal.SIGSTOP)  # `node down` must stop it: a stopped process takes SIGKILL
+        proxy = procs.read_pid(layout.pid_dir / "proxy.pid")
+        assert proxy is not None
+        os.kill(proxy, signal.SIGKILL)  # no recovery pass of its own can take the restore first
+        relay = int((SHIM_DIR / f"{work.name}.pid").read_text())
+        os.kill(relay, signal.SIGKILL)  # no clean-up of its own; containerd's task stays
+        assert _our_loop_devices(work), "the restore's loop device should still be attached"
+        assert procs.alive(daemons[0])
     finally:
         client.close()
         report = node_down(directory)
     assert _our_loop_devices(work) == []
+    assert f"stopped leftover lazy-pages daemon {daemons[0]}" in report
     assert "released loop device" in report
     assert not [pid for pid in procs.processes_mentioning(str(directory))]
 
