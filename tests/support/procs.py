@@ -4,8 +4,10 @@ a condition polled until it holds (never a sleep standing in for synchronisation
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -62,3 +64,19 @@ def processes(*texts: str) -> list[int]:
         if entry.name.isdigit() and (line := cmdline(int(entry.name))) and all(t in line for t in texts):
             found.append(int(entry.name))
     return sorted(found)
+
+
+@contextmanager
+def owned_processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """A list to put started processes in: each is killed (if still running), reaped and its pipes closed."""
+    started: list[subprocess.Popen[str]] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    stream.close()

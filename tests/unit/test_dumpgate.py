@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from shim.checkpoint import dumpgate, orphandump
+from tests.support.procs import owned_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 INVENTORY = b"inventory-bytes"
@@ -59,15 +60,8 @@ def _criu(images: Path, fifo: Path, wait: bool = False) -> subprocess.Popen[str]
 
 @pytest.fixture
 def processes() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                stream.close()
+    with owned_processes() as started:
+        yield started
 
 
 def _line(proc: subprocess.Popen[str], timeout: float = 10) -> str:

@@ -17,6 +17,7 @@ import pytest
 
 from shim.checkpoint import orphandump
 from shim.checkpoint.prefreeze import PreFreeze
+from tests.support.procs import owned_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,15 +51,8 @@ asyncio.run(main())
 
 @pytest.fixture
 def processes() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                stream.close()
+    with owned_processes() as started:
+        yield started
 
 
 def _cgroup(tmp_path: Path, state: str = "THAWED") -> Path:
