@@ -74,6 +74,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                          "config; without a tag: migrate-<container>-<UTC time>); the target pulls it by digest")
     migrate.add_argument("--runc", type=Path, metavar="PATH", help="lazy: the runc of containerd's runc shim "
                          "(default: runc on PATH, else the one beside the configured CRIU)")
+    migrate.add_argument("--no-hold", dest="hold", action="store_false",
+                         help="eager/lazy with connections: the target claims the pod IPs only after the restore "
+                         "and holds no packets (peers wait for their retransmission timer; for comparison)")
     _common(migrate)
 
     receiver = sub.add_parser(
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         result = source.run(source.MigrateRequest(
             args.container, args.to, args.to_pod, socket, args.checkpoints_dir, creds, args.address_hook,
             args.name, args.checkpoint, args.keep_checkpoint, args.timeout, args.idle_timeout, settings.criu,
-            settings.checkpoint, args.mode, args.runc, image))
+            settings.checkpoint, args.mode, args.runc, image, args.hold))
         print(result.lines(), flush=True)
         return 0
     from shim.migrate import receiver

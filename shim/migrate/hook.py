@@ -4,7 +4,9 @@ A container whose TCP connections follow it keeps its old pod IP, so the network
 that IP to the new node. How depends on the cluster (a /32 announced by BGP, a cloud route
 table, the development fabric's router): criu-shim runs an executable the operator names,
 
-    HOOK claim IP VIA    on the target, once the container runs: route IP to the local pod VIA
+    HOOK claim IP VIA    on the target, at the switch-over (its packets held there until the
+                         container runs: hold.py) or, without the hold, once it runs: route IP to the
+                         local pod VIA; on the source again when a migration fails after that
     HOOK release IP      on the source, after the target claimed it: drop what routes IP here
     HOOK check           at preflight: can the hook work now (exit 0)?
 

@@ -8,7 +8,8 @@ a page daemon), in this order:
 2. the source takes CRIU's page server (one client) and opens the page tunnel, a second mutual-TLS
    connection to the receiver (shim.migrate.tunnel);
 3. the small archive goes to the target, which restores it (its page daemon asks for pages through
-   the tunnel), starts it and claims the pod IPs; the source releases them;
+   the tunnel), starts it and claims the pod IPs (with the hold, the default, it claimed them before
+   1 and lets the peers' packets it held since go on now); the source releases them;
 4. the fill: pages the process touches first, the rest in the background; when the daemon has them
    all, CRIU ends the source container and runc returns;
 5. the source tells the target how it ended; the target ends the restored task if its memory is
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -33,7 +33,7 @@ from typing import Any
 from shim.checkpoint.checkpointer import Target
 from shim.checkpoint.options import CheckpointOptions
 from shim.errors import FailedPrecondition, InvalidArgument, ShimError
-from shim.migrate import channel, hook, source, tunnel
+from shim.migrate import channel, source, tunnel
 from shim.migrate.lazy_dump import LazyDump, runc_beside, source_from, staging_name
 from shim.migrate.runtime import ContainerView, PodView, Runtime
 
@@ -101,6 +101,12 @@ async def migrate(s: Session) -> source.Migrated:
     # The page connection first: its TLS handshake is not part of the container's pause.
     pages = await channel.connect(request.to, request.creds, source.CONNECT_TIMEOUT, request.idle_timeout)
     await channel.send(pages[1], {"protocol": channel.PROTOCOL, "op": "pages", "token": token})
+    try:
+        await source.switch(request, s.pod, s.addresses, s.ready, s.reader, s.writer)
+    except BaseException:
+        pages[1].close()
+        raise
+    switched = time.monotonic()
     started = time.monotonic()
     async with AsyncExitStack() as stack:
         stack.callback(pages[1].close)  # idempotent: the pump closes it too
@@ -114,6 +120,7 @@ async def migrate(s: Session) -> source.Migrated:
             with contextlib.suppress(Exception):
                 await channel.send(s.writer, {"op": "abort"})
             await dump.end()
+            await source.claim_back(request, s.pod, s.addresses, s.ready)
             raise FailedPrecondition(f"the lazy dump failed: {_message(exc)}; the source container {cid} is "
                                      f"{await source.state(s.runtime, cid)}; nothing was sent") from None
         checkpointed = time.monotonic()
@@ -127,6 +134,7 @@ async def migrate(s: Session) -> source.Migrated:
         except ShimError as exc:
             await _settle(pumping)  # our end of CRIU's page server resets: CRIU lets the container go
             await dump.end()
+            await source.claim_back(request, s.pod, s.addresses, s.ready)
             raise source.MigrationFailed(f"{exc.message}; nothing moved: the source container {cid} is "
                                          f"{await _source_state(s.runtime, cid)}") from None
         restored = time.monotonic()
@@ -136,7 +144,7 @@ async def migrate(s: Session) -> source.Migrated:
         filled = time.monotonic()
         target = await _tell_target(s, code == 0)
         if code != 0:
-            await _claim_back(s)
+            await source.claim_back(request, s.pod, s.addresses, None)  # the target released them
             raise source.MigrationFailed(
                 f"the memory did not reach the target ({_broken(pumped)}, after {pumped.to_remote} bytes); the "
                 f"restored container there was {target}; the source container {cid} is "
@@ -145,7 +153,8 @@ async def migrate(s: Session) -> source.Migrated:
     return source.Migrated(str(done.get("container_id")), str(s.ready.get("pod")), tuple(s.addresses), size,
                            checkpointed - started, float(done.get("transfer_seconds", 0.0)),
                            float(done.get("restore_seconds", 0.0)), restored - started,
-                           pumped.to_remote, filled - restored, _stages(dump.stamps, done, restored), dump.started_wall)
+                           pumped.to_remote, filled - restored, _stages(dump.stamps, done, restored, switched),
+                           dump.started_wall, int(done.get("held_packets", -1)))
 
 
 async def _target_has_it_all(s: Session) -> bool:
@@ -187,21 +196,6 @@ async def _tell_target(s: Session, complete: bool) -> str:
                "page stream is gone"
 
 
-async def _claim_back(s: Session) -> None:
-    """The source runs on (CRIU let it go) and the target released the pod IPs: route them here again."""
-    if s.request.address_hook is None:
-        return
-    for ip in s.addresses:
-        family = ipaddress.ip_address(ip).version
-        via = next((p for p in s.pod.ips if ipaddress.ip_address(p).version == family), None)
-        if via is None:
-            continue
-        try:
-            await hook.run(s.request.address_hook, "claim", ip, via)
-        except ShimError as exc:
-            print(f"criu-shim: warning: {exc.message}")
-
-
 async def _source_state(runtime: Runtime, cid: str) -> str:
     state = await source.state(runtime, cid)
     if state == "running":
@@ -225,11 +219,15 @@ async def _until_exited(runtime: Runtime, cid: str) -> None:
         await asyncio.sleep(0.02)
 
 
-def _stages(stamps: dict[str, float], done: dict[str, Any], restored: float) -> tuple[tuple[str, float], ...]:
+def _stages(stamps: dict[str, float], done: dict[str, Any], restored: float,
+            switched: float | None = None) -> tuple[tuple[str, float], ...]:
     """The pause's anatomy: this node's steps, then the target's (its durations from when the archive
-    began to go, which is when it began to receive it), from the dump's start."""
+    began to go, which is when it began to receive it), from the dump's start; "switched" (before it)
+    is when the target had begun to hold and claimed the pod IPs."""
     origin = stamps.get("start", restored)
     ours = [(k, v - origin) for k, v in stamps.items() if k != "start"]
+    if switched is not None and done.get("held_packets") is not None:
+        ours.append(("switched", switched - origin))
     theirs = done.get("stages")
     sent = stamps.get("archive", restored)
     if isinstance(theirs, dict):

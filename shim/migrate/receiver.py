@@ -11,6 +11,10 @@ One connection is one migration, in two steps:
    created from it in the prepared pod and started through this node's criu-shim proxy,
    then the address hook claims the moved IPs (only now: a peer's packet reaching the pod
    before its sockets are back would be answered with a reset).
+   With a hold (eager and lazy, the default: hold.py), the source asks for the switch-over
+   before it stops the container ("switch"): the peers' packets to the moving IPs are held
+   here from then on, the IPs are claimed at once, and the held packets go on to the restored
+   pod once it runs; on any other end they are dropped and the claim is released.
 
 Any failure removes what this side made (the partial archive, a created container) and
 answers with the reason; the source keeps its checkpoint.
@@ -38,7 +42,7 @@ from shim.annotations import CHECKPOINT_PREFIX, TRUE
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.errors import Code, FailedPrecondition, InvalidArgument, ResourceExhausted, ShimError, Unavailable, Upstream
 from shim.hosttools import Version
-from shim.migrate import channel, claims, compat, hook, registry_restore, tunnel
+from shim.migrate import channel, claims, compat, hold, hook, registry_restore, tunnel
 from shim.migrate.runtime import PodView, Runtime
 from shim.restore.lazy import remote_pages_file as lazy_pages_file
 
@@ -74,6 +78,9 @@ class _Migration:
     pages: _PageEnd | None = None  # a lazy migration's page tunnel, target end
     # The pod's config for CreateContainer, read at preflight: one CRI round trip less in the pause.
     sandbox: cri.PodSandboxConfig | None = None
+    early: bool = False  # the source asked for the hold: claim at "switch", not after the restore
+    packet_hold: hold.Hold | None = None  # from "switch" until the restore settles it
+    claimed: bool = False  # claimed early, not yet restored: released again on any failure
 
 
 @dataclass
@@ -103,6 +110,7 @@ async def _serve(settings: ReceiverSettings) -> int:
     one_at_a_time = asyncio.Lock()  # restores into this node queue (a source's checkpoint does not hold it)
     page_ends: dict[str, _PageEnd] = {}  # lazy migrations under way, by token
     watcher = claims.ClaimWatcher(settings.runtime, settings.address_hook, settings.claims_interval)
+    await hold.sweep()  # a receiver that died holding left rules: they must not outlive it
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peercert") or {}
@@ -144,9 +152,11 @@ async def _session(settings: ReceiverSettings, runtime: Runtime, reader: asyncio
                                     watcher)
             if migration is None:
                 return
-            made.append(migration)
+            if not made or made[-1] is not migration:  # "switch" goes on with the same one
+                made.append(migration)
     finally:
         for ended in made:  # a lazy migration's tunnel listener goes with its session
+            await _unhold(settings, ended)  # a session that ended before its restore: nothing held stays
             if ended.pages is not None:
                 ended.pages.loopback.close()
                 page_ends.pop(ended.pages.token, None)
@@ -173,7 +183,13 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
             if message.get("mode") == "lazy":
                 migration.pages = await _page_end(page_ends)
                 answer["pages_token"] = migration.pages.token
+            if migration.early:
+                answer["hold"] = True
             await channel.send(writer, answer)
+            return migration
+        if op == "switch" and migration is not None and migration.early:
+            await _switch(settings, migration)
+            await channel.send(writer, {"ok": True})
             return migration
         if op == "pages":
             await _carry_pages(runtime, page_ends, channel.field(message, "token", str), reader, writer)
@@ -196,10 +212,14 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
                                    reader, writer)
             return None
         if op == "abort":
+            if migration is not None:
+                await _unhold(settings, migration)
             return None
         raise InvalidArgument(f"unexpected migration message {op!r:.40}")
     except ShimError as exc:
         log.warning("migration from %s refused: %s", who, exc.message)
+        if migration is not None:
+            await _unhold(settings, migration)  # before the answer: the source then claims the IPs back
         await _answer_error(writer, exc)
         return None
 
@@ -233,7 +253,10 @@ async def _preflight(settings: ReceiverSettings, runtime: Runtime, message: dict
         _check_addresses_can_move(settings, pod, addresses, await runtime.live_pod_ips())
         assert settings.address_hook is not None  # checked just above
         await hook.run(settings.address_hook, "check")
-    return _Migration(pod, name, addresses, sandbox=await runtime.sandbox_config(pod.id))
+    early = bool(addresses) and message.get("hold") is True and mode in ("eager", "lazy")
+    if early:
+        await hold.sweep()  # before this migration's rules: a dead receiver's for the same IPs
+    return _Migration(pod, name, addresses, sandbox=await runtime.sandbox_config(pod.id), early=early)
 
 
 def _address(value: Any) -> str:
@@ -304,19 +327,27 @@ async def _restore(settings: ReceiverSettings, runtime: Runtime, migration: _Mig
             migration.pages.restore_over.set()
             page_server.unlink(missing_ok=True)
             archive.unlink(missing_ok=True)
-    try:
-        await _claim(settings, pod, migration.addresses)
-    except ShimError:
-        await runtime.remove(container_id)
-        archive.unlink(missing_ok=True)  # the source keeps its copy
-        raise
+    held = None
+    if migration.packet_hold is not None:  # claimed at "switch": what waited goes on to the restored sockets
+        held = await migration.packet_hold.settle(accept=True)
+        migration.packet_hold, migration.claimed = None, False
+    else:
+        try:
+            await _claim(settings, pod, migration.addresses)
+        except ShimError:
+            await runtime.remove(container_id)
+            archive.unlink(missing_ok=True)  # the source keeps its copy
+            raise
     claimed = time.monotonic()
     return {"container_id": container_id, "archive": str(archive),
+            **({"held_packets": held.held + held.after} if held is not None else {}),
             "transfer_seconds": round(received - started, 3),
             "restore_seconds": round(claimed - received, 3),
             # where the target's part of the pause goes (the source prints it: `stages`)
             "stages": {"received": round(received - started, 3), "created": round(created - started, 3),
-                       "started": round(running - started, 3), "claimed": round(claimed - started, 3)}}
+                       "started": round(running - started, 3),
+                       # with the hold the IPs were claimed at "switch": this is when the held packets went on
+                       "released" if held is not None else "claimed": round(claimed - started, 3)}}
 
 
 async def _claim(settings: ReceiverSettings, pod: PodView, addresses: list[str]) -> None:
@@ -326,6 +357,36 @@ async def _claim(settings: ReceiverSettings, pod: PodView, addresses: list[str])
         via = _via(pod, ip)
         assert via is not None  # checked at preflight; the pod's IPs do not change
         await hook.run(settings.address_hook, "claim", ip, via)
+
+
+async def _switch(settings: ReceiverSettings, migration: _Migration) -> None:
+    """The switch-over begins: hold the peers' packets here, then route the IPs here (the hold first:
+    a packet routed here before it would reach a pod whose sockets are not back). A failure undoes both."""
+    if migration.packet_hold is not None or migration.claimed:
+        raise InvalidArgument("the switch-over of this migration has begun already")
+    packet_hold = hold.Hold(migration.addresses)
+    try:
+        await packet_hold.start()
+    except (ShimError, OSError) as exc:  # no NFQUEUE here, say: claimed after the restore, as without a hold
+        log.warning("cannot hold packets for %s (%s): their route moves here after the restore",
+                    ", ".join(migration.addresses), exc)
+        return
+    migration.packet_hold, migration.claimed = packet_hold, True  # a claim failing half-way is released too
+    try:
+        await _claim(settings, migration.pod, migration.addresses)
+    except ShimError:
+        await _unhold(settings, migration)
+        raise
+
+
+async def _unhold(settings: ReceiverSettings, migration: _Migration) -> None:
+    """Not restored: drop what is held, remove the rules, release an early claim (idempotent)."""
+    if migration.packet_hold is not None:
+        await migration.packet_hold.settle(accept=False)
+        migration.packet_hold = None
+    if migration.claimed:
+        migration.claimed = False
+        await _unclaim(settings, migration.addresses)
 
 
 async def _receive_archive(settings: ReceiverSettings, reader: asyncio.StreamReader, size: int, name: str) -> Path:

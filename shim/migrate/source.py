@@ -9,7 +9,8 @@ Order, so that nothing is stopped before everything that can be checked was chec
 3. the checkpoint, through this node's criu-shim (stop-after: the source ends right after a
    good dump, its TCP connections locked so peers see silence, not resets);
 4. the archive streams to the target, which restores it into the prepared pod, starts it and
-   claims the pod IPs (their route moves there);
+   claims the pod IPs (their route moves there; with the hold, the default, the target claimed
+   them right before 3 and lets the peers' packets it held since go on now: `switch`);
 5. here: the address hook releases the pod IPs, the checkpoint is deleted.
 
 A failure before 3 changes nothing. A failed checkpoint leaves the container running (the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,7 @@ class MigrateRequest:
     mode: str = "eager"  # or "lazy": memory follows from the source after the restore (shim.migrate.lazy)
     runc: Path | None = None  # lazy: the runc of containerd's runc shim (default: PATH, else beside CRIU)
     image: ImageTarget | None = None  # mode "registry": where the checkpoint image goes (registry_mode.py)
+    hold: bool = True  # eager/lazy: the target holds the peers' packets from the switch-over (receiver.py, hold.py)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Migrated:
     fill_seconds: float = 0.0  # lazy: the restored container running to its memory complete
     stages: tuple[tuple[str, float], ...] = ()  # lazy: the pause's steps, seconds from its start
     started_wall: float = 0.0  # lazy: the dump's start, wall clock
+    held_packets: int = -1  # packets the target held during the pause and delivered after it (-1: no hold)
 
     def lines(self) -> str:
         moved = f"; pod IPs {', '.join(self.addresses)} now routed to the target" if self.addresses else ""
@@ -83,6 +87,9 @@ class Migrated:
                 f"archive {self.archive_bytes / (1 << 20):.1f} MiB; checkpoint {self.checkpoint_seconds:.2f} s, "
                 f"transfer and restore {self.transfer_seconds + self.restore_seconds:.2f} s "
                 f"(restore {self.restore_seconds:.2f} s); pause {self.pause_seconds:.2f} s")
+        if self.held_packets >= 0:
+            text += (f"\n{self.held_packets} packets to the pod IPs held at the target during the pause, delivered "
+                     "to the restored container")
         if self.pages_bytes >= 0:
             rate = self.pages_bytes / max(self.fill_seconds, 1e-3) / 1e6
             text += (f"\nmemory {self.pages_bytes / (1 << 20):.1f} MiB served lazily in {self.fill_seconds:.2f} s "
@@ -127,7 +134,7 @@ async def _migrate(request: MigrateRequest, runtime: Runtime) -> Migrated:
         name = request.name or container.name
         ready = await ask(reader, writer, {"protocol": channel.PROTOCOL, "op": "preflight", "pod": request.to_pod,
                                             "name": name, "addresses": addresses, "mode": request.mode,
-                                            "criu_version": show(criu) if criu else None,
+                                            "criu_version": show(criu) if criu else None, "hold": request.hold,
                                             **registry_mode.preflight_fields(request.image)}, CONNECT_TIMEOUT * 3,
                           _refused(request))
         if request.mode == "lazy":
@@ -136,8 +143,13 @@ async def _migrate(request: MigrateRequest, runtime: Runtime) -> Migrated:
         if request.image is not None:
             return await registry_mode.migrate(request, request.image, runtime, container, addresses, reader,
                                                writer, ready)
+        await switch(request, pod, addresses, ready, reader, writer)
         started = time.monotonic()
-        archive = request.checkpoint or await _checkpoint(request, runtime, container, writer)
+        try:
+            archive = request.checkpoint or await _checkpoint(request, runtime, container, writer)
+        except ShimError:
+            await claim_back(request, pod, addresses, ready)
+            raise
         checkpointed = time.monotonic()
         size = archive.stat().st_size
         try:
@@ -145,6 +157,7 @@ async def _migrate(request: MigrateRequest, runtime: Runtime) -> Migrated:
             await stream(archive, writer, size, request.idle_timeout)
             done = await ask(reader, writer, None, request.timeout, "the target node could not restore it")
         except ShimError as exc:
+            await claim_back(request, pod, addresses, ready)
             raise MigrationFailed(f"{exc.message}; {_stopped(container, archive, request)}") from None
         finished = time.monotonic()
     finally:
@@ -156,7 +169,40 @@ async def _migrate(request: MigrateRequest, runtime: Runtime) -> Migrated:
         archive.unlink(missing_ok=True)
     return Migrated(str(done.get("container_id")), str(ready.get("pod")), tuple(addresses), size,
                     checkpointed - started, float(done.get("transfer_seconds", 0.0)),
-                    float(done.get("restore_seconds", 0.0)), finished - started)
+                    float(done.get("restore_seconds", 0.0)), finished - started,
+                    held_packets=int(done.get("held_packets", -1)))
+
+
+async def switch(request: MigrateRequest, pod: PodView, addresses: list[str], ready: dict[str, Any],
+                 reader: Any, writer: Any) -> None:
+    """Right before the container stops: the target holds the peers' packets to the pod IPs and claims
+    them, so they wait there during the pause (not for their retransmission timer) and reach the
+    restored sockets at once. Refused: nothing was stopped, the IPs are routed here again."""
+    if ready.get("hold") is not True:
+        return
+    try:
+        await ask(reader, writer, {"op": "switch"}, CONNECT_TIMEOUT * 3, _refused(request))
+    except ShimError:
+        await claim_back(request, pod, addresses, ready)
+        raise
+
+
+async def claim_back(request: MigrateRequest, pod: PodView, addresses: list[str], ready: dict[str, Any] | None,
+                     ) -> None:
+    """The migration failed after the target claimed the pod IPs (at the switch-over, when `ready` says it
+    holds; None: always, a lazy restore that ended): it released them, route them here again (a failure
+    is a warning)."""
+    if request.address_hook is None or (ready is not None and ready.get("hold") is not True):
+        return
+    for ip in addresses:
+        family = ipaddress.ip_address(ip).version
+        via = next((p for p in pod.ips if ipaddress.ip_address(p).version == family), None)
+        if via is None:
+            continue
+        try:
+            await hook.run(request.address_hook, "claim", ip, via)
+        except ShimError as exc:
+            print(f"criu-shim: warning: {exc.message}")
 
 
 async def _addresses(runtime: Runtime, pod: PodView) -> list[str]:
