@@ -21,6 +21,9 @@ class Point(enum.StrEnum):
     CHECKPOINT_FROZEN = "checkpoint-frozen"
     # the rootfs diff is taken, CRIU still holds the container at its last image (or it is still paused)
     CHECKPOINT_DUMPED = "checkpoint-dumped"
+    # a stop-after dump's gate opened and CRIU's inventory kept: CRIU ends the container, the archive is not
+    # complete yet (recovery completes it: shim.checkpoint.rollforward)
+    CHECKPOINT_COMMITTED = "checkpoint-committed"
     CHECKPOINT_ARCHIVE = "checkpoint-archive"  # thawed; the memory image sits in the staging directory
     RESTORE_UNPACKED = "restore-unpacked"  # CreateContainer: unpacked, relay handed the restore, no container yet
     RESTORE_CREATED = "restore-created"  # containerd created the container; the relay not yet confirmed ready

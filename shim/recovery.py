@@ -16,6 +16,7 @@ imports it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -60,10 +61,13 @@ class Undo:
 Sweep = Callable[[Containerd, Journal], Awaitable[list[tuple[Record, list[str]]]]]
 SWEEPS: tuple[Sweep, ...] = (restore_recovery.sweep,)
 
-UNDO: dict[Operation, Undo] = {
-    Operation.CHECKPOINT: Undo(checkpoint_recovery.busy, checkpoint_recovery.undo, ends_soon=True),
-    Operation.RESTORE: Undo(restore_recovery.busy, restore_recovery.undo),
-}
+def default_undo(config: Config) -> dict[Operation, Undo]:
+    """The undo of each operation; a checkpoint's signs an archive it completes as the node signs checkpoints."""
+    checkpoint = functools.partial(checkpoint_recovery.undo, signing_key=config.signing.key_file)
+    return {
+        Operation.CHECKPOINT: Undo(checkpoint_recovery.busy, checkpoint, ends_soon=True),
+        Operation.RESTORE: Undo(restore_recovery.busy, restore_recovery.undo),
+    }
 
 
 class Reconciler:
@@ -72,7 +76,7 @@ class Reconciler:
         self._containerd = containerd
         self._config = config
         self._journal = journal or Journal.in_state_dir(config.state_dir)
-        self._undo = undo if undo is not None else UNDO
+        self._undo = undo if undo is not None else default_undo(config)
         self._sweeps = sweeps
 
     async def run_once(self) -> Pass:

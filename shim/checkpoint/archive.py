@@ -21,7 +21,7 @@ import secrets
 import stat
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,29 +63,32 @@ def check_member_name(name: str) -> None:
         raise ValueError(f"invalid archive member name {name!r}: empty, '.' or '..' component")
 
 
-def directory_members(prefix: str, root: Path) -> list[Member]:
+def directory_members(prefix: str, root: Path, skip: Collection[str] = ()) -> list[Member]:
     """A directory entry `prefix`, then everything under `root` as `prefix/...`, parents first.
 
     Only regular files and directories: CRIU image directories hold nothing else,
     so anything else is a bug or tampering, and archiving it could leak the host.
+    `skip`: member names left out (not even looked at: a stop-after dump's images CRIU still writes).
     """
     check_member_name(prefix)
     if not stat.S_ISDIR(os.lstat(root).st_mode):
         raise ValueError(f"{root}: not a directory (symlinks are not followed)")
     members = [Member(prefix, is_dir=True)]
-    _collect(root, prefix, members)
+    _collect(root, prefix, members, frozenset(skip))
     return members
 
 
-def _collect(directory: Path, prefix: str, out: list[Member]) -> None:
+def _collect(directory: Path, prefix: str, out: list[Member], skip: frozenset[str] = frozenset()) -> None:
     with os.scandir(directory) as it:
         entries = sorted(it, key=lambda entry: entry.name)
     for entry in entries:
         name = f"{prefix}/{entry.name}"
+        if name in skip:
+            continue
         path = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):
             out.append(Member(name, is_dir=True))
-            _collect(path, name, out)
+            _collect(path, name, out, skip)
         elif entry.is_file(follow_symlinks=False):
             out.append(Member(name, source=path))
         else:

@@ -45,11 +45,13 @@ from shim.checkpoint import (
     criu,
     criulog,
     devshm,
+    dumpgate,
     held,
     location,
     netlock,
     options,
     recovery,
+    rollforward,
     sealing,
 )
 from shim.checkpoint.adopt import write_archive_in_place
@@ -195,7 +197,7 @@ class Checkpointer:
                           key: SigningKey | None) -> None:
         # Journalled before anything is acquired: a crash of ours from here on is undone at our next start.
         journal = await asyncio.to_thread(self._journal.begin, Operation.CHECKPOINT,
-                                          **{recovery.CONTAINER: container_id, "location": str(path)})
+                                          **{recovery.CONTAINER: container_id, recovery.LOCATION: str(path)})
         try:
             await self._checkpoint_journalled(container_id, path, target, outcome, journal, key)
         finally:
@@ -238,6 +240,15 @@ class Checkpointer:
                         raise _storage_error(path, exc) from None
                     return deleted
 
+                written: set[str] = set()  # a stop-after archive's members written before its gate opened
+
+                async def prepare(deleted: list[str] | None, criu_pid: int) -> None:
+                    """Stop-after, every page kept: all of the archive but what CRIU writes last, and the marker."""
+                    if streamed is not None:
+                        written.update(await self._write_before_gate(
+                            streamed, container_id, path, staging, target, (record.spec.value, record.runtime.name),
+                            deleted, criu_pid))
+
                 dump_started = time.monotonic()
                 dump = self._dump_streamed(container_id, staging, target.options, streamed, path)
                 if gate is not None and cgroup is not None:
@@ -252,8 +263,10 @@ class Checkpointer:
                             except OSError as exc:
                                 raise _storage_error(path, exc) from None
 
+                    stop_after = target.options.stop_after
                     diff = await held.dump_holding(gate, cgroup, dump, snapshot, committing,
-                                                   settle if target.options.stop_after else None, prefreeze)
+                                                   settle if stop_after else None, prefreeze,
+                                                   prepare if stop_after else None)
                     outcome.dump_s = time.monotonic() - dump_started
                     outcome.stopped = target.options.stop_after
                     outcome.frozen_s = await asyncio.to_thread(held.criu_frozen_s, staging / "work")
@@ -264,21 +277,50 @@ class Checkpointer:
                     outcome.stopped = target.options.stop_after
                     reached(Point.CHECKPOINT_DUMPED)
                     diff = await snapshot()
-                await frozen.aclose()  # thawed (and unlocked) before the archive is written
-                checkpointed = datetime.now(UTC)
-                members = archive_members(staging, record.spec.value, target, record.runtime.name, checkpointed, diff)
+                # Thawed (and unlocked) before the archive is written; but a stop-after archive prepared before
+                # its gate is completed first: its container is gone, and until the rename only recovery
+                # could save it (the network lock's narrowing and CRIU's tables wait those few ms).
+                if not written:
+                    await frozen.aclose()
+                if written:  # the rest of a stop-after archive: what CRIU wrote last
+                    members = await asyncio.to_thread(rollforward.late_members, staging, written)
+                else:
+                    members = archive_members(staging, record.spec.value, target, record.runtime.name,
+                                              datetime.now(UTC), diff)
                 reached(Point.CHECKPOINT_ARCHIVE)
                 archive_started = time.monotonic()
                 try:
                     outcome.size = await asyncio.to_thread(self._write_archive, streamed, path, members, target)
+                    if outcome.committed and gate is not None and gate.opened_at is not None:
+                        # The window in which only recovery's roll-forward saves a stop-after container
+                        # (README "Checkpointing").
+                        log.info("container %s: stop-after archive complete %.3f s after CRIU's gate opened",
+                                 container_id, time.monotonic() - gate.opened_at)
                     await asyncio.to_thread(_sign, path, key)
                 except OSError as exc:
                     raise _storage_error(path, exc) from None
                 outcome.archive_s = time.monotonic() - archive_started
-                if outcome.committed and gate is not None and gate.opened_at is not None:
-                    # The window in which a crash of ours loses a stop-after container (README "Checkpointing").
-                    log.info("container %s: stop-after archive complete %.3f s after CRIU's gate opened",
-                             container_id, time.monotonic() - gate.opened_at)
+                await frozen.aclose()  # (a no-op if done above)
+
+    async def _write_before_gate(self, streamed: StreamedArchive, container_id: str, path: Path, staging: Path,
+                                 target: Target, spec_runtime: tuple[bytes, str], deleted: list[str] | None,
+                                 criu_pid: int) -> set[str]:
+        """A stop-after archive before its gate opens: every member but what CRIU writes last (its
+        inventory, the images it still holds open, its statistics and log), then the marker by which
+        recovery completes it should criu-shim die once the gate is open. The names written."""
+        images = staging / layout.IMAGES_DIR
+        late = rollforward.late_names(await asyncio.to_thread(dumpgate.held_open, criu_pid, images))
+        spec, runtime = spec_runtime
+        members = archive_members(staging, spec, target, runtime, datetime.now(UTC), deleted, skip=late)
+        durable = self._config.checkpoint.fsync
+        plain = target.seal is None and target.compression is None
+        try:
+            end = await asyncio.to_thread(streamed.append, members, durable)
+            marker = rollforward.Marker(container_id, path, staging, end, plain)
+            await asyncio.to_thread(rollforward.write_marker, marker, durable)
+        except OSError as exc:
+            raise _storage_error(path, exc) from None
+        return {m.name for m in members} | streamed.image_names
 
     async def _stream_pages(self, container_id: str, staging: Path, stack: AsyncExitStack,
                             target: Target) -> StreamedArchive | None:
@@ -451,9 +493,10 @@ def _rootfs_diff(upperdir: Path | None, staging: Path) -> list[str] | None:
 
 
 def archive_members(staging: Path, spec: bytes, target: Target, runtime: str, checkpointed: datetime,
-                    deleted: list[str] | None) -> list[Member]:
+                    deleted: list[str] | None, skip: frozenset[str] = frozenset()) -> list[Member]:
     """The archive's members: checkpointctl's dump files, our facts, CRIU's image directory as staged,
-    CRIU's log and statistics, the rootfs diff and /dev/shm (a lazy migration's small archive too)."""
+    CRIU's log and statistics, the rootfs diff and /dev/shm (a lazy migration's small archive too).
+    `skip`: names left for later (a stop-after archive before its gate: `rollforward.late_names`)."""
     status = target.status
     created = datetime.fromtimestamp(status.created_at / 1e9, UTC)
     members = [
@@ -465,13 +508,13 @@ def archive_members(staging: Path, spec: bytes, target: Target, runtime: str, ch
         # the memory image is for (a restore elsewhere must refuse it clearly).
         Member(FACTS_MEMBER, data=json.dumps({"pod_ips": list(target.pod_ips), "architecture": go_arch(),
                                              "tcp_established": target.options.tcp_established}).encode()),
-        *directory_members(layout.IMAGES_DIR, staging / layout.IMAGES_DIR),
+        *directory_members(layout.IMAGES_DIR, staging / layout.IMAGES_DIR, skip),
     ]
     for name, source in ((layout.DUMP_LOG, staging / "work" / layout.DUMP_LOG),
                          (layout.STATS_DUMP, staging / "work" / layout.STATS_DUMP),  # CRIU writes it to its work dir
                          (layout.ROOTFS_DIFF, staging / layout.ROOTFS_DIFF),
                          (devshm.MEMBER, staging / devshm.MEMBER)):
-        if source.is_file():
+        if source.is_file() and name not in skip:
             members.append(Member(name, source=source))
     if deleted:
         members.append(Member(layout.DELETED_FILES, data=deleted_files_json(deleted)))

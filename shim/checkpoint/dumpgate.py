@@ -94,6 +94,7 @@ class Gate:
         self._filler: int | None = None  # our write end: the pipe is full of our bytes until `open`
         self._filled = 0
         self.opened_at: float | None = None  # time.monotonic() of `open`
+        self.kept = False  # the inventory is a file in place of the FIFO (`finish`)
 
     @classmethod
     def make(cls, images: Path) -> Gate | None:
@@ -161,7 +162,13 @@ class Gate:
         return os.fstat(self._reader) if self._reader is not None else None
 
     def finish(self, timeout: float = 30.0) -> None:
-        """After a successful dump: the inventory out of the pipe into a plain file of the same name."""
+        """The inventory out of the pipe into a plain file of the same name (idempotent).
+
+        Called right after `open` (CRIU writes the inventory at once and closes it): the
+        inventory is then a file before CRIU ends, so a criu-shim dying while CRIU finishes
+        leaves a dump recovery can complete (`rollforward`); and again after the dump."""
+        if self.kept:
+            return
         self.open()
         assert self._reader is not None
         data = bytearray()
@@ -188,6 +195,7 @@ class Gate:
         finally:
             os.close(fd)
         os.rename(temporary, self.path)  # the FIFO goes: only files reach the archive
+        self.kept = True
         self.close()
 
     def close(self) -> None:
@@ -239,6 +247,20 @@ def fifo_open_in(pid: int, fifos: list[os.stat_result]) -> set[tuple[int, int]]:
                 if (held.st_dev, held.st_ino) in wanted:
                     found.add((held.st_dev, held.st_ino))
     return found
+
+
+def held_open(pid: int, directory: Path) -> set[str]:
+    """The names of the files in `directory` that process `pid` has open (CRIU at its gate: the
+    images it still writes, buffered until it closes them after the inventory)."""
+    inside = f"{directory}/"
+    names: set[str] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.scandir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd.path)
+                if target.startswith(inside) and "/" not in target[len(inside):]:
+                    names.add(target[len(inside):])
+    return names
 
 
 def wait_held(cgroup: Path, stop: threading.Event, timeout: float) -> int:

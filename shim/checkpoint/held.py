@@ -59,7 +59,8 @@ async def make_gate(staging: Path, opts: options.CheckpointOptions, cgroup: Path
 async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, Any, None],
                        snapshot: Callable[[], Awaitable[T]], committing: Callable[[], None] = lambda: None,
                        settle: Callable[[], Awaitable[None]] | None = None,
-                       prefreeze: PreFreeze | None = None) -> T:
+                       prefreeze: PreFreeze | None = None,
+                       prepare: Callable[[T, int], Awaitable[None]] | None = None) -> T:
     """Run `dump`; take `snapshot()` while CRIU holds the container; return the snapshot.
 
     The holder opens the gate only after a good snapshot, and only if the
@@ -78,6 +79,13 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
 
     `prefreeze` (a stop-after dump) freezes the cgroup the moment CRIU starts,
     so that CRIU skips its own, slow, freeze (see `prefreeze`).
+
+    `prepare(snapshot, criu_pid)` (a stop-after dump) is awaited after
+    `settle`, before the gate opens: the archive written but for what CRIU
+    writes last, and the roll-forward marker (`rollforward`); its error fails
+    the dump at the gate too. Whenever the gate opens, CRIU's inventory is
+    taken out of the pipe into its file at once (before CRIU ends), so that a
+    criu-shim dying from then on leaves a dump recovery can complete.
     """
     stop = threading.Event()
     task = asyncio.current_task()
@@ -87,7 +95,7 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
 
     failed: list[BaseException] = []  # our error (snapshot, settle), for which the dump was made to fail
     holder = asyncio.ensure_future(
-        _while_held(gate, cgroup, stop, snapshot, cancelled, committing, settle, failed, prefreeze))
+        _while_held(gate, cgroup, stop, snapshot, cancelled, committing, settle, failed, prefreeze, prepare))
     try:
         await dump
     except BaseException as exc:
@@ -112,7 +120,8 @@ async def dump_holding(gate: dumpgate.Gate, cgroup: Path, dump: Coroutine[Any, A
 async def _while_held(gate: dumpgate.Gate, cgroup: Path, stop: threading.Event,
                       snapshot: Callable[[], Awaitable[T]], cancelled: Callable[[], bool],
                       committing: Callable[[], None], settle: Callable[[], Awaitable[None]] | None,
-                      failed: list[BaseException], prefreeze: PreFreeze | None = None) -> T:
+                      failed: list[BaseException], prefreeze: PreFreeze | None = None,
+                      prepare: Callable[[T, int], Awaitable[None]] | None = None) -> T:
     taken = False
     try:
         if prefreeze is not None:
@@ -129,6 +138,12 @@ async def _while_held(gate: dumpgate.Gate, cgroup: Path, stop: threading.Event,
             raise
         if settle is not None:
             await _settle_at_gate(gate, criu_pid, stop, settle, failed)
+        if prepare is not None:
+            try:
+                await prepare(result, criu_pid)
+            except Exception as exc:
+                failed.append(exc)
+                raise
         if armed(Point.CHECKPOINT_DUMPED):  # the point means: every page written, CRIU waiting at the gate
             await asyncio.to_thread(dumpgate.wait_at_gate, criu_pid, HOLD_TIMEOUT)
         reached(Point.CHECKPOINT_DUMPED)
@@ -138,9 +153,21 @@ async def _while_held(gate: dumpgate.Gate, cgroup: Path, stop: threading.Event,
         return result
     finally:
         if taken:
-            await asyncio.shield(asyncio.to_thread(gate.open))
+            await asyncio.shield(asyncio.to_thread(_open_and_keep, gate))
+            reached(Point.CHECKPOINT_COMMITTED)
         else:
             await asyncio.shield(asyncio.to_thread(gate.abort, stop.is_set))
+
+
+def _open_and_keep(gate: dumpgate.Gate) -> None:
+    """Open the gate and keep CRIU's inventory in a file as soon as CRIU has written it.
+
+    A failure to keep it is left for `Gate.finish` after the dump to report (it tries again)."""
+    gate.open()
+    try:
+        gate.finish()
+    except (OSError, dumpgate.GateError) as exc:
+        log.warning("CRIU's inventory could not be kept at once: %s", exc)
 
 
 async def _settle_at_gate(gate: dumpgate.Gate, criu_pid: int, stop: threading.Event,

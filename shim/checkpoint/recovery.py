@@ -4,7 +4,11 @@ Two callers. The engine, when CRIU fails or dies under it: `ensure_running`
 walks the container back to RUNNING in containerd's view and the kernel's.
 The reconciler, for a checkpoint whose criu-shim died (journal record with a
 dead owner): `undo` does the same from the record's facts and removes the
-staging directory, which holds the process's memory (secrets).
+staging directory, which holds the process's memory (secrets). Before that, a
+stop-after checkpoint whose gate had opened (its marker in the staging
+directory) and whose CRIU went through has its archive completed and renamed
+into place (`rollforward`): CRIU ended the container, the archive is the
+workload.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from shim import freezer
+from shim import freezer, signing
+from shim.api.cri.v1 import api_pb2 as cri
 from shim.archive_layout import IMAGES_DIR
-from shim.checkpoint import netlock, orphandump
+from shim.checkpoint import netlock, orphandump, rollforward
 from shim.containerd import Containerd
 from shim.errors import ShimError
 
@@ -26,6 +31,7 @@ log = logging.getLogger(__name__)
 
 # Journal facts of a checkpoint (shim.journal records); spelled here only.
 CONTAINER = "container_id"
+LOCATION = "location"  # the archive asked for
 STAGING = "staging"
 PAUSED = "paused"  # paused by us around the dump
 DUMPING = "dumping"  # dumped without a pause of ours: CRIU alone stops the container (dumpgate)
@@ -87,15 +93,26 @@ def busy(facts: dict[str, Any]) -> bool:
     return _process_mentions(str(staging))
 
 
-async def undo(containerd: Containerd, facts: dict[str, Any]) -> list[str]:
-    """Undo an interrupted checkpoint from its journal facts; return what was done."""
+async def undo(containerd: Containerd, facts: dict[str, Any], signing_key: Path | None = None) -> list[str]:
+    """Undo an interrupted checkpoint from its journal facts; return what was done.
+
+    A stop-after one past its gate is rolled forward first (its archive completed, signed with
+    `signing_key` if given); the rest of the clean-up follows either way."""
     done: list[str] = []
     container_id = str(facts.get(CONTAINER, ""))
-    if (facts.get(PAUSED) or facts.get(DUMPING)) and container_id:
+    staging = facts.get(STAGING)
+    rolled = False
+    if staging and container_id and rollforward.has_marker(Path(str(staging))):
+        rolled, said = await roll_forward(Path(str(staging)), container_id, str(facts.get(LOCATION, "")),
+                                          signing_key)
+        done.append(said)
+    if (facts.get(PAUSED) or facts.get(DUMPING)) and container_id and not rolled:  # else CRIU ended it
         try:
             done.append(await ensure_running(containerd, container_id))
         except (ShimError, freezer.FreezerError) as exc:
             done.append(f"could not thaw: {getattr(exc, 'message', exc)}")
+    if staging and container_id and rollforward.has_marker(Path(str(staging))):
+        done.append(await _container_state(containerd, container_id))
     if facts.get(NETNS):
         netns = Path(str(facts[NETNS]))
         if netns.exists():
@@ -107,11 +124,40 @@ async def undo(containerd: Containerd, facts: dict[str, Any]) -> list[str]:
                     done += [f"removed CRIU's empty table {t}" for t in dropped]
             except ShimError as exc:
                 done.append(f"could not remove the network lock in {netns}: {exc.message}")
-    staging = facts.get(STAGING)
     if staging and Path(str(staging)).exists():
         await asyncio.to_thread(shutil.rmtree, str(staging), True)
         done.append(f"deleted staging directory {staging}")
     return done
+
+
+async def roll_forward(staging: Path, container_id: str, location: str,
+                       signing_key: Path | None) -> tuple[bool, str]:
+    """Complete a stop-after archive whose criu-shim died after CRIU's gate opened; whether it was, and
+    what happened."""
+    try:
+        marker = await asyncio.to_thread(rollforward.decide, staging, container_id, location)
+        size = await asyncio.to_thread(rollforward.complete, marker)
+    except (rollforward.RollForwardError, OSError, ValueError) as exc:
+        log.error("stop-after checkpoint of container %s: archive %s NOT completed: %s", container_id, location, exc)
+        return False, f"archive {location} not completed: {exc}"
+    signed = ""
+    if signing_key is not None:
+        try:
+            key = await asyncio.to_thread(signing.load_signing_key, signing_key)
+            signed = f", signed ({await asyncio.to_thread(signing.sign_archive, marker.location, key)})"
+        except (OSError, ValueError, ShimError) as exc:
+            signed = f", NOT signed: {getattr(exc, 'message', exc)}"
+    log.warning("stop-after checkpoint of container %s rolled forward: archive %s completed from %s (%d bytes)%s",
+                container_id, location, staging, size, signed)
+    return True, f"rolled forward: archive {location} completed ({size} bytes) after CRIU's gate had opened{signed}"
+
+
+async def _container_state(containerd: Containerd, container_id: str) -> str:
+    try:
+        status, _ = await containerd.container_status(container_id)
+    except ShimError as exc:
+        return f"containerd does not report container {container_id}: {exc.message}"
+    return f"containerd reports the container {cri.ContainerState.Name(status.state)}"
 
 
 async def freezer_dir(containerd: Containerd, container_id: str) -> Path | None:

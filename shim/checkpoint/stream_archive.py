@@ -3,8 +3,10 @@
 Life cycle, all blocking (call from a worker thread), in pairs:
 `open` (FIFOs and the archive file in the staging directory, the stream
 running) before the freeze; `dump_ended` once runc's dump returned, whatever
-its outcome; `complete` to append every other member and rename the file onto
-the location; `close` on every path (idempotent). With a SealKey the archive
+its outcome (a stop-after dump: once CRIU waits at its gate, every page
+written); `append` (optional, a stop-after dump before its gate opens) to
+write every member that is final already; `complete` to append the rest and
+rename the file onto the location; `close` on every path (idempotent). With a SealKey the archive
 is sealed (encrypted) and/or compressed as it is written: same steps, same file, one pass. The file lives in the
 private staging directory until the rename, so a failure or a crash leaves
 nothing beside it that recovery does not delete with the staging directory.
@@ -35,6 +37,8 @@ class StreamedArchive:
         self._fd: int | None = fd
         self._stream: pagestream.PageStream | None = stream
         self._result: pagestream.Result | None = None
+        self._appended = False
+        self._sealed_writer: SealedTarWriter | None = None  # one for the whole archive: it holds the stream's place
 
     @classmethod
     def open(cls, staging: Path, processes: int, seal: SealKey | None = None,
@@ -72,21 +76,30 @@ class StreamedArchive:
         finally:
             pagestream.remove_fifos(self._fifos)
 
+    def append(self, members: Sequence[Member], durable: bool) -> int:
+        """Write `members` (and the spilled page images) now, the archive left open; where the next goes.
+
+        A stop-after dump calls this before its gate opens, so that after it only
+        what CRIU writes last is left to `complete`. `durable` fsyncs what is
+        written (the bulk of the archive, its memory) before the gate too."""
+        writer = self._writer()
+        add_members(writer, self._rest(members))
+        writer.flush()
+        assert self._result is not None
+        self._result.end = writer.written
+        self._appended = True
+        if durable and self._fd is not None:
+            os.fsync(self._fd)  # a sealed stream's buffered tail goes with `complete`
+        return self._result.end
+
     def complete(self, location: Path, members: Sequence[Member], durable: bool) -> int:
-        """Append every member not streamed, end the tar, rename it onto `location`; return its size."""
-        assert self._fd is not None and self._result is not None, "complete() before dump_ended()"
-        rest = [m for m in members if not (m.is_dir and m.name == IMAGES_DIR)]
-        rest += [Member(s.name, source=s.path) for s in self._result.spilled]
+        """Append every member not streamed (nor appended), end the tar, rename it onto `location`; its size."""
+        writer = self._writer()
+        add_members(writer, self._rest(members))
+        size = writer.finish()
         if self._sealed is not None:
-            writer: TarWriter = SealedTarWriter(self._sealed, start=self._result.end)
-            add_members(writer, rest)
-            writer.finish()
             size = self._sealed.close()
-        else:
-            os.lseek(self._fd, self._result.end, os.SEEK_SET)
-            writer = TarWriter(self._fd, start=self._result.end)
-            add_members(writer, rest)
-            size = writer.finish()
+        assert self._fd is not None
         os.ftruncate(self._fd, size)
         if durable:
             os.fsync(self._fd)
@@ -94,6 +107,28 @@ class StreamedArchive:
         if durable:
             _fsync_dir(location.parent)
         return size
+
+    @property
+    def end(self) -> int:
+        """Where the next member goes (the tar's offset)."""
+        assert self._result is not None, "end before dump_ended()"
+        return self._result.end
+
+    def _rest(self, members: Sequence[Member]) -> list[Member]:
+        assert self._result is not None
+        rest = [m for m in members if not (m.is_dir and m.name == IMAGES_DIR)]
+        if not self._appended:  # the spilled page images go with the first batch
+            rest += [Member(s.name, source=s.path) for s in self._result.spilled]
+        return rest
+
+    def _writer(self) -> TarWriter:
+        assert self._fd is not None and self._result is not None, "members before dump_ended()"
+        if self._sealed is not None:
+            if self._sealed_writer is None:
+                self._sealed_writer = SealedTarWriter(self._sealed, start=self._result.end)
+            return self._sealed_writer
+        os.lseek(self._fd, self._result.end, os.SEEK_SET)
+        return TarWriter(self._fd, start=self._result.end)
 
     def close(self) -> None:
         """Release everything (idempotent); the file itself goes with the staging directory."""
@@ -104,6 +139,12 @@ class StreamedArchive:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    @property
+    def image_names(self) -> set[str]:
+        """The member names of the page images streamed or spilled (in the archive by `append`)."""
+        result = self._result
+        return {s.name for s in result.streamed} | {s.name for s in result.spilled} if result else set()
 
     @property
     def streamed_bytes(self) -> int:

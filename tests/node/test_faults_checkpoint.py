@@ -13,9 +13,11 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,11 +27,12 @@ import pytest
 from shim import faults
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.checkpoint.location import STAGING_PREFIX
+from shim.checkpoint.rollforward import MARKER
 from shim.checkpoint.stream_archive import ARCHIVE_NAME
 from shim.node import procs
 from shim.node.tools import load_paths
 from tests.node.conftest import Node
-from tests.node.pods import Cri, wait_for
+from tests.node.pods import Cri, Pod, wait_for
 
 pytestmark = pytest.mark.node
 
@@ -342,3 +345,53 @@ def _criu_has_seized(criu: int) -> bool:
             if f"TracerPid:\t{criu}\n" in status:
                 return True
     return False
+
+
+STOP_AFTER = {"checkpoint.criu-shim.io/stop-after": "true"}
+
+
+def test_proxy_killed_after_the_gate_opened_rolls_the_archive_forward(node: Node, direct: Cri, client: Cri,
+                                                                      proxy: PrivateProxy) -> None:
+    """Stop-after, criu-shim killed once CRIU's gate opened: CRIU ends the container, and only recovery's
+    roll-forward keeps the workload, as the archive asked for, restorable with its state."""
+    archive = node.dir / "checkpoints" / f"rollforward-{uuid.uuid4().hex[:8]}.tar"
+    try:
+        with direct.pod(STOP_AFTER) as pod:
+            ctr = direct.container(pod, COUNTER, {"MEM_MB": "32", "INTERVAL_MS": "50"})
+            wait_for(lambda: direct.count(ctr) >= 20)
+            proxy.start(faults.Point.CHECKPOINT_COMMITTED)
+            call = checkpoint_in_background(proxy, ctr, archive)
+            assert proxy.process is not None
+            assert proxy.process.wait(timeout=60) == -signal.SIGKILL
+            call.join(timeout=60)
+            # The fault hit past the gate: CRIU ends the container, and no archive exists yet.
+            wait_for(lambda: direct.state(ctr) == "CONTAINER_EXITED", timeout=30)
+            staged = staging_dirs(archive.parent)
+            assert not archive.exists() and len(staged) == 1
+            assert (archive.parent / staged[0] / MARKER).is_file()
+            last = max(int(line.split("count=")[1].split()[0]) for line in direct.log(ctr).splitlines()
+                       if "count=" in line)
+            proxy.start()
+            wait_for(lambda: archive.exists() and proxy.journal() == [] and staging_dirs(archive.parent) == [],
+                     timeout=60)
+        facts = archive.stat()
+        assert stat.S_IMODE(facts.st_mode) == 0o600 and facts.st_uid == 0
+        recoveries = [a for a in proxy.audit_lines() if a["action"] == "recover-checkpoint"]
+        assert recoveries and recoveries[-1]["container_id"] == ctr, proxy.audit_lines()
+        assert "rolled forward: archive" in str(recoveries[-1]["result"]), recoveries[-1]
+        with client.pod() as target:
+            restored = _restore(client, target, archive)
+            first = client.count(restored)
+            assert first >= last, f"restored at {first}, the source had counted to {last}"
+            wait_for(lambda: client.count(restored) > first)  # it runs on from there
+    finally:
+        archive.unlink(missing_ok=True)
+
+
+def _restore(client: Cri, pod: Pod, archive: Path) -> str:
+    config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="restored"),
+                                 image=cri.ImageSpec(image=str(archive)), log_path="restored.log")
+    ctr = str(client.runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config), timeout=120).container_id)
+    client.runtime.StartContainer(cri.StartContainerRequest(container_id=ctr), timeout=120)
+    return ctr

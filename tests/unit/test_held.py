@@ -234,3 +234,62 @@ def test_stop_after_settles_the_page_stream_with_criu_at_the_gate_before_it_open
     else:
         assert asyncio.run(run) == "diff" and criu.released.is_set()
     assert seen == [True]
+
+
+class LingeringCriu(FakeCriu):
+    """CRIU after its inventory: its last images, the tasks ended, its log; `go_on` lets it end."""
+
+    def __init__(self, gate: dumpgate.Gate) -> None:
+        super().__init__(gate)
+        self.go_on = threading.Event()
+        self.inventory_kept_before_the_end: list[bool] = []
+
+    def _run(self) -> None:
+        super()._run()
+        self.go_on.wait(10)
+        path = self.gate.path
+        self.inventory_kept_before_the_end.append(stat.S_ISREG(os.lstat(path).st_mode) and
+                                                  path.read_bytes() == b"inventory")
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_stop_after_prepares_the_archive_before_the_gate_and_keeps_the_inventory_at_once(
+        tmp_path: Path, proc: Proc, fails: bool) -> None:
+    gate = dumpgate.Gate.make(tmp_path)
+    assert gate is not None
+    criu = LingeringCriu(gate)
+    proc.criu = criu
+    prepared: list[tuple[str, int, bool]] = []
+
+    async def snapshot() -> str:
+        return "diff"
+
+    async def settle() -> None:
+        pass
+
+    async def prepare(diff: str, criu_pid: int) -> None:  # CRIU waits at the gate while the archive is written
+        prepared.append((diff, criu_pid, criu.at_gate.is_set() and not criu.released.is_set()))
+        if fails:
+            raise ResourceExhausted("no space left writing checkpoint /x.tar")
+
+    async def run() -> str:
+        task = asyncio.ensure_future(held.dump_holding(gate, tmp_path, criu.dump(), snapshot, settle=settle,
+                                                       prepare=prepare))
+        if not fails:  # the inventory is a file while CRIU still has its end to go
+            while not criu.released.is_set():
+                await asyncio.sleep(0.005)
+            for _ in range(400):
+                if stat.S_ISREG(os.lstat(gate.path).st_mode):
+                    break
+                await asyncio.sleep(0.005)
+        criu.go_on.set()
+        return await task
+
+    if fails:
+        with pytest.raises(ResourceExhausted, match="no space left writing checkpoint"):
+            asyncio.run(run())
+        assert criu.failed.is_set() and not criu.released.is_set()  # the container runs on
+    else:
+        assert asyncio.run(run()) == "diff"
+        assert criu.inventory_kept_before_the_end == [True]
+    assert prepared == [("diff", 4242, True)]

@@ -1,0 +1,332 @@
+"""A stop-after checkpoint whose criu-shim died after CRIU's gate opened: its archive completed at start-up.
+
+The window. A stop-after dump's gate (`dumpgate`) opens only once the page
+stream kept every page; from then on CRIU finishes and ends the container,
+and the archive is all that will be left of the workload. Before the gate
+opens criu-shim writes into the staging archive every member that is final
+already (`StreamedArchive.append`: the metadata, the rootfs diff, /dev/shm,
+the container's log and every CRIU image CRIU has closed), then this marker;
+what CRIU writes last is left for after the gate: its inventory (the gate
+itself), the images it still holds open at the gate (buffered, flushed when it
+closes them after the inventory: criu/cr-dump.c cr_dump_finish closes the
+global image set, `files.img`, `cgroup.img`...), its statistics and the end
+of its log (`late_members`). Right after the gate opens the inventory is taken
+out of the pipe into a file (`Gate.finish`).
+
+Recovery (`decide`, `complete`): a marker in the staging directory of an
+interrupted checkpoint means the gate may have opened. The archive is
+completed only if CRIU's dump went through: the inventory is a file (not the
+gate's FIFO) and CRIU's log ends its dump with "Dumping finished
+successfully" (its last line, written after it released or ended the
+tasks and wrote its statistics). Else nothing is completed: CRIU failed at
+the gate, so the container runs on (the caller checks and says so).
+
+Everything in the staging directory is hostile input to recovery, the marker
+included: owner, mode, file type, link count and sizes are checked, no
+symlink is followed (files are opened relative to directories opened
+O_NOFOLLOW), and the archive's written part must be a tar ending exactly where
+the marker says. A refusal says what was wrong; the caller deletes the
+staging directory either way. Blocking: call from a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import tarfile
+from collections.abc import Collection, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from shim import archive_layout as layout
+from shim.checkpoint.archive import FILE_MODE, Member, TarWriter, add_members, check_member_name
+from shim.checkpoint.stream_archive import ARCHIVE_NAME
+
+MARKER = "rollforward.json"  # in the staging directory: the gate of a stop-after dump is about to open
+VERSION = 1
+WORK_DIR = "work"  # CRIU's work directory in the staging directory (runc's work_path)
+MARKER_MAX = 64 << 10
+LATE_MAX = 256 << 20  # a late member (an image CRIU closed last, its statistics, its log) above this is refused
+DUMP_DONE = b"Dumping finished successfully"  # CRIU's last log line of a dump that went through (cr_dump_finish)
+LOG_TAIL = 64 << 10
+# CRIU's global image set (criu/include/image-desc.h, _CR_FD_GLOB_FROM.._TO; names from criu/image-desc.c):
+# open for the whole dump and closed only after the inventory is written. Whatever else CRIU still holds
+# open at the gate is found by looking (dumpgate.held_open) and deferred too.
+GLOBAL_IMAGES = frozenset(f"{name}.img" for name in (
+    "files", "sk-queues", "ext-files", "unixsk", "pipes", "pipes-data", "fifo", "fifo-data", "tty", "tty-info",
+    "tty-data", "remap-fpath", "cgroup", "filelocks", "seccomp"))
+TAIL_FILES = ((layout.STATS_DUMP, layout.STATS_DUMP), (layout.DUMP_LOG, layout.DUMP_LOG))  # member, file in work/
+
+
+class RollForwardError(Exception):
+    """The interrupted checkpoint cannot be completed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Marker:
+    container_id: str
+    location: Path
+    staging: Path
+    end: int  # where the members written after the gate go (the tar's offset)
+    plain: bool = True  # a plain tar; a sealed or compressed stream cannot be continued by another process
+
+    def encode(self) -> bytes:
+        return json.dumps({"version": VERSION, "container_id": self.container_id, "location": str(self.location),
+                           "staging": str(self.staging), "end": self.end, "plain": self.plain}).encode()
+
+
+def late_names(open_at_gate: Collection[str]) -> frozenset[str]:
+    """The members a stop-after archive gets only after the gate: what CRIU writes last."""
+    images = GLOBAL_IMAGES | {n for n in open_at_gate if n.endswith(".img")} | {"inventory.img"}
+    return frozenset({f"{layout.IMAGES_DIR}/{n}" for n in images} | {m for m, _ in TAIL_FILES})
+
+
+def late_members(staging: Path, written: Collection[str]) -> list[Member]:
+    """The members not written before the gate, once CRIU is done: the images it wrote last, its
+    statistics and its log. The caller has checked the directories (recovery: `_checked_dir`)."""
+    images = staging / layout.IMAGES_DIR
+    members = []
+    for entry in sorted(os.scandir(images), key=lambda e: e.name):
+        name = f"{layout.IMAGES_DIR}/{entry.name}"
+        if name not in written:
+            members.append(Member(name, source=Path(entry.path)))
+    for member, source in TAIL_FILES:
+        path = staging / WORK_DIR / source
+        if member not in written and path.is_file() and not path.is_symlink():
+            members.append(Member(member, source=path))
+    return members
+
+
+def write_marker(marker: Marker, durable: bool) -> None:
+    """The marker in the staging directory, atomically (a temporary renamed), 0600."""
+    temporary = marker.staging / f".{MARKER}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        os.write(fd, marker.encode())
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, marker.staging / MARKER)
+
+
+def has_marker(staging: Path) -> bool:
+    return os.path.lexists(staging / MARKER)
+
+
+def decide(staging: Path, container_id: str, location: str) -> Marker:
+    """The marker of an interrupted stop-after checkpoint, if its archive can be completed; else
+    RollForwardError saying why. `container_id` and `location` are the journal's (trusted)."""
+    with _checked_dir(staging) as fd:
+        marker = _read_marker(fd, staging)
+        if (marker.container_id, str(marker.location), marker.staging) != (container_id, location, staging):
+            raise RollForwardError(f"{staging / MARKER} names another checkpoint than the journal "
+                                   f"(container {marker.container_id!r}, archive {str(marker.location)!r})")
+        if not marker.plain:
+            raise RollForwardError("the archive is sealed or compressed: its stream cannot be continued after "
+                                   "criu-shim died")
+        _require_dump_done(fd)
+        with _checked_dir(staging / layout.IMAGES_DIR) as images:
+            inventory = _lstat(images, "inventory.img")
+            if not stat.S_ISREG(inventory.st_mode) or inventory.st_size == 0:
+                raise RollForwardError("CRIU's inventory never reached a file (the gate's FIFO is still there): "
+                                       "the gate did not open, or criu-shim died before it kept the inventory")
+    return marker
+
+
+def complete(marker: Marker) -> int:
+    """Append the late members to the staging archive, end it, fsync it and rename it onto the
+    location; its size. RollForwardError for anything not as criu-shim left it."""
+    staging, location = marker.staging, marker.location
+    if location.parent != staging.parent or location.name in ("", ".", ".."):
+        raise RollForwardError(f"archive path {location} is not beside its staging directory {staging}")
+    with ExitStack() as stack:
+        fd = stack.enter_context(_checked_dir(staging))
+        stack.enter_context(_checked_dir(staging / layout.IMAGES_DIR))
+        stack.enter_context(_checked_dir(staging / WORK_DIR))
+        archive = _open_private(fd, ARCHIVE_NAME, os.O_RDWR)
+        stack.callback(os.close, archive)
+        size = os.fstat(archive).st_size
+        if marker.end > size or marker.end % tarfile.BLOCKSIZE:
+            raise RollForwardError(f"the staging archive holds {size} bytes, the marker says {marker.end}")
+        written = _written_names(archive, marker.end)
+        late = late_members(staging, written)
+        for member in late:
+            _check_source(member)
+        os.lseek(archive, marker.end, os.SEEK_SET)
+        writer = TarWriter(archive, start=marker.end)
+        add_members(writer, late)
+        size = writer.finish()
+        os.ftruncate(archive, size)
+        os.fsync(archive)
+        parent = stack.enter_context(_directory(location.parent))
+        _refuse_existing_non_file(parent, location)
+        os.rename(ARCHIVE_NAME, location.name, src_dir_fd=fd, dst_dir_fd=parent)
+        os.fsync(parent)
+        return size
+
+
+def _read_marker(directory: int, staging: Path) -> Marker:
+    fd = _open_private(directory, MARKER, os.O_RDONLY, MARKER_MAX)
+    try:
+        raw = os.read(fd, MARKER_MAX + 1)
+    finally:
+        os.close(fd)
+    try:
+        facts = json.loads(raw)
+        assert isinstance(facts, dict) and facts.get("version") == VERSION
+        container_id, location, where, end, plain = (facts["container_id"], facts["location"], facts["staging"],
+                                                    facts["end"], facts["plain"])
+        assert isinstance(container_id, str) and isinstance(location, str) and isinstance(where, str)
+        assert type(end) is int and end > 0 and isinstance(plain, bool)
+        assert Path(location).is_absolute()
+    except (ValueError, KeyError, AssertionError, UnicodeDecodeError):
+        raise RollForwardError(f"{staging / MARKER} is not a marker of criu-shim ({len(raw)} bytes)") from None
+    return Marker(container_id, Path(location), Path(where), end, plain)
+
+
+def _require_dump_done(staging: int) -> None:
+    try:
+        with _checked_dir_at(staging, WORK_DIR) as work:
+            log = _open_private(work, layout.DUMP_LOG, os.O_RDONLY, exact_mode=False)
+    except RollForwardError as exc:
+        raise RollForwardError(f"CRIU's log of the dump cannot be read: {exc}") from None
+    try:
+        size = os.fstat(log).st_size
+        tail = os.pread(log, LOG_TAIL, max(0, size - LOG_TAIL))
+    finally:
+        os.close(log)
+    if DUMP_DONE not in tail:  # printed only by a dump that went through ("Dumping FAILED." otherwise)
+        raise RollForwardError("CRIU's dump did not go through (its log does not end with "
+                               f"{DUMP_DONE.decode()!r}): the container was not ended by it")
+
+
+def _written_names(archive: int, end: int) -> set[str]:
+    """The members of the archive's first `end` bytes, which must be a whole tar stream of valid names."""
+    names: set[str] = set()
+    with os.fdopen(os.dup(archive), "rb") as f:
+        try:
+            with tarfile.open(fileobj=_Bounded(f, end), mode="r:") as tar:  # type: ignore[call-overload]
+                for info in tar:
+                    name = info.name.rstrip("/")
+                    check_member_name(name)
+                    if not (info.isreg() or info.isdir()) or name in names:
+                        raise RollForwardError(f"the staging archive holds {name!r} twice or not as a file")
+                    names.add(name)
+                if tar.offset != end:
+                    raise RollForwardError(f"the staging archive's members end at {tar.offset}, not {end}")
+        except (tarfile.TarError, ValueError, EOFError) as exc:
+            raise RollForwardError(f"the staging archive's first {end} bytes are not a tar: {exc}") from None
+    return names
+
+
+class _Bounded:
+    """A read-only, seekable view of a file's first `limit` bytes (what the marker vouches for)."""
+
+    def __init__(self, f: BinaryIO, limit: int) -> None:
+        self._f, self._limit = f, limit
+
+    def read(self, size: int = -1) -> bytes:
+        left = max(0, self._limit - self._f.tell())
+        return self._f.read(left if size < 0 else min(size, left))
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+def _check_source(member: Member) -> None:
+    """A file CRIU wrote: regular, ours, one link, not writable by others, of a sane size."""
+    assert member.source is not None
+    st = os.lstat(member.source)
+    if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1 or st.st_size > LATE_MAX
+            or st.st_mode & 0o022):
+        raise RollForwardError(f"{member.source} is not a file CRIU wrote (type {stat.S_IFMT(st.st_mode):#o}, "
+                               f"owner {st.st_uid}, {st.st_nlink} links, {st.st_size} bytes)")
+
+
+def _refuse_existing_non_file(parent: int, location: Path) -> None:
+    try:
+        st = os.lstat(location.name, dir_fd=parent)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise RollForwardError(f"{location} exists and is not a file (type {stat.S_IFMT(st.st_mode):#o})")
+
+
+def _open_private(directory: int, name: str, flags: int, limit: int | None = None, exact_mode: bool = True) -> int:
+    """`name` in `directory`: a regular file of ours, one link (within `limit` bytes), 0600 (`exact_mode`,
+    ours) or at least not writable by others (CRIU's); its fd."""
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
+    except OSError as exc:
+        raise RollForwardError(f"{name}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    problem = ("not a regular file" if not stat.S_ISREG(st.st_mode) else
+               f"owned by uid {st.st_uid}" if st.st_uid != os.geteuid() else
+               f"mode {stat.S_IMODE(st.st_mode):o}" if (stat.S_IMODE(st.st_mode) != FILE_MODE if exact_mode
+                                                         else st.st_mode & 0o022) else
+               f"{st.st_nlink} links" if st.st_nlink != 1 else
+               f"{st.st_size} bytes" if limit is not None and st.st_size > limit else "")
+    if problem:
+        os.close(fd)
+        raise RollForwardError(f"{name} is {problem}: not as criu-shim left it")
+    return fd
+
+
+def _lstat(directory: int, name: str) -> os.stat_result:
+    try:
+        return os.lstat(name, dir_fd=directory)
+    except OSError as exc:
+        raise RollForwardError(f"{name}: {exc.strerror}") from None
+
+
+@contextmanager
+def _checked_dir(path: Path) -> Iterator[int]:
+    """`path` opened as a directory (never through a symlink), ours and private; its fd."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RollForwardError(f"{path}: not a directory of criu-shim ({exc.strerror})") from None
+    try:
+        _check_private_dir(fd, path)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _checked_dir_at(directory: int, name: str) -> Iterator[int]:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+    except OSError as exc:
+        raise RollForwardError(f"{name}: not a directory of criu-shim ({exc.strerror})") from None
+    try:
+        _check_private_dir(fd, Path(name))
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _check_private_dir(fd: int, path: Path) -> None:
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        raise RollForwardError(f"{path}: owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}: "
+                               "not a private directory of criu-shim")
+
+
+@contextmanager
+def _directory(path: Path) -> Iterator[int]:
+    """The archive's directory (the kubelet's: it may be reached through a symlink, as the checkpoint's was)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
