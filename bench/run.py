@@ -39,6 +39,9 @@ def main() -> int:
     print("\n== Lazy restore of a sealed archive vs an unencrypted one: until running and until all in place",
           flush=True)
     subprocess.run([sys.executable, str(HERE / "sealed_restore.py"), *sizes], check=True)
+    print("\n== Restore from a checkpoint image: its layer linked from containerd's content store vs streamed out of it",
+          flush=True)
+    subprocess.run([sys.executable, str(HERE / "image_restore.py"), *sizes], check=True)
     print("\n== Restore: criu-shim on containerd 1.7 vs containerd 2.x native vs CRIU's own restore vs cold start",
           flush=True)
     subprocess.run([sys.executable, str(HERE / "restore.py"), *sizes], check=True)

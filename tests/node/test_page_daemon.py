@@ -156,6 +156,8 @@ def test_checkpoint_image_is_restored_lazily_from_its_exported_layer(client: Cri
             work = _work(client, ctr)
             assert (work / "lazy-pages.json").exists(), "the image's memory should be restored lazily"
             assert not work.with_name(f"{work.name}.layer").exists(), "the exported layer is deleted once unpacked"
+            # Not copied: the blob of containerd's content store, linked (same file system on the node).
+            assert "linked from containerd's content store" in (node.dir / "logs" / "criu-shim.log").read_text()
             wait_for(lambda: _filled(work), timeout=60)
             report = (work / "lazy-work" / "lazy-pages.log").read_text()
             assert "Error" not in report and "memory in place" in report, report
