@@ -74,6 +74,37 @@ def unlock_script() -> str:
     return f"delete table inet {TABLE}\n"
 
 
+CRIU_CHAIN = "CRIU"  # CRIU's own network lock (criu/net.c): accept its mark, drop the rest, jumped to from INPUT/OUTPUT
+
+
+def criu_unlock_script(ruleset: object) -> str:
+    """From `nft -j list ruleset`: deletions of CRIU's own lock (the jumps to its chain, then the chain).
+
+    A lazy dump that fails once CRIU serves pages ends without CRIU's unlock: its chain stays in the
+    pod, dropping every packet but its own, and the source that runs on is unreachable (seen after a
+    refused lazy restore). Only CRIU's chain and the rules jumping to it go."""
+    items = ruleset.get("nftables", []) if isinstance(ruleset, dict) else []
+    jumps: list[str] = []
+    chains: list[str] = []
+    for item in items if isinstance(items, list) else []:
+        rule = item.get("rule") if isinstance(item, dict) else None
+        chain = item.get("chain") if isinstance(item, dict) else None
+        if isinstance(rule, dict) and any(isinstance(e, dict) and isinstance(e.get("jump"), dict)
+                                          and e["jump"].get("target") == CRIU_CHAIN for e in rule.get("expr", [])):
+            jumps.append(f"delete rule {rule.get('family')} {rule.get('table')} {rule.get('chain')} "
+                         f"handle {int(rule.get('handle', -1))}")
+        if isinstance(chain, dict) and chain.get("name") == CRIU_CHAIN:
+            chains.append(f"delete chain {chain.get('family')} {chain.get('table')} {CRIU_CHAIN}")
+    return "".join(f"{line}\n" for line in jumps + chains)
+
+
+async def remove_criu_lock(netns: Path) -> None:
+    """Remove CRIU's own network lock left in the namespace, if any (criu_unlock_script)."""
+    script = criu_unlock_script(json.loads(await _nft_output(netns, "-j", "list", "ruleset")))
+    if script:
+        await run_nft(netns, script, missing_ok=True)
+
+
 async def run_nft(netns: Path, script: str, missing_ok: bool = False) -> None:
     proc = await asyncio.create_subprocess_exec(
         "nsenter", f"--net={netns}", "nft", "-f", "-", stdin=asyncio.subprocess.PIPE,

@@ -248,6 +248,7 @@ class LazyDump:
             await undo(netlock.run_nft(netns, netlock.narrow_script(connections)), exc, "narrow the TCP lock")
         else:
             await undo(netlock.run_nft(netns, netlock.unlock_script(), missing_ok=True), exc, "remove the TCP lock")
+            await undo(netlock.remove_criu_lock(netns), exc, "remove CRIU's network lock")
         return False
 
 

@@ -8,6 +8,7 @@ import struct
 
 import pytest
 
+from shim.checkpoint import netlock
 from shim.migrate import hold, nfqueue
 
 HEADER = struct.Struct("=IHHII")
@@ -145,3 +146,24 @@ def test_dead_rules_are_those_of_gone_or_reused_pids() -> None:
 
 def test_dead_rules_skip_lines_they_cannot_split() -> None:
     assert hold.dead_rules("-A PREROUTING -m comment --comment 'unbalanced\n") == []
+
+
+def test_criu_unlock_script_deletes_only_criu_s_jumps_and_chain() -> None:
+    jump = {"jump": {"target": "CRIU"}}
+    ruleset = {"nftables": [
+        {"metainfo": {}},
+        {"table": {"family": "ip", "name": "filter"}},
+        {"chain": {"family": "ip", "table": "filter", "name": "CRIU"}},
+        {"chain": {"family": "ip", "table": "filter", "name": "INPUT"}},
+        {"rule": {"family": "ip", "table": "filter", "chain": "CRIU", "handle": 2, "expr": [{"accept": None}]}},
+        {"rule": {"family": "ip", "table": "filter", "chain": "INPUT", "handle": 5, "expr": [{"counter": {}}, jump]}},
+        {"rule": {"family": "ip6", "table": "filter", "chain": "OUTPUT", "handle": 7, "expr": [jump]}},
+        {"rule": {"family": "ip", "table": "filter", "chain": "INPUT", "handle": 9,
+                  "expr": [{"jump": {"target": "KUBE"}}]}},  # the pod's own: kept
+        {"chain": {"family": "ip6", "table": "filter", "name": "CRIU"}},
+        "garbage", {"rule": "garbage"},
+    ]}
+    assert netlock.criu_unlock_script(ruleset).splitlines() == [
+        "delete rule ip filter INPUT handle 5", "delete rule ip6 filter OUTPUT handle 7",
+        "delete chain ip filter CRIU", "delete chain ip6 filter CRIU"]
+    assert netlock.criu_unlock_script({"nftables": []}) == "" and netlock.criu_unlock_script([]) == ""
