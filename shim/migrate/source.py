@@ -156,9 +156,10 @@ async def _migrate(request: MigrateRequest, runtime: Runtime) -> Migrated:
             await channel.send(writer, {"op": "restore", "size": size})
             await stream(archive, writer, size, request.idle_timeout)
             done = await ask(reader, writer, None, request.timeout, "the target node could not restore it")
-        except ShimError as exc:
+        except (ShimError, ConnectionError, OSError) as exc:  # the receiver gone mid-way: a broken connection
             await claim_back(request, pod, addresses, ready)
-            raise MigrationFailed(f"{exc.message}; {_stopped(container, archive, request)}") from None
+            why = exc.message if isinstance(exc, ShimError) else f"the connection to the target node broke ({exc})"
+            raise MigrationFailed(f"{why}; {_stopped(container, archive, request)}") from None
         finished = time.monotonic()
     finally:
         writer.close()
