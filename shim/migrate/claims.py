@@ -6,7 +6,8 @@ container migrates on, the next target claims them and this node's `migrate` rel
 ends here, its /32s would stay routed to this node for good, and the node whose IPAM owns an address
 could not use it again. So the receiver remembers each claim and, every `interval` seconds, asks
 its criu-shim for the container: once it is gone (removed, with its pod or alone), `HOOK release IP`
-for each address.
+for each address, then `HOOK free IP`: the source node's IPAM, which kept the address reserved
+since the migration (`HOOK reserve IP` there), may give it out again.
 
 Released on removal, not on exit: a container that migrates away exits (stop-after) before its new
 node has claimed its addresses, and a release then would route the peers' packets nowhere (or to a
@@ -70,6 +71,12 @@ class ClaimWatcher:
                 return
         del self._claims[container_id]
         log.info("container %s is gone: released pod IPs %s", container_id, ", ".join(addresses))
+        for ip in addresses:  # the owner's IPAM may give it out again (the hook knows if it lives on elsewhere)
+            try:
+                await hook.run(self._hook, "free", ip)
+            except ShimError as exc:  # an older hook without `free`: the address stays reserved, said once
+                log.warning("freeing pod IP %s of removed container %s: %s; its IPAM keeps it reserved",
+                            ip, container_id, exc.message)
 
 
 async def _removed(runtime: Runtime, container_id: str) -> bool:

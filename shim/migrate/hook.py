@@ -8,9 +8,16 @@ table, the development fabric's router): criu-shim runs an executable the operat
                          container runs: hold.py) or, without the hold, once it runs: route IP to the
                          local pod VIA; on the source again when a migration fails after that
     HOOK release IP      on the source, after the target claimed it: drop what routes IP here
+    HOOK reserve IP      on the source, right after `release`: IP left the pod this node's IPAM
+                         gave it to; keep the IPAM from giving it to another pod once that pod is
+                         deleted (a no-op for an address this node's IPAM does not own)
+    HOOK free IP         where a migrated container holding IP was removed, after `release`: the
+                         address is free again for the IPAM that owns it, unless another node has
+                         claimed IP since (then a no-op: the container lives on there)
     HOOK check           at preflight: can the hook work now (exit 0)?
 
-with no shell in between (arguments are validated IP addresses).
+with no shell in between (arguments are validated IP addresses). `reserve` and `free` came later:
+a hook that fails them (an older one's usage error) only gets a warning.
 """
 
 from __future__ import annotations

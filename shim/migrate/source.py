@@ -294,6 +294,8 @@ async def ask(reader: Any, writer: Any, message: dict[str, Any] | None, timeout:
 
 
 async def release(request: MigrateRequest, addresses: list[str]) -> None:
+    """The addresses are the target's now: this node routes them no more, and its IPAM keeps them
+    from other pods (the source pod, once deleted, would otherwise hand them back to it)."""
     if request.address_hook is None:
         return
     for ip in addresses:
@@ -301,3 +303,8 @@ async def release(request: MigrateRequest, addresses: list[str]) -> None:
             await hook.run(request.address_hook, "release", ip)
         except ShimError as exc:  # the target routes it already; a stale local route only misleads this node
             print(f"criu-shim: warning: {exc.message}")
+        try:
+            await hook.run(request.address_hook, "reserve", ip)
+        except ShimError as exc:
+            print(f"criu-shim: warning: {exc.message}; this node's IPAM may give {ip} to a new pod once the "
+                  "source pod is deleted, while the migrated container still uses it")

@@ -38,6 +38,8 @@ NODE_LINK = "fab0"  # the node's end, inside its own namespace (each node has it
 REGISTRY_IP = "10.235.255.1"
 REGISTRY_PORT = 5000
 REGISTRY_HOST = f"{REGISTRY_IP}:{REGISTRY_PORT}"
+# What a reserved address's host-local IPAM file holds instead of a pod's id (see hook_script).
+IPAM_RESERVED = "criu-shim-migrated"
 HOSTS_DIR = "certs.d"  # under the node's directory: containerd's registry config_path
 
 
@@ -209,20 +211,43 @@ def write_registry_hosts(host: NodeHost) -> Path:
 def hook_script(host: NodeHost) -> str:
     """The node's address hook: `claim IP VIA` routes a migrated pod IP to the local pod VIA (on
     this host and on the router); `release IP` drops this host's route for it and the router's, if
-    that still leads here (once the next node has claimed the IP, the router's route is that node's)."""
+    that still leads here (once the next node has claimed the IP, the router's route is that node's).
+
+    `reserve IP` keeps this node's IPAM (CNI host-local: a file per address, holding the id of
+    the pod it went to) from giving IP to a new pod once the pod it left is deleted: the file
+    gets our marker instead of that pod's id, so the pod's CNI DEL does not free it, and the
+    fabric notes where the file is. `free IP` (on whichever node the container holding IP was
+    removed) deletes that file again, unless another node claimed IP since (the router routes
+    it there): then the address still lives, elsewhere.
+    """
     ipaddress.ip_address(host.host_ip)  # all values below are ours, checked, and safe to quote
+    ipam = host.layout.cni_ipam_dir / host.layout.network_name
+    reserved = host.fabric.dir / "reserved"
     return f"""#!/bin/sh
 # criu-shim address hook of node {host.layout.tag} on fabric {host.fabric.name} (written by node up).
 # claim IP VIA: a container keeping pod IP IP now runs in the local pod whose IP is VIA.
 # release IP: the container with IP left this node (or was removed here).
+# reserve IP: IP left the pod this node's IPAM gave it to: keep it from other pods.
+# free IP: the container holding IP was removed here: its IPAM may give IP out again.
 set -eu
 case "${{1:-}}" in
   claim)   ip route replace "$2/32" via "$3" dev {host.layout.bridge}
            ip -n {host.fabric.router} route replace "$2/32" via {host.host_ip} ;;
   release) ip route del "$2/32" 2>/dev/null || true
            ip -n {host.fabric.router} route del "$2/32" via {host.host_ip} 2>/dev/null || true ;;
+  reserve) [ -f "{ipam}/$2" ] || exit 0   # not an address of this node's IPAM
+           printf '{IPAM_RESERVED}\\n' > "{ipam}/$2"
+           mkdir -p "{reserved}" && printf '%s\\n' "{ipam}/$2" > "{reserved}/$2" ;;
+  free)    case "$(ip -n {host.fabric.router} route show "$2/32")" in
+             ""|*"via {host.host_ip} "*) ;;
+             *) exit 0 ;;   # claimed by another node since: still in use there
+           esac
+           [ -f "{reserved}/$2" ] || exit 0
+           file=$(cat "{reserved}/$2")
+           if [ "$(head -n 1 "$file" 2>/dev/null)" = "{IPAM_RESERVED}" ]; then rm -f "$file"; fi
+           rm -f "{reserved}/$2" ;;
   check)   ip -n {host.fabric.router} route show >/dev/null ;;
-  *) echo "usage: $0 claim IP VIA | release IP | check" >&2; exit 2 ;;
+  *) echo "usage: $0 claim IP VIA | release IP | reserve IP | free IP | check" >&2; exit 2 ;;
 esac
 """
 

@@ -49,9 +49,27 @@ def test_released_once_removed_and_not_while_it_exists_or_the_proxy_is_down(
     assert not log.exists()  # no answer is not "removed"
     _FakeRuntime.down = False
     asyncio.run(watcher.sweep())
-    assert log.read_text() == "release 10.234.1.7\nrelease 10.234.2.9\n"
+    # Released (routes withdrawn) first, then freed (the owning IPAM may give them out again).
+    assert log.read_text() == "release 10.234.1.7\nrelease 10.234.2.9\nfree 10.234.1.7\nfree 10.234.2.9\n"
     asyncio.run(watcher.sweep())
-    assert log.read_text().count("release") == 2  # once
+    assert log.read_text().count("release") == 2 and log.read_text().count("free") == 2  # once
+
+
+def test_a_hook_without_free_leaves_the_address_reserved_and_is_not_asked_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(claims, "Runtime", _FakeRuntime)
+    hook = tmp_path / "hook"  # an older hook: claim, release and check only
+    hook.write_text(f"#!/bin/sh\necho \"$*\" >> {tmp_path}/hook.log\n"
+                    "case $1 in release) ;; *) echo \"usage: $0 claim IP VIA | release IP | check\" >&2; exit 2;; esac\n")
+    hook.chmod(0o700)
+    watcher = claims.ClaimWatcher(tmp_path / "cri.sock", hook, interval=0.01)
+    watcher.add("ctr-1", ["10.234.1.7"])
+    _FakeRuntime.existing, _FakeRuntime.down = set(), False
+    asyncio.run(watcher.sweep())
+    asyncio.run(watcher.sweep())
+    assert (tmp_path / "hook.log").read_text() == "release 10.234.1.7\nfree 10.234.1.7\n"
+    assert "freeing pod IP 10.234.1.7 of removed container ctr-1" in caplog.text
+    assert "its IPAM keeps it reserved" in caplog.text and "usage:" in caplog.text
 
 
 def test_no_hook_no_claims(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

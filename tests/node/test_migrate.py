@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
+from shim.node import fabric
 from shim.node.layout import NodeLayout
 from tests.node.conftest import criu_shim
 from tests.node.fabric_pods import (
@@ -125,14 +126,18 @@ def test_tcp_client_keeps_its_connection_as_the_server_moves_a_to_b_and_back(
         out = a.migrate(server, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", pod_b.id).stdout
         assert f"pod IPs {ip} now routed" in out
         assert f"{ip} via {b.env['HOST_IP']}" in router_routes()
+        reservation = a.layout.cni_ipam_dir / a.layout.network_name / ip  # A's host-local IPAM file of the IP
+        assert reservation.read_text().split() == [fabric.IPAM_RESERVED], "A's IPAM should keep the IP reserved"
         before = seqs(client.text())[-1][1]
         wait_for(lambda: seqs(client.text())[-1][1] >= before + 10, timeout=60)
         gap_ab = largest_gap(client.text())
         on_b = b.container_in(pod_b)
         assert f"inet {ip}/32" in b.cri.exec(on_b, "ip", "-4", "addr", "show", "eth0")
 
-        source_pod.close()  # the old pod on A goes (its address is free there again for the way back)
+        source_pod.close()  # the old pod on A goes: its CNI DEL leaves the reserved address alone
+        assert reservation.read_text().split() == [fabric.IPAM_RESERVED]
         pod_a2 = stack.enter_context(a.cri.pod(TCP))
+        assert pod_ip(a, pod_a2) != ip
         b.migrate(on_b, "--to", a.env["MIGRATE_ADDRESS"], "--to-pod", f"tests/{pod_a2.config.metadata.name}")
         assert f"{ip} via {a.env['HOST_IP']}" in router_routes()
         before = seqs(client.text())[-1][1]
@@ -145,6 +150,9 @@ def test_tcp_client_keeps_its_connection_as_the_server_moves_a_to_b_and_back(
         back = a.container_in(pod_a2)
         assert a.cri.state(back) == "CONTAINER_RUNNING"
         print(f"client in {where}: largest gap A->B {gap_ab:.2f} s, overall {largest_gap(text):.2f} s")
+    # Every pod gone: A's receiver saw the container it restored removed, released the IP and freed it.
+    wait_for(lambda: not reservation.exists(), timeout=40)
+    assert f"{ip} via" not in router_routes()
 
 
 def test_refused_before_anything_stops(hosts: tuple[Host, Host]) -> None:
