@@ -19,17 +19,15 @@ A lazy restore of the uncompressed archive runs sooner: see bench/restore.py.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import grpc
+from restore import node_up  # bench/ is the script's directory
 
 from shim.annotations import COMPRESSION, LAZY_PAGES
 from shim.api.cri.v1 import api_pb2 as cri
@@ -40,11 +38,6 @@ LAZY = LAZY_PAGES
 SOURCES = {"text": "seq 1 999999999", "random": "cat /dev/urandom"}
 HOLD = ("{source} | dd bs={mib}M count=1 iflag=fullblock 2>/dev/null"
         " | {{ head -c 1 >/dev/null; echo ready; exec sleep 1000000; }}")
-
-
-def criu_shim(*args: str) -> dict[str, str]:
-    out = subprocess.run([sys.executable, "-m", "shim", *args], check=True, capture_output=True, text=True).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
 class Holder:
@@ -143,19 +136,11 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="criu-shim-bench-zstd-", dir="/var/tmp"))
     rows = []
-    try:
-        up = criu_shim("node", "up", "--dir", str(args.dir), "--proxy-config", str(node_config(args.dir, work)))
-        with grpc.insecure_channel(up["CRI_ENDPOINT"]) as channel:
-            stub = api_pb2_grpc.RuntimeServiceStub(channel)
-            for mib in (int(s) for s in args.sizes.split(",")):
-                for kind in SOURCES:
-                    rows.append(one(stub, work, kind, mib, args.reps))
-    finally:
-        subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(args.dir), "--purge"],
-                       capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            args.dir.rmdir()
+    with node_up(args.dir, work, node_config(args.dir, work)) as up, grpc.insecure_channel(up["CRI_ENDPOINT"]) as channel:
+        stub = api_pb2_grpc.RuntimeServiceStub(channel)
+        for mib in (int(s) for s in args.sizes.split(",")):
+            for kind in SOURCES:
+                rows.append(one(stub, work, kind, mib, args.reps))
     report(rows, args.reps)
     return 0
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -31,7 +29,7 @@ import time
 from pathlib import Path
 
 import grpc.aio
-from restore import Node, checkpointed, criu_shim, timed_restore  # bench/ is the script's directory
+from restore import Node, checkpointed, criu_shim, node_up, timed_restore  # bench/ is the script's directory
 
 from shim.containerd_images import ContainerdImages
 from shim.paths_env import load_paths
@@ -102,9 +100,8 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp/criu-shim-bench-image"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="criu-shim-bench-", dir="/var/tmp"))
-    ours = criu_shim("node", "up", "--dir", str(args.dir))
     rows = []
-    try:
+    with node_up(args.dir, work) as ours:
         node = Node(args.dir.resolve(), ours["CRI_ENDPOINT"])
         warm_up = node.dir / "checkpoints" / "warm-up.tar"  # under the node's restore.allowed_dirs
         checkpointed(node, 0, warm_up)
@@ -113,12 +110,6 @@ def main() -> int:
             load = os.getloadavg()[0]
             rows.append((int(size), one_size(node, ours["CONTAINERD_ENDPOINT"], int(size), args.reps, work), load))
             print(f"{size} MiB done (load {load:.1f})", flush=True)
-    finally:
-        subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(args.dir), "--purge"],
-                       capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            args.dir.rmdir()
     report(rows, args.reps)
     return 0
 

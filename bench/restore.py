@@ -32,6 +32,7 @@ with handler "criu" against handler "runc").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -41,6 +42,7 @@ import sys
 import tarfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -56,6 +58,21 @@ TESTPROGS = "localhost/criu-shim/testprogs:1"
 def criu_shim(*args: str) -> dict[str, str]:
     out = subprocess.run([sys.executable, "-m", "shim", *args], check=True, capture_output=True, text=True).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+@contextlib.contextmanager
+def node_up(directory: Path, work: Path, proxy_config: Path | None = None) -> Iterator[dict[str, str]]:
+    """A node up in `directory` (its `node up` values) for the block; then down and purged, and the
+    bench's own `work` dir removed, whatever happened."""
+    try:
+        config = ["--proxy-config", str(proxy_config)] if proxy_config is not None else []
+        yield criu_shim("node", "up", "--dir", str(directory), *config)
+    finally:
+        subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(directory), "--purge"],
+                       capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 class Node:

@@ -26,18 +26,15 @@ other work: read the ratios, not the absolute times, when the load is high).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from checkpoint import sealing_config  # bench/ is the script's directory
-from restore import Node, checkpointed, criu_shim, timed_restore
+from restore import Node, checkpointed, node_up, timed_restore
 
 from shim.sealed import Keyring, SealedFile, new_header, open_decrypted, read_header
 
@@ -118,19 +115,12 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="criu-shim-bench-", dir="/var/tmp"))
     config, keyring = sealing_config(args.dir, work)
-    ours = criu_shim("node", "up", "--dir", str(args.dir), "--proxy-config", str(config))
-    try:
+    with node_up(args.dir, work, config) as ours:
         node = Node(args.dir.resolve(), ours["CRI_ENDPOINT"])
         warm_up = work / "warm-up.tar"
         checkpointed(node, 0, warm_up)
         timed_restore(node, warm_up, lazy=False)  # the first restore after start-up has no spare relay
         rows = [(int(s), one_size(node, int(s), args.reps, work, keyring)) for s in args.sizes.split(",")]
-    finally:
-        subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(args.dir), "--purge"],
-                       capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            args.dir.rmdir()
     report(rows, args.reps)
     return 0
 
