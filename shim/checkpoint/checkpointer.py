@@ -23,6 +23,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import time
 import weakref
@@ -249,7 +250,7 @@ class Checkpointer:
                             streamed, container_id, path, staging, target, (record.spec.value, record.runtime.name),
                             deleted, criu_pid))
 
-                dump_started = time.monotonic()
+                dump_started, dumped_at = time.monotonic(), math.nan
                 dump = self._dump_streamed(container_id, staging, target.options, streamed, path)
                 if gate is not None and cgroup is not None:
                     def committing() -> None:
@@ -267,9 +268,9 @@ class Checkpointer:
                     diff = await held.dump_holding(gate, cgroup, dump, snapshot, committing,
                                                    settle if stop_after else None, prefreeze,
                                                    prepare if stop_after else None)
-                    outcome.dump_s = time.monotonic() - dump_started
+                    dumped_at = time.monotonic()
+                    outcome.dump_s = dumped_at - dump_started
                     outcome.stopped = target.options.stop_after
-                    outcome.frozen_s = await asyncio.to_thread(held.criu_frozen_s, staging / "work")
                 else:
                     reached(Point.CHECKPOINT_FROZEN)
                     await dump
@@ -292,14 +293,20 @@ class Checkpointer:
                 try:
                     outcome.size = await asyncio.to_thread(self._write_archive, streamed, path, members, target)
                     if outcome.committed and gate is not None and gate.opened_at is not None:
-                        # The window in which only recovery's roll-forward saves a stop-after container
-                        # (README "Checkpointing").
-                        log.info("container %s: stop-after archive complete %.3f s after CRIU's gate opened",
-                                 container_id, time.monotonic() - gate.opened_at)
+                        # The window in which only recovery's roll-forward saves a stop-after container, and
+                        # the part of it in which not even that could (the inventory still in the pipe):
+                        # README "Checkpointing".
+                        opened = gate.opened_at
+                        log.info("container %s: stop-after archive complete %.3f s after CRIU's gate opened "
+                                 "(inventory kept after %.4f s, CRIU and runc done after %.3f s)", container_id,
+                                 time.monotonic() - opened, (gate.kept_at or math.nan) - opened,
+                                 dumped_at - opened)
                     await asyncio.to_thread(_sign, path, key)
                 except OSError as exc:
                     raise _storage_error(path, exc) from None
                 outcome.archive_s = time.monotonic() - archive_started
+                if gate is not None and cgroup is not None:  # after the archive: not in a stop-after's window
+                    outcome.frozen_s = await asyncio.to_thread(held.criu_frozen_s, staging / "work")
                 await frozen.aclose()  # (a no-op if done above)
 
     async def _write_before_gate(self, streamed: StreamedArchive, container_id: str, path: Path, staging: Path,

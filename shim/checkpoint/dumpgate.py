@@ -95,6 +95,7 @@ class Gate:
         self._filled = 0
         self.opened_at: float | None = None  # time.monotonic() of `open`
         self.kept = False  # the inventory is a file in place of the FIFO (`finish`)
+        self.kept_at: float | None = None  # time.monotonic() of that
 
     @classmethod
     def make(cls, images: Path) -> Gate | None:
@@ -195,7 +196,7 @@ class Gate:
         finally:
             os.close(fd)
         os.rename(temporary, self.path)  # the FIFO goes: only files reach the archive
-        self.kept = True
+        self.kept, self.kept_at = True, time.monotonic()
         self.close()
 
     def close(self) -> None:
