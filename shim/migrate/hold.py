@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import itertools
 import logging
@@ -178,7 +179,7 @@ class _Listener:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno == 105:  # ENOBUFS: the socket's buffer overflowed, those packets stay queued
+                if exc.errno == errno.ENOBUFS:  # our socket's buffer overflowed: those packets stay queued
                     continue
                 raise
             for event in nfqueue.parse(data):
@@ -205,8 +206,8 @@ def _open(max_packets: int) -> tuple[socket.socket, int]:
         for _ in range(QUEUE_SPAN):
             number = QUEUE_BASE + next(_next_queue) % QUEUE_SPAN
             if _request(sock, nfqueue.bind(number, 1)) == 0:
-                if (errno := _request(sock, nfqueue.configure(number, 2, max_packets))) != 0:
-                    raise FailedPrecondition(f"cannot configure netfilter queue {number}: {os.strerror(errno)}")
+                if (code := _request(sock, nfqueue.configure(number, 2, max_packets))) != 0:
+                    raise FailedPrecondition(f"cannot configure netfilter queue {number}: {os.strerror(code)}")
                 sock.settimeout(None)
                 return sock, number
         raise FailedPrecondition(f"no free netfilter queue in {QUEUE_BASE}-{QUEUE_BASE + QUEUE_SPAN - 1}")
