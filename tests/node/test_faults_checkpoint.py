@@ -388,6 +388,37 @@ def test_proxy_killed_after_the_gate_opened_rolls_the_archive_forward(node: Node
         archive.unlink(missing_ok=True)
 
 
+def test_proxy_killed_with_the_marker_written_and_the_gate_shut_completes_nothing(node: Node, direct: Cri,
+                                                                                 proxy: PrivateProxy,
+                                                                                 tmp_path: Path) -> None:
+    """Stop-after, criu-shim killed after it wrote the archive's first part and the marker, the gate not yet
+    open: CRIU's dump fails at the gate, the container runs on, and recovery completes no archive."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with direct.pod(STOP_AFTER) as pod:
+        ctr = direct.container(pod, COUNTER, {"MEM_MB": "32"})
+        wait_for(lambda: direct.count(ctr) >= 1)
+        proxy.start(faults.Point.CHECKPOINT_DUMPED)
+        call = checkpoint_in_background(proxy, ctr, out / "x.tar")
+        assert proxy.process is not None
+        assert proxy.process.wait(timeout=60) == -signal.SIGKILL
+        call.join(timeout=60)
+        staged = staging_dirs(out)
+        marked = len(staged) == 1 and (out / staged[0] / MARKER).is_file()
+        released = _released_without_recovery(direct, ctr)
+        proxy.start()
+        assert marked, "the fault hit before the marker was written"
+        assert released, "CRIU still holds the container at the gate of a dead proxy"
+        wait_for(lambda: staging_dirs(out) == [] and proxy.journal() == [], timeout=30)
+        recoveries = [a for a in proxy.audit_lines() if a["action"] == "recover-checkpoint"]
+        assert recoveries and recoveries[-1]["container_id"] == ctr, proxy.audit_lines()
+        result = str(recoveries[-1]["result"])
+        assert f"archive {out / 'x.tar'} not completed: CRIU's dump did not go through" in result, result
+        assert "containerd reports the container CONTAINER_RUNNING" in result, result
+        assert not (out / "x.tar").exists() and task_status(node, ctr) == "RUNNING"
+        assert counts_on(direct, ctr, within=10)
+
+
 def _restore(client: Cri, pod: Pod, archive: Path) -> str:
     config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="restored"),
                                  image=cri.ImageSpec(image=str(archive)), log_path="restored.log")
