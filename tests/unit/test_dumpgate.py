@@ -264,3 +264,22 @@ def test_an_empty_cgroup_is_never_held(tmp_path: Path) -> None:
     (tmp_path / "tasks").write_text("")
     with pytest.raises(dumpgate.GateError):
         dumpgate.wait_held(tmp_path, threading.Event(), timeout=0.02)
+
+
+def test_held_open_names_the_images_a_process_still_writes(tmp_path: Path) -> None:
+    """CRIU at its gate still holds its global images open (buffered): those, and only those, are late."""
+    images = tmp_path / "checkpoint"
+    (images / "sub").mkdir(parents=True)
+    for name in ("files.img", "core-1.img", "sub/inner.img"):
+        (images / name).write_bytes(b"x")
+    (tmp_path / "checkpoint-other").mkdir()
+    (tmp_path / "checkpoint-other" / "x.img").write_bytes(b"x")
+    held = [os.open(images / "files.img", os.O_RDONLY), os.open(images / "sub" / "inner.img", os.O_RDONLY),
+            os.open(tmp_path / "checkpoint-other" / "x.img", os.O_RDONLY)]
+    try:
+        assert dumpgate.held_open(os.getpid(), images) == {"files.img"}
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert dumpgate.held_open(os.getpid(), images) == set()
+    assert dumpgate.held_open(2**22 + 1, images) == set()  # a process gone: nothing
