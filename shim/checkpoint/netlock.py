@@ -93,8 +93,9 @@ def criu_unlock_script(ruleset: object) -> str:
                                           and e["jump"].get("target") == CRIU_CHAIN for e in rule.get("expr", [])):
             jumps.append(f"delete rule {rule.get('family')} {rule.get('table')} {rule.get('chain')} "
                          f"handle {int(rule.get('handle', -1))}")
-        if isinstance(chain, dict) and chain.get("name") == CRIU_CHAIN:
-            chains.append(f"delete chain {chain.get('family')} {chain.get('table')} {CRIU_CHAIN}")
+        if isinstance(chain, dict) and chain.get("name") == CRIU_CHAIN:  # nft deletes only an empty chain
+            where = f"{chain.get('family')} {chain.get('table')} {CRIU_CHAIN}"
+            chains += [f"flush chain {where}", f"delete chain {where}"]
     return "".join(f"{line}\n" for line in jumps + chains)
 
 

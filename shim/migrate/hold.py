@@ -65,7 +65,10 @@ def _start_time(pid: int) -> str | None:
         stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115,PTH123 - one small read
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command's ")"
+    fields = stat.rsplit(")", 1)[1].split()  # from field 3 (the state), counted after the command's ")"
+    if len(fields) < 20 or fields[0] in ("Z", "X"):  # a killed receiver nobody reaped yet is gone too
+        return None
+    return fields[19]  # field 22: the start time
 
 
 def owner_tag(queue: int) -> str:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -165,5 +168,20 @@ def test_criu_unlock_script_deletes_only_criu_s_jumps_and_chain() -> None:
     ]}
     assert netlock.criu_unlock_script(ruleset).splitlines() == [
         "delete rule ip filter INPUT handle 5", "delete rule ip6 filter OUTPUT handle 7",
-        "delete chain ip filter CRIU", "delete chain ip6 filter CRIU"]
+        "flush chain ip filter CRIU", "delete chain ip filter CRIU",
+        "flush chain ip6 filter CRIU", "delete chain ip6 filter CRIU"]
     assert netlock.criu_unlock_script({"nftables": []}) == "" and netlock.criu_unlock_script([]) == ""
+
+
+def test_a_zombie_owner_is_gone() -> None:
+    """A receiver killed and not yet reaped (its parent may be an init that never reaps) owns nothing."""
+    child = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert hold._start_time(child.pid) is None
+        assert hold._start_time(os.getpid()) is not None
+    finally:
+        child.wait()
