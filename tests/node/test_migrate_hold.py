@@ -172,7 +172,9 @@ def test_a_receiver_killed_while_holding_leaves_no_rule_once_back(hosts: tuple[H
                                                             target_pod.id), stdout=subprocess.PIPE,
                                              stderr=subprocess.PIPE, text=True)
                 try:
-                    wait_for(lambda: bool(hold_rules(b)) or migrating.poll() is not None, timeout=60)
+                    # held, and the source checkpointed (stopped): the transfer is under way on the slow link
+                    wait_for(lambda: (bool(hold_rules(b)) and a.cri.state(server) == "CONTAINER_EXITED")
+                             or migrating.poll() is not None, timeout=60)
                     assert hold_rules(b), migrating.communicate()
                     receiver = procs.read_pid(b.layout.pid_dir / "receiver.pid")
                     assert receiver is not None
