@@ -1,9 +1,11 @@
-"""Copying file data in the kernel: memory images are gigabytes, a Python loop would halve the rate."""
+"""File data: copied in the kernel (memory images are gigabytes, a Python loop would halve the
+rate), and small state files replaced atomically."""
 
 from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 # copy_file_range and sendfile move at most ~2 GiB per call anyway (MAX_RW_COUNT).
 _CHUNK = 1 << 30
@@ -34,3 +36,15 @@ def kernel_copy(src: int, dst: int, count: int, offset: int | None = None) -> in
         if offset is not None:
             offset += done
     return 0
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """`path` holds `data` or what it held before, never a part: a private temporary file (0600, named
+    after our pid) renamed over it. A symlink at `path` is replaced, never followed."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shim.fileio import write_atomically
+
 log = logging.getLogger(__name__)
 SUFFIX = ".json"
 DIRECTORY = "journal"  # under the configured state_dir
@@ -71,7 +73,7 @@ class Record:
     def note(self, **facts: Any) -> None:
         """Record more of what the operation holds, before acquiring it."""
         self.facts.update(facts)
-        _write_atomically(self.path, self._encode())
+        write_atomically(self.path, self._encode())
 
     def close(self) -> None:
         """Everything is released: forget the operation (idempotent)."""
@@ -138,16 +140,6 @@ def _read(path: Path) -> Record | None:
         log.error("journal record %s is unreadable (%s); removing it", path, exc)
         path.unlink(missing_ok=True)
         return None
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
 
 
 def _remove_stale_temp(path: Path) -> None:

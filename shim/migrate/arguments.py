@@ -132,9 +132,10 @@ def run(args: argparse.Namespace) -> int:
 
     checkpoints = args.checkpoints_dir or (settings.restore.allowed_dirs[0] if settings.restore.allowed_dirs
                                            else Path("/var/lib/kubelet/checkpoints"))
-    from shim.migrate import compat
+    from shim.migrate import claims, compat
 
     return receiver.run(receiver.ReceiverSettings(args.listen, socket, checkpoints, creds, args.address_hook,
                                                   args.idle_timeout, criu=compat.installed(settings.criu),
                                                   criu_path=settings.criu,
-                                                  allowed_registries=settings.restore.allowed_registries))
+                                                  allowed_registries=settings.restore.allowed_registries,
+                                                  claims_file=settings.state_dir / claims.CLAIMS_FILE))

@@ -14,34 +14,63 @@ node has claimed its addresses, and a release then would route the peers' packet
 pod that got the address meanwhile) for the rest of the migration. A release after the next node's
 claim is harmless: `release` withdraws only this node's own announcement.
 
-Claims live in the receiver's memory: after a receiver restart the ones made before are not watched
-(their routes stay, as before this existed).
+Claims are kept in a file of the receiver's (`CLAIMS_FILE` in the node's state_dir, root's, 0600,
+replaced atomically at each change), so a restarted receiver watches the claims of the one before.
+The file is read as untrusted: one that is not a plain file of ours, not JSON of the expected shape,
+or names something that is not a container id and IP addresses, is ignored with an error logged
+(its claims are then not watched, as before they were kept) and replaced at the next change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import json
 import logging
+import os
+import re
+import stat
 from pathlib import Path
 
 from shim.errors import Code, ShimError
+from shim.fileio import write_atomically
 from shim.migrate import hook
 from shim.migrate.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+CLAIMS_FILE = "migrate-claims.json"  # in the node's state_dir
+_CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+MAX_FILE = 1 << 20
+
 
 class ClaimWatcher:
-    def __init__(self, runtime_socket: Path, address_hook: Path | None, interval: float = 10.0) -> None:
+    def __init__(self, runtime_socket: Path, address_hook: Path | None, interval: float = 10.0,
+                 store: Path | None = None) -> None:
         self._socket = runtime_socket
         self._hook = address_hook
         self._interval = interval
-        self._claims: dict[str, tuple[str, ...]] = {}  # container id -> the addresses claimed for it
+        self._store = store
+        # container id -> the addresses claimed for it
+        self._claims: dict[str, tuple[str, ...]] = load(store) if store is not None and address_hook else {}
+        if self._claims:
+            log.info("watching %d container(s) a receiver before this one claimed pod IPs for", len(self._claims))
 
     def add(self, container_id: str, addresses: list[str]) -> None:
         if addresses and self._hook is not None:
             self._claims[container_id] = tuple(addresses)
+            self._save()
+
+    def _save(self) -> None:
+        if self._store is None:
+            return
+        try:
+            self._store.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            data = {"claims": {c: list(a) for c, a in self._claims.items()}}
+            write_atomically(self._store, json.dumps(data, indent=1).encode())
+        except OSError as exc:  # the claims still hold in memory; a restart would forget them
+            log.error("cannot keep the claimed pod IPs in %s: %s", self._store, exc)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sweep every interval until `stop` is set."""
@@ -70,6 +99,7 @@ class ClaimWatcher:
                 log.warning("releasing pod IP %s of removed container %s: %s", ip, container_id, exc.message)
                 return
         del self._claims[container_id]
+        self._save()
         log.info("container %s is gone: released pod IPs %s", container_id, ", ".join(addresses))
         for ip in addresses:  # the owner's IPAM may give it out again (the hook knows if it lives on elsewhere)
             try:
@@ -85,3 +115,44 @@ async def _removed(runtime: Runtime, container_id: str) -> bool:
     except ShimError as exc:  # not answering (a restart): keep the claim and ask again later
         return exc.code == Code.NOT_FOUND
     return False
+
+
+def load(store: Path) -> dict[str, tuple[str, ...]]:
+    """The claims kept in `store`; none (an error logged) when it is missing or not to be trusted."""
+    try:
+        fd = os.open(store, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:  # ELOOP: a symlink
+        log.error("ignoring the claims file %s: %s", store, exc.strerror)
+        return {}
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            log.error("ignoring the claims file %s: not a file of ours that only we may read and write", store)
+            return {}
+        raw = os.read(fd, MAX_FILE + 1)
+    finally:
+        os.close(fd)
+    try:
+        return _parse(raw)
+    except (ValueError, TypeError) as exc:
+        log.error("ignoring the claims file %s: %s", store, exc)
+        return {}
+
+
+def _parse(raw: bytes) -> dict[str, tuple[str, ...]]:
+    if len(raw) > MAX_FILE:
+        raise ValueError(f"over {MAX_FILE} bytes")
+    document = json.loads(raw)
+    claims = document.get("claims") if isinstance(document, dict) else None
+    if not isinstance(claims, dict):
+        raise TypeError("no claims object")
+    parsed: dict[str, tuple[str, ...]] = {}
+    for container_id, addresses in claims.items():
+        if not _CONTAINER_ID.fullmatch(container_id):
+            raise ValueError(f"{container_id[:80]!r} is not a container id")
+        if not isinstance(addresses, list) or not addresses or not all(isinstance(a, str) for a in addresses):
+            raise TypeError(f"container {container_id}: the addresses are not a list of strings")
+        parsed[container_id] = tuple(str(ipaddress.ip_address(a)) for a in addresses)
+    return parsed

@@ -68,6 +68,7 @@ class ReceiverSettings:
     claims_interval: float = 10.0  # how often claimed pod IPs of removed containers are released (claims.py)
     criu_path: Path | None = None  # for lazy migrations: can it run a page daemon (userfaultfd)?
     allowed_registries: tuple[str, ...] | None = None  # its proxy's restore.allowed_registries (registry mode)
+    claims_file: Path | None = None  # where the claimed pod IPs are kept across restarts (claims.py)
 
 
 @dataclass
@@ -109,7 +110,8 @@ async def _serve(settings: ReceiverSettings) -> int:
         raise FailedPrecondition(f"checkpoints directory {settings.checkpoints_dir} does not exist")
     one_at_a_time = asyncio.Lock()  # restores into this node queue (a source's checkpoint does not hold it)
     page_ends: dict[str, _PageEnd] = {}  # lazy migrations under way, by token
-    watcher = claims.ClaimWatcher(settings.runtime, settings.address_hook, settings.claims_interval)
+    watcher = claims.ClaimWatcher(settings.runtime, settings.address_hook, settings.claims_interval,
+                                  settings.claims_file)
     await hold.sweep()  # a receiver that died holding left rules: they must not outlive it
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

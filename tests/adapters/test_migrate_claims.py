@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import stat
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,73 @@ def test_run_stops_with_the_receiver(tmp_path: Path) -> None:
         await asyncio.wait_for(task, 2)
 
     asyncio.run(main())
+
+
+def _logging_hook(tmp_path: Path) -> Path:
+    hook = tmp_path / "hook"
+    hook.write_text(f"#!/bin/sh\necho \"$*\" >> {tmp_path}/hook.log\n")
+    hook.chmod(0o700)
+    return hook
+
+
+def test_claims_outlive_the_receiver_and_are_released_by_the_next_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(claims, "Runtime", _FakeRuntime)
+    hook, store = _logging_hook(tmp_path), tmp_path / "state" / claims.CLAIMS_FILE
+    first = claims.ClaimWatcher(tmp_path / "cri.sock", hook, store=store)
+    first.add("ctr-1", ["10.234.1.7"])
+    first.add("ctr-2", ["10.234.2.9", "fd00::7"])
+    assert stat.S_IMODE(store.stat().st_mode) == 0o600
+    del first  # the receiver restarts
+    _FakeRuntime.existing, _FakeRuntime.down = {"ctr-2"}, False
+    second = claims.ClaimWatcher(tmp_path / "cri.sock", hook, store=store)
+    asyncio.run(second.sweep())
+    assert (tmp_path / "hook.log").read_text() == "release 10.234.1.7\nfree 10.234.1.7\n"
+    assert claims.load(store) == {"ctr-2": ("10.234.2.9", "fd00::7")}  # what is left to watch, kept
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"{not json", "Expecting property name"),
+    (b'{"claims": []}', "no claims object"),
+    (b'{"claims": {"../../etc": ["10.0.0.1"]}}', "is not a container id"),
+    (b'{"claims": {"ctr-1": ["10.0.0.1; reboot"]}}', "does not appear to be an IPv4 or IPv6 address"),
+    (b'{"claims": {"ctr-1": "10.0.0.1"}}', "not a list of strings"),
+    (b'{"claims": {"ctr-1": []}}', "not a list of strings"),
+])
+def test_a_garbled_claims_file_is_ignored_and_nothing_is_released(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        content: bytes, why: str) -> None:
+    monkeypatch.setattr(claims, "Runtime", _FakeRuntime)
+    store = tmp_path / claims.CLAIMS_FILE
+    store.write_bytes(content)
+    store.chmod(0o600)
+    watcher = claims.ClaimWatcher(tmp_path / "cri.sock", _logging_hook(tmp_path), store=store)
+    _FakeRuntime.existing, _FakeRuntime.down = set(), False
+    asyncio.run(watcher.sweep())
+    assert not (tmp_path / "hook.log").exists()
+    assert f"ignoring the claims file {store}" in caplog.text and why in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["symlink", "group-writable", "directory"])
+def test_a_claims_file_that_is_not_a_private_file_of_ours_is_not_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, kind: str) -> None:
+    monkeypatch.setattr(claims, "Runtime", _FakeRuntime)
+    store, planted = tmp_path / claims.CLAIMS_FILE, tmp_path / "planted.json"
+    planted.write_text('{"claims": {"ctr-1": ["10.234.1.7"]}}')
+    planted.chmod(0o600)
+    if kind == "symlink":
+        store.symlink_to(planted)
+    elif kind == "group-writable":
+        store.write_text(planted.read_text())
+        store.chmod(0o620)
+    else:
+        store.mkdir()
+    watcher = claims.ClaimWatcher(tmp_path / "cri.sock", _logging_hook(tmp_path), store=store)
+    _FakeRuntime.existing, _FakeRuntime.down = set(), False
+    asyncio.run(watcher.sweep())
+    assert not (tmp_path / "hook.log").exists()
+    assert f"ignoring the claims file {store}" in caplog.text
+    if kind == "symlink":  # the next change replaces the link itself, never what it points to
+        watcher.add("ctr-9", ["10.234.9.9"])
+        assert not store.is_symlink() and claims.load(store) == {"ctr-9": ("10.234.9.9",)}
+        assert planted.read_text() == '{"claims": {"ctr-1": ["10.234.1.7"]}}'

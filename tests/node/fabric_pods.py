@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
-from shim.node import cleanup, local, procs
+from shim.node import cleanup, fabric, local, procs
 from shim.node.layout import NodeLayout
 from tests.node import leaks
 from tests.node.conftest import criu_shim
@@ -57,6 +57,18 @@ class Host:
     @property
     def layout(self) -> NodeLayout:
         return NodeLayout(self.dir.resolve())
+
+    def start_receiver(self) -> None:
+        """The node's migration receiver, started again (as `node up` starts it)."""
+        local._start_receiver(self.layout, fabric.NodeHost(self.layout, fabric.Fabric(FABRIC)),
+                              self.layout.proxy_config_file)
+
+    def restart_receiver(self) -> None:
+        """The node's migration receiver stopped and started again: what it keeps must carry over."""
+        pid = procs.read_pid(self.layout.pid_dir / "receiver.pid")
+        assert pid is not None and procs.alive(pid), f"the receiver of {self.dir} is not running"
+        procs.stop(pid)
+        self.start_receiver()
 
     @property
     def router_link(self) -> str:

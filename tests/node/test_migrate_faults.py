@@ -62,9 +62,6 @@ def _start_containerd(host: Host, version: str) -> None:
     local._start_containerd(host.layout, tools_for(version), _enter(host))
 
 
-def _start_receiver(host: Host) -> None:
-    local._start_receiver(host.layout, fabric.NodeHost(host.layout, fabric.Fabric(FABRIC)),
-                          host.layout.proxy_config_file)
 
 
 @contextlib.contextmanager
@@ -279,7 +276,7 @@ def test_a_target_without_criu_shim_is_refused_before_anything_stops(hosts: tupl
     """The target's criu-shim proxy (or its migration receiver) is not running: refused at preflight,
     naming it; the source goes on running; once it is back, a plain migrate works."""
     a, b = hosts
-    start = (lambda: _start_proxy(b)) if down == "proxy" else (lambda: _start_receiver(b))
+    start = (lambda: _start_proxy(b)) if down == "proxy" else b.start_receiver
     with _nothing_left(a, b), _counter(a, mem_mb=16) as (_, ctr), b.cri.pod() as target:
         with _stopped(b, down, start):
             proc = a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target.id, check=False)
