@@ -320,10 +320,10 @@ class Checkpointer:
         spec, runtime = spec_runtime
         members = archive_members(staging, spec, target, runtime, datetime.now(UTC), deleted, skip=late)
         durable = self._config.checkpoint.fsync
-        plain = target.seal is None and target.compression is None
+        level = target.compression.level if target.compression is not None and target.seal is None else None
         try:
-            end = await asyncio.to_thread(streamed.append, members, durable)
-            marker = rollforward.Marker(container_id, path, staging, end, plain)
+            end, file_end = await asyncio.to_thread(streamed.append, members, durable)
+            marker = rollforward.Marker(container_id, path, staging, end, file_end, level)
             await asyncio.to_thread(rollforward.write_marker, marker, durable)
         except OSError as exc:
             raise _storage_error(path, exc) from None

@@ -109,6 +109,11 @@ class FileSink:
     def close(self) -> int:
         return self._offset
 
+    @property
+    def offset(self) -> int:
+        """Where the next byte goes."""
+        return self._offset
+
     def abort(self) -> None:
         pass
 
@@ -180,6 +185,12 @@ class ZstdFile:
     def abort(self) -> None:
         self._frame = None
         self._sink.abort()
+
+    def resumable_at(self) -> int | None:
+        """End the open frame and say where the file ends: another ZstdFile over the same file may go
+        on from there (zstd frames concatenate; readers read across them). None over a sealed sink."""
+        self._end_frame()
+        return self._sink.offset if isinstance(self._sink, FileSink) else None
 
     def _end_frame(self) -> None:
         if self._frame is not None:

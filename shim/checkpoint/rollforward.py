@@ -39,10 +39,14 @@ from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
+
+import zstandard
 
 from shim import archive_layout as layout
 from shim.checkpoint.archive import FILE_MODE, Member, TarWriter, add_members, check_member_name
+from shim.checkpoint.compression import Compression, FileSink, ZstdFile
+from shim.checkpoint.sealing import SealedTarWriter
 from shim.checkpoint.stream_archive import ARCHIVE_NAME
 
 MARKER = "rollforward.json"  # in the staging directory: the gate of a stop-after dump is about to open
@@ -52,6 +56,7 @@ MARKER_MAX = 64 << 10
 LATE_MAX = 256 << 20  # a late member (an image CRIU closed last, its statistics, its log) above this is refused
 DUMP_DONE = b"Dumping finished successfully"  # CRIU's last log line of a dump that went through (cr_dump_finish)
 LOG_TAIL = 64 << 10
+ZSTD_WINDOW = 128 << 20  # zstd's default limit, as the restore's reader has it
 # CRIU's global image set (criu/include/image-desc.h, _CR_FD_GLOB_FROM.._TO; names from criu/image-desc.c):
 # open for the whole dump and closed only after the inventory is written. Whatever else CRIU still holds
 # open at the gate is found by looking (dumpgate.held_open) and deferred too.
@@ -71,11 +76,13 @@ class Marker:
     location: Path
     staging: Path
     end: int  # where the members written after the gate go (the tar's offset)
-    plain: bool = True  # a plain tar; a sealed or compressed stream cannot be continued by another process
+    file_end: int | None  # where the file goes on (a zstd one: past its last whole frame); None: sealed, it cannot
+    zstd_level: int | None = None  # a zstd archive, continued with a new frame (readers read across frames)
 
     def encode(self) -> bytes:
         return json.dumps({"version": VERSION, "container_id": self.container_id, "location": str(self.location),
-                           "staging": str(self.staging), "end": self.end, "plain": self.plain}).encode()
+                           "staging": str(self.staging), "end": self.end, "file_end": self.file_end,
+                           "zstd_level": self.zstd_level}).encode()
 
 
 def late_names(open_at_gate: Collection[str]) -> frozenset[str]:
@@ -126,8 +133,8 @@ def decide(staging: Path, container_id: str, location: str) -> Marker:
         if (marker.container_id, str(marker.location), marker.staging) != (container_id, location, staging):
             raise RollForwardError(f"{staging / MARKER} names another checkpoint than the journal "
                                    f"(container {marker.container_id!r}, archive {str(marker.location)!r})")
-        if not marker.plain:
-            raise RollForwardError("the archive is sealed or compressed: its stream cannot be continued after "
+        if marker.file_end is None:
+            raise RollForwardError("the archive is sealed: its encrypted stream cannot be continued after "
                                    "criu-shim died")
         _require_dump_done(fd)
         with _checked_dir(staging / layout.IMAGES_DIR) as images:
@@ -150,17 +157,23 @@ def complete(marker: Marker) -> int:
         stack.enter_context(_checked_dir(staging / WORK_DIR))
         archive = _open_private(fd, ARCHIVE_NAME, os.O_RDWR)
         stack.callback(os.close, archive)
-        size = os.fstat(archive).st_size
-        if marker.end > size or marker.end % tarfile.BLOCKSIZE:
-            raise RollForwardError(f"the staging archive holds {size} bytes, the marker says {marker.end}")
-        written = _written_names(archive, marker.end)
+        size, file_end = os.fstat(archive).st_size, marker.file_end
+        if file_end is None or file_end > size or marker.end % tarfile.BLOCKSIZE:
+            raise RollForwardError(f"the staging archive holds {size} bytes, the marker says {file_end}")
+        stream = None
+        if marker.zstd_level is None:
+            written = _written_names(archive, marker.end)
+            os.lseek(archive, marker.end, os.SEEK_SET)
+            writer = TarWriter(archive, start=marker.end)
+        else:
+            written = _written_names(archive, marker.end, file_end)
+            stream = ZstdFile(FileSink(archive, file_end), Compression(marker.zstd_level, threads=0))
+            writer = SealedTarWriter(stream, start=marker.end)
         late = late_members(staging, written)
         for member in late:
             _check_source(member)
-        os.lseek(archive, marker.end, os.SEEK_SET)
-        writer = TarWriter(archive, start=marker.end)
         add_members(writer, late)
-        size = writer.finish()
+        size = writer.finish() if stream is None else (writer.finish(), stream.close())[1]
         os.ftruncate(archive, size)
         os.fsync(archive)
         parent = stack.enter_context(_directory(location.parent))
@@ -179,14 +192,17 @@ def _read_marker(directory: int, staging: Path) -> Marker:
     try:
         facts = json.loads(raw)
         assert isinstance(facts, dict) and facts.get("version") == VERSION
-        container_id, location, where, end, plain = (facts["container_id"], facts["location"], facts["staging"],
-                                                    facts["end"], facts["plain"])
+        container_id, location, where, end, file_end, level = (
+            facts["container_id"], facts["location"], facts["staging"], facts["end"], facts["file_end"],
+            facts["zstd_level"])
         assert isinstance(container_id, str) and isinstance(location, str) and isinstance(where, str)
-        assert type(end) is int and end > 0 and isinstance(plain, bool)
-        assert Path(location).is_absolute()
+        assert type(end) is int and end > 0 and Path(location).is_absolute()
+        assert file_end is None or (type(file_end) is int and file_end > 0)
+        assert level is None or (type(level) is int and 1 <= level <= 22)
+        assert level is not None or file_end in (None, end)  # a plain tar: the file is the tar
     except (ValueError, KeyError, AssertionError, UnicodeDecodeError):
         raise RollForwardError(f"{staging / MARKER} is not a marker of criu-shim ({len(raw)} bytes)") from None
-    return Marker(container_id, Path(location), Path(where), end, plain)
+    return Marker(container_id, Path(location), Path(where), end, file_end, level)
 
 
 def _require_dump_done(staging: int) -> None:
@@ -205,12 +221,19 @@ def _require_dump_done(staging: int) -> None:
                                f"{DUMP_DONE.decode()!r}): the container was not ended by it")
 
 
-def _written_names(archive: int, end: int) -> set[str]:
-    """The members of the archive's first `end` bytes, which must be a whole tar stream of valid names."""
+def _written_names(archive: int, end: int, zstd_end: int | None = None) -> set[str]:
+    """The members of the archive's first `end` tar bytes (a zstd archive: its first `zstd_end` bytes,
+    decompressed), which must be a whole tar stream of valid names, ending there."""
     names: set[str] = set()
     with os.fdopen(os.dup(archive), "rb") as f:
         try:
-            with tarfile.open(fileobj=_Bounded(f, end), mode="r:") as tar:  # type: ignore[call-overload]
+            if zstd_end is None:
+                source, mode = _Bounded(f, end), "r:"
+            else:
+                reader = zstandard.ZstdDecompressor(max_window_size=ZSTD_WINDOW).stream_reader(
+                    cast(BinaryIO, _Bounded(f, zstd_end)), read_across_frames=True)
+                source, mode = _Bounded(reader, end, strict=True), "r|"
+            with tarfile.open(fileobj=source, mode=mode) as tar:  # type: ignore[call-overload]
                 for info in tar:
                     name = info.name.rstrip("/")
                     check_member_name(name)
@@ -219,20 +242,28 @@ def _written_names(archive: int, end: int) -> set[str]:
                     names.add(name)
                 if tar.offset != end:
                     raise RollForwardError(f"the staging archive's members end at {tar.offset}, not {end}")
-        except (tarfile.TarError, ValueError, EOFError) as exc:
+                if zstd_end is not None:
+                    source.read()  # a decompressed stream longer than the marker says is refused
+        except (tarfile.TarError, ValueError, EOFError, zstandard.ZstdError) as exc:
             raise RollForwardError(f"the staging archive's first {end} bytes are not a tar: {exc}") from None
     return names
 
 
 class _Bounded:
-    """A read-only, seekable view of a file's first `limit` bytes (what the marker vouches for)."""
+    """A read-only view of a stream's first `limit` bytes (what the marker vouches for); `strict`: more
+    than that is refused (a decompressed stream: no bomb is read past it)."""
 
-    def __init__(self, f: BinaryIO, limit: int) -> None:
-        self._f, self._limit = f, limit
+    def __init__(self, f: BinaryIO | Any, limit: int, strict: bool = False) -> None:
+        self._f, self._limit, self._strict, self._read = f, limit, strict, 0
 
     def read(self, size: int = -1) -> bytes:
-        left = max(0, self._limit - self._f.tell())
-        return self._f.read(left if size < 0 else min(size, left))
+        left = max(0, self._limit - (self._read if self._strict else self._f.tell()))
+        want = left if size < 0 else min(size, left)
+        data: bytes = self._f.read(want + (self._strict and want == left))  # one more, to see it ends there
+        if len(data) > want:
+            raise ValueError(f"the stream goes on past the marker's {self._limit} bytes")
+        self._read += len(data)
+        return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return self._f.seek(offset, whence)

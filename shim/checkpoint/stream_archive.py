@@ -22,7 +22,7 @@ from pathlib import Path
 from shim.archive_layout import IMAGES_DIR
 from shim.checkpoint import pagestream
 from shim.checkpoint.archive import FILE_MODE, Member, TarWriter, add_members
-from shim.checkpoint.compression import ArchiveStream, Compression
+from shim.checkpoint.compression import ArchiveStream, Compression, ZstdFile
 from shim.checkpoint.sealing import SealedTarWriter, SealKey, open_through
 
 ARCHIVE_NAME = "archive.tar"  # inside the staging directory, until renamed onto the location
@@ -76,8 +76,10 @@ class StreamedArchive:
         finally:
             pagestream.remove_fifos(self._fifos)
 
-    def append(self, members: Sequence[Member], durable: bool) -> int:
-        """Write `members` (and the spilled page images) now, the archive left open; where the next goes.
+    def append(self, members: Sequence[Member], durable: bool) -> tuple[int, int | None]:
+        """Write `members` (and the spilled page images) now, the archive left open; where the next
+        member goes in the tar, and in the file if another process could go on from there (a plain or
+        compressed archive: `rollforward`; a sealed one cannot: None).
 
         A stop-after dump calls this before its gate opens, so that after it only
         what CRIU writes last is left to `complete`. `durable` fsyncs what is
@@ -85,12 +87,15 @@ class StreamedArchive:
         writer = self._writer()
         add_members(writer, self._rest(members))
         writer.flush()
-        assert self._result is not None
+        assert self._result is not None and self._fd is not None
         self._result.end = writer.written
         self._appended = True
-        if durable and self._fd is not None:
+        file_end: int | None = self._result.end
+        if self._sealed is not None:
+            file_end = self._sealed.resumable_at() if isinstance(self._sealed, ZstdFile) else None
+        if durable:
             os.fsync(self._fd)  # a sealed stream's buffered tail goes with `complete`
-        return self._result.end
+        return self._result.end, file_end
 
     def complete(self, location: Path, members: Sequence[Member], durable: bool) -> int:
         """Append every member not streamed (nor appended), end the tar, rename it onto `location`; its size."""

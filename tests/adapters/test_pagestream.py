@@ -14,6 +14,7 @@ import pytest
 
 from shim.checkpoint import dumpgate, orphandump, pagestream
 from shim.checkpoint.archive import Member
+from shim.checkpoint.compression import Compression
 from shim.checkpoint.stream_archive import ARCHIVE_NAME, StreamedArchive
 
 # Writes the FIFOs as CRIU does: opened O_WRONLY (blocking until a reader has it), written, closed.
@@ -41,8 +42,9 @@ def content(path: Path, size: int) -> bytes:
     return (str(path).encode() * (size // len(str(path)) + 1))[:size]
 
 
-def run_dump(staging: Path, script: str, args: list[str], processes: int = 1) -> StreamedArchive:
-    streamed = StreamedArchive.open(staging, processes)
+def run_dump(staging: Path, script: str, args: list[str], processes: int = 1,
+             compression: Compression | None = None) -> StreamedArchive:
+    streamed = StreamedArchive.open(staging, processes, compression=compression)
     assert streamed is not None
     subprocess.run([sys.executable, "-c", script, *args], check=True, timeout=60)
     streamed.dump_ended()

@@ -12,10 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.checkpoint import recovery, rollforward
 from shim.checkpoint.archive import Member, TarWriter, add_members
+from shim.checkpoint.compression import Compression, FileSink, ZstdFile
+from shim.checkpoint.sealing import SealedTarWriter
 from shim.checkpoint.stream_archive import ARCHIVE_NAME
 
 CONTAINER = "c0ffee"
@@ -23,8 +26,8 @@ EARLY = [Member("checkpoint", is_dir=True), Member("spec.dump", data=b"{}"),
          Member("checkpoint/core-1.img", data=b"core" * 100), Member("rootfs-diff.tar", data=bytes(2048))]
 
 
-def _staging(tmp_path: Path) -> tuple[Path, Path, rollforward.Marker]:
-    """What criu-shim leaves when it dies once the gate opened and CRIU went through."""
+def _staging(tmp_path: Path, zstd: bool = False) -> tuple[Path, Path, rollforward.Marker]:
+    """What criu-shim leaves when it dies once the gate opened and CRIU went through (`zstd`: compressed)."""
     location = tmp_path / "out.tar"
     staging = tmp_path / ".criu-shim-c0ffee-1234"
     images, work = staging / "checkpoint", staging / "work"
@@ -38,15 +41,53 @@ def _staging(tmp_path: Path) -> tuple[Path, Path, rollforward.Marker]:
     for path in (*images.iterdir(), *work.iterdir()):
         path.chmod(0o600)
     fd = os.open(staging / ARCHIVE_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    writer = TarWriter(fd)
+    stream = ZstdFile(FileSink(fd), Compression(3, threads=0)) if zstd else None
+    writer = TarWriter(fd) if stream is None else SealedTarWriter(stream)
     add_members(writer, EARLY)
     writer.flush()
     end = writer.written
-    os.write(fd, b"half a member after the marker")  # what a dying criu-shim may have begun
+    file_end = end if stream is None else stream.resumable_at()
+    assert file_end is not None
+    os.pwrite(fd, b"half a member after the marker", file_end)  # what a dying criu-shim may have begun
     os.close(fd)
-    marker = rollforward.Marker(CONTAINER, location, staging, end)
+    marker = rollforward.Marker(CONTAINER, location, staging, end, file_end, 3 if zstd else None)
     rollforward.write_marker(marker, durable=False)
     return staging, location, marker
+
+
+def test_a_compressed_archive_is_continued_with_a_new_zstd_frame(tmp_path: Path) -> None:
+    staging, location, _ = _staging(tmp_path, zstd=True)
+    size = _roll(staging, location)
+    assert location.stat().st_size == size and (location.stat().st_mode & 0o777) == 0o600
+    with open(location, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True) as z, \
+            tarfile.open(fileobj=z, mode="r|") as tar:
+        contents = {info.name: (tar.extractfile(info).read() if info.isreg() else b"")  # type: ignore[union-attr]
+                    for info in tar}
+    assert list(contents) == ["checkpoint", "spec.dump", "checkpoint/core-1.img", "rootfs-diff.tar",
+                              "checkpoint/files.img", "checkpoint/inventory.img", "stats-dump", "dump.log"]
+    assert contents["checkpoint/inventory.img"] == b"inventory" and contents["spec.dump"] == b"{}"
+
+
+ZSTD_HOSTILE: dict[str, tuple[Breaker, str]] = {
+    "decompresses past the marker's end": (lambda s, t: _replace(s / rollforward.MARKER, _zstd_marker(s, t, 1536)),
+                                           "the stream goes on past the marker's 1536 bytes"),
+    "not zstd at all": (lambda s, t: _replace(s / ARCHIVE_NAME, os.urandom(8192)), "are not a tar"),
+}
+
+
+def _zstd_marker(staging: Path, tmp_path: Path, end: int) -> bytes:
+    facts = json.loads((staging / rollforward.MARKER).read_bytes())
+    return rollforward.Marker(CONTAINER, tmp_path / "out.tar", staging, end, facts["file_end"], 3).encode()
+
+
+@pytest.mark.parametrize("case", sorted(ZSTD_HOSTILE))
+def test_hostile_compressed_staging_is_refused(tmp_path: Path, case: str) -> None:
+    staging, location, _ = _staging(tmp_path, zstd=True)
+    breaker, expected = ZSTD_HOSTILE[case]
+    breaker(staging, tmp_path)
+    with pytest.raises(rollforward.RollForwardError, match=expected):
+        _roll(staging, location)
+    assert not location.exists()
 
 
 def _roll(staging: Path, location: Path) -> int:
@@ -106,15 +147,21 @@ HOSTILE: dict[str, tuple[Breaker, str]] = {
     "marker hard-linked": (lambda s, t: os.link(s / rollforward.MARKER, t / "elsewhere"),
                            "2 links: not as criu-shim left it"),
     "marker of another container": (lambda s, t: _replace(s / rollforward.MARKER, rollforward.Marker(
-        "other", t / "out.tar", s, 512).encode()), "names another checkpoint than the journal"),
+        "other", t / "out.tar", s, 512, 512).encode()), "names another checkpoint than the journal"),
     "marker for elsewhere": (lambda s, t: _replace(s / rollforward.MARKER, rollforward.Marker(
-        CONTAINER, Path("/etc/shadow"), s, 512).encode()), "names another checkpoint than the journal"),
+        CONTAINER, Path("/etc/shadow"), s, 512, 512).encode()), "names another checkpoint than the journal"),
     "sealed": (lambda s, t: _replace(s / rollforward.MARKER, rollforward.Marker(
-        CONTAINER, t / "out.tar", s, 512, plain=False).encode()), "sealed or compressed"),
+        CONTAINER, t / "out.tar", s, 512, None).encode()), "the archive is sealed: its encrypted stream cannot"),
+    "plain tar, file and tar ends apart": (lambda s, t: _replace(s / rollforward.MARKER, rollforward.Marker(
+        CONTAINER, t / "out.tar", s, 512, 1024).encode()), "is not a marker of criu-shim"),
+    "zstd level out of range": (lambda s, t: _replace(s / rollforward.MARKER, rollforward.Marker(
+        CONTAINER, t / "out.tar", s, 512, 100, 99).encode()), "is not a marker of criu-shim"),
+    "plain archive said to be zstd": (lambda s, t: _replace(s / rollforward.MARKER, rollforward.Marker(
+        CONTAINER, t / "out.tar", s, 2048, 2048, 3).encode()), "are not a tar"),
     "marker past the archive": (lambda s, t: _replace(s / rollforward.MARKER, rollforward.Marker(
-        CONTAINER, t / "out.tar", s, 1 << 30).encode()), "the marker says 1073741824"),
+        CONTAINER, t / "out.tar", s, 1 << 30, 1 << 30).encode()), "the marker says 1073741824"),
     "marker mid-member": (lambda s, t: _replace(s / rollforward.MARKER, rollforward.Marker(
-        CONTAINER, t / "out.tar", s, 3072).encode()), "first 3072 bytes are not a tar: unexpected end of data"),
+        CONTAINER, t / "out.tar", s, 3072, 3072).encode()), "first 3072 bytes are not a tar: unexpected end of data"),
     "archive garbage": (lambda s, t: _replace(s / ARCHIVE_NAME, os.urandom(8192)), "are not a tar"),
     "archive a symlink": (lambda s, t: _symlink(s / ARCHIVE_NAME, "/etc/passwd"),
                           "archive.tar: Too many levels of symbolic links"),
