@@ -35,17 +35,16 @@ import json
 import os
 import stat
 import tarfile
-from collections.abc import Collection, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Collection
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
-
-import zstandard
 
 from shim import archive_layout as layout
-from shim.checkpoint.archive import FILE_MODE, Member, TarWriter, add_members, check_member_name
+from shim.checkpoint import rollforward_files as files
+from shim.checkpoint.archive import FILE_MODE, Member, TarWriter, add_members
 from shim.checkpoint.compression import Compression, FileSink, ZstdFile
+from shim.checkpoint.rollforward_files import RollForwardError as RollForwardError
 from shim.checkpoint.sealing import SealedTarWriter
 from shim.checkpoint.stream_archive import ARCHIVE_NAME
 
@@ -53,10 +52,8 @@ MARKER = "rollforward.json"  # in the staging directory: the gate of a stop-afte
 VERSION = 1
 WORK_DIR = "work"  # CRIU's work directory in the staging directory (runc's work_path)
 MARKER_MAX = 64 << 10
-LATE_MAX = 256 << 20  # a late member (an image CRIU closed last, its statistics, its log) above this is refused
 DUMP_DONE = b"Dumping finished successfully"  # CRIU's last log line of a dump that went through (cr_dump_finish)
 LOG_TAIL = 64 << 10
-ZSTD_WINDOW = 128 << 20  # zstd's default limit, as the restore's reader has it
 # CRIU's global image set (criu/include/image-desc.h, _CR_FD_GLOB_FROM.._TO; names from criu/image-desc.c):
 # open for the whole dump and closed only after the inventory is written. Whatever else CRIU still holds
 # open at the gate is found by looking (dumpgate.held_open) and deferred too.
@@ -64,10 +61,6 @@ GLOBAL_IMAGES = frozenset(f"{name}.img" for name in (
     "files", "sk-queues", "ext-files", "unixsk", "pipes", "pipes-data", "fifo", "fifo-data", "tty", "tty-info",
     "tty-data", "remap-fpath", "cgroup", "filelocks", "seccomp"))
 TAIL_FILES = ((layout.STATS_DUMP, layout.STATS_DUMP), (layout.DUMP_LOG, layout.DUMP_LOG))  # member, file in work/
-
-
-class RollForwardError(Exception):
-    """The interrupted checkpoint cannot be completed; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +86,7 @@ def late_names(open_at_gate: Collection[str]) -> frozenset[str]:
 
 def late_members(staging: Path, written: Collection[str]) -> list[Member]:
     """The members not written before the gate, once CRIU is done: the images it wrote last, its
-    statistics and its log. The caller has checked the directories (recovery: `_checked_dir`)."""
+    statistics and its log. The caller has checked the directories (recovery: `files.checked_dir`)."""
     images = staging / layout.IMAGES_DIR
     members = []
     for entry in sorted(os.scandir(images), key=lambda e: e.name):
@@ -128,7 +121,7 @@ def has_marker(staging: Path) -> bool:
 def decide(staging: Path, container_id: str, location: str) -> Marker:
     """The marker of an interrupted stop-after checkpoint, if its archive can be completed; else
     RollForwardError saying why. `container_id` and `location` are the journal's (trusted)."""
-    with _checked_dir(staging) as fd:
+    with files.checked_dir(staging) as fd:
         marker = _read_marker(fd, staging)
         if (marker.container_id, str(marker.location), marker.staging) != (container_id, location, staging):
             raise RollForwardError(f"{staging / MARKER} names another checkpoint than the journal "
@@ -137,8 +130,8 @@ def decide(staging: Path, container_id: str, location: str) -> Marker:
             raise RollForwardError("the archive is sealed: its encrypted stream cannot be continued after "
                                    "criu-shim died")
         _require_dump_done(fd)
-        with _checked_dir(staging / layout.IMAGES_DIR) as images:
-            inventory = _lstat(images, "inventory.img")
+        with files.checked_dir(staging / layout.IMAGES_DIR) as images:
+            inventory = files.lstat_in(images, "inventory.img")
             if not stat.S_ISREG(inventory.st_mode) or inventory.st_size == 0:
                 raise RollForwardError("CRIU's inventory never reached a file (the gate's FIFO is still there): "
                                        "the gate did not open, or criu-shim died before it kept the inventory")
@@ -152,39 +145,39 @@ def complete(marker: Marker) -> int:
     if location.parent != staging.parent or location.name in ("", ".", ".."):
         raise RollForwardError(f"archive path {location} is not beside its staging directory {staging}")
     with ExitStack() as stack:
-        fd = stack.enter_context(_checked_dir(staging))
-        stack.enter_context(_checked_dir(staging / layout.IMAGES_DIR))
-        stack.enter_context(_checked_dir(staging / WORK_DIR))
-        archive = _open_private(fd, ARCHIVE_NAME, os.O_RDWR)
+        fd = stack.enter_context(files.checked_dir(staging))
+        stack.enter_context(files.checked_dir(staging / layout.IMAGES_DIR))
+        stack.enter_context(files.checked_dir(staging / WORK_DIR))
+        archive = files.open_private(fd, ARCHIVE_NAME, os.O_RDWR)
         stack.callback(os.close, archive)
         size, file_end = os.fstat(archive).st_size, marker.file_end
         if file_end is None or file_end > size or marker.end % tarfile.BLOCKSIZE:
             raise RollForwardError(f"the staging archive holds {size} bytes, the marker says {file_end}")
         stream = None
         if marker.zstd_level is None:
-            written = _written_names(archive, marker.end)
+            written = files.written_names(archive, marker.end)
             os.lseek(archive, marker.end, os.SEEK_SET)
             writer = TarWriter(archive, start=marker.end)
         else:
-            written = _written_names(archive, marker.end, file_end)
+            written = files.written_names(archive, marker.end, file_end)
             stream = ZstdFile(FileSink(archive, file_end), Compression(marker.zstd_level, threads=0))
             writer = SealedTarWriter(stream, start=marker.end)
         late = late_members(staging, written)
         for member in late:
-            _check_source(member)
+            files.check_source(member)
         add_members(writer, late)
         size = writer.finish() if stream is None else (writer.finish(), stream.close())[1]
         os.ftruncate(archive, size)
         os.fsync(archive)
-        parent = stack.enter_context(_directory(location.parent))
-        _refuse_existing_non_file(parent, location)
+        parent = stack.enter_context(files.directory(location.parent))
+        files.refuse_existing_non_file(parent, location)
         os.rename(ARCHIVE_NAME, location.name, src_dir_fd=fd, dst_dir_fd=parent)
         os.fsync(parent)
         return size
 
 
 def _read_marker(directory: int, staging: Path) -> Marker:
-    fd = _open_private(directory, MARKER, os.O_RDONLY, MARKER_MAX)
+    fd = files.open_private(directory, MARKER, os.O_RDONLY, MARKER_MAX)
     try:
         raw = os.read(fd, MARKER_MAX + 1)
     finally:
@@ -207,8 +200,8 @@ def _read_marker(directory: int, staging: Path) -> Marker:
 
 def _require_dump_done(staging: int) -> None:
     try:
-        with _checked_dir_at(staging, WORK_DIR) as work:
-            log = _open_private(work, layout.DUMP_LOG, os.O_RDONLY, exact_mode=False)
+        with files.checked_dir_at(staging, WORK_DIR) as work:
+            log = files.open_private(work, layout.DUMP_LOG, os.O_RDONLY, exact_mode=False)
     except RollForwardError as exc:
         raise RollForwardError(f"CRIU's log of the dump cannot be read: {exc}") from None
     try:
@@ -219,145 +212,3 @@ def _require_dump_done(staging: int) -> None:
     if DUMP_DONE not in tail:  # printed only by a dump that went through ("Dumping FAILED." otherwise)
         raise RollForwardError("CRIU's dump did not go through (its log does not end with "
                                f"{DUMP_DONE.decode()!r}): the container was not ended by it")
-
-
-def _written_names(archive: int, end: int, zstd_end: int | None = None) -> set[str]:
-    """The members of the archive's first `end` tar bytes (a zstd archive: its first `zstd_end` bytes,
-    decompressed), which must be a whole tar stream of valid names, ending there."""
-    names: set[str] = set()
-    with os.fdopen(os.dup(archive), "rb") as f:
-        try:
-            if zstd_end is None:
-                source, mode = _Bounded(f, end), "r:"
-            else:
-                reader = zstandard.ZstdDecompressor(max_window_size=ZSTD_WINDOW).stream_reader(
-                    cast(BinaryIO, _Bounded(f, zstd_end)), read_across_frames=True)
-                source, mode = _Bounded(reader, end, strict=True), "r|"
-            with tarfile.open(fileobj=source, mode=mode) as tar:  # type: ignore[call-overload]
-                for info in tar:
-                    name = info.name.rstrip("/")
-                    check_member_name(name)
-                    if not (info.isreg() or info.isdir()) or name in names:
-                        raise RollForwardError(f"the staging archive holds {name!r} twice or not as a file")
-                    names.add(name)
-                if tar.offset != end:
-                    raise RollForwardError(f"the staging archive's members end at {tar.offset}, not {end}")
-                if zstd_end is not None:
-                    source.read()  # a decompressed stream longer than the marker says is refused
-        except (tarfile.TarError, ValueError, EOFError, zstandard.ZstdError) as exc:
-            raise RollForwardError(f"the staging archive's first {end} bytes are not a tar: {exc}") from None
-    return names
-
-
-class _Bounded:
-    """A read-only view of a stream's first `limit` bytes (what the marker vouches for); `strict`: more
-    than that is refused (a decompressed stream: no bomb is read past it)."""
-
-    def __init__(self, f: BinaryIO | Any, limit: int, strict: bool = False) -> None:
-        self._f, self._limit, self._strict, self._read = f, limit, strict, 0
-
-    def read(self, size: int = -1) -> bytes:
-        left = max(0, self._limit - (self._read if self._strict else self._f.tell()))
-        want = left if size < 0 else min(size, left)
-        data: bytes = self._f.read(want + (self._strict and want == left))  # one more, to see it ends there
-        if len(data) > want:
-            raise ValueError(f"the stream goes on past the marker's {self._limit} bytes")
-        self._read += len(data)
-        return data
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._f.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._f.tell()
-
-
-def _check_source(member: Member) -> None:
-    """A file CRIU wrote: regular, ours, one link, not writable by others, of a sane size."""
-    assert member.source is not None
-    st = os.lstat(member.source)
-    if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1 or st.st_size > LATE_MAX
-            or st.st_mode & 0o022):
-        raise RollForwardError(f"{member.source} is not a file CRIU wrote (type {stat.S_IFMT(st.st_mode):#o}, "
-                               f"owner {st.st_uid}, {st.st_nlink} links, {st.st_size} bytes)")
-
-
-def _refuse_existing_non_file(parent: int, location: Path) -> None:
-    try:
-        st = os.lstat(location.name, dir_fd=parent)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISREG(st.st_mode):
-        raise RollForwardError(f"{location} exists and is not a file (type {stat.S_IFMT(st.st_mode):#o})")
-
-
-def _open_private(directory: int, name: str, flags: int, limit: int | None = None, exact_mode: bool = True) -> int:
-    """`name` in `directory`: a regular file of ours, one link (within `limit` bytes), 0600 (`exact_mode`,
-    ours) or at least not writable by others (CRIU's); its fd."""
-    try:
-        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
-    except OSError as exc:
-        raise RollForwardError(f"{name}: {exc.strerror}") from None
-    st = os.fstat(fd)
-    problem = ("not a regular file" if not stat.S_ISREG(st.st_mode) else
-               f"owned by uid {st.st_uid}" if st.st_uid != os.geteuid() else
-               f"mode {stat.S_IMODE(st.st_mode):o}" if (stat.S_IMODE(st.st_mode) != FILE_MODE if exact_mode
-                                                         else st.st_mode & 0o022) else
-               f"{st.st_nlink} links" if st.st_nlink != 1 else
-               f"{st.st_size} bytes" if limit is not None and st.st_size > limit else "")
-    if problem:
-        os.close(fd)
-        raise RollForwardError(f"{name} is {problem}: not as criu-shim left it")
-    return fd
-
-
-def _lstat(directory: int, name: str) -> os.stat_result:
-    try:
-        return os.lstat(name, dir_fd=directory)
-    except OSError as exc:
-        raise RollForwardError(f"{name}: {exc.strerror}") from None
-
-
-@contextmanager
-def _checked_dir(path: Path) -> Iterator[int]:
-    """`path` opened as a directory (never through a symlink), ours and private; its fd."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise RollForwardError(f"{path}: not a directory of criu-shim ({exc.strerror})") from None
-    try:
-        _check_private_dir(fd, path)
-        yield fd
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def _checked_dir_at(directory: int, name: str) -> Iterator[int]:
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
-    except OSError as exc:
-        raise RollForwardError(f"{name}: not a directory of criu-shim ({exc.strerror})") from None
-    try:
-        _check_private_dir(fd, Path(name))
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _check_private_dir(fd: int, path: Path) -> None:
-    st = os.fstat(fd)
-    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
-        raise RollForwardError(f"{path}: owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}: "
-                               "not a private directory of criu-shim")
-
-
-@contextmanager
-def _directory(path: Path) -> Iterator[int]:
-    """The archive's directory (the kubelet's: it may be reached through a symlink, as the checkpoint's was)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
