@@ -13,6 +13,8 @@ it, in the same run and interleaved, the CRIU floor: the same server dumped and 
 on one machine (bench/criu_floor.py), CRIU's dump + restore time and its client's gap.
 
     sudo flock /tmp/criu-shim-node.lock .venv/bin/python bench/migrate.py --sizes 64 512 --reps 3
+    # the target's packet hold against claiming after the restore, interleaved:
+    sudo flock /tmp/criu-shim-node.lock .venv/bin/python bench/migrate.py --modes lazy --holds on off --no-floor
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
 LAZY_PIPE = 4 << 20  # CRIU's lazy page server pipe, over the default without CAP_SYS_RESOURCE (shim.migrate.lazy)
 
 
-def one(a: Host, b: Host, mem_mb: int, mode: str, log: Path, daemon: str = "criu-shim") -> tuple[float, str]:
+def one(a: Host, b: Host, mem_mb: int, mode: str, log: Path, daemon: str = "criu-shim",
+        hold: bool = True) -> tuple[float, str]:
     with page_daemon(b, daemon), a.cri.pod(TCP) as pod_a, b.cri.pod(TCP) as pod_b:
         ip = pod_ip(a, pod_a)
         server = a.cri.container(pod_a, ["/usr/local/bin/tcpserver"],
@@ -61,7 +64,7 @@ def one(a: Host, b: Host, mem_mb: int, mode: str, log: Path, daemon: str = "criu
             wait_for(lambda: len(seqs(log.read_text())) >= 20, timeout=120)
             image = ["--image", f"{fabric.REGISTRY_HOST}/bench/server"] if mode == "registry" else []
             out = a.migrate(server, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", pod_b.id, "--mode", mode,
-                            *image).stdout
+                            *image, *([] if hold else ["--no-hold"])).stdout
             last = seqs(log.read_text())[-1][1]
             wait_for(lambda: seqs(log.read_text())[-1][1] >= last + 20, timeout=300)  # TCP's backoff after a long pause
         text = log.read_text()
@@ -98,10 +101,20 @@ def fill_rate(split: str) -> float | None:
     return None
 
 
-def runs(modes: list[str], daemons: list[str]) -> list[tuple[str, str, str]]:
-    """(label, mode, node B's page daemon) of each migration a rep makes: lazy once per page daemon."""
-    return [(f"lazy, {d} daemon" if mode == "lazy" and len(daemons) > 1 else mode, mode, d)
-            for mode in modes for d in (daemons if mode == "lazy" else ["criu-shim"])]
+def runs(modes: list[str], daemons: list[str], holds: list[str]) -> list[tuple[str, str, str, bool]]:
+    """(label, mode, node B's page daemon, hold) of each migration a rep makes: lazy once per page daemon,
+    eager and lazy once per hold setting (`migrate --no-hold`: the target claims after the restore)."""
+    return [((f"lazy, {d} daemon" if mode == "lazy" and len(daemons) > 1 else mode)
+             + (f", {'hold' if h == 'on' else 'no hold'}" if len(holds) > 1 and mode != "registry" else ""),
+             mode, d, h == "on")
+            for mode in modes for d in (daemons if mode == "lazy" else ["criu-shim"])
+            for h in (holds if mode != "registry" else ["on"])]
+
+
+def pause(split: str) -> float | None:
+    """migrate's own pause (`...; pause S s`): the source's lock to the target's answer."""
+    found = re.search(r"pause ([\d.]+) s", split)
+    return float(found.group(1)) if found else None
 
 
 def main() -> int:
@@ -116,6 +129,10 @@ def main() -> int:
     parser.add_argument("--page-daemons", nargs="+", choices=("criu-shim", "criu"), default=["criu-shim"],
                         help="node B's page daemon for lazy mode ([restore] page_daemon), each interleaved: "
                              "criu-shim's own or CRIU's criu lazy-pages (default %(default)s)")
+    parser.add_argument("--holds", nargs="+", choices=("on", "off"), default=["on"],
+                        help="eager/lazy: the target holds the peers' packets from the switch-over (on, the "
+                             "default) or claims the pod IP after the restore (off: `migrate --no-hold`), each "
+                             "interleaved")
     args = parser.parse_args()
     pipe_before = PIPE_MAX_SIZE.read_text()
     if "lazy" in args.modes and int(pipe_before) < LAZY_PIPE:
@@ -131,7 +148,9 @@ def main() -> int:
                 os.environ.update(fabric_registry.client_env(fabric.Fabric(FABRIC)))
             table = []
             for size in args.sizes:
-                gaps: dict[str, list[float]] = {label: [] for label, _, _ in runs(args.modes, args.page_daemons)}
+                plan = runs(args.modes, args.page_daemons, args.holds)
+                gaps: dict[str, list[float]] = {label: [] for label, _, _, _ in plan}
+                pauses: dict[str, list[float]] = {label: [] for label in gaps}
                 fills: dict[str, list[float]] = {label: [] for label in gaps}
                 floors: list[tuple[float, float]] = []  # (dump + restore, client gap)
                 for rep in range(args.reps):
@@ -141,23 +160,27 @@ def main() -> int:
                         print(f"{size} MiB CRIU floor rep {rep}: dump {floor.dump_s:.3f} s + restore "
                               f"{floor.restore_s:.3f} s; client gap {floor.client_gap_s:.3f} s", flush=True)
                     # interleaved: a drift of the machine hits every mode alike
-                    for label, mode, daemon in runs(args.modes, args.page_daemons):
+                    for label, mode, daemon, hold in plan:
                         gap, split = one(hosts[0], hosts[1], size, mode,
-                                         Path(tmp) / f"client-{size}-{mode}-{daemon}-{rep}.log", daemon)
+                                         Path(tmp) / f"client-{size}-{mode}-{daemon}-{hold}-{rep}.log", daemon, hold)
                         gaps[label].append(gap)
+                        if (paused := pause(split)) is not None:
+                            pauses[label].append(paused)
                         if (rate := fill_rate(split)) is not None:
                             fills[label].append(rate)
                         print(f"{size} MiB {label} rep {rep}: client gap {gap:.3f} s; {split}", flush=True)
                 for label, values in gaps.items():
                     fill = f"{statistics.median(fills[label]):.0f} MB/s" if fills[label] else "-"
+                    middle = f"{statistics.median(pauses[label]):.2f} s" if pauses[label] else "-"
                     table.append(f"| {size} MiB | {label} | {statistics.median(values):.2f} s | {max(values):.2f} s "
-                                 f"| {fill} |")
+                                 f"| {middle} | {fill} |")
                 if floors:
                     table.append(f"| {size} MiB | CRIU floor: dump + restore by hand, "
                                  f"{statistics.median(f for f, _ in floors):.2f} s | "
                                  f"{statistics.median(g for _, g in floors):.2f} s | {max(g for _, g in floors):.2f} s "
-                                 "| - |")
-            print("| memory | mode | client gap, median | worst | lazy fill, median |\n|---|---|---|---|---|\n"
+                                 "| - | - |")
+            print("| memory | mode | client gap, median | worst | pause, median | lazy fill, median |\n"
+                  "|---|---|---|---|---|---|\n"
                   + "\n".join(table), flush=True)
             print(f"load average: {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
         finally:
