@@ -17,6 +17,7 @@
     work_dir = "/var/lib/criu-shim/restore"           # where archives are unpacked (private)
     lazy_pages = true           # memory filled in after the process runs (userfaultfd), when CRIU can
     page_daemon = "criu-shim"   # who fills it in: "criu-shim" (our own, faster fill) or "criu" (criu lazy-pages)
+    network_lock = "nftables"   # CRIU's lock of restored connections: "nftables" where CRIU can, or "dump" (the dump's)
 
     [retention]                 # off unless a limit is set (see README: deleting is irreversible)
     dirs = ["/var/lib/kubelet/checkpoints"]   # where checkpoint archives are collected
@@ -96,6 +97,8 @@ class CheckpointDefaults:
 
 PAGE_DAEMON_OURS, PAGE_DAEMON_CRIU = "criu-shim", "criu"
 PAGE_DAEMONS = (PAGE_DAEMON_OURS, PAGE_DAEMON_CRIU)
+NETWORK_LOCK_NFTABLES, NETWORK_LOCK_DUMP = "nftables", "dump"
+NETWORK_LOCKS = (NETWORK_LOCK_NFTABLES, NETWORK_LOCK_DUMP)
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,9 @@ class RestoreSettings:
     lazy_pages: bool = True
     # Which page daemon: criu-shim's own (shim.runtime.page_daemon) or CRIU's `criu lazy-pages`.
     page_daemon: str = PAGE_DAEMON_OURS
+    # CRIU's lock of the connections it restores (shim.restore.network_lock): nftables in CRIU's
+    # own process where its CRIU has it, or "dump": the method the dump recorded (iptables runs).
+    network_lock: str = NETWORK_LOCK_NFTABLES
 
 
 @dataclass(frozen=True)
@@ -293,7 +299,7 @@ def _restore(section: Any, origin: str) -> RestoreSettings:
     if not isinstance(section, dict):
         raise InvalidArgument(f"{origin}: [restore] must be a table")
     unknown = set(section) - {"enabled", "allowed_dirs", "allowed_registries", "work_dir", "lazy_pages",
-                              "page_daemon"}
+                              "page_daemon", "network_lock"}
     if unknown:
         raise InvalidArgument(f"{origin}: unknown keys in [restore]: {', '.join(sorted(unknown))}")
     enabled, lazy = section.get("enabled", False), section.get("lazy_pages", True)
@@ -312,7 +318,10 @@ def _restore(section: Any, origin: str) -> RestoreSettings:
     daemon = section.get("page_daemon", PAGE_DAEMON_OURS)
     if daemon not in PAGE_DAEMONS:
         raise InvalidArgument(f"{origin}: restore.page_daemon must be one of {list(PAGE_DAEMONS)}, got {daemon!r:.40}")
-    return RestoreSettings(enabled, tuple(Path(d) for d in dirs), tuple(registries), Path(work), lazy, daemon)
+    lock = section.get("network_lock", NETWORK_LOCK_NFTABLES)
+    if lock not in NETWORK_LOCKS:
+        raise InvalidArgument(f"{origin}: restore.network_lock must be one of {list(NETWORK_LOCKS)}, got {lock!r:.40}")
+    return RestoreSettings(enabled, tuple(Path(d) for d in dirs), tuple(registries), Path(work), lazy, daemon, lock)
 
 
 def _signing(section: Any, origin: str) -> SigningSettings:

@@ -12,6 +12,7 @@ through pyroute2 (which switches namespace in a child, never in the relay).
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import json
 from pathlib import Path
@@ -82,7 +83,10 @@ def add_planned_addresses(work: Path, netns: Path) -> list[str]:
     # with us, and the relay would take it for its own SIGTERM and stop mid-restore.
     # With this set, the child dies on SIGTERM the default way instead.
     config.disable_mp_signal = True
-    with IPRoute(netns=str(netns)) as ipr:
+    # pyroute2's child looks libc up with ctypes.util.find_library, which runs `ldconfig -p`: a
+    # process start (10-20 ms on the 2-core VM) on every Start. This process's own symbols hold it.
+    libc = ctypes.CDLL(None, use_errno=True)
+    with IPRoute(netns=str(netns), libc=libc) as ipr:
         index = ipr.link_lookup(ifname=INTERFACE)[0]
         present = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
         for ip in ips:

@@ -34,7 +34,7 @@ from shim.api.cri.v1 import api_pb2 as cri
 from shim.checkpoint import options
 from shim.checkpoint.criulog import LOGS
 from shim.cleanup import join, release_at_exit, to_thread_to_end
-from shim.config import PAGE_DAEMON_OURS, Config
+from shim.config import NETWORK_LOCK_NFTABLES, PAGE_DAEMON_OURS, Config
 from shim.containerd import Containerd
 from shim.containerd_images import ContainerdImages
 from shim.errors import FailedPrecondition, ShimError
@@ -43,7 +43,7 @@ from shim.journal import Journal, Operation
 from shim.metrics import record_failure, record_restore, record_restore_stage
 from shim.oci import SEALED_CHECKPOINT
 from shim.peer import Peer
-from shim.restore import lazy, recovery, unseal, unseal_lazy
+from shim.restore import lazy, network_lock, recovery, unseal, unseal_lazy
 from shim.restore.admission import RestoreAdmission
 from shim.restore.audit_trail import RestoreAudits
 from shim.restore.base_image import resolve_base_image
@@ -86,6 +86,7 @@ class Restorer:
         # Created for restore, not yet started: their relays and the relays' pids (bounded).
         self._pending = pending if pending is not None else PendingRestores()
         self._uffd: bool | None = None  # whether CRIU can restore lazily here (probed once)
+        self._nftables: bool | None = None  # whether CRIU can lock restored connections with nftables (probed once)
         self._creating: set[str] = set()  # work dir names of restores inside CreateContainer
         self._reading: dict[Path, int] = {}  # archives CreateContainer reads now, and by how many calls
         self._journal = Journal.in_state_dir(config.state_dir)
@@ -94,10 +95,10 @@ class Restorer:
         self._relays = relays if relays is not None else SparePool(config.restore.work_dir, journal=self._journal.directory)
 
     async def open(self) -> None:
-        """Get ready before the first restore: a spare relay, the CRIU feature probe, old configs gone."""
+        """Get ready before the first restore: a spare relay, the CRIU feature probes, old configs gone."""
         if self._config.restore.enabled:
             await asyncio.to_thread(self._relays.refill)
-            await self._lazy_possible()
+            await asyncio.gather(self._lazy_possible(), self._nftables_lock())
             await self.collect_configs()
 
     async def collect_configs(self) -> list[Path]:
@@ -318,6 +319,8 @@ class Restorer:
         image = await resolve_base_image(self._containerd, archive.config, self._config.restore.allowed_registries)
         check_hostile_spec(archive.spec, request)
         tcp = await self._plan_network(request, work)
+        if tcp is TcpRestore.ESTABLISHED and await self._nftables_lock():
+            await asyncio.to_thread(network_lock.plan, work)
         label = await self._sandbox_label(request.pod_sandbox_id)
         new = restore_request(request, archive, image, work, source_name(source))
         # Where the relay keeps CRIU's logs should the restore fail (the task takes its own along).
@@ -379,6 +382,21 @@ class Restorer:
             if not probe.supported:
                 log.warning("restores are not lazy: CRIU at %s lacks userfaultfd support (%s)", criu, probe.detail)
         return self._uffd
+
+    async def _nftables_lock(self) -> bool:
+        """Restored connections are locked with nftables (shim.restore.network_lock): configured, and CRIU can."""
+        criu = self._config.criu
+        if self._config.restore.network_lock != NETWORK_LOCK_NFTABLES or criu is None:
+            return False
+        if self._nftables is None:
+            from shim.criu import probe_feature
+
+            probe = await asyncio.to_thread(probe_feature, str(criu), "nftables")
+            self._nftables = probe.supported
+            if not probe.supported:
+                log.info("restored TCP connections are locked with iptables: CRIU at %s lacks nftables (%s)",
+                         criu, probe.detail)
+        return self._nftables
 
     async def _plan_network(self, request: cri.CreateContainerRequest, work: Path) -> TcpRestore | None:
         """How TCP comes back (see restore.network), or None."""

@@ -62,6 +62,10 @@ def test_established_connection_carries_on_after_restore_into_a_new_pod(client: 
             total = int(re.findall(r"total=(\d+)", _udp_ping(ip_a, 7000))[-1])
             assert total > int(replies[-1][1])  # the UDP socket came back, sharing the server's state
             assert _network_lock_rules(client, pod_b) == ""  # CRIU unlocked the pod's network
+            # CRIU locked the restored connection with nftables inside its own process (shim.restore.
+            # network_lock): its iptables lock, a process start per rule, leaves `ip filter` and
+            # `ip6 filter` tables behind through iptables-nft.
+            assert _tables(client, pod_b) == []
 
 
 def _network_lock_rules(client: Cri, pod: Pod) -> str:

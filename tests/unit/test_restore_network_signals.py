@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 from pathlib import Path
 from types import TracebackType
@@ -18,8 +19,9 @@ class FakeIPRoute:
 
     made: list[dict[str, Any]] = []
 
-    def __init__(self, netns: str) -> None:
-        FakeIPRoute.made.append({"netns": netns, "disable_mp_signal": pyroute2.config.disable_mp_signal})
+    def __init__(self, netns: str, libc: ctypes.CDLL | None = None) -> None:
+        FakeIPRoute.made.append({"netns": netns, "disable_mp_signal": pyroute2.config.disable_mp_signal,
+                                 "libc": libc})
         self.added: list[str] = []
 
     def __enter__(self) -> FakeIPRoute:
@@ -47,4 +49,16 @@ def test_pyroute2_child_dies_on_sigterm_the_default_way(tmp_path: Path, monkeypa
     FakeIPRoute.made.clear()
     (tmp_path / network.PLAN_FILE).write_text(json.dumps({"add": ["10.0.0.7"]}))
     assert network.add_planned_addresses(tmp_path, Path("/proc/1/ns/net")) == ["10.0.0.7"]
-    assert FakeIPRoute.made == [{"netns": "/proc/1/ns/net", "disable_mp_signal": True}]
+    assert [{k: v for k, v in made.items() if k != "libc"} for made in FakeIPRoute.made] == [
+        {"netns": "/proc/1/ns/net", "disable_mp_signal": True}]
+
+
+def test_pyroute2_child_is_handed_libc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without it, pyroute2's namespace child looks libc up through ctypes.util.find_library,
+    # which runs `ldconfig -p`: a process start on every restore's Start.
+    monkeypatch.setattr(pyroute2, "IPRoute", FakeIPRoute)
+    FakeIPRoute.made.clear()
+    (tmp_path / network.PLAN_FILE).write_text(json.dumps({"add": ["10.0.0.7"]}))
+    network.add_planned_addresses(tmp_path, Path("/proc/1/ns/net"))
+    libc = FakeIPRoute.made[0]["libc"]
+    assert isinstance(libc, ctypes.CDLL) and callable(libc.setns)
