@@ -8,6 +8,7 @@ into domain errors here, at this one seam.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -80,9 +81,16 @@ class Containerd:
         """IP -> "namespace/name" of every ready pod (an address must not be taken from one)."""
         ready = cri.PodSandboxFilter(state=cri.PodSandboxStateValue(state=cri.SANDBOX_READY))
         pods = await _call(self._cri.ListPodSandbox(cri.ListPodSandboxRequest(filter=ready)))
+        # Asked all at once: a restore of TCP connections asks inside CreateContainer, which a lazy
+        # migration's pause waits for, and one round trip after another grows with the node's pods.
+        try:
+            async with asyncio.TaskGroup() as asking:
+                statuses = [(pod, asking.create_task(self.sandbox_status(pod.id))) for pod in pods.items]
+        except* ShimError as failed:  # as one by one would: the first failure, as itself
+            raise failed.exceptions[0] from None
         owners: dict[str, str] = {}
-        for pod in pods.items:
-            status = await self.sandbox_status(pod.id)
+        for pod, asked in statuses:
+            status = asked.result()
             for ip in (status.network.ip, *(i.ip for i in status.network.additional_ips)):
                 if ip:
                     owners[ip] = f"{pod.metadata.namespace}/{pod.metadata.name}"
