@@ -25,6 +25,7 @@ import grpc
 import pytest
 
 from shim import faults
+from shim.annotations import COMPRESSION
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.checkpoint.location import STAGING_PREFIX
 from shim.checkpoint.rollforward import MARKER
@@ -348,15 +349,19 @@ def _criu_has_seized(criu: int) -> bool:
 
 
 STOP_AFTER = {"checkpoint.criu-shim.io/stop-after": "true"}
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
+@pytest.mark.parametrize("zstd", [False, True], ids=["tar", "zstd"])
 def test_proxy_killed_after_the_gate_opened_rolls_the_archive_forward(node: Node, direct: Cri, client: Cri,
-                                                                      proxy: PrivateProxy) -> None:
+                                                                      proxy: PrivateProxy, zstd: bool) -> None:
     """Stop-after, criu-shim killed once CRIU's gate opened: CRIU ends the container, and only recovery's
-    roll-forward keeps the workload, as the archive asked for, restorable with its state."""
+    roll-forward keeps the workload, as the archive asked for, restorable with its state (a zstd archive:
+    continued with a new frame)."""
     archive = node.dir / "checkpoints" / f"rollforward-{uuid.uuid4().hex[:8]}.tar"
+    annotations = {**STOP_AFTER, COMPRESSION: "zstd"} if zstd else STOP_AFTER
     try:
-        with direct.pod(STOP_AFTER) as pod:
+        with direct.pod(annotations) as pod:
             ctr = direct.container(pod, COUNTER, {"MEM_MB": "32", "INTERVAL_MS": "50"})
             wait_for(lambda: direct.count(ctr) >= 20)
             proxy.start(faults.Point.CHECKPOINT_COMMITTED)
@@ -376,6 +381,8 @@ def test_proxy_killed_after_the_gate_opened_rolls_the_archive_forward(node: Node
                      timeout=60)
         facts = archive.stat()
         assert stat.S_IMODE(facts.st_mode) == 0o600 and facts.st_uid == 0
+        with archive.open("rb") as f:
+            assert (f.read(4) == ZSTD_MAGIC) == zstd
         recoveries = [a for a in proxy.audit_lines() if a["action"] == "recover-checkpoint"]
         assert recoveries and recoveries[-1]["container_id"] == ctr, proxy.audit_lines()
         assert "rolled forward: archive" in str(recoveries[-1]["result"]), recoveries[-1]

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from shim import signing
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.checkpoint import recovery, rollforward
 from shim.checkpoint.archive import Member, TarWriter, add_members
@@ -236,3 +239,20 @@ def test_recovery_of_a_failed_dump_says_so_checks_the_container_and_leaves_nothi
     assert "containerd reports the container CONTAINER_RUNNING" in done
     assert not location.exists() and not staging.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_recovery_signs_the_archive_it_completes_as_the_node_signs(tmp_path: Path) -> None:
+    staging, location, _ = _staging(tmp_path)
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_file = tmp_path / "signing.key"
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_file.chmod(0o600)
+    facts = {recovery.CONTAINER: CONTAINER, recovery.LOCATION: str(location), recovery.STAGING: str(staging)}
+    done = asyncio.run(recovery.undo(Containerd(cri.CONTAINER_EXITED), facts,  # type: ignore[arg-type]
+                                     signing_key=key_file))
+    assert done[0].endswith(f", signed ({signing.signature_path(location)})"), done
+    public = tmp_path / "signing.pub"
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    signing.check_archive(location, signing.load_trusted_keys([public]), True, "restore of x")  # verifies
