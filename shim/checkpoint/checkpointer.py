@@ -9,8 +9,10 @@ one instant, the container is stopped no longer than CRIU needs, and any
 failure of ours before CRIU's last image makes the dump fail with the
 container running (a stop-after one too). (Where that cannot be done, no FIFOs
 or no cgroup, the container is paused through containerd around the dump
-instead.) Only then, with the container running again (or, stop-after, ended
-by CRIU), is the archive written. Every step
+instead.) Only then, with the container running again, is the archive written;
+a stop-after one is written before CRIU's gate opens but for what CRIU writes
+last, appended once CRIU has ended the container (`rollforward`: recovery
+completes it should criu-shim die in between). Every step
 that acquires something registers its undo on an AsyncExitStack, so a failure
 or a deadline at any point leaves the container running and thawed and no
 file behind.
