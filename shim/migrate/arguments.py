@@ -75,7 +75,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     migrate.add_argument("--runc", type=Path, metavar="PATH", help="lazy: the runc of containerd's runc shim "
                          "(default: runc on PATH, else the one beside the configured CRIU)")
     migrate.add_argument("--no-hold", dest="hold", action="store_false",
-                         help="eager/lazy with connections: the target claims the pod IPs only after the restore "
+                         help="with connections: the target claims the pod IPs only after the restore "
                          "and holds no packets (peers wait for their retransmission timer; for comparison)")
     _common(migrate)
 

@@ -11,7 +11,7 @@ One connection is one migration, in two steps:
    created from it in the prepared pod and started through this node's criu-shim proxy,
    then the address hook claims the moved IPs (only now: a peer's packet reaching the pod
    before its sockets are back would be answered with a reset).
-   With a hold (eager and lazy, the default: hold.py), the source asks for the switch-over
+   With a hold (every mode, the default: hold.py), the source asks for the switch-over
    before it stops the container ("switch"): the peers' packets to the moving IPs are held
    here from then on, the IPs are claimed at once, and the held packets go on to the restored
    pod once it runs; on any other end they are dropped and the claim is released.
@@ -203,7 +203,7 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
                 else:  # registry mode: the checkpoint image is pulled, not sent
                     reply = await registry_restore.restore(
                         runtime, migration.pod, migration.name, message, settings.restore_timeout,
-                        functools.partial(_claim, settings, addresses=migration.addresses),
+                        functools.partial(_claim_or_let_go, settings, migration),
                         settings.allowed_registries)
             watcher.add(str(reply["container_id"]), migration.addresses)  # restored and claimed
             await channel.send(writer, {"ok": True, **reply})
@@ -255,7 +255,7 @@ async def _preflight(settings: ReceiverSettings, runtime: Runtime, message: dict
         _check_addresses_can_move(settings, pod, addresses, await runtime.live_pod_ips())
         assert settings.address_hook is not None  # checked just above
         await hook.run(settings.address_hook, "check")
-    early = bool(addresses) and message.get("hold") is True and mode in ("eager", "lazy")
+    early = bool(addresses) and message.get("hold") is True
     if early:
         await hold.sweep()  # before this migration's rules: a dead receiver's for the same IPs
     return _Migration(pod, name, addresses, sandbox=await runtime.sandbox_config(pod.id), early=early)
@@ -359,6 +359,15 @@ async def _claim(settings: ReceiverSettings, pod: PodView, addresses: list[str])
         via = _via(pod, ip)
         assert via is not None  # checked at preflight; the pod's IPs do not change
         await hook.run(settings.address_hook, "claim", ip, via)
+
+
+async def _claim_or_let_go(settings: ReceiverSettings, migration: _Migration, pod: PodView) -> None:
+    """Registry mode's claim once the container runs: claimed at "switch", the held packets go on now."""
+    if migration.packet_hold is None:
+        await _claim(settings, pod, migration.addresses)
+        return
+    await migration.packet_hold.settle(accept=True)
+    migration.packet_hold, migration.claimed = None, False
 
 
 async def _switch(settings: ReceiverSettings, migration: _Migration) -> None:

@@ -12,7 +12,8 @@ The order of `source.py`, with the registry in the archive's place:
    first, manifest last, signed and sealed as this node's config says), pinned by its digest;
 4. the target's receiver is asked to restore `REF@DIGEST`: it pulls it the kubelet's way (CRI
    PullImage through its criu-shim) and creates the container with that image
-   (`registry_restore.py`), starts it and claims the pod IPs; here the pod IPs are released and
+   (`registry_restore.py`), starts it and claims the pod IPs (with the hold, the default, it claimed
+   them right before 2 and lets the packets it held go on now); here the pod IPs are released and
    the local archive deleted, as in eager mode. The image stays in the registry (it is the
    operator's reference; a later restore or an audit may want it).
 
@@ -33,7 +34,7 @@ from shim import export, signing
 from shim.errors import InvalidArgument, ShimError, Upstream
 from shim.image_reference import Reference
 from shim.migrate import channel, source
-from shim.migrate.runtime import ContainerView, Runtime
+from shim.migrate.runtime import ContainerView, PodView, Runtime
 from shim.registry import RegistryClient
 from shim.sealed import Keyring
 
@@ -101,9 +102,21 @@ class RegistryMigrated(source.Migrated):
 
 
 async def migrate(request: source.MigrateRequest, target: ImageTarget, runtime: Runtime, container: ContainerView,
-                  addresses: list[str], reader: Any, writer: Any, ready: dict[str, Any]) -> RegistryMigrated:
+                  addresses: list[str], reader: Any, writer: Any, ready: dict[str, Any],
+                  pod: PodView) -> RegistryMigrated:
     """Steps 2-4 (module docstring), on a channel whose preflight the target has answered."""
+    await source.switch(request, pod, addresses, ready, reader, writer)  # the target holds from here on
     started = time.monotonic()
+    try:
+        return await _migrate(request, target, runtime, container, addresses, reader, writer, ready, started)
+    except ShimError:
+        await source.claim_back(request, pod, addresses, ready)  # the target released them
+        raise
+
+
+async def _migrate(request: source.MigrateRequest, target: ImageTarget, runtime: Runtime, container: ContainerView,
+                   addresses: list[str], reader: Any, writer: Any, ready: dict[str, Any],
+                   started: float) -> RegistryMigrated:
     archive = request.checkpoint or await source._checkpoint(request, runtime, container, writer)
     checkpointed = time.monotonic()
     ref = target.for_container(container.id)

@@ -62,7 +62,7 @@ class MigrateRequest:
     mode: str = "eager"  # or "lazy": memory follows from the source after the restore (shim.migrate.lazy)
     runc: Path | None = None  # lazy: the runc of containerd's runc shim (default: PATH, else beside CRIU)
     image: ImageTarget | None = None  # mode "registry": where the checkpoint image goes (registry_mode.py)
-    hold: bool = True  # eager/lazy: the target holds the peers' packets from the switch-over (receiver.py, hold.py)
+    hold: bool = True  # with connections, any mode: the target holds the peers' packets from the switch-over (receiver.py, hold.py)
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ async def _migrate(request: MigrateRequest, runtime: Runtime) -> Migrated:
                                                    writer, ready))
         if request.image is not None:
             return await registry_mode.migrate(request, request.image, runtime, container, addresses, reader,
-                                               writer, ready)
+                                               writer, ready, pod)
         await switch(request, pod, addresses, ready, reader, writer)
         started = time.monotonic()
         try:

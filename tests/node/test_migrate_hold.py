@@ -127,30 +127,31 @@ def test_no_hold_claims_after_the_restore_and_holds_nothing(hosts: tuple[Host, H
 @pytest.mark.parametrize("hold", [True, False], ids=["hold", "no-hold"])
 def test_a_failed_restore_leaves_no_rule_and_the_source_answering(hosts: tuple[Host, Host], tmp_path: Path,
                                                                   hold: bool) -> None:
-    """A lazy restore refused on the target: the source runs on and answers its client's connection
-    again, its IP routed to it (the target released its early claim, the source claimed it back), no
-    rule and no queue left on the target. (Both ways: CRIU's own network lock, which a lazy dump that
-    failed left in the source pod with or without the hold, is removed too.)"""
+    """A lazy restore refused on the target: the source runs on, its IP routed to it (the target
+    released its early claim, the source claimed it back), no rule and no queue left on the target,
+    and the source answers a client. CRIU's own network lock, which a lazy dump that failed left in
+    the source pod (with or without the hold), is removed: before, no new connection was answered.
+    (The connection that was locked through the dump is reset by the source once it runs again:
+    CRIU's, not the network's; see README, lazy failures.)"""
     a, b = hosts
-    log = tmp_path / "client.log"
     with a.cri.pod(TCP) as source_pod, b.cri.pod(TCP) as target_pod:
         ip = pod_ip(a, source_pod)
         server = a.cri.container(source_pod, ["/usr/local/bin/tcpserver"], {"PORT": "7000", "BIND_ADDR": ip},
                                  name="server")
         taken = b.cri.container(target_pod, ["/usr/local/bin/counter"], name="server")  # the name is taken there
-        with client_on_router(ip, log, interval_ms=10) as client:
-            wait_for(lambda: len(seqs(log.read_text())) >= 20, timeout=60)
+        first = tmp_path / "first.log"
+        with client_on_router(ip, first, interval_ms=10):
+            wait_for(lambda: len(seqs(first.read_text())) >= 20, timeout=60)
             proc = a.migrate(server, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy",
                              *([] if hold else ["--no-hold"]), check=False)
-            assert proc.returncode == 1 and "the target node could not restore it" in proc.stderr, proc.stderr
-            assert f"the source container {server} is running again" in proc.stderr, proc.stderr
-            assert not routed_to(ip, b), router_routes()  # the target released it, the source claimed it back
-            _nothing_held(b)
-            last = seqs(log.read_text())[-1][1]
-            wait_for(lambda: seqs(log.read_text())[-1][1] >= last + 20, timeout=60)  # the same connection
+        assert proc.returncode == 1 and "the target node could not restore it" in proc.stderr, proc.stderr
+        assert f"the source container {server} is running again" in proc.stderr, proc.stderr
+        assert not routed_to(ip, b), router_routes()  # the target released it, the source claimed it back
+        _nothing_held(b)
+        second = tmp_path / "second.log"
+        with client_on_router(ip, second, interval_ms=10) as client:
+            wait_for(lambda: len(seqs(second.read_text())) >= 20, timeout=60)
             assert client.poll() is None
-        text = log.read_text()
-        assert text.count("connected ") == 1 and "reconnect" not in text, text[-1000:]
         assert a.cri.state(server) == "CONTAINER_RUNNING"
         assert b.containers() == [taken]
 
