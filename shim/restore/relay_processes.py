@@ -145,12 +145,18 @@ class SparePool:
         self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             # Until it has a restore (and its own log), what it says goes to the proxy's log.
-            return subprocess.Popen(
+            spare = subprocess.Popen(
                 relay_argv(RelayCommand.SPARE, str(self._directory), str(self._work_root), *_optional(self._journal)),
                 stdin=subprocess.PIPE, start_new_session=True)
         except OSError as exc:  # restores still work, one interpreter start-up slower
             log.warning("could not start a spare restore relay: %s", exc)
             return None
+        # Idle priority from its first instruction, not only once its interpreter is up (the spare
+        # sets it itself then): a refill runs beside the restore that took the last spare, and the
+        # interpreter's start-up, 50-60 ms of CPU here, would compete with that restore for the cores.
+        with contextlib.suppress(OSError):  # gone already: the pool finds out when it assigns it
+            os.sched_setscheduler(spare.pid, os.SCHED_IDLE, os.sched_param(0))
+        return spare
 
     def close(self) -> None:
         """Let the spare go (it exits when its pipe closes); reap its launcher."""

@@ -421,3 +421,16 @@ def test_a_spare_whose_page_daemon_cannot_start_still_serves_and_logs_why(env: S
     # Everything goes but the log: it holds a warning, so it is kept for whoever looks into it.
     assert relay.log_file.exists() and not relay.socket.exists() and not relay.pid_file.exists()
     assert not work.exists()
+
+
+def test_a_spare_starts_at_idle_priority(env: SpareRelayEnv) -> None:
+    # Its interpreter's start-up runs beside the restore that took the last spare: at idle
+    # priority from the start, not only once the spare's own code runs.
+    pool = env.pool()
+    pool.refill()
+    launchers = [pid for pid in env.processes("shim.runtime relay-spare") if parent(pid) == os.getpid()]
+    assert launchers and all(os.sched_getscheduler(pid) == os.SCHED_IDLE for pid in launchers)
+    spare = spare_ready(env, pool)
+    assert os.sched_getscheduler(spare) == os.SCHED_IDLE
+    pool.close()
+    env.wait_gone(spare)
