@@ -75,6 +75,8 @@ def unlock_script() -> str:
 
 
 CRIU_CHAIN = "CRIU"  # CRIU's own network lock (criu/net.c): accept its mark, drop the rest, jumped to from INPUT/OUTPUT
+# ... and with `network-lock nftables`, a table of its own: "inet CRIU-<run id>" (criu/netfilter.c).
+CRIU_TABLE_PREFIX = "CRIU-"
 
 
 def criu_unlock_script(ruleset: object) -> str:
@@ -82,7 +84,8 @@ def criu_unlock_script(ruleset: object) -> str:
 
     A lazy dump that fails once CRIU serves pages ends without CRIU's unlock: its chain stays in the
     pod, dropping every packet but its own, and the source that runs on is unreachable (seen after a
-    refused lazy restore). Only CRIU's chain and the rules jumping to it go."""
+    refused lazy restore). Only CRIU's chain and the rules jumping to it go, and the table CRIU
+    makes instead with `network-lock nftables` (inet CRIU-<run id>)."""
     items = ruleset.get("nftables", []) if isinstance(ruleset, dict) else []
     jumps: list[str] = []
     chains: list[str] = []
@@ -96,7 +99,18 @@ def criu_unlock_script(ruleset: object) -> str:
         if isinstance(chain, dict) and chain.get("name") == CRIU_CHAIN:  # nft deletes only an empty chain
             where = f"{chain.get('family')} {chain.get('table')} {CRIU_CHAIN}"
             chains += [f"flush chain {where}", f"delete chain {where}"]
+        table = item.get("table") if isinstance(item, dict) else None
+        if isinstance(table, dict) and table.get("family") == "inet" and _criu_table(table.get("name")):
+            chains.append(f"delete table inet {table['name']}")  # its chains and rules go with it
     return "".join(f"{line}\n" for line in jumps + chains)
+
+
+def _criu_table(name: object) -> bool:
+    """CRIU's nftables lock table: CRIU- and its run id (a UUID's characters: nothing to quote)."""
+    if not isinstance(name, str) or not name.startswith(CRIU_TABLE_PREFIX):
+        return False
+    run_id = name.removeprefix(CRIU_TABLE_PREFIX)
+    return 0 < len(run_id) <= 64 and all(c.isascii() and (c.isalnum() or c == "-") for c in run_id)
 
 
 async def remove_criu_lock(netns: Path) -> None:

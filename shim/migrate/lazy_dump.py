@@ -50,6 +50,10 @@ RUNC_ROOT = Path("/run/containerd/runc") / NAMESPACE
 READY_TIMEOUT = 120.0
 FREEZE_TIMEOUT = 10.0  # CRIU's own default for freezing (opts.timeout)
 CRIU_WORK = "criu-work"  # not the proxy's "work": CRIU still writes its log there while serving pages
+# CRIU's options for the dump that runc has no flag for, in a config file CRIU reads from its
+# environment (CRIU_CONFIG_FILE, read in swrk mode too, before the options runc sends).
+CRIU_DUMP_CONFIG = "criu-dump.conf"
+_nftables: dict[str, bool] = {}  # CRIU binary -> can it lock with nftables (probed once per process)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class LazyDump:
         _sweep(self.staging.parent)
         self.staging.mkdir(mode=0o700)
         stack.callback(shutil.rmtree, self.staging, ignore_errors=True)
+        env = await self._criu_environment()  # before the lock: its probe is not part of the pause
         netns = self.source.target.netns
         self.stamps["start"] = time.monotonic()
         self.started_wall = time.time()  # to line the stages up with a client's wall-clock log
@@ -118,7 +123,7 @@ class LazyDump:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self._argv(write_end), pass_fds=(write_end,), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env)
         finally:
             os.close(write_end)
         self.stamps["runc"] = time.monotonic()
@@ -180,6 +185,25 @@ class LazyDump:
                 raise FailedPrecondition(f"the source container {self.container_id} could not be thawed after "
                                          f"the lazy dump: {exc}; thaw it: echo THAWED > {frozen}/freezer.state "
                                          "(cgroup v1) or echo 0 > cgroup.freeze (v2)") from None
+
+    async def _criu_environment(self) -> dict[str, str]:
+        """runc's environment, with CRIU's dump config where there is something to say in it.
+
+        With established connections, CRIU locks the network for the dump. Its default method,
+        iptables, starts iptables-restore runs inside the pause (a CRIU dump of one connection here:
+        0.16 s with it, 0.09 s with nftables, CRIU's lock then in its own process). The method is
+        recorded in the images, so the target's restore locks with nftables too. Our own TCP lock
+        holds the pod whichever CRIU uses; `network-lock skip` would leave the restore unlocked.
+        """
+        env = dict(os.environ)
+        if not self.source.target.options.tcp_established or not await _criu_has_nftables(self._criu):
+            return env
+        config = self.staging / CRIU_DUMP_CONFIG
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write("network-lock nftables\n")
+        env["CRIU_CONFIG_FILE"] = str(config)
+        return env
 
     def _argv(self, status_fd: int) -> list[str]:
         opts: CheckpointOptions = self.source.target.options
@@ -250,6 +274,16 @@ class LazyDump:
             await undo(netlock.run_nft(netns, netlock.unlock_script(), missing_ok=True), exc, "remove the TCP lock")
             await undo(netlock.remove_criu_lock(netns), exc, "remove CRIU's network lock")
         return False
+
+
+async def _criu_has_nftables(criu: Path | None) -> bool:
+    """`criu check --feature nftables` for the CRIU runc will run (its --criu, else criu on PATH)."""
+    binary = str(criu) if criu is not None else (shutil.which("criu") or "criu")
+    if binary not in _nftables:
+        from shim.criu import probe_feature
+
+        _nftables[binary] = (await asyncio.to_thread(probe_feature, binary, "nftables")).supported
+    return _nftables[binary]
 
 
 def _freezer_of(spec: bytes) -> Path | None:

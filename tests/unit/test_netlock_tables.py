@@ -37,3 +37,18 @@ def test_a_table_with_a_rule_stays() -> None:
 def test_garbage_listings_name_nothing() -> None:
     for garbage in (None, [], "x", {"nftables": "x"}, {"nftables": [1, "a", {"table": "x"}, {"rule": None}]}, {}):
         assert netlock.empty_new_tables(garbage, before=set()) == []
+
+
+def test_criu_s_nftables_lock_table_is_removed_and_nothing_else() -> None:
+    """With `network-lock nftables` CRIU's lock is a table of its own, inet CRIU-<run id>."""
+    ruleset = {"nftables": [
+        {"table": {"family": "inet", "name": "CRIU-8f14e45f-ceea-467f-a9b8-8b1f6e3c1d2a"}},
+        {"chain": {"family": "inet", "table": "CRIU-8f14e45f-ceea-467f-a9b8-8b1f6e3c1d2a", "name": "input"}},
+        {"table": {"family": "inet", "name": "criu_shim_lock"}},  # ours: its own unlock removes it
+        {"table": {"family": "ip", "name": "CRIU-1234"}},  # not the family CRIU uses: not CRIU's
+        {"table": {"family": "inet", "name": "CRIU-"}},
+        {"table": {"family": "inet", "name": "CRIU-x; delete table inet criu_shim_lock"}},
+        {"table": {"family": "inet", "name": ["CRIU-1"]}},
+    ]}
+    assert netlock.criu_unlock_script(ruleset).splitlines() == [
+        "delete table inet CRIU-8f14e45f-ceea-467f-a9b8-8b1f6e3c1d2a"]

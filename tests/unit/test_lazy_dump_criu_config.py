@@ -1,0 +1,63 @@
+"""The lazy dump's CRIU config (shim.migrate.lazy_dump): CRIU's own network lock for the dump is
+nftables wherever connections are dumped and the CRIU runc runs can do it, so no iptables process
+starts inside the pause; elsewhere runc's environment is left as it is."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from shim.migrate import lazy_dump
+from shim.migrate.lazy_dump import CRIU_DUMP_CONFIG, LazyDump
+
+
+def _criu(tmp_path: Path, nftables: bool) -> Path:
+    """A CRIU that answers `check --feature nftables` as told (and records that it was asked)."""
+    criu = tmp_path / f"criu-{nftables}"
+    criu.write_text(f"#!/bin/sh\necho \"$*\" >> {tmp_path}/asked\n"
+                    f"[ \"$*\" = 'check --feature nftables' ] && exit {0 if nftables else 1}\nexit 2\n")
+    criu.chmod(0o700)
+    return criu
+
+
+def _dump(tmp_path: Path, criu: Path, tcp: bool, name: str = "staging") -> LazyDump:
+    source = SimpleNamespace(target=SimpleNamespace(options=SimpleNamespace(tcp_established=tcp)))
+    staging = tmp_path / name
+    staging.mkdir(mode=0o700)
+    return LazyDump(source, staging, Path("/bin/false"), criu)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def _no_cached_probes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lazy_dump, "_nftables", {})
+
+
+def test_dumped_connections_are_locked_by_criu_with_nftables_when_it_can(tmp_path: Path) -> None:
+    dump = _dump(tmp_path, _criu(tmp_path, nftables=True), tcp=True)
+    env = asyncio.run(dump._criu_environment())
+    config = Path(env["CRIU_CONFIG_FILE"])
+    assert config == dump.staging / CRIU_DUMP_CONFIG
+    assert config.read_text() == "network-lock nftables\n"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    second = _dump(tmp_path, _criu(tmp_path, nftables=True), tcp=True, name="second")
+    assert "CRIU_CONFIG_FILE" in asyncio.run(second._criu_environment())
+    assert (tmp_path / "asked").read_text().count("check --feature nftables") == 1  # probed once
+
+
+@pytest.mark.parametrize("nftables, tcp", [(False, True), (True, False)])
+def test_otherwise_runc_s_environment_is_left_alone(tmp_path: Path, nftables: bool, tcp: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CRIU_CONFIG_FILE", raising=False)
+    dump = _dump(tmp_path, _criu(tmp_path, nftables), tcp)
+    env = asyncio.run(dump._criu_environment())
+    assert "CRIU_CONFIG_FILE" not in env and not (dump.staging / CRIU_DUMP_CONFIG).exists()
+
+
+def test_a_criu_that_cannot_run_means_no_nftables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CRIU_CONFIG_FILE", raising=False)
+    dump = _dump(tmp_path, tmp_path / "no-such-criu", tcp=True)
+    assert "CRIU_CONFIG_FILE" not in asyncio.run(dump._criu_environment())
