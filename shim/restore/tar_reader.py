@@ -97,6 +97,7 @@ class TarInput:
         self._stack = contextlib.ExitStack()
         self._fd = -1
         self._tar: _TarFile | None = None
+        self._stream: IO[bytes] | gzip.GzipFile | _Bounded | None = None
         self._compressed = False
         self.compression = "none"  # "gzip", "zstd" (by the file's magic)
         self._errors: tuple[type[BaseException], ...] = (tarfile.TarError, _CorruptTar, EOFError,
@@ -141,6 +142,7 @@ class TarInput:
         self._compressed = stream is not raw
         if self._compressed and self._max_stream is not None:
             stream = _Bounded(stream, self._max_stream, self._label)
+        self._stream = stream
         with self._translated():
             # Random access for a plain tar (member data skipped by seeking); a stream otherwise.
             self._tar = self._stack.enter_context(_TarFile.open(
@@ -153,8 +155,24 @@ class TarInput:
             with self._translated():
                 member = self._tar.next()
             if member is None:
+                self._drain()
                 return
             yield member
+
+    def _drain(self) -> None:
+        """Read a compressed stream to its end once the tar has ended.
+
+        gzip's CRC and zstd's frame checksum sit after the data and are only checked when read: a
+        byte flipped inside a member's data (an incompressible, stored block) decompresses without
+        error, and the tar's end-of-archive blocks come before the last frame's checksum. Read to
+        the end, the damage is found (what follows the tar's end is its padding, within the
+        stream's bound).
+        """
+        if not self._compressed or self._stream is None:
+            return
+        with self._translated():
+            while self._stream.read(_READ_CHUNK):
+                pass
 
     @property
     def compressed(self) -> bool:
