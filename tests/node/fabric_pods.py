@@ -206,6 +206,21 @@ def slow_link(host: Host, rate: str = "40mbit") -> Iterator[None]:
         subprocess.run([*tc, "del", "dev", host.router_link, "root"], capture_output=True)
 
 
+PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
+
+
+@contextlib.contextmanager
+def pipe_max_size(value: int) -> Iterator[None]:
+    """This machine's root lacks CAP_SYS_RESOURCE: CRIU's lazy page server needs pipes over the
+    default 1 MiB (fs.pipe-max-size raised for the block, put back after)."""
+    before = PIPE_MAX_SIZE.read_text()
+    PIPE_MAX_SIZE.write_text(str(max(value, int(before))))
+    try:
+        yield
+    finally:
+        PIPE_MAX_SIZE.write_text(before)
+
+
 def kept_checkpoint(stderr: str) -> Path:
     """The archive a failed migration names as kept: there, 0600."""
     match = re.search(r"its checkpoint is kept at (\S+):", stderr)

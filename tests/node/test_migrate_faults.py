@@ -27,7 +27,16 @@ from shim import faults
 from shim.node import fabric, local, procs
 from shim.node.tools import tools_for
 from tests.node import leaks
-from tests.node.fabric_pods import FABRIC, REPO, STOP_AFTER, Host, fabric_hosts, kept_checkpoint, slow_link
+from tests.node.fabric_pods import (
+    FABRIC,
+    REPO,
+    STOP_AFTER,
+    Host,
+    fabric_hosts,
+    kept_checkpoint,
+    pipe_max_size,
+    slow_link,
+)
 from tests.node.pods import Pod, wait_for
 
 pytestmark = pytest.mark.node
@@ -253,6 +262,32 @@ def test_target_containerd_restarted_mid_transfer(hosts: tuple[Host, Host]) -> N
         assert proc.returncode == 0, err
         assert "migrated to container" in out
         _arrived(b, target, 10)
+
+
+def test_target_containerd_restarted_mid_lazy_fill_is_survived(hosts: tuple[Host, Host]) -> None:
+    """A lazy migration: containerd on the target stops and starts again while the memory is still
+    being pulled from the source. The restored task's relay and page daemon outlive it like a shim,
+    the fill completes, and the container keeps running with every page right (the counter checks a
+    pattern in every page on every tick and exits 70 on a wrong one)."""
+    a, b = hosts
+    with pipe_max_size(4 << 20), _nothing_left(a, b), _counter(a, mem_mb=128) as (_, ctr), b.cri.pod() as target:
+        with slow_link(b, "40mbit"):  # 128 MiB at 40 Mbit/s: about 27 s of fill to restart containerd in
+            proc = _migrating(a, b, ctr, target, "--mode", "lazy")
+            try:
+                wait_for(lambda: bool(b.containers()) and b.cri.state(b.containers()[0]) == "CONTAINER_RUNNING",
+                         timeout=120)
+                assert proc.poll() is None, "the fill ended before containerd could be restarted"
+                with _stopped(b, "containerd", lambda: _start_containerd(b, VERSIONS[1])):
+                    pass
+                out, err = proc.communicate(timeout=300)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
+        assert proc.returncode == 0, err
+        assert "served lazily" in out, out
+        _arrived(b, target, 10)
+        assert a.cri.state(ctr) == "CONTAINER_EXITED"
 
 
 def test_target_containerd_down_at_restore_keeps_the_checkpoint_and_the_retry_works(

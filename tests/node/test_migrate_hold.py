@@ -30,13 +30,13 @@ from tests.node.fabric_pods import (
     fabric_hosts,
     kept_checkpoint,
     largest_gap,
+    pipe_max_size,
     pod_ip,
     router_routes,
     seqs,
     slow_link,
 )
 from tests.node.pods import wait_for
-from tests.node.test_migrate_lazy import pipe_max_size
 
 pytestmark = pytest.mark.node
 

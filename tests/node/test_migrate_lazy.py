@@ -24,6 +24,7 @@ from shim.api.cri.v1 import api_pb2 as cri
 from shim.checkpoint.netlock import TABLE
 from shim.handoff import LAZY_WORK, RESTORE_DIR
 from tests.node.fabric_pods import (
+    PIPE_MAX_SIZE,
     REPO,
     STOP_AFTER,
     TCP,
@@ -32,6 +33,7 @@ from tests.node.fabric_pods import (
     fabric_hosts,
     largest_gap,
     page_daemon,
+    pipe_max_size,
     pod_ip,
     router_routes,
     seqs,
@@ -40,20 +42,6 @@ from tests.node.fabric_pods import (
 from tests.node.pods import wait_for
 
 pytestmark = pytest.mark.node
-
-
-PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
-
-
-@contextlib.contextmanager
-def pipe_max_size(value: int) -> Iterator[None]:
-    """This machine's root lacks CAP_SYS_RESOURCE: CRIU's page server needs pipes over the default 1 MiB."""
-    before = PIPE_MAX_SIZE.read_text()
-    PIPE_MAX_SIZE.write_text(str(max(value, int(before))))
-    try:
-        yield
-    finally:
-        PIPE_MAX_SIZE.write_text(before)
 
 
 # Node B on containerd 1.7, then on 2.4 (its restore goes through criu-shim's handler the same way).
