@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import socket
 import struct
 from dataclasses import dataclass
@@ -79,6 +80,17 @@ CRIU_CHAIN = "CRIU"  # CRIU's own network lock (criu/net.c): accept its mark, dr
 CRIU_TABLE_PREFIX = "CRIU-"
 
 
+# What may go into an nft script we write from a listing: a pod with CAP_NET_ADMIN names its own
+# tables and chains, and the kernel takes any bytes there (a newline, then `include "/etc/shadow"`).
+_FAMILIES = frozenset({"ip", "ip6", "inet", "arp", "bridge", "netdev"})
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _safe(family: object, *names: object) -> bool:
+    """A family nft knows and names of plain characters only: safe to write into an nft script."""
+    return family in _FAMILIES and all(isinstance(n, str) and _NAME.fullmatch(n) for n in names)
+
+
 def criu_unlock_script(ruleset: object) -> str:
     """From `nft -j list ruleset`: deletions of CRIU's own lock (the jumps to its chain, then the chain).
 
@@ -92,12 +104,13 @@ def criu_unlock_script(ruleset: object) -> str:
     for item in items if isinstance(items, list) else []:
         rule = item.get("rule") if isinstance(item, dict) else None
         chain = item.get("chain") if isinstance(item, dict) else None
-        if isinstance(rule, dict) and any(isinstance(e, dict) and isinstance(e.get("jump"), dict)
-                                          and e["jump"].get("target") == CRIU_CHAIN for e in rule.get("expr", [])):
-            jumps.append(f"delete rule {rule.get('family')} {rule.get('table')} {rule.get('chain')} "
-                         f"handle {int(rule.get('handle', -1))}")
-        if isinstance(chain, dict) and chain.get("name") == CRIU_CHAIN:  # nft deletes only an empty chain
-            where = f"{chain.get('family')} {chain.get('table')} {CRIU_CHAIN}"
+        if isinstance(rule, dict) and _safe(rule.get("family"), rule.get("table"), rule.get("chain")) \
+                and isinstance(rule.get("handle"), int) and isinstance(rule.get("expr"), list) \
+                and any(isinstance(e, dict) and isinstance(e.get("jump"), dict)
+                        and e["jump"].get("target") == CRIU_CHAIN for e in rule["expr"]):
+            jumps.append(f"delete rule {rule['family']} {rule['table']} {rule['chain']} handle {rule['handle']}")
+        if isinstance(chain, dict) and chain.get("name") == CRIU_CHAIN and _safe(chain.get("family"), chain.get("table")):
+            where = f"{chain['family']} {chain['table']} {CRIU_CHAIN}"  # nft deletes only an empty chain
             chains += [f"flush chain {where}", f"delete chain {where}"]
         table = item.get("table") if isinstance(item, dict) else None
         if isinstance(table, dict) and table.get("family") == "inet" and _criu_table(table.get("name")):
@@ -162,7 +175,8 @@ def empty_new_tables(ruleset: object, before: set[str]) -> list[str]:
             body = item.get(kind) if isinstance(item, dict) else None
             if isinstance(body, dict):
                 table = body.get("name") if kind == "table" else body.get("table")
-                into.add(f"{body.get('family')} {table}")
+                if kind == "rule" or _safe(body.get("family"), table):  # a table we may name in a script
+                    into.add(f"{body.get('family')} {table}")
     return sorted(named - ruled - before - {f"inet {TABLE}"})
 
 

@@ -52,3 +52,23 @@ def test_criu_s_nftables_lock_table_is_removed_and_nothing_else() -> None:
     ]}
     assert netlock.criu_unlock_script(ruleset).splitlines() == [
         "delete table inet CRIU-8f14e45f-ceea-467f-a9b8-8b1f6e3c1d2a"]
+
+
+def test_names_a_pod_chose_never_reach_an_nft_script() -> None:
+    """A pod with CAP_NET_ADMIN names its tables and chains as it likes (the kernel takes any bytes):
+    a listing item whose family or names are not plain is left alone, never written into a script
+    nft would read (`include "/etc/shadow"` after a newline, say)."""
+    evil = 'x\ninclude "/etc/shadow"'
+    jump = [{"jump": {"target": "CRIU"}}]
+    ruleset = {"nftables": [
+        {"table": {"family": "ip", "name": evil}},  # new and empty: would be deleted by name
+        {"chain": {"family": "ip", "table": evil, "name": "CRIU"}},
+        {"rule": {"family": "ip", "table": evil, "chain": "INPUT", "handle": 3, "expr": jump}},
+        {"rule": {"family": "ip;flush ruleset", "table": "filter", "chain": "INPUT", "handle": 4, "expr": jump}},
+        {"rule": {"family": "ip", "table": "filter", "chain": "INPUT", "handle": "5; flush ruleset", "expr": jump}},
+        {"chain": {"family": "ip", "table": "filter", "name": "CRIU"}},
+        {"rule": {"family": "ip", "table": "filter", "chain": "INPUT", "handle": 6, "expr": jump}},
+    ]}
+    assert netlock.criu_unlock_script(ruleset).splitlines() == [
+        "delete rule ip filter INPUT handle 6", "flush chain ip filter CRIU", "delete chain ip filter CRIU"]
+    assert netlock.empty_new_tables(ruleset, set()) == []  # `ip filter` has a rule; the other is not nameable
