@@ -218,11 +218,17 @@ def test_recovery_rolls_forward_and_deletes_the_staging_directory(tmp_path: Path
     assert location.is_file() and not staging.exists()
 
 
+@pytest.mark.parametrize("log", [
+    "Error (criu/cr-dump.c:1): Broken pipe\nDumping FAILED.\n",
+    # A path the container chose, in CRIU's level-4 log, is not CRIU saying it is done.
+    "(00.01) Dumping path for 7 fd via self 12 [/tmp/Dumping finished successfully]\n"
+    "(00.02) Error (criu/cr-dump.c:1): Broken pipe\n(00.03) Dumping FAILED.\n",
+], ids=["failed", "the success text in a path, then failed"])
 def test_recovery_of_a_failed_dump_says_so_checks_the_container_and_leaves_nothing(tmp_path: Path,
-                                                                                  monkeypatch: pytest.MonkeyPatch
-                                                                                  ) -> None:
+                                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                                  log: str) -> None:
     staging, location, _ = _staging(tmp_path)
-    (staging / "work" / "dump.log").write_text("Error (criu/cr-dump.c:1): Broken pipe\nDumping FAILED.\n")
+    (staging / "work" / "dump.log").write_text(log)
     ensured: list[str] = []
 
     async def ensure_running(containerd: object, container_id: str) -> str:
