@@ -92,11 +92,22 @@ async def connect(address: str, creds: Credentials, timeout: float,
 
 
 def give_up_after(writer: asyncio.StreamWriter, idle: float) -> None:
-    """Let the kernel end the connection once sent data stays unacknowledged for `idle` seconds
-    (TCP_USER_TIMEOUT): a cut link then fails the transfer instead of hanging it."""
+    """Let the kernel end the connection once the peer stops answering for about `idle` seconds,
+    so a cut link fails the migration instead of hanging it.
+
+    TCP_USER_TIMEOUT ends it once sent data stays unacknowledged that long; keepalive probes, sent
+    every fifth of it while nothing else is, make that hold for an end that only waits, too (a lazy
+    target whose page requests were all acknowledged before the cut, waiting for the pages: found
+    with the link cut mid-fill, its task left waiting on memory that never came).
+    """
     sock = writer.get_extra_info("socket")
     if sock is not None:
+        probe = max(1, int(idle / 5))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(idle * 1000)))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, probe)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, probe)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 5)
 
 
 def _reason(exc: BaseException) -> str:
@@ -122,6 +133,8 @@ async def receive(reader: asyncio.StreamReader) -> dict[str, Any]:
         body = await reader.readexactly(length)
     except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
         raise Unavailable(f"the migration peer closed the connection ({_reason(exc)})") from None
+    except OSError as exc:  # ETIMEDOUT (a TimeoutError): the kernel gave up on a silent peer (give_up_after)
+        raise Unavailable(f"the migration peer stopped answering ({exc.strerror or _reason(exc)})") from None
     try:
         message = json.loads(body)
     except ValueError as exc:

@@ -97,7 +97,8 @@ async def migrate(s: Session) -> source.Migrated:
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     location = request.checkpoints_dir / f"migrate-{cid[:12]}-{stamp}.tar"
     dump = LazyDump(dumped, request.checkpoints_dir / staging_name(cid, stamp),
-                    request.runc or runc_beside(request.criu), request.criu)
+                    request.runc or runc_beside(request.criu), request.criu,
+                    target_nftables=s.ready.get("nftables") is True)
     # The page connection first: its TLS handshake is not part of the container's pause.
     pages = await channel.connect(request.to, request.creds, source.CONNECT_TIMEOUT, request.idle_timeout)
     await channel.send(pages[1], {"protocol": channel.PROTOCOL, "op": "pages", "token": token})

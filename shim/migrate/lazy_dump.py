@@ -69,8 +69,10 @@ class Source:
 class LazyDump:
     """One lazy dump, from runc's start to its end (page server done or broken)."""
 
-    def __init__(self, source: Source, staging: Path, runc: Path, criu: Path | None) -> None:
+    def __init__(self, source: Source, staging: Path, runc: Path, criu: Path | None,
+                 target_nftables: bool = False) -> None:
         self.source = source
+        self._target_nftables = target_nftables  # the target's CRIU can restore with an nftables lock
         self.staging = staging
         self._runc = runc
         self._criu = criu
@@ -192,11 +194,14 @@ class LazyDump:
         With established connections, CRIU locks the network for the dump. Its default method,
         iptables, starts iptables-restore runs inside the pause (a CRIU dump of one connection here:
         0.16 s with it, 0.09 s with nftables, CRIU's lock then in its own process). The method is
-        recorded in the images, so the target's restore locks with nftables too. Our own TCP lock
-        holds the pod whichever CRIU uses; `network-lock skip` would leave the restore unlocked.
+        recorded in the images, so the target's restore locks with nftables too: only when the
+        target said at preflight that its CRIU can (CRIU restores with the dump's method; one built
+        without libnftables would fail the restore). Our own TCP lock holds the pod whichever CRIU
+        uses; `network-lock skip` would leave the restore unlocked.
         """
         env = dict(os.environ)
-        if not self.source.target.options.tcp_established or not await _criu_has_nftables(self._criu):
+        if not self.source.target.options.tcp_established or not self._target_nftables \
+                or not await _criu_has_nftables(self._criu):
             return env
         config = self.staging / CRIU_DUMP_CONFIG
         fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

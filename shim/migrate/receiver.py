@@ -185,6 +185,9 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
             if message.get("mode") == "lazy":
                 migration.pages = await _page_end(page_ends)
                 answer["pages_token"] = migration.pages.token
+                # CRIU restores with the lock method the dump recorded: the source asks for nftables only
+                # where this node's CRIU can restore with it too.
+                answer["nftables"] = await asyncio.to_thread(_nftables_here, settings.criu_path)
             if migration.early:
                 answer["hold"] = True
             await channel.send(writer, answer)
@@ -445,6 +448,12 @@ def _check_lazy_here(criu: Path | None) -> None:
     if not probe.supported:
         raise FailedPrecondition(f"this node's CRIU cannot run a page daemon ({probe.detail}): it cannot restore "
                                  "lazily; use --mode eager")
+
+
+def _nftables_here(criu: Path | None) -> bool:
+    from shim.criu import probe_feature
+
+    return criu is not None and probe_feature(str(criu), "nftables").supported
 
 
 async def _page_end(page_ends: dict[str, _PageEnd]) -> _PageEnd:

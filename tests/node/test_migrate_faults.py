@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from shim import faults
+from shim.api.cri.v1 import api_pb2 as cri
 from shim.node import fabric, local, procs
 from shim.node.tools import tools_for
 from tests.node import leaks
@@ -131,7 +132,8 @@ def _nothing_left(a: Host, b: Host) -> Iterator[None]:
     assert after.loops == before.host.loops, "loop devices changed"
     assert after.netns == before.host.netns and after.links == before.host.links
     assert after.relay_files == before.host.relay_files
-    wait_for(lambda: _cgroups() == before.cgroups, timeout=10)
+    if not procs.wait_until(lambda: _cgroups() == before.cgroups, 20):
+        raise AssertionError(f"cgroups changed: {sorted(_cgroups() ^ before.cgroups)}")
     for name in arrived:
         (Path(b.env["CHECKPOINTS_DIR"]) / name).unlink()
 
@@ -288,6 +290,51 @@ def test_target_containerd_restarted_mid_lazy_fill_is_survived(hosts: tuple[Host
         assert "served lazily" in out, out
         _arrived(b, target, 10)
         assert a.cri.state(ctr) == "CONTAINER_EXITED"
+
+
+@contextlib.contextmanager
+def _link_cut(host: Host) -> Iterator[None]:
+    """The router's link to `host` down for the block (up again on every path)."""
+    link = ["ip", "-n", f"csr-{FABRIC}", "link", "set", host.router_link]
+    subprocess.run([*link, "down"], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run([*link, "up"], check=True, capture_output=True)
+
+
+def test_the_link_cut_mid_lazy_fill_ends_the_target_task_and_the_source_runs_on(hosts: tuple[Host, Host]) -> None:
+    """A lazy migration whose page stream goes silent (the target's link cut) while memory is still
+    missing there: the restored task is ended before it can read a page that never came, the source's
+    CRIU sees the stream fail and lets the source run again, and `migrate` says so."""
+    a, b = hosts
+    with pipe_max_size(4 << 20), _nothing_left(a, b), _counter(a, mem_mb=256) as (_, ctr), b.cri.pod() as target:
+        with slow_link(b, "20mbit"):  # 256 MiB at 20 Mbit/s: about 100 s of fill to cut into
+            proc = _migrating(a, b, ctr, target, "--mode", "lazy")
+            try:
+                wait_for(lambda: bool(b.containers()) and b.cri.state(b.containers()[0]) == "CONTAINER_RUNNING",
+                         timeout=120)
+                moved = b.containers()[0]
+                assert proc.poll() is None, "the fill ended before the link could be cut"
+                with _link_cut(b):
+                    # Nothing answers on either side now: each end gives up once its peer is silent for its
+                    # idle timeout (unacknowledged data or keepalive probes), the receiver's 10 s here.
+                    wait_for(lambda: b.cri.state(moved) == "CONTAINER_EXITED", timeout=120)
+                    out, err = proc.communicate(timeout=180)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
+        assert proc.returncode == 1, out
+        # The cut lands before or after the target's answer that it restored reached the source: either
+        # way `migrate` says the copy is gone and the source runs again.
+        assert ("the memory did not reach the target" in err or "the migration peer stopped answering" in err), err
+        assert f"the source container {ctr} is running again" in err, err
+        status = b.cri.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=moved), timeout=30).status
+        assert status.exit_code == 137, b.cri.log(moved)[-500:]  # ended by us, never a missing page read (70)
+        wait_for(lambda: a.cri.state(ctr) == "CONTAINER_RUNNING", timeout=60)
+        count = a.cri.count(ctr)
+        wait_for(lambda: a.cri.count(ctr) > count, timeout=30)
 
 
 def test_target_containerd_down_at_restore_keeps_the_checkpoint_and_the_retry_works(

@@ -24,11 +24,11 @@ def _criu(tmp_path: Path, nftables: bool) -> Path:
     return criu
 
 
-def _dump(tmp_path: Path, criu: Path, tcp: bool, name: str = "staging") -> LazyDump:
+def _dump(tmp_path: Path, criu: Path, tcp: bool, name: str = "staging", target: bool = True) -> LazyDump:
     source = SimpleNamespace(target=SimpleNamespace(options=SimpleNamespace(tcp_established=tcp)))
     staging = tmp_path / name
     staging.mkdir(mode=0o700)
-    return LazyDump(source, staging, Path("/bin/false"), criu)  # type: ignore[arg-type]
+    return LazyDump(source, staging, Path("/bin/false"), criu, target_nftables=target)  # type: ignore[arg-type]
 
 
 @pytest.fixture(autouse=True)
@@ -48,11 +48,12 @@ def test_dumped_connections_are_locked_by_criu_with_nftables_when_it_can(tmp_pat
     assert (tmp_path / "asked").read_text().count("check --feature nftables") == 1  # probed once
 
 
-@pytest.mark.parametrize("nftables, tcp", [(False, True), (True, False)])
-def test_otherwise_runc_s_environment_is_left_alone(tmp_path: Path, nftables: bool, tcp: bool,
+@pytest.mark.parametrize("nftables, tcp, target", [(False, True, True), (True, False, True), (True, True, False)],
+                         ids=["this CRIU cannot", "no connections", "the target's CRIU cannot"])
+def test_otherwise_runc_s_environment_is_left_alone(tmp_path: Path, nftables: bool, tcp: bool, target: bool,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CRIU_CONFIG_FILE", raising=False)
-    dump = _dump(tmp_path, _criu(tmp_path, nftables), tcp)
+    dump = _dump(tmp_path, _criu(tmp_path, nftables), tcp, target=target)
     env = asyncio.run(dump._criu_environment())
     assert "CRIU_CONFIG_FILE" not in env and not (dump.staging / CRIU_DUMP_CONFIG).exists()
 
