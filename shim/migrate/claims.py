@@ -31,7 +31,9 @@ import logging
 import os
 import re
 import stat
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shim.errors import Code, ShimError
 from shim.fileio import write_atomically
@@ -53,7 +55,10 @@ class ClaimWatcher:
         self._interval = interval
         self._store = store
         # container id -> the addresses claimed for it
-        self._claims: dict[str, tuple[str, ...]] = load(store) if store is not None and address_hook else {}
+        kept = load(store) if store is not None and address_hook else Kept({}, {})
+        self._claims = kept.claims
+        # pod id -> the addresses claimed early for a migration into it (at "switch"), until it settles
+        self._pending = kept.pending
         if self._claims:
             log.info("watching %d container(s) a receiver before this one claimed pod IPs for", len(self._claims))
 
@@ -62,12 +67,56 @@ class ClaimWatcher:
             self._claims[container_id] = tuple(addresses)
             self._save()
 
+    def begin(self, pod_id: str, addresses: list[str]) -> None:
+        """Addresses about to be claimed for a migration into `pod_id` before its container exists: kept
+        until `end`, so a receiver that dies meanwhile leaves them to the next one (`settle_pending`)."""
+        if addresses and self._hook is not None:
+            self._pending[pod_id] = tuple(addresses)
+            self._save()
+
+    def end(self, pod_id: str) -> None:
+        """That migration settled (restored and watched with `add`, or its claim released): idempotent."""
+        if self._pending.pop(pod_id, None) is not None:
+            self._save()
+
+    async def settle_pending(self) -> None:
+        """Early claims a receiver before this one did not live to settle: a pod that runs a container
+        now got it (watched from here on, as any claim); any other's addresses are released."""
+        if not self._pending:
+            return
+        assert self._hook is not None  # begin() records nothing without one
+        runtime = Runtime(self._socket)
+        try:
+            for pod_id, addresses in list(self._pending.items()):
+                try:
+                    running = await runtime.running_containers(pod_id)
+                except ShimError as exc:
+                    if exc.code != Code.NOT_FOUND:  # not answering: the next sweep tries again
+                        log.warning("cannot tell whether pod %s got its migrated container: %s", pod_id, exc.message)
+                        continue
+                    running = []
+                if running:
+                    self._claims[running[0]] = addresses
+                    log.warning("a migration into pod %s had restored container %s when its receiver died: "
+                                "watching its pod IPs %s", pod_id, running[0], ", ".join(addresses))
+                else:
+                    for ip in addresses:
+                        with contextlib.suppress(ShimError):
+                            await hook.run(self._hook, "release", ip)
+                    log.warning("a migration into pod %s ended with its receiver before its container ran: "
+                                "released pod IPs %s", pod_id, ", ".join(addresses))
+                del self._pending[pod_id]
+                self._save()
+        finally:
+            await runtime.close()
+
     def _save(self) -> None:
         if self._store is None:
             return
         try:
             self._store.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            data = {"claims": {c: list(a) for c, a in self._claims.items()}}
+            data = {"claims": {c: list(a) for c, a in self._claims.items()},
+                    "pending": {p: list(a) for p, a in self._pending.items()}}
             write_atomically(self._store, json.dumps(data, indent=1).encode())
         except OSError as exc:  # the claims still hold in memory; a restart would forget them
             log.error("cannot keep the claimed pod IPs in %s: %s", self._store, exc)
@@ -80,6 +129,7 @@ class ClaimWatcher:
             await self.sweep()
 
     async def sweep(self) -> None:
+        await self.settle_pending()
         if not self._claims:
             return
         runtime = Runtime(self._socket)  # a channel per sweep: the proxy may have restarted meanwhile
@@ -117,20 +167,26 @@ async def _removed(runtime: Runtime, container_id: str) -> bool:
     return False
 
 
-def load(store: Path) -> dict[str, tuple[str, ...]]:
+@dataclass(frozen=True)
+class Kept:
+    claims: dict[str, tuple[str, ...]]  # container id -> addresses
+    pending: dict[str, tuple[str, ...]]  # pod id -> addresses claimed early, not yet settled
+
+
+def load(store: Path) -> Kept:
     """The claims kept in `store`; none (an error logged) when it is missing or not to be trusted."""
     try:
         fd = os.open(store, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        return {}
+        return Kept({}, {})
     except OSError as exc:  # ELOOP: a symlink
         log.error("ignoring the claims file %s: %s", store, exc.strerror)
-        return {}
+        return Kept({}, {})
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
             log.error("ignoring the claims file %s: not a file of ours that only we may read and write", store)
-            return {}
+            return Kept({}, {})
         raw = os.read(fd, MAX_FILE + 1)
     finally:
         os.close(fd)
@@ -138,21 +194,28 @@ def load(store: Path) -> dict[str, tuple[str, ...]]:
         return _parse(raw)
     except (ValueError, TypeError) as exc:
         log.error("ignoring the claims file %s: %s", store, exc)
-        return {}
+        return Kept({}, {})
 
 
-def _parse(raw: bytes) -> dict[str, tuple[str, ...]]:
+def _parse(raw: bytes) -> Kept:
     if len(raw) > MAX_FILE:
         raise ValueError(f"over {MAX_FILE} bytes")
     document = json.loads(raw)
     claims = document.get("claims") if isinstance(document, dict) else None
     if not isinstance(claims, dict):
         raise TypeError("no claims object")
+    pending = document.get("pending", {})
+    if not isinstance(pending, dict):
+        raise TypeError("pending is not an object")
+    return Kept(_addresses_by_id(claims, "container"), _addresses_by_id(pending, "pod"))
+
+
+def _addresses_by_id(table: dict[str, Any], what: str) -> dict[str, tuple[str, ...]]:
     parsed: dict[str, tuple[str, ...]] = {}
-    for container_id, addresses in claims.items():
-        if not _CONTAINER_ID.fullmatch(container_id):
-            raise ValueError(f"{container_id[:80]!r} is not a container id")
+    for key, addresses in table.items():
+        if not _CONTAINER_ID.fullmatch(key):
+            raise ValueError(f"{key[:80]!r} is not a {what} id")
         if not isinstance(addresses, list) or not addresses or not all(isinstance(a, str) for a in addresses):
-            raise TypeError(f"container {container_id}: the addresses are not a list of strings")
-        parsed[container_id] = tuple(str(ipaddress.ip_address(a)) for a in addresses)
+            raise TypeError(f"{what} {key}: the addresses are not a list of strings")
+        parsed[key] = tuple(str(ipaddress.ip_address(a)) for a in addresses)
     return parsed

@@ -113,6 +113,7 @@ async def _serve(settings: ReceiverSettings) -> int:
     watcher = claims.ClaimWatcher(settings.runtime, settings.address_hook, settings.claims_interval,
                                   settings.claims_file)
     await hold.sweep()  # a receiver that died holding left rules: they must not outlive it
+    await watcher.settle_pending()  # ... and maybe early claims: released, or watched if their restore ran
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peercert") or {}
@@ -159,6 +160,7 @@ async def _session(settings: ReceiverSettings, runtime: Runtime, reader: asyncio
     finally:
         for ended in made:  # a lazy migration's tunnel listener goes with its session
             await _unhold(settings, ended)  # a session that ended before its restore: nothing held stays
+            watcher.end(ended.pod.id)  # its early claim settled either way
             if ended.pages is not None:
                 ended.pages.loopback.close()
                 page_ends.pop(ended.pages.token, None)
@@ -193,7 +195,7 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
             await channel.send(writer, answer)
             return migration
         if op == "switch" and migration is not None and migration.early:
-            await _switch(settings, migration)
+            await _switch(settings, migration, watcher)
             await channel.send(writer, {"ok": True})
             return migration
         if op == "pages":
@@ -209,6 +211,7 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
                         functools.partial(_claim_or_let_go, settings, migration),
                         settings.allowed_registries)
             watcher.add(str(reply["container_id"]), migration.addresses)  # restored and claimed
+            watcher.end(migration.pod.id)
             await channel.send(writer, {"ok": True, **reply})
             log.info("migration from %s restored container %s in pod %s", who, reply["container_id"],
                      migration.pod.label)
@@ -373,7 +376,7 @@ async def _claim_or_let_go(settings: ReceiverSettings, migration: _Migration, po
     migration.packet_hold, migration.claimed = None, False
 
 
-async def _switch(settings: ReceiverSettings, migration: _Migration) -> None:
+async def _switch(settings: ReceiverSettings, migration: _Migration, watcher: claims.ClaimWatcher) -> None:
     """The switch-over begins: hold the peers' packets here, then route the IPs here (the hold first:
     a packet routed here before it would reach a pod whose sockets are not back). A failure undoes both."""
     if migration.packet_hold is not None or migration.claimed:
@@ -386,6 +389,7 @@ async def _switch(settings: ReceiverSettings, migration: _Migration) -> None:
                     ", ".join(migration.addresses), exc)
         return
     migration.packet_hold, migration.claimed = packet_hold, True  # a claim failing half-way is released too
+    watcher.begin(migration.pod.id, migration.addresses)  # should we die before it settles: the next receiver
     try:
         await _claim(settings, migration.pod, migration.addresses)
     except ShimError:

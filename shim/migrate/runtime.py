@@ -71,6 +71,13 @@ class Runtime:
         pod_id = listed.containers[0].pod_sandbox_id if listed.containers else ""
         return ContainerView(status.id, status.metadata.name, cri.ContainerState.Name(status.state), pod_id)
 
+    async def running_containers(self, pod_id: str) -> list[str]:
+        """The ids of the pod's running containers."""
+        listed = await _call(self._cri.ListContainers(cri.ListContainersRequest(filter=cri.ContainerFilter(
+            pod_sandbox_id=pod_id, state=cri.ContainerStateValue(state=cri.CONTAINER_RUNNING))),
+            timeout=self._timeout))
+        return [str(c.id) for c in listed.containers]
+
     async def verbose(self, container_id: str) -> tuple[cri.ContainerStatus, dict[str, Any]]:
         """The container's CRI status and its runtime's verbose info (pid, runtime spec, runtime type)."""
         reply = await _call(self._cri.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id,

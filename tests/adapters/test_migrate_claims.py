@@ -16,7 +16,15 @@ class _FakeRuntime:
     """A node's CRI as the watcher sees it: containers that exist, or a proxy that does not answer."""
 
     existing: set[str] = set()
+    running_in: dict[str, list[str]] = {}  # pod id -> its running containers (a missing pod: NOT_FOUND)
     down = False
+
+    async def running_containers(self, pod_id: str) -> list[str]:
+        if _FakeRuntime.down:
+            raise Unavailable("criu-shim is restarting")
+        if pod_id not in _FakeRuntime.running_in:
+            raise NotFound(f"pod {pod_id} not found")
+        return _FakeRuntime.running_in[pod_id]
 
     def __init__(self, socket: Path) -> None:
         pass
@@ -112,7 +120,7 @@ def test_claims_outlive_the_receiver_and_are_released_by_the_next_one(
     second = claims.ClaimWatcher(tmp_path / "cri.sock", hook, store=store)
     asyncio.run(second.sweep())
     assert (tmp_path / "hook.log").read_text() == "release 10.234.1.7\nfree 10.234.1.7\n"
-    assert claims.load(store) == {"ctr-2": ("10.234.2.9", "fd00::7")}  # what is left to watch, kept
+    assert claims.load(store).claims == {"ctr-2": ("10.234.2.9", "fd00::7")}  # what is left to watch, kept
 
 
 @pytest.mark.parametrize("content, why", [
@@ -158,5 +166,42 @@ def test_a_claims_file_that_is_not_a_private_file_of_ours_is_not_read(
     assert f"ignoring the claims file {store}" in caplog.text
     if kind == "symlink":  # the next change replaces the link itself, never what it points to
         watcher.add("ctr-9", ["10.234.9.9"])
-        assert not store.is_symlink() and claims.load(store) == {"ctr-9": ("10.234.9.9",)}
+        assert not store.is_symlink() and claims.load(store).claims == {"ctr-9": ("10.234.9.9",)}
         assert planted.read_text() == '{"claims": {"ctr-1": ["10.234.1.7"]}}'
+
+
+def test_an_early_claim_a_dead_receiver_left_is_released_or_watched_by_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claimed at the switch-over, before the container exists: a receiver that dies then leaves the
+    route to the next one, which releases it where no container came, and watches it where one runs."""
+    monkeypatch.setattr(claims, "Runtime", _FakeRuntime)
+    hook, store = _logging_hook(tmp_path), tmp_path / claims.CLAIMS_FILE
+    first = claims.ClaimWatcher(tmp_path / "cri.sock", hook, store=store)
+    first.begin("pod-empty", ["10.234.1.7"])
+    first.begin("pod-gone", ["10.234.1.8"])
+    first.begin("pod-restored", ["10.234.1.9"])
+    first.begin("pod-settled", ["10.234.1.10"])
+    first.end("pod-settled")  # this one settled before the receiver died
+    assert claims.load(store).pending.keys() == {"pod-empty", "pod-gone", "pod-restored"}
+    del first  # SIGKILL
+    _FakeRuntime.running_in, _FakeRuntime.down = {"pod-empty": [], "pod-restored": ["ctr-9"]}, True
+    second = claims.ClaimWatcher(tmp_path / "cri.sock", hook, store=store)
+    asyncio.run(second.settle_pending())  # its proxy not answering yet: nothing decided, nothing lost
+    assert not (tmp_path / "hook.log").exists() and len(claims.load(store).pending) == 3
+    _FakeRuntime.down = False
+    asyncio.run(second.settle_pending())
+    assert sorted((tmp_path / "hook.log").read_text().splitlines()) == ["release 10.234.1.7", "release 10.234.1.8"]
+    kept = claims.load(store)
+    assert kept.pending == {} and kept.claims == {"ctr-9": ("10.234.1.9",)}  # watched like any claim
+
+
+def test_a_garbled_pending_table_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(claims, "Runtime", _FakeRuntime)
+    store = tmp_path / claims.CLAIMS_FILE
+    store.write_text('{"claims": {}, "pending": {"pod-1": ["10.0.0.1\\nflush"]}}')
+    store.chmod(0o600)
+    watcher = claims.ClaimWatcher(tmp_path / "cri.sock", _logging_hook(tmp_path), store=store)
+    asyncio.run(watcher.settle_pending())
+    assert not (tmp_path / "hook.log").exists()
+    assert "does not appear to be an IPv4 or IPv6 address" in caplog.text

@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 
 from shim.migrate.hold import TAG
-from shim.node import fabric, local, procs
+from shim.node import procs
 from tests.node.fabric_pods import (
-    FABRIC,
     TCP,
     Host,
     client_on_router,
@@ -188,9 +187,13 @@ def test_a_receiver_killed_while_holding_leaves_no_rule_once_back(hosts: tuple[H
             assert migrating.returncode == 1 and f"the source container {server} is stopped" in err, err
             assert hold_rules(b), "the dead receiver's rule stays until a receiver sweeps it"
             assert not routed_to(ip, b), router_routes()
-            local._start_receiver(b.layout, fabric.NodeHost(b.layout, fabric.Fabric(FABRIC)),
-                                  b.layout.proxy_config_file)
+            host_route = ["nsenter", f"--net=/run/netns/{b.env['NODE_NETNS']}", "ip", "route", "show", f"{ip}/32"]
+            assert subprocess.run(host_route, capture_output=True, text=True).stdout.strip(), \
+                "the dead receiver's early claim is still routed on its host"
+            b.start_receiver()
             wait_for(lambda: not hold_rules(b), timeout=30)
+            # ... and the early claim it did not live to settle is released there too (no container came)
+            wait_for(lambda: not subprocess.run(host_route, capture_output=True, text=True).stdout.strip(), timeout=30)
             a.migrate(server, "--checkpoint", str(kept_checkpoint(err)), "--to", b.env["MIGRATE_ADDRESS"],
                       "--to-pod", target_pod.id)
             last = seqs(log.read_text())[-1][1]
