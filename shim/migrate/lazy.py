@@ -99,6 +99,7 @@ async def migrate(s: Session) -> source.Migrated:
     dump = LazyDump(dumped, request.checkpoints_dir / staging_name(cid, stamp),
                     request.runc or runc_beside(request.criu), request.criu,
                     target_nftables=s.ready.get("nftables") is True)
+    await dump.prepare()
     # The page connection first: its TLS handshake is not part of the container's pause.
     pages = await channel.connect(request.to, request.creds, source.CONNECT_TIMEOUT, request.idle_timeout)
     await channel.send(pages[1], {"protocol": channel.PROTOCOL, "op": "pages", "token": token})

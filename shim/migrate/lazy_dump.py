@@ -97,7 +97,7 @@ class LazyDump:
         _sweep(self.staging.parent)
         self.staging.mkdir(mode=0o700)
         stack.callback(shutil.rmtree, self.staging, ignore_errors=True)
-        env = await self._criu_environment()  # before the lock: its probe is not part of the pause
+        env = await self._criu_environment()  # CRIU probed in prepare(), before the switch-over
         netns = self.source.target.netns
         self.stamps["start"] = time.monotonic()
         self.started_wall = time.time()  # to line the stages up with a client's wall-clock log
@@ -187,6 +187,12 @@ class LazyDump:
                 raise FailedPrecondition(f"the source container {self.container_id} could not be thawed after "
                                          f"the lazy dump: {exc}; thaw it: echo THAWED > {frozen}/freezer.state "
                                          "(cgroup v1) or echo 0 > cgroup.freeze (v2)") from None
+
+    async def prepare(self) -> None:
+        """What can be learned before the switch-over: probed here, CRIU's answer costs the pause nothing
+        (between the switch-over and our lock the peers' packets already wait at the target)."""
+        if self.source.target.options.tcp_established and self._target_nftables:
+            await _criu_has_nftables(self._criu)
 
     async def _criu_environment(self) -> dict[str, str]:
         """runc's environment, with CRIU's dump config where there is something to say in it.

@@ -38,6 +38,8 @@ def _no_cached_probes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_dumped_connections_are_locked_by_criu_with_nftables_when_it_can(tmp_path: Path) -> None:
     dump = _dump(tmp_path, _criu(tmp_path, nftables=True), tcp=True)
+    asyncio.run(dump.prepare())  # before the switch-over: CRIU is asked here, not between it and the lock
+    assert (tmp_path / "asked").read_text().count("check --feature nftables") == 1
     env = asyncio.run(dump._criu_environment())
     config = Path(env["CRIU_CONFIG_FILE"])
     assert config == dump.staging / CRIU_DUMP_CONFIG
