@@ -205,3 +205,21 @@ def test_a_garbled_pending_table_is_ignored(tmp_path: Path, monkeypatch: pytest.
     asyncio.run(watcher.settle_pending())
     assert not (tmp_path / "hook.log").exists()
     assert "does not appear to be an IPv4 or IPv6 address" in caplog.text
+
+
+def test_this_receiver_s_own_early_claim_is_never_settled_by_its_sweeps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2 GiB eager migration runs for many sweeps before its container exists: a sweep that took its
+    early claim for a dead receiver's released the address mid-migration (found by the bench)."""
+    monkeypatch.setattr(claims, "Runtime", _FakeRuntime)
+    hook, store = _logging_hook(tmp_path), tmp_path / claims.CLAIMS_FILE
+    _FakeRuntime.running_in, _FakeRuntime.existing, _FakeRuntime.down = {"pod-1": [], "pod-2": []}, set(), False
+    left = claims.ClaimWatcher(tmp_path / "cri.sock", hook, store=store)
+    left.begin("pod-2", ["10.234.1.8"])  # a receiver that dies with it pending
+    watcher = claims.ClaimWatcher(tmp_path / "cri.sock", hook, store=store)
+    watcher.begin("pod-1", ["10.234.1.7"])  # its own migration, under way
+    watcher.begin("pod-2", ["10.234.1.8"])  # ... and a new one into the dead one's pod: its own now
+    for _ in range(3):
+        asyncio.run(watcher.sweep())
+    assert not (tmp_path / "hook.log").exists()
+    assert claims.load(store).pending == {"pod-1": ("10.234.1.7",), "pod-2": ("10.234.1.8",)}
