@@ -26,6 +26,8 @@ RESTORE_ANNOTATIONS = (RESTORE_PREFIX + "*", CRIU_CONFIG_ANNOTATION)
 # Where relays and launchers meet: <key>.sock, <key>.upstream, <key>.pid, <key>.log, the key
 # being the work dir's name. The launcher honours SHIM_DIR_ENV (tests point it elsewhere).
 SHIM_DIR = Path("/run/criu-shim/shims")
+# The relay that starts a spare page daemon names itself here: a spare whose parent is another is an orphan.
+SPARE_PARENT_ENV = "CRIU_SHIM_SPARE_PARENT"
 SHIM_DIR_ENV = "CRIU_SHIM_SHIMS_DIR"
 CRIU_CONFIG_SUFFIX = ".criu.conf"
 # How long a relay waits for containerd to start its restore before it gives up; the proxy

@@ -36,7 +36,7 @@ from shim import fillspool
 from shim.archive_layout import IMAGES_DIR
 from shim.config import PAGE_DAEMON_CRIU, PAGE_DAEMON_OURS
 from shim.errors import FailedPrecondition
-from shim.handoff import LAZY_CRIU_OPTION, LAZY_PLAN, LAZY_WORK, criu_config
+from shim.handoff import LAZY_CRIU_OPTION, LAZY_PLAN, LAZY_WORK, SPARE_PARENT_ENV, criu_config
 from shim.restore import lazy, loopdev
 from shim.runtime.page_daemon import listen_at
 
@@ -56,7 +56,8 @@ def start_spare() -> None:
     global _spare
     try:
         _spare = subprocess.Popen([sys.executable, "-m", "shim.runtime.page_daemon", "spare"],
-                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env={**os.environ, SPARE_PARENT_ENV: str(os.getpid())})
     except OSError as exc:  # not fatal: a daemon is started on demand instead
         log.warning("cannot start a spare page daemon: %s", exc)
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shim.handoff import SPARE_PARENT_ENV
 from shim.restore import pagemap
 from shim.restore.fillplan import BACKGROUND_RUN, Copy, FillPlan, Zero
 from shim.restore.page_source import MappedImage, PageSource
@@ -473,6 +474,8 @@ def _spare() -> int:
     CPU) while CRIU restores, and on 2 cores that made the restore until the process runs ~65 ms slower.
     """
     _die_with_parent(signal.SIGKILL)  # an unused spare goes with its relay, even a killed one
+    if str(os.getppid()) != os.environ.get(SPARE_PARENT_ENV, str(os.getppid())):
+        return 0  # its relay died before the line above (started at idle priority, it may be slow to get here)
     from pycriu.images import pb  # noqa: F401
 
     import shim.restore.sealed_pages  # noqa: F401  (a sealed archive's source: cryptography)
