@@ -145,9 +145,12 @@ class SparePool:
         self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             # Until it has a restore (and its own log), what it says goes to the proxy's log.
+            # Working in the restores' root, it (and the page daemon it starts ahead of need, which
+            # inherits that) is found by where it works, as the node's (`node down` finds a spare
+            # daemon orphaned at idle priority, still starting up, that way).
             spare = subprocess.Popen(
                 relay_argv(RelayCommand.SPARE, str(self._directory), str(self._work_root), *_optional(self._journal)),
-                stdin=subprocess.PIPE, start_new_session=True)
+                stdin=subprocess.PIPE, start_new_session=True, cwd=self._work_root if self._work_root.is_dir() else None)
         except OSError as exc:  # restores still work, one interpreter start-up slower
             log.warning("could not start a spare restore relay: %s", exc)
             return None
