@@ -119,15 +119,16 @@ class FillPlan:
     def has_faults(self) -> bool:
         return bool(self._faults)
 
-    def next(self, background: bool = True) -> Copy | Zero | None:
-        """The next action: faults first, then (if `background`) the fill from the cursor on; None: nothing now."""
+    def next(self, background: bool = True, run: int = BACKGROUND_RUN, fault_run: int = FAULT_RUN) -> Copy | Zero | None:
+        """The next action: faults first (up to `fault_run` from the faulting page), then (if `background`) the
+        fill from the cursor on (up to `run`); None: nothing now."""
         while self._faults:
             page = self._faults.popleft()
-            action = self._serve(page)
+            action = self._serve(page, fault_run)
             if action is not None:
                 return action
         if background and self._missing:
-            return self._claim(self._from_cursor(), BACKGROUND_RUN, fault=False)
+            return self._claim(self._from_cursor(), run, fault=False)
         return None
 
     def peek_background(self, length: int) -> tuple[int, int] | None:
@@ -187,14 +188,14 @@ class FillPlan:
 
     # Inside
 
-    def _serve(self, page: int) -> Copy | Zero | None:
+    def _serve(self, page: int, fault_run: int) -> Copy | Zero | None:
         index = self._find(self._missing, page)
         if index is not None:
             span = self._missing[index]
             if span.start < page:  # the run starts at the faulting page
                 self._missing.insert(index + 1, span.cut(page))
                 index += 1
-            return self._claim(index, FAULT_RUN, fault=True)
+            return self._claim(index, fault_run, fault=True)
         if self._in_flight(page):
             self._waiting.add(page)  # the copy in flight wakes it when it lands
             return None

@@ -6,7 +6,7 @@ mutual TLS) and speaks CRIU's page-server protocol itself (shim.restore.pageserv
 this module is its thin transport). Unlike a local image, bytes here arrive later than they are
 asked for, so the source is driven by the plan's claims (shim.restore.fillplan keeps them in
 flight): the daemon asks (`request`) for each copy it claims, faults at once and the background
-fill while less than WINDOW bytes are on the way, and copies each reply into the process when
+fill while less than a window (shim.restore.fillpace) is on the way, and copies each reply into the process when
 it has landed (`receive`), straight from one receive buffer. With several large requests on the
 wire the link sets the rate, not the round trips through both tunnel ends.
 
@@ -34,9 +34,9 @@ import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from shim.restore.fillpace import FAR_WINDOW
 from shim.restore.pageserver import Closed, Pages, PageServerClient, ProtocolError
 
-WINDOW = 8 << 20  # bytes asked for and not yet landed: two background runs (the link's rate, a fault's wait)
 BUFFER = 4 << 20  # the largest request (fillplan.BACKGROUND_RUN)
 CONNECT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 30.0
@@ -71,10 +71,10 @@ class RemotePages(Generic[T]):
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    @property
-    def room(self) -> bool:
-        """Whether the background fill may ask for more now (faults always may)."""
-        return self._codec.in_flight < WINDOW
+    def room(self, window: int) -> bool:
+        """Whether the background fill may ask for more now, keeping at most `window` on the way (faults
+        always may: shim.restore.fillpace sizes the window)."""
+        return self._codec.in_flight < window
 
     @property
     def in_flight(self) -> int:
@@ -87,7 +87,7 @@ class RemotePages(Generic[T]):
         self._sock.sendall(self._codec.get(pid, vaddr, length, tag))
         self.requests += 1
 
-    def receive(self, landed: Callable[[T, int, int], None], budget: int = WINDOW) -> None:
+    def receive(self, landed: Callable[[T, int, int], None], budget: int = FAR_WINDOW) -> None:
         """Read what has arrived, without waiting; `landed(tag, address, length)` for each complete reply, its
         bytes at `address` until it returns. ConnectionError when the stream ends, ProtocolError for nonsense."""
         while budget > 0:

@@ -15,6 +15,8 @@ of the fill. Forks, remaps and removals move the plan along. It exits 0 once
 every process's memory is in place (the relay then lets checkpoints through),
 non-zero if it cannot finish (the relay then ends the restored task: a closed
 userfaultfd would hand out zero pages). The run's timings go to its log.
+From the source node (a lazy migration) faults take smaller runs and the fill
+keeps less on the way while the process faults (shim.restore.fillpace).
 
 Usage (the relay starts it; it never enters another namespace):
     python -m shim.runtime.page_daemon lazy-pages --images-dir DIR --work-dir DIR --plan FILE
@@ -42,8 +44,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shim.handoff import SPARE_PARENT_ENV
-from shim.restore import pagemap
-from shim.restore.fillplan import BACKGROUND_RUN, Copy, FillPlan, Zero
+from shim.restore import fillpace, pagemap
+from shim.restore.fillplan import BACKGROUND_RUN, FAULT_RUN, Copy, FillPlan, Zero
 from shim.restore.page_source import MappedImage, PageSource
 from shim.restore.remote_pages import RemotePages
 from shim.runtime import uffd
@@ -111,6 +113,7 @@ class Daemon:
         # the restore needs it), each copy asked for and copied once its bytes landed.
         server = _page_server(plan_file)
         self.remote: RemotePages[tuple[Task, Copy]] | None = RemotePages(*server) if server else None
+        self.pace = fillpace.FillPace()  # how much of the source's memory may be on the way (remote only)
 
     def run(self) -> int:
         self._open_sealed_ahead()
@@ -164,6 +167,7 @@ class Daemon:
         if value == RESTORE_FINISHED:
             self.restore_finished = True
             self.stats.finished = time.monotonic()
+            self.pace.faulted(self.stats.finished)  # the processes resume now: their first faults follow
             log.info("restore finished %.3fs after the daemon started: filling in the rest",
                      self.stats.finished - self.stats.started)
             self._log_sealed("when the restore finished")
@@ -214,6 +218,7 @@ class Daemon:
             if event.kind == uffd.EVENT_PAGEFAULT:
                 self.stats.faults += 1
                 task.plan.fault(event.args[1])
+                self.pace.faulted(time.monotonic())
             elif event.kind == uffd.EVENT_FORK:
                 self.stats.forks += 1
                 child = Task(task.pid, event.args[0] & 0xFFFFFFFF, task.plan.forked(), task.source)
@@ -237,7 +242,7 @@ class Daemon:
     def _serve_faults(self) -> None:
         for task in self.tasks:
             while not task.gone and task.plan.has_faults:
-                action = task.plan.next(background=False)
+                action = task.plan.next(background=False, fault_run=self._fault_run)
                 if action is None:
                     break
                 self._act(task, action)
@@ -247,7 +252,12 @@ class Daemon:
         the requests on the way leave room and something is still to be asked for."""
         if self.remote is None:
             return True
-        return self.remote.room and any(not t.gone and t.plan.has_missing for t in self.tasks)
+        return (self.remote.room(self.pace.window(time.monotonic()))
+                and any(not t.gone and t.plan.has_missing for t in self.tasks))
+
+    @property
+    def _fault_run(self) -> int:
+        return fillpace.FAULT_RUN if self.remote is not None else FAULT_RUN
 
     def _background(self) -> None:
         """One background copy, taking the processes in turn (from the source node: asked for until the
@@ -257,7 +267,7 @@ class Daemon:
                 pending = [t for t in self.tasks if not t.gone and t.plan.has_missing]
                 task = pending[self._next_bg % len(pending)]
                 self._next_bg += 1
-                action = task.plan.next()
+                action = task.plan.next(run=self.pace.run(time.monotonic()), fault_run=self._fault_run)
                 if action is None:
                     return
                 self._act(task, action)

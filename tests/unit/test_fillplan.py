@@ -180,3 +180,14 @@ def test_claims_pipelined_from_a_network_source_land_later_and_short_replies_are
     p.finished(first, first.length)
     p.finished(again, again.length)
     assert p.complete
+
+
+def test_the_caller_sizes_fault_and_background_runs() -> None:
+    p = plan((BASE, 16 * MiB, 0))
+    p.fault(BASE + 8 * MiB + 5)
+    served = p.next(fault_run=256 << 10, run=1 * MiB)
+    assert served == Copy(1, BASE + 8 * MiB, 256 << 10, 8 * MiB, True)
+    p.finished(served, served.length)
+    background = p.next(fault_run=256 << 10, run=1 * MiB)  # the fill goes on after the fault, 1 MiB at a time
+    assert isinstance(background, Copy) and not background.fault
+    assert (background.start, background.length) == (BASE + 8 * MiB + (256 << 10), 1 * MiB)
