@@ -153,3 +153,92 @@ def test_criu_shim_killed_the_guard_thaws_once_criu_has_ended(tmp_path: Path,
     criu.stdin.close()
     assert orphandump._until(lambda: _state(cgroup) == "THAWED", 10)  # CRIU gone: the guard thawed
     assert orphandump._until(lambda: _gone(int(guard)), 10)
+
+
+# CRIU's own freeze, raced: its log says it found the cgroup THAWED (it looked just before our write),
+# our FROZEN has landed after its own thaw (the cgroup file says FROZEN), and it seizes its task
+# (PTRACE_SEIZE) a moment later, as CRIU does before it thaws; it never thaws itself here.
+_CRIU_FIRST = """
+import ctypes, os, subprocess, sys, time
+from pathlib import Path
+ctypes.CDLL(None).prctl(15, b"criu", 0, 0, 0)  # PR_SET_NAME
+cgroup, log = Path(sys.argv[1]), sys.argv[2]
+task = subprocess.Popen(["sleep", "60"])
+(cgroup / "tasks").write_text(f"{task.pid}\\n")
+fd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o600)
+os.write(fd, f"(00.001) freezing cgroup {cgroup}: 100 x 100ms attempts, timeout: 10s\\n".encode())
+os.write(fd, b"(00.001) freezer.state=THAWED\\n(00.002) freezer.state=FROZEN\\n")
+print("started", flush=True)
+sys.stdin.readline()
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+assert libc.ptrace(0x4206, task.pid, None, None) == 0, ctypes.get_errno()  # PTRACE_SEIZE
+print("seized", flush=True)
+sys.stdin.read()
+task.kill()
+"""
+
+
+def test_a_freeze_of_ours_after_criu_froze_itself_is_undone_once_criu_has_seized(
+        tmp_path: Path, processes: list[subprocess.Popen[str]]) -> None:
+    cgroup, log = _cgroup(tmp_path), tmp_path / "dump.log"
+
+    async def run() -> None:
+        async with AsyncExitStack() as stack:
+            early = await PreFreeze.start(cgroup, log, stack)
+            assert early is not None
+            criu = subprocess.Popen([sys.executable, "-c", _CRIU_FIRST, str(cgroup), str(log)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            processes.append(criu)
+            assert _line(criu) == "started"
+            (cgroup / "freezer.state").write_text("FROZEN")  # ours, landed after CRIU's thaw
+            undo = asyncio.create_task(asyncio.to_thread(early._undo_after_criu, criu.pid, threading.Event()))
+            await asyncio.sleep(0.2)
+            assert _state(cgroup) == "FROZEN"  # not before CRIU holds its tasks: it lists them frozen
+            assert criu.stdin is not None
+            criu.stdin.write("seize\n")
+            criu.stdin.flush()
+            assert _line(criu) == "seized"
+            await asyncio.wait_for(undo, 10)
+            assert _state(cgroup) == "THAWED"  # else the seized task stays frozen and CRIU waits forever
+            criu.stdin.close()
+            criu.wait(10)
+
+    asyncio.run(run())
+
+
+def test_criu_already_at_its_freezer_is_left_to_freeze_alone(tmp_path: Path,
+                                                             processes: list[subprocess.Popen[str]]) -> None:
+    cgroup, log = _cgroup(tmp_path), tmp_path / "dump.log"
+    log.write_text(f"(00.001) freezing cgroup {cgroup}: 100 x 100ms attempts, timeout: 10s\n")
+
+    async def run() -> bool:
+        async with AsyncExitStack() as stack:
+            early = await PreFreeze.start(cgroup, log, stack)
+            assert early is not None
+            criu = _criu(log)
+            processes.append(criu)
+            assert _line(criu) == "started"
+            froze = await asyncio.to_thread(early.freeze_at_start, threading.Event(), 10)
+            assert criu.stdin is not None
+            criu.stdin.close()
+            criu.wait(10)
+            return froze
+
+    assert not asyncio.run(run())
+    assert _state(cgroup) == "THAWED"  # never written by us
+
+
+@pytest.mark.parametrize(("text", "found_thawed"), [
+    ("(00.1) freezing cgroup /x: 100 x 100ms\n(00.1) freezer.state=THAWED\n(00.2) freezer.state=FROZEN\n", True),
+    ("(00.1) freezing cgroup /x: 100 x 100ms\n(00.1) cgroup.freeze=0\n(00.2) cgroup.freeze=1\n", True),
+    ("(00.1) freezing cgroup /x: 100 x 100ms\n(00.1) freezer.state=FROZEN\n", False),
+    ("(00.1) freezing cgroup /x: 100 x 100ms\n(00.1) freezer.state=FREEZING\n", False),
+    ("(00.1) freezing cgroup /x: 100 x 100ms\n", False),  # not looked yet
+    ("(00.0) freezer.state=THAWED\n", False),  # not CRIU's look at its freezer
+    ("", False),
+])
+def test_what_criu_found_at_its_first_look(text: str, found_thawed: bool) -> None:
+    from shim.checkpoint.prefreeze import criu_at_freezer, criu_found_thawed
+    assert criu_found_thawed(text) is found_thawed
+    assert criu_at_freezer(text) is ("freezing cgroup" in text)
