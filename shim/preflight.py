@@ -205,6 +205,13 @@ def _mount_types(mountinfo: str) -> dict[str, str]:
     return types
 
 
+def fs_type_at(path: Path, mountinfo: str) -> str | None:
+    """The type of the file system `path` lies on: that of the deepest mount point above it (the last
+    mounted there, when mounts are stacked)."""
+    types = _mount_types(mountinfo)
+    return next((types[str(p)] for p in (path, *path.parents) if str(p) in types), None)
+
+
 def probe_cgroup(mountinfo: str, root: Path = CGROUP_ROOT) -> CgroupMode:
     """v2 when /sys/fs/cgroup itself is cgroup2; hybrid when v1 controllers sit beside a
     cgroup2 "unified" mount; v1 when there are only v1 controllers. mountinfo says what is

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shim.errors import FailedPrecondition, Unavailable
-from shim.node import cleanup, fabric, procs, render
+from shim.node import cleanup, fabric, kdat, procs, render
 from shim.node.layout import RUN_ROOT, NodeLayout
 from shim.node.tools import REPO_ROOT, Tools, tools_for
 from shim.restore import lazy, relay_processes
@@ -64,6 +64,7 @@ def up(directory: Path, version: str = "1.7", proxy_config: Path | None = None,
                                      f"{_recorded_fabric(layout)}); `node down` it first")
         return endpoints(layout, host)
     _prepare(layout, version, tools, fabric_name)
+    log.info("%s", kdat.ensure_cache(tools.criu))
     if proxy_config is None:
         proxy_config = layout.proxy_config_file
         # a fabric node restores checkpoint images of its fabric's registry (migrate --mode registry)
