@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -126,6 +127,8 @@ def main() -> int:
     parser.add_argument("--target-containerd", default="1.7", metavar="VERSION",
                         help="node B's containerd (node A runs 1.7): 1.7 or 2.4 (default %(default)s)")
     parser.add_argument("--no-floor", action="store_true", help="skip the CRIU floor (dump + restore by hand)")
+    parser.add_argument("--keep-logs", type=Path, metavar="DIR",
+                        help="copy both nodes' logs (proxy, relays, containerd, receiver) to DIR before they go")
     parser.add_argument("--page-daemons", nargs="+", choices=("criu-shim", "criu"), default=["criu-shim"],
                         help="node B's page daemon for lazy mode ([restore] page_daemon), each interleaved: "
                              "criu-shim's own or CRIU's criu lazy-pages (default %(default)s)")
@@ -189,6 +192,8 @@ def main() -> int:
             for host in hosts:
                 host.cri.close()
             for d in dirs:
+                if args.keep_logs is not None and (d / "logs").is_dir():
+                    shutil.copytree(d / "logs", args.keep_logs / d.name, dirs_exist_ok=True)
                 subprocess.run([sys.executable, "-m", "shim", "node", "down", "--dir", str(d), "--purge"],
                                capture_output=True, cwd=HERE.parent)
     assert not Path(f"/run/netns/csr-{FABRIC}").exists()

@@ -2,7 +2,8 @@
 
 The receiver claims the addresses (their route moves to this node) before the source stops the
 container, so the peers' packets reach this host while the dump and the restore run. A rule in
-this host's network namespace queues them at PREROUTING (raw table, before the routing decision):
+this host's network namespace queues them at PREROUTING (raw table, before the routing decision),
+and the same rule at OUTPUT holds what this host itself sends them (a node-local client, a probe):
 
     iptables -t raw -I PREROUTING -d IP -m comment --comment criu-shim-hold:PID:START:QUEUE \\
         -j NFQUEUE --queue-num QUEUE --queue-bypass
@@ -80,21 +81,24 @@ def _tool(ip: str) -> str:
     return "ip6tables" if ipaddress.ip_address(ip).version == 6 else "iptables"
 
 
-def rule(ip: str, queue: int, tag: str) -> list[str]:
-    return ["-t", "raw", "PREROUTING", "-d", ip, "-m", "comment", "--comment", tag,
+CHAINS = ("PREROUTING", "OUTPUT")  # what reaches this host for the address, and what this host sends it
+
+
+def rule(ip: str, queue: int, tag: str, chain: str = "PREROUTING") -> list[str]:
+    return ["-t", "raw", chain, "-d", ip, "-m", "comment", "--comment", tag,
             "-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass"]
 
 
 def dead_rules(listing: str) -> list[list[str]]:
-    """From `iptables -t raw -S PREROUTING`: the deletions (argv after the tool) of our rules whose
-    receiver is gone (no such pid, or a pid reused by a later process)."""
+    """From `iptables -t raw -S` (a chain of CHAINS, or the table): the deletions (argv after the tool) of
+    our rules whose receiver is gone (no such pid, or a pid reused by a later process)."""
     gone = []
     for line in listing.splitlines():
         try:
             words = shlex.split(line)
         except ValueError:  # not a rule of ours (those are written by us, quoted as iptables does)
             continue
-        if len(words) < 2 or words[:2] != ["-A", "PREROUTING"] or "--comment" not in words:
+        if len(words) < 2 or words[0] != "-A" or words[1] not in CHAINS or "--comment" not in words:
             continue
         tag = words[words.index("--comment") + 1]
         parts = tag.split(":")
@@ -124,7 +128,7 @@ async def sweep() -> int:
     removed = 0
     for tool in ("iptables", "ip6tables"):
         try:
-            listing = await _run(tool, "-t", "raw", "-S", "PREROUTING")
+            listing = await _run(tool, "-t", "raw", "-S")
         except (FailedPrecondition, OSError) as exc:
             log.warning("cannot list %s hold rules: %s", tool, exc)
             continue
@@ -245,9 +249,10 @@ class Hold:
         tag = owner_tag(self.queue)
         try:
             for ip in self.addresses:
-                spec = rule(ip, self.queue, tag)
-                await _run(_tool(ip), *spec[:2], "-I", *spec[2:])
-                self._rules.append((_tool(ip), spec))
+                for chain in CHAINS:
+                    spec = rule(ip, self.queue, tag, chain)
+                    await _run(_tool(ip), *spec[:2], "-I", *spec[2:])
+                    self._rules.append((_tool(ip), spec))
         except BaseException:
             await self.settle(accept=False)
             raise

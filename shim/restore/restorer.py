@@ -95,10 +95,11 @@ class Restorer:
         self._relays = relays if relays is not None else SparePool(config.restore.work_dir, journal=self._journal.directory)
 
     async def open(self) -> None:
-        """Get ready before the first restore: a spare relay, the CRIU feature probes, old configs gone."""
+        """Get ready before the first restore: a spare relay, the CRIU feature probes, CRIU's image readers
+        imported, old configs gone."""
         if self._config.restore.enabled:
             await asyncio.to_thread(self._relays.refill)
-            await asyncio.gather(self._lazy_possible(), self._nftables_lock())
+            await asyncio.gather(self._lazy_possible(), self._nftables_lock(), asyncio.to_thread(_import_image_readers))
             await self.collect_configs()
 
     async def collect_configs(self) -> list[Path]:
@@ -431,3 +432,11 @@ def _remove_configs(root: Path, keep: set[str]) -> list[Path]:
             conf.unlink(missing_ok=True)
             removed.append(conf)
     return removed
+
+
+def _import_image_readers() -> None:
+    """pycriu's image modules (protobuf), which every restore reads CRIU's images with: 40 ms of the first
+    restore after start-up otherwise (a lazy migration's CreateContainer, 64 MiB: unpacked in 0.047 s,
+    the next ones 0.006 s). Without pycriu the restores that need it say so themselves."""
+    with contextlib.suppress(ImportError):
+        import pycriu.images  # noqa: F401

@@ -1,7 +1,8 @@
 """The packet hold (shim/migrate/hold.py) against the real kernel, in a scratch network namespace.
 
-No fabric: datagrams to 127.0.0.1 pass PREROUTING on the loopback, so the hold's iptables rule and
-its nfnetlink_queue listener see them. Checked: held packets are delivered on accept and never on
+No fabric: datagrams the namespace sends to 127.0.0.1 are this host's own traffic to the address,
+held by the OUTPUT rule (once accepted they pass PREROUTING on the loopback, where the settled hold
+lets them through at once), so the hold's iptables rules and its nfnetlink_queue listener see them. Checked: held packets are delivered on accept and never on
 drop, the packet bound (the kernel drops past it), the time bound (what is held is dropped), and
 that no rule or queue is left. The hold runs in a child (`ip netns exec`): never a namespace switch
 in the test process.

@@ -52,9 +52,8 @@ def _in_host(host: Host, *argv: str) -> str:
 
 
 def hold_rules(host: Host) -> list[str]:
-    """Our NFQUEUE rules in the host's network namespace (IPv4 and IPv6)."""
-    listed = _in_host(host, "iptables", "-t", "raw", "-S", "PREROUTING") + \
-        _in_host(host, "ip6tables", "-t", "raw", "-S", "PREROUTING")
+    """Our NFQUEUE rules in the host's network namespace (IPv4 and IPv6, every chain of the raw table)."""
+    listed = _in_host(host, "iptables", "-t", "raw", "-S") + _in_host(host, "ip6tables", "-t", "raw", "-S")
     return [line for line in listed.splitlines() if TAG in line]
 
 
@@ -186,6 +185,8 @@ def test_a_receiver_killed_while_holding_leaves_no_rule_once_back(hosts: tuple[H
                         migrating.wait()
             assert migrating.returncode == 1 and f"the source container {server} is stopped" in err, err
             assert hold_rules(b), "the dead receiver's rule stays until a receiver sweeps it"
+            # held where the peers' packets arrive and where the target host itself sends to the address
+            assert {rule.split()[1] for rule in hold_rules(b)} == {"PREROUTING", "OUTPUT"}, hold_rules(b)
             assert not routed_to(ip, b), router_routes()
             host_route = ["nsenter", f"--net=/run/netns/{b.env['NODE_NETNS']}", "ip", "route", "show", f"{ip}/32"]
             assert subprocess.run(host_route, capture_output=True, text=True).stdout.strip(), \

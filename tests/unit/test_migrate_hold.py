@@ -147,6 +147,24 @@ def test_dead_rules_are_those_of_gone_or_reused_pids() -> None:
     assert all(g[:3] == ["-t", "raw", "-D"] and g[3] == "PREROUTING" for g in gone)
 
 
+def test_dead_rules_of_host_originated_traffic_go_too() -> None:
+    listing = "\n".join([
+        "-P OUTPUT ACCEPT",
+        f'-A OUTPUT -d 10.0.0.3/32 -m comment --comment "{hold.TAG}:999999999:1:31002" -j NFQUEUE '
+        "--queue-num 31002 --queue-bypass",
+        f'-A POSTROUTING -d 10.0.0.4/32 -m comment --comment "{hold.TAG}:999999999:1:31002" -j NFQUEUE '
+        "--queue-num 31002 --queue-bypass",  # not a chain we write
+    ])
+    assert hold.dead_rules(listing) == [["-t", "raw", "-D", "OUTPUT", *listing.splitlines()[1].split()[2:4],
+                                         "-m", "comment", "--comment", f"{hold.TAG}:999999999:1:31002",
+                                         "-j", "NFQUEUE", "--queue-num", "31002", "--queue-bypass"]]
+
+
+def test_each_address_is_held_where_it_arrives_and_where_this_host_sends_it() -> None:
+    assert hold.CHAINS == ("PREROUTING", "OUTPUT")
+    assert hold.rule("10.234.3.2", 31004, "t", "OUTPUT")[:3] == ["-t", "raw", "OUTPUT"]
+
+
 def test_dead_rules_skip_lines_they_cannot_split() -> None:
     assert hold.dead_rules("-A PREROUTING -m comment --comment 'unbalanced\n") == []
 
