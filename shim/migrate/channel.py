@@ -120,8 +120,13 @@ async def send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
     body = json.dumps(message).encode()
     if len(body) > MAX_MESSAGE:
         raise InvalidArgument(f"migration message over {MAX_MESSAGE} bytes")
-    writer.write(_LENGTH.pack(len(body)) + body)
-    await writer.drain()
+    try:
+        writer.write(_LENGTH.pack(len(body)) + body)
+        await writer.drain()
+    except (ConnectionError, ssl.SSLError) as exc:
+        raise Unavailable(f"the migration peer closed the connection ({_reason(exc)})") from None
+    except OSError as exc:  # ETIMEDOUT, or ENETUNREACH/EHOSTUNREACH once the route to the peer is gone
+        raise Unavailable(f"the migration peer stopped answering ({exc.strerror or _reason(exc)})") from None
 
 
 async def receive(reader: asyncio.StreamReader) -> dict[str, Any]:
@@ -133,7 +138,7 @@ async def receive(reader: asyncio.StreamReader) -> dict[str, Any]:
         body = await reader.readexactly(length)
     except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
         raise Unavailable(f"the migration peer closed the connection ({_reason(exc)})") from None
-    except OSError as exc:  # ETIMEDOUT (a TimeoutError): the kernel gave up on a silent peer (give_up_after)
+    except OSError as exc:  # ETIMEDOUT (the kernel gave up on a silent peer: give_up_after), ENETUNREACH...
         raise Unavailable(f"the migration peer stopped answering ({exc.strerror or _reason(exc)})") from None
     try:
         message = json.loads(body)

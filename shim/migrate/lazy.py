@@ -103,22 +103,29 @@ async def migrate(s: Session) -> source.Migrated:
     # The page connection first: its TLS handshake is not part of the container's pause.
     pages = await channel.connect(request.to, request.creds, source.CONNECT_TIMEOUT, request.idle_timeout)
     await channel.send(pages[1], {"protocol": channel.PROTOCOL, "op": "pages", "token": token})
-    try:
-        await source.switch(request, s.pod, s.addresses, s.ready, s.reader, s.writer)
-    except BaseException:
-        pages[1].close()
-        raise
-    switched = time.monotonic()
+    refused: list[ShimError] = []
+
+    async def switch() -> None:
+        try:
+            await source.switch(request, s.pod, s.addresses, s.ready, s.reader, s.writer)
+        except ShimError as exc:  # refused: it routed the IPs here again; the dump fails untouched
+            refused.append(exc)
+            raise
+
     started = time.monotonic()
     async with AsyncExitStack() as stack:
         stack.callback(pages[1].close)  # idempotent: the pump closes it too
         try:
-            await dump.start(stack)
+            # runc and CRIU start now; the switch-over comes once CRIU waits in its pre-dump hook
+            await dump.start(stack, switch)
             criu_end = await dump.page_server()  # at once: CRIU serves the first client that connects
             stack.callback(location.unlink, missing_ok=True)  # without its memory it restores nowhere: not kept
             size = await asyncio.to_thread(dump.write_archive, location)
             dump.stamps["archive"] = time.monotonic()
         except (ShimError, OSError) as exc:
+            if refused:
+                await dump.end()
+                raise refused[0] from None
             with contextlib.suppress(Exception):
                 await channel.send(s.writer, {"op": "abort"})
             await dump.end()
@@ -155,7 +162,7 @@ async def migrate(s: Session) -> source.Migrated:
     return source.Migrated(str(done.get("container_id")), str(s.ready.get("pod")), tuple(s.addresses), size,
                            checkpointed - started, float(done.get("transfer_seconds", 0.0)),
                            float(done.get("restore_seconds", 0.0)), restored - started,
-                           pumped.to_remote, filled - restored, _stages(dump.stamps, done, restored, switched),
+                           pumped.to_remote, filled - restored, _stages(dump.stamps, done, restored),
                            dump.started_wall, int(done.get("held_packets", -1)))
 
 
@@ -221,15 +228,13 @@ async def _until_exited(runtime: Runtime, cid: str) -> None:
         await asyncio.sleep(0.02)
 
 
-def _stages(stamps: dict[str, float], done: dict[str, Any], restored: float,
-            switched: float | None = None) -> tuple[tuple[str, float], ...]:
+def _stages(stamps: dict[str, float], done: dict[str, Any], restored: float) -> tuple[tuple[str, float], ...]:
     """The pause's anatomy: this node's steps, then the target's (its durations from when the archive
-    began to go, which is when it began to receive it), from the dump's start; "switched" (before it)
-    is when the target had begun to hold and claimed the pod IPs."""
+    began to go, which is when it began to receive it), from the switch-over's start (runc's start
+    comes before it: CRIU waits in its pre-dump hook); "switched": the target holds and has claimed the
+    pod IPs (at once without a hold)."""
     origin = stamps.get("start", restored)
     ours = [(k, v - origin) for k, v in stamps.items() if k != "start"]
-    if switched is not None and done.get("held_packets") is not None:
-        ours.append(("switched", switched - origin))
     theirs = done.get("stages")
     sent = stamps.get("archive", restored)
     if isinstance(theirs, dict):

@@ -22,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,7 +45,10 @@ from shim.checkpoint.rootfs import write_rootfs_diff
 from shim.cleanup import undo
 from shim.containerd import NAMESPACE
 from shim.errors import FailedPrecondition
+from shim.migrate.predump_hook import PreDumpHook
 from shim.migrate.tunnel import LOOPBACK, abort_on_close
+
+log = logging.getLogger(__name__)
 
 # Where containerd's runc shim keeps its containers' state (its default root, per namespace).
 RUNC_ROOT = Path("/run/containerd/runc") / NAMESPACE
@@ -88,8 +93,12 @@ class LazyDump:
     def container_id(self) -> str:
         return str(self.source.target.status.id)
 
-    async def start(self, stack: AsyncExitStack) -> None:
-        """runc dumping; returns once CRIU's page server listens (every other image written)."""
+    async def start(self, stack: AsyncExitStack, switch: Callable[[], Awaitable[None]]) -> None:
+        """runc dumping; returns once CRIU's page server listens (every other image written).
+
+        runc and CRIU start first and wait in CRIU's pre-dump hook (shim.migrate.predump_hook): the
+        switch-over (`switch`), our TCP lock and our freeze follow, and only then does CRIU go on, so
+        their start-up is not part of the pause. `switch` failing fails the dump untouched."""
         state = RUNC_ROOT / self.container_id / "state.json"
         if not state.is_file():
             raise FailedPrecondition(f"runc has no state for container {self.container_id} under {RUNC_ROOT}: a "
@@ -97,15 +106,60 @@ class LazyDump:
         _sweep(self.staging.parent)
         self.staging.mkdir(mode=0o700)
         stack.callback(shutil.rmtree, self.staging, ignore_errors=True)
-        env = await self._criu_environment()  # CRIU probed in prepare(), before the switch-over
+        hook = PreDumpHook(self.staging)
+        stack.callback(hook.close)
+        env = await self._criu_environment(hook)  # CRIU probed in prepare(), before the switch-over
         netns = self.source.target.netns
-        self.stamps["start"] = time.monotonic()
-        self.started_wall = time.time()  # to line the stages up with a client's wall-clock log
         locking = self.source.target.options.tcp_established and netns is not None
         frozen = _freezer_of(self.source.spec)
         await self._guard(netns if locking else None, frozen, stack)
-        if locking:
-            assert netns is not None
+        self.port = _free_port()
+        read_end, write_end = os.pipe()
+        stack.callback(os.close, read_end)
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self._argv(write_end), pass_fds=(write_end,), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env)
+        finally:
+            os.close(write_end)
+        self.stamps["runc"] = time.monotonic()
+        if self._guard_in is not None:  # should we die, the guard waits for runc before it thaws
+            with contextlib.suppress(OSError):
+                self._guard_in.write(f"pid {self._proc.pid}\n".encode())
+        stack.push_async_callback(self.end)
+        stack.callback(hook.answer, False)  # any way out before our "go" fails the dump untouched
+        waited = await asyncio.to_thread(hook.wait, read_end, READY_TIMEOUT)
+        if waited == "timeout":
+            raise FailedPrecondition(f"CRIU's lazy dump did not start in {READY_TIMEOUT:.0f} s")
+        ready = b""
+        if waited == "status":  # runc failed first, or a CRIU that ran no hook: it dumped before the switch
+            ready = os.read(read_end, 1)  # readable: at once
+            if not ready:
+                await self._proc.wait()
+                raise FailedPrecondition(f"the lazy dump failed before CRIU froze anything: {await self._why()}")
+            log.warning("CRIU dumped container %s without waiting in its pre-dump hook: the switch-over "
+                        "came after the dump", self.container_id)
+        self.stamps["start"] = time.monotonic()
+        self.started_wall = time.time()  # to line the stages up with a client's wall-clock log
+        await switch()
+        self.stamps["switched"] = time.monotonic()
+        if waited == "hook":
+            await self._lock_and_freeze(netns if locking else None, frozen, stack)
+            hook.answer(True)
+            try:
+                ready = await asyncio.wait_for(asyncio.to_thread(os.read, read_end, 1), READY_TIMEOUT)
+            except TimeoutError:
+                raise FailedPrecondition(f"CRIU's lazy dump did not get ready in {READY_TIMEOUT:.0f} s") from None
+        self.stamps["dumped"] = time.monotonic()
+        if ready:
+            self.stamps["criu freezing"] = self.stamps["dumped"] - _frozen_for(self.staging / CRIU_WORK / DUMP_LOG)
+        if not ready:
+            await self._proc.wait()
+            raise FailedPrecondition(f"the lazy dump failed: {await self._why()}")
+
+    async def _lock_and_freeze(self, netns: Path | None, frozen: Path | None, stack: AsyncExitStack) -> None:
+        """Our TCP lock on the pod and the container frozen, while CRIU waits in its hook."""
+        if netns is not None:
             await netlock.run_nft(netns, netlock.lock_script())
             stack.push_async_exit(self._unlock_unless_moved)
             self.stamps["locked"] = time.monotonic()
@@ -120,31 +174,6 @@ class LazyDump:
             except freezer.FreezerError as exc:  # CRIU could not have frozen it either: nothing was dumped
                 raise FailedPrecondition(f"cannot freeze the container for the dump: {exc}") from None
             self.stamps["frozen"] = time.monotonic()
-        self.port = _free_port()
-        read_end, write_end = os.pipe()
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self._argv(write_end), pass_fds=(write_end,), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env)
-        finally:
-            os.close(write_end)
-        self.stamps["runc"] = time.monotonic()
-        if self._guard_in is not None:  # should we die, the guard waits for runc before it thaws
-            with contextlib.suppress(OSError):
-                self._guard_in.write(f"pid {self._proc.pid}\n".encode())
-        stack.push_async_callback(self.end)
-        try:
-            ready = await asyncio.wait_for(asyncio.to_thread(os.read, read_end, 1), READY_TIMEOUT)
-        except TimeoutError:
-            raise FailedPrecondition(f"CRIU's lazy dump did not get ready in {READY_TIMEOUT:.0f} s") from None
-        finally:
-            os.close(read_end)
-        self.stamps["dumped"] = time.monotonic()
-        if ready:
-            self.stamps["criu freezing"] = self.stamps["dumped"] - _frozen_for(self.staging / CRIU_WORK / DUMP_LOG)
-        if not ready:
-            await self._proc.wait()
-            raise FailedPrecondition(f"the lazy dump failed: {await self._why()}")
 
     async def _guard(self, netns: Path | None, frozen: Path | None, stack: AsyncExitStack) -> None:
         """A process of its own that removes our TCP lock and thaws the container if this one dies
@@ -194,8 +223,8 @@ class LazyDump:
         if self.source.target.options.tcp_established and self._target_nftables:
             await _criu_has_nftables(self._criu)
 
-    async def _criu_environment(self) -> dict[str, str]:
-        """runc's environment, with CRIU's dump config where there is something to say in it.
+    async def _criu_environment(self, hook: PreDumpHook) -> dict[str, str]:
+        """runc's environment, with CRIU's dump config: the pre-dump hook, and the lock method.
 
         With established connections, CRIU locks the network for the dump. Its default method,
         iptables, starts iptables-restore runs inside the pause (a CRIU dump of one connection here:
@@ -205,16 +234,13 @@ class LazyDump:
         without libnftables would fail the restore). Our own TCP lock holds the pod whichever CRIU
         uses; `network-lock skip` would leave the restore unlocked.
         """
-        env = dict(os.environ)
-        if not self.source.target.options.tcp_established or not self._target_nftables \
-                or not await _criu_has_nftables(self._criu):
-            return env
+        nftables = self.source.target.options.tcp_established and self._target_nftables \
+            and await _criu_has_nftables(self._criu)
         config = self.staging / CRIU_DUMP_CONFIG
         fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as out:
-            out.write("network-lock nftables\n")
-        env["CRIU_CONFIG_FILE"] = str(config)
-        return env
+            out.write(hook.config_line() + ("network-lock nftables\n" if nftables else ""))
+        return {**os.environ, "CRIU_CONFIG_FILE": str(config)}
 
     def _argv(self, status_fd: int) -> list[str]:
         opts: CheckpointOptions = self.source.target.options

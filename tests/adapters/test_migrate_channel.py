@@ -245,3 +245,28 @@ def test_a_failed_restore_leaves_nothing_on_the_target(tmp_path: Path, case: str
         _restore_with(tmp_path, runtime, 1)
     assert runtime.removed == (["ctr-1"] if case == "hook fails" else [])  # a restored container is removed
     assert not list((tmp_path / "checkpoints").iterdir())  # and the archive that arrived
+
+
+class _BrokenWriter:
+    """A writer whose connection the kernel has given up on (what drain raises then)."""
+
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    async def drain(self) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "said"), [
+    (OSError(101, "Network is unreachable"), "the migration peer stopped answering (Network is unreachable)"),
+    (TimeoutError(110, "Connection timed out"), "the migration peer stopped answering (Connection timed out)"),
+    (ConnectionResetError(104, "Connection reset by peer"), "the migration peer closed the connection"),
+])
+def test_a_send_the_kernel_refuses_is_the_peer_gone(error: OSError, said: str) -> None:
+    """Found with the link cut mid-fill: the route to the target gone, the source's last word to it
+    raised ENETUNREACH and `migrate` ended with a bare errno instead of saying what became of both."""
+    with pytest.raises(Unavailable, match=said.replace("(", r"\(").replace(")", r"\)")):
+        asyncio.run(channel.send(_BrokenWriter(error), {"op": "finished"}))  # type: ignore[arg-type]
