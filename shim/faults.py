@@ -27,6 +27,8 @@ class Point(enum.StrEnum):
     CHECKPOINT_ARCHIVE = "checkpoint-archive"  # thawed; the memory image sits in the staging directory
     RESTORE_UNPACKED = "restore-unpacked"  # CreateContainer: unpacked, relay handed the restore, no container yet
     RESTORE_CREATED = "restore-created"  # containerd created the container; the relay not yet confirmed ready
+    # `migrate --mode lazy`: CRIU waits in its pre-dump hook; no switch-over, lock or freeze yet
+    MIGRATE_PREDUMP = "migrate-predump"
 
 
 def reached(point: Point) -> None:

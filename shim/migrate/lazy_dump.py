@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from shim import archive_layout as layout
-from shim import freezer
+from shim import faults, freezer
 from shim.checkpoint import devshm, netlock
 from shim.checkpoint.archive import write_archive
 from shim.checkpoint.checkpointer import Target, archive_members
@@ -131,6 +131,8 @@ class LazyDump:
         waited = await asyncio.to_thread(hook.wait, read_end, READY_TIMEOUT)
         if waited == "timeout":
             raise FailedPrecondition(f"CRIU's lazy dump did not start in {READY_TIMEOUT:.0f} s")
+        if waited == "hook":
+            faults.reached(faults.Point.MIGRATE_PREDUMP)
         ready = b""
         if waited == "status":  # runc failed first, or a CRIU that ran no hook: it dumped before the switch
             ready = os.read(read_end, 1)  # readable: at once

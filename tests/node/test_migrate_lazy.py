@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -251,3 +252,40 @@ def _archives_unchanged(a: Host, b: Host) -> Iterator[None]:
     before = (a.archives(), b.archives())
     yield
     assert (a.archives(), b.archives()) == before, "nothing was written on either node"
+
+
+def test_migrate_killed_while_criu_waits_in_its_hook_leaves_the_source_untouched(hosts: tuple[Host, Host]) -> None:
+    """runc and CRIU start before the switch-over and wait in CRIU's pre-dump hook: `migrate` dying there
+    (SIGKILL, the fault point) ends the hook's FIFO, and CRIU fails the dump before it touched anything.
+    The source counts on, unfrozen and unlocked; the target claimed nothing; a retry moves it."""
+    a, b = hosts
+    with a.cri.pod(TCP) as source_pod, b.cri.pod(TCP) as target_pod:
+        ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "32"},
+                              name="counter")
+        ip = pod_ip(a, source_pod)
+        wait_for(lambda: a.cri.count(ctr) >= 5, timeout=60)
+        argv = a.migrate_argv(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy")
+        killed = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO,
+                                env={**os.environ, "CRIU_SHIM_FAULT": "migrate-predump"})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        wait_for(lambda: not _dumping(a), timeout=60)  # CRIU read the end of its hook's FIFO and gave up
+        count = a.cri.count(ctr)
+        wait_for(lambda: a.cri.count(ctr) > count, timeout=30)  # never frozen: it counts on
+        assert a.cri.state(ctr) == "CONTAINER_RUNNING"
+        assert TABLE not in _pod_nft_tables(a, source_pod.id)  # our TCP lock never came
+        assert not routed_to_target(ip, b), router_routes()
+        assert b.containers() == []
+        a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy")
+        wait_for(lambda: len(b.containers()) == 1, timeout=60)
+    _no_lazy_leftovers(a)
+    _no_lazy_leftovers(b)
+
+
+def _dumping(host: Host) -> bool:
+    """A runc checkpoint of this host's still runs (its image path is under the host's checkpoints dir)."""
+    procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return any("checkpoint" in p and host.env["CHECKPOINTS_DIR"] in p for p in procs.splitlines())
+
+
+def routed_to_target(ip: str, target: Host) -> bool:
+    return f"{ip} via {target.env['HOST_IP']}" in router_routes()
