@@ -29,6 +29,8 @@ class Point(enum.StrEnum):
     RESTORE_CREATED = "restore-created"  # containerd created the container; the relay not yet confirmed ready
     # `migrate --mode lazy`: CRIU waits in its pre-dump hook; no switch-over, lock or freeze yet
     MIGRATE_PREDUMP = "migrate-predump"
+    # the migration receiver restored the container and claimed its addresses; the source not told yet
+    MIGRATE_RESTORED = "migrate-restored"
 
 
 def reached(point: Point) -> None:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shim import faults
 from shim.annotations import CHECKPOINT_PREFIX, TRUE
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.errors import Code, FailedPrecondition, InvalidArgument, ResourceExhausted, ShimError, Unavailable, Upstream
@@ -212,6 +213,7 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
                         settings.allowed_registries)
             watcher.add(str(reply["container_id"]), migration.addresses)  # restored and claimed
             watcher.end(migration.pod.id)
+            faults.reached(faults.Point.MIGRATE_RESTORED)
             await channel.send(writer, {"ok": True, **reply})
             log.info("migration from %s restored container %s in pod %s", who, reply["container_id"],
                      migration.pod.label)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from shim import export, signing
-from shim.errors import InvalidArgument, ShimError, Upstream
+from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Upstream
 from shim.image_reference import Reference
 from shim.migrate import channel, source
 from shim.migrate.runtime import ContainerView, PodView, Runtime
@@ -109,6 +109,8 @@ async def migrate(request: source.MigrateRequest, target: ImageTarget, runtime: 
     started = time.monotonic()
     try:
         return await _migrate(request, target, runtime, container, addresses, reader, writer, ready, started)
+    except source.OutcomeUnknown:  # the target may run it: its addresses stay with it
+        raise
     except ShimError:
         await source.claim_back(request, pod, addresses, ready)  # the target released them
         raise
@@ -132,10 +134,15 @@ async def _migrate(request: source.MigrateRequest, target: ImageTarget, runtime:
         raise source.MigrationFailed(f"the checkpoint image could not be built: {exc}; "
                                      f"{stopped(container, archive, ref, None, request)}") from None
     pushed_at = time.monotonic()
+    asked = False
     try:
-        done = await source.ask(reader, writer, {"op": "restore_image", "image": str(pushed.pinned)},
-                                request.timeout, "the target node could not restore it")
+        await channel.send(writer, {"op": "restore_image", "image": str(pushed.pinned)})
+        asked = True
+        done = await source.ask(reader, writer, None, request.timeout, "the target node could not restore it")
     except ShimError as exc:
+        if asked and not isinstance(exc, FailedPrecondition):  # the target has the image: no answer came
+            raise source.OutcomeUnknown(f"{exc.message}; {source.UNKNOWN}; "
+                                        f"{stopped(container, archive, ref, pushed.pinned, request)}") from None
         raise source.MigrationFailed(f"{exc.message}; {stopped(container, archive, ref, pushed.pinned, request)}") \
             from None
     finished = time.monotonic()

@@ -104,6 +104,17 @@ class MigrationFailed(ShimError):
     """A failure after the source was stopped: the message says what state it is in."""
 
 
+class OutcomeUnknown(MigrationFailed):
+    """The target had all it needed to restore and its answer never came (no answer in time, the
+    connection gone): it may run the container. The addresses stay with it (not claimed back: that
+    would take the route from a running copy to the stopped source); a target whose restore failed
+    releases them itself."""
+
+
+UNKNOWN = "whether the target restored it is unknown: the pod IPs stay with the target node (it releases them " \
+          "if its restore failed)"
+
+
 def run(request: MigrateRequest) -> Migrated:
     return asyncio.run(migrate(request))
 
@@ -152,13 +163,17 @@ async def _migrate(request: MigrateRequest, runtime: Runtime) -> Migrated:
             raise
         checkpointed = time.monotonic()
         size = archive.stat().st_size
+        sent = False
         try:
             await channel.send(writer, {"op": "restore", "size": size})
             await stream(archive, writer, size, request.idle_timeout)
+            sent = True
             done = await ask(reader, writer, None, request.timeout, "the target node could not restore it")
         except (ShimError, ConnectionError, OSError) as exc:  # the receiver gone mid-way: a broken connection
-            await claim_back(request, pod, addresses, ready)
             why = exc.message if isinstance(exc, ShimError) else f"the connection to the target node broke ({exc})"
+            if sent and not isinstance(exc, FailedPrecondition):  # the whole archive there, no answer
+                raise OutcomeUnknown(f"{why}; {UNKNOWN}; {_stopped(container, archive, request)}") from None
+            await claim_back(request, pod, addresses, ready)
             raise MigrationFailed(f"{why}; {_stopped(container, archive, request)}") from None
         finished = time.monotonic()
     finally:

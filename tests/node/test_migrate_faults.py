@@ -32,10 +32,13 @@ from tests.node.fabric_pods import (
     FABRIC,
     REPO,
     STOP_AFTER,
+    TCP,
     Host,
     fabric_hosts,
     kept_checkpoint,
     pipe_max_size,
+    pod_ip,
+    router_routes,
     slow_link,
 )
 from tests.node.pods import Pod, wait_for
@@ -378,3 +381,39 @@ def test_a_target_without_criu_shim_is_refused_before_anything_stops(hosts: tupl
         seen = a.cri.count(ctr)
         a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target.id)
         _arrived(b, target, seen)
+
+
+def test_an_answer_lost_after_the_restore_leaves_the_addresses_with_the_target(
+        hosts: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver restored the container and claimed its addresses, then died before it could say so
+    (a fault point): the source cannot know the outcome, so it must not claim the addresses back (that
+    would take the route from the running copy to the stopped source). `migrate` says the outcome is
+    unknown; the restored container runs on with its address; the receiver started again keeps its claim."""
+    a, b = hosts
+    with _nothing_left(a, b), a.cri.pod(TCP) as pod, b.cri.pod(TCP) as target:
+        ctr = a.cri.container(pod, COUNTER, {"INTERVAL_MS": "50", "MEM_MB": "32"}, name="counter")
+        wait_for(lambda: a.cri.count(ctr) >= 10)
+        ip = pod_ip(a, pod)
+        procs.stop(_pid(b, "receiver"))
+        monkeypatch.setenv(faults.VARIABLE, faults.Point.MIGRATE_RESTORED.value)
+        try:
+            b.start_receiver()
+        finally:
+            monkeypatch.delenv(faults.VARIABLE)
+        try:
+            proc = a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target.id, check=False)
+        finally:
+            b.start_receiver()  # the dead one's pid file names a gone process
+        assert proc.returncode == 1, proc.stderr
+        assert "whether the target restored it is unknown: the pod IPs stay with the target node" in proc.stderr
+        moved = b.containers()
+        assert len(moved) == 1 and b.cri.state(moved[0]) == "CONTAINER_RUNNING", moved
+        seen = b.cri.count(moved[0])
+        wait_for(lambda: b.cri.count(moved[0]) > seen)  # the copy runs, with its memory
+        assert f"{ip} via {b.env['HOST_IP']}" in router_routes(), router_routes()  # not claimed back
+        archive = kept_checkpoint(proc.stderr)
+        b.cri.runtime.StopContainer(cri.StopContainerRequest(container_id=moved[0], timeout=0), timeout=60)
+        b.cri.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=moved[0]), timeout=60)
+        archive.unlink()  # kept for a retry that this test does not need
+        # removed on the target: its receiver releases the claim it kept
+        wait_for(lambda: f"{ip} via {b.env['HOST_IP']}" not in router_routes(), timeout=60)
