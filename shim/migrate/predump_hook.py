@@ -11,8 +11,11 @@ lock and freeze; then we tell it to go on.
 How. Two FIFOs and a script in the dump's private staging directory, the script named in CRIU's
 config file (`action-script`, read in runc's swrk mode too). The script writes a line to `ready` and
 reads one from `go`; anything but "go" (our "no", or the end of the FIFO when we die: we hold its
-only writing end) makes it exit 1, and CRIU fails the dump before it has touched the container
-("Pre dump script failed"). Other actions pass through at once.
+only writing end) makes it exit non-zero, and CRIU fails the dump before it has touched the
+container ("Pre dump script failed"). Other actions pass through at once. Its open of either FIFO
+would wait forever for an end of ours that died before it came (a FIFO opens only once both ends
+are there), so the handshake runs under `timeout`: WAIT_LIMIT at most, far above the milliseconds
+of a switch-over, then the dump fails the same way.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from pathlib import Path
 SCRIPT = "pre-dump.sh"
 READY = "pre-dump.ready"
 GO = "pre-dump.go"
+WAIT_LIMIT = 60  # seconds CRIU waits in the hook at most
 
 
 class PreDumpHook:
     """The FIFOs, open on our side (read-write: never an end-of-file, never a blocking open), and the script."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, limit: int = WAIT_LIMIT) -> None:
         self.script = directory / SCRIPT
         ready, go = directory / READY, directory / GO
         os.mkfifo(ready, 0o600)
@@ -40,8 +44,9 @@ class PreDumpHook:
         self._ready = os.open(ready, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self._go = os.open(go, os.O_RDWR | os.O_CLOEXEC)
         body = ('[ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] || exit 0\n'
-                f"echo ready > {shlex.quote(str(ready))} || exit 1\n"
-                f'read -r answer < {shlex.quote(str(go))} && [ "$answer" = go ]\n')
+                f"exec timeout {int(limit)} sh -c "
+                + shlex.quote('echo ready > "$1" && read -r answer < "$2" && [ "$answer" = go ]')
+                + f" pre-dump {shlex.quote(str(ready))} {shlex.quote(str(go))}\n")
         fd = os.open(self.script, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o700)
         with os.fdopen(fd, "w") as out:
             out.write("#!/bin/sh\n" + body)

@@ -1,6 +1,7 @@
-"""The lazy dump's CRIU config (shim.migrate.lazy_dump): CRIU's own network lock for the dump is
-nftables wherever connections are dumped and the CRIU runc runs can do it, so no iptables process
-starts inside the pause; elsewhere runc's environment is left as it is."""
+"""The lazy dump's CRIU config (shim.migrate.lazy_dump): always our pre-dump hook (runc and CRIU start
+before the pause, shim.migrate.predump_hook); CRIU's own network lock for the dump is nftables
+wherever connections are dumped and the CRIU runc runs can do it, so no iptables process starts
+inside the pause; elsewhere CRIU keeps its default method."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from shim.migrate import lazy_dump
 from shim.migrate.lazy_dump import CRIU_DUMP_CONFIG, LazyDump
+from shim.migrate.predump_hook import PreDumpHook
 
 
 def _criu(tmp_path: Path, nftables: bool) -> Path:
@@ -40,27 +42,28 @@ def test_dumped_connections_are_locked_by_criu_with_nftables_when_it_can(tmp_pat
     dump = _dump(tmp_path, _criu(tmp_path, nftables=True), tcp=True)
     asyncio.run(dump.prepare())  # before the switch-over: CRIU is asked here, not between it and the lock
     assert (tmp_path / "asked").read_text().count("check --feature nftables") == 1
-    env = asyncio.run(dump._criu_environment())
+    hook = PreDumpHook(dump.staging)
+    env = asyncio.run(dump._criu_environment(hook))
     config = Path(env["CRIU_CONFIG_FILE"])
     assert config == dump.staging / CRIU_DUMP_CONFIG
-    assert config.read_text() == "network-lock nftables\n"
+    assert config.read_text() == hook.config_line() + "network-lock nftables\n"
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
     second = _dump(tmp_path, _criu(tmp_path, nftables=True), tcp=True, name="second")
-    assert "CRIU_CONFIG_FILE" in asyncio.run(second._criu_environment())
+    assert "network-lock nftables" in Path(asyncio.run(
+        second._criu_environment(PreDumpHook(second.staging)))["CRIU_CONFIG_FILE"]).read_text()
     assert (tmp_path / "asked").read_text().count("check --feature nftables") == 1  # probed once
 
 
 @pytest.mark.parametrize("nftables, tcp, target", [(False, True, True), (True, False, True), (True, True, False)],
                          ids=["this CRIU cannot", "no connections", "the target's CRIU cannot"])
-def test_otherwise_runc_s_environment_is_left_alone(tmp_path: Path, nftables: bool, tcp: bool, target: bool,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("CRIU_CONFIG_FILE", raising=False)
+def test_otherwise_criu_keeps_its_lock_method(tmp_path: Path, nftables: bool, tcp: bool, target: bool) -> None:
     dump = _dump(tmp_path, _criu(tmp_path, nftables), tcp, target=target)
-    env = asyncio.run(dump._criu_environment())
-    assert "CRIU_CONFIG_FILE" not in env and not (dump.staging / CRIU_DUMP_CONFIG).exists()
+    hook = PreDumpHook(dump.staging)
+    env = asyncio.run(dump._criu_environment(hook))
+    assert Path(env["CRIU_CONFIG_FILE"]).read_text() == hook.config_line()
 
 
-def test_a_criu_that_cannot_run_means_no_nftables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("CRIU_CONFIG_FILE", raising=False)
+def test_a_criu_that_cannot_run_means_no_nftables(tmp_path: Path) -> None:
     dump = _dump(tmp_path, tmp_path / "no-such-criu", tcp=True)
-    assert "CRIU_CONFIG_FILE" not in asyncio.run(dump._criu_environment())
+    hook = PreDumpHook(dump.staging)
+    assert Path(asyncio.run(dump._criu_environment(hook))["CRIU_CONFIG_FILE"]).read_text() == hook.config_line()

@@ -52,12 +52,20 @@ def test_our_no_fails_the_dump(hook: PreDumpHook, status: tuple[int, int]) -> No
     assert criu.wait(10) == 1
 
 
-def test_our_end_gone_fails_the_dump(hook: PreDumpHook, status: tuple[int, int]) -> None:
-    """As when criu-shim dies while CRIU waits: the FIFO's only writer closes, the script reads its end."""
+def test_our_end_gone_fails_the_dump(tmp_path: Path, status: tuple[int, int]) -> None:
+    """As when criu-shim dies while CRIU waits: the FIFO's only writer closes and the script reads its
+    end, or (gone before the script opened it) the script's open would wait forever: its limit ends it."""
+    hook = PreDumpHook(tmp_path, limit=2)
     criu = run_as_criu(hook)
     assert hook.wait(status[0], 10) == "hook"
     hook.close()
-    assert criu.wait(10) == 1
+    assert criu.wait(10) != 0
+
+
+def test_gone_before_criu_ran_the_hook_fails_the_dump_within_the_limit(tmp_path: Path) -> None:
+    hook = PreDumpHook(tmp_path, limit=1)
+    hook.close()  # no reader of `ready` ever again: the script's open of it would block for good
+    assert run_as_criu(hook).wait(10) == 124  # timeout's word
 
 
 @pytest.mark.parametrize("action", ["network-lock", "post-dump", "pre-restore", ""])
