@@ -244,8 +244,10 @@ def down(directory: Path, purge: bool = False) -> list[str]:
     for pid in relay_pids & set(procs.processes_mentioning(str(layout.dir))):  # this node's restore relays only
         procs.stop(pid, timeout=5)
         report.append(f"stopped leftover restore relay {pid}")
-    ours = {pid for pid in procs.processes_mentioning("shim.runtime.page_daemon")  # found by its cwd (spare)
-            if procs.cwd_under(pid, layout.dir)}
+    # Spares work in the node's restore root (cwd): a spare page daemon, or one its relay had forked and
+    # not yet exec'd (an idle-priority child on a loaded machine still bears the relay's command line),
+    # is found by that, whatever its command line says by now.
+    ours = {pid for pid in procs.processes_mentioning("shim.runtime") if procs.cwd_under(pid, layout.dir)}
     for pid in set(procs.processes_mentioning("lazy-pages")) & set(procs.processes_mentioning(str(layout.dir))) | ours:
         procs.stop(pid, timeout=5)  # a lazy restore's page daemon whose relay is gone
         report.append(f"stopped leftover lazy-pages daemon {pid}")

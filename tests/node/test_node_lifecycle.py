@@ -13,7 +13,8 @@ import pytest
 
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.api.cri.v1 import api_pb2_grpc
-from shim.node.layout import NodeLayout
+from shim.node import cleanup
+from shim.node.layout import RUN_ROOT, NodeLayout
 from tests.node import leaks
 from tests.node.conftest import criu_shim, node_down, node_up
 
@@ -58,7 +59,9 @@ def test_two_nodes_side_by_side_and_nothing_left(tmp_path: Path) -> None:
 def test_two_nodes_whose_tags_pick_one_subnet_get_two(tmp_path: Path) -> None:
     """A test session keeps a dozen nodes up: the second of two nodes whose tags pick the same /24 takes
     the next free one (it failed at up, or its pods later, before)."""
-    first = tmp_path / "a"
+    # The first node's own /24 must be free now: another node of the session may hold that of "a".
+    first = next(d for d in (tmp_path / f"a{i}" for i in range(10_000))
+                 if _free_now(NodeLayout(d.resolve()).subnet_candidates()[0]))
     preferred = NodeLayout(first.resolve()).subnet_candidates()[0]
     second = next(d for d in (tmp_path / f"b{i}" for i in range(10_000))
                   if NodeLayout(d.resolve()).subnet_candidates()[0] == preferred)
@@ -73,6 +76,12 @@ def test_two_nodes_whose_tags_pick_one_subnet_get_two(tmp_path: Path) -> None:
         for d in (first, second):
             node_down(d)
     leaks.assert_nothing_left(before, leaks.settled_snapshot(before), tmp_path)
+
+
+def _free_now(subnet: str) -> bool:
+    """Neither claimed by a node that is up (its run dir's `subnet`) nor routed on this host."""
+    claimed = {claim.read_text().strip() for claim in RUN_ROOT.glob("*/subnet")}
+    return subnet not in claimed and cleanup.subnet_in_use(subnet, own_bridge="") is None
 
 
 def test_bad_input_is_refused_and_changes_nothing(tmp_path: Path) -> None:
@@ -148,3 +157,24 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_down_stops_a_spare_its_relay_forked_and_never_saw_exec(tmp_path: Path) -> None:
+    """A spare relay starts its spare page daemon at idle priority; stopped at that moment, it leaves a
+    child that may still bear the relay's command line (forked, not yet exec'd) when `node down` looks,
+    and runs its own orphan check only once it gets CPU (CI found one left three runs in a row). `node
+    down` finds it by where it works, the node's restore root, whatever its command line says."""
+    node_up(tmp_path / "n")
+    restores = NodeLayout((tmp_path / "n").resolve()).dir / "restore"
+    restores.mkdir(exist_ok=True)
+    # the relay's command line, not the node's directory in it, in the restore root
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "-m", "shim.runtime",
+                              "relay-spare"], cwd=restores, start_new_session=True)
+    try:
+        said = node_down(tmp_path / "n")
+        assert child.wait(timeout=30) in (-signal.SIGTERM, -signal.SIGKILL)
+        assert f"stopped leftover lazy-pages daemon {child.pid}" in said, said
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
