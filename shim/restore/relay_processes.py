@@ -147,10 +147,13 @@ class SparePool:
             # Until it has a restore (and its own log), what it says goes to the proxy's log.
             # Working in the restores' root, it (and the page daemon it starts ahead of need, which
             # inherits that) is found by where it works, as the node's (`node down` finds a spare
-            # daemon orphaned at idle priority, still starting up, that way).
+            # daemon orphaned at idle priority, still starting up, that way). The root is made now:
+            # on a node that never restored, a spare worked where the proxy did, and its page daemon
+            # was found by nothing (CI: left by the critest node three runs in a row).
+            self._work_root.mkdir(mode=0o700, parents=True, exist_ok=True)
             spare = subprocess.Popen(
                 relay_argv(RelayCommand.SPARE, str(self._directory), str(self._work_root), *_optional(self._journal)),
-                stdin=subprocess.PIPE, start_new_session=True, cwd=self._work_root if self._work_root.is_dir() else None)
+                stdin=subprocess.PIPE, start_new_session=True, cwd=self._work_root)
         except OSError as exc:  # restores still work, one interpreter start-up slower
             log.warning("could not start a spare restore relay: %s", exc)
             return None
