@@ -156,7 +156,7 @@ def fabric_hosts(factory: pytest.TempPathFactory, versions: Sequence[str]) -> It
             host.cri.close()
         for d in dirs:
             criu_shim("node", "down", "--dir", str(d), "--purge", check=False)
-    leaks.assert_nothing_left(before, leaks.settled_snapshot(before), dirs[0])
+    leaks.assert_nothing_left(before, leaks.settled_snapshot(before, directory=dirs), dirs)
     assert not Path(f"/run/netns/csr-{FABRIC}").exists()
 
 

@@ -51,7 +51,7 @@ def critest_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Nod
     finally:
         reg.stop_registry(registry_dir)
         node_down(directory)
-    leaks.assert_nothing_left(before, leaks.settled_snapshot(before), directory)
+    leaks.assert_nothing_left(before, leaks.settled_snapshot(before, directory=directory), directory)
 
 
 def run_critest(endpoint: str, images_file: Path, report_dir: Path, focus: str | None = None) -> dict[str, str]:

@@ -59,7 +59,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         for directory in reversed(dirs):  # the joined kubelet first, while the API server still runs
             kube.node_down(directory)
-    leaks.assert_nothing_left(before, leaks.settled_snapshot(before), first_dir)
+    leaks.assert_nothing_left(before, leaks.settled_snapshot(before, directory=dirs), dirs)
 
 
 @pytest.fixture
