@@ -338,6 +338,32 @@ def test_the_annotation_name_quoted_inside_another_string_is_not_the_annotation(
     assert_became_runc(node, result, pid, [*FLAGS, "start"])
 
 
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_key_that_ends_in_the_annotation_name_after_an_escaped_quote_is_not_the_annotation(
+        node: Node, shell: str) -> None:
+    # "x\"restore.criu-shim.io/dir": the quote before the name is inside the key, not the key's own.
+    text = spec({f'x"{ANNOTATION}': RESTORE_DIR}, separators=(",", ":"))
+    assert f'\\"{ANNOTATION}":' in text
+    node.write_spec(text)
+    with node.listen():
+        result, pid = node.run(shell, [*FLAGS, "start"])
+    assert_became_runc(node, result, pid, [*FLAGS, "start"])
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_annotation_is_found_in_a_large_spec(node: Node, shell: str) -> None:
+    # 200 KB of environment before the annotations (a long env, a seccomp profile): the lookup is
+    # linear in the spec (${line#*pattern} over the whole line took minutes at this size).
+    big = json.loads(spec(MARKED))
+    big["process"]["env"] = [f"VAR_{i}={'v' * 90}" for i in range(2000)]
+    node.write_spec(json.dumps(big, separators=(",", ":")))
+    with node.listen():
+        result, _ = node.run(shell, [*FLAGS, "start"])
+    assert_clean(result)
+    assert result.stdout == f"unix://{node.shims}/{KEY}.sock".encode()
+    assert node.recorded("runc.argv") == [*FLAGS, "start"]
+
+
 # --- the harness itself, and the rendered launcher -------------------------------------------
 
 

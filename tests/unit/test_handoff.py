@@ -15,8 +15,10 @@ LAUNCHER = (NODE_CONFIG / "containerd-shim-criu-v2").read_text()
 
 
 def test_launcher_looks_for_the_annotation_as_a_json_key() -> None:
-    # containerd writes the spec as JSON: the launcher matches the quoted key, twice (find, then cut).
-    assert LAUNCHER.count(f"'\"{RESTORE_DIR}\"'") == 2
+    # containerd writes the spec as JSON: the launcher finds a line with the quoted key, then the key
+    # as a whole field of the line split at its quotes.
+    assert LAUNCHER.count(f"'\"{RESTORE_DIR}\"'") == 1
+    assert f'"$2" = {RESTORE_DIR} ]' in LAUNCHER
 
 
 def test_launcher_meets_the_relay_in_the_rendezvous_directory() -> None:
