@@ -67,6 +67,7 @@ class RestoreRewriter:
         self.started = False  # the init process's Start went upstream
         self.lazy: LazyPages | None = None
         self._deadline: CriuDeadline | None = None  # armed at Start: a CRIU that never finishes is ended
+        self._addresses: asyncio.Future[None] | None = None  # the pod IPs kept, added from Create on
         # Planned already when a spare relay is handed an unpacked restore: start at once.
         try:
             self.lazy = LazyPages.planned(plan.dir)
@@ -140,6 +141,10 @@ class RestoreRewriter:
         if apply_network_lock(self.plan.dir, self.plan.images):  # before runc hands the images to CRIU
             log.info("the restore locks its TCP connections with nftables")
         self.bundle = Path(request.bundle)
+        if self._addresses is None:
+            # A child in the pod's netns (10-15 ms) overlapping the runc shim's own Create; Start waits for it.
+            self._addresses = asyncio.ensure_future(asyncio.to_thread(self._add_addresses, self.bundle))
+            self._addresses.add_done_callback(_retrieved)  # a Start that never comes must not leave it unread
         if self._note is not None:
             self._note(recovery.task_facts(request.id, self.bundle))
         if self.lazy is None:  # a relay started before the unpacking
@@ -154,6 +159,8 @@ class RestoreRewriter:
         request = shim_pb2.StartRequest.FromString(payload)
         if request.exec_id:
             return
+        if self._addresses is not None:
+            await self._addresses
         await asyncio.to_thread(self._prepare_rootfs)
         if self.lazy is not None:
             await self.lazy.listening()
@@ -170,19 +177,28 @@ class RestoreRewriter:
 
         if self.bundle is None:
             raise FailedPrecondition("Start arrived before Create: no bundle to restore into")
-        from shim.restore.network import add_planned_addresses, netns_of
-
-        netns = netns_of(self.bundle)
-        if netns is not None:
-            added = add_planned_addresses(self.plan.dir, netns)
-            if added:
-                log.info("kept the checkpointed pod's addresses %s in %s", added, netns)
         rootfs = self.bundle / "rootfs"
         if self.plan.rootfs_diff.is_file():
             apply_rootfs_diff(self.plan.rootfs_diff, rootfs)
         if self.plan.deleted_files.is_file():
             apply_deleted_files(parse_deleted_files(self.plan.deleted_files.read_bytes()), rootfs)
         restore_devshm(self.plan.dir, self.bundle)  # before CRIU reopens the files its processes mapped
+
+
+    def _add_addresses(self, bundle: Path) -> None:
+        """The checkpointed pod's addresses that stay (restore.network's plan), on the new pod's eth0."""
+        from shim.restore.network import add_planned_addresses, netns_of
+
+        netns = netns_of(bundle)
+        if netns is not None:
+            added = add_planned_addresses(self.plan.dir, netns)
+            if added:
+                log.info("kept the checkpointed pod's addresses %s in %s", added, netns)
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def run(listen: Path, bundle: Path) -> int:
