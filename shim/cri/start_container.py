@@ -42,8 +42,10 @@ def handler(containerd: Containerd, restorer: Restorer, logs: Path | None = None
             state_dirs.append(await containerd.state_dir())
         if state_dirs[0] is None:
             return None
-        _, info = await containerd.container_status(container_id)
-        sandbox = info.get("sandboxID")
+        sandbox = restorer.sandbox_of(container_id)  # the restore's CreateContainer named it
+        if sandbox is None:
+            _, info = await containerd.container_status(container_id)
+            sandbox = info.get("sandboxID")
         try:
             return pod_bootstrap(state_dirs[0], NAMESPACE, sandbox) if isinstance(sandbox, str) else None
         except ValueError:

@@ -32,6 +32,7 @@ class PendingRestore:
     relay: Relay
     pid: int  # the relay's
     created: float  # on the table's clock
+    sandbox: str = ""  # the pod's id, from CreateContainer (StartContainer need not ask containerd)
 
 
 class PendingRestores:
@@ -60,8 +61,8 @@ class PendingRestores:
     def pop(self, container_id: str) -> PendingRestore | None:
         return self._entries.pop(container_id, None)
 
-    def add(self, container_id: str, relay: Relay, pid: int) -> None:
-        self._entries[container_id] = PendingRestore(relay, pid, self._clock())
+    def add(self, container_id: str, relay: Relay, pid: int, sandbox: str = "") -> None:
+        self._entries[container_id] = PendingRestore(relay, pid, self._clock(), sandbox)
 
     def collect(self) -> list[str]:
         """Forget the entries older than the ttl; their container ids, oldest first."""

@@ -89,6 +89,7 @@ class Restorer:
         self._nftables: bool | None = None  # whether CRIU can lock restored connections with nftables (probed once)
         self._creating: set[str] = set()  # work dir names of restores inside CreateContainer
         self._reading: dict[Path, int] = {}  # archives CreateContainer reads now, and by how many calls
+        self._collect = asyncio.Event()  # a restore started: its pod's old CRIU configs may go (collect_forever)
         self._journal = Journal.in_state_dir(config.state_dir)
         self._audits = RestoreAudits(config.audit_log)
         self._admission = RestoreAdmission(containerd, config)
@@ -121,6 +122,16 @@ class Restorer:
         keep = used | {str(criu_config(root / name)) for name in self._creating}
         return await asyncio.to_thread(_remove_configs, root, keep)
 
+    async def collect_forever(self) -> None:
+        """Collect old CRIU configs soon after each restore has started (owned by the app's TaskGroup)."""
+        while True:
+            await self._collect.wait()
+            self._collect.clear()
+            try:
+                await self.collect_configs()
+            except Exception:  # a bad pass must not end collection, nor the proxy
+                log.exception("collecting old CRIU configs failed; trying again after the next restore")
+
     async def close(self) -> None:
         self._audits.close()
         await asyncio.to_thread(self._relays.close)
@@ -132,7 +143,7 @@ class Restorer:
             return
         if pending.relay.upstream_file.exists():  # the launcher handed the task to our relay
             pending.relay.upstream_file.unlink(missing_ok=True)
-            await self.collect_configs()
+            self._collect.set()  # after the answer: a restore's StartContainer is inside a migration's pause
             return
         with contextlib.suppress(OSError):
             os.kill(pending.pid, signal.SIGTERM)  # never used: it would wait for containerd in vain
@@ -186,6 +197,11 @@ class Restorer:
     def is_pending(self, container_id: str) -> bool:
         """Created for restore and not started yet."""
         return container_id in self._pending
+
+    def sandbox_of(self, container_id: str) -> str | None:
+        """The pod of a restore created and not started yet, as CreateContainer named it."""
+        pending = self._pending.get(container_id)
+        return pending.sandbox or None if pending is not None else None
 
     def handed_over(self, container_id: str) -> bool:
         """Our launcher handed the pending restore's task to its relay (it wrote the upstream file)."""
@@ -251,7 +267,7 @@ class Restorer:
                 container_id = await self._create_in_containerd(request, source, archive, archive_path, work,
                                                                 metadata, timeout, unpacked)
                 faults.reached(faults.Point.RESTORE_CREATED)
-                self._pending.add(container_id, relay, await self._relays.wait_ready(relay))
+                self._pending.add(container_id, relay, await self._relays.wait_ready(relay), request.pod_sandbox_id)
                 undo_unless_created.pop_all()  # from here the relay owns `work` (it removes it when the task is gone)
                 return container_id
         raise AssertionError("unreachable: the stack re-raises what ended the block")

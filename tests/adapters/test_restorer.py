@@ -12,6 +12,7 @@ own bookkeeping. Real containerd, runc and CRIU drive it in tests/node/test_rest
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import threading
@@ -38,6 +39,7 @@ from shim.errors import (
     Unavailable,
     Upstream,
 )
+from shim.handoff import criu_config
 from shim.journal import Journal
 from shim.peer import Peer
 from shim.restore.checkpoint_unpack import CheckpointArchive
@@ -284,6 +286,31 @@ def test_create_and_start_hand_everything_to_the_relay(env: Env) -> None:
         assert env.audit_results() == ["ok"]
         await env.restorer.close()
         assert env.relays.closed
+
+    asyncio.run(scenario())
+
+
+def test_old_criu_configs_go_after_a_start_has_answered_not_inside_it(env: Env) -> None:
+    """StartContainer of a restore is inside a migration's pause: collecting the configs of removed
+    containers (a containerd listing) comes after it, from collect_forever."""
+    async def scenario() -> None:
+        stale = criu_config(env.work_root / "0123abcd")
+        container_id = await env.create()
+        assert env.restorer.sandbox_of(container_id) == "sandbox-1"  # StartContainer need not ask containerd
+        stale.write_text("tcp-established\n")
+        Relay(env.relays.started[0], env.relays.directory).upstream_file.write_text("unix:///run/containerd/s/x")
+        await env.restorer.after_start(container_id)
+        assert stale.exists()  # not within the call
+        assert env.restorer.sandbox_of(container_id) is None
+        collecting = asyncio.create_task(env.restorer.collect_forever())
+        try:
+            async with asyncio.timeout(10):
+                while stale.exists():
+                    await asyncio.sleep(0.01)
+        finally:
+            collecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collecting
 
     asyncio.run(scenario())
 

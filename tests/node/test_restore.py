@@ -258,7 +258,7 @@ def test_criu_configs_of_removed_restored_containers_are_collected(client: Cri, 
         second_conf = Path(client.runtime.ContainerStatus(cri.ContainerStatusRequest(
             container_id=second)).status.annotations["org.criu.config"])
         assert second_conf.is_file()
-        assert not first_conf.exists()
+        wait_for(lambda: not first_conf.exists(), timeout=30)  # collected once StartContainer has answered
 
 
 def _checkpoint_with_volume(client: Cri, node: Node, host_dir: Path, name: str) -> Path:
