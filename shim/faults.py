@@ -29,6 +29,9 @@ class Point(enum.StrEnum):
     RESTORE_CREATED = "restore-created"  # containerd created the container; the relay not yet confirmed ready
     # `migrate --mode lazy`: CRIU waits in its pre-dump hook; no switch-over, lock or freeze yet
     MIGRATE_PREDUMP = "migrate-predump"
+    # `migrate --mode lazy`: switched over (the target holds and claimed the IPs), our TCP lock on and the
+    # container frozen by us; CRIU still waits in its hook for our "go"
+    MIGRATE_FROZEN = "migrate-frozen"
     # the migration receiver restored the container and claimed its addresses; the source not told yet
     MIGRATE_RESTORED = "migrate-restored"
 

@@ -147,6 +147,7 @@ class LazyDump:
         self.stamps["switched"] = time.monotonic()
         if waited == "hook":
             await self._lock_and_freeze(netns if locking else None, frozen, stack)
+            faults.reached(faults.Point.MIGRATE_FROZEN)
             hook.answer(True)
             try:
                 ready = await asyncio.wait_for(asyncio.to_thread(os.read, read_end, 1), READY_TIMEOUT)

@@ -281,6 +281,47 @@ def test_migrate_killed_while_criu_waits_in_its_hook_leaves_the_source_untouched
     _no_lazy_leftovers(b)
 
 
+def test_migrate_killed_after_its_freeze_before_criu_goes_on_thaws_and_unlocks_the_source(
+        hosts: tuple[Host, Host]) -> None:
+    """`migrate` dying (SIGKILL) once it switched over, locked the pod's connections and froze the container,
+    while CRIU still waits in its hook for the word to go on: the hook's FIFO ends, CRIU fails the dump, and
+    the guard left behind thaws the container and removes the lock once runc has ended; the receiver, its
+    control connection gone, releases the addresses it claimed. Nothing is left frozen, locked or moved."""
+    a, b = hosts
+    with a.cri.pod(TCP) as source_pod, b.cri.pod(TCP) as target_pod:
+        ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "32"},
+                              name="counter")
+        ip = pod_ip(a, source_pod)
+        wait_for(lambda: a.cri.count(ctr) >= 5, timeout=60)
+        argv = a.migrate_argv(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy")
+        killed = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO,
+                                env={**os.environ, "CRIU_SHIM_FAULT": "migrate-frozen"})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        wait_for(lambda: not _dumping(a), timeout=60)  # CRIU read the end of its hook's FIFO and gave up
+        wait_for(lambda: _freezer_state(a, ctr) == "THAWED", timeout=30)  # the guard thaws once runc has ended
+        count = a.cri.count(ctr)
+        wait_for(lambda: a.cri.count(ctr) > count, timeout=30)  # it counts on
+        assert a.cri.state(ctr) == "CONTAINER_RUNNING"
+        wait_for(lambda: TABLE not in _pod_nft_tables(a, source_pod.id), timeout=30)  # the guard unlocked it
+        wait_for(lambda: not routed_to_target(ip, b), timeout=30)  # the receiver let the addresses go
+        assert b.containers() == []
+        a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy")
+        wait_for(lambda: len(b.containers()) == 1, timeout=60)
+    _no_lazy_leftovers(a)
+    _no_lazy_leftovers(b)
+
+
+def _freezer_state(host: Host, ctr: str) -> str:
+    """The container's cgroup v1 freezer state (FROZEN, FREEZING or THAWED)."""
+    pid = host.cri.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=ctr, verbose=True)).info["info"]
+    init = json.loads(pid)["pid"]
+    for line in Path(f"/proc/{init}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "freezer" in controllers.split(","):
+            return (Path("/sys/fs/cgroup/freezer") / path.lstrip("/") / "freezer.state").read_text().strip()
+    raise AssertionError(f"no freezer cgroup for {ctr}")
+
+
 def _dumping(host: Host) -> bool:
     """A runc checkpoint of this host's still runs (its image path is under the host's checkpoints dir)."""
     procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
