@@ -15,6 +15,9 @@ RESTORE_PREFIX = "restore.criu-shim.io/"
 TRUE, FALSE = "true", "false"
 # Pod or container annotation: "false" restores the container's memory before it runs.
 LAZY_PAGES = RESTORE_PREFIX + "lazy-pages"
+# Container annotation, set by criu-shim's migration receiver at a restore's CreateContainer: the path of
+# the checkpoint's second part, read at StartContainer (shim.restore.second_part).
+IMAGES_FROM = RESTORE_PREFIX + "images-from"
 # Pod or container annotation ("<container>." in front for one container): "zstd" or "none" archives.
 COMPRESSION = CHECKPOINT_PREFIX + "compression"
 # On a pod `kubectl checkpoint` made (for the operator): NAMESPACE/POD/CONTAINER it came from, and the image.

@@ -59,6 +59,8 @@ def handler(containerd: Containerd, restorer: Restorer, logs: Path | None = None
         restoring = container_id is not None and restorer.is_pending(container_id)
         started, since = time.monotonic(), criulogs.now()
         try:
+            if restoring and container_id:
+                await restorer.complete(container_id)  # CRIU's images of a restore created from its first part
             async with contextlib.AsyncExitStack() as opened:
                 bootstrap = await pod_bootstrap_of(container_id) if restoring and container_id else None
                 if bootstrap is not None:

@@ -70,14 +70,16 @@ class CheckpointArchive:
 
 def open_checkpoint(path: Path, dest: Path, *, max_size: int = DEFAULT_MAX_SIZE,
                     max_members: int = CHECKPOINT_MAX_MEMBERS,
-                    defer: Callable[[str, int], bool] | None = None) -> CheckpointArchive:
+                    defer: Callable[[str, int], bool] | None = None,
+                    images_follow: bool = False) -> CheckpointArchive:
     """Unpack the archive at `path` into the empty private directory `dest` and read it.
 
     Raises InvalidArgument for anything hostile, malformed or over the limits
     (`max_size` bytes of member data, `max_members` entries); `dest` is left
     empty on any failure. Files for which `defer(name, size)` holds are, in an
     uncompressed archive, created sparse at their size and listed in
-    `deferred` instead of being copied.
+    `deferred` instead of being copied. `images_follow`: the first part of a checkpoint whose CRIU
+    images come later (shim.restore.second_part): no inventory required.
     """
     label = f"checkpoint archive {path}"
     dest_fd = os.open(dest, DIR_FLAGS)
@@ -89,7 +91,7 @@ def open_checkpoint(path: Path, dest: Path, *, max_size: int = DEFAULT_MAX_SIZE,
             unpacker = _Unpacker(label, dest_fd, Budget(label, max_size, max_members), defer, dest)
             with TarInput(path, label, stream_limit(max_size, max_members)) as tar:
                 unpacker.run(tar)
-            return dataclasses.replace(_load(label, dest, dest_fd), deferred=tuple(unpacker.deferred),
+            return dataclasses.replace(_load(label, dest, dest_fd, images_follow), deferred=tuple(unpacker.deferred),
                                        compression=tar.compression)
         except OSError as exc:
             _empty(dest_fd)
@@ -212,8 +214,9 @@ class _Unpacker:
             os.close(fd)
 
 
-def _load(label: str, dest: Path, dest_fd: int) -> CheckpointArchive:
-    missing = [name for name in REQUIRED if not _is_file(dest_fd, name)]
+def _load(label: str, dest: Path, dest_fd: int, images_follow: bool = False) -> CheckpointArchive:
+    missing = [name for name in REQUIRED if not _is_file(dest_fd, name)
+               and not (images_follow and name == layout.INVENTORY)]
     if missing:
         raise InvalidArgument(f"{label} has no {', '.join(missing)}: not a checkpoint archive")
     spec = _read_object(label, dest_fd, layout.SPEC_DUMP)

@@ -109,6 +109,13 @@ def write_criu_config(work: Path, config: Config, request: cri.CreateContainerRe
         out.write("".join(f"{line}\n" for line in lines))
 
 
+def add_criu_option(work: Path, option: str) -> None:
+    """One more line in the restore's CRIU config (a second part that restores lazily: shim.restore.second_part)."""
+    fd = os.open(criu_config(work), os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "a") as out:
+        out.write(f"{option}\n")
+
+
 def copy_log(log_file: Path | None, request: cri.CreateContainerRequest) -> None:
     """The checkpointed container's log first; the restored one appends to it."""
     directory, name = request.sandbox_config.log_directory, request.config.log_path

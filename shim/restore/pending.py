@@ -16,6 +16,7 @@ start failed, would stay in that table for the life of the proxy. Two bounds kee
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from shim.errors import ResourceExhausted
 from shim.handoff import RELAY_START_WAIT
 from shim.restore.relay_processes import Relay
+from shim.restore.second_part import Later
 
 MAX_PENDING = 1024
 
@@ -33,6 +35,7 @@ class PendingRestore:
     pid: int  # the relay's
     created: float  # on the table's clock
     sandbox: str = ""  # the pod's id, from CreateContainer (StartContainer need not ask containerd)
+    later: Later | None = None  # CRIU's images still to come (shim.restore.second_part), until StartContainer
 
 
 class PendingRestores:
@@ -61,8 +64,14 @@ class PendingRestores:
     def pop(self, container_id: str) -> PendingRestore | None:
         return self._entries.pop(container_id, None)
 
-    def add(self, container_id: str, relay: Relay, pid: int, sandbox: str = "") -> None:
-        self._entries[container_id] = PendingRestore(relay, pid, self._clock(), sandbox)
+    def add(self, container_id: str, relay: Relay, pid: int, sandbox: str = "", later: Later | None = None) -> None:
+        self._entries[container_id] = PendingRestore(relay, pid, self._clock(), sandbox, later)
+
+    def completed(self, container_id: str) -> None:
+        """Its second part is in place: a StartContainer tried again does not unpack it again."""
+        entry = self._entries.get(container_id)
+        if entry is not None:
+            self._entries[container_id] = dataclasses.replace(entry, later=None)
 
     def collect(self) -> list[str]:
         """Forget the entries older than the ttl; their container ids, oldest first."""

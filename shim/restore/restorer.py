@@ -30,6 +30,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 from shim import faults
+from shim.annotations import IMAGES_FROM
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.checkpoint import options
 from shim.checkpoint.criulog import LOGS
@@ -37,19 +38,20 @@ from shim.cleanup import join, release_at_exit, to_thread_to_end
 from shim.config import NETWORK_LOCK_NFTABLES, PAGE_DAEMON_OURS, Config
 from shim.containerd import Containerd
 from shim.containerd_images import ContainerdImages
-from shim.errors import FailedPrecondition, ShimError
+from shim.errors import FailedPrecondition, InvalidArgument, ShimError
 from shim.handoff import CRIU_CONFIG_ANNOTATION, CRIU_CONFIG_SUFFIX, SHIM_DIR, criu_config
 from shim.journal import Journal, Operation
 from shim.metrics import record_failure, record_restore, record_restore_stage
 from shim.oci import SEALED_CHECKPOINT
 from shim.peer import Peer
-from shim.restore import lazy, network_lock, recovery, unseal, unseal_lazy
+from shim.restore import lazy, network_lock, recovery, second_part, unseal, unseal_lazy
 from shim.restore.admission import RestoreAdmission
 from shim.restore.audit_trail import RestoreAudits
 from shim.restore.base_image import resolve_base_image
 from shim.restore.checkpoint_unpack import CheckpointArchive, open_checkpoint
 from shim.restore.create_request import (
     LAZY_ANNOTATION,
+    add_criu_option,
     check_architecture,
     check_hostile_spec,
     copy_log,
@@ -198,6 +200,27 @@ class Restorer:
         """Created for restore and not started yet."""
         return container_id in self._pending
 
+    async def complete(self, container_id: str) -> None:
+        """At StartContainer: the second part of a restore created from its first (shim.restore.second_part)
+        unpacked into place; nothing to do for any other container."""
+        pending = self._pending.get(container_id)
+        if pending is None or pending.later is None:
+            return
+        later = pending.later
+        if not later.path.is_file():
+            raise FailedPrecondition(f"the second part of the checkpoint of container {container_id} is not at "
+                                     f"{later.path} (annotation {IMAGES_FROM}): nothing to restore yet")
+        path = self._admission.source(later.path)
+        assert isinstance(path, Path)
+        verdict = await asyncio.to_thread(verify_signature, self._config.signing, path, str(path))
+        with self._holding(path):
+            remote = await to_thread_to_end(second_part.complete, later, path, pending.relay.work,
+                                            self._unpack_archive, self._config.criu, self._config.restore.page_daemon)
+            await asyncio.to_thread(check_unchanged, verdict, path, str(path))
+        if remote:
+            await asyncio.to_thread(add_criu_option, pending.relay.work, lazy.CRIU_OPTION)
+        self._pending.completed(container_id)
+
     def sandbox_of(self, container_id: str) -> str | None:
         """The pod of a restore created and not started yet, as CreateContainer named it."""
         pending = self._pending.get(container_id)
@@ -250,10 +273,11 @@ class Restorer:
             # A lazy restore's loop device keeps the data it needs.
             release_at_exit(always, f"remove {layer}", lambda: asyncio.to_thread(layer.unlink, missing_ok=True))
             async with AsyncExitStack() as undo_unless_created:
+                later = second_part.requested(request, self._config.restore.allowed_dirs)
                 relay = self._work_dir_and_relay(work, undo_unless_created)
                 unpack_started = time.monotonic()
                 archive_path = await self._archive_file(source, layer)
-                archive = await self._unpack(archive_path, work, lazy_wanted(request))
+                archive = await self._unpack(archive_path, work, lazy_wanted(request), later is not None)
                 if notes is not None and archive.compression != "none":
                     notes["compression"] = f"{archive.compression} (eager: lazy pages need an uncompressed archive)"
                 await asyncio.to_thread(check_unchanged, verdict, archive_path, source_name(source))
@@ -265,9 +289,10 @@ class Restorer:
                 faults.reached(faults.Point.RESTORE_UNPACKED)
                 self._refill_alongside(always)
                 container_id = await self._create_in_containerd(request, source, archive, archive_path, work,
-                                                                metadata, timeout, unpacked)
+                                                                metadata, timeout, unpacked, later)
                 faults.reached(faults.Point.RESTORE_CREATED)
-                self._pending.add(container_id, relay, await self._relays.wait_ready(relay), request.pod_sandbox_id)
+                self._pending.add(container_id, relay, await self._relays.wait_ready(relay), request.pod_sandbox_id,
+                                  later)
                 undo_unless_created.pop_all()  # from here the relay owns `work` (it removes it when the task is gone)
                 return container_id
         raise AssertionError("unreachable: the stack re-raises what ended the block")
@@ -331,8 +356,9 @@ class Restorer:
     async def _create_in_containerd(self, request: cri.CreateContainerRequest, source: Path | CheckpointImage,
                                     archive: CheckpointArchive, archive_path: Path, work: Path,
                                     metadata: tuple[tuple[str, str], ...], timeout: float | None,
-                                    unpacked: float) -> str:
-        """containerd's CreateContainer of the rewritten request; the new container's id."""
+                                    unpacked: float, later: second_part.Later | None = None) -> str:
+        """containerd's CreateContainer of the rewritten request; the new container's id.
+        `later`: CRIU's images come at StartContainer (then so do the lazy option and the log)."""
         image = await resolve_base_image(self._containerd, archive.config, self._config.restore.allowed_registries)
         check_hostile_spec(archive.spec, request)
         tcp = await self._plan_network(request, work)
@@ -340,10 +366,13 @@ class Restorer:
             await asyncio.to_thread(network_lock.plan, work)
         label = await self._sandbox_label(request.pod_sandbox_id)
         new = restore_request(request, archive, image, work, source_name(source))
+        if IMAGES_FROM in new.config.annotations:  # the proxy's to read, not the container's to keep
+            del new.config.annotations[IMAGES_FROM]
         # Where the relay keeps CRIU's logs should the restore fail (the task takes its own along).
         new.config.annotations[LOGS_ANNOTATION] = str(self._config.state_dir / LOGS)
         write_criu_config(work, self._config, request, label, tcp, bool(archive.deferred) or lazy.remote(work))
-        await to_thread_to_end(copy_log, archive.log, request)
+        if later is None:
+            await to_thread_to_end(copy_log, archive.log, request)
         create_started = time.monotonic()
         reply = await self._containerd.forward(METHOD, new.SerializeToString(), metadata, timeout)
         log.info("restore of %s: unpacked in %.3fs, containerd created it in %.3fs", archive_path,
@@ -352,14 +381,22 @@ class Restorer:
         record_restore_stage("create", time.monotonic() - create_started)
         return str(cri.CreateContainerResponse.FromString(reply).container_id)
 
-    async def _unpack(self, archive_path: Path, work: Path, lazy_wanted: bool,
+    async def _unpack(self, archive_path: Path, work: Path, lazy_wanted: bool, images_follow: bool = False,
                       sealed: unseal_lazy.PartlyDecrypted | None = None) -> CheckpointArchive:
-        """Unpack the archive; under a lazy restore its large page images stay in it (shim.restore.lazy)."""
+        """Unpack the archive; under a lazy restore its large page images stay in it (shim.restore.lazy).
+        `images_follow`: a first part (shim.restore.second_part), CRIU's images come at StartContainer."""
+        if images_follow:
+            if await asyncio.to_thread(is_encrypted, archive_path):
+                raise InvalidArgument(f"checkpoint {archive_path} is sealed: a first part (annotation {IMAGES_FROM}) "
+                                      "must be plain")
+            first = await to_thread_to_end(self._unpack_archive, archive_path, work, images_follow=True)
+            second_part.check_first_part(first)
+            return first
         if await asyncio.to_thread(is_encrypted, archive_path):  # sealed: unpacked from its decrypted copy
             if await self._sealed_lazily(archive_path, lazy_wanted):  # its memory decrypted by the page daemon
                 async with unseal_lazy.decrypted_partly(archive_path, work, self._config.encryption,
                                                         lazy.deferrable) as partial:
-                    return await self._unpack(partial.plain, work, lazy_wanted, partial)
+                    return await self._unpack(partial.plain, work, lazy_wanted, sealed=partial)
             async with unseal.decrypted(archive_path, work, self._config.encryption) as plain:
                 return await self._unpack(plain, work, lazy_wanted)
         defer = lazy.deferrable if lazy_wanted and await self._lazy_possible() else None

@@ -26,6 +26,7 @@ import pytest
 
 from shim import archive_layout as layout
 from shim import oci
+from shim.annotations import IMAGES_FROM
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.config import Config, RestoreSettings
 from shim.errors import (
@@ -178,8 +179,9 @@ class FakeReader:
         self.release.set()
         self.entered = threading.Event()
 
-    def __call__(self, path: Path, work: Path, *, defer: object = None) -> CheckpointArchive:
-        (work / layout.IMAGES_DIR).mkdir()
+    def __call__(self, path: Path, work: Path, *, defer: object = None, images_follow: bool = False) -> CheckpointArchive:
+        if not images_follow:
+            (work / layout.IMAGES_DIR).mkdir()
         self.entered.set()
         self.release.wait(10)  # a worker thread the cancelled call must wait for
         (work / layout.SPEC_DUMP).write_text("{}")
@@ -219,8 +221,10 @@ class Env:
             return []
         return [json.loads(line)["result"] for line in self.audit_log.read_text().splitlines()]
 
-    async def create(self) -> str:
+    async def create(self, images_from: Path | None = None) -> str:
         request = _request(self.archive)
+        if images_from is not None:
+            request.config.annotations[IMAGES_FROM] = str(images_from)
         reply = await self.restorer.create(request, self.archive, PEER, (), None)
         return reply.container_id
 
@@ -311,6 +315,36 @@ def test_old_criu_configs_go_after_a_start_has_answered_not_inside_it(env: Env) 
             collecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await collecting
+
+    asyncio.run(scenario())
+
+
+def test_a_restore_created_from_its_first_part_gets_its_images_at_start(env: Env) -> None:
+    """A migration's restore: created without CRIU's images, which the second part brings at StartContainer
+    (shim.restore.second_part, tested on real archives in tests/unit/test_restore_second_part.py)."""
+    async def scenario() -> None:
+        part = env.archive.with_name("second.tar")
+        container_id = await env.create(images_from=part)
+        work = env.relays.started[0]
+        assert not (work / layout.IMAGES_DIR).exists()
+        assert IMAGES_FROM not in env.containerd.forwarded[0].config.annotations  # ours, not the container's
+        with pytest.raises(FailedPrecondition, match="not at .*second.tar .*nothing to restore yet"):
+            await env.restorer.complete(container_id)
+        part.write_bytes(b"the reader is a twin")
+        await env.restorer.complete(container_id)
+        assert (work / layout.IMAGES_DIR).is_dir() and not (work / "second-part").exists()
+        await env.restorer.complete(container_id)  # once only: a start tried again finds it done
+        assert env.restorer.archives_in_use() == set()
+
+    asyncio.run(scenario())
+
+
+def test_a_second_part_outside_the_allowed_directories_is_refused_before_anything_is_made(env: Env) -> None:
+    async def scenario() -> None:
+        with pytest.raises(PermissionDenied, match="restore.allowed_dirs"):
+            await env.create(images_from=env.root / "elsewhere" / "second.tar")
+        env.assert_nothing_left()
+        assert env.containerd.forwarded == []
 
     asyncio.run(scenario())
 
