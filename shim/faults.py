@@ -32,6 +32,8 @@ class Point(enum.StrEnum):
     # `migrate --mode lazy`: switched over (the target holds and claimed the IPs), our TCP lock on and the
     # container frozen by us; CRIU still waits in its hook for our "go"
     MIGRATE_FROZEN = "migrate-frozen"
+    # the migration receiver created a lazy migration's container from the first part; the source not told yet
+    MIGRATE_PREPARED = "migrate-prepared"
     # the migration receiver restored the container and claimed its addresses; the source not told yet
     MIGRATE_RESTORED = "migrate-restored"
 

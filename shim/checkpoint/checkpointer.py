@@ -507,18 +507,8 @@ def archive_members(staging: Path, spec: bytes, target: Target, runtime: str, ch
     CRIU's log and statistics, the rootfs diff and /dev/shm (a lazy migration's small archive too).
     `skip`: names left for later (a stop-after archive before its gate: `rollforward.late_names`)."""
     status = target.status
-    created = datetime.fromtimestamp(status.created_at / 1e9, UTC)
-    members = [
-        Member(layout.SPEC_DUMP, data=spec_dump(spec)),
-        Member(layout.CONFIG_DUMP, data=config_dump(status.id, status.metadata.name, status.image.image,
-                                                     status.image_ref, runtime, created, checkpointed)),
-        Member(layout.STATUS_DUMP, data=status_dump(status)),
-        # The pod's addresses (established TCP sockets are bound to them) and the machine
-        # the memory image is for (a restore elsewhere must refuse it clearly).
-        Member(FACTS_MEMBER, data=json.dumps({"pod_ips": list(target.pod_ips), "architecture": go_arch(),
-                                             "tcp_established": target.options.tcp_established}).encode()),
-        *directory_members(layout.IMAGES_DIR, staging / layout.IMAGES_DIR, skip),
-    ]
+    members = [*head_members(spec, target, runtime, checkpointed),
+               *directory_members(layout.IMAGES_DIR, staging / layout.IMAGES_DIR, skip)]
     for name, source in ((layout.DUMP_LOG, staging / "work" / layout.DUMP_LOG),
                          (layout.STATS_DUMP, staging / "work" / layout.STATS_DUMP),  # CRIU writes it to its work dir
                          (layout.ROOTFS_DIFF, staging / layout.ROOTFS_DIFF),
@@ -531,6 +521,23 @@ def archive_members(staging: Path, spec: bytes, target: Target, runtime: str, ch
     if status.log_path and log_path.is_file() and not log_path.is_symlink():
         members.append(Member(layout.CONTAINER_LOG, source=log_path))
     return members
+
+
+def head_members(spec: bytes, target: Target, runtime: str, checkpointed: datetime) -> list[Member]:
+    """What is known of the container before anything is dumped: its spec, config and status, our facts
+    (a lazy migration's first part, shim.restore.second_part, is just these)."""
+    status = target.status
+    created = datetime.fromtimestamp(status.created_at / 1e9, UTC)
+    return [
+        Member(layout.SPEC_DUMP, data=spec_dump(spec)),
+        Member(layout.CONFIG_DUMP, data=config_dump(status.id, status.metadata.name, status.image.image,
+                                                     status.image_ref, runtime, created, checkpointed)),
+        Member(layout.STATUS_DUMP, data=status_dump(status)),
+        # The pod's addresses (established TCP sockets are bound to them) and the machine
+        # the memory image is for (a restore elsewhere must refuse it clearly).
+        Member(FACTS_MEMBER, data=json.dumps({"pod_ips": list(target.pod_ips), "architecture": go_arch(),
+                                             "tcp_established": target.options.tcp_established}).encode()),
+    ]
 
 
 def _storage_error(path: Path, exc: OSError) -> ShimError:

@@ -104,9 +104,13 @@ async def migrate(s: Session) -> source.Migrated:
     pages = await channel.connect(request.to, request.creds, source.CONNECT_TIMEOUT, request.idle_timeout)
     await channel.send(pages[1], {"protocol": channel.PROTOCOL, "op": "pages", "token": token})
     refused: list[ShimError] = []
+    first = s.ready.get("prepare") is True  # the target creates the container before anything stops here
 
     async def switch() -> None:
         try:
+            if first:  # created there (before anything stops here), or refused: then nothing stops
+                await source.ask(s.reader, s.writer, None, request.timeout,
+                                 "the target node could not create the container from the checkpoint's first part")
             await source.switch(request, s.pod, s.addresses, s.ready, s.reader, s.writer)
         except ShimError as exc:  # refused: it routed the IPs here again; the dump fails untouched
             refused.append(exc)
@@ -116,6 +120,8 @@ async def migrate(s: Session) -> source.Migrated:
     async with AsyncExitStack() as stack:
         stack.callback(pages[1].close)  # idempotent: the pump closes it too
         try:
+            if first:  # created there from it while runc and CRIU start here: out of the pause
+                await _send_first_part(s, dump, location)
             # runc and CRIU start now; the switch-over comes once CRIU waits in its pre-dump hook
             await dump.start(stack, switch)
             criu_end = await dump.page_server()  # at once: CRIU serves the first client that connects
@@ -164,6 +170,17 @@ async def migrate(s: Session) -> source.Migrated:
                            float(done.get("restore_seconds", 0.0)), restored - started,
                            pumped.to_remote, filled - restored, _stages(dump.stamps, done, restored),
                            dump.started_wall, int(done.get("held_packets", -1)))
+
+
+async def _send_first_part(s: Session, dump: LazyDump, location: Path) -> None:
+    """The checkpoint's first part to the target (shim.restore.second_part); its answer is read at the switch."""
+    first = location.with_name(f".{location.name}.first")
+    try:
+        size = await asyncio.to_thread(dump.write_first_part, first)
+        await channel.send(s.writer, {"op": "prepare", "size": size})
+        await source.stream(first, s.writer, size, s.request.idle_timeout)
+    finally:
+        first.unlink(missing_ok=True)
 
 
 async def _target_has_it_all(s: Session) -> bool:

@@ -39,7 +39,7 @@ from shim import archive_layout as layout
 from shim import faults, freezer
 from shim.checkpoint import devshm, netlock
 from shim.checkpoint.archive import write_archive
-from shim.checkpoint.checkpointer import Target, archive_members
+from shim.checkpoint.checkpointer import Target, archive_members, head_members
 from shim.checkpoint.options import CheckpointOptions
 from shim.checkpoint.rootfs import write_rootfs_diff
 from shim.cleanup import undo
@@ -254,6 +254,12 @@ class LazyDump:
                 "--image-path", str(self.staging / layout.IMAGES_DIR), "--work-path", str(self.staging / CRIU_WORK),
                 "--lazy-pages", "--page-server", f"{LOOPBACK}:{self.port}", "--status-fd", str(status_fd),
                 *flags, self.container_id]
+
+    def write_first_part(self, location: Path) -> int:
+        """What the target creates the container from before anything stops (blocking): spec, config,
+        status and facts (shim.restore.second_part); the archive written after the dump is the second."""
+        return write_archive(location, head_members(self.source.spec, self.source.target, self.source.runtime,
+                                                    datetime.now(UTC)), durable=False)
 
     def write_archive(self, location: Path) -> int:
         """The archive without the lazy memory (blocking), while CRIU still holds the container."""

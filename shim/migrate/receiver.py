@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from shim import faults
-from shim.annotations import CHECKPOINT_PREFIX, TRUE
+from shim.annotations import CHECKPOINT_PREFIX, IMAGES_FROM, TRUE
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.errors import Code, FailedPrecondition, InvalidArgument, ResourceExhausted, ShimError, Unavailable, Upstream
 from shim.hosttools import Version
@@ -50,6 +50,7 @@ from shim.restore.lazy import remote_pages_file as lazy_pages_file
 log = logging.getLogger(__name__)
 
 MAX_ARCHIVE = 64 << 30  # the restore's own limit on an archive's data
+MAX_FIRST_PART = 16 << 20  # spec, config, status and facts: a few KiB
 CHUNK = 1 << 20
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 TCP_ANNOTATION = f"{CHECKPOINT_PREFIX}tcp-established"
@@ -83,6 +84,10 @@ class _Migration:
     early: bool = False  # the source asked for the hold: claim at "switch", not after the restore
     packet_hold: hold.Hold | None = None  # from "switch" until the restore settles it
     claimed: bool = False  # claimed early, not yet restored: released again on any failure
+    # A lazy migration's container, created from the checkpoint's first part before the source stopped
+    # anything ("prepare", shim.restore.second_part), and where the second part goes; removed on any failure.
+    prepared: str | None = None
+    second_part: Path | None = None
 
 
 @dataclass
@@ -115,6 +120,7 @@ async def _serve(settings: ReceiverSettings) -> int:
                                   settings.claims_file)
     await hold.sweep()  # a receiver that died holding left rules: they must not outlive it
     await watcher.settle_pending()  # ... and maybe early claims: released, or watched if their restore ran
+    await _remove_prepared(settings.runtime)  # ... and maybe containers created from a first part, never started
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peercert") or {}
@@ -161,6 +167,10 @@ async def _session(settings: ReceiverSettings, runtime: Runtime, reader: asyncio
     finally:
         for ended in made:  # a lazy migration's tunnel listener goes with its session
             await _unhold(settings, ended)  # a session that ended before its restore: nothing held stays
+            if ended.prepared is not None:  # created from the first part, never started: it goes
+                await runtime.remove(ended.prepared)
+                log.info("removed container %s, created for a migration that ended before its restore",
+                         ended.prepared)
             watcher.end(ended.pod.id)  # its early claim settled either way
             if ended.pages is not None:
                 ended.pages.loopback.close()
@@ -191,9 +201,15 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
                 # CRIU restores with the lock method the dump recorded: the source asks for nftables only
                 # where this node's CRIU can restore with it too.
                 answer["nftables"] = await asyncio.to_thread(_nftables_here, settings.criu_path)
+                answer["prepare"] = True  # send the first part: the container is created before the pause
             if migration.early:
                 answer["hold"] = True
             await channel.send(writer, answer)
+            return migration
+        if op == "prepare" and migration is not None and migration.pages is not None and migration.prepared is None:
+            async with one_at_a_time:
+                await _prepare(settings, runtime, migration, message, reader)
+            await channel.send(writer, {"ok": True})
             return migration
         if op == "switch" and migration is not None and migration.early:
             await _switch(settings, migration, watcher)
@@ -298,13 +314,47 @@ def _via(pod: PodView, ip: str) -> str | None:
     return next((p for p in pod.ips if ipaddress.ip_address(p).version == family), None)
 
 
+async def _prepare(settings: ReceiverSettings, runtime: Runtime, migration: _Migration, message: dict[str, Any],
+                   reader: asyncio.StreamReader) -> None:
+    """A lazy migration's first part (shim.restore.second_part): the container is created from it now, while
+    the source still runs, with the path its second part will have; the restore then only starts it."""
+    size = channel.field(message, "size", int)
+    if not 0 < size <= MAX_FIRST_PART:
+        raise InvalidArgument(f"first part size {size} out of range (1 byte to {MAX_FIRST_PART >> 20} MiB)")
+    first = await _receive_archive(settings, reader, size, migration.name)
+    second = _archive_path(settings, migration.name)
+    try:
+        migration.prepared = await runtime.create_restored(
+            migration.pod.id, first, migration.name, settings.restore_timeout, migration.sandbox,
+            {IMAGES_FROM: str(second)})
+        migration.second_part = second
+    finally:
+        first.unlink(missing_ok=True)  # unpacked by the proxy: the container needs it no more
+    faults.reached(faults.Point.MIGRATE_PREPARED)
+
+
+async def _remove_prepared(socket: Path) -> None:
+    """At start-up: a receiver that died between a migration's first part and its restore left a container
+    created and never started, marked by IMAGES_FROM; no migration runs yet, so every such one goes."""
+    runtime = Runtime(socket)
+    try:
+        for container_id in await runtime.created_with(IMAGES_FROM):
+            await runtime.remove(container_id)
+            log.warning("removed container %s: created for a migration by a receiver that ended before its "
+                        "restore", container_id)
+    except ShimError as exc:  # this node's criu-shim down: the next start tries again
+        log.warning("could not look for containers left by an earlier receiver: %s", exc.message)
+    finally:
+        await runtime.close()
+
+
 async def _restore(settings: ReceiverSettings, runtime: Runtime, migration: _Migration, message: dict[str, Any],
                    reader: asyncio.StreamReader) -> dict[str, Any]:
     size = channel.field(message, "size", int)
     if not 0 < size <= MAX_ARCHIVE:
         raise InvalidArgument(f"archive size {size} out of range (1 byte to {MAX_ARCHIVE >> 30} GiB)")
     started = time.monotonic()
-    archive = await _receive_archive(settings, reader, size, migration.name)
+    archive = await _receive_archive(settings, reader, size, migration.name, migration.second_part)
     received = time.monotonic()
     try:
         pod = await runtime.pod_by_id(migration.pod.id)  # deleted or stopped meanwhile? say so, by name
@@ -322,8 +372,11 @@ async def _restore(settings: ReceiverSettings, runtime: Runtime, migration: _Mig
     try:
         if migration.pages is not None:  # the restore's page daemon asks the tunnel for the lazy memory
             _write_private(page_server, json.dumps({"port": migration.pages.loopback.port}).encode())
-        container_id = await runtime.create_restored(pod.id, archive, migration.name, settings.restore_timeout,
-                                                     migration.sandbox)
+        if migration.prepared is not None:  # created from the first part: StartContainer brings the images
+            container_id, migration.prepared = migration.prepared, None  # removed by start_restored on failure
+        else:
+            container_id = await runtime.create_restored(pod.id, archive, migration.name, settings.restore_timeout,
+                                                         migration.sandbox)
         created = time.monotonic()
         await runtime.start_restored(container_id, settings.restore_timeout)
         running = time.monotonic()
@@ -409,13 +462,18 @@ async def _unhold(settings: ReceiverSettings, migration: _Migration) -> None:
         await _unclaim(settings, migration.addresses)
 
 
-async def _receive_archive(settings: ReceiverSettings, reader: asyncio.StreamReader, size: int, name: str) -> Path:
-    """Exactly `size` bytes into a private file, renamed into place once complete."""
+def _archive_path(settings: ReceiverSettings, name: str) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    return settings.checkpoints_dir / f"migrate-{name}-{stamp}-{secrets.token_hex(4)}.tar"
+
+
+async def _receive_archive(settings: ReceiverSettings, reader: asyncio.StreamReader, size: int, name: str,
+                           final: Path | None = None) -> Path:
+    """Exactly `size` bytes into a private file, renamed into place (`final`, else a new name) once complete."""
     free = os.statvfs(settings.checkpoints_dir)
     if free.f_bavail * free.f_frsize < size:
         raise ResourceExhausted(f"the archive of {size} bytes does not fit in {settings.checkpoints_dir}")
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    final = settings.checkpoints_dir / f"migrate-{name}-{stamp}-{secrets.token_hex(4)}.tar"
+    final = final or _archive_path(settings, name)
     partial = final.with_name(f".{final.name}.part")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:

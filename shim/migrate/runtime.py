@@ -78,6 +78,12 @@ class Runtime:
             timeout=self._timeout))
         return [str(c.id) for c in listed.containers]
 
+    async def created_with(self, annotation: str) -> list[str]:
+        """The ids of the containers created and never started that carry `annotation`."""
+        listed = await _call(self._cri.ListContainers(cri.ListContainersRequest(filter=cri.ContainerFilter(
+            state=cri.ContainerStateValue(state=cri.CONTAINER_CREATED))), timeout=self._timeout))
+        return [str(c.id) for c in listed.containers if annotation in c.annotations]
+
     async def verbose(self, container_id: str) -> tuple[cri.ContainerStatus, dict[str, Any]]:
         """The container's CRI status and its runtime's verbose info (pid, runtime spec, runtime type)."""
         reply = await _call(self._cri.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id,
@@ -157,11 +163,13 @@ class Runtime:
         return container_id
 
     async def create_restored(self, pod_id: str, archive: Path, name: str, timeout: float,
-                              sandbox: cri.PodSandboxConfig | None = None) -> str:
+                              sandbox: cri.PodSandboxConfig | None = None,
+                              annotations: dict[str, str] | None = None) -> str:
         """CreateContainer with `archive` as image: the proxy unpacks it; its container id.
         `sandbox`: the pod's config when the caller read it already (else read now)."""
         config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name),
-                                     image=cri.ImageSpec(image=str(archive)), log_path=f"{name}.log")
+                                     image=cri.ImageSpec(image=str(archive)), log_path=f"{name}.log",
+                                     annotations=annotations or {})
         if sandbox is None:
             sandbox = await self.sandbox_config(pod_id)
         created = await _call(self._cri.CreateContainer(cri.CreateContainerRequest(

@@ -366,8 +366,6 @@ class Restorer:
             await asyncio.to_thread(network_lock.plan, work)
         label = await self._sandbox_label(request.pod_sandbox_id)
         new = restore_request(request, archive, image, work, source_name(source))
-        if IMAGES_FROM in new.config.annotations:  # the proxy's to read, not the container's to keep
-            del new.config.annotations[IMAGES_FROM]
         # Where the relay keeps CRIU's logs should the restore fail (the task takes its own along).
         new.config.annotations[LOGS_ANNOTATION] = str(self._config.state_dir / LOGS)
         write_criu_config(work, self._config, request, label, tcp, bool(archive.deferred) or lazy.remote(work))

@@ -327,7 +327,8 @@ def test_a_restore_created_from_its_first_part_gets_its_images_at_start(env: Env
         container_id = await env.create(images_from=part)
         work = env.relays.started[0]
         assert not (work / layout.IMAGES_DIR).exists()
-        assert IMAGES_FROM not in env.containerd.forwarded[0].config.annotations  # ours, not the container's
+        # Kept: a created container with it and never started is a receiver's leftover (its start-up sweep).
+        assert env.containerd.forwarded[0].config.annotations[IMAGES_FROM] == str(part)
         with pytest.raises(FailedPrecondition, match="not at .*second.tar .*nothing to restore yet"):
             await env.restorer.complete(container_id)
         part.write_bytes(b"the reader is a twin")

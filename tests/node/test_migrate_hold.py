@@ -125,18 +125,20 @@ def test_no_hold_claims_after_the_restore_and_holds_nothing(hosts: tuple[Host, H
 @pytest.mark.parametrize("hold", [True, False], ids=["hold", "no-hold"])
 def test_a_failed_restore_leaves_no_rule_and_the_source_answering(hosts: tuple[Host, Host], tmp_path: Path,
                                                                   hold: bool) -> None:
-    """A lazy restore refused on the target: the source runs on, its IP routed to it (the target
-    released its early claim, the source claimed it back), no rule and no queue left on the target,
+    """A lazy restore that fails on the target after the dump: the source runs on, its IP routed to it (the
+    target released its early claim, the source claimed it back), no rule and no queue left on the target,
     and the source answers a client. CRIU's own network lock, which a lazy dump that failed left in
     the source pod (with or without the hold), is removed: before, no new connection was answered.
     (The connection that was locked through the dump is reset by the source once it runs again:
-    CRIU's, not the network's; see README, lazy failures.)"""
+    CRIU's, not the network's; see README, lazy failures.) The failure: the target pod listens on the
+    server's port on every address, so CRIU cannot bind the restored listener (the container is created
+    before the dump, from the checkpoint's first part: a taken name would be refused before anything stops)."""
     a, b = hosts
     with a.cri.pod(TCP) as source_pod, b.cri.pod(TCP) as target_pod:
         ip = pod_ip(a, source_pod)
         server = a.cri.container(source_pod, ["/usr/local/bin/tcpserver"], {"PORT": "7000", "BIND_ADDR": ip},
                                  name="server")
-        taken = b.cri.container(target_pod, ["/usr/local/bin/counter"], name="server")  # the name is taken there
+        taken = b.cri.container(target_pod, ["/usr/local/bin/tcpserver"], {"PORT": "7000"}, name="squatter")
         first = tmp_path / "first.log"
         with client_on_router(ip, first, interval_ms=10):
             wait_for(lambda: len(seqs(first.read_text())) >= 20, timeout=60)

@@ -24,6 +24,7 @@ import pytest
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.checkpoint.netlock import TABLE
 from shim.handoff import LAZY_WORK, RESTORE_DIR
+from shim.node import procs
 from tests.node.fabric_pods import (
     PIPE_MAX_SIZE,
     REPO,
@@ -178,7 +179,10 @@ def test_the_source_killed_mid_fill_ends_the_target_task(hosts: tuple[Host, Host
     _no_lazy_leftovers(b)
 
 
-def test_a_restore_refused_on_the_target_lets_the_source_run_on(hosts: tuple[Host, Host]) -> None:
+def test_a_create_refused_on_the_target_stops_nothing_at_the_source(hosts: tuple[Host, Host]) -> None:
+    """The target creates the container from the checkpoint's first part before anything stops at the source
+    (shim.restore.second_part): refused there (the name is taken in the target pod), the migration ends
+    before the switch-over; the source was never frozen nor locked, nothing moved, nothing was created."""
     a, b = hosts
     with a.cri.pod(STOP_AFTER) as source_pod, b.cri.pod() as target_pod:
         ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "32"},
@@ -187,12 +191,14 @@ def test_a_restore_refused_on_the_target_lets_the_source_run_on(hosts: tuple[Hos
         wait_for(lambda: a.cri.count(ctr) >= 5, timeout=60)
         proc = a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy",
                          check=False)
-        assert proc.returncode == 1 and "the target node could not restore it" in proc.stderr, proc.stderr
-        assert f"nothing moved: the source container {ctr} is running again" in proc.stderr, proc.stderr
-        # CRIU had it frozen, serving pages: the broken session let it go, and it goes on counting.
+        assert proc.returncode == 1, proc.stderr
+        assert "the target node could not create the container from the checkpoint's first part" in proc.stderr
+        assert "is reserved for" in proc.stderr, proc.stderr  # containerd's own words, passed on
+        wait_for(lambda: not _dumping(a), timeout=60)  # CRIU, waiting in its hook, was told to give up
         count = a.cri.count(ctr)
         wait_for(lambda: a.cri.count(ctr) > count, timeout=30)
         assert a.cri.state(ctr) == "CONTAINER_RUNNING"
+        assert TABLE not in _pod_nft_tables(a, source_pod.id)
         assert b.containers() == [taken]
     _no_lazy_leftovers(a)
     _no_lazy_leftovers(b)
@@ -274,7 +280,7 @@ def test_migrate_killed_while_criu_waits_in_its_hook_leaves_the_source_untouched
         assert a.cri.state(ctr) == "CONTAINER_RUNNING"
         assert TABLE not in _pod_nft_tables(a, source_pod.id)  # our TCP lock never came
         assert not routed_to_target(ip, b), router_routes()
-        assert b.containers() == []
+        wait_for(lambda: b.containers() == [], timeout=30)  # the receiver removes what it created from the first part
         a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy")
         wait_for(lambda: len(b.containers()) == 1, timeout=60)
     _no_lazy_leftovers(a)
@@ -304,11 +310,102 @@ def test_migrate_killed_after_its_freeze_before_criu_goes_on_thaws_and_unlocks_t
         assert a.cri.state(ctr) == "CONTAINER_RUNNING"
         wait_for(lambda: TABLE not in _pod_nft_tables(a, source_pod.id), timeout=30)  # the guard unlocked it
         wait_for(lambda: not routed_to_target(ip, b), timeout=30)  # the receiver let the addresses go
-        assert b.containers() == []
+        wait_for(lambda: b.containers() == [], timeout=30)  # the receiver removes what it created from the first part
         a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy")
         wait_for(lambda: len(b.containers()) == 1, timeout=60)
     _no_lazy_leftovers(a)
     _no_lazy_leftovers(b)
+
+
+def test_a_receiver_killed_after_the_first_part_leaves_no_container_once_back(hosts: tuple[Host, Host]) -> None:
+    """The target's receiver dies (SIGKILL, fault point migrate-prepared) right after it created the container
+    from the checkpoint's first part: the source, its answer gone, ends the dump before the switch-over (runs
+    on, never frozen); the container stays CREATED until the next receiver, which removes it at its start."""
+    a, b = hosts
+    with a.cri.pod(TCP) as source_pod, b.cri.pod(TCP) as target_pod:
+        ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "32"},
+                              name="counter")
+        ip = pod_ip(a, source_pod)
+        wait_for(lambda: a.cri.count(ctr) >= 5, timeout=60)
+        receiver = procs.read_pid(b.layout.pid_dir / "receiver.pid")
+        assert receiver is not None
+        procs.stop(receiver)
+        os.environ["CRIU_SHIM_FAULT"] = "migrate-prepared"
+        try:
+            b.start_receiver()
+        finally:
+            del os.environ["CRIU_SHIM_FAULT"]
+        try:
+            proc = a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy",
+                             check=False)
+            assert proc.returncode == 1, proc.stderr
+            left = b.containers()
+            assert len(left) == 1 and b.cri.state(left[0]) == "CONTAINER_CREATED", left
+        finally:
+            if not procs.alive(procs.read_pid(b.layout.pid_dir / "receiver.pid") or 0):
+                b.start_receiver()
+        wait_for(lambda: b.containers() == [], timeout=30)  # the new receiver's start-up sweep
+        wait_for(lambda: not _dumping(a), timeout=60)
+        count = a.cri.count(ctr)
+        wait_for(lambda: a.cri.count(ctr) > count, timeout=30)
+        assert a.cri.state(ctr) == "CONTAINER_RUNNING"
+        assert TABLE not in _pod_nft_tables(a, source_pod.id)
+        assert not routed_to_target(ip, b), router_routes()
+        a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy")
+        wait_for(lambda: len(b.containers()) == 1, timeout=60)
+    _no_lazy_leftovers(a)
+    _no_lazy_leftovers(b)
+
+
+# Speaks the migration protocol as a source would, then sends a hostile first part: argv host, pod, part (hex).
+_HOSTILE_FIRST_PART = """
+import asyncio, json, sys
+from pathlib import Path
+from shim.migrate import channel
+async def main():
+    address, pod, cert, key, ca, part = sys.argv[1:]
+    data = bytes.fromhex(part)
+    reader, writer = await channel.connect(address, channel.Credentials(Path(cert), Path(key), Path(ca)), 10, 10)
+    await channel.send(writer, {"protocol": channel.PROTOCOL, "op": "preflight", "pod": pod, "name": "intruder",
+                                "addresses": [], "mode": "lazy"})
+    ready = await channel.receive(reader)
+    assert ready.get("prepare") is True, ready
+    await channel.send(writer, {"op": "prepare", "size": len(data)})
+    writer.write(data)
+    await writer.drain()
+    print(json.dumps(await channel.receive(reader)))
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(("part", "says"), [
+    (b"not a tar archive at all" * 40, "INVALID_ARGUMENT"),
+    (None, "holds checkpoint/ or rootfs-diff.tar, which only its second part"),  # a first part with images
+], ids=["not-a-tar", "with-images"])
+def test_a_hostile_first_part_is_refused_and_leaves_nothing(hosts: tuple[Host, Host], tmp_path: Path,
+                                                            part: bytes | None, says: str) -> None:
+    """The receiver's "prepare" fed what no source sends: refused with the proxy's reason, nothing created,
+    no file left in the target's checkpoints directory."""
+    from shim.checkpoint.archive import Member, write_archive
+
+    a, b = hosts
+    if part is None:
+        archive = tmp_path / "first.tar"
+        write_archive(archive, [Member("spec.dump", data=b"{}"), Member("config.dump", data=b"{}"),
+                                Member("checkpoint/inventory.img", data=b"x")])
+        part = archive.read_bytes()
+    with b.cri.pod(TCP) as target_pod:
+        before = b.archives()
+        e = a.env
+        proc = subprocess.run(["nsenter", f"--net=/run/netns/{e['NODE_NETNS']}", "--", sys.executable, "-c",
+                               _HOSTILE_FIRST_PART, b.env["MIGRATE_ADDRESS"], target_pod.id, e["MIGRATE_CERT"],
+                               e["MIGRATE_KEY"], e["MIGRATE_CA"], part.hex()],
+                              capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        answer = json.loads(proc.stdout)
+        assert answer["ok"] is False and says in f"{answer.get('code')}: {answer.get('error')}", answer
+        assert b.containers() == []
+        assert b.archives() == before
 
 
 def _freezer_state(host: Host, ctr: str) -> str:

@@ -112,7 +112,7 @@ def assert_restore_refused(client: Cri, node: Node, archive: Path, code: grpc.St
         listed = client.runtime.ListContainers(cri.ListContainersRequest(
             filter=cri.ContainerFilter(pod_sandbox_id=pod.id))).containers
         assert not listed  # no containerd container was made
-    assert _work_dirs(node) == before
+    assert _work_dirs(node) <= before  # nothing new (an earlier test's relay may still be removing its own)
 
 
 def _work_dirs(node: Node) -> set[str]:
