@@ -147,8 +147,10 @@ class RestoreRewriter:
             self._addresses.add_done_callback(_retrieved)  # a Start that never comes must not leave it unread
         if self._note is not None:
             self._note(recovery.task_facts(request.id, self.bundle))
-        if self.lazy is None:  # a relay started before the unpacking
+        if self.lazy is None:  # a relay started before the unpacking, or a restore whose images came at Start
             self.lazy = LazyPages.planned(self.plan.dir)
+            if self.lazy is None:
+                discard_spare()  # eager after all: a spare page daemon kept for it is not needed
         if self.lazy is not None:
             self.lazy.start()
             self.lazy.expose(self.bundle / "work")  # runc's work dir for the restore
@@ -252,8 +254,12 @@ def run_hosted(listen: Path, upstream_file: Path, work: Path, journal: Path | No
     note = (lambda facts: record.note(**facts)) if record is not None else None
     pid_file = listen.with_suffix(".pid")
     pid_file.write_text(f"{os.getpid()}\n")
-    rewriter = RestoreRewriter(RestorePlan(work), note=note)
-    discard_spare()  # a spare relay's page daemon that this restore did not take (eager, CRIU's daemon)
+    plan = RestorePlan(work)
+    rewriter = RestoreRewriter(plan, note=note)
+    # A spare relay's page daemon this restore did not take (eager, CRIU's daemon) goes; one whose CRIU
+    # images come at Start (shim.restore.second_part, a lazy migration) may still need it at Create.
+    if plan.images.joinpath("inventory.img").is_file():
+        discard_spare()
     try:
         asyncio.run(_serve_hosted(listen, upstream_file, rewriter, note))
         if rewriter.bundle is not None and not rewriter.started:
