@@ -15,6 +15,8 @@ on one machine (bench/criu_floor.py), CRIU's dump + restore time and its client'
     sudo flock /tmp/criu-shim-node.lock .venv/bin/python bench/migrate.py --sizes 64 512 --reps 3
     # the target's packet hold against claiming after the restore, interleaved:
     sudo flock /tmp/criu-shim-node.lock .venv/bin/python bench/migrate.py --modes lazy --holds on off --no-floor
+    # lazy: the target's create from the checkpoint's first part against its create after the dump:
+    sudo flock /tmp/criu-shim-node.lock .venv/bin/python bench/migrate.py --modes lazy --first-parts on off
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ LAZY_PIPE = 4 << 20  # CRIU's lazy page server pipe, over the default without CA
 
 
 def one(a: Host, b: Host, mem_mb: int, mode: str, log: Path, daemon: str = "criu-shim",
-        hold: bool = True) -> tuple[float, str]:
+        flags: tuple[str, ...] = ()) -> tuple[float, str]:
     with page_daemon(b, daemon), a.cri.pod(TCP) as pod_a, b.cri.pod(TCP) as pod_b:
         ip = pod_ip(a, pod_a)
         server = a.cri.container(pod_a, ["/usr/local/bin/tcpserver"],
@@ -65,7 +67,7 @@ def one(a: Host, b: Host, mem_mb: int, mode: str, log: Path, daemon: str = "criu
             wait_for(lambda: len(seqs(log.read_text())) >= 20, timeout=120)
             image = ["--image", f"{fabric.REGISTRY_HOST}/bench/server"] if mode == "registry" else []
             out = a.migrate(server, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", pod_b.id, "--mode", mode,
-                            *image, *([] if hold else ["--no-hold"])).stdout
+                            *image, *flags).stdout
             last = seqs(log.read_text())[-1][1]
             wait_for(lambda: seqs(log.read_text())[-1][1] >= last + 20, timeout=300)  # TCP's backoff after a long pause
         text = log.read_text()
@@ -102,14 +104,20 @@ def fill_rate(split: str) -> float | None:
     return None
 
 
-def runs(modes: list[str], daemons: list[str], holds: list[str]) -> list[tuple[str, str, str, bool]]:
-    """(label, mode, node B's page daemon, hold) of each migration a rep makes: lazy once per page daemon,
-    eager and lazy once per hold setting (`migrate --no-hold`: the target claims after the restore)."""
+def runs(modes: list[str], daemons: list[str], holds: list[str], first_parts: list[str] | None = None,
+         ) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """(label, mode, node B's page daemon, migrate's flags) of each migration a rep makes: lazy once per page
+    daemon and per first-part setting (`--no-first-part`: the target creates after the dump), eager and lazy
+    once per hold setting (`migrate --no-hold`: the target claims after the restore)."""
+    first_parts = first_parts or ["on"]
     return [((f"lazy, {d} daemon" if mode == "lazy" and len(daemons) > 1 else mode)
-             + (f", {'hold' if h == 'on' else 'no hold'}" if len(holds) > 1 and mode != "registry" else ""),
-             mode, d, h == "on")
+             + (f", {'hold' if h == 'on' else 'no hold'}" if len(holds) > 1 and mode != "registry" else "")
+             + (f", {'first part' if f == 'on' else 'created after the dump'}" if len(first_parts) > 1
+                and mode == "lazy" else ""),
+             mode, d, (*([] if h == "on" else ["--no-hold"]), *([] if f == "on" else ["--no-first-part"])))
             for mode in modes for d in (daemons if mode == "lazy" else ["criu-shim"])
-            for h in (holds if mode != "registry" else ["on"])]
+            for h in (holds if mode != "registry" else ["on"])
+            for f in (first_parts if mode == "lazy" else ["on"])]
 
 
 def pause(split: str) -> float | None:
@@ -132,6 +140,10 @@ def main() -> int:
     parser.add_argument("--page-daemons", nargs="+", choices=("criu-shim", "criu"), default=["criu-shim"],
                         help="node B's page daemon for lazy mode ([restore] page_daemon), each interleaved: "
                              "criu-shim's own or CRIU's criu lazy-pages (default %(default)s)")
+    parser.add_argument("--first-parts", nargs="+", choices=("on", "off"), default=["on"],
+                        help="lazy: the target creates the container from the checkpoint's first part before "
+                             "anything stops (on, the default) or after the dump (off: `migrate --no-first-part`), "
+                             "each interleaved")
     parser.add_argument("--holds", nargs="+", choices=("on", "off"), default=["on"],
                         help="eager/lazy: the target holds the peers' packets from the switch-over (on, the "
                              "default) or claims the pod IP after the restore (off: `migrate --no-hold`), each "
@@ -151,7 +163,7 @@ def main() -> int:
                 os.environ.update(fabric_registry.client_env(fabric.Fabric(FABRIC)))
             table = []
             for size in args.sizes:
-                plan = runs(args.modes, args.page_daemons, args.holds)
+                plan = runs(args.modes, args.page_daemons, args.holds, args.first_parts)
                 gaps: dict[str, list[float]] = {label: [] for label, _, _, _ in plan}
                 pauses: dict[str, list[float]] = {label: [] for label in gaps}
                 fills: dict[str, list[float]] = {label: [] for label in gaps}
@@ -163,9 +175,10 @@ def main() -> int:
                         print(f"{size} MiB CRIU floor rep {rep}: dump {floor.dump_s:.3f} s + restore "
                               f"{floor.restore_s:.3f} s; client gap {floor.client_gap_s:.3f} s", flush=True)
                     # interleaved: a drift of the machine hits every mode alike
-                    for label, mode, daemon, hold in plan:
+                    for label, mode, daemon, flags in plan:
                         gap, split = one(hosts[0], hosts[1], size, mode,
-                                         Path(tmp) / f"client-{size}-{mode}-{daemon}-{hold}-{rep}.log", daemon, hold)
+                                         Path(tmp) / f"client-{size}-{mode}-{daemon}{''.join(flags)}-{rep}.log", daemon,
+                                         flags)
                         gaps[label].append(gap)
                         if (paused := pause(split)) is not None:
                             pauses[label].append(paused)

@@ -77,6 +77,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     migrate.add_argument("--no-hold", dest="hold", action="store_false",
                          help="with connections: the target claims the pod IPs only after the restore "
                          "and holds no packets (peers wait for their retransmission timer; for comparison)")
+    migrate.add_argument("--no-first-part", dest="first_part", action="store_false",
+                         help="lazy: the target creates the container only once the whole checkpoint has "
+                         "arrived, inside the pause, instead of from its first part before anything stops "
+                         "(for comparison)")
     _common(migrate)
 
     receiver = sub.add_parser(
@@ -125,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         result = source.run(source.MigrateRequest(
             args.container, args.to, args.to_pod, socket, args.checkpoints_dir, creds, args.address_hook,
             args.name, args.checkpoint, args.keep_checkpoint, args.timeout, args.idle_timeout, settings.criu,
-            settings.checkpoint, args.mode, args.runc, image, args.hold))
+            settings.checkpoint, args.mode, args.runc, image, args.hold, args.first_part))
         print(result.lines(), flush=True)
         return 0
     from shim.migrate import receiver

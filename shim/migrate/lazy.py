@@ -104,7 +104,7 @@ async def migrate(s: Session) -> source.Migrated:
     pages = await channel.connect(request.to, request.creds, source.CONNECT_TIMEOUT, request.idle_timeout)
     await channel.send(pages[1], {"protocol": channel.PROTOCOL, "op": "pages", "token": token})
     refused: list[ShimError] = []
-    first = s.ready.get("prepare") is True  # the target creates the container before anything stops here
+    first = request.first_part and s.ready.get("prepare") is True  # the target creates it before anything stops
 
     async def switch() -> None:
         try:

@@ -63,6 +63,7 @@ class MigrateRequest:
     runc: Path | None = None  # lazy: the runc of containerd's runc shim (default: PATH, else beside CRIU)
     image: ImageTarget | None = None  # mode "registry": where the checkpoint image goes (registry_mode.py)
     hold: bool = True  # with connections, any mode: the target holds the peers' packets from the switch-over (receiver.py, hold.py)
+    first_part: bool = True  # lazy: the target creates the container before anything stops (restore.second_part)
 
 
 @dataclass(frozen=True)
