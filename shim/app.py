@@ -118,7 +118,7 @@ async def _serve(listen: Path, upstream: Path, config: Config, grace: float) -> 
         await restorer.open()
         with _metrics_endpoint(config):
             async with asyncio.TaskGroup() as tasks:
-                periodic = [tasks.create_task(reconciler.run_forever()), tasks.create_task(restorer.collect_forever())]
+                periodic = [tasks.create_task(reconciler.run_forever()), tasks.create_task(restorer.after_restores())]
                 if collector is not None:
                     periodic.append(tasks.create_task(collector.run_forever()))
                 await server.serve()

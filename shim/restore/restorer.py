@@ -34,7 +34,7 @@ from shim.annotations import IMAGES_FROM
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.checkpoint import options
 from shim.checkpoint.criulog import LOGS
-from shim.cleanup import join, release_at_exit, to_thread_to_end
+from shim.cleanup import release_at_exit, to_thread_to_end
 from shim.config import NETWORK_LOCK_NFTABLES, PAGE_DAEMON_OURS, Config
 from shim.containerd import Containerd
 from shim.containerd_images import ContainerdImages
@@ -91,7 +91,7 @@ class Restorer:
         self._nftables: bool | None = None  # whether CRIU can lock restored connections with nftables (probed once)
         self._creating: set[str] = set()  # work dir names of restores inside CreateContainer
         self._reading: dict[Path, int] = {}  # archives CreateContainer reads now, and by how many calls
-        self._collect = asyncio.Event()  # a restore started: its pod's old CRIU configs may go (collect_forever)
+        self._after = asyncio.Event()  # a restore started or failed: work for after its answer (after_restores)
         self._journal = Journal.in_state_dir(config.state_dir)
         self._audits = RestoreAudits(config.audit_log)
         self._admission = RestoreAdmission(containerd, config)
@@ -124,15 +124,19 @@ class Restorer:
         keep = used | {str(criu_config(root / name)) for name in self._creating}
         return await asyncio.to_thread(_remove_configs, root, keep)
 
-    async def collect_forever(self) -> None:
-        """Collect old CRIU configs soon after each restore has started (owned by the app's TaskGroup)."""
+    async def after_restores(self) -> None:
+        """What a restore leaves for after its answer, run soon after each start (or failed create): the next
+        spare relay and old CRIU configs collected. A restore's CreateContainer and StartContainer are
+        inside a migration's pause, where a spare's interpreter start-up (two of them: it starts a spare
+        page daemon too) competed with the dump and the restore for the cores. Owned by the app's TaskGroup."""
         while True:
-            await self._collect.wait()
-            self._collect.clear()
+            await self._after.wait()
+            self._after.clear()
             try:
+                await asyncio.to_thread(self._relays.refill)
                 await self.collect_configs()
-            except Exception:  # a bad pass must not end collection, nor the proxy
-                log.exception("collecting old CRIU configs failed; trying again after the next restore")
+            except Exception:  # a bad pass must not end this, nor the proxy
+                log.exception("the work after a restore failed; trying again after the next one")
 
     async def close(self) -> None:
         self._audits.close()
@@ -145,7 +149,7 @@ class Restorer:
             return
         if pending.relay.upstream_file.exists():  # the launcher handed the task to our relay
             pending.relay.upstream_file.unlink(missing_ok=True)
-            self._collect.set()  # after the answer: a restore's StartContainer is inside a migration's pause
+            self._after.set()  # after the answer: a restore's StartContainer is inside a migration's pause
             return
         with contextlib.suppress(OSError):
             os.kill(pending.pid, signal.SIGTERM)  # never used: it would wait for containerd in vain
@@ -287,7 +291,7 @@ class Restorer:
                 # Handed over now: a lazy restore's page daemon starts up while the rest is prepared.
                 relay = relay or self._take_relay(work, undo_unless_created)
                 faults.reached(faults.Point.RESTORE_UNPACKED)
-                self._refill_alongside(always)
+                undo_unless_created.callback(self._after.set)  # a failed create refills at once; a start does too
                 container_id = await self._create_in_containerd(request, source, archive, archive_path, work,
                                                                 metadata, timeout, unpacked, later)
                 faults.reached(faults.Point.RESTORE_CREATED)
@@ -322,6 +326,7 @@ class Restorer:
         relay = self._relays.start_unless_spare(work)
         if relay is not None:
             self._abandon_at_exit(relay, undo_stack)
+            self._after.set()  # no spare was waiting (one restore was never started): make one now
         return relay
 
     def _take_relay(self, work: Path, undo_stack: AsyncExitStack) -> Relay:
@@ -337,11 +342,6 @@ class Restorer:
             self._relays.stop(relay)
 
         release_at_exit(undo_stack, f"stop the relay of {relay.work}", abandon)
-
-    def _refill_alongside(self, always: AsyncExitStack) -> None:
-        """The next restore's spare starts alongside; joined when this call ends, whatever happens."""
-        refill = asyncio.ensure_future(asyncio.to_thread(self._relays.refill))
-        always.push_async_callback(join, refill, "start a spare restore relay")
 
     async def _archive_file(self, source: Path | CheckpointImage, layer: Path) -> Path:
         """The archive to unpack: the file itself, or a checkpoint image's layer exported to `layer`."""

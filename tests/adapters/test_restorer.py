@@ -278,7 +278,8 @@ def test_create_and_start_hand_everything_to_the_relay(env: Env) -> None:
         assert work.is_dir() and work.parent == env.work_root
         forwarded = env.containerd.forwarded[0].config
         assert list(forwarded.command) == ["/counter"] and forwarded.annotations["restored"] == "true"
-        assert env.relays.stopped == [] and env.relays.refills == 1
+        assert env.relays.stopped == []
+        assert env.relays.refills == 0  # not inside the call: after the start (after_restores)
         assert Journal.in_state_dir(env.root / "state").records() == []  # the relay's record covers it now
         # The launcher handed the task to the relay: StartContainer went through our handler.
         Relay(work, env.relays.directory).upstream_file.write_text("unix:///run/containerd/s/x")
@@ -296,7 +297,7 @@ def test_create_and_start_hand_everything_to_the_relay(env: Env) -> None:
 
 def test_old_criu_configs_go_after_a_start_has_answered_not_inside_it(env: Env) -> None:
     """StartContainer of a restore is inside a migration's pause: collecting the configs of removed
-    containers (a containerd listing) comes after it, from collect_forever."""
+    containers (a containerd listing) comes after it, from after_restores."""
     async def scenario() -> None:
         stale = criu_config(env.work_root / "0123abcd")
         container_id = await env.create()
@@ -306,11 +307,12 @@ def test_old_criu_configs_go_after_a_start_has_answered_not_inside_it(env: Env) 
         await env.restorer.after_start(container_id)
         assert stale.exists()  # not within the call
         assert env.restorer.sandbox_of(container_id) is None
-        collecting = asyncio.create_task(env.restorer.collect_forever())
+        collecting = asyncio.create_task(env.restorer.after_restores())
         try:
             async with asyncio.timeout(10):
                 while stale.exists():
                     await asyncio.sleep(0.01)
+            assert env.relays.refills == 1  # the next restore's spare, after the start
         finally:
             collecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
