@@ -260,10 +260,15 @@ def _archives_unchanged(a: Host, b: Host) -> Iterator[None]:
     assert (a.archives(), b.archives()) == before, "nothing was written on either node"
 
 
-def test_migrate_killed_while_criu_waits_in_its_hook_leaves_the_source_untouched(hosts: tuple[Host, Host]) -> None:
-    """runc and CRIU start before the switch-over and wait in CRIU's pre-dump hook: `migrate` dying there
-    (SIGKILL, the fault point) ends the hook's FIFO, and CRIU fails the dump before it touched anything.
-    The source counts on, unfrozen and unlocked; the target claimed nothing; a retry moves it."""
+@pytest.mark.parametrize("fault", ["migrate-predump", "migrate-frozen"])
+def test_migrate_killed_before_criu_goes_on_leaves_the_source_running_and_unlocked(hosts: tuple[Host, Host],
+                                                                                 fault: str) -> None:
+    """runc and CRIU start before the switch-over and wait in CRIU's pre-dump hook. `migrate` dying (SIGKILL)
+    there (migrate-predump: before the switch-over, our lock and our freeze), or once it switched over,
+    locked the pod's connections and froze the container (migrate-frozen), ends the hook's FIFO: CRIU
+    fails the dump before it touched anything, and the guard left behind thaws the container and removes
+    the lock once runc has ended; the receiver, its control connection gone, releases the addresses it
+    claimed and removes what it created from the first part. The source counts on; a retry moves it."""
     a, b = hosts
     with a.cri.pod(TCP) as source_pod, b.cri.pod(TCP) as target_pod:
         ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "32"},
@@ -272,44 +277,15 @@ def test_migrate_killed_while_criu_waits_in_its_hook_leaves_the_source_untouched
         wait_for(lambda: a.cri.count(ctr) >= 5, timeout=60)
         argv = a.migrate_argv(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy")
         killed = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO,
-                                env={**os.environ, "CRIU_SHIM_FAULT": "migrate-predump"})
-        assert killed.returncode == -signal.SIGKILL, killed.stderr
-        wait_for(lambda: not _dumping(a), timeout=60)  # CRIU read the end of its hook's FIFO and gave up
-        count = a.cri.count(ctr)
-        wait_for(lambda: a.cri.count(ctr) > count, timeout=30)  # never frozen: it counts on
-        assert a.cri.state(ctr) == "CONTAINER_RUNNING"
-        assert TABLE not in _pod_nft_tables(a, source_pod.id)  # our TCP lock never came
-        assert not routed_to_target(ip, b), router_routes()
-        wait_for(lambda: b.containers() == [], timeout=30)  # the receiver removes what it created from the first part
-        a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy")
-        wait_for(lambda: len(b.containers()) == 1, timeout=60)
-    _no_lazy_leftovers(a)
-    _no_lazy_leftovers(b)
-
-
-def test_migrate_killed_after_its_freeze_before_criu_goes_on_thaws_and_unlocks_the_source(
-        hosts: tuple[Host, Host]) -> None:
-    """`migrate` dying (SIGKILL) once it switched over, locked the pod's connections and froze the container,
-    while CRIU still waits in its hook for the word to go on: the hook's FIFO ends, CRIU fails the dump, and
-    the guard left behind thaws the container and removes the lock once runc has ended; the receiver, its
-    control connection gone, releases the addresses it claimed. Nothing is left frozen, locked or moved."""
-    a, b = hosts
-    with a.cri.pod(TCP) as source_pod, b.cri.pod(TCP) as target_pod:
-        ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "32"},
-                              name="counter")
-        ip = pod_ip(a, source_pod)
-        wait_for(lambda: a.cri.count(ctr) >= 5, timeout=60)
-        argv = a.migrate_argv(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy")
-        killed = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO,
-                                env={**os.environ, "CRIU_SHIM_FAULT": "migrate-frozen"})
+                                env={**os.environ, "CRIU_SHIM_FAULT": fault})
         assert killed.returncode == -signal.SIGKILL, killed.stderr
         wait_for(lambda: not _dumping(a), timeout=60)  # CRIU read the end of its hook's FIFO and gave up
         wait_for(lambda: _freezer_state(a, ctr) == "THAWED", timeout=30)  # the guard thaws once runc has ended
         count = a.cri.count(ctr)
         wait_for(lambda: a.cri.count(ctr) > count, timeout=30)  # it counts on
         assert a.cri.state(ctr) == "CONTAINER_RUNNING"
-        wait_for(lambda: TABLE not in _pod_nft_tables(a, source_pod.id), timeout=30)  # the guard unlocked it
-        wait_for(lambda: not routed_to_target(ip, b), timeout=30)  # the receiver let the addresses go
+        wait_for(lambda: TABLE not in _pod_nft_tables(a, source_pod.id), timeout=30)  # never came, or unlocked
+        wait_for(lambda: not routed_to_target(ip, b), timeout=30)  # never moved, or let go by the receiver
         wait_for(lambda: b.containers() == [], timeout=30)  # the receiver removes what it created from the first part
         a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy")
         wait_for(lambda: len(b.containers()) == 1, timeout=60)

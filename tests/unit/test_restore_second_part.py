@@ -4,6 +4,7 @@ real archives, the real unpacker; what is refused, and that a refused second par
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -124,29 +125,16 @@ def _unchanged(work: Path, before: set[str], tmp_path: Path) -> None:
     assert not (tmp_path / "logs" / "server.log").exists()
 
 
-def test_a_second_part_of_another_container_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("make", "says"), [
+    (lambda path: second(path, spec=SPEC.replace(b"/server", b"/other")), "their specs differ"),
+    (lambda path: second(path, pages=3), "inconsistent"),  # the pagemap says 3 pages, the image holds 2
+    (lambda path: second(path, lazy_pages=256), "only by `criu-shim migrate-receiver`"),  # no port file beside it
+], ids=["another-container", "short-memory-image", "lazy-without-page-server"])
+def test_a_refused_second_part_changes_nothing(tmp_path: Path, make: Callable[[Path], Path], says: str) -> None:
     work = created(tmp_path)
     before = {p.name for p in work.iterdir()}
-    part = second(tmp_path / "second.tar", spec=SPEC.replace(b"/server", b"/other"))
-    with pytest.raises(InvalidArgument, match="their specs differ"):
-        second_part.complete(later(tmp_path, part), part, work, open_checkpoint, CRIU, "criu-shim")
-    _unchanged(work, before, tmp_path)
-
-
-def test_a_second_part_whose_memory_image_is_short_is_refused_and_changes_nothing(tmp_path: Path) -> None:
-    work = created(tmp_path)
-    before = {p.name for p in work.iterdir()}
-    part = second(tmp_path / "second.tar", pages=3)  # the pagemap says 3 pages, the image holds 2
-    with pytest.raises(InvalidArgument, match="inconsistent"):
-        second_part.complete(later(tmp_path, part), part, work, open_checkpoint, CRIU, "criu-shim")
-    _unchanged(work, before, tmp_path)
-
-
-def test_a_lazy_second_part_without_its_page_server_is_refused_and_changes_nothing(tmp_path: Path) -> None:
-    work = created(tmp_path)
-    before = {p.name for p in work.iterdir()}
-    part = second(tmp_path / "second.tar", lazy_pages=256)  # no port file beside it
-    with pytest.raises(InvalidArgument, match="only by `criu-shim migrate-receiver`"):
+    part = make(tmp_path / "second.tar")
+    with pytest.raises(InvalidArgument, match=says):
         second_part.complete(later(tmp_path, part), part, work, open_checkpoint, CRIU, "criu-shim")
     _unchanged(work, before, tmp_path)
 
