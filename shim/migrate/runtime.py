@@ -18,6 +18,7 @@ from google.protobuf import json_format
 
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.api.cri.v1 import api_pb2_grpc as cri_grpc
+from shim.containerd import RECONNECT
 from shim.errors import Code, NotFound, ShimError, Upstream
 
 T = TypeVar("T")
@@ -54,7 +55,7 @@ class ContainerView:
 
 class Runtime:
     def __init__(self, socket: Path, timeout: float = 30.0) -> None:
-        self._channel = grpc.aio.insecure_channel(f"unix://{socket}")
+        self._channel = grpc.aio.insecure_channel(f"unix://{socket}", options=RECONNECT)
         self._cri = cri_grpc.RuntimeServiceStub(self._channel)
         self._timeout = timeout
         self.socket = socket

@@ -134,7 +134,7 @@ def test_restore_into_a_stopped_pod_gets_containerds_answer(built: tuple[str, No
         listed = client.runtime.ListContainers(cri.ListContainersRequest(
             filter=cri.ContainerFilter(pod_sandbox_id=pod.id))).containers
         assert not listed
-    assert _work_dirs(node) == before
+    assert _work_dirs(node) <= before  # nothing new (the failed create may collect an earlier restore's config)
 
 
 def test_restored_container_survives_a_containerd_restart(built: tuple[str, Node], client: Cri) -> None:
