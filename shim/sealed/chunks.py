@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from shim.errors import InvalidArgument
 from shim.sealed.format import (
     FINAL,
+    IN_PLACE,
     MAGIC,
     MAX_HEADER,
     TAG_SIZE,
@@ -142,7 +143,11 @@ class ChunkOpener:
         word = WORD.pack(length | (FINAL if k == self._index.count - 1 else 0))
         nonce = self._prefix + k.to_bytes(8, "big")
         try:
-            self._aead.decrypt_into(nonce, frame, aad(self._digest, word, self._index.starts[k], 2), out[:length])
+            associated = aad(self._digest, word, self._index.starts[k], 2)
+            if IN_PLACE:
+                self._aead.decrypt_into(nonce, frame, associated, out[:length])
+            else:  # cryptography 51+ decrypts into another buffer only
+                out[:length] = self._aead.decrypt(nonce, frame, associated)
         except InvalidTag:
             raise CorruptSealedArchive(f"{self._label}: chunk {k} at byte {at} fails authentication: the archive "
                                        "was modified or is corrupt") from None

@@ -58,6 +58,20 @@ WORD_SIZE = WORD.size
 FINAL = 1 << 31
 DEFAULT_CHUNK = 1 << 20
 MAX_CHUNK = 16 << 20  # a header asking for more is refused (a reader buffers one chunk)
+
+
+def _in_place_allowed() -> bool:
+    """Whether this cryptography encrypts and decrypts into the buffer it reads: 45-50 do, 51 refuses
+    ("data and buf must not overlap"). Without it a chunk is sealed or opened through a copy."""
+    buffer = memoryview(bytearray(16 + TAG_SIZE))
+    try:
+        AESGCM(bytes(KEY_SIZE)).encrypt_into(bytes(12), buffer[:16], None, buffer)
+    except ValueError:
+        return False
+    return True
+
+
+IN_PLACE = _in_place_allowed()
 MAX_HEADER = 64 << 10
 MAX_KEY_ID = 256
 _FIELDS = {"format", "version", "cipher", "chunk_size", "key_id", "key_wrap", "wrapped_key", "nonce_prefix",
@@ -230,8 +244,11 @@ class Sealer:
         counter, where = self._place(counter, plain_offset, length)
         view = memoryview(frame)[:WORD_SIZE + length + TAG_SIZE]
         view[:WORD_SIZE] = word
-        self._aead.encrypt_into(self._nonce(counter), view[WORD_SIZE:WORD_SIZE + length], self._aad(word, where),
-                                view[WORD_SIZE:])
+        nonce, plaintext = self._nonce(counter), view[WORD_SIZE:WORD_SIZE + length]
+        if IN_PLACE:
+            self._aead.encrypt_into(nonce, plaintext, self._aad(word, where), view[WORD_SIZE:])
+        else:
+            view[WORD_SIZE:] = self._aead.encrypt(nonce, plaintext, self._aad(word, where))
         return view
 
     def _place(self, counter: int | None, plain_offset: int | None, length: int) -> tuple[int, int]:
