@@ -41,7 +41,7 @@ from tests.node.fabric_pods import (
     seqs,
     slow_link,
 )
-from tests.node.pods import wait_for
+from tests.node.pods import Pod, wait_for
 
 pytestmark = pytest.mark.node
 
@@ -271,10 +271,7 @@ def test_migrate_killed_before_criu_goes_on_leaves_the_source_running_and_unlock
     claimed and removes what it created from the first part. The source counts on; a retry moves it."""
     a, b = hosts
     with a.cri.pod(TCP) as source_pod, b.cri.pod(TCP) as target_pod:
-        ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "32"},
-                              name="counter")
-        ip = pod_ip(a, source_pod)
-        wait_for(lambda: a.cri.count(ctr) >= 5, timeout=60)
+        ctr, ip = _counting(a, source_pod)
         argv = a.migrate_argv(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy")
         killed = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO,
                                 env={**os.environ, "CRIU_SHIM_FAULT": fault})
@@ -299,10 +296,7 @@ def test_a_receiver_killed_after_the_first_part_leaves_no_container_once_back(ho
     on, never frozen); the container stays CREATED until the next receiver, which removes it at its start."""
     a, b = hosts
     with a.cri.pod(TCP) as source_pod, b.cri.pod(TCP) as target_pod:
-        ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "32"},
-                              name="counter")
-        ip = pod_ip(a, source_pod)
-        wait_for(lambda: a.cri.count(ctr) >= 5, timeout=60)
+        ctr, ip = _counting(a, source_pod)
         receiver = procs.read_pid(b.layout.pid_dir / "receiver.pid")
         assert receiver is not None
         procs.stop(receiver)
@@ -382,6 +376,13 @@ def test_a_hostile_first_part_is_refused_and_leaves_nothing(hosts: tuple[Host, H
         assert answer["ok"] is False and says in f"{answer.get('code')}: {answer.get('error')}", answer
         assert b.containers() == []
         assert b.archives() == before
+
+
+def _counting(host: Host, pod: Pod) -> tuple[str, str]:
+    """A counter with 32 MiB of memory in `pod`, counting; its id and the pod's IP."""
+    ctr = host.cri.container(pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "32"}, name="counter")
+    wait_for(lambda: host.cri.count(ctr) >= 5, timeout=60)
+    return ctr, pod_ip(host, pod)
 
 
 def _freezer_state(host: Host, ctr: str) -> str:
