@@ -37,6 +37,7 @@ from shim.errors import (
     Unknown,
     Upstream,
 )
+from shim.local_channel import local_channel
 
 NAMESPACE = "k8s.io"
 _ERRORS: dict[grpc.StatusCode, Callable[[str], ShimError]] = {
@@ -46,17 +47,11 @@ _ERRORS: dict[grpc.StatusCode, Callable[[str], ShimError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
 }
 T = TypeVar("T")
-# containerd's socket is local: after a failed connection (containerd restarting) try again within
-# 0.1 s, growing to 1 s, not gRPC's 1 s growing to 120 s. A call of ours made while containerd was
-# down (the collection after a restore, the reconciler's pass) otherwise left the channel backing off,
-# and the kubelet's next calls, relayed through it, failed at once with UNAVAILABLE for seconds after
-# containerd was back.
-RECONNECT = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000))
 
 
 class Containerd:
     def __init__(self, socket: Path) -> None:
-        self._channel = grpc.aio.insecure_channel(f"unix://{socket}", options=RECONNECT)
+        self._channel = local_channel(socket)
         self._meta = (("containerd-namespace", NAMESPACE),)
         self._cri = cri_grpc.RuntimeServiceStub(self._channel)
         self._cri_images = cri_grpc.ImageServiceStub(self._channel)

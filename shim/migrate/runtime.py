@@ -18,8 +18,8 @@ from google.protobuf import json_format
 
 from shim.api.cri.v1 import api_pb2 as cri
 from shim.api.cri.v1 import api_pb2_grpc as cri_grpc
-from shim.containerd import RECONNECT
 from shim.errors import Code, NotFound, ShimError, Upstream
+from shim.local_channel import local_channel
 
 T = TypeVar("T")
 
@@ -55,7 +55,7 @@ class ContainerView:
 
 class Runtime:
     def __init__(self, socket: Path, timeout: float = 30.0) -> None:
-        self._channel = grpc.aio.insecure_channel(f"unix://{socket}", options=RECONNECT)
+        self._channel = local_channel(socket)
         self._cri = cri_grpc.RuntimeServiceStub(self._channel)
         self._timeout = timeout
         self.socket = socket
