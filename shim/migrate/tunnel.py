@@ -30,6 +30,7 @@ from pathlib import Path
 from shim.errors import FailedPrecondition
 
 CHUNK = 1 << 20
+CLOSE_WAIT = 5.0  # a peer that never lets the connection close does not hold the tunnel
 LOOPBACK = "127.0.0.1"
 
 
@@ -64,44 +65,142 @@ async def pump(local: tuple[asyncio.StreamReader, asyncio.StreamWriter],
 
     With `orderly`, the local socket is closed in order only when the remote side ended with an
     EOF and `orderly()` then says so; otherwise it is reset (see abort_on_close). `before_close`
-    runs first, while the local end still waits on us."""
+    runs first, while the local end still waits on us.
+
+    The streams' transports are taken over by protocols that read into a buffer of their own and
+    hand it to the other transport: no StreamReader copies in between. Through a stream each chunk
+    was copied three times beside TLS (into the reader's buffer, out of it, into the writer's), and
+    the two tunnel ends in Python were what limited the lazy fill (README "Live migration").
+    """
     result = Pumped()
-
-    async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, side: str, inbound: bool) -> None:
-        try:
-            while chunk := await reader.read(CHUNK):
-                writer.write(chunk)
-                await writer.drain()
-                if inbound:
-                    result.to_local += len(chunk)
-                else:
-                    result.to_remote += len(chunk)
-            result.ended_by = result.ended_by or side
-        except (ConnectionError, OSError) as exc:  # ssl.SSLError is an OSError
-            result.errors.append(f"{side}: {exc.__class__.__name__}: {exc}")
-            result.ended_by = result.ended_by or f"error: {side}: {exc}"
-
-    tasks = [asyncio.ensure_future(copy(remote[0], local[1], "remote", True)),
-             asyncio.ensure_future(copy(local[0], remote[1], "local", False))]
+    over: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    ends = (_End("local", result, over), _End("remote", result, over))
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for end, stream in zip(ends, (local, remote), strict=True):
+            end.take_over(*stream)
+        ends[0].join(ends[1])
+        for end, stream in zip(ends, (local, remote), strict=True):
+            await end.start(stream[0])
+        await over
         if before_close is not None:
             await before_close(result)
         if orderly is not None:
             calm = result.ended_by == "remote" and await orderly()
             abort_on_close(local[1], abort=not calm)
     finally:
-        for task in tasks:
-            task.cancel()
-        for _, writer in (local, remote):
-            writer.close()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        for _, writer in (local, remote):
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        for end in ends:
+            end.close()
+        for end in ends:
+            await end.closed()
     return result
+
+
+class _End(asyncio.BufferedProtocol):
+    """One connection of a tunnel: what it reads goes straight to the other connection's transport."""
+
+    def __init__(self, side: str, result: Pumped, over: asyncio.Future[None]) -> None:
+        self.side = side
+        self._result = result
+        self._over = over
+        self._other: _End | None = None
+        self._transport: asyncio.Transport | None = None
+        self._tls = False
+        self._lost: asyncio.Future[None] = over.get_loop().create_future()
+        self._view = memoryview(bytearray(CHUNK))
+
+    def take_over(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._tls = transport.get_extra_info("sslcontext") is not None
+        # asyncio.StreamReader says "EOF seen" publicly only once its buffer is empty (at_eof()).
+        self._ended_before = bool(getattr(reader, "_eof", False))
+        stream_protocol = transport.get_protocol()
+        transport.set_protocol(self)
+        transport.set_write_buffer_limits(high=CHUNK)
+        # The stream is over as far as it knows: its reader ends after what it holds, and the
+        # writer's wait_closed() returns (its protocol would never hear of the transport again).
+        stream_protocol.connection_lost(None)
+
+    def join(self, other: _End) -> None:
+        self._other, other._other = other, self
+
+    async def start(self, reader: asyncio.StreamReader) -> None:
+        """Pass on what the stream had read before the take-over; then read on (or end, if it had ended)."""
+        assert self._transport is not None
+        try:
+            held = await reader.read()
+        except (ConnectionError, OSError) as exc:
+            self.connection_lost(exc)
+            return
+        if held:
+            self._pass_on(memoryview(held))
+        if self._ended_before:
+            self._end(None)
+        elif not self._transport.is_reading():  # the stream had paused it (its buffer was full)
+            self._transport.resume_reading()
+
+    # asyncio.BufferedProtocol
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._pass_on(self._view[:nbytes])
+
+    def eof_received(self) -> bool:
+        self._end(None)
+        return not self._tls  # we close it ourselves (in order, or with a reset: abort_on_close); TLS closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc)
+        if not self._lost.done():
+            self._lost.set_result(None)
+
+    def pause_writing(self) -> None:  # our transport is full: stop reading what would go into it
+        if self._other is not None and self._other._transport is not None:
+            self._other._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._other is not None and self._other._transport is not None and not self._other._transport.is_closing():
+            self._other._transport.resume_reading()
+
+    # the tunnel
+
+    def _pass_on(self, data: memoryview) -> None:
+        if self.side == "remote":
+            self._result.to_local += len(data)
+        else:
+            self._result.to_remote += len(data)
+        if self._other is not None and self._other._write(data):
+            self._view = memoryview(bytearray(CHUNK))  # it may still hold ours: read into a fresh one
+
+    def _write(self, data: memoryview) -> bool:
+        """Write `data`; whether our transport may still refer to it (then it must not be reused).
+
+        A TLS transport keeps what it is given until encrypted, and a plain one what it could not
+        send at once (3.11 copies it, later Pythons keep a view)."""
+        if self._transport is None or self._transport.is_closing():
+            return False
+        self._transport.write(data)
+        return self._tls or self._transport.get_write_buffer_size() > 0
+
+    def _end(self, exc: BaseException | None) -> None:
+        if exc is not None:
+            self._result.errors.append(f"{self.side}: {exc.__class__.__name__}: {exc}")
+        if not self._result.ended_by:
+            self._result.ended_by = self.side if exc is None else f"error: {self.side}: {exc}"
+        if not self._over.done():
+            self._over.set_result(None)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    async def closed(self) -> None:
+        if self._transport is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._lost), CLOSE_WAIT)
 
 
 def socket_uid(peer: tuple[str, int], local_port: int) -> int | None:
