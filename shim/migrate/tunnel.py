@@ -178,12 +178,14 @@ class _End(asyncio.BufferedProtocol):
     def _write(self, data: memoryview) -> bool:
         """Write `data`; whether our transport may still refer to it (then it must not be reused).
 
-        A TLS transport keeps what it is given until encrypted, and a plain one what it could not
-        send at once (3.11 copies it, later Pythons keep a view)."""
+        A plain transport keeps what it could not send at once (3.11 copies it, later Pythons keep a
+        view), a TLS one what it could not encrypt yet; either counts it in its write buffer size. A
+        fresh 1 MiB buffer costs its page faults, so ours is reused whenever that size is 0 (a TLS
+        transport encrypts at once and hands the records on, unless the socket below is full)."""
         if self._transport is None or self._transport.is_closing():
             return False
         self._transport.write(data)
-        return self._tls or self._transport.get_write_buffer_size() > 0
+        return self._transport.get_write_buffer_size() > 0
 
     def _end(self, exc: BaseException | None) -> None:
         if exc is not None:
