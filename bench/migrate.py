@@ -10,7 +10,9 @@ in the router's namespace, HTTPS, on the same fabric links). The modes are
 interleaved rep by rep on the same two hosts. Reported per size and mode: the largest gap
 between two answers the client saw (median and worst), and the migration's own split; next to
 it, in the same run and interleaved, the CRIU floor: the same server dumped and restored by hand
-on one machine (bench/criu_floor.py), CRIU's dump + restore time and its client's gap.
+on one machine (bench/criu_floor.py), CRIU's dump + restore time and its client's gap, and the
+link's own rate from node A to node B, plain TCP and inside the nodes' TLS (bench/link_rate.py):
+what the lazy fill's memory rate is to be compared with.
 
     sudo flock /tmp/criu-shim-node.lock .venv/bin/python bench/migrate.py --sizes 64 512 --reps 3
     # the target's packet hold against claiming after the restore, interleaved:
@@ -35,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from bench.criu_floor import one as criu_floor  # noqa: E402
+from bench.link_rate import measure as link_rate  # noqa: E402
 from shim.api.cri.v1 import api_pb2 as cri  # noqa: E402
 from shim.api.cri.v1 import api_pb2_grpc  # noqa: E402
 from shim.node import fabric, fabric_registry  # noqa: E402
@@ -120,6 +123,14 @@ def runs(modes: list[str], daemons: list[str], holds: list[str], first_parts: li
             for f in (first_parts if mode == "lazy" else ["on"])]
 
 
+def link(a: Host, b: Host, mib: int) -> tuple[float, float]:
+    """The fabric's rate from node A to node B (MB/s): plain TCP, then inside the nodes' TLS."""
+    enter = [["nsenter", f"--net=/run/netns/{h.env['NODE_NETNS']}", "--"] for h in (a, b)]
+    host = b.env["MIGRATE_ADDRESS"].rpartition(":")[0]
+    tls = {k: b.env[k] for k in ("MIGRATE_CERT", "MIGRATE_KEY", "MIGRATE_CA")}
+    return link_rate(enter[0], enter[1], host, mib, None), link_rate(enter[0], enter[1], host, mib, tls)
+
+
 def pause(split: str) -> float | None:
     """migrate's own pause (`...; pause S s`): the source's lock to the target's answer."""
     found = re.search(r"pause ([\d.]+) s", split)
@@ -135,6 +146,8 @@ def main() -> int:
     parser.add_argument("--target-containerd", default="1.7", metavar="VERSION",
                         help="node B's containerd (node A runs 1.7): 1.7 or 2.4 (default %(default)s)")
     parser.add_argument("--no-floor", action="store_true", help="skip the CRIU floor (dump + restore by hand)")
+    parser.add_argument("--no-link", action="store_true",
+                        help="skip the link's own rate (the size's MiB from node A to B, TCP and TLS)")
     parser.add_argument("--keep-logs", type=Path, metavar="DIR",
                         help="copy both nodes' logs (proxy, relays, containerd, receiver) to DIR before they go")
     parser.add_argument("--page-daemons", nargs="+", choices=("criu-shim", "criu"), default=["criu-shim"],
@@ -168,12 +181,17 @@ def main() -> int:
                 pauses: dict[str, list[float]] = {label: [] for label in gaps}
                 fills: dict[str, list[float]] = {label: [] for label in gaps}
                 floors: list[tuple[float, float]] = []  # (dump + restore, client gap)
+                links: list[tuple[float, float]] = []  # MB/s (TCP, TLS)
                 for rep in range(args.reps):
                     if not args.no_floor:
                         floor = criu_floor(size, Path(tmp))
                         floors.append((floor.dump_s + floor.restore_s, floor.client_gap_s))
                         print(f"{size} MiB CRIU floor rep {rep}: dump {floor.dump_s:.3f} s + restore "
                               f"{floor.restore_s:.3f} s; client gap {floor.client_gap_s:.3f} s", flush=True)
+                    if not args.no_link:
+                        links.append(link(hosts[0], hosts[1], size))
+                        print(f"{size} MiB link A -> B rep {rep}: TCP {links[-1][0]:.0f} MB/s, TLS "
+                              f"{links[-1][1]:.0f} MB/s", flush=True)
                     # interleaved: a drift of the machine hits every mode alike
                     for label, mode, daemon, flags in plan:
                         gap, split = one(hosts[0], hosts[1], size, mode,
@@ -195,6 +213,10 @@ def main() -> int:
                                  f"{statistics.median(f for f, _ in floors):.2f} s | "
                                  f"{statistics.median(g for _, g in floors):.2f} s | {max(g for _, g in floors):.2f} s "
                                  "| - | - |")
+                if links:
+                    table.append(f"| {size} MiB | the link A -> B (Python ends, blocking sockets): TCP / TLS | - | - "
+                                 f"| - | {statistics.median(t for t, _ in links):.0f} / "
+                                 f"{statistics.median(t for _, t in links):.0f} MB/s |")
             print("| memory | mode | client gap, median | worst | pause, median | lazy fill, median |\n"
                   "|---|---|---|---|---|---|\n"
                   + "\n".join(table), flush=True)
