@@ -27,6 +27,8 @@ class Point(enum.StrEnum):
     CHECKPOINT_ARCHIVE = "checkpoint-archive"  # thawed; the memory image sits in the staging directory
     RESTORE_UNPACKED = "restore-unpacked"  # CreateContainer: unpacked, relay handed the restore, no container yet
     RESTORE_CREATED = "restore-created"  # containerd created the container; the relay not yet confirmed ready
+    # StartContainer of a restore created from a first part (a lazy migration's): its second part not unpacked yet
+    RESTORE_SECOND_PART = "restore-second-part"
     # `migrate --mode lazy`: CRIU waits in its pre-dump hook; no switch-over, lock or freeze yet
     MIGRATE_PREDUMP = "migrate-predump"
     # `migrate --mode lazy`: switched over (the target holds and claimed the IPs), our TCP lock on and the

@@ -88,6 +88,18 @@ class _Migration:
     # anything ("prepare", shim.restore.second_part), and where the second part goes; removed on any failure.
     prepared: str | None = None
     second_part: Path | None = None
+    first_part: str | None = None  # that container's id until the session ends (the sweep leaves it alone)
+
+
+@dataclass
+class _Shared:
+    """What the receiver's sessions share."""
+
+    watcher: claims.ClaimWatcher
+    one_at_a_time: asyncio.Lock = field(default_factory=asyncio.Lock)  # restores queue (a source's dump does not)
+    page_ends: dict[str, _PageEnd] = field(default_factory=dict)  # lazy migrations under way, by token
+    # Containers created from a first part by migrations under way (the sweep leaves them alone).
+    first_parts: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -114,10 +126,9 @@ async def _serve(settings: ReceiverSettings) -> int:
     context = channel.server_context(settings.creds)
     if not settings.checkpoints_dir.is_dir():
         raise FailedPrecondition(f"checkpoints directory {settings.checkpoints_dir} does not exist")
-    one_at_a_time = asyncio.Lock()  # restores into this node queue (a source's checkpoint does not hold it)
-    page_ends: dict[str, _PageEnd] = {}  # lazy migrations under way, by token
     watcher = claims.ClaimWatcher(settings.runtime, settings.address_hook, settings.claims_interval,
                                   settings.claims_file)
+    shared = _Shared(watcher)
     await hold.sweep()  # a receiver that died holding left rules: they must not outlive it
     await watcher.settle_pending()  # ... and maybe early claims: released, or watched if their restore ran
     await _remove_prepared(settings.runtime)  # ... and maybe containers created from a first part, never started
@@ -130,7 +141,7 @@ async def _serve(settings: ReceiverSettings) -> int:
         # gRPC's reconnect back-off for a while and fails the next migration's calls at once.
         runtime = Runtime(settings.runtime)
         try:
-            await _session(settings, runtime, reader, writer, who, one_at_a_time, page_ends, watcher)
+            await _session(settings, runtime, reader, writer, who, shared)
         except Exception:  # one bad session never takes the receiver down
             log.exception("migration session from %s failed", who)
         finally:
@@ -147,19 +158,18 @@ async def _serve(settings: ReceiverSettings) -> int:
     log.info("migration receiver listening on %s:%d", host, port)
     async with server, asyncio.TaskGroup() as tasks:
         tasks.create_task(watcher.run(stop))  # ends with the receiver
+        tasks.create_task(_sweep_first_parts(settings, shared, stop))
         await stop.wait()
     return 0
 
 
 async def _session(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.StreamReader,
-                   writer: asyncio.StreamWriter, who: str, one_at_a_time: asyncio.Lock,
-                   page_ends: dict[str, _PageEnd], watcher: claims.ClaimWatcher) -> None:
+                   writer: asyncio.StreamWriter, who: str, shared: _Shared) -> None:
     migration: _Migration | None = None
     made: list[_Migration] = []
     try:
         while True:
-            migration = await _step(settings, runtime, reader, writer, who, one_at_a_time, page_ends, migration,
-                                    watcher)
+            migration = await _step(settings, runtime, reader, writer, who, shared, migration)
             if migration is None:
                 return
             if not made or made[-1] is not migration:  # "switch" goes on with the same one
@@ -168,19 +178,22 @@ async def _session(settings: ReceiverSettings, runtime: Runtime, reader: asyncio
         for ended in made:  # a lazy migration's tunnel listener goes with its session
             await _unhold(settings, ended)  # a session that ended before its restore: nothing held stays
             if ended.prepared is not None:  # created from the first part, never started: it goes
-                await runtime.remove(ended.prepared)
-                log.info("removed container %s, created for a migration that ended before its restore",
-                         ended.prepared)
-            watcher.end(ended.pod.id)  # its early claim settled either way
+                if await runtime.remove(ended.prepared):
+                    log.info("removed container %s, created for a migration that ended before its restore",
+                             ended.prepared)
+                else:  # this node's criu-shim down: the sweep removes it once it is back
+                    log.warning("could not remove container %s, created for a migration that ended before its "
+                                "restore; the receiver's sweep retries", ended.prepared)
+            shared.watcher.end(ended.pod.id)  # its early claim settled either way
+            shared.first_parts.discard(ended.first_part or "")  # over: if its removal failed, the sweep retries
             if ended.pages is not None:
                 ended.pages.loopback.close()
-                page_ends.pop(ended.pages.token, None)
+                shared.page_ends.pop(ended.pages.token, None)
 
 
 async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.StreamReader,
-                writer: asyncio.StreamWriter, who: str, one_at_a_time: asyncio.Lock,
-                page_ends: dict[str, _PageEnd], migration: _Migration | None,
-                watcher: claims.ClaimWatcher) -> _Migration | None:
+                writer: asyncio.StreamWriter, who: str, shared: _Shared,
+                migration: _Migration | None) -> _Migration | None:
     """One message of a session; the migration it goes on with, or None when the session is over."""
     try:
         message = await asyncio.wait_for(channel.receive(reader), settings.idle_timeout * 20)
@@ -196,7 +209,7 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
             answer = {"ok": True, "pod": migration.pod.label, "pod_id": migration.pod.id,
                       "pod_ips": list(migration.pod.ips)}
             if message.get("mode") == "lazy":
-                migration.pages = await _page_end(page_ends)
+                migration.pages = await _page_end(shared.page_ends)
                 answer["pages_token"] = migration.pages.token
                 # CRIU restores with the lock method the dump recorded: the source asks for nftables only
                 # where this node's CRIU can restore with it too.
@@ -207,19 +220,19 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
             await channel.send(writer, answer)
             return migration
         if op == "prepare" and migration is not None and migration.pages is not None and migration.prepared is None:
-            async with one_at_a_time:
-                await _prepare(settings, runtime, migration, message, reader)
+            async with shared.one_at_a_time:
+                await _prepare(settings, runtime, migration, message, reader, shared.first_parts)
             await channel.send(writer, {"ok": True})
             return migration
         if op == "switch" and migration is not None and migration.early:
-            await _switch(settings, migration, watcher)
+            await _switch(settings, migration, shared.watcher)
             await channel.send(writer, {"ok": True})
             return migration
         if op == "pages":
-            await _carry_pages(runtime, page_ends, channel.field(message, "token", str), reader, writer)
+            await _carry_pages(runtime, shared.page_ends, channel.field(message, "token", str), reader, writer)
             return None
         if op in ("restore", "restore_image") and migration is not None:
-            async with one_at_a_time:
+            async with shared.one_at_a_time:
                 if op == "restore":
                     reply = await _restore(settings, runtime, migration, message, reader)
                 else:  # registry mode: the checkpoint image is pulled, not sent
@@ -227,8 +240,8 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
                         runtime, migration.pod, migration.name, message, settings.restore_timeout,
                         functools.partial(_claim_or_let_go, settings, migration),
                         settings.allowed_registries)
-            watcher.add(str(reply["container_id"]), migration.addresses)  # restored and claimed
-            watcher.end(migration.pod.id)
+            shared.watcher.add(str(reply["container_id"]), migration.addresses)  # restored and claimed
+            shared.watcher.end(migration.pod.id)
             faults.reached(faults.Point.MIGRATE_RESTORED)
             await channel.send(writer, {"ok": True, **reply})
             log.info("migration from %s restored container %s in pod %s", who, reply["container_id"],
@@ -315,7 +328,7 @@ def _via(pod: PodView, ip: str) -> str | None:
 
 
 async def _prepare(settings: ReceiverSettings, runtime: Runtime, migration: _Migration, message: dict[str, Any],
-                   reader: asyncio.StreamReader) -> None:
+                   reader: asyncio.StreamReader, first_parts: set[str]) -> None:
     """A lazy migration's first part (shim.restore.second_part): the container is created from it now, while
     the source still runs, with the path its second part will have; the restore then only starts it."""
     size = channel.field(message, "size", int)
@@ -327,25 +340,42 @@ async def _prepare(settings: ReceiverSettings, runtime: Runtime, migration: _Mig
         migration.prepared = await runtime.create_restored(
             migration.pod.id, first, migration.name, settings.restore_timeout, migration.sandbox,
             {IMAGES_FROM: str(second)})
+        migration.first_part = migration.prepared
+        first_parts.add(migration.prepared)
         migration.second_part = second
     finally:
         first.unlink(missing_ok=True)  # unpacked by the proxy: the container needs it no more
     faults.reached(faults.Point.MIGRATE_PREPARED)
 
 
-async def _remove_prepared(socket: Path) -> None:
-    """At start-up: a receiver that died between a migration's first part and its restore left a container
-    created and never started, marked by IMAGES_FROM; no migration runs yet, so every such one goes."""
+async def _remove_prepared(socket: Path, shared: _Shared | None = None) -> None:
+    """Containers created from a migration's first part and never started (marked by IMAGES_FROM) whose
+    migration is over go: at start-up every such one (a receiver that died left it); from the sweep
+    (`shared`) every one no migration under way made (its removal failed when its migration ended: the
+    node's criu-shim was down then). The sweep lists under the restore lock, so a container just created
+    from a first part is among its migration's already."""
     runtime = Runtime(socket)
     try:
-        for container_id in await runtime.created_with(IMAGES_FROM):
-            await runtime.remove(container_id)
-            log.warning("removed container %s: created for a migration by a receiver that ended before its "
-                        "restore", container_id)
-    except ShimError as exc:  # this node's criu-shim down: the next start tries again
-        log.warning("could not look for containers left by an earlier receiver: %s", exc.message)
+        async with shared.one_at_a_time if shared is not None else contextlib.nullcontext():
+            over = [c for c in await runtime.created_with(IMAGES_FROM)
+                    if shared is None or c not in shared.first_parts]
+        for container_id in over:
+            if await runtime.remove(container_id):
+                log.warning("removed container %s: created for a migration that ended before its restore",
+                            container_id)
+    except ShimError as exc:  # this node's criu-shim down: the next sweep tries again
+        (log.debug if shared is not None else log.warning)(
+            "could not look for containers left by migrations that ended: %s", exc.message)
     finally:
         await runtime.close()
+
+
+async def _sweep_first_parts(settings: ReceiverSettings, shared: _Shared, stop: asyncio.Event) -> None:
+    """Every claims interval until `stop`."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.claims_interval)
+        await _remove_prepared(settings.runtime, shared)
 
 
 async def _restore(settings: ReceiverSettings, runtime: Runtime, migration: _Migration, message: dict[str, Any],

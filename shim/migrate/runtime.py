@@ -186,12 +186,14 @@ class Runtime:
             await self.remove(container_id)
             raise
 
-    async def remove(self, container_id: str) -> None:
-        """Stop and remove a container (best effort: a failed restore must not leave it behind)."""
+    async def remove(self, container_id: str) -> bool:
+        """Stop and remove a container (best effort: a failed restore must not leave it behind); whether it
+        is gone (False: the node's criu-shim or containerd did not answer)."""
         try:
             await _call(self._cri.StopContainer(cri.StopContainerRequest(container_id=container_id, timeout=0),
                                                 timeout=self._timeout))
             await _call(self._cri.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id),
                                                   timeout=self._timeout))
-        except ShimError:
-            pass
+        except ShimError as exc:
+            return exc.code == Code.NOT_FOUND
+        return True

@@ -214,6 +214,7 @@ class Restorer:
         if not later.path.is_file():
             raise FailedPrecondition(f"the second part of the checkpoint of container {container_id} is not at "
                                      f"{later.path} (annotation {IMAGES_FROM}): nothing to restore yet")
+        faults.reached(faults.Point.RESTORE_SECOND_PART)
         path = self._admission.source(later.path)
         assert isinstance(path, Path)
         verdict = await asyncio.to_thread(verify_signature, self._config.signing, path, str(path))

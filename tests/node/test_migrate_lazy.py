@@ -26,6 +26,7 @@ from shim.checkpoint.netlock import TABLE
 from shim.handoff import LAZY_WORK, RESTORE_DIR
 from shim.node import procs
 from tests.node.fabric_pods import (
+    FABRIC,
     PIPE_MAX_SIZE,
     REPO,
     STOP_AFTER,
@@ -327,20 +328,65 @@ def test_a_receiver_killed_after_the_first_part_leaves_no_container_once_back(ho
     _no_lazy_leftovers(b)
 
 
-# Speaks the migration protocol as a source would, then sends a hostile first part: argv host, pod, part (hex).
+def test_the_targets_proxy_killed_before_the_second_part_leaves_nothing_once_back(hosts: tuple[Host, Host]) -> None:
+    """The target's criu-shim dies (SIGKILL, fault point restore-second-part) in the restore's StartContainer,
+    before it unpacks the second part: the source has dumped, so the migration fails there with nothing
+    moved, and CRIU, its page stream reset, lets the source run on. The container created from the first part
+    cannot be removed while the target's criu-shim is down; the receiver's sweep removes it once it is back."""
+    from shim import faults
+    from shim.node import fabric, local
+
+    a, b = hosts
+    enter = fabric.NodeHost(b.layout, fabric.Fabric(FABRIC)).enter()
+    with a.cri.pod(TCP) as source_pod, b.cri.pod(TCP) as target_pod:
+        ctr, ip = _counting(a, source_pod)
+        proxy = procs.read_pid(b.layout.pid_dir / "proxy.pid")
+        assert proxy is not None
+        procs.stop(proxy)
+        os.environ[faults.VARIABLE] = faults.Point.RESTORE_SECOND_PART.value
+        try:
+            local._start_proxy(b.layout, b.layout.proxy_config_file, enter)
+        finally:
+            del os.environ[faults.VARIABLE]
+        try:
+            proc = a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy",
+                             check=False)
+            assert proc.returncode == 1, proc.stderr
+            assert "the target node could not restore it" in proc.stderr, proc.stderr
+            assert f"nothing moved: the source container {ctr} is running again" in proc.stderr, proc.stderr
+            dead = procs.read_pid(b.layout.pid_dir / "proxy.pid")
+            assert dead is not None and not procs.alive(dead)  # it hit the point
+        finally:
+            local._start_proxy(b.layout, b.layout.proxy_config_file, enter)
+        wait_for(lambda: b.containers() == [], timeout=45)  # the sweep, every claims interval (10 s)
+        assert "created for a migration that ended before its restore" in \
+            (b.layout.log_dir / "migrate-receiver.log").read_text(errors="replace")
+        count = a.cri.count(ctr)
+        wait_for(lambda: a.cri.count(ctr) > count, timeout=30)
+        assert a.cri.state(ctr) == "CONTAINER_RUNNING"
+        assert TABLE not in _pod_nft_tables(a, source_pod.id)
+        assert not routed_to_target(ip, b), router_routes()
+        a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy")
+        wait_for(lambda: len(b.containers()) == 1, timeout=60)
+    _no_lazy_leftovers(a)
+    _no_lazy_leftovers(b)
+
+
+# Speaks the migration protocol as a source would, then sends a hostile first part: argv host, pod, part (hex),
+# size (JSON: what "prepare" says it is; "auto" for the part's own length).
 _HOSTILE_FIRST_PART = """
 import asyncio, json, sys
 from pathlib import Path
 from shim.migrate import channel
 async def main():
-    address, pod, cert, key, ca, part = sys.argv[1:]
+    address, pod, cert, key, ca, part, size = sys.argv[1:]
     data = bytes.fromhex(part)
     reader, writer = await channel.connect(address, channel.Credentials(Path(cert), Path(key), Path(ca)), 10, 10)
     await channel.send(writer, {"protocol": channel.PROTOCOL, "op": "preflight", "pod": pod, "name": "intruder",
                                 "addresses": [], "mode": "lazy"})
     ready = await channel.receive(reader)
     assert ready.get("prepare") is True, ready
-    await channel.send(writer, {"op": "prepare", "size": len(data)})
+    await channel.send(writer, {"op": "prepare", "size": len(data) if size == "auto" else json.loads(size)})
     writer.write(data)
     await writer.drain()
     print(json.dumps(await channel.receive(reader)))
@@ -348,12 +394,15 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize(("part", "says"), [
-    (b"not a tar archive at all" * 40, "INVALID_ARGUMENT"),
-    (None, "holds checkpoint/ or rootfs-diff.tar, which only its second part"),  # a first part with images
-], ids=["not-a-tar", "with-images"])
+@pytest.mark.parametrize(("part", "size", "says"), [
+    (b"not a tar archive at all" * 40, "auto", "INVALID_ARGUMENT"),
+    (None, "auto", "holds checkpoint/ or rootfs-diff.tar, which only its second part"),  # a first part with images
+    (b"", "0", "INVALID_ARGUMENT: first part size 0 out of range (1 byte to 16 MiB)"),
+    (b"", str((16 << 20) + 1), "INVALID_ARGUMENT: first part size 16777217 out of range (1 byte to 16 MiB)"),
+    (b"", '"512"', "INVALID_ARGUMENT: migration message field 'size': expected int, got '512'"),
+], ids=["not-a-tar", "with-images", "size-zero", "size-over-bound", "size-not-a-number"])
 def test_a_hostile_first_part_is_refused_and_leaves_nothing(hosts: tuple[Host, Host], tmp_path: Path,
-                                                            part: bytes | None, says: str) -> None:
+                                                            part: bytes | None, size: str, says: str) -> None:
     """The receiver's "prepare" fed what no source sends: refused with the proxy's reason, nothing created,
     no file left in the target's checkpoints directory."""
     from shim.checkpoint.archive import Member, write_archive
@@ -369,7 +418,7 @@ def test_a_hostile_first_part_is_refused_and_leaves_nothing(hosts: tuple[Host, H
         e = a.env
         proc = subprocess.run(["nsenter", f"--net=/run/netns/{e['NODE_NETNS']}", "--", sys.executable, "-c",
                                _HOSTILE_FIRST_PART, b.env["MIGRATE_ADDRESS"], target_pod.id, e["MIGRATE_CERT"],
-                               e["MIGRATE_KEY"], e["MIGRATE_CA"], part.hex()],
+                               e["MIGRATE_KEY"], e["MIGRATE_CA"], part.hex(), size],
                               capture_output=True, text=True, timeout=60, cwd=REPO)
         assert proc.returncode == 0, proc.stderr
         answer = json.loads(proc.stdout)
