@@ -105,6 +105,7 @@ class _End(asyncio.BufferedProtocol):
         self._other: _End | None = None
         self._transport: asyncio.Transport | None = None
         self._tls = False
+        self._ended_before = False  # the stream had seen the connection's end before the take-over
         self._lost: asyncio.Future[None] = over.get_loop().create_future()
         self._view = memoryview(bytearray(CHUNK))
 
