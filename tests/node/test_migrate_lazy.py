@@ -291,6 +291,17 @@ def test_migrate_killed_before_criu_goes_on_leaves_the_source_running_and_unlock
     _no_lazy_leftovers(b)
 
 
+def _counts_on_at_the_source_then_moves(a: Host, b: Host, ctr: str, ip: str, source_pod: Pod, target_pod: Pod) -> None:
+    """After a failed migration: the source counts on, unlocked, its IP routed to it; a retry moves it."""
+    count = a.cri.count(ctr)
+    wait_for(lambda: a.cri.count(ctr) > count, timeout=30)
+    assert a.cri.state(ctr) == "CONTAINER_RUNNING"
+    assert TABLE not in _pod_nft_tables(a, source_pod.id)
+    assert not routed_to_target(ip, b), router_routes()
+    a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy")
+    wait_for(lambda: len(b.containers()) == 1, timeout=60)
+
+
 def test_a_receiver_killed_after_the_first_part_leaves_no_container_once_back(hosts: tuple[Host, Host]) -> None:
     """The target's receiver dies (SIGKILL, fault point migrate-prepared) right after it created the container
     from the checkpoint's first part: the source, its answer gone, ends the dump before the switch-over (runs
@@ -317,13 +328,7 @@ def test_a_receiver_killed_after_the_first_part_leaves_no_container_once_back(ho
                 b.start_receiver()
         wait_for(lambda: b.containers() == [], timeout=30)  # the new receiver's start-up sweep
         wait_for(lambda: not _dumping(a), timeout=60)
-        count = a.cri.count(ctr)
-        wait_for(lambda: a.cri.count(ctr) > count, timeout=30)
-        assert a.cri.state(ctr) == "CONTAINER_RUNNING"
-        assert TABLE not in _pod_nft_tables(a, source_pod.id)
-        assert not routed_to_target(ip, b), router_routes()
-        a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy")
-        wait_for(lambda: len(b.containers()) == 1, timeout=60)
+        _counts_on_at_the_source_then_moves(a, b, ctr, ip, source_pod, target_pod)
     _no_lazy_leftovers(a)
     _no_lazy_leftovers(b)
 
@@ -361,13 +366,7 @@ def test_the_targets_proxy_killed_before_the_second_part_leaves_nothing_once_bac
         wait_for(lambda: b.containers() == [], timeout=45)  # the sweep, every claims interval (10 s)
         assert "created for a migration that ended before its restore" in \
             (b.layout.log_dir / "migrate-receiver.log").read_text(errors="replace")
-        count = a.cri.count(ctr)
-        wait_for(lambda: a.cri.count(ctr) > count, timeout=30)
-        assert a.cri.state(ctr) == "CONTAINER_RUNNING"
-        assert TABLE not in _pod_nft_tables(a, source_pod.id)
-        assert not routed_to_target(ip, b), router_routes()
-        a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy")
-        wait_for(lambda: len(b.containers()) == 1, timeout=60)
+        _counts_on_at_the_source_then_moves(a, b, ctr, ip, source_pod, target_pod)
     _no_lazy_leftovers(a)
     _no_lazy_leftovers(b)
 
