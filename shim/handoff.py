@@ -40,10 +40,12 @@ LAZY_CRIU_OPTION = "lazy-pages"
 # The page daemon's own work dir inside the restore dir, and its working directory: a daemon a
 # spare relay started ahead of need has no restore in its command line, so it is found by its cwd.
 LAZY_WORK = "lazy-work"
-# A lazy migration's archive holds no lazy memory: its pages stay with the source node, served
-# through the migration receiver's tunnel. The receiver writes ARCHIVE + this suffix beside the
-# archive (root's, 0600, JSON {"port": N}): the loopback port where the restore's page daemon
-# asks for them. Only a file of root's in the restore's allowed dirs can name one.
+# A lazy migration's archive holds no lazy memory: its pages stay with the source node. The
+# receiver writes ARCHIVE + this suffix beside the archive (root's, 0600, JSON): where the
+# restore's page daemon asks for them, either the source's page end itself, which criu-shim's
+# daemon dials with TLS ({"address", "port", "tls": {cert, key, ca, certificate, token, idle}},
+# shim.restore.remote_pages.Pinned), or the loopback end of the receiver's tunnel ({"port": N},
+# for CRIU's daemon). Only a file of root's in the restore's allowed dirs can name one.
 REMOTE_PAGES_SUFFIX = ".page-server"
 
 

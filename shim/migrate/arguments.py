@@ -142,4 +142,6 @@ def run(args: argparse.Namespace) -> int:
                                                   args.idle_timeout, criu=compat.installed(settings.criu),
                                                   criu_path=settings.criu,
                                                   allowed_registries=settings.restore.allowed_registries,
-                                                  claims_file=settings.state_dir / claims.CLAIMS_FILE))
+                                                  claims_file=settings.state_dir / claims.CLAIMS_FILE,
+                                                  page_daemon=settings.restore.page_daemon,
+                                                  config_file=args.config))

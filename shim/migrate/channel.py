@@ -16,53 +16,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import ssl
 import struct
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from shim.errors import FailedPrecondition, InvalidArgument, Unavailable
+from shim import node_tls
+from shim.errors import InvalidArgument, Unavailable
+from shim.node_tls import Credentials as Credentials  # the migration's name for it
 
 MAX_MESSAGE = 64 * 1024
 PROTOCOL = "criu-shim-migrate/1"
 _LENGTH = struct.Struct(">I")
 
 
-@dataclass(frozen=True)
-class Credentials:
-    """A node's certificate and key, and the CA its peers' certificates must chain to."""
-
-    cert: Path
-    key: Path
-    ca: Path
-
-
-def _context(purpose: ssl.Purpose, creds: Credentials) -> ssl.SSLContext:
-    context = ssl.create_default_context(purpose, cafile=None)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    try:
-        context.load_verify_locations(cafile=str(creds.ca))
-        context.load_cert_chain(str(creds.cert), str(creds.key))
-    except (OSError, ssl.SSLError) as exc:  # never echo key material, only which file
-        raise FailedPrecondition(f"cannot load the node certificate {creds.cert} / key {creds.key} / CA "
-                                 f"{creds.ca}: {exc.__class__.__name__}: {getattr(exc, 'strerror', None) or exc}"
-                                 ) from None
-    context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
 def server_context(creds: Credentials) -> ssl.SSLContext:
     """The receiver's side: clients must present a certificate of the CA."""
-    return _context(ssl.Purpose.CLIENT_AUTH, creds)
+    return node_tls.server_context(creds)
 
 
 def client_context(creds: Credentials) -> ssl.SSLContext:
     """The source's side: the receiver's certificate must chain to the CA and name its address."""
-    context = _context(ssl.Purpose.SERVER_AUTH, creds)
-    context.check_hostname = True
-    return context
+    return node_tls.client_context(creds)
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -93,21 +67,10 @@ async def connect(address: str, creds: Credentials, timeout: float,
 
 def give_up_after(writer: asyncio.StreamWriter, idle: float) -> None:
     """Let the kernel end the connection once the peer stops answering for about `idle` seconds,
-    so a cut link fails the migration instead of hanging it.
-
-    TCP_USER_TIMEOUT ends it once sent data stays unacknowledged that long; keepalive probes, sent
-    every fifth of it while nothing else is, make that hold for an end that only waits, too (a lazy
-    target whose page requests were all acknowledged before the cut, waiting for the pages: found
-    with the link cut mid-fill, its task left waiting on memory that never came).
-    """
+    so a cut link fails the migration instead of hanging it (shim.node_tls.give_up_after)."""
     sock = writer.get_extra_info("socket")
     if sock is not None:
-        probe = max(1, int(idle / 5))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(idle * 1000)))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, probe)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, probe)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 5)
+        node_tls.give_up_after(sock, idle)
 
 
 def _reason(exc: BaseException) -> str:

@@ -5,10 +5,11 @@ a page daemon), in this order:
 
 1. the lazy dump (shim.migrate.lazy_dump): CRIU holds the container and writes everything but the
    lazy memory; our TCP lock is on the pod as for a stop-after checkpoint;
-2. the source takes CRIU's page server (one client) and opens the page tunnel, a second mutual-TLS
-   connection to the receiver (shim.migrate.tunnel);
-3. the small archive goes to the target, which restores it (its page daemon asks for pages through
-   the tunnel), starts it and claims the pod IPs (with the hold, the default, it claimed them before
+2. the source takes CRIU's page server (one client) and opens its page end for the target's page
+   daemon (criu-shim's dials it with TLS itself), or, for CRIU's daemon, the page tunnel, a second
+   mutual-TLS connection to the receiver (shim.migrate.tunnel);
+3. the small archive goes to the target, which restores it (its page daemon asks for pages from
+   the source), starts it and claims the pod IPs (with the hold, the default, it claimed them before
    1 and lets the peers' packets it held since go on now); the source releases them;
 4. the fill: pages the process touches first, the rest in the background; when the daemon has them
    all, CRIU ends the source container and runc returns;
@@ -30,12 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shim import node_tls
 from shim.checkpoint.checkpointer import Target
 from shim.checkpoint.options import CheckpointOptions
 from shim.errors import FailedPrecondition, InvalidArgument, ShimError
 from shim.migrate import channel, source, tunnel
 from shim.migrate.lazy_dump import LazyDump, runc_beside, source_from, staging_name
 from shim.migrate.runtime import ContainerView, PodView, Runtime
+from shim.restore.pageserver import CloseWatch
 
 EXIT_SEEN_TIMEOUT = 15.0
 
@@ -100,9 +103,7 @@ async def migrate(s: Session) -> source.Migrated:
                     request.runc or runc_beside(request.criu), request.criu,
                     target_nftables=s.ready.get("nftables") is True)
     await dump.prepare()
-    # The page connection first: its TLS handshake is not part of the container's pause.
-    pages = await channel.connect(request.to, request.creds, source.CONNECT_TIMEOUT, request.idle_timeout)
-    await channel.send(pages[1], {"protocol": channel.PROTOCOL, "op": "pages", "token": token})
+    pages = await _page_end(s, token)
     refused: list[ShimError] = []
     first = request.first_part and s.ready.get("prepare") is True  # the target creates it before anything stops
 
@@ -118,7 +119,7 @@ async def migrate(s: Session) -> source.Migrated:
 
     started = time.monotonic()
     async with AsyncExitStack() as stack:
-        stack.callback(pages[1].close)  # idempotent: the pump closes it too
+        stack.callback(pages.close)  # idempotent: the pump closes the connection too
         try:
             if first:  # created there from it while runc and CRIU start here: out of the pause
                 await _send_first_part(s, dump, location)
@@ -139,10 +140,10 @@ async def migrate(s: Session) -> source.Migrated:
             raise FailedPrecondition(f"the lazy dump failed: {_message(exc)}; the source container {cid} is "
                                      f"{await source.state(s.runtime, cid)}; nothing was sent") from None
         checkpointed = time.monotonic()
-        pumping = asyncio.ensure_future(tunnel.pump(criu_end, pages, lambda: _target_has_it_all(s)))
+        pumping = asyncio.ensure_future(pages.pump(criu_end, s, request.timeout))
         stack.push_async_callback(_settle, pumping)
         try:
-            await channel.send(s.writer, {"op": "restore", "size": size})
+            await channel.send(s.writer, {"op": "restore", "size": size, **pages.named})
             await source.stream(location, s.writer, size, request.idle_timeout)
             dump.stamps["sent"] = time.monotonic()
             done = await source.ask(s.reader, s.writer, None, request.timeout, "the target node could not restore it")
@@ -181,6 +182,61 @@ async def _send_first_part(s: Session, dump: LazyDump, location: Path) -> None:
         await source.stream(first, s.writer, size, s.request.idle_timeout)
     finally:
         first.unlink(missing_ok=True)
+
+
+class _Tunnel:
+    """The page stream through the page tunnel (the target's CRIU page daemon speaks plain TCP only):
+    a second mutual-TLS connection to the receiver, opened before anything stops (its handshake is
+    not part of the pause), which joins it to its daemon's loopback listener."""
+
+    def __init__(self, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+        self._connection = connection
+        self.named: dict[str, Any] = {}  # the receiver knows the tunnel by its token
+
+    def close(self) -> None:
+        self._connection[1].close()
+
+    async def pump(self, criu_end: tuple[asyncio.StreamReader, asyncio.StreamWriter], s: Session,
+                   timeout: float) -> tunnel.Pumped:
+        return await tunnel.pump(criu_end, self._connection, lambda: _target_has_it_all(s))
+
+
+class _Direct:
+    """The page stream straight to the target's page daemon (criu-shim's, the default): it dials our
+    page end with TLS itself (tunnel.SourceEnd). CRIU's end is closed in order once the daemon has
+    asked CRIU to end the session (PS_IOV_CLOSE), which it does only with its memory complete."""
+
+    def __init__(self, end: tunnel.SourceEnd) -> None:
+        self._end = end
+        self.named: dict[str, Any] = {"pages_port": end.port}  # the receiver knows our address
+
+    def close(self) -> None:
+        self._end.close()
+
+    async def pump(self, criu_end: tuple[asyncio.StreamReader, asyncio.StreamWriter], s: Session,
+                   timeout: float) -> tunnel.Pumped:
+        try:
+            daemon = await self._end.accepted(timeout)
+        except ShimError as exc:
+            return tunnel.Pumped(ended_by=f"error: {exc.message}")
+        watch = CloseWatch()
+
+        async def asked_to_close() -> bool:
+            return watch.closed
+
+        return await tunnel.pump(criu_end, daemon, asked_to_close, watch=watch.feed)
+
+
+async def _page_end(s: Session, token: str) -> _Tunnel | _Direct:
+    """Where the target's page daemon gets the memory from, as the receiver said at preflight."""
+    request = s.request
+    if s.ready.get("pages") == "direct":
+        end = tunnel.SourceEnd(node_tls.digest(s.writer.get_extra_info("ssl_object")), token, request.idle_timeout)
+        await end.open(s.writer.get_extra_info("sockname")[0], request.creds)
+        return _Direct(end)
+    connection = await channel.connect(request.to, request.creds, source.CONNECT_TIMEOUT, request.idle_timeout)
+    await channel.send(connection[1], {"protocol": channel.PROTOCOL, "op": "pages", "token": token})
+    return _Tunnel(connection)
 
 
 async def _target_has_it_all(s: Session) -> bool:

@@ -38,9 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shim import faults
+from shim import config, faults, node_tls
 from shim.annotations import CHECKPOINT_PREFIX, IMAGES_FROM, TRUE
 from shim.api.cri.v1 import api_pb2 as cri
+from shim.config import PAGE_DAEMON_OURS
 from shim.errors import Code, FailedPrecondition, InvalidArgument, ResourceExhausted, ShimError, Unavailable, Upstream
 from shim.hosttools import Version
 from shim.migrate import channel, claims, compat, hold, hook, registry_restore, tunnel
@@ -71,6 +72,8 @@ class ReceiverSettings:
     criu_path: Path | None = None  # for lazy migrations: can it run a page daemon (userfaultfd)?
     allowed_registries: tuple[str, ...] | None = None  # its proxy's restore.allowed_registries (registry mode)
     claims_file: Path | None = None  # where the claimed pod IPs are kept across restarts (claims.py)
+    page_daemon: str = PAGE_DAEMON_OURS  # its proxy's restore.page_daemon: ours reaches the source itself
+    config_file: Path | None = None  # read again at each lazy preflight: the proxy may restart with another
 
 
 @dataclass
@@ -104,12 +107,16 @@ class _Shared:
 
 @dataclass
 class _PageEnd:
-    """The target's end of a lazy migration's page tunnel: the page daemon's loopback listener,
-    joined to the source's second TLS connection, which names the migration by its token."""
+    """Where a lazy migration's page daemon gets the memory. With criu-shim's page daemon, from the
+    source's page end itself (`loopback` None): the daemon dials it with this node's certificate,
+    pins the one the source showed here (`source_certificate`) and names the migration by its token.
+    With CRIU's (plain TCP only), through the page tunnel: the daemon's loopback listener, joined to
+    the source's second TLS connection, which names the migration by its token."""
 
     token: str
-    loopback: tunnel.LoopbackEnd
-    pumped: asyncio.Future[tunnel.Pumped]
+    loopback: tunnel.LoopbackEnd | None
+    pumped: asyncio.Future[tunnel.Pumped]  # the tunnel's end (never set without a tunnel)
+    source_certificate: str = ""
     container_id: str | None = None  # the restored container, once it runs
     # Set once CreateContainer + StartContainer returned (either way): until then a broken stream
     # waits, so that a task that has just started is ended before its daemon's stream closes.
@@ -186,7 +193,7 @@ async def _session(settings: ReceiverSettings, runtime: Runtime, reader: asyncio
                                 "restore; the receiver's sweep retries", ended.prepared)
             shared.watcher.end(ended.pod.id)  # its early claim settled either way
             shared.first_parts.discard(ended.first_part or "")  # over: if its removal failed, the sweep retries
-            if ended.pages is not None:
+            if ended.pages is not None and ended.pages.loopback is not None:
                 ended.pages.loopback.close()
                 shared.page_ends.pop(ended.pages.token, None)
 
@@ -209,8 +216,9 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
             answer = {"ok": True, "pod": migration.pod.label, "pod_id": migration.pod.id,
                       "pod_ips": list(migration.pod.ips)}
             if message.get("mode") == "lazy":
-                migration.pages = await _page_end(shared.page_ends)
+                migration.pages = await _page_end(shared.page_ends, await _page_daemon(settings), writer)
                 answer["pages_token"] = migration.pages.token
+                answer["pages"] = "tunnel" if migration.pages.loopback is not None else "direct"
                 # CRIU restores with the lock method the dump recorded: the source asks for nftables only
                 # where this node's CRIU can restore with it too.
                 answer["nftables"] = await asyncio.to_thread(_nftables_here, settings.criu_path)
@@ -234,7 +242,8 @@ async def _step(settings: ReceiverSettings, runtime: Runtime, reader: asyncio.St
         if op in ("restore", "restore_image") and migration is not None:
             async with shared.one_at_a_time:
                 if op == "restore":
-                    reply = await _restore(settings, runtime, migration, message, reader)
+                    reply = await _restore(settings, runtime, migration, message, reader,
+                                           writer.get_extra_info("peername")[0])
                 else:  # registry mode: the checkpoint image is pulled, not sent
                     reply = await registry_restore.restore(
                         runtime, migration.pod, migration.name, message, settings.restore_timeout,
@@ -379,10 +388,11 @@ async def _sweep_first_parts(settings: ReceiverSettings, shared: _Shared, stop: 
 
 
 async def _restore(settings: ReceiverSettings, runtime: Runtime, migration: _Migration, message: dict[str, Any],
-                   reader: asyncio.StreamReader) -> dict[str, Any]:
+                   reader: asyncio.StreamReader, source_ip: str) -> dict[str, Any]:
     size = channel.field(message, "size", int)
     if not 0 < size <= MAX_ARCHIVE:
         raise InvalidArgument(f"archive size {size} out of range (1 byte to {MAX_ARCHIVE >> 30} GiB)")
+    named = _page_server_named(settings, migration.pages, message, source_ip)
     started = time.monotonic()
     archive = await _receive_archive(settings, reader, size, migration.name, migration.second_part)
     received = time.monotonic()
@@ -400,8 +410,8 @@ async def _restore(settings: ReceiverSettings, runtime: Runtime, migration: _Mig
                                  + " during the migration; nothing was restored")
     page_server = lazy_pages_file(archive)
     try:
-        if migration.pages is not None:  # the restore's page daemon asks the tunnel for the lazy memory
-            _write_private(page_server, json.dumps({"port": migration.pages.loopback.port}).encode())
+        if named is not None:  # where the restore's page daemon asks for the lazy memory
+            _write_private(page_server, json.dumps(named).encode())
         if migration.prepared is not None:  # created from the first part: StartContainer brings the images
             container_id, migration.prepared = migration.prepared, None  # removed by start_restored on failure
         else:
@@ -550,12 +560,44 @@ def _nftables_here(criu: Path | None) -> bool:
     return criu is not None and probe_feature(str(criu), "nftables").supported
 
 
-async def _page_end(page_ends: dict[str, _PageEnd]) -> _PageEnd:
+async def _page_end(page_ends: dict[str, _PageEnd], page_daemon: str, writer: asyncio.StreamWriter) -> _PageEnd:
+    pumped: asyncio.Future[tunnel.Pumped] = asyncio.get_running_loop().create_future()
+    if page_daemon == PAGE_DAEMON_OURS:  # it speaks TLS itself: no tunnel, no relay through this process
+        return _PageEnd(secrets.token_hex(16), None, pumped, node_tls.digest(writer.get_extra_info("ssl_object")))
     loopback = tunnel.LoopbackEnd()
     await loopback.open()
-    end = _PageEnd(secrets.token_hex(16), loopback, asyncio.get_running_loop().create_future())
+    end = _PageEnd(secrets.token_hex(16), loopback, pumped)
     page_ends[end.token] = end
     return end
+
+
+async def _page_daemon(settings: ReceiverSettings) -> str:
+    """The proxy's page daemon as its config file says now (the proxy reads it when it starts)."""
+    if settings.config_file is None:
+        return settings.page_daemon
+    try:
+        return (await asyncio.to_thread(config.load, settings.config_file)).restore.page_daemon
+    except ShimError as exc:
+        log.warning("cannot read %s again (%s): its page daemon taken as %s", settings.config_file, exc.message,
+                    settings.page_daemon)
+        return settings.page_daemon
+
+
+def _page_server_named(settings: ReceiverSettings, end: _PageEnd | None, message: dict[str, Any],
+                       source_ip: str) -> dict[str, Any] | None:
+    """What the page-server file beside the archive says (shim.restore.lazy reads it): the tunnel's
+    loopback port, or the source's page end (the port it named, at the address it connected from)."""
+    if end is None:
+        return None
+    if end.loopback is not None:
+        return {"port": end.loopback.port}
+    port = channel.field(message, "pages_port", int)
+    if not 0 < port < 65536:
+        raise InvalidArgument(f"pages_port {port} out of range")
+    creds = settings.creds
+    return {"address": source_ip, "port": port,
+            "tls": {"cert": str(creds.cert.absolute()), "key": str(creds.key.absolute()), "ca": str(creds.ca.absolute()),
+                    "certificate": end.source_certificate, "token": end.token, "idle": settings.idle_timeout}}
 
 
 async def _carry_pages(runtime: Runtime, page_ends: dict[str, _PageEnd], token: str,
@@ -566,9 +608,10 @@ async def _carry_pages(runtime: Runtime, page_ends: dict[str, _PageEnd], token: 
     closed: a page daemon that dies releases its userfaultfd, and the kernel then fills what was
     missing with zeros (seen: the test counter, which checks its pages, exited 70 before its relay
     could end it). While the daemon waits on us, the task's faults wait too."""
-    end = page_ends.get(token)
-    if end is None or end.pumped.done():
+    end = page_ends.get(token)  # tunnel ends only
+    if end is None or end.loopback is None or end.pumped.done():
         raise FailedPrecondition("no lazy migration under way here has that pages token")
+    loopback = end.loopback
 
     async def end_task_first(pumped: tunnel.Pumped) -> None:
         if pumped.ended_by == "local":
@@ -580,7 +623,7 @@ async def _carry_pages(runtime: Runtime, page_ends: dict[str, _PageEnd], token: 
                 await runtime.stop(end.container_id)
 
     try:
-        local = await end.loopback.accepted(15 * 60.0)
+        local = await loopback.accepted(15 * 60.0)
         pumped = await tunnel.pump(local, (reader, writer), before_close=end_task_first)
     except BaseException as exc:
         if not end.pumped.done():
@@ -597,7 +640,7 @@ async def _follow_fill(settings: ReceiverSettings, runtime: Runtime, migration: 
     """Until the source says how the fill ended. Anything but "complete" (its word, a broken page stream,
     its silence) ends the restored task unless its memory is whole: never a process on missing pages."""
     receiving = asyncio.ensure_future(asyncio.wait_for(channel.receive(reader), settings.idle_timeout * 40))
-    either: set[asyncio.Future[Any]] = {receiving, end.pumped}
+    either: set[asyncio.Future[Any]] = {receiving, end.pumped} if end.loopback is not None else {receiving}
     await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
     if end.pumped.done() and not receiving.done():
         # The source closes CRIU's end in order (CRIU then ends the source) only if this says complete.
@@ -612,8 +655,9 @@ async def _follow_fill(settings: ReceiverSettings, runtime: Runtime, migration: 
         with contextlib.suppress(Exception):
             await channel.send(writer, {"ok": True, "target": "running with all its memory"})
         return
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(asyncio.shield(end.pumped), 10.0)
+    if end.loopback is not None:  # the tunnel's word on how its stream ended
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(end.pumped), 10.0)
     pumped = end.pumped.result() if end.pumped.done() else None
     what = "left as it was (its memory was complete)"
     if pumped is None or pumped.ended_by != "local":

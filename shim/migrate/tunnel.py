@@ -1,33 +1,47 @@
 """The page stream of a lazy migration: CRIU's page-server TCP carried inside the nodes' mutual TLS.
 
-CRIU's lazy page server (source: `criu dump --lazy-pages`, through runc) and the target's page
-daemon (started by the restore relay: criu-shim's own, shim.restore.remote_pages, or
-`criu lazy-pages --page-server`, per the node's `[restore] page_daemon`) speak plain TCP. Neither
-end leaves its node's loopback: on each node criu-shim connects the local CRIU end to a second
-TLS 1.3 connection between the two nodes (the same node certificates and CA as the migration's
-control connection), so the memory crosses the network authenticated and encrypted, and a cut
-link or a dead source ends the stream, which ends the target's daemon, which ends the restored
-task (shim.runtime.lazy_daemon): never a process running on pages that are not there.
+CRIU's lazy page server (source: `criu dump --lazy-pages`, through runc) speaks plain TCP on the
+source's loopback; criu-shim connects to it at once (it serves one client) and relays. The
+target's page daemon (started by the restore relay, per the node's `[restore] page_daemon`)
+reaches that relay in one of two ways:
 
-Why not CRIU's own `--tls`: runc passes no TLS options to CRIU (only through a node-wide CRIU
-config file), CRIU wants its key as a file it can read, and GnuTLS would check the peer by CN
-where the migration channel checks IP SANs; one channel, one set of checks, is easier to trust.
+- criu-shim's own (the default, shim.restore.remote_pages) dials the source's `SourceEnd` itself
+  with TLS 1.3 and the node certificates: the source pins the target's certificate (the one
+  shown on the migration's control connection) and the migration's token, the daemon pins the
+  source's. One Python hop per page: the relay here, which closes CRIU's end in order only once
+  the daemon asked CRIU to end the session (shim.restore.pageserver.CloseWatch).
+- CRIU's (`criu lazy-pages --page-server`, plain TCP only) goes through the tunnel: the source
+  opens a second TLS connection to the receiver, which joins it to a `LoopbackEnd` that takes one
+  connection, and only from a socket of root's (an unprivileged process racing the daemon is
+  refused). Two Python hops per page, and the receiver tells the source on the control connection
+  whether the daemon finished.
 
-The target's loopback listener takes one connection, and only from a socket of root's (the
-page daemon runs as root): an unprivileged process on the node racing the daemon is refused.
+Either way the memory crosses the network authenticated and encrypted, and a cut link or a dead
+source ends the stream, which ends the target's daemon, which has the restored task ended before
+it lets go of its memory (shim.runtime.lazy_daemon): never a process running on pages that are
+not there.
+
+Why not CRIU's own `--tls`: runc passes no TLS options to CRIU (only through a CRIU config file),
+CRIU wants its key as a file it can read, GnuTLS would check the peer by CN or not at all where
+ours pins the one certificate the migration's peer showed, and the relay here is where the
+source sees how the stream ended.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from ssl import SSLContext
 
+from shim import node_tls
 from shim.errors import FailedPrecondition
+from shim.restore import remote_pages
 
 CHUNK = 1 << 20
 CLOSE_WAIT = 5.0  # a peer that never lets the connection close does not hold the tunnel
@@ -60,12 +74,13 @@ def abort_on_close(writer: asyncio.StreamWriter, abort: bool = True) -> None:
 async def pump(local: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                remote: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                orderly: Callable[[], Awaitable[bool]] | None = None,
-               before_close: Callable[[Pumped], Awaitable[None]] | None = None) -> Pumped:
+               before_close: Callable[[Pumped], Awaitable[None]] | None = None,
+               watch: Callable[[memoryview], None] | None = None) -> Pumped:
     """Copy both ways until one side ends (EOF or error), then close both; return what moved.
 
     With `orderly`, the local socket is closed in order only when the remote side ended with an
     EOF and `orderly()` then says so; otherwise it is reset (see abort_on_close). `before_close`
-    runs first, while the local end still waits on us.
+    runs first, while the local end still waits on us. `watch` sees what the remote side sends.
 
     The streams' transports are taken over by protocols that read into a buffer of their own and
     hand it to the other transport: no StreamReader copies in between. Through a stream each chunk
@@ -74,7 +89,7 @@ async def pump(local: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     """
     result = Pumped()
     over: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    ends = (_End("local", result, over), _End("remote", result, over))
+    ends = (_End("local", result, over), _End("remote", result, over, watch))
     try:
         for end, stream in zip(ends, (local, remote), strict=True):
             end.take_over(*stream)
@@ -98,8 +113,10 @@ async def pump(local: tuple[asyncio.StreamReader, asyncio.StreamWriter],
 class _End(asyncio.BufferedProtocol):
     """One connection of a tunnel: what it reads goes straight to the other connection's transport."""
 
-    def __init__(self, side: str, result: Pumped, over: asyncio.Future[None]) -> None:
+    def __init__(self, side: str, result: Pumped, over: asyncio.Future[None],
+                 watch: Callable[[memoryview], None] | None = None) -> None:
         self.side = side
+        self._watch = watch
         self._result = result
         self._over = over
         self._other: _End | None = None
@@ -169,6 +186,8 @@ class _End(asyncio.BufferedProtocol):
     # the tunnel
 
     def _pass_on(self, data: memoryview) -> None:
+        if self._watch is not None:
+            self._watch(data)
         if self.side == "remote":
             self._result.to_local += len(data)
         else:
@@ -225,8 +244,8 @@ def _hex_address(ip: str) -> str:
     return socket.inet_aton(ip)[::-1].hex().upper()
 
 
-class LoopbackEnd:
-    """The target's end for the page daemon: a one-connection listener on the loopback."""
+class _OneConnection:
+    """A listener that takes one connection, the first its `_admits` lets in, then stops listening."""
 
     def __init__(self) -> None:
         self._accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = \
@@ -234,15 +253,17 @@ class LoopbackEnd:
         self._server: asyncio.Server | None = None
         self.port = 0
 
-    async def open(self) -> int:
-        self._server = await asyncio.start_server(self._on_connect, LOOPBACK, 0)
+    async def _listen(self, host: str, ssl: SSLContext | None = None) -> int:
+        self._server = await asyncio.start_server(self._on_connect, host, 0, ssl=ssl)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 
+    async def _admits(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        raise NotImplementedError
+
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        if self._accepted.done() or socket_uid(peer, self.port) != 0:
-            writer.close()  # a second caller, or not root's: never the page daemon
+        if self._accepted.done() or not await self._admits(reader, writer) or self._accepted.done():
+            writer.close()
             return
         self._accepted.set_result((reader, writer))
         self.close()
@@ -261,3 +282,42 @@ class LoopbackEnd:
         if not self._accepted.done():
             self._accepted.set_exception(FailedPrecondition("the migration ended before its page daemon connected"))
             self._accepted.exception()  # retrieved: nobody may be waiting
+
+
+class LoopbackEnd(_OneConnection):
+    """The target's end for CRIU's page daemon: a one-connection listener on the loopback, root's only."""
+
+    async def open(self) -> int:
+        return await self._listen(LOOPBACK)
+
+    async def _admits(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        return socket_uid(writer.get_extra_info("peername"), self.port) == 0  # not root's: never the page daemon
+
+
+class SourceEnd(_OneConnection):
+    """The source's page end for criu-shim's page daemon on the target, which dials it itself: one
+    mutual-TLS connection with the target node's certificate (the one it showed on the migration's
+    control connection, pinned) that names the migration's token (shim.restore.remote_pages.hello).
+    The daemon then speaks CRIU's page-server protocol to CRIU's page server through `pump`: one
+    Python hop per page (this one) where the tunnel has two, and no loopback on the target."""
+
+    def __init__(self, certificate: str, token: str, idle: float) -> None:
+        super().__init__()
+        self._certificate = certificate
+        self._token = token
+        self._idle = idle
+
+    async def open(self, host: str, creds: node_tls.Credentials) -> int:
+        return await self._listen(host, node_tls.server_context(creds))
+
+    async def _admits(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        if not hmac.compare_digest(node_tls.digest(writer.get_extra_info("ssl_object")), self._certificate):
+            return False  # another node of the cluster: not the target of this migration
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            node_tls.give_up_after(sock, self._idle)
+        try:
+            said = await asyncio.wait_for(reader.readexactly(len(remote_pages.hello(self._token))), self._idle)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, TimeoutError):
+            return False
+        return remote_pages.token_matches(said, self._token)

@@ -18,6 +18,7 @@ and releases the devices; `lazy-pages.json` in the work dir tells it what to do.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -43,6 +44,8 @@ _PAGES = re.compile(re.escape(IMAGES_DIR) + r"/pages-([0-9]{1,9})\.img")
 # A task's pagemap, and a shared memory segment's (its pages in their own pages-N.img, all eager).
 _PAGEMAP = re.compile(r"pagemap-(?:shmem-)?[0-9]{1,20}\.img")
 _MAX_PAGEMAP = 64 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TOKEN = re.compile(r"[0-9a-f]{16,128}")
 # A lazy migration's tunnel listens on the node's loopback only (shim.migrate.receiver).
 PAGE_SERVER_ADDRESS = "127.0.0.1"
 
@@ -123,11 +126,14 @@ def plan_remote(archive: Path, work: Path, criu: Path | None, daemon: str = PAGE
     """
     if not any(r.lazy and not r.present for m in _pagemaps(work / IMAGES_DIR).values() for r in m.runs):
         return False
-    port = _remote_port(remote_pages_file(archive))
+    server = _remote_server(remote_pages_file(archive))
     if criu is None:
         raise InvalidArgument("a lazy migration's checkpoint needs CRIU's lazy-pages daemon; no CRIU is configured")
-    _write_plan(work, {"criu": str(criu), "daemon": daemon, "pages": [],
-                       "page_server": {"address": PAGE_SERVER_ADDRESS, "port": port}})
+    if "tls" in server and daemon != PAGE_DAEMON_OURS:
+        raise InvalidArgument("the migration receiver named the source's page end itself, which only criu-shim's "
+                              f"page daemon reaches, and this node's restore.page_daemon is {daemon!r}: give the "
+                              "receiver and the proxy the same config")
+    _write_plan(work, {"criu": str(criu), "daemon": daemon, "pages": [], "page_server": server})
     return True
 
 
@@ -139,7 +145,9 @@ def remote(work: Path) -> bool:
         return False
 
 
-def _remote_port(path: Path) -> int:
+def _remote_server(path: Path) -> dict[str, object]:
+    """The page server a lazy migration's receiver named (shim.handoff REMOTE_PAGES_SUFFIX): the tunnel's
+    loopback port, or the source's page end (address, port) with the pinned TLS to reach it."""
     missing = InvalidArgument(
         "the checkpoint's memory is not in it (a lazy migration's dump: its pages are served by the source "
         "node during that migration only); it can be restored only by `criu-shim migrate-receiver`")
@@ -150,12 +158,42 @@ def _remote_port(path: Path) -> int:
     if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
         raise InvalidArgument(f"{path} is not root's private file: refusing the page server it names")
     try:
-        port = json.loads(path.read_text()).get("port")
+        named = json.loads(path.read_text())
+        port = named.get("port")
+        tls = named.get("tls")
     except (OSError, ValueError, AttributeError) as exc:
         raise InvalidArgument(f"{path} is malformed: {exc}") from None
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         raise InvalidArgument(f"{path}: port {port!r:.20} out of range")
-    return port
+    if tls is None:
+        return {"address": PAGE_SERVER_ADDRESS, "port": port}
+    return {"address": _ip(path, named.get("address")), "port": port, "tls": _pinned(path, tls)}
+
+
+def _ip(path: Path, value: object) -> str:
+    try:
+        return str(ipaddress.ip_address(value if isinstance(value, str) else ""))
+    except ValueError:
+        raise InvalidArgument(f"{path}: address {value!r:.40} is not an IP address") from None
+
+
+def _pinned(path: Path, tls: object) -> dict[str, object]:
+    """How the page daemon reaches the source's page end: this node's credentials (absolute paths), the
+    source's certificate (SHA-256), the migration's token and the idle timeout (shim.restore.remote_pages)."""
+    if not isinstance(tls, dict):
+        raise InvalidArgument(f"{path}: tls is not an object")
+    for key in ("cert", "key", "ca"):
+        value = tls.get(key)
+        if not isinstance(value, str) or not value.startswith("/") or "\0" in value or len(value) > 4096:
+            raise InvalidArgument(f"{path}: tls.{key} {value!r:.40} is not an absolute path")
+    for key, pattern in (("certificate", _SHA256), ("token", _TOKEN)):
+        value = tls.get(key)
+        if not isinstance(value, str) or not pattern.fullmatch(value):
+            raise InvalidArgument(f"{path}: tls.{key} {value!r:.40} is malformed")
+    idle = tls.get("idle")
+    if not isinstance(idle, int | float) or isinstance(idle, bool) or not 0 < idle <= 3600:
+        raise InvalidArgument(f"{path}: tls.idle {idle!r:.20} out of range (0, 3600] seconds")
+    return {k: tls[k] for k in ("cert", "key", "ca", "certificate", "token", "idle")}
 
 
 def _in_place(archive: Path, work: Path, member: Deferred) -> dict[str, object]:

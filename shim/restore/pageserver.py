@@ -169,3 +169,27 @@ class PageServerClient(Generic[T]):
                                 f"of process {request.pid} with {length} bytes at {vaddr:#x} of process {dst_id}")
         self._reply, self._left = Pages(request, length), length
         return self._reply
+
+
+class CloseWatch:
+    """The server's end of the requests, watched: has the daemon ended the session in order?
+
+    A lazy migration's source relays the daemon's requests to CRIU without reading them, except for
+    this: CRIU takes an orderly end of its connection after PS_IOV_CLOSE for a finished transfer
+    (and ends the source's tasks), so the relay closes CRIU's end in order only once the daemon,
+    whose stream is authenticated, has asked for that. Our daemon's requests are all one header.
+    """
+
+    def __init__(self) -> None:
+        self._header = bytearray()
+        self.closed = False
+
+    def feed(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view and not self.closed:
+            take = HEADER.size - len(self._header)
+            self._header += view[:take]
+            view = view[take:]
+            if len(self._header) == HEADER.size:
+                self.closed = HEADER.unpack(self._header)[0] == PS_IOV_CLOSE
+                self._header.clear()

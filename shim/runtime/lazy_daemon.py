@@ -38,7 +38,7 @@ from shim.config import PAGE_DAEMON_CRIU, PAGE_DAEMON_OURS
 from shim.errors import FailedPrecondition
 from shim.handoff import LAZY_CRIU_OPTION, LAZY_PLAN, LAZY_WORK, SPARE_PARENT_ENV, criu_config
 from shim.restore import lazy, loopdev
-from shim.runtime.page_daemon import listen_at
+from shim.runtime.page_daemon import STOP_FIRST, listen_at
 
 PLAN_FILE = LAZY_PLAN
 CRIU_OPTION = LAZY_CRIU_OPTION
@@ -56,7 +56,7 @@ def start_spare() -> None:
     global _spare
     try:
         _spare = subprocess.Popen([sys.executable, "-m", "shim.runtime.page_daemon", "spare"],
-                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                   env={**os.environ, SPARE_PARENT_ENV: str(os.getpid())})
     except OSError as exc:  # not fatal: a daemon is started on demand instead
         log.warning("cannot start a spare page daemon: %s", exc)
@@ -69,7 +69,15 @@ def discard_spare() -> None:
     spare, _spare = _spare, None
     if spare is not None:
         spare.kill()
-        threading.Thread(target=spare.wait, name="spare-page-daemon-reaper", daemon=True).start()
+        threading.Thread(target=_reap, args=(spare,), name="spare-page-daemon-reaper", daemon=True).start()
+
+
+def _reap(daemon: subprocess.Popen[bytes]) -> None:
+    daemon.wait()
+    for pipe in (daemon.stdin, daemon.stdout):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
 
 
 class LazyPages:
@@ -171,7 +179,7 @@ class LazyPages:
                         [sys.executable, "-m", "shim.runtime.page_daemon", "lazy-pages", "--images-dir",
                          str(self._dir / IMAGES_DIR), "--work-dir", str(self.work), "--plan",
                          str(self._dir / PLAN_FILE), "--listen-fd", str(listener.fileno())],
-                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
+                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors,
                         pass_fds=(listener.fileno(),))
             finally:
                 listener.close()  # the daemon has its own
@@ -196,7 +204,7 @@ class LazyPages:
         except OSError as exc:
             log.warning("the spare page daemon is gone (%s): starting one", exc)
             spare.kill()
-            spare.wait()
+            _reap(spare)
             return None
         # Idle until now; its start-up is done, and binding the socket must not wait behind the restore.
         with contextlib.suppress(OSError):
@@ -236,15 +244,30 @@ class LazyPages:
 
     def _watch(self) -> None:
         assert self._daemon is not None
+        stopped = self._stop_when_asked()
         code = self._daemon.wait()
         log.info("lazy-pages daemon exited (%d) %.3fs after start", code, time.monotonic() - self._started)
         if code == 0:  # memory complete: the fill time, for the proxy's metrics
             fillspool.write(self._dir.parent / fillspool.SPOOL, self._dir.name, time.monotonic() - self._started)
-        if code != 0 and not self._closing and self.on_failure is not None:
+        if code != 0 and not stopped and not self._closing and self.on_failure is not None:
             log.error("the lazy-pages daemon failed (exit status %d, see %s)", code, self.work / LOG)
             self.on_failure(code)
         self._strip_config()
         self._release_devices()
+
+    def _stop_when_asked(self) -> bool:
+        """Our daemon's stdout, until it ends: STOP_FIRST (it failed, still holding the task's
+        userfaultfds) ends the task now, and closing the pipe then lets the daemon exit."""
+        out = self._daemon.stdout if self._daemon is not None else None
+        if out is None:
+            return False
+        with out:
+            for line in out:
+                if line == STOP_FIRST and not self._closing and self.on_failure is not None:
+                    log.error("the lazy-pages daemon failed (see %s): ending the task first", self.work / LOG)
+                    self.on_failure(1)
+                    return True
+        return False
 
     def _release_devices(self) -> None:
         """Detach this restore's devices, once, and only a device still tagged with this restore.

@@ -14,7 +14,10 @@ of the memory image inside the archive (shim.restore.page_source), read ahead
 of the fill. Forks, remaps and removals move the plan along. It exits 0 once
 every process's memory is in place (the relay then lets checkpoints through),
 non-zero if it cannot finish (the relay then ends the restored task: a closed
-userfaultfd would hand out zero pages). The run's timings go to its log.
+userfaultfd would hand out zero pages). A daemon that fails while it holds
+processes' userfaultfds says STOP_FIRST on its stdout and keeps them until the
+relay has ended the task (it closes the pipe), so no process reads a page the
+kernel made up meanwhile. The run's timings go to its log.
 From the source node (a lazy migration) faults take smaller runs and the fill
 keeps less on the way while the process faults (shim.restore.fillpace).
 
@@ -36,6 +39,7 @@ import re
 import select
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -44,10 +48,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shim.handoff import SPARE_PARENT_ENV
+from shim.node_tls import Credentials
 from shim.restore import fillpace, pagemap
 from shim.restore.fillplan import BACKGROUND_RUN, FAULT_RUN, Copy, FillPlan, Zero
 from shim.restore.page_source import MappedImage, PageSource
-from shim.restore.remote_pages import RemotePages
+from shim.restore.remote_pages import Pinned, RemotePages
 from shim.runtime import uffd
 
 if TYPE_CHECKING:
@@ -57,6 +62,8 @@ SOCKET = "lazy-pages.socket"
 LOG = "lazy-pages.log"
 RESTORE_FINISHED = 0x52535446  # "ReSTore Finished", after the last process (never a pid: above pid_max)
 READ_AHEAD = 64 << 20  # of the image, ahead of the background fill
+STOP_FIRST = b"stop\n"  # to the relay, on stdout: end the task now, its memory will not be complete
+STOP_WAIT = 30.0  # a relay that does not close the pipe by then is gone (or hung): exit anyway
 log = logging.getLogger("criu-shim.page-daemon")
 
 
@@ -135,7 +142,8 @@ class Daemon:
                         self.remote.finish()
                     self._report()
                     return 0
-            busy = any(t.plan.has_faults for t in self.tasks) or self.restore_finished and self._background_ready()
+            busy = any(t.plan.has_faults for t in self.tasks) or self.restore_finished and self._background_ready() \
+                or self.remote is not None and self.remote.pending()
             waiting = time.monotonic()
             ready = poller.poll(0 if busy else None)
             if not busy and self.remote is not None and self.remote.in_flight:
@@ -147,6 +155,8 @@ class Daemon:
                     self.remote.receive(self._landed)
                 else:
                     self._from_uffd(poller, fd)
+            if self.remote is not None and self.remote.pending():  # decrypted already: poll() cannot tell
+                self.remote.receive(self._landed)
             self._serve_faults()
             if self.restore_finished:
                 self._background()
@@ -424,10 +434,16 @@ def _vmas(path: Path) -> list[tuple[int, int]]:
     return [(int(v.start), int(v.end)) for v in mm.vmas]
 
 
-def _page_server(plan_file: Path) -> tuple[str, int] | None:
-    """(address, port) of a lazy migration's page tunnel (shim.restore.lazy.plan_remote), or None."""
+def _page_server(plan_file: Path) -> tuple[str, int, Pinned | None] | None:
+    """Where a lazy migration's memory is (shim.restore.lazy.plan_remote), or None: the page tunnel's
+    loopback end, or the source's page end itself, pinned."""
     server = json.loads(plan_file.read_text()).get("page_server")
-    return None if server is None else (str(server["address"]), int(server["port"]))
+    if server is None:
+        return None
+    tls = server.get("tls")
+    pinned = None if tls is None else Pinned(Credentials(Path(tls["cert"]), Path(tls["key"]), Path(tls["ca"])),
+                                             str(tls["certificate"]), str(tls["token"]), float(tls["idle"]))
+    return str(server["address"]), int(server["port"]), pinned
 
 
 def _deferred_images(plan_file: Path) -> dict[str, dict[str, Any]]:
@@ -516,11 +532,33 @@ def _serve(images: Path, work: Path, plan: Path, listener: socket.socket) -> int
     faulthandler.register(signal.SIGUSR1, file=sys.stderr)  # where it is, on demand (stderr: the log)
     from pycriu.images import pb  # noqa: F401  now, while containerd starts the task: not at the first fault
     log.info("ready for the restore (%.3fs of CPU so far)", time.process_time())
+    daemon: Daemon | None = None
     try:
-        return Daemon(images, plan, listener).run()
+        daemon = Daemon(images, plan, listener)
+        return daemon.run()
     except Exception as exc:
         log.error("Error: %s", exc, exc_info=not isinstance(exc, OSError | RuntimeError | ValueError))
+        if daemon is not None and daemon.tasks:
+            _stop_first()
         return 1
+
+
+def _stop_first() -> None:
+    """Ask the relay to end the task while we still hold its userfaultfds; wait until it has (it
+    closes our stdout's pipe), at most STOP_WAIT. Without a pipe (not started by a relay): at once."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(1).st_mode):
+            return
+        os.write(1, STOP_FIRST)
+    except OSError:
+        return  # the relay is gone already
+    poller = select.poll()
+    poller.register(1, select.POLLERR)
+    started = time.monotonic()
+    if poller.poll(STOP_WAIT * 1000):
+        log.info("the relay ended the task %.3fs after it was asked", time.monotonic() - started)
+    else:
+        log.error("the relay did not say it ended the task within %.0f s", STOP_WAIT)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,9 +25,11 @@ import pytest
 
 from shim.config import PAGE_DAEMON_OURS
 from shim.errors import FailedPrecondition
-from shim.runtime import lazy_daemon
+from shim.runtime import lazy_daemon, page_daemon
 from shim.runtime.lazy_daemon import LazyPages
 from tests.support.procs import alive, run
+
+REPO = Path(__file__).resolve().parents[2]
 
 FAKE_CRIU = """#!/bin/sh
 work=""
@@ -384,3 +387,43 @@ def test_a_dead_spare_page_daemon_falls_back_to_a_fresh_one(restore: Restore, da
     lazy.start()
     assert lazy._daemon is not None and lazy._daemon.pid != dead
     run(lazy.listening())
+
+
+# --- our daemon failing while it holds the task's userfaultfds ------------------------------
+
+_FAILING_DAEMON = """
+import sys
+from pathlib import Path
+from shim.runtime import page_daemon
+page_daemon._stop_first()  # as _serve does on a failure with tasks in hand
+Path(sys.argv[1]).write_text("let go")  # from here its userfaultfds would be closed
+sys.exit(1)
+"""
+
+
+def test_our_daemon_failing_has_the_task_ended_before_it_lets_go(tmp_path: Path) -> None:
+    """A page daemon that exits releases its userfaultfds, and the kernel then hands the task zero pages
+    where memory was missing. So a failing daemon asks first (STOP_FIRST on its stdout) and waits: the
+    relay ends the task while the daemon still holds them, then lets it go (closes the pipe)."""
+    let_go = tmp_path / "let-go"
+    lazy = LazyPages(tmp_path / "restore", Path("/nonexistent/criu"), {}, daemon=PAGE_DAEMON_OURS)
+    seen: list[tuple[int, bool]] = []
+    lazy.on_failure = lambda status: seen.append((status, let_go.exists()))
+    lazy._daemon = subprocess.Popen([sys.executable, "-c", _FAILING_DAEMON, str(let_go)], stdout=subprocess.PIPE,
+                                    cwd=REPO)
+    lazy._started = time.monotonic()
+    lazy._watcher = threading.Thread(target=lazy._watch)
+    lazy._watcher.start()
+    lazy._watcher.join(page_daemon.STOP_WAIT / 2)  # let go once told, long before its own limit
+    assert not lazy._watcher.is_alive(), "the daemon was not let go"
+    assert seen == [(1, False)]  # ended while the daemon held on, and reported once (not again at its exit)
+    assert let_go.exists() and lazy._daemon.returncode == 1
+
+
+def test_a_daemon_without_a_relay_does_not_wait(tmp_path: Path) -> None:
+    """Started by hand (stdout not a pipe): nobody would end the task, so it exits at once."""
+    let_go = tmp_path / "let-go"
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", _FAILING_DAEMON, str(let_go)], stdout=subprocess.DEVNULL, cwd=REPO,
+                   timeout=page_daemon.STOP_WAIT / 2)
+    assert let_go.exists() and time.monotonic() - started < page_daemon.STOP_WAIT / 2

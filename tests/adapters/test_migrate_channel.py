@@ -220,7 +220,7 @@ def _restore_with(tmp_path: Path, runtime: _FakeRuntime, hook_exit: int) -> dict
     async def run() -> dict[str, object]:
         reader = asyncio.StreamReader()
         reader.feed_data(b"a" * 4096)
-        return await receiver._restore(settings, runtime, migration, {"size": 4096}, reader)  # type: ignore[arg-type]
+        return await receiver._restore(settings, runtime, migration, {"size": 4096}, reader, "10.0.0.1")  # type: ignore[arg-type]
 
     return asyncio.run(run())
 

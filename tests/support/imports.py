@@ -44,7 +44,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                 "shim.export",  # checkpoint images pushed to and pulled from registries
                 "shim.inspection")),  # criu-shim inspect: an archive's contents, signature, encryption
     ("facades", (
-        "shim.containerd", "shim.containerd_images", "shim.local_channel", "shim.criu", "shim.ttrpc", "shim.proxy", "shim.cgroup_driver", "shim.freezer",
+        "shim.containerd", "shim.containerd_images", "shim.local_channel", "shim.node_tls", "shim.criu", "shim.ttrpc", "shim.proxy", "shim.cgroup_driver", "shim.freezer",
         "shim.registry",  # OCI distribution, through oras-py
         "shim.cosign",  # cosign signatures of checkpoint images, pushed through shim.registry
         "shim.sealed",  # encrypted archives: format, keys, reader, writer

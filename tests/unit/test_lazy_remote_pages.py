@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from shim.config import PAGE_DAEMON_OURS
 from shim.errors import InvalidArgument
 from shim.migrate.tunnel import socket_uid
 from shim.restore import lazy
 from shim.restore.pagemap import PE_LAZY, PE_PRESENT
+from shim.runtime import page_daemon
 from shim.runtime.lazy_daemon import LazyPages
 from tests.support.criu import pagemap_image
 
@@ -89,3 +91,62 @@ def test_a_symlinked_page_server_file_is_refused(tmp_path: Path) -> None:
 
 def test_socket_uid_of_an_unknown_peer_is_none() -> None:
     assert socket_uid(("127.0.0.1", 1), 2) is None
+
+
+DIRECT = {"address": "10.1.2.3", "port": 40123,
+          "tls": {"cert": "/etc/criu-shim/node.crt", "key": "/etc/criu-shim/node.key", "ca": "/etc/criu-shim/ca.crt",
+                  "certificate": "ab" * 32, "token": "cd" * 16, "idle": 30.0}}
+
+
+def _name_source(archive: Path, named: object) -> None:
+    path = lazy.remote_pages_file(archive)
+    path.write_text(json.dumps(named))
+    path.chmod(0o600)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the page server file must be root's")
+def test_the_source_page_end_is_planned_for_our_daemon_with_its_pin(tmp_path: Path) -> None:
+    archive, work = _work(tmp_path, (5, PE_LAZY))
+    _name_source(archive, DIRECT)
+    assert lazy.plan_remote(archive, work, Path("/usr/sbin/criu"), PAGE_DAEMON_OURS) is True
+    plan = json.loads((work / lazy.PLAN_FILE).read_text())
+    assert plan["page_server"] == DIRECT and plan["daemon"] == PAGE_DAEMON_OURS
+    address, port, pinned = page_daemon._page_server(work / lazy.PLAN_FILE)  # type: ignore[misc]
+    assert (address, port) == ("10.1.2.3", 40123) and pinned is not None
+    assert pinned.creds.key == Path("/etc/criu-shim/node.key") and pinned.certificate == "ab" * 32
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the page server file must be root's")
+def test_the_source_page_end_is_refused_to_criu_s_daemon(tmp_path: Path) -> None:
+    archive, work = _work(tmp_path, (5, PE_LAZY))
+    _name_source(archive, DIRECT)
+    with pytest.raises(InvalidArgument, match="only criu-shim's page daemon reaches.* is 'criu'"):
+        lazy.plan_remote(archive, work, Path("/usr/sbin/criu"), "criu")
+    assert not (work / lazy.PLAN_FILE).exists()
+
+
+def _with(**changes: object) -> dict[str, object]:
+    tls = {**DIRECT["tls"], **{k: v for k, v in changes.items() if k != "address"}}  # type: ignore[dict-item]
+    return {**DIRECT, "tls": tls, **({"address": changes["address"]} if "address" in changes else {})}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the page server file must be root's")
+@pytest.mark.parametrize(("named", "error"), [
+    (_with(address="node-b"), "is not an IP address"),
+    (_with(address=None), "is not an IP address"),
+    ({**DIRECT, "tls": "yes"}, "tls is not an object"),
+    (_with(cert="node.crt"), "tls.cert 'node.crt' is not an absolute path"),
+    (_with(key=7), "tls.key 7 is not an absolute path"),
+    (_with(certificate="AB" * 32), "tls.certificate .* is malformed"),
+    (_with(certificate="ab" * 31), "tls.certificate .* is malformed"),
+    (_with(token="../../x"), "tls.token .* is malformed"),
+    (_with(idle=0), "tls.idle 0 out of range"),
+    (_with(idle=True), "tls.idle True out of range"),
+    (_with(idle=1e9), "out of range"),
+])
+def test_a_hostile_source_page_end_is_refused(tmp_path: Path, named: object, error: str) -> None:
+    archive, work = _work(tmp_path, (5, PE_LAZY))
+    _name_source(archive, named)
+    with pytest.raises(InvalidArgument, match=error):
+        lazy.plan_remote(archive, work, Path("/usr/sbin/criu"), PAGE_DAEMON_OURS)
+    assert not (work / lazy.PLAN_FILE).exists()

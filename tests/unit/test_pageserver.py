@@ -12,6 +12,7 @@ from shim.restore.pageserver import (
     REPLY,
     STATUS,
     Closed,
+    CloseWatch,
     Landed,
     Pages,
     PageServerClient,
@@ -101,3 +102,23 @@ def test_close_waits_for_the_replies_owed_then_the_status() -> None:
     assert client.wanted() == Want(4, False)
     assert client.feed(STATUS.pack(0)) == [Closed(0)]
     assert client.wanted() == Want(0, False)
+
+
+@pytest.mark.parametrize("step", [1, 7, 32, 33, 1000])
+def test_the_close_watch_sees_ps_iov_close_however_the_requests_are_cut(step: int) -> None:
+    client: PageServerClient[None] = PageServerClient()
+    stream = client.get(5, 4096, 8192, None) + client.get(5, 0x10000, 4096, None) + client.close()
+    watch = CloseWatch()
+    for i in range(0, len(stream) - 1, step):
+        watch.feed(memoryview(stream)[i:min(i + step, len(stream) - 1)])
+    assert not watch.closed  # all but the last byte of PS_IOV_CLOSE
+    watch.feed(stream[-1:])
+    assert watch.closed
+
+
+def test_the_close_watch_takes_a_get_for_what_it_is() -> None:
+    """A GET whose fields hold PS_IOV_CLOSE's value (its pid, its address) is still a GET."""
+    client: PageServerClient[None] = PageServerClient()
+    watch = CloseWatch()
+    watch.feed(client.get(PS_IOV_CLOSE, PS_IOV_CLOSE * PAGE, PAGE, None))
+    assert not watch.closed
