@@ -205,10 +205,14 @@ def _pinned(sock: socket.socket, address: str, pinned: Pinned) -> ssl.SSLSocket:
     """TLS over `sock` to the source's page end: handshake, the pin, the hello (all within CONNECT_TIMEOUT)."""
     node_tls.give_up_after(sock, pinned.idle)  # as the migration's own connections
     tls = node_tls.client_context(pinned.creds, check_hostname=False).wrap_socket(sock)
-    shown = node_tls.digest(tls)
-    if not hmac.compare_digest(shown, pinned.certificate):
-        raise ConnectionRefusedError(f"the page end at {address} presented a certificate (sha256 {shown[:16]}...) "
-                                     "other than the source node's")
-    tls.sendall(hello(pinned.token))
+    try:
+        shown = node_tls.digest(tls)
+        if not hmac.compare_digest(shown, pinned.certificate):
+            raise ConnectionRefusedError(f"the page end at {address} presented a certificate (sha256 {shown[:16]}...) "
+                                         "other than the source node's")
+        tls.sendall(hello(pinned.token))
+    except BaseException:
+        tls.close()
+        raise
     return tls
 

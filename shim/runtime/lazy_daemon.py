@@ -261,12 +261,15 @@ class LazyPages:
         out = self._daemon.stdout if self._daemon is not None else None
         if out is None:
             return False
-        with out:
+        with out:  # closed on the way out: the daemon may go
             for line in out:
-                if line == STOP_FIRST and not self._closing and self.on_failure is not None:
-                    log.error("the lazy-pages daemon failed (see %s): ending the task first", self.work / LOG)
-                    self.on_failure(1)
-                    return True
+                if line != STOP_FIRST:
+                    continue
+                if self._closing or self.on_failure is None:
+                    return False  # nothing to end (yet): its exit is reported as any failure is
+                log.error("the lazy-pages daemon failed (see %s): ending the task first", self.work / LOG)
+                self.on_failure(1)
+                return True
         return False
 
     def _release_devices(self) -> None:
