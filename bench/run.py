@@ -56,6 +56,10 @@ def main() -> int:
           "next to the CRIU floor", flush=True)
     hops = ["--sizes", "64", "--reps", "1"] if args.quick else ["--sizes", "64", "512", "2048", "--reps", "3"]
     subprocess.run([sys.executable, str(HERE / "migrate.py"), *hops], check=True)
+    print("\n== A lazy migration's page path alone (page server, source relay, TLS, page daemon) vs one TLS stream: "
+          "MB/s and CPU per GiB", flush=True)
+    subprocess.run([sys.executable, str(HERE / "page_path.py"), *(["--mib", "256", "--reps", "1"] if args.quick
+                                                                 else [])], check=True)
     print("\n== Real applications (Debian builds) moved into a new pod with a client connection open, vs the CRIU floor",
           flush=True)
     subprocess.run([sys.executable, str(HERE / "apps.py"), *(["--reps", "1"] if args.quick else [])], check=True)
