@@ -74,6 +74,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                          "config; without a tag: migrate-<container>-<UTC time>); the target pulls it by digest")
     migrate.add_argument("--runc", type=Path, metavar="PATH", help="lazy: the runc of containerd's runc shim "
                          "(default: runc on PATH, else the one beside the configured CRIU)")
+    migrate.add_argument("--page-port", type=_port, default=0, metavar="PORT",
+                         help="lazy: the port on this node where the target's page daemon fetches the memory "
+                         "(TLS; default 0: one the kernel picks), for firewalls that open only known ports")
     migrate.add_argument("--no-hold", dest="hold", action="store_false",
                          help="with connections: the target claims the pod IPs only after the restore "
                          "and holds no packets (peers wait for their retransmission timer; for comparison)")
@@ -95,6 +98,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                           help="run `PATH claim IP VIA` to route a moved pod IP to the local pod VIA; without it, "
                           "migrations whose TCP connections follow are refused at preflight")
     _common(receiver)
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r:.40}") from None
+    if not 0 <= port < 65536:
+        raise argparse.ArgumentTypeError(f"port {port} out of range (0 to 65535)")
+    return port
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -129,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         result = source.run(source.MigrateRequest(
             args.container, args.to, args.to_pod, socket, args.checkpoints_dir, creds, args.address_hook,
             args.name, args.checkpoint, args.keep_checkpoint, args.timeout, args.idle_timeout, settings.criu,
-            settings.checkpoint, args.mode, args.runc, image, args.hold, args.first_part))
+            settings.checkpoint, args.mode, args.runc, image, args.hold, args.first_part, args.page_port))
         print(result.lines(), flush=True)
         return 0
     from shim.migrate import receiver

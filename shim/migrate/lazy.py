@@ -232,7 +232,7 @@ async def _page_end(s: Session, token: str) -> _Tunnel | _Direct:
     request = s.request
     if s.ready.get("pages") == "direct":
         end = tunnel.SourceEnd(node_tls.digest(s.writer.get_extra_info("ssl_object")), token, request.idle_timeout)
-        await end.open(s.writer.get_extra_info("sockname")[0], request.creds)
+        await end.open(s.writer.get_extra_info("sockname")[0], request.creds, request.page_port)
         return _Direct(end)
     connection = await channel.connect(request.to, request.creds, source.CONNECT_TIMEOUT, request.idle_timeout)
     await channel.send(connection[1], {"protocol": channel.PROTOCOL, "op": "pages", "token": token})

@@ -64,6 +64,7 @@ class MigrateRequest:
     image: ImageTarget | None = None  # mode "registry": where the checkpoint image goes (registry_mode.py)
     hold: bool = True  # with connections, any mode: the target holds the peers' packets from the switch-over (receiver.py, hold.py)
     first_part: bool = True  # lazy: the target creates the container before anything stops (restore.second_part)
+    page_port: int = 0  # lazy: where our page end listens for the target's page daemon (0: the kernel picks)
 
 
 @dataclass(frozen=True)

@@ -253,8 +253,12 @@ class _OneConnection:
         self._server: asyncio.Server | None = None
         self.port = 0
 
-    async def _listen(self, host: str, ssl: SSLContext | None = None) -> int:
-        self._server = await asyncio.start_server(self._on_connect, host, 0, ssl=ssl)
+    async def _listen(self, host: str, ssl: SSLContext | None = None, port: int = 0) -> int:
+        try:
+            self._server = await asyncio.start_server(self._on_connect, host, port, ssl=ssl)
+        except OSError as exc:  # EADDRINUSE, EADDRNOTAVAIL...
+            raise FailedPrecondition(f"cannot listen for the page daemon on {host}:{port}: {exc.strerror or exc}"
+                                     ) from None
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 
@@ -307,8 +311,8 @@ class SourceEnd(_OneConnection):
         self._token = token
         self._idle = idle
 
-    async def open(self, host: str, creds: node_tls.Credentials) -> int:
-        return await self._listen(host, node_tls.server_context(creds))
+    async def open(self, host: str, creds: node_tls.Credentials, port: int = 0) -> int:
+        return await self._listen(host, node_tls.server_context(creds), port)
 
     async def _admits(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         if not hmac.compare_digest(node_tls.digest(writer.get_extra_info("ssl_object")), self._certificate):

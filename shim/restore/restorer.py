@@ -215,6 +215,7 @@ class Restorer:
             raise FailedPrecondition(f"the second part of the checkpoint of container {container_id} is not at "
                                      f"{later.path} (annotation {IMAGES_FROM}): nothing to restore yet")
         faults.reached(faults.Point.RESTORE_SECOND_PART)
+        started = time.monotonic()
         path = self._admission.source(later.path)
         assert isinstance(path, Path)
         verdict = await asyncio.to_thread(verify_signature, self._config.signing, path, str(path))
@@ -225,6 +226,8 @@ class Restorer:
         if remote:
             await asyncio.to_thread(add_criu_option, pending.relay.work, lazy.CRIU_OPTION)
         self._pending.completed(container_id)
+        log.info("the second part of restored container %s is in place (%.1f ms; memory %s)", container_id,
+                 (time.monotonic() - started) * 1000, "from its source node" if remote else "in the images")
 
     def sandbox_of(self, container_id: str) -> str | None:
         """The pod of a restore created and not started yet, as CreateContainer named it."""

@@ -120,6 +120,9 @@ class Daemon:
         # the restore needs it), each copy asked for and copied once its bytes landed.
         server = _page_server(plan_file)
         self.remote: RemotePages[tuple[Task, Copy]] | None = RemotePages(*server) if server else None
+        if server is not None:
+            log.info("connected to the source node's page end at %s:%d (%s)", server[0], server[1],
+                     "TLS, pinned" if server[2] is not None else "the tunnel's loopback end")
         self.pace = fillpace.FillPace()  # how much of the source's memory may be on the way (remote only)
 
     def run(self) -> int:

@@ -12,6 +12,7 @@ import asyncio
 import ctypes
 import hashlib
 import select
+import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from shim import node_tls
+from shim.errors import FailedPrecondition
 from shim.migrate import lazy, tunnel
 from shim.node import pki
 from shim.restore.pageserver import PAGE
@@ -159,3 +161,23 @@ def test_a_source_end_nobody_dials_says_so() -> None:
     pumped = asyncio.run(run())
     assert pumped.ended_by.startswith("error: the restore's page daemon did not connect"), pumped.ended_by
 
+
+
+def test_the_source_end_listens_on_the_port_asked_for_or_says_why_not(nodes: Nodes) -> None:
+    async def run() -> None:
+        taken = socket.create_server(("127.0.0.1", 0))
+        try:
+            busy = taken.getsockname()[1]
+            end = tunnel.SourceEnd(_digest(nodes["target"]), TOKEN, 5.0)
+            with pytest.raises(FailedPrecondition, match=f"cannot listen for the page daemon on 127.0.0.1:{busy}: "):
+                await end.open("127.0.0.1", nodes["source"], busy)
+            end.close()
+        finally:
+            taken.close()
+        end = tunnel.SourceEnd(_digest(nodes["target"]), TOKEN, 5.0)
+        try:
+            assert await end.open("127.0.0.1", nodes["source"], busy) == busy  # free again: there it is
+        finally:
+            end.close()
+
+    asyncio.run(run())

@@ -82,7 +82,9 @@ def test_lazy_migration_moves_memory_whole_and_ends_the_source(hosts: tuple[Host
         ctr = a.cri.container(source_pod, ["/usr/local/bin/counter"], {"INTERVAL_MS": "50", "MEM_MB": "128"},
                               name="counter")
         wait_for(lambda: a.cri.count(ctr) >= 20, timeout=60)
-        out = a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy").stdout
+        page_port = 7549  # our daemon dials the source at the port asked for (firewalls), in node A's netns
+        out = a.migrate(ctr, "--to", b.env["MIGRATE_ADDRESS"], "--to-pod", target_pod.id, "--mode", "lazy",
+                        "--page-port", str(page_port)).stdout
         assert "migrated to container" in out and "served lazily" in out, out
         served = float(re.search(r"memory ([\d.]+) MiB served lazily", out).group(1))  # type: ignore[union-attr]
         assert served >= 100, out  # the 128 MiB crossed as pages, not in the archive
@@ -94,8 +96,9 @@ def test_lazy_migration_moves_memory_whole_and_ends_the_source(hosts: tuple[Host
         wait_for(lambda: b.cri.count(moved) > first + 10, timeout=60)  # each tick checks every page
         assert b.cri.state(moved) == "CONTAINER_RUNNING", b.cri.log(moved)[-500:]
         daemon_log = _page_daemon_log(b, moved)
-        if daemon == "criu-shim":  # ours asked the source itself, and had it all
+        if daemon == "criu-shim":  # ours asked the source itself, at the port asked for, and had it all
             assert "memory in place" in daemon_log and "from the source node" in daemon_log, daemon_log[-2000:]
+            assert f":{page_port} (TLS, pinned)" in daemon_log, daemon_log[-2000:]
         else:  # CRIU's own (its log at -v2 may be empty; ours always says it was ready)
             assert "page-daemon:" not in daemon_log, daemon_log[-2000:]
         assert not list(Path(a.env["CHECKPOINTS_DIR"]).glob("migrate-*")), "the source keeps nothing"

@@ -68,3 +68,18 @@ def test_a_target_with_an_older_or_no_criu_is_refused() -> None:
     assert compat.parse("4.2.1") == (4, 2, 1)
     for garbage in (None, 42, "", "4.x", "1" * 40, "-1.2"):
         assert compat.parse(garbage) is None
+
+
+@pytest.mark.parametrize(("value", "error"), [("http", "not a port number: 'http'"), ("70000", "port 70000 out of range"),
+                                               ("-1", "port -1 out of range")])
+def test_a_page_port_that_is_not_one_is_refused(value: str, error: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["migrate", "ctr", "--to", "10.0.0.1:7543", "--to-pod", "p", "--page-port", value])
+    assert exited.value.code == 2 and error in capsys.readouterr().err
+
+
+def test_the_page_port_reaches_the_request() -> None:
+    args = build_parser().parse_args(["migrate", "ctr", "--to", "10.0.0.1:7543", "--to-pod", "p", "--mode", "lazy",
+                                      "--page-port", "7544"])
+    assert args.page_port == 7544
+    assert build_parser().parse_args(["migrate", "ctr", "--to", "10.0.0.1:7543", "--to-pod", "p"]).page_port == 0
